@@ -1,0 +1,42 @@
+# megaclm: `make demo` and `make test` do all set-up on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# DeepSpeed JIT-builds its CPU comm op on first launch (~50 s); keep the build between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-unit test-fast data bench clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first, from the local CPU wheel; every later step is pinned to it by
+# constraints.txt so no dependency pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+test: install
+	bash tests/run_all.sh $(BIN)/python
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+# Full corpora for the benchmarks (not needed by tests or the demo).
+data: install
+	$(BIN)/python tools/fetch_corpora.py --out .cache/data
+
+bench: install data
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/indices.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .cache .pytest_cache

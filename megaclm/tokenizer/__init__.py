@@ -1,0 +1,1 @@
+"""megaclm.tokenizer"""

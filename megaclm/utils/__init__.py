@@ -1,0 +1,1 @@
+"""L0 utilities: no torch.distributed, no deepspeed."""

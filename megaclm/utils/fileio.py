@@ -1,0 +1,39 @@
+"""Atomic file creation: write under a temporary name in the same directory, then rename.
+
+A reader (or a crashed writer's successor) therefore sees either no file or a complete one,
+never a truncated file under its final name. rename() is atomic on POSIX within one filesystem.
+"""
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+
+def temp_path_for(path: str) -> str:
+    """A unique temporary name beside `path` (same directory, so the final rename is atomic)."""
+    d, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+    os.close(fd)
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """`with atomic_write(p) as f: f.write(...)` - `p` appears only if the block completes."""
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def remove_quietly(*paths: str) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
