@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cp
 	touch $@
 
 demo: install
-	$(BIN)/python examples/demo.py
+	bash examples/demo.sh $(BIN)
 
 test: install
 	bash tests/run_all.sh $(BIN)/python

@@ -1,0 +1,322 @@
+"""Megatron-style flags and YAML, generated from the config dataclasses (no hand-written argparse).
+
+Every field of a section dataclass becomes one flag:
+    name            `--` + field name with `_` -> `-`  (`num_attention_heads` -> `--num-attention-heads`),
+                    or `metadata["flag"]` (a string, or a list whose first entry is the main name)
+    bool, False     store_true;  `metadata["invert"]` makes the flag store False (`--disable-bias-linear`
+                    for `add_bias_linear=True`); a bool defaulting to True also gets `--no-<name>`
+    int/float/str   typed value; `metadata["choices"]`, `metadata["nargs"]` ("*", "+") as in argparse
+    list/dict       element-typed list (`nargs`), or a YAML/JSON literal for nested structures
+    help            `metadata["help"]` (required: the field docstring)
+    `metadata["cli"] = False` keeps a field YAML-only.
+
+Sources merge as defaults < YAML (`--config run.yaml`, the same tree: `{section: {field: value}}`)
+< flags. Unknown YAML keys get a difflib "did you mean"; a value of the wrong type is reported with its
+path (`model.hidden_size expects an integer, got 'abc'`). Every problem raises `UserError`; nothing
+here imports torch or deepspeed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from typing import Any, Iterable
+
+import yaml
+
+from megaclm.utils.errors import UserError
+
+# Flags every entry point accepts besides the sections' fields.
+META_DESTS = ("config", "validate_only", "world_size", "local_rank", "deepspeed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (one `error:` line via cli_main) instead of printing usage."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Types
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        inner = typing.get_args(tp)
+        name = f"a list of {_type_name(inner[0])}s" if inner else "a list"
+    elif origin is dict or tp is dict:
+        name = "a mapping"
+    elif origin is typing.Literal:
+        name = "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    else:
+        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return name + (" or null" if optional else "")
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert a YAML value against a field's type; errors name `path` (e.g. `model.hidden_size`)."""
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{path} expects {_type_name(tp)}, got null")
+    bad = UserError(f"{path} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    origin = typing.get_origin(inner)
+    if inner is Any:
+        return value
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            # 1e9 in YAML is a float; accept it when it is integral (train_tokens: 1.0e+11).
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if inner is str:
+        # Numbers are accepted as strings: blend weights in `data_path: [0.3, A, 0.7, B]`.
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad
+        return str(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(inner)
+        elem = args[0] if args else Any
+        out = [coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or inner is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(inner):
+            raise bad
+        return value
+    return value
+
+
+def _scalar_converter(tp: Any, path: str):
+    """argparse `type=` for one flag value, with an error naming the config path."""
+
+    def convert(text: str):
+        if tp in (int, float):
+            try:
+                return tp(text) if tp is float else int(text)
+            except ValueError:
+                try:  # --train-tokens 1e11
+                    f = float(text)
+                    if tp is int and f.is_integer():
+                        return int(f)
+                except ValueError:
+                    pass
+                raise argparse.ArgumentTypeError(f"{path} expects {_type_name(tp)}, got {text!r}")
+        if tp is str:
+            return text
+        try:  # nested structure on the command line: a YAML/JSON literal
+            return coerce(yaml.safe_load(text), tp, path)
+        except yaml.YAMLError as e:
+            raise argparse.ArgumentTypeError(f"{path} expects {_type_name(tp)} as YAML/JSON, got {text!r}: {e}")
+
+    convert.__name__ = _type_name(tp)
+    return convert
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    flag = f.metadata.get("flag")
+    names = [flag] if isinstance(flag, str) else list(flag or ["--" + f.name.replace("_", "-")])
+    return names + list(f.metadata.get("aliases", []))
+
+
+@dataclasses.dataclass
+class _Registry:
+    """Flags seen so far while building one parser."""
+
+    owner: dict[str, str] = dataclasses.field(default_factory=dict)  # flag -> first field path
+    signature: dict[str, tuple] = dataclasses.field(default_factory=dict)  # path -> (type, default)
+    shared: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # path -> paths it also sets
+
+
+def _add_field(group, section: str, f: dataclasses.Field, hints: dict, reg: _Registry) -> None:
+    path = f"{section}.{f.name}"
+    if "help" not in f.metadata:
+        raise RuntimeError(f"config field {path} has no metadata['help']")
+    if f.metadata.get("cli", True) is False:
+        return
+    names = flag_names(f)
+    dest = f"{section}.{f.name}"
+    clash = [n for n in names if n in reg.owner]
+    if clash:
+        # The same Megatron flag in two sections (e.g. --make-vocab-size-divisible-by in model and
+        # tokenizer): one flag sets both, provided the fields agree in type and default.
+        first = reg.owner[clash[0]]
+        if reg.signature[first] != (hints[f.name], f.default):
+            raise RuntimeError(f"flag {clash[0]} is defined by both {first} and {path} with different types/defaults")
+        reg.shared.setdefault(first, []).append(dest)
+        return
+    for n in names:
+        reg.owner[n] = path
+    reg.signature[path] = (hints[f.name], f.default)
+    tp, _ = _strip_optional(hints[f.name])
+    kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata["help"])
+    if tp is bool:
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.metadata.get("invert"):
+            group.add_argument(*names, action="store_false", **kw)
+        elif default is False:
+            group.add_argument(*names, action="store_true", **kw)
+        else:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        return
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple) and "nargs" in f.metadata:
+        args = typing.get_args(tp)
+        kw["type"] = _scalar_converter(args[0] if args else str, path)
+        kw["nargs"] = f.metadata["nargs"]
+    else:
+        kw["type"] = _scalar_converter(tp, path)
+    if "choices" in f.metadata:
+        kw["choices"] = f.metadata["choices"]
+    kw["metavar"] = f.metadata.get("metavar", f.name.upper())
+    group.add_argument(*names, **kw)
+
+
+def build_parser(sections: dict[str, type], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of each section class, grouped by section, plus the meta flags."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    meta = parser.add_argument_group("run")
+    meta.add_argument("--config", dest="config", default=None, metavar="YAML",
+                      help="YAML file with the same tree as the flags ({section: {field: value}}); flags override it.")
+    meta.add_argument("--validate-only", dest="validate_only", action="store_true",
+                      help="Print the resolved config and derived values, then exit without training.")
+    meta.add_argument("--world-size", dest="world_size", type=int, default=None,
+                      help="World size assumed by --validate-only outside a launcher (a launcher's WORLD_SIZE wins).")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
+    meta.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    meta.add_argument("--deepspeed", dest="deepspeed", action="store_true",
+                      help="Accepted for Megatron-DeepSpeed compatibility; megaclm always runs on DeepSpeed.")
+    reg = _Registry()
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+        for f in dataclasses.fields(cls):
+            _add_field(group, section, f, hints, reg)
+    parser.shared_dests = reg.shared  # read by flag_values
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML and merging
+
+
+def _did_you_mean(key: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file; pass the path of a YAML config file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tree = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML: {e}")
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"--config {path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def yaml_values(tree: dict, sections: dict[str, type], source: str = "config") -> dict[str, dict[str, Any]]:
+    """Type-checked {section: {field: value}} from a YAML tree; unknown keys get a did-you-mean."""
+    out: dict[str, dict[str, Any]] = {}
+    all_fields = {f.name: s for s, c in sections.items() for f in dataclasses.fields(c)}
+    for section, body in tree.items():
+        if section not in sections:
+            hint = _did_you_mean(str(section), sections)
+            if not hint and section in all_fields:
+                hint = f"; '{section}' belongs under '{all_fields[section]}:'"
+            raise UserError(f"{source}: unknown section '{section}'{hint} (sections: {', '.join(sections)})")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise UserError(f"{source}: section '{section}' must be a mapping of field: value, got {body!r}")
+        cls = sections[section]
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = out.setdefault(section, {})
+        for key, value in body.items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                raise UserError(f"{source}: unknown key '{section}.{key}'{_did_you_mean(name, fields)}")
+            path = f"{section}.{name}"
+            value = coerce(value, hints[name], path)
+            choices = fields[name].metadata.get("choices")
+            if choices is not None and value is not None and not isinstance(value, list) and value not in choices:
+                raise UserError(f"{path}={value!r} is not one of {list(choices)}")
+            values[name] = value
+    return out
+
+
+def flag_values(ns: argparse.Namespace, sections: dict[str, type],
+                shared: dict[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
+    """The section values the user actually gave as flags (defaults are SUPPRESSed)."""
+    out: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(ns).items():
+        for d in [dest, *(shared or {}).get(dest, [])]:
+            section, _, name = d.partition(".")
+            if name and section in sections:
+                out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def build_sections(values: dict[str, dict[str, Any]], sections: dict[str, type]) -> dict[str, Any]:
+    """Instantiate every section (each __post_init__ validates locally and raises UserError)."""
+    return {name: cls(**values.get(name, {})) for name, cls in sections.items()}
+
+
+def section_to_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def dump_yaml(tree: dict) -> str:
+    """YAML text of a {section: {field: value}} tree, readable back by --config."""
+    return yaml.safe_dump(json.loads(json.dumps(tree, default=list)), sort_keys=False)

@@ -1,0 +1,39 @@
+"""`checkpoint:` section: where and when to save, what to load (layout: megaclm.checkpoint)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megaclm.utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint saving (by tag `iter_0000100`, own atomic `latest`) and loading."""
+
+    save: str | None = field(default=None, metadata={"help": "Directory to save checkpoints (and metrics.jsonl) in."})
+    load: str | None = field(default=None, metadata={
+        "help": "Checkpoint directory to resume from (its `latest`, or --ckpt-step); nothing there = fresh start."})
+    save_interval: int | None = field(default=None, metadata={"help": "Save every this many iterations (and at the end)."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep only the newest N checkpoints (plus the best one with --save-best)."})
+    save_best: bool = field(default=False, metadata={
+        "help": "Also keep the checkpoint with the lowest validation loss (recorded in <save>/best)."})
+    ckpt_step: int | None = field(default=None, metadata={"help": "Load iteration N (iter_{N:07d}) instead of `latest`."})
+    finetune: bool = field(default=False, metadata={
+        "help": "Load weights only: iteration, consumed samples, optimizer, scheduler and RNG start fresh."})
+    no_load_optim: bool = field(default=False, metadata={
+        "help": "Load weights and progress but not the optimizer state (continual pretraining)."})
+    no_load_rng: bool = field(default=False, metadata={"help": "Do not restore RNG states when loading."})
+    no_save_optim: bool = field(default=False, metadata={"help": "Save model weights only (no optimizer states)."})
+
+    def __post_init__(self):
+        if self.save_interval is not None and self.save_interval < 1:
+            raise UserError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UserError(f"checkpoint.save_total_limit={self.save_total_limit} must be >= 1")
+        if self.ckpt_step is not None and self.ckpt_step < 0:
+            raise UserError(f"checkpoint.ckpt_step={self.ckpt_step} must be >= 0")
+        if (self.finetune or self.no_load_optim or self.ckpt_step is not None) and self.load is None:
+            raise UserError("checkpoint.finetune/no_load_optim/ckpt_step need checkpoint.load; pass --load DIR")
+        if (self.save_interval or self.save_total_limit or self.save_best) and self.save is None:
+            raise UserError("checkpoint.save_interval/save_total_limit/save_best need checkpoint.save; pass --save DIR")

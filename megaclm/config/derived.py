@@ -1,0 +1,77 @@
+"""Values computed from the config and the world size; never written back into the config.
+
+    data_parallel_size = world_size / (tensor x pipeline)
+    grad_accum_steps   = global_batch_size / (micro_batch_size x data_parallel_size)
+    tokens_per_step    = global_batch_size x seq_length   (at full sequence length)
+    train_iters        = --train-iters, or ceil(--train-samples / global batch),
+                         or ceil(--train-tokens / tokens_per_step)
+    padded_vocab_size  = tokenizer vocab rounded up to a multiple of
+                         make_vocab_size_divisible_by x tensor size (Megatron's rule)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from megaclm.utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    micro_batch_size: int
+    global_batch_size: int
+    grad_accum_steps: int
+    seq_length: int
+    tokens_per_step: int
+    train_iters: int | None
+    train_samples: int | None
+    vocab_size: int | None = None
+    padded_vocab_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_size: int) -> int:
+    multiple = max(divisible_by, 1) * tensor_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) -> Derived:
+    """`cfg` is a MegaclmConfig (or any object with parallel/training/data sections)."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if world_size < 1 or world_size % (tp * pp):
+        raise UserError(f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp} x "
+                        f"parallel.pipeline_model_parallel_size={pp}; launch a multiple of {tp * pp} processes")
+    dp = world_size // (tp * pp)
+    t = cfg.training
+    mbs = t.micro_batch_size
+    gbs = t.global_batch_size if t.global_batch_size is not None else mbs * dp
+    if gbs % (mbs * dp):
+        raise UserError(f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size={mbs} x "
+                        f"data-parallel size {dp} (world {world_size} / tp {tp} / pp {pp}); "
+                        f"use a global batch that is a multiple of {mbs * dp}")
+    seq = cfg.data.seq_length
+    tokens_per_step = gbs * seq
+    if t.train_iters is not None:
+        iters = t.train_iters
+    elif t.train_samples is not None:
+        iters = -(-t.train_samples // gbs)
+    elif t.train_tokens is not None:
+        iters = -(-t.train_tokens // tokens_per_step)
+    else:
+        iters = None
+    padded = None
+    if vocab_size is not None:
+        padded = pad_vocab_size(vocab_size, cfg.tokenizer.make_vocab_size_divisible_by, tp)
+    return Derived(world_size=world_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                   data_parallel_size=dp, micro_batch_size=mbs, global_batch_size=gbs,
+                   grad_accum_steps=gbs // (mbs * dp), seq_length=seq, tokens_per_step=tokens_per_step,
+                   train_iters=iters, train_samples=None if iters is None else iters * gbs,
+                   vocab_size=vocab_size, padded_vocab_size=padded)

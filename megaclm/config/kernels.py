@@ -1,0 +1,34 @@
+"""`kernels:` section - which implementation of the model's ops runs (see megaclm.ops).
+
+"torch" runs the pure-PyTorch references; "compile" runs them through torch.compile; "fused" runs the
+CUDA kernels of megaclm.ops._cuda and falls back to the references (one logged line) when the
+extension is not built. Attention goes through torch's scaled_dot_product_attention ("sdpa", which picks
+flash/cuDNN/memory-efficient kernels on GPU) or the explicit matmul + softmax path ("unfused").
+"""
+from dataclasses import dataclass, field
+
+from megaclm.utils.errors import UserError
+
+KERNEL_BACKENDS = ("torch", "fused", "compile")
+ATTENTION_BACKENDS = ("sdpa", "unfused")
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    kernels: str = field(default="torch", metadata={
+        "help": "Implementation of norms, activations, RoPE, softmax and cross-entropy.",
+        "choices": list(KERNEL_BACKENDS)})
+    attention_backend: str = field(default="sdpa", metadata={
+        "help": "Attention: torch scaled_dot_product_attention, or explicit QK^T + masked softmax + V.",
+        "choices": list(ATTENTION_BACKENDS)})
+    cross_entropy_chunk_size: int = field(default=4096, metadata={
+        "help": "Tokens per chunk of the fused output-layer + cross-entropy (bounds the logits kept in memory)."})
+
+    def __post_init__(self):
+        if self.kernels not in KERNEL_BACKENDS:
+            raise UserError(f"kernels.kernels={self.kernels!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise UserError(f"kernels.attention_backend={self.attention_backend!r} is not one of "
+                            f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.cross_entropy_chunk_size < 1:
+            raise UserError(f"kernels.cross_entropy_chunk_size={self.cross_entropy_chunk_size} must be >= 1")

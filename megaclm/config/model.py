@@ -1,0 +1,164 @@
+"""`model:` section - the shape and flavour of one GPT-family transformer (Megatron field names).
+
+One config describes GPT-2/3 (learned positions, LayerNorm, GeLU, biases, tied head), Llama/Mistral
+(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head) and Qwen2 (Llama + qkv bias).
+Named shapes live in `megaclm.config.presets`. Derived sizes (`ffn_size`, `head_dim`, `num_kv_heads`)
+are properties, never written back. `check_parallel_shapes` and `pad_vocab_size` are the model-side
+cross-section checks the trainer's validate.py calls before any process-group work.
+"""
+from dataclasses import dataclass, field
+
+from megaclm.config.parallel import ParallelConfig
+from megaclm.utils.errors import UserError
+
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "alibi", "none")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = field(default=12, metadata={"help": "Number of transformer layers."})
+    hidden_size: int = field(default=768, metadata={"help": "Transformer hidden size (model width)."})
+    ffn_hidden_size: int | None = field(default=None, metadata={
+        "help": "MLP inner size. Default: 4*hidden_size, or for SwiGLU 2/3 of that rounded down to a multiple of 64."})
+    num_attention_heads: int = field(default=12, metadata={"help": "Number of query heads."})
+    num_query_groups: int | None = field(default=None, metadata={
+        "help": "Key/value heads for grouped-query attention (1 = multi-query). Default: one per query head (MHA)."})
+    kv_channels: int | None = field(default=None, metadata={
+        "help": "Per-head dimension. Default: hidden_size // num_attention_heads."})
+    max_position_embeddings: int = field(default=2048, metadata={
+        "help": "Longest sequence the model supports (size of the learned position table; RoPE table length)."})
+    position_embedding_type: str = field(default="learned_absolute", metadata={
+        "help": "Positional encoding.", "choices": list(POSITION_EMBEDDING_TYPES)})
+    rotary_base: float = field(default=10000.0, metadata={"help": "RoPE theta."})
+    rotary_percent: float = field(default=1.0, metadata={
+        "help": "Fraction of each head's dimensions that RoPE rotates (GPT-NeoX partial rotary)."})
+    use_rope_scaling: bool = field(default=False, metadata={
+        "help": "Apply Llama-3.1 style frequency-dependent RoPE scaling (rope_scaling_factor etc.)."})
+    rope_scaling_factor: float = field(default=8.0, metadata={"help": "Llama-3 RoPE scaling factor."})
+    rope_low_freq_factor: float = field(default=1.0, metadata={"help": "Llama-3 RoPE scaling low_freq_factor."})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"help": "Llama-3 RoPE scaling high_freq_factor."})
+    rope_original_max_position_embeddings: int = field(default=8192, metadata={
+        "help": "Llama-3 RoPE scaling: the context length the model was pre-trained with."})
+    window_size: int | None = field(default=None, metadata={
+        "help": "Sliding-window attention: each token attends to at most this many tokens (itself included). "
+                "Default: full causal attention."})
+    normalization: str = field(default="LayerNorm", metadata={
+        "help": "Normalization layer.", "choices": list(NORMALIZATIONS)})
+    norm_epsilon: float = field(default=1e-5, metadata={"help": "Epsilon of the normalization layers."})
+    swiglu: bool = field(default=False, metadata={"help": "Use a SwiGLU MLP instead of GeLU."})
+    add_bias_linear: bool = field(default=True, metadata={
+        "help": "Biases in all linear layers. The flag --disable-bias-linear turns them off.",
+        "flag": "--disable-bias-linear", "invert": True})
+    add_qkv_bias: bool = field(default=False, metadata={
+        "help": "Bias in the QKV projection even when --disable-bias-linear (Qwen2)."})
+    untie_embeddings_and_output_weights: bool = field(default=False, metadata={
+        "help": "Separate output-layer weight instead of reusing the input embedding."})
+    hidden_dropout: float = field(default=0.1, metadata={"help": "Dropout on the embeddings and residual branches."})
+    attention_dropout: float = field(default=0.1, metadata={"help": "Dropout on the attention probabilities."})
+    init_method_std: float = field(default=0.02, metadata={
+        "help": "Std of the normal init; output projections of each layer use std/sqrt(2*num_layers)."})
+    make_vocab_size_divisible_by: int = field(default=128, metadata={
+        "help": "Pad the vocabulary to a multiple of this times the tensor-parallel size."})
+    checkpoint_activations: bool = field(default=False, metadata={
+        "help": "Recompute transformer layers in backward instead of storing their activations."})
+    checkpoint_num_layers: int = field(default=1, metadata={
+        "help": "With --checkpoint-activations: layers per checkpointed chunk (1 = every layer; "
+                "k = keep the input of every k-th layer, recompute k layers at once)."})
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise UserError(f"model.{name}={getattr(self, name)!r} {why}")
+
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+                     "make_vocab_size_divisible_by", "checkpoint_num_layers", "rope_original_max_position_embeddings"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "window_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "must be >= 1 (or left unset)")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            bad("position_embedding_type", f"is not one of {', '.join(POSITION_EMBEDDING_TYPES)}")
+        if self.normalization not in NORMALIZATIONS:
+            bad("normalization", f"is not one of {', '.join(NORMALIZATIONS)}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", f"is not divisible by model.num_attention_heads={self.num_attention_heads}; "
+                "change one of them or set model.kv_channels")
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            bad("num_attention_heads", f"is not divisible by model.num_query_groups={self.num_query_groups}; "
+                "each key/value head must serve a whole number of query heads")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            bad("rotary_percent", "must be in (0, 1]")
+        if self.position_embedding_type == "rope" and (self.head_dim * self.rotary_percent) % 2:
+            bad("rotary_percent", f"gives an odd number of rotated dims for head dim {self.head_dim}; "
+                "RoPE rotates pairs of dimensions")
+        if self.rotary_base <= 0:
+            bad("rotary_base", "must be > 0")
+        if self.use_rope_scaling and not (self.rope_scaling_factor >= 1
+                                          and self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+            bad("rope_scaling_factor", "needs rope_scaling_factor >= 1 and "
+                "rope_high_freq_factor > rope_low_freq_factor > 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "must be in [0, 1)")
+        if self.init_method_std <= 0:
+            bad("init_method_std", "must be > 0")
+        if self.norm_epsilon <= 0:
+            bad("norm_epsilon", "must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:  # keep the parameter count of a 4h GeLU MLP (Megatron's rule)
+            return int(4 * self.hidden_size * 2 / 3) // 64 * 64
+        return 4 * self.hidden_size
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.add_qkv_bias
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (even)."""
+        return int(self.head_dim * self.rotary_percent)
+
+
+def pad_vocab_size(vocab_size: int, model: ModelConfig, tensor_parallel_size: int = 1) -> int:
+    """Smallest multiple of make_vocab_size_divisible_by * tp that holds `vocab_size` (Megatron's rule)."""
+    if vocab_size < 1:
+        raise UserError(f"vocabulary size {vocab_size} must be >= 1; check the tokenizer")
+    multiple = model.make_vocab_size_divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_vocab_size: int | None = None) -> None:
+    """Raise UserError if `model` cannot be split as `parallel` asks (call before any process-group work)."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    what = f"parallel.tensor_model_parallel_size={tp}"
+    if model.num_attention_heads % tp:
+        raise UserError(f"model.num_attention_heads={model.num_attention_heads} is not divisible by {what}; "
+                        "choose a tensor-parallel size that divides the number of heads")
+    if model.num_kv_heads % tp:
+        raise UserError(f"model.num_query_groups={model.num_kv_heads} is not divisible by {what}; "
+                        "each tensor-parallel rank needs whole key/value heads")
+    if model.ffn_size % tp:
+        raise UserError(f"model.ffn_hidden_size={model.ffn_size} is not divisible by {what}")
+    if padded_vocab_size is not None and padded_vocab_size % tp:
+        raise UserError(f"padded vocabulary size {padded_vocab_size} is not divisible by {what}; "
+                        "pad it with pad_vocab_size() (model.make_vocab_size_divisible_by)")
+    stages = f"parallel.pipeline_model_parallel_size={pp}"
+    if model.num_layers < pp:
+        raise UserError(f"model.num_layers={model.num_layers} cannot be split across {stages} stages; "
+                        "every stage needs at least one layer")
+    if parallel.pipeline_partition_method == "uniform" and model.num_layers % pp:
+        raise UserError(f"model.num_layers={model.num_layers} is not divisible by {stages} with "
+                        "parallel.pipeline_partition_method='uniform'; change one, or partition by 'parameters'")

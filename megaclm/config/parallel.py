@@ -1,0 +1,38 @@
+"""`parallel:` section - how the model is split: tensor (TP), sequence (SP) and pipeline (PP) parallel.
+
+The data-parallel size is derived (world_size // (tp * pp)) by megaclm.parallel.ParallelState and never
+stored here. Rank layout follows DeepSpeed's PipeModelDataParallelTopology: tp fastest, then dp, then pp.
+"""
+from dataclasses import dataclass, field
+
+from megaclm.utils.errors import UserError
+
+PARTITION_METHODS = ("parameters", "uniform")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = field(default=1, metadata={
+        "help": "Ranks that split each layer's weights (Megatron tensor parallelism)."})
+    pipeline_model_parallel_size: int = field(default=1, metadata={
+        "help": "Pipeline stages the layers are split into (DeepSpeed PipelineModule)."})
+    sequence_parallel: bool = field(default=False, metadata={
+        "help": "Megatron sequence parallelism: split norms/dropout activations along the sequence across "
+                "the tensor-parallel ranks (no effect when tensor_model_parallel_size=1)."})
+    pipeline_partition_method: str = field(default="parameters", metadata={
+        "help": "How layers are assigned to pipeline stages: 'parameters' balances parameter counts, "
+                "'uniform' gives every stage the same number of transformer layers.",
+        "choices": list(PARTITION_METHODS)})
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.pipeline_partition_method not in PARTITION_METHODS:
+            raise UserError(f"parallel.pipeline_partition_method={self.pipeline_partition_method!r} is not one of "
+                            f"{', '.join(PARTITION_METHODS)}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one replica of the model (tp * pp)."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size

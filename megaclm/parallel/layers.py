@@ -1,0 +1,181 @@
+"""Tensor-parallel layers (Megatron's ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding).
+
+Weights are initialised whole and then sliced, so a model built from one seed has the same full
+weights for every tensor-parallel size (Megatron's CPU-initialisation path). Sharded parameters carry
+`tensor_model_parallel=True` and `partition_dim`, which DeepSpeed's gradient-norm code reads to count
+them once per shard and replicated ones once per group.
+
+Sequence parallel (`pstate.sequence_parallel`): activations outside the column->row pairs are split
+along the sequence (dim 1), so ColumnParallelLinear all-gathers its input and RowParallelLinear
+reduce-scatters its output instead of all-reducing it. Replicated parameters that then see only a
+sequence chunk (norms, the row-parallel bias) get `sequence_parallel_grad_hook`, which sums their
+gradient over the group before any optimizer (or DeepSpeed ZeRO hook) sees it.
+"""
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megaclm.parallel.mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
+                                       reduce_scatter_to_sp)
+from megaclm.parallel.state import ParallelState
+
+InitMethod = Callable[[torch.Tensor], None]
+
+
+def tp_info(pstate: ParallelState | None) -> tuple[int, int, object, bool]:
+    """(tp size, tp rank, tp group or None, sequence parallel) of `pstate`; (1, 0, None, False) without one."""
+    if pstate is None or pstate.tp_size == 1:
+        return 1, 0, None, False
+    return pstate.tp_size, pstate.tp_rank, pstate.tp_group, pstate.sequence_parallel
+
+
+def shard_blocks(full: torch.Tensor, dim: int, block_sizes: Sequence[int], tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s shard of `full`: each block of `block_sizes` along `dim` split tp-ways, mine concatenated.
+
+    One block is the plain Megatron split; several blocks keep e.g. [q; k; v] or [gate; up] paired per rank.
+    """
+    blocks = torch.split(full, list(block_sizes), dim=dim)
+    return torch.cat([b.chunk(tp_size, dim=dim)[tp_rank] for b in blocks], dim=dim)
+
+
+def unshard_blocks(shards: Sequence[torch.Tensor], dim: int, block_sizes: Sequence[int]) -> torch.Tensor:
+    """Inverse of `shard_blocks` over all ranks' shards."""
+    tp = len(shards)
+    local = [s // tp for s in block_sizes]
+    per_rank = [torch.split(s, local, dim=dim) for s in shards]
+    return torch.cat([torch.cat([r[i] for r in per_rank], dim=dim) for i in range(len(block_sizes))], dim=dim)
+
+
+def _mark(param: nn.Parameter, dim: int, block_sizes: Sequence[int]) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_blocks = tuple(block_sizes)
+
+
+def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | None) -> None:
+    """Under SP, sum `param`'s gradient over the TP group (it saw only this rank's sequence chunk)."""
+    _, _, group, sp = tp_info(pstate)
+    if not sp:
+        return
+    param.sequence_parallel = True
+
+    def all_reduce(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    param.register_hook(all_reduce)
+
+
+def _init_shard(shape_full: tuple, dim: int, block_sizes: Sequence[int], init_method: InitMethod, tp: int, rank: int):
+    full = torch.empty(shape_full)
+    init_method(full)
+    return shard_blocks(full, dim, block_sizes, tp, rank)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split along its output rows: (B, T, in) -> (B, T, out/tp).
+
+    `output_blocks` (default [out]) lists blocks of the output that are split separately, e.g.
+    [q, k, v] sizes, so each rank holds its own heads of each. `gather_output` returns (B, T, out).
+    """
+
+    def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
+                 init_method: InitMethod = nn.init.xavier_normal_, output_blocks: Sequence[int] | None = None,
+                 gather_output: bool = False):
+        super().__init__()
+        self.tp, rank, self.group, self.sp = tp_info(pstate)
+        blocks = list(output_blocks or [out_features])
+        if sum(blocks) != out_features or any(b % self.tp for b in blocks):
+            raise ValueError(f"output blocks {blocks} must sum to {out_features} and divide by tp={self.tp}")
+        self.gather_output = gather_output
+        self.weight = nn.Parameter(_init_shard((out_features, in_features), 0, blocks, init_method, self.tp, rank))
+        _mark(self.weight, 0, blocks)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features // self.tp))
+            _mark(self.bias, 0, blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = column_parallel_linear(x, self.weight, self.bias, self.group, self.sp)  # (B, T, out/tp)
+        return gather_from_tp(y, self.group) if self.gather_output else y
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
+                           sequence_parallel: bool) -> torch.Tensor:
+    """(B, T, in) replicated, or (B, T/tp, in) under SP -> (B, T, out/tp) with this rank's output rows.
+
+    Also the tied output layer, which multiplies by the vocab-parallel embedding table.
+    """
+    # SP gathers the sequence (backward reduce-scatters the partial grads); TP copies (backward all-reduces).
+    x = gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
+    return F.linear(x, weight, bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split along its input columns: (B, T, in/tp) -> (B, T, out), summed over ranks.
+
+    The input is already split (the output of a ColumnParallelLinear). Under SP the sum is a
+    reduce-scatter and the result is (B, T/tp, out). The bias is added once, after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
+                 init_method: InitMethod = nn.init.xavier_normal_):
+        super().__init__()
+        self.tp, rank, self.group, self.sp = tp_info(pstate)
+        if in_features % self.tp:
+            raise ValueError(f"in_features={in_features} is not divisible by tp={self.tp}")
+        self.weight = nn.Parameter(_init_shard((out_features, in_features), 1, [in_features], init_method,
+                                               self.tp, rank))
+        _mark(self.weight, 1, [in_features])
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features))
+            sequence_parallel_grad_hook(self.bias, pstate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (B, T, out) partial sum over this rank's inputs
+        y = reduce_scatter_to_sp(y, self.group) if self.sp else reduce_from_tp(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows: (B, T) ids -> (B, T, dim), summed over the TP ranks.
+
+    Rank r holds rows [r*V/tp, (r+1)*V/tp); ids outside its range contribute zeros. Under SP the sum is
+    left to the caller (`reduce=False`) so it can reduce-scatter instead.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, pstate: ParallelState | None,
+                 init_method: InitMethod = nn.init.xavier_normal_):
+        super().__init__()
+        self.tp, rank, self.group, _ = tp_info(pstate)
+        if num_embeddings % self.tp:
+            raise ValueError(f"vocabulary of {num_embeddings} is not divisible by tp={self.tp}; pad it")
+        self.num_embeddings = num_embeddings
+        per_rank = num_embeddings // self.tp
+        self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
+        self.weight = nn.Parameter(_init_shard((num_embeddings, embedding_dim), 0, [num_embeddings], init_method,
+                                               self.tp, rank))
+        _mark(self.weight, 0, [num_embeddings])
+
+    def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        if self.tp == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, dim) partial
+        return reduce_from_tp(out, self.group) if reduce else out
+
+
+def normal_init(std: float) -> InitMethod:
+    return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+
+
+def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
+    """Megatron's init for the output projection of each residual branch: std / sqrt(2 * num_layers)."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))

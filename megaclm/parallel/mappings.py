@@ -1,0 +1,156 @@
+"""Collectives across the tensor-parallel group, each an autograd pair (Megatron tensor_parallel/mappings.py).
+
+Activations are batch-first (B, T, ...): the tensor-parallel ("TP") split is on the last dim, the
+sequence-parallel ("SP") split on dim 1. Every function is the identity when the group has one rank.
+
+    copy_to_tp          fwd: identity                 bwd: all-reduce
+    reduce_from_tp      fwd: all-reduce               bwd: identity
+    scatter_to_tp       fwd: keep my last-dim chunk   bwd: all-gather last dim
+    gather_from_tp      fwd: all-gather last dim      bwd: keep my last-dim chunk
+    scatter_to_sp       fwd: keep my seq chunk        bwd: all-gather seq
+    gather_from_sp      fwd: all-gather seq           bwd: reduce-scatter seq (grad_is_partial) or keep my chunk
+    reduce_scatter_to_sp fwd: reduce-scatter seq      bwd: all-gather seq
+"""
+import torch
+import torch.distributed as dist
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    if x.size(dim) % n:
+        raise RuntimeError(f"cannot split dim {dim} of size {x.size(dim)} into {n} tensor-parallel chunks")
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    if x.size(dim) % n:
+        raise RuntimeError(f"cannot reduce-scatter dim {dim} of size {x.size(dim)} over {n} ranks")
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        # gloo has no reduce_scatter: all-reduce, then keep my chunk (same result, more traffic).
+        return _split(_all_reduce(x.clone(), group), dim, group)
+    out = torch.empty_like(x.chunk(n, dim=dim)[0])
+    dist.reduce_scatter(out, [c.contiguous() for c in x.chunk(n, dim=dim)], group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, -1, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, -1, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, 1, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grad_is_partial):
+        ctx.group, ctx.grad_is_partial = group, grad_is_partial
+        return _all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.grad_is_partial:  # the consumer was tensor-parallel: each rank holds part of the gradient
+            return _reduce_scatter(g, 1, ctx.group), None, None
+        return _split(g, 1, ctx.group), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, 1, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group, grad_is_partial: bool = True) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherFromSP.apply(x, group, grad_is_partial)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, group)

@@ -1,0 +1,72 @@
+"""The interface every megaclm tokenizer implements, and Megatron's vocabulary padding rule."""
+import abc
+import os
+
+from megaclm.utils.errors import UserError
+
+
+def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+    """Megatron's rule: round up to a multiple of divisible_by x TP, so every TP shard of the
+    embedding gets the same number of rows and each shard's row count stays a multiple of
+    divisible_by (a friendly size for the matmul kernels). 50257 -> 50304 for 128 x 1."""
+    if make_vocab_size_divisible_by < 1:
+        raise UserError(f"tokenizer.make_vocab_size_divisible_by={make_vocab_size_divisible_by} must be >= 1")
+    if tensor_model_parallel_size < 1:
+        raise UserError(f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} must be >= 1")
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def require_file(path: str | None, flag: str, what: str) -> str:
+    """`path` as given, or a UserError naming `flag` when it is unset or missing."""
+    if not path:
+        raise UserError(f"{flag} is required: give the {what}")
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: no such file; give the path of the {what}")
+    return path
+
+
+class BaseTokenizer(abc.ABC):
+    """tokenize/detokenize/tokenize_batch, vocab_size, eod and padded_vocab_size.
+
+    Special-token strings typed inside a text (e.g. "<|endoftext|>") are tokenized as plain
+    text: only the caller decides where document boundaries go (`eod`), never the data.
+    `num_threads` bounds the threads `tokenize_batch` may use where the library takes it per
+    call (None: the library default, all cores); HF `tokenizers` reads its thread count from
+    the process environment instead (TOKENIZERS_PARALLELISM, RAYON_NUM_THREADS).
+    """
+
+    num_threads: int | None = None
+
+    def __init__(self, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1):
+        self.make_vocab_size_divisible_by = make_vocab_size_divisible_by
+        self.tensor_model_parallel_size = tensor_model_parallel_size
+        pad_vocab_size(1, make_vocab_size_divisible_by, tensor_model_parallel_size)  # validate once
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (before padding)."""
+
+    @property
+    @abc.abstractmethod
+    def eod(self) -> int:
+        """The end-of-document id appended between documents."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        ...
+
+    @abc.abstractmethod
+    def detokenize(self, ids: list[int]) -> str:
+        ...
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenize(t) for t in texts]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, self.tensor_model_parallel_size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, padded_vocab_size={self.padded_vocab_size})"

@@ -1,0 +1,19 @@
+"""Shared by the tokenizers built on HF `tokenizers`: plain-text special tokens, fast batches."""
+from tokenizers import Tokenizer
+
+
+def prepare(tok: Tokenizer) -> Tokenizer:
+    # Special tokens typed in a document are data, not control: "<|endoftext|>" in the text
+    # must not become the eod id (it would split a document where the author did not).
+    tok.encode_special_tokens = True
+    return tok
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    # add_special_tokens=False: no BOS/EOS from a post-processor; eod is the caller's choice.
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    # encode_batch_fast skips the character offsets nobody here reads (~20% faster).
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]

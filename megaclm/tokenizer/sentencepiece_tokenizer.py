@@ -1,0 +1,39 @@
+"""A SentencePiece `.model` (unigram or BPE); ids equal `sentencepiece` encode without BOS/EOS."""
+import sentencepiece as spm
+
+from megaclm.tokenizer.base import BaseTokenizer, require_file
+from megaclm.utils.errors import UserError
+
+
+class SentencePieceTokenizer(BaseTokenizer):
+    def __init__(self, tokenizer_model: str | None, **padding):
+        super().__init__(**padding)
+        require_file(tokenizer_model, "--tokenizer-model", "SentencePiece .model file")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model ({e})") from e
+        self.path = tokenizer_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        # GPT-style use of a SentencePiece model: the model's </s> ends a document.
+        eos = self._sp.eos_id()
+        if eos < 0:
+            raise UserError(f"--tokenizer-model {self.path} has no eos piece; retrain it with eos_id >= 0")
+        return eos
+
+    def tokenize(self, text: str) -> list[int]:
+        # Control pieces (<s>, </s>) typed in the text are encoded as plain text by sentencepiece.
+        return self._sp.encode(text, out_type=int, add_bos=False, add_eos=False)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        threads = -1 if self.num_threads is None else self.num_threads
+        return self._sp.encode(texts, out_type=int, add_bos=False, add_eos=False, num_threads=threads)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._sp.decode(list(ids))
