@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -125,6 +126,43 @@ __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
     if (a.m == -INFINITY) return b;
     const float m = fmaxf(a.m, b.m);
     return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+__device__ __forceinline__ MaxSum warp_reduce_maxsum(MaxSum v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        MaxSum o{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)};
+        v = maxsum_merge(v, o);
+    }
+    return v;
+}
+
+template <int WARPS>
+__device__ __forceinline__ MaxSum group_reduce_maxsum(MaxSum v, float2* scratch) {
+    v = warp_reduce_maxsum(v);
+    if constexpr (WARPS == 1) {
+        return v;
+    } else {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        if (lane == 0) scratch[warp] = make_float2(v.m, v.s);
+        __syncthreads();
+        const int first = warp / WARPS * WARPS;
+        MaxSum r{scratch[first].x, scratch[first].y};
+#pragma unroll
+        for (int w = 1; w < WARPS; ++w) r = maxsum_merge(r, MaxSum{scratch[first + w].x, scratch[first + w].y});
+        __syncthreads();
+        return r;
+    }
+}
+
+// Row group size for row-wise kernels over long rows (softmax, cross-entropy): grows with the row so
+// each thread keeps a few packs. Calls launch(warps per row, rows per block) as compile-time ints.
+template <typename F>
+cudaError_t by_row_length(int64_t row_len, int vec, F&& launch) {
+    const int64_t packs = (row_len + vec - 1) / vec;
+    if (packs <= 128) return launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 4>{});
+    if (packs <= 512) return launch(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{});
+    return launch(std::integral_constant<int, 16>{}, std::integral_constant<int, 1>{});
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

@@ -28,53 +28,56 @@ cudaError_t norm_forward(DType dtype, bool rms, const void* x, const void* resid
                          int64_t rows, int hidden, float eps, cudaStream_t stream);
 
 // Scratch floats norm_backward needs for its per-block weight/bias gradient partials.
-int64_t norm_backward_workspace(DType dtype, bool rms, int64_t rows, int hidden);
+int64_t norm_backward_workspace(int64_t rows, int hidden);
 
 // dh = d norm(h)/dh . dy (+ dresidual_out, the gradient reaching h through residual_out).
 // dweight/dbias are full sums over rows (dbias may be null: RMSNorm or no bias).
-// `workspace` holds norm_backward_workspace(dtype, rms, rows, hidden) floats.
+// `workspace` holds norm_backward_workspace(rows, hidden) floats.
 cudaError_t norm_backward(DType dtype, bool rms, const void* dy, const void* dresidual_out, const void* h,
                           const void* weight, const float* mean, const float* rstd, void* dh,
                           void* dweight, void* dbias, float* workspace, int64_t rows, int hidden,
                           cudaStream_t stream);
 
 // ---- activations.cu ---------------------------------------------------------------------------
-// y = gelu(x + bias) over rows x hidden (bias of `hidden` elements, may be null);
-// tanh approximation when `tanh_approx`, else the exact erf form.
-cudaError_t bias_gelu_forward(DType dtype, bool tanh_approx, const void* x, const void* bias, void* y,
+// y = gelu(x + bias) over rows x hidden (bias of `hidden` elements, may be null), tanh approximation.
+cudaError_t bias_gelu_forward(DType dtype, const void* x, const void* bias, void* y,
                               int64_t rows, int hidden, cudaStream_t stream);
 // dx = dy * gelu'(x + bias). The bias gradient is dx summed over rows (done by the caller).
-cudaError_t bias_gelu_backward(DType dtype, bool tanh_approx, const void* dy, const void* x, const void* bias,
+cudaError_t bias_gelu_backward(DType dtype, const void* dy, const void* x, const void* bias,
                                void* dx, int64_t rows, int hidden, cudaStream_t stream);
 
-// SwiGLU on a packed input x of shape (rows, 2*ffn): gate = x[:, :ffn], up = x[:, ffn:];
-// y (rows, ffn) = silu(gate) * up.
-cudaError_t swiglu_forward(DType dtype, const void* x, void* y, int64_t rows, int ffn, cudaStream_t stream);
-// dx (rows, 2*ffn) = [dy * up * silu'(gate), dy * silu(gate)].
-cudaError_t swiglu_backward(DType dtype, const void* dy, const void* x, void* dx, int64_t rows, int ffn,
-                            cudaStream_t stream);
+// SwiGLU: y[r, j] = silu(gate[r, j]) * up[r, j] for j < ffn. gate and up are rows of `in_stride`
+// elements: a packed (rows, 2*ffn) input [gate | up] is gate = x, up = x + ffn, in_stride = 2*ffn;
+// two separate contiguous tensors are in_stride = ffn. y is (rows, ffn) contiguous.
+cudaError_t swiglu_forward(DType dtype, const void* gate, const void* up, int64_t in_stride, void* y, int64_t rows,
+                           int ffn, cudaStream_t stream);
+// dgate = dy * up * silu'(gate), dup = dy * silu(gate); dgate/dup laid out like gate/up (in_stride).
+cudaError_t swiglu_backward(DType dtype, const void* dy, const void* gate, const void* up, int64_t in_stride,
+                            void* dgate, void* dup, int64_t rows, int ffn, cudaStream_t stream);
 
 // ---- rope.cu ----------------------------------------------------------------------------------
-// Rotary embedding, "rotate half" layout (GPT-NeoX / Llama): for i < rot/2 the pair
-// (x[i], x[i + rot/2]) turns by angle pos * inv_freq[i]; dimensions >= rot pass through.
-// x: (batch, seq, heads, head_dim) contiguous; positions: (batch, seq) int64, or (seq) shared by the
-// batch when positions_per_batch is false; cos/sin: (table_len, rot/2) fp32.
-// `inverse` turns by -angle (the backward pass). q and k are done in one launch (k may be null).
-cudaError_t rope_forward(DType dtype, const void* q, const void* k, void* q_out, void* k_out,
-                         const int64_t* positions, bool positions_per_batch, const float* cos,
-                         const float* sin, int64_t table_len, int64_t batch, int64_t seq, int q_heads,
-                         int k_heads, int head_dim, int rot_dim, bool inverse, cudaStream_t stream);
+// Rotary embedding, "rotate half" layout (GPT-NeoX / Llama / Megatron): for i < rot/2 the pair
+// (x[i], x[i + rot/2]) turns by the angle float(pos) * inv_freq[i] (fp32, as the reference computes
+// it); dimensions >= rot pass through. q: (tokens, q_heads, head_dim) with heads contiguous and
+// `q_token_stride` elements between tokens (a view into a fused qkv row works); k likewise, may be
+// null. Outputs are contiguous (tokens, heads, head_dim). positions: (tokens) int64.
+// `inverse` turns by -angle (the backward pass). q and k are done in one launch.
+cudaError_t rope_forward(DType dtype, const void* q, int64_t q_token_stride, const void* k, int64_t k_token_stride,
+                         void* q_out, void* k_out, const int64_t* positions, const float* inv_freq, int64_t tokens,
+                         int q_heads, int k_heads, int head_dim, int rot_dim, bool inverse, cudaStream_t stream);
 
 // ---- softmax.cu -------------------------------------------------------------------------------
 // y = softmax(scale * x + bias, masked) over the last dim of x (batch, heads, q_len, k_len).
-// mask (uint8/bool, 1 = masked out) is indexed mask[b * mask_batch_stride + h * mask_head_stride +
-// i * k_len + j] (strides 0 broadcast); may be null. bias (fp32 or T, additive, e.g. ALiBi) likewise,
-// with its own strides; may be null. `causal` masks j > i + (k_len - q_len).
-// Fully masked rows give zeros (not NaN). Any k_len >= 1 (no length cliff).
+// mask (bool/uint8) row (b, h, i) starts at mask + b*mask_batch_stride + h*mask_head_stride +
+// i*mask_row_stride (stride 0 = broadcast), may be null; nonzero means "attend" when mask_keeps,
+// else "masked out" (Megatron's convention). bias (fp32, additive: ALiBi, document biases) is
+// indexed the same way with its own strides, may be null. `causal` masks keys j > i + (k_len - q_len).
+// Fully masked rows give zeros (not NaN). Any k_len >= 1: no length cliff.
 cudaError_t softmax_forward(DType dtype, const void* x, const uint8_t* mask, int64_t mask_batch_stride,
-                            int64_t mask_head_stride, const void* bias, int64_t bias_batch_stride,
-                            int64_t bias_head_stride, bool causal, float scale, void* y, int64_t batch,
-                            int64_t heads, int64_t q_len, int64_t k_len, cudaStream_t stream);
+                            int64_t mask_head_stride, int64_t mask_row_stride, bool mask_keeps, const float* bias,
+                            int64_t bias_batch_stride, int64_t bias_head_stride, int64_t bias_row_stride, bool causal,
+                            float scale, void* y, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
+                            cudaStream_t stream);
 // dx = scale * y * (dy - sum_j dy*y). In place (dx == dy) is allowed.
 cudaError_t softmax_backward(DType dtype, const void* dy, const void* y, void* dx, float scale, int64_t rows,
                              int64_t k_len, cudaStream_t stream);
@@ -85,10 +88,10 @@ cudaError_t softmax_backward(DType dtype, const void* dy, const void* y, void* d
 // this shard, else 0. The wrapper combines shards (all-reduce max, then rescaled sums) into lse.
 cudaError_t ce_stats(DType dtype, const void* logits, const int64_t* labels, int64_t vocab_start, float* row_max,
                      float* sum_exp, float* target, int64_t rows, int64_t vocab, cudaStream_t stream);
-// In place: logits <- (exp(l - lse) - [j == label]) * grad_scale[row]; rows whose label is
-// ignore_index (or whose grad_scale is 0) become zeros.
-cudaError_t ce_grad(DType dtype, void* logits, const int64_t* labels, int64_t vocab_start, const float* lse,
-                    const float* grad_scale, int64_t rows, int64_t vocab, int64_t ignore_index,
+// grad <- (exp(l - lse) - [j == label - vocab_start]) * grad_scale[row] for each row of logits;
+// rows whose label is ignore_index become zeros. grad may be logits (in place).
+cudaError_t ce_grad(DType dtype, const void* logits, void* grad, const int64_t* labels, int64_t vocab_start,
+                    const float* lse, const float* grad_scale, int64_t rows, int64_t vocab, int64_t ignore_index,
                     cudaStream_t stream);
 
 }  // namespace megaclm

@@ -1,1 +1,33 @@
-"""megaclm.checkpoint"""
+"""megaclm checkpoints: DeepSpeed's files plus megaclm's state, by explicit tag.
+
+On-disk layout of `--save DIR` (every file written atomically; `latest` last):
+
+    DIR/latest                       text: the newest complete tag, e.g. "iter_0000100" (megaclm's own,
+                                     written by rank 0 after a barrier: it never names a partial save)
+    DIR/best                         JSON {"tag", "val_loss"} of the lowest validation loss (--save-best)
+    DIR/metrics.jsonl                training/eval metrics, one JSON object per line (default location)
+    DIR/iter_0000100/                one tag = one iteration (Megatron's 7-digit naming)
+        mp_rank_{TP:02d}_model_states.pt           DeepSpeed: module weights (16-bit under bf16/fp16),
+                                                   client_state {"megaclm": {"progress", "data", ...}}
+        layer_{L:02d}-model_{TP:02d}-model_states.pt   DeepSpeed, pipeline runs: one file per layer
+        *zero_pp_rank_{DP}_mp_rank_{TP:02d}_optim_states.pt   DeepSpeed: fp32 master weights + Adam
+                                                   moments, partitioned over data-parallel ranks
+        megaclm/config.json          the resolved config tree (MegaclmConfig.to_dict())
+        megaclm/meta.json            iteration, consumed samples/tokens, tp/pp/dp/world sizes,
+                                     padded and tokenizer vocab sizes, zero stage, precision;
+                                     written last: a tag without it is incomplete
+        megaclm/rng/rank_{R:05d}.pt  python/numpy/torch/cuda RNG + DeepSpeed's RNG tracker, per rank
+        megaclm/model/tp{TP:02d}_pp{PP:03d}.pt   fp32 parameters of one model-parallel rank (the
+                                     optimizer's master copy), with tp/pp ranks and sizes
+                                     (megaclm.checkpoint.shards)
+
+Full fp32 weights of any TP/PP layout, with GPTModel's state-dict keys (megaclm.model.gpt):
+    ckpt = megaclm.checkpoint.shards.load_full_state_dict("DIR")       # tag default: `latest`
+    model = GPTModel(ModelConfig(**ckpt.config["model"]), ckpt.meta["padded_vocab_size"])
+    model.load_state_dict(ckpt.state_dict)
+
+Resume (`--load DIR`) passes the tag to DeepSpeed, restores the optimizer, progress, data/sampler
+state and every rank's RNG: the resumed run's losses are bit-identical to an uninterrupted run's
+(with the same OMP_NUM_THREADS). `--finetune` loads weights only; `--no-load-optim` skips the
+optimizer states (fp32 master weights are then rebuilt from the module weights).
+"""

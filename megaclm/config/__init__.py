@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None 
         if preset not in MODEL_PRESETS:
             raise UserError(f"model_preset {preset!r} is unknown; choose one of {', '.join(sorted(MODEL_PRESETS))}")
         layers.append({"model": dict(MODEL_PRESETS[preset])})
-    layers.append(arguments.yaml_values(tree, chosen, source=f"--config {ns.config}"))
+    yaml_layer = arguments.yaml_values(tree, chosen, source=f"--config {ns.config}")
+    layers.append(arguments.propagate_shared(yaml_layer, parser.shared_dests))
     layers.append(arguments.flag_values(ns, chosen, parser.shared_dests))
     cfg = MegaclmConfig(**arguments.build_sections(arguments.merge(*layers), chosen))
     derived = None

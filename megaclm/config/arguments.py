@@ -185,9 +185,12 @@ def _add_field(group, section: str, f: dataclasses.Field, hints: dict, reg: _Reg
         reg.owner[n] = path
     reg.signature[path] = (hints[f.name], f.default)
     tp, _ = _strip_optional(hints[f.name])
-    kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata["help"])
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    shown = "" if default in (None, [], False) or tp is bool else f" (default: {default})"
+    # Defaults are SUPPRESSed so that only flags the user gave override the YAML layer.
+    kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
+                              help=(f.metadata["help"] + shown).replace("%", "%%"))
     if tp is bool:
-        default = f.default if f.default is not dataclasses.MISSING else None
         if f.metadata.get("invert"):
             group.add_argument(*names, action="store_false", **kw)
         elif default is False:
@@ -210,8 +213,7 @@ def _add_field(group, section: str, f: dataclasses.Field, hints: dict, reg: _Reg
 
 def build_parser(sections: dict[str, type], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """One flag per field of each section class, grouped by section, plus the meta flags."""
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
     meta = parser.add_argument_group("run")
     meta.add_argument("--config", dest="config", default=None, metavar="YAML",
                       help="YAML file with the same tree as the flags ({section: {field: value}}); flags override it.")
@@ -298,6 +300,19 @@ def flag_values(ns: argparse.Namespace, sections: dict[str, type],
             if name and section in sections:
                 out.setdefault(section, {})[name] = value
     return out
+
+
+def propagate_shared(values: dict[str, dict[str, Any]], shared: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """A YAML value for one of the fields behind a shared flag also sets the others it left unset."""
+    for first, others in shared.items():
+        paths = [first, *others]
+        given = [(p, values[p.partition(".")[0]][p.partition(".")[2]]) for p in paths
+                 if p.partition(".")[2] in values.get(p.partition(".")[0], {})]
+        if given:
+            for p in paths:
+                section, _, name = p.partition(".")
+                values.setdefault(section, {}).setdefault(name, given[0][1])
+    return values
 
 
 def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -3,8 +3,8 @@
 One config describes GPT-2/3 (learned positions, LayerNorm, GeLU, biases, tied head), Llama/Mistral
 (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head) and Qwen2 (Llama + qkv bias).
 Named shapes live in `megaclm.config.presets`. Derived sizes (`ffn_size`, `head_dim`, `num_kv_heads`)
-are properties, never written back. `check_parallel_shapes` and `pad_vocab_size` are the model-side
-cross-section checks the trainer's validate.py calls before any process-group work.
+are properties, never written back. `check_parallel_shapes` is the model-vs-parallel check that the
+trainer's validate.py (and GPTModel) run before any process-group work.
 """
 from dataclasses import dataclass, field
 
@@ -132,14 +132,6 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_percent)
 
 
-def pad_vocab_size(vocab_size: int, model: ModelConfig, tensor_parallel_size: int = 1) -> int:
-    """Smallest multiple of make_vocab_size_divisible_by * tp that holds `vocab_size` (Megatron's rule)."""
-    if vocab_size < 1:
-        raise UserError(f"vocabulary size {vocab_size} must be >= 1; check the tokenizer")
-    multiple = model.make_vocab_size_divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_vocab_size: int | None = None) -> None:
     """Raise UserError if `model` cannot be split as `parallel` asks (call before any process-group work)."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -154,7 +146,7 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
         raise UserError(f"model.ffn_hidden_size={model.ffn_size} is not divisible by {what}")
     if padded_vocab_size is not None and padded_vocab_size % tp:
         raise UserError(f"padded vocabulary size {padded_vocab_size} is not divisible by {what}; "
-                        "pad it with pad_vocab_size() (model.make_vocab_size_divisible_by)")
+                        "pad it to a multiple of make_vocab_size_divisible_by x the tensor-parallel size")
     stages = f"parallel.pipeline_model_parallel_size={pp}"
     if model.num_layers < pp:
         raise UserError(f"model.num_layers={model.num_layers} cannot be split across {stages} stages; "

@@ -191,8 +191,8 @@ class IndexedDatasetBuilder:
         builder.add_index(other_prefix)          # append a whole dataset (merging)
         builder.finalize()                       # atomic: .bin then .idx appear under final names
 
-    Until `finalize`, data lives under temporary names; `abort()` (or an exception in a `with`
-    block) removes them, so a killed run never leaves a truncated pair under the final names.
+    Until `finalize`, data lives under temporary names; `abort()` (or leaving a `with` block
+    without finalizing) removes them, so a killed run never leaves a truncated pair under the final names.
     """
 
     def __init__(self, prefix: str, dtype: type = np.int32):
@@ -205,8 +205,12 @@ class IndexedDatasetBuilder:
             raise UserError(f"output directory {out_dir} is not writable; change --output-prefix")
         self.prefix = prefix
         self.dtype = dtype
-        self._bin_tmp = temp_path_for(data_file_path(prefix))
+        try:
+            self._bin_tmp = temp_path_for(data_file_path(prefix))
+        except OSError as e:
+            raise UserError(f"cannot create files in {out_dir} ({e.strerror}); change --output-prefix") from e
         self._bin = open(self._bin_tmp, "wb")
+        self._finalized = False
         self._sizes: list[np.ndarray] = []  # chunks of int32 sizes; one small array per call
         self._doc_starts: list[np.ndarray] = [np.zeros(1, np.int64)]
         self._n_seq = 0
@@ -215,7 +219,7 @@ class IndexedDatasetBuilder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if not self._finalized:  # an exception, or a block that never called finalize()
             self.abort()
 
     def add_document(self, tokens: Iterable[int] | np.ndarray, lengths: list[int] | None = None) -> None:
@@ -266,6 +270,7 @@ class IndexedDatasetBuilder:
             remove_quietly(index_file_path(self.prefix))
             os.replace(self._bin_tmp, data_file_path(self.prefix))
             os.replace(idx_tmp, index_file_path(self.prefix))
+            self._finalized = True
         except BaseException:
             remove_quietly(idx_tmp, self._bin_tmp)
             raise

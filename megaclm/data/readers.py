@@ -210,8 +210,16 @@ def _decode(data: bytes, path: str, first: int) -> str:
         line = first + data.count(b"\n", 0, e.start)
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise UserError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); convert the file to UTF-8"
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+            "convert the file to UTF-8 or pass --skip-bad-lines"
         ) from e
+
+
+def _decode_or_none(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def parse_chunk(chunk: Chunk, keys: list[str], skip_bad_lines: bool) -> tuple[list[list[str]], int]:
@@ -239,18 +247,15 @@ def parse_chunk(chunk: Chunk, keys: list[str], skip_bad_lines: bool) -> tuple[li
                 col.append(v)
         return texts, bad
     try:
-        lines = _decode(chunk.data, chunk.path, chunk.first).split("\n")
-    except UserError:
-        if not skip_bad_lines:
-            raise
-        lines = []
-        for raw in chunk.data.split(b"\n"):
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                lines.append("")
-                bad += 1
+        lines: list[str | None] = chunk.data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:  # rare: find the bad lines one by one, in order with other errors
+        lines = [_decode_or_none(raw) for raw in chunk.data.split(b"\n")]
     for i, line in enumerate(lines):
+        if line is None:
+            if skip_bad_lines:
+                bad += 1
+                continue
+            _decode(chunk.data.split(b"\n")[i], chunk.path, chunk.first + i)  # raises, naming line and column
         if not line.strip():
             continue  # blank lines separate nothing and are not documents
         try:

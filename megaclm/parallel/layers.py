@@ -26,11 +26,20 @@ from megaclm.parallel.state import ParallelState
 InitMethod = Callable[[torch.Tensor], None]
 
 
-def tp_info(pstate: ParallelState | None) -> tuple[int, int, object, bool]:
-    """(tp size, tp rank, tp group or None, sequence parallel) of `pstate`; (1, 0, None, False) without one."""
-    if pstate is None or pstate.tp_size == 1:
-        return 1, 0, None, False
-    return pstate.tp_size, pstate.tp_rank, pstate.tp_group, pstate.sequence_parallel
+def tp_info(pstate: ParallelState | None) -> tuple[int, int, bool]:
+    """(tp size, tp rank, sequence parallel) of `pstate`; (1, 0, False) without one."""
+    if pstate is None:
+        return 1, 0, False
+    return pstate.tp_size, pstate.tp_rank, pstate.sequence_parallel
+
+
+def tp_group(pstate: ParallelState | None):
+    """The tensor-parallel process group, or None when there is nothing to communicate.
+
+    Layers look it up at forward time, so a sharded model can be built (e.g. to convert a checkpoint)
+    in a process that never created the groups.
+    """
+    return None if pstate is None or pstate.tp_size == 1 else pstate.tp_group
 
 
 def shard_blocks(full: torch.Tensor, dim: int, block_sizes: Sequence[int], tp_size: int, tp_rank: int) -> torch.Tensor:
@@ -58,14 +67,13 @@ def _mark(param: nn.Parameter, dim: int, block_sizes: Sequence[int]) -> None:
 
 def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | None) -> None:
     """Under SP, sum `param`'s gradient over the TP group (it saw only this rank's sequence chunk)."""
-    _, _, group, sp = tp_info(pstate)
-    if not sp:
+    if not tp_info(pstate)[2]:
         return
     param.sequence_parallel = True
 
     def all_reduce(grad):
         grad = grad.clone()
-        dist.all_reduce(grad, group=group)
+        dist.all_reduce(grad, group=tp_group(pstate))
         return grad
 
     param.register_hook(all_reduce)
@@ -88,7 +96,8 @@ class ColumnParallelLinear(nn.Module):
                  init_method: InitMethod = nn.init.xavier_normal_, output_blocks: Sequence[int] | None = None,
                  gather_output: bool = False):
         super().__init__()
-        self.tp, rank, self.group, self.sp = tp_info(pstate)
+        self.pstate = pstate
+        self.tp, rank, self.sp = tp_info(pstate)
         blocks = list(output_blocks or [out_features])
         if sum(blocks) != out_features or any(b % self.tp for b in blocks):
             raise ValueError(f"output blocks {blocks} must sum to {out_features} and divide by tp={self.tp}")
@@ -100,9 +109,11 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features // self.tp))
             _mark(self.bias, 0, blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = column_parallel_linear(x, self.weight, self.bias, self.group, self.sp)  # (B, T, out/tp)
-        return gather_from_tp(y, self.group) if self.gather_output else y
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """`add_bias=False` leaves the bias to the caller (to fuse it into the activation)."""
+        group = tp_group(self.pstate)
+        y = column_parallel_linear(x, self.weight, self.bias if add_bias else None, group, self.sp)
+        return gather_from_tp(y, group) if self.gather_output else y
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
@@ -126,7 +137,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_):
         super().__init__()
-        self.tp, rank, self.group, self.sp = tp_info(pstate)
+        self.pstate = pstate
+        self.tp, rank, self.sp = tp_info(pstate)
         if in_features % self.tp:
             raise ValueError(f"in_features={in_features} is not divisible by tp={self.tp}")
         self.weight = nn.Parameter(_init_shard((out_features, in_features), 1, [in_features], init_method,
@@ -139,7 +151,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)  # (B, T, out) partial sum over this rank's inputs
-        y = reduce_scatter_to_sp(y, self.group) if self.sp else reduce_from_tp(y, self.group)
+        group = tp_group(self.pstate)
+        y = reduce_scatter_to_sp(y, group) if self.sp else reduce_from_tp(y, group)
         return y if self.bias is None else y + self.bias
 
 
@@ -153,7 +166,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, pstate: ParallelState | None,
                  init_method: InitMethod = nn.init.xavier_normal_):
         super().__init__()
-        self.tp, rank, self.group, _ = tp_info(pstate)
+        self.pstate = pstate
+        self.tp, rank, _ = tp_info(pstate)
         if num_embeddings % self.tp:
             raise ValueError(f"vocabulary of {num_embeddings} is not divisible by tp={self.tp}; pad it")
         self.num_embeddings = num_embeddings
@@ -169,7 +183,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, dim) partial
-        return reduce_from_tp(out, self.group) if reduce else out
+        return reduce_from_tp(out, tp_group(self.pstate)) if reduce else out
 
 
 def normal_init(std: float) -> InitMethod:

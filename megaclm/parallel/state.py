@@ -46,6 +46,9 @@ class ParallelState:
         self.model_parallel_group_ranks = sorted(self.topology.filter_match(data=self.dp_rank))
         self._groups: dict[str, object] | None = None
 
+    def __deepcopy__(self, memo):
+        return self  # shared run-wide state (holds process groups), not part of a model's value
+
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int) -> "ParallelState":
         return cls(world_size, rank, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,

@@ -1,10 +1,19 @@
-"""GPT-2 byte-level BPE from Megatron's `gpt2-vocab.json` + `gpt2-merges.txt`, on HF `tokenizers`.
+"""GPT-2 byte-level BPE from Megatron's `gpt2-vocab.json` + `gpt2-merges.txt`.
 
-Built from the two files directly (model + ByteLevel pre-tokenizer/decoder), the way OpenAI's
-encoder.py and Megatron's GPT2Tokenizer define it: ids equal transformers' GPT2TokenizerFast
-on the same files. (`GPT2TokenizerFast(vocab_file=...)` alone can silently build an empty
-tokenizer in transformers 5, hence not used.)
+Built from the two files with HF `tokenizers` (BPE model + ByteLevel pre-tokenizer/decoder),
+the way OpenAI's encoder.py and Megatron's GPT2Tokenizer define it: ids equal transformers'
+GPT2TokenizerFast on the same files. (`GPT2TokenizerFast(vocab_file=...)` alone can silently
+build an empty tokenizer in transformers 5, hence not used.)
+
+Fast path: when the files are OpenAI's own GPT-2 files (checked by sha256) and `tiktoken` is
+installed, encoding runs on tiktoken's GPT-2 BPE instead - the same ids (tested on real text),
+about 6x faster per core than HF `tokenizers`, which makes preprocessing tokenizer-bound no
+more. Any other vocab/merges pair (a custom BPE may not merge in id order) stays on HF.
 """
+import functools
+import hashlib
+import json
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from megaclm.tokenizer import hf_common
@@ -12,6 +21,45 @@ from megaclm.tokenizer.base import BaseTokenizer, require_file
 from megaclm.utils.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
+# sha256 of openai/gpt-2's encoder.json and vocab.bpe (the hashes tiktoken pins).
+OPENAI_GPT2_SHA256 = (
+    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+)
+# GPT-2's pre-tokenizer split (contractions, letters, numbers, other, whitespace).
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable-character table: printable bytes stand for
+    themselves, the other 68 bytes are shifted to U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = [b for b in range(256) if chr(b) not in table]
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tiktoken_engine(vocab_file: str, merge_file: str):
+    """A tiktoken Encoding equal to GPT-2 BPE on these files, or None (other files, no tiktoken)."""
+    if (_sha256(vocab_file), _sha256(merge_file)) != OPENAI_GPT2_SHA256:
+        return None
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    to_byte = unicode_to_byte()
+    # GPT-2 ids follow merge order, so an id is exactly tiktoken's merge rank of its bytes.
+    ranks = {bytes(to_byte[c] for c in tok): i for tok, i in vocab.items() if tok != EOD_TOKEN}
+    return tiktoken.Encoding("megaclm-gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+                             special_tokens={EOD_TOKEN: vocab[EOD_TOKEN]})
 
 
 class GPT2BPETokenizer(BaseTokenizer):
@@ -32,6 +80,12 @@ class GPT2BPETokenizer(BaseTokenizer):
         if eod is None:
             raise UserError(f"--vocab-file {vocab_file} has no {EOD_TOKEN} entry; is it a GPT-2 vocab.json?")
         self._eod = eod
+        self._files = (vocab_file, merge_file)
+
+    @functools.cached_property
+    def _fast(self):
+        # Looked up on first use: a process that only needs vocab_size/eod never builds it.
+        return tiktoken_engine(*self._files)
 
     @property
     def vocab_size(self) -> int:
@@ -41,11 +95,22 @@ class GPT2BPETokenizer(BaseTokenizer):
     def eod(self) -> int:
         return self._eod
 
+    @property
+    def engine(self) -> str:
+        return "tiktoken" if self._fast is not None else "tokenizers"
+
     def tokenize(self, text: str) -> list[int]:
+        if self._fast is not None:
+            # encode_ordinary: special-token strings in the text are plain text.
+            return self._fast.encode_ordinary(text)
         return hf_common.encode(self._tok, text)
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return hf_common.encode_batch(self._tok, texts)
+        if self._fast is None:
+            return hf_common.encode_batch(self._tok, texts)
+        if self.num_threads == 1:
+            return [self._fast.encode_ordinary(t) for t in texts]
+        return self._fast.encode_ordinary_batch(texts, num_threads=self.num_threads or 8)
 
     def detokenize(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

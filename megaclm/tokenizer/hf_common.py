@@ -2,6 +2,12 @@
 from tokenizers import Tokenizer
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (JSON can hold "\\ud800") replaced by U+FFFD, as tiktoken does;
+    tokenizer libraries refuse such strings outright."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def prepare(tok: Tokenizer) -> Tokenizer:
     # Special tokens typed in a document are data, not control: "<|endoftext|>" in the text
     # must not become the eod id (it would split a document where the author did not).
@@ -11,9 +17,16 @@ def prepare(tok: Tokenizer) -> Tokenizer:
 
 def encode(tok: Tokenizer, text: str) -> list[int]:
     # add_special_tokens=False: no BOS/EOS from a post-processor; eod is the caller's choice.
-    return tok.encode(text, add_special_tokens=False).ids
+    try:
+        return tok.encode(text, add_special_tokens=False).ids
+    except TypeError:  # a lone surrogate
+        return tok.encode(valid_unicode(text), add_special_tokens=False).ids
 
 
 def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     # encode_batch_fast skips the character offsets nobody here reads (~20% faster).
-    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    try:
+        encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    except TypeError:  # a lone surrogate somewhere in the batch
+        encodings = tok.encode_batch_fast([valid_unicode(t) for t in texts], add_special_tokens=False)
+    return [e.ids for e in encodings]

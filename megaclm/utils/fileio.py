@@ -13,8 +13,23 @@ def temp_path_for(path: str) -> str:
     """A unique temporary name beside `path` (same directory, so the final rename is atomic)."""
     d, base = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+    # mkstemp makes the file 0600; give it the mode open() would, so the renamed file is
+    # readable by whoever the umask allows (datasets and checkpoints are shared on clusters).
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return tmp
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

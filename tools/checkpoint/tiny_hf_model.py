@@ -7,7 +7,7 @@ For tests and the offline continual-pretraining example: no hub, the shapes are 
 Families and what each exercises in the converter:
     gpt2     learned positions, LayerNorm, GELU (tanh), fused Conv1D qkv, biases, tied embeddings
     llama    RoPE with Llama-3 scaling, RMSNorm, SwiGLU, grouped-query attention, untied embeddings
-    mistral  as llama, default RoPE, sliding window larger than the test sequences
+    mistral  as llama, default RoPE, a 16-token sliding window (shorter than the test sequences)
     qwen2    as llama, qkv bias, tied embeddings
 """
 import argparse
@@ -41,7 +41,7 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
         return dict(common, model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope,
                     tie_word_embeddings=False)
     if family == "mistral":
-        return dict(common, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4096,
+        return dict(common, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False)
     if family == "qwen2":
         return dict(common, model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True,

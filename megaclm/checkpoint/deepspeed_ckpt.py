@@ -1,0 +1,177 @@
+"""Save and load training checkpoints on DeepSpeed, by explicit tag, with megaclm's own `latest`.
+
+Collective: every rank calls `save_checkpoint` / `load_checkpoint` (layout: megaclm.checkpoint).
+Order of a save, so that a crash at any point leaves the previous checkpoint loadable:
+    1. rank 0 removes a stale `megaclm/meta.json` of the same tag (a save of this tag that died)
+    2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`)
+    3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard (atomically)
+    4. barrier; rank 0 writes config.json + meta.json, then `latest` (atomic rename)
+    5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
+`latest` therefore only ever names a tag whose meta.json exists, and a tag without meta.json is
+incomplete. Loading always passes the tag to DeepSpeed (an untagged load silently takes an older
+`latest` of DeepSpeed's own).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megaclm.checkpoint.rng import get_rng_state, set_rng_state
+from megaclm.checkpoint.shards import save_model_shard
+from megaclm.logging import get_logger
+from megaclm.utils.errors import UserError
+from megaclm.utils.fileio import atomic_write, remove_quietly
+
+log = get_logger("megaclm.checkpoint")
+
+LATEST = "latest"
+BEST = "best"
+META = os.path.join("megaclm", "meta.json")
+CONFIG = os.path.join("megaclm", "config.json")
+CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which also holds DeepSpeed's keys)
+_TAG = re.compile(r"^iter_(\d{7,})$")
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def iteration_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_text(path: str, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def read_latest(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def read_best(ckpt_dir: str) -> dict | None:
+    path = os.path.join(ckpt_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_complete(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, META))
+
+
+def read_meta(ckpt_dir: str, tag: str | None = None) -> dict:
+    """meta.json of `tag` (default: `latest`): iteration, progress, parallel layout, vocab sizes."""
+    tag = tag or read_latest(ckpt_dir)
+    if tag is None:
+        raise UserError(f"checkpoint directory {ckpt_dir!r} has no `latest` file; pass a directory written by "
+                        "pretrain_gpt.py --save, or a tag")
+    if not is_complete(ckpt_dir, tag):
+        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)!r} is incomplete or not a megaclm checkpoint "
+                        f"(no {META}); pick another --ckpt-step or drop it to use `latest`")
+    with open(os.path.join(ckpt_dir, tag, META)) as f:
+        return json.load(f)
+
+
+def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: Any,
+                    config_tree: dict, meta: dict, total_limit: int | None = None) -> str:
+    """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag."""
+    tag = tag_for(iteration)
+    ckpt = os.path.join(save_dir, tag)
+    if _rank() == 0:
+        os.makedirs(os.path.join(ckpt, "megaclm"), exist_ok=True)
+        remove_quietly(os.path.join(ckpt, META))
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    rng_dir = os.path.join(ckpt, "megaclm", "rng")
+    os.makedirs(rng_dir, exist_ok=True)
+    with atomic_write(os.path.join(rng_dir, f"rank_{_rank():05d}.pt")) as f:
+        torch.save(get_rng_state(), f)
+    save_model_shard(engine.module, os.path.join(ckpt, "megaclm"), pstate)
+    _barrier()
+    if _rank() == 0:
+        _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
+        _write_text(os.path.join(ckpt, META), json.dumps({**meta, "tag": tag, "iteration": iteration}, indent=1))
+        _write_text(os.path.join(save_dir, LATEST), tag)
+        if total_limit is not None:
+            prune(save_dir, total_limit)
+    _barrier()
+    log.info(f"saved checkpoint {ckpt}")
+    return tag
+
+
+def mark_best(save_dir: str, tag: str, val_loss: float) -> None:
+    """Record `tag` as the best checkpoint so far (rank 0; atomic)."""
+    if _rank() == 0:
+        _write_text(os.path.join(save_dir, BEST), json.dumps({"tag": tag, "val_loss": val_loss}))
+
+
+def prune(save_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` tags; the `latest` and `best` ones always stay."""
+    tags = sorted((t for t in os.listdir(save_dir) if iteration_of(t) is not None), key=iteration_of)
+    kept = set(tags[-keep:]) | {read_latest(save_dir), (read_best(save_dir) or {}).get("tag")}
+    doomed = [t for t in tags if t not in kept]
+    for t in doomed:
+        shutil.rmtree(os.path.join(save_dir, t), ignore_errors=True)
+    if doomed:
+        log.info(f"--save-total-limit {keep}: removed {', '.join(doomed)}")
+    return doomed
+
+
+def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
+                    load_optim: bool = True, load_rng: bool = True) -> dict | None:
+    """Load the tagged checkpoint into `engine`; returns megaclm's client state, or None if there is
+    nothing to load (no `latest`: a fresh start) or when `finetune` (weights only: progress restarts)."""
+    tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+    if tag is None:
+        log.warning(f"--load {load_dir}: no `latest` checkpoint there; starting from scratch")
+        return None
+    if not is_complete(load_dir, tag):
+        raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "
+                        "while saving - pass an older --ckpt-step or remove it")
+    weights_only = finetune
+    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim and not weights_only,
+                                          load_lr_scheduler_states=False, load_module_only=weights_only)
+    if path is None:
+        raise UserError(f"--load {load_dir}: DeepSpeed could not load {tag}")
+    if (weights_only or not load_optim) and not engine.zero_optimization():
+        # Non-ZeRO mixed-precision optimizers keep fp32 master copies that a module-only load leaves stale.
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+    log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}" + (" (weights only)" if weights_only else ""))
+    if weights_only:
+        return None
+    state = (client or {}).get(CLIENT_KEY)
+    if state is None:
+        raise UserError(f"--load {load_dir}/{tag} has no megaclm state; use --finetune to load its weights only")
+    if load_rng:
+        rng_file = os.path.join(load_dir, tag, "megaclm", "rng", f"rank_{_rank():05d}.pt")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if state.get("world_size") == world and os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning(f"RNG states not restored (saved with world size {state.get('world_size')}, now {world}); "
+                        "the run continues but is not bit-identical to an uninterrupted one")
+    return state

@@ -1,0 +1,85 @@
+"""Per-(tp, pp) fp32 model shards beside the DeepSpeed files, and the full model rebuilt from them.
+
+DeepSpeed's own files hold 16-bit module weights and ZeRO-partitioned fp32 master weights whose
+layout depends on the ZeRO stage and data-parallel size. To make "the full fp32 model of any
+checkpoint" a single call, every save also writes, from data-parallel rank 0 of each model-parallel
+rank, its parameters as fp32 (the optimizer's master copy when there is one) under their module
+names:
+
+    <tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}.pt = {"tensors": {name: fp32 tensor},
+        "tp_rank", "tp_size", "pp_rank", "pp_size", "pipeline": bool}
+
+`load_full_state_dict(ckpt_dir)` maps pipeline names back to GPTModel's (megaclm.model.pipe),
+merges tensor-parallel shards (megaclm.model.sharding) and returns GPTModel's full state dict with
+the padded vocabulary, plus the run's config and meta.json:
+
+    ckpt = load_full_state_dict("runs/x")
+    model = GPTModel(ModelConfig(**ckpt.config["model"]), ckpt.meta["padded_vocab_size"])
+    model.load_state_dict(ckpt.state_dict)
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, NamedTuple
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from megaclm.config.model import ModelConfig
+from megaclm.model.pipe import pipe_to_plain_key
+from megaclm.model.sharding import unshard_state_dicts
+from megaclm.utils.errors import UserError
+from megaclm.utils.fileio import atomic_write
+
+
+def shard_name(tp_rank: int, pp_rank: int) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
+
+
+def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any) -> None:
+    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes."""
+    tensors = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
+        tensors[name] = (param.detach() if full is None else full).float().cpu().clone()
+    if pstate.dp_rank != 0:
+        return
+    os.makedirs(os.path.join(out_dir, "model"), exist_ok=True)
+    payload = {"tensors": tensors, "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,
+               "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size, "pipeline": pstate.pp_size > 1}
+    with atomic_write(os.path.join(out_dir, "model", shard_name(pstate.tp_rank, pstate.pp_rank))) as f:
+        torch.save(payload, f)
+
+
+class FullCheckpoint(NamedTuple):
+    config: dict  # the resolved config tree (MegaclmConfig.to_dict())
+    meta: dict  # megaclm/meta.json: iteration, sizes, padded_vocab_size, ...
+    state_dict: dict[str, torch.Tensor]  # GPTModel keys, full (unsharded) fp32 tensors
+
+
+def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoint:
+    """GPTModel's full fp32 state dict of a checkpoint of any TP/PP layout (default tag: `latest`)."""
+    from megaclm.checkpoint.deepspeed_ckpt import read_latest, read_meta
+
+    tag = tag or read_latest(ckpt_dir)
+    if tag is None:
+        raise UserError(f"{ckpt_dir!r} holds no `latest` checkpoint; pass a --save directory of pretrain_gpt.py")
+    meta = read_meta(ckpt_dir, tag)
+    with open(os.path.join(ckpt_dir, tag, "megaclm", "config.json")) as f:
+        tree = json.load(f)
+    model_cfg = ModelConfig(**tree["model"])
+    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", "model", "tp*_pp*.pt")))
+    shards = [torch.load(p, map_location="cpu", weights_only=False) for p in files]
+    tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
+    if len(shards) != tp * pp:
+        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {len(shards)} model shards, expected "
+                        f"tp {tp} x pp {pp}; it is incomplete")
+    per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for shard in shards:
+        for name, tensor in shard["tensors"].items():
+            key = pipe_to_plain_key(name, model_cfg) if shard["pipeline"] else name
+            # A tied embedding lives on the first and the last stage; both copies are equal.
+            per_tp[shard["tp_rank"]].setdefault(key, tensor)
+    return FullCheckpoint(tree, meta, unshard_state_dicts(per_tp, model_cfg))

@@ -1,0 +1,133 @@
+"""Cross-section checks, run once at start-up before any process group, model or dataset exists.
+
+Each check raises one UserError naming the fields involved and what to change. Checks whose
+sections a tool did not load (parse_args(sections=...)) are skipped. The per-section checks live
+in each section's __post_init__; the model-vs-parallel shape checks in config.model.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from megaclm.config.data import parse_blend
+from megaclm.config.derived import Derived
+from megaclm.config.model import check_parallel_shapes
+from megaclm.utils.errors import UserError
+
+
+def _model_parallel(cfg: Any) -> None:
+    check_parallel_shapes(cfg.model, cfg.parallel)
+
+
+def _pipeline_zero(cfg: Any) -> None:
+    pp, stage = cfg.parallel.pipeline_model_parallel_size, cfg.training.zero_stage
+    if pp > 1 and stage >= 2:
+        raise UserError(f"parallel.pipeline_model_parallel_size={pp} needs training.zero_stage 0 or 1, got {stage}: "
+                        "DeepSpeed's pipeline engine cannot partition gradients or parameters; "
+                        "pass --zero-stage 1 (or --pipeline-model-parallel-size 1 to use ZeRO-2/3)")
+
+
+def _seq_length(cfg: Any) -> None:
+    seq, maxpos = cfg.data.seq_length, cfg.model.max_position_embeddings
+    if seq > maxpos:
+        raise UserError(f"data.seq_length={seq} is larger than model.max_position_embeddings={maxpos}; "
+                        f"pass --max-position-embeddings {seq} (or more) or a shorter --seq-length")
+
+
+def _shared_fields(cfg: Any) -> None:
+    a, b = cfg.model.make_vocab_size_divisible_by, cfg.tokenizer.make_vocab_size_divisible_by
+    if a != b:
+        raise UserError(f"model.make_vocab_size_divisible_by={a} differs from tokenizer.make_vocab_size_divisible_by={b}; "
+                        "set both to one value (the flag --make-vocab-size-divisible-by sets both)")
+
+
+def _data_paths(cfg: Any) -> None:
+    d = cfg.data
+    if not (d.data_path or d.data_path_file or d.train_data_path):
+        raise UserError("data.data_path is empty: pass --data-path PREFIX (the output prefix of "
+                        "tools/preprocess_data.py, e.g. data/corpus_text_document), or --train-data-path")
+    if d.data_path_file is not None and not os.path.isfile(d.data_path_file):
+        raise UserError(f"data.data_path_file={d.data_path_file!r} does not exist")
+    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        if not getattr(d, name):
+            continue
+        for prefix in parse_blend(getattr(d, name), f"data.{name}")[1]:
+            missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise UserError(f"data.{name}: {' and '.join(missing)} not found; pass the prefix written by "
+                                "tools/preprocess_data.py (without .bin/.idx)")
+
+
+def _tokenizer(cfg: Any) -> None:
+    if cfg.tokenizer.tokenizer_type is None:
+        raise UserError("tokenizer.tokenizer_type is not set; pass --tokenizer-type (e.g. GPT2BPETokenizer "
+                        "with --vocab-file and --merge-file)")
+    for name in ("vocab_file", "merge_file", "tokenizer_model"):
+        path = getattr(cfg.tokenizer, name)
+        if path is not None and not os.path.exists(path):
+            raise UserError(f"tokenizer.{name}={path!r} does not exist; pass the right --{name.replace('_', '-')}")
+
+
+def _run_length(cfg: Any) -> None:
+    t = cfg.training
+    if t.train_iters is None and t.train_samples is None and t.train_tokens is None:
+        raise UserError("the training length is not set: pass --train-iters, --train-samples or --train-tokens")
+
+
+def _schedule(cfg: Any, derived: Derived | None) -> None:
+    s = cfg.scheduler
+    by_tokens = any(v is not None for v in (s.lr_warmup_tokens, s.lr_decay_tokens, s.lr_wsd_decay_tokens))
+    if by_tokens and (s.lr_warmup_iters or s.lr_decay_iters is not None or s.lr_wsd_decay_iters is not None):
+        raise UserError("scheduler: warmup/decay lengths mix iterations and tokens; give them all in tokens "
+                        "(--lr-warmup-tokens, --lr-decay-tokens, --lr-wsd-decay-tokens) or all in iterations")
+    if derived is None or derived.train_iters is None:
+        return
+    if by_tokens:
+        decay = s.lr_decay_tokens or cfg.training.train_tokens or derived.train_iters * derived.tokens_per_step
+        warmup, wsd, unit = s.lr_warmup_tokens or 0, s.lr_wsd_decay_tokens, "tokens"
+    else:
+        decay = s.lr_decay_iters or derived.train_iters
+        warmup, wsd, unit = s.lr_warmup_iters, s.lr_wsd_decay_iters, "iters"
+    if s.lr_decay_style in ("linear", "cosine", "WSD") and warmup > decay:
+        raise UserError(f"scheduler.lr_warmup_{unit}={warmup} is longer than the decay length {decay} {unit}; "
+                        f"shorten the warmup or lengthen --lr-decay-{unit}")
+    if s.lr_decay_style == "WSD" and wsd is not None and wsd > decay - warmup:
+        raise UserError(f"scheduler.lr_wsd_decay_{unit}={wsd} does not fit after the warmup ({warmup}) within "
+                        f"the decay length {decay} {unit}")
+
+
+def _checkpointing(cfg: Any) -> None:
+    c = cfg.checkpoint
+    if c.save_best and cfg.training.eval_iters == 0:
+        raise UserError("checkpoint.save_best needs validation: set training.eval_iters > 0 (--eval-iters)")
+
+
+def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, source: str) -> None:
+    """The model's (padded) embedding must hold every token id the tokenizer produces."""
+    if tokenizer_vocab_size > model_vocab_size:
+        raise UserError(f"the tokenizer's vocabulary ({tokenizer_vocab_size} tokens) is larger than the model's "
+                        f"({model_vocab_size}, from {source}); use the tokenizer the model was trained with")
+
+
+# (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
+CHECKS = [
+    (_model_parallel, {"model", "parallel"}),
+    (_pipeline_zero, {"parallel", "training"}),
+    (_seq_length, {"data", "model"}),
+    (_shared_fields, {"model", "tokenizer"}),
+    (_tokenizer, {"tokenizer"}),
+    (_data_paths, {"data"}),
+    (_run_length, {"training"}),
+    (_checkpointing, {"checkpoint", "training"}),
+]
+
+
+def validate(cfg: Any, derived: Derived | None, sections: set[str] | None = None) -> None:
+    """Run every cross-section check whose sections are present; raise the first UserError."""
+    have = set(sections) if sections is not None else {"model", "parallel", "kernels", "data", "tokenizer", "optimizer",
+                                                          "scheduler", "training", "checkpoint", "logging"}
+    for check, needs in CHECKS:
+        if needs <= have:
+            check(cfg)
+    if {"scheduler", "training"} <= have:
+        _schedule(cfg, derived)

@@ -1,0 +1,284 @@
+"""The preprocessing pipeline: input files -> token ids -> one MMIDIDX dataset per JSON key.
+
+    main process:  iter_chunks (raw ~1 MiB slices, cut at line ends)  ->  bounded window of
+                   at most 2 x workers chunks in flight  ->  results taken back IN INPUT ORDER
+                   ->  IndexedDatasetBuilder per key (streaming; finalized atomically)
+    workers:       parse_chunk (UTF-8, JSON, keys)  ->  tokenizer.tokenize_batch  ->  numpy arrays
+
+Memory is bounded by the window whatever the input size, and the output does not depend on the
+number of workers. `--partitions P` runs P such pipelines side by side on contiguous groups of
+input files and concatenates their datasets in order (Megatron's partitions, same output).
+
+This module takes the tokenizer as a picklable zero-argument factory (data never imports
+megaclm.tokenizer); it only needs `tokenize_batch`, `vocab_size` and `eod` from it.
+"""
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import traceback
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from megaclm.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from megaclm.data.readers import Chunk, file_format, iter_chunks, parse_chunk
+from megaclm.utils.errors import UserError
+
+EMPTY_DOC_RULE = (
+    "A document whose text tokenizes to nothing is skipped (counted as 'empty' in the summary); "
+    "with --append-eod it is kept as the single token eod."
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    keys: tuple[str, ...] = ("text",)
+    append_eod: bool = False
+    skip_bad_lines: bool = False
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass
+class KeyStats:
+    documents: int = 0  # written to the dataset
+    tokens: int = 0
+    empty: int = 0  # skipped because they tokenized to nothing
+
+
+@dataclass
+class Stats:
+    documents: int = 0  # read from the input (good lines / rows / files)
+    bad_lines: int = 0  # skipped by --skip-bad-lines
+    bytes: int = 0  # input bytes (uncompressed)
+    keys: dict[str, KeyStats] = field(default_factory=dict)
+
+    def add(self, other: "Stats") -> None:
+        self.documents += other.documents
+        self.bad_lines += other.bad_lines
+        self.bytes += other.bytes
+        for k, s in other.keys.items():
+            mine = self.keys.setdefault(k, KeyStats())
+            mine.documents += s.documents
+            mine.tokens += s.tokens
+            mine.empty += s.empty
+
+
+@dataclass
+class Encoded:
+    """One chunk's output: per key, the concatenated ids and each document's length."""
+
+    tokens: list[np.ndarray]
+    lengths: list[np.ndarray]
+    empty: list[int]
+    documents: int
+    bad_lines: int
+    nbytes: int
+
+
+def encode_chunk(chunk: Chunk, tokenizer: Any, opts: Options, dtype: type) -> Encoded:
+    texts, bad = parse_chunk(chunk, list(opts.keys), opts.skip_bad_lines)
+    eod = tokenizer.eod if opts.append_eod else None
+    tokens, lengths, empty = [], [], []
+    for col in texts:
+        ids = tokenizer.tokenize_batch(col) if col else []
+        n_empty = 0
+        if eod is not None:
+            for x in ids:
+                x.append(eod)  # an empty document becomes [eod]: see EMPTY_DOC_RULE
+        else:
+            n_empty = sum(1 for x in ids if not x)
+            if n_empty:
+                ids = [x for x in ids if x]
+        lens = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        total = int(lens.sum(dtype=np.int64))
+        tokens.append(np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total))
+        lengths.append(lens)
+        empty.append(n_empty)
+    return Encoded(tokens, lengths, empty, len(texts[0]) if texts else 0, bad, len(chunk.data) or chunk.nbytes)
+
+
+# Per-process state of a pool worker, set once by its initializer (the executor API offers no
+# other place to keep a tokenizer between tasks).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(make_tokenizer: Callable[[], Any], opts: Options, dtype: type) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One thread per worker: the workers are the parallelism (HF tokenizers reads these lazily).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    tok = make_tokenizer()
+    tok.num_threads = 1
+    _WORKER.update(tokenizer=tok, opts=opts, dtype=dtype)
+
+
+def _encode_in_worker(chunk: Chunk) -> Encoded:
+    return encode_chunk(chunk, _WORKER["tokenizer"], _WORKER["opts"], _WORKER["dtype"])
+
+
+@contextlib.contextmanager
+def _encoded_in_order(chunks: Iterator[Chunk], make_tokenizer, tokenizer, opts, dtype, workers) -> Iterator[Iterator[Encoded]]:
+    """Encoded chunks in input order; at most 2 x workers chunks exist at once."""
+    if workers <= 1:
+        yield (encode_chunk(c, tokenizer, opts, dtype) for c in chunks)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"),
+                               initializer=_init_worker, initargs=(make_tokenizer, opts, dtype))
+
+    def ordered() -> Iterator[Encoded]:
+        window: deque = deque()
+        for c in chunks:
+            window.append(pool.submit(_encode_in_worker, c))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    try:
+        yield ordered()
+    except BrokenProcessPool as e:
+        raise RuntimeError("a preprocessing worker died (out of memory? killed?); see the messages above") from e
+    finally:
+        # Drop queued chunks; running ones finish (each is ~1 MiB, well under a second).
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def preprocess(
+    files: list[str],
+    prefixes: dict[str, str],
+    make_tokenizer: Callable[[], Any],
+    opts: Options,
+    workers: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Stats:
+    """Tokenize `files` into one dataset per key at `prefixes[key]`; returns the counts.
+
+    Nothing appears under the final names unless every dataset is complete.
+    """
+    if len(opts.keys) > 1 and any(file_format(f)[0] == "txt" for f in files):
+        raise UserError("a .txt input is one document with no keys; use a single --json-keys with .txt files")
+    tokenizer = make_tokenizer()
+    dtype = optimal_dtype(tokenizer.vocab_size)
+    if opts.append_eod:
+        tokenizer.eod  # noqa: B018 - fail now, not in a worker, when the tokenizer has no eod
+    stats = Stats(keys={k: KeyStats() for k in opts.keys})
+    chunks = (c for f in files for c in iter_chunks(f, list(opts.keys), opts.chunk_bytes))
+    with contextlib.ExitStack() as stack:
+        builders = [stack.enter_context(IndexedDatasetBuilder(prefixes[k], dtype)) for k in opts.keys]
+        encoded = stack.enter_context(_encoded_in_order(chunks, make_tokenizer, tokenizer, opts, dtype, workers))
+        for r in encoded:
+            for k, b, toks, lens, n_empty in zip(opts.keys, builders, r.tokens, r.lengths, r.empty):
+                b.add_documents(toks, lens)
+                s = stats.keys[k]
+                s.documents += len(lens)
+                s.tokens += toks.size
+                s.empty += n_empty
+            stats.documents += r.documents
+            stats.bad_lines += r.bad_lines
+            stats.bytes += r.nbytes
+            if on_progress:
+                on_progress(r.documents, r.nbytes)
+        for b in builders:
+            b.finalize()
+    return stats
+
+
+def split_files(files: list[str], parts: int) -> list[list[str]]:
+    """Up to `parts` contiguous, non-empty groups of about equal total size (order kept)."""
+    sizes = [max(1, os.path.getsize(f)) for f in files]
+    target = sum(sizes) / max(1, min(parts, len(files)))
+    groups: list[list[str]] = [[]]
+    acc = 0.0
+    for i, (f, s) in enumerate(zip(files, sizes)):
+        files_left, groups_left = len(files) - i, parts - len(groups)
+        if groups[-1] and groups_left > 0 and (acc >= target * len(groups) or files_left <= groups_left):
+            groups.append([])
+        groups[-1].append(f)
+        acc += s
+    return groups
+
+
+def _partition_main(index: int, files, prefixes, make_tokenizer, opts, workers, q) -> None:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt -> abort
+    try:
+        stats = preprocess(files, prefixes, make_tokenizer, opts, workers,
+                           on_progress=lambda docs, nbytes: q.put(("progress", docs, nbytes)))
+        q.put(("done", index, stats))
+    except UserError as e:
+        q.put(("error", index, str(e), True))
+    except KeyboardInterrupt:
+        pass
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        q.put(("error", index, traceback.format_exc(), False))
+
+
+def preprocess_partitioned(
+    files: list[str],
+    prefixes: dict[str, str],
+    make_tokenizer: Callable[[], Any],
+    opts: Options,
+    workers: int = 1,
+    partitions: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Stats:
+    """`preprocess` over `partitions` groups of files in parallel, then merged in input order."""
+    groups = split_files(files, partitions)
+    if len(groups) <= 1:
+        return preprocess(files, prefixes, make_tokenizer, opts, workers, on_progress)
+    tokenizer = make_tokenizer()  # validate here, not P times in children
+    dtype = optimal_dtype(tokenizer.vocab_size)
+    out_dir = os.path.dirname(os.path.abspath(next(iter(prefixes.values()))))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output directory {out_dir} does not exist; create it or change --output-prefix")
+    tmp = tempfile.mkdtemp(prefix=".megaclm-partitions-", dir=out_dir)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    part_prefixes = [{k: os.path.join(tmp, f"part{i}_{k}") for k in opts.keys} for i in range(len(groups))]
+    procs = [
+        ctx.Process(target=_partition_main, args=(i, g, part_prefixes[i], make_tokenizer, opts, max(1, workers // len(groups)), q))
+        for i, g in enumerate(groups)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        stats = Stats(keys={k: KeyStats() for k in opts.keys})
+        done = 0
+        while done < len(procs):
+            try:
+                msg = q.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a preprocessing partition died with exit code {dead[0]}") from None
+                continue
+            if msg[0] == "progress" and on_progress:
+                on_progress(msg[1], msg[2])
+            elif msg[0] == "done":
+                stats.add(msg[2])
+                done += 1
+            elif msg[0] == "error":
+                raise UserError(msg[2]) if msg[3] else RuntimeError(f"partition {msg[1]} failed:\n{msg[2]}")
+        for p in procs:
+            p.join()
+        for k in opts.keys:
+            with IndexedDatasetBuilder(prefixes[k], dtype) as b:
+                for pp in part_prefixes:
+                    b.add_index(pp[k])
+                b.finalize()
+        return stats
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        shutil.rmtree(tmp, ignore_errors=True)

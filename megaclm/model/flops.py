@@ -1,0 +1,378 @@
+"""Parameter count, FLOPs per token (for MFU) and a per-GPU memory estimate, from a ModelConfig.
+
+Parameters (exact, Megatron's layer layout: fused QKV and fused gate/up projections)
+    per layer   QKV  h*(a+2g)*d [+ (a+2g)*d bias]      out proj (a*d)*h [+ h]
+                MLP  h*f*k [+ f*k] + f*h [+ h]          (k = 2 for SwiGLU's gate+up, else 1)
+                two norms, h each [+ h bias for LayerNorm]
+    model       word embeddings V*h (V = the padded vocabulary), learned positions P*h, final norm,
+                and an output layer V*h only when untied.
+
+FLOPs per token (PaLM appendix B; Narayanan et al. 2021 "Efficient Large-Scale Language Model
+Training on GPU Clusters", eq. 3 without the recompute factor):
+        6 * N  +  12 * L * (a*d) * T
+    N is Megatron's count: every parameter that takes part in a matmul, i.e. all parameters except
+    the input-embedding lookup (word and position tables). The output layer's V*h always counts,
+    so a tied model's N is its total minus the position table; an untied one also drops its input
+    embedding. The second term is attention's QK^T and AV (2 matmuls * 2 FLOPs * T*a*d forward, x3 for
+    forward+backward) at the full (not causally halved) sequence T. `mfu()` divides by the peak.
+
+Memory per GPU (bytes), for DeepSpeed's ZeRO optimizers as they allocate in 0.19
+(runtime/zero/stage_1_and_2.py, stage3.py, fp16/fused_optimizer.py). P = parameters on one GPU
+(its pipeline stage, one tensor-parallel shard), N = data-parallel size, lp = 2 (bf16/fp16) or 4:
+                        ZeRO-0            ZeRO-1        ZeRO-2        ZeRO-3
+    weights             lp*P              lp*P          lp*P          lp*P/N
+    gradients           lp*P              lp*P          lp*P/N        lp*P/N
+    fp32 gradients      4P (mixed only)   4P/N          4P/N          4P/N   (made at the step)
+    fp32 master         4P (mixed only)   4P/N          4P/N          4P/N
+    Adam moments        8P                8P/N          8P/N          8P/N
+    gathered layer      -                 -             -             2*lp*largest module
+  ZeRO-2 with bf16 is 2P + 18P/N, exactly DeepSpeed's estimate_zero2_model_states_mem_needs. For
+  ZeRO-3 DeepSpeed's estimator gives 4*largest + 18P/N: it leaves out the 16-bit parameter partition
+  (2P/N) that its own offload branch counts, so this estimate is 2P/N above it. ZeRO-3 gathers one
+  whole module (16-bit weights + gradients) at a time: "2*lp*largest module", DeepSpeed's term.
+  CPU offload moves the fp32 gradients, master weights and moments to the CPU; ZeRO-2 then keeps no
+  16-bit gradients on the GPU (they are copied out bucket by bucket), ZeRO-3 keeps its gradient
+  partition in pinned CPU memory, and offload_param moves the 16-bit partition there too.
+
+Activations per layer and micro batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in
+Large Transformer Models", section 4), generalised to GQA, SwiGLU and any FFN size; e = bytes per
+activation element, t = tensor-parallel size, masks take one byte:
+    kept whole on each TP rank (split by t only with sequence parallelism):
+        2 norm inputs + QKV input + MLP input: 4*s*b*h*e;  2 dropout masks: 2*s*b*h (if hidden_dropout)
+    split by t:
+        Q, K, V: s*b*(a+2g)*d*e;  attention output (out-proj input): s*b*a*d*e
+        MLP: GeLU keeps its input and output, 2*s*b*f*e; SwiGLU keeps gate+up and their product, 3*s*b*f*e
+        attention core: SDPA flash/cuDNN keeps only the fp32 log-sum-exp, 4*a*s*b; materialised scores
+            keep softmax 2*a*s^2*b [+ mask a*s^2*b + dropout output 2*a*s^2*b with attention_dropout]
+  For GPT with dropout, materialised scores and e=2 this is the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)).
+  The first stage also keeps the embedding dropout mask (s*b*h), the last the final norm's input and
+  output (2*s*b*h*e) and what the cross-entropy saves: the fp32 logits (4*s*b*V/t), or with tp=1
+  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b). Activation checkpointing keeps only
+  each chunk's input (s*b*h*e per `checkpoint_num_layers` layers) and recomputes one chunk at a time.
+  Under DeepSpeed's 1F1B pipeline schedule stage i holds min(pp - i, accumulation steps) micro batches.
+Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
+CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megaclm.config.model import ModelConfig
+from megaclm.utils.errors import UserError
+
+GiB = 2 ** 30
+# Dense bf16 tensor-core peak of one H100 SXM, the MFU denominator of issue 9.
+H100_BF16_PEAK_FLOPS = 989.4e12
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Exact parameter counts of a GPTModel (unsharded); `vocab_size` is the padded vocabulary."""
+
+    word_embeddings: int
+    position_embeddings: int
+    layer: int  # one transformer layer
+    num_layers: int
+    final_norm: int
+    output_layer: int  # the untied LM head; 0 when tied to the word embeddings
+
+    @property
+    def layers(self) -> int:
+        return self.layer * self.num_layers
+
+    @property
+    def total(self) -> int:
+        return (self.word_embeddings + self.position_embeddings + self.layers + self.final_norm
+                + self.output_layer)
+
+    @property
+    def non_embedding(self) -> int:
+        """Transformer layers and final norm: no embedding table, no LM head."""
+        return self.layers + self.final_norm
+
+    @property
+    def flops_params(self) -> int:
+        """Megatron's N for 6N: everything in a matmul, so the LM head (V*h) but no embedding lookup."""
+        return self.non_embedding + self.word_embeddings
+
+
+@dataclass(frozen=True)
+class _LayerShapes:
+    """One layer's parameters by module: (sharded over TP, replicated) element counts."""
+
+    qkv: tuple[int, int]
+    proj: tuple[int, int]
+    fc1: tuple[int, int]
+    fc2: tuple[int, int]
+    norms: tuple[int, int]
+
+    def on_rank(self, tp: int) -> int:
+        return sum(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, self.norms))
+
+    def largest_module(self, tp: int) -> int:
+        """Largest single module on one TP rank (what ZeRO-3 gathers at once; a norm is its own module)."""
+        return max(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, (0, self.norms[1] // 2)))
+
+
+def _norm_params(model: ModelConfig) -> int:
+    return model.hidden_size * (2 if model.normalization == "LayerNorm" else 1)
+
+
+def _layer_shapes(model: ModelConfig) -> _LayerShapes:
+    h, d, f = model.hidden_size, model.head_dim, model.ffn_size
+    qkv_out = (model.num_attention_heads + 2 * model.num_kv_heads) * d
+    bias = model.add_bias_linear
+    fc1_out = f * (2 if model.swiglu else 1)
+    return _LayerShapes(
+        qkv=(h * qkv_out + (qkv_out if model.qkv_bias else 0), 0),
+        # Row-parallel layers shard the weight; their bias is added after the reduce, so replicated.
+        proj=(model.num_attention_heads * d * h, h if bias else 0),
+        fc1=(h * fc1_out + (fc1_out if bias else 0), 0),
+        fc2=(f * h, h if bias else 0),
+        norms=(0, 2 * _norm_params(model)),
+    )
+
+
+def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
+    """Parameters of the model with a `vocab_size`-row embedding (pass the padded size)."""
+    if vocab_size < 1:
+        raise UserError(f"vocab_size={vocab_size} must be >= 1; pass the (padded) vocabulary size")
+    h = model.hidden_size
+    learned = model.position_embedding_type == "learned_absolute"
+    return ParamCount(
+        word_embeddings=vocab_size * h,
+        position_embeddings=model.max_position_embeddings * h if learned else 0,
+        layer=_layer_shapes(model).on_rank(1),
+        num_layers=model.num_layers,
+        final_norm=_norm_params(model),
+        output_layer=vocab_size * h if model.untie_embeddings_and_output_weights else 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_token(model: ModelConfig, vocab_size: int, seq_length: int) -> float:
+    """Training FLOPs per token, forward + backward: 6*N + 12*L*(a*d)*T (see the module docstring)."""
+    if seq_length < 1:
+        raise UserError(f"seq_length={seq_length} must be >= 1")
+    n = count_parameters(model, vocab_size).flops_params
+    attn_width = model.num_attention_heads * model.head_dim
+    return 6.0 * n + 12.0 * model.num_layers * attn_width * seq_length
+
+
+def mfu(tokens_per_second: float, flops_per_tok: float, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device peak (per device)."""
+    return tokens_per_second * flops_per_tok / peak_flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class MemorySetup:
+    """How the model is trained: what the memory estimate depends on besides the model's shape."""
+
+    seq_length: int
+    micro_batch_size: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    data_parallel: int = 1
+    zero_stage: int = 1
+    precision: str = "bf16"
+    sequence_parallel: bool = False
+    grad_accum_steps: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    flash_attention: bool = True  # SDPA's fused kernels (GPU); False: materialised attention scores
+
+    def __post_init__(self):
+        for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
+                     "data_parallel", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.pipeline_parallel > 1 and self.zero_stage > 1:
+            raise UserError(f"zero_stage={self.zero_stage} with pipeline_parallel={self.pipeline_parallel}: "
+                            "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; use --zero-stage 1")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise UserError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise UserError(f"offload_param needs zero_stage=3, got {self.zero_stage}")
+
+    @property
+    def activation_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+
+# Rows of the memory table, in order. Everything but "activations" is what DeepSpeed calls model states.
+MODEL_STATE_ROWS = ("weights", "gradients", "fp32 gradients", "fp32 master weights", "Adam moments",
+                    "gathered layer")
+ROWS = MODEL_STATE_ROWS + ("activations",)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU (and per GPU's share of CPU memory) on the pipeline stage that needs the most."""
+
+    stage: int
+    params: int  # parameters on one GPU of that stage: one TP shard, before ZeRO partitioning
+    largest_module: int  # largest single module on one TP rank (ZeRO-3 gathers it whole)
+    gpu: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gpu_model_states(self) -> float:
+        return sum(self.gpu[r] for r in MODEL_STATE_ROWS)
+
+    @property
+    def gpu_total(self) -> float:
+        return sum(self.gpu.values())
+
+    @property
+    def cpu_total(self) -> float:
+        return sum(self.cpu.values())
+
+    def table(self) -> str:
+        lines = [f"{'':22s}{'GPU GiB':>10s}{'CPU GiB':>10s}"]
+        for row in ROWS:
+            lines.append(f"{row:22s}{self.gpu[row] / GiB:10.2f}{self.cpu[row] / GiB:10.2f}")
+        lines.append(f"{'total':22s}{self.gpu_total / GiB:10.2f}{self.cpu_total / GiB:10.2f}")
+        return "\n".join(lines)
+
+
+def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
+    """Bytes one transformer layer keeps for backward, per micro batch, on one TP rank (no recompute)."""
+    s, b, h, e = setup.seq_length, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
+    t = setup.tensor_parallel
+    a, d, f = model.num_attention_heads, model.head_dim, model.ffn_size
+    sbh = s * b * h
+    whole = 4 * sbh * e + (2 * sbh if model.hidden_dropout > 0 else 0)
+    split = s * b * (a + 2 * model.num_kv_heads) * d * e + s * b * a * d * e
+    split += (3 if model.swiglu else 2) * s * b * f * e
+    if setup.flash_attention:
+        split += 4 * a * s * b
+    else:
+        split += 2 * a * s * s * b + (3 * a * s * s * b if model.attention_dropout > 0 else 0)
+    return whole / (t if setup.sequence_parallel else 1) + split / t
+
+
+def _stage_layers(num_layers: int, stages: int) -> list[int]:
+    """Transformer layers per stage, as even as possible (earlier stages take the remainder)."""
+    if num_layers < stages:
+        raise UserError(f"num_layers={num_layers} cannot be split across pipeline_parallel={stages} stages; "
+                        "every stage needs at least one layer")
+    q, r = divmod(num_layers, stages)
+    return [q + (i < r) for i in range(stages)]
+
+
+def _stage_model_states(p: float, largest: int, setup: MemorySetup) -> tuple[dict, dict]:
+    """(gpu, cpu) bytes of weights, gradients and optimizer states for `p` parameters on one GPU."""
+    z, n = setup.zero_stage, setup.data_parallel
+    mixed = setup.precision != "fp32"
+    lp = 2 if mixed else 4
+    shard = p / n
+    weights = lp * shard if z == 3 else lp * p
+    grads = lp * (shard if z >= 2 else p)
+    if z == 0:
+        states = {"fp32 gradients": 4 * p if mixed else 0, "fp32 master weights": 4 * p if mixed else 0,
+                  "Adam moments": 8 * p}
+    else:  # ZeRO keeps its own fp32 partition (a copy even in fp32) and makes fp32 grads at the step
+        states = {"fp32 gradients": 4 * shard, "fp32 master weights": 4 * shard, "Adam moments": 8 * shard}
+    gpu = {"weights": weights, "gradients": grads, **states,
+           # ZeRO-3 all-gathers one whole module's 16-bit weights (and its gradients) at a time.
+           "gathered layer": 2 * lp * largest if z == 3 else 0.0}
+    cpu = dict.fromkeys(gpu, 0.0)
+    if setup.offload_optimizer:
+        for row in states:
+            cpu[row], gpu[row] = gpu[row], 0.0
+        if z == 2:  # reduced straight into the CPU fp32 gradients, bucket by bucket
+            gpu["gradients"] = 0.0
+        elif z == 3:  # the gradient partition lives in pinned CPU memory
+            cpu["gradients"], gpu["gradients"] = gpu["gradients"], 0.0
+    if setup.offload_param:
+        cpu["weights"], gpu["weights"] = gpu["weights"], 0.0
+    return gpu, cpu
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters one GPU of a pipeline stage holds (one tensor-parallel shard, before ZeRO)."""
+
+    layers: int  # transformer layers on the stage
+    params: int
+    largest_module: int  # the largest single module (ZeRO-3 gathers it whole)
+
+
+def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int = 1,
+                     pipeline_parallel: int = 1) -> list[StageParams]:
+    """Per pipeline stage: the first holds the embeddings, the last the final norm and the output
+    layer (a tied model's last stage keeps its own copy of the word embeddings, as DeepSpeed's
+    TiedLayerSpec does); layers are spread evenly."""
+    t = tensor_parallel
+    for name, n in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", model.num_kv_heads),
+                    ("ffn_hidden_size", model.ffn_size), ("vocab_size", vocab_size)):
+        if n % t:
+            raise UserError(f"model.{name}={n} is not divisible by tensor_parallel={t}; "
+                            "choose a tensor-parallel size that divides it")
+    count = count_parameters(model, vocab_size)
+    shapes = _layer_shapes(model)
+    emb_rank = count.word_embeddings // t
+    stages = []
+    for i, n_layers in enumerate(_stage_layers(model.num_layers, pipeline_parallel)):
+        first, last = i == 0, i == pipeline_parallel - 1
+        params, largest = n_layers * shapes.on_rank(t), shapes.largest_module(t)
+        if first:
+            params += emb_rank + count.position_embeddings
+            largest = max(largest, emb_rank, count.position_embeddings)
+        if last:
+            params += count.final_norm
+            if count.output_layer or not first:  # an untied head, or the tied copy on the last stage
+                params += emb_rank
+                largest = max(largest, emb_rank)
+        stages.append(StageParams(layers=n_layers, params=params, largest_module=largest))
+    return stages
+
+
+def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> MemoryEstimate:
+    """Per-GPU memory of training `model` (padded vocabulary `vocab_size`) as `setup` says.
+
+    Returns the pipeline stage with the largest GPU total; activation checkpointing follows
+    model.checkpoint_activations / model.checkpoint_num_layers.
+    """
+    t, pp = setup.tensor_parallel, setup.pipeline_parallel
+    stages = stage_parameters(model, vocab_size, t, pp)
+    s, b, h, e = setup.seq_length, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
+    sp = t if setup.sequence_parallel else 1
+    per_layer = layer_activation_bytes(model, setup)
+    best = None
+    for i, stage in enumerate(stages):
+        first, last = i == 0, i == pp - 1
+        gpu, cpu = _stage_model_states(stage.params, stage.largest_module, setup)
+        in_flight = min(pp - i, setup.grad_accum_steps)
+        if model.checkpoint_activations:
+            k = min(model.checkpoint_num_layers, stage.layers)
+            chunks = -(-stage.layers // k)
+            act = in_flight * chunks * s * b * h * e / sp + k * per_layer
+        else:
+            act = in_flight * stage.layers * per_layer
+        if first and model.hidden_dropout > 0:
+            act += in_flight * s * b * h / sp
+        if last:  # final norm input and output-layer input, then what the cross-entropy keeps:
+            # GPTModel's fused linear cross-entropy (tp=1) only the fp32 log-sum-exp; else fp32 logits.
+            act += 2 * s * b * h * e / sp + (4 * s * b if t == 1 else 4 * s * b * vocab_size / t)
+        gpu["activations"], cpu["activations"] = act, 0.0
+        est = MemoryEstimate(stage=i, params=stage.params, largest_module=stage.largest_module, gpu=gpu, cpu=cpu)
+        if best is None or est.gpu_total > best.gpu_total:
+            best = est
+    return best

@@ -1,0 +1,248 @@
+"""The GPT family (GPT-2/3, Llama, Mistral, Qwen2) as one pre-norm decoder, written as single-device code.
+
+Parallelism lives in the layers it is built from (megaclm.parallel): with a ParallelState of tensor-
+parallel size tp, the Linear/Embedding layers hold 1/tp of their weight and communicate inside; the
+code here only sees local head counts. Shapes: B batch, T sequence, H hidden, nh/nkv query/key-value
+heads on this rank, hd head dim, V padded vocabulary, S = T/tp under sequence parallelism else T.
+
+State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.model.sharding):
+    embedding.word_embeddings.weight            (V, H)                  tp: dim 0
+    embedding.position_embeddings.weight        (max_pos, H)            learned_absolute only
+    layers.{i}.input_norm.weight / .bias        (H,)                    bias with LayerNorm only
+    layers.{i}.attention.qkv.weight             ((nh + 2 nkv) hd, H)    rows [q heads; k heads; v heads], tp: each block dim 0
+    layers.{i}.attention.qkv.bias               ((nh + 2 nkv) hd,)      add_bias_linear or add_qkv_bias
+    layers.{i}.attention.proj.weight / .bias    (H, nh hd) / (H,)       tp: weight dim 1
+    layers.{i}.post_attention_norm.weight / .bias (H,)
+    layers.{i}.mlp.fc1.weight / .bias           (F, H), SwiGLU (2F, H) rows [gate; up]   tp: each block dim 0
+    layers.{i}.mlp.fc2.weight / .bias           (H, F) / (H,)           tp: weight dim 1
+    final_norm.weight / .bias                   (H,)
+    output_layer.weight                         (V, H)                  untied only, tp: dim 0
+Within q/k/v rows, head j occupies rows [j hd, (j+1) hd); query head j attends with key/value head
+j // (nh / nkv). RoPE pairs dims (i, i + rot/2) of each head (rotate-half layout, as HF Llama).
+"""
+import math
+
+import deepspeed
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megaclm.config.kernels import KernelsConfig
+from megaclm.config.model import ModelConfig, check_parallel_shapes
+from megaclm.config.parallel import ParallelConfig
+from megaclm.model.positions import alibi_slopes, attention_bias, rope_inv_freq
+from megaclm.ops import Ops, build_ops
+from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaclm.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                     column_parallel_linear, normal_init, scaled_normal_init,
+                                     sequence_parallel_grad_hook, tp_group, tp_info)
+from megaclm.parallel.mappings import scatter_to_sp
+from megaclm.parallel.random import tp_rng_fork
+from megaclm.parallel.state import ParallelState
+
+
+def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Dropout on the residual stream. Replicated across TP ranks it must match there (default stream);
+    under SP each rank holds different tokens, so it draws from the per-rank model-parallel stream."""
+    with tp_rng_fork(sequence_parallel and dropout.training and dropout.p > 0):
+        return dropout(x)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm; `forward(x, residual)` returns (norm(x + residual), x + residual)."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops):
+        super().__init__()
+        self.rms, self.eps, self.ops = config.normalization == "RMSNorm", config.norm_epsilon, ops
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(config.hidden_size))
+        for p in self.parameters():  # under SP each rank normalises only its sequence chunk
+            sequence_parallel_grad_hook(p, pstate)
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps) if self.rms else \
+                self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+        if self.rms:
+            return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class Embedding(nn.Module):
+    """(B, T) ids -> (B, S, H): word (+ learned position) embeddings, dropout; scattered along T under SP."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState | None):
+        super().__init__()
+        self.pstate = pstate
+        _, _, self.sp = tp_info(pstate)
+        init = normal_init(config.init_method_std)
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, pstate, init_method=init)
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            init(self.position_embeddings.weight)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids, position_ids):
+        x = self.word_embeddings(input_ids)  # (B, T, H), summed over the vocab shards
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        if self.sp:
+            x = scatter_to_sp(x, tp_group(self.pstate))  # (B, T/tp, H)
+        return sp_dropout(self.dropout, x, self.sp)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig):
+        super().__init__()
+        tp, tp_rank, _ = tp_info(pstate)
+        self.tp, self.ops, self.unfused = tp, ops, kernels.attention_backend == "unfused"
+        self.hd, self.nh, self.nkv = config.head_dim, config.num_attention_heads // tp, config.num_kv_heads // tp
+        self.window, self.dropout_p = config.window_size, config.attention_dropout
+        blocks = [config.num_attention_heads * self.hd] + [config.num_kv_heads * self.hd] * 2
+        std = config.init_method_std
+        self.qkv = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.qkv_bias,
+                                        init_method=normal_init(std), output_blocks=blocks)
+        self.proj = RowParallelLinear(config.num_attention_heads * self.hd, config.hidden_size, pstate,
+                                      bias=config.add_bias_linear,
+                                      init_method=scaled_normal_init(std, config.num_layers))
+        self.inv_freq = rope_inv_freq(config) if config.position_embedding_type == "rope" else None
+        self.slopes = None
+        if config.position_embedding_type == "alibi":  # this rank's heads' slopes
+            self.slopes = alibi_slopes(config.num_attention_heads)[tp_rank * self.nh:(tp_rank + 1) * self.nh]
+
+    def forward(self, x, position_ids, attention_mask):
+        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd): SP inputs are gathered to the full T here
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q, k, v = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd), v.view(B, T, self.nkv, self.hd)
+        if self.inv_freq is not None:
+            q, k = self.ops.rope(q, k, self.inv_freq.to(q.device), position_ids)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        mask, causal = attention_bias(T, position_ids, attention_mask, self.window, self.slopes, q.dtype)
+        dropout_p = self.dropout_p if self.training else 0.0
+        with tp_rng_fork(self.tp > 1 and dropout_p > 0):  # heads differ across TP ranks: so do their masks
+            if self.unfused:
+                y = self._unfused(q, k, v, mask, causal, dropout_p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                                   scale=1.0 / math.sqrt(self.hd), enable_gqa=self.nkv != self.nh)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)  # (B, T, nh hd)
+        return self.proj(y)  # (B, S, H)
+
+    def _unfused(self, q, k, v, mask, causal, dropout_p):
+        rep = self.nh // self.nkv  # grouped-query: each kv head serves `rep` consecutive query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if causal:
+            T = q.size(2)
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        probs = self.ops.scaled_masked_softmax(q @ k.transpose(-2, -1), mask, 1.0 / math.sqrt(self.hd))
+        return F.dropout(probs, dropout_p) @ v  # (B, nh, T, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops):
+        super().__init__()
+        self.ops, self.swiglu, ffn = ops, config.swiglu, config.ffn_size
+        blocks = [ffn, ffn] if config.swiglu else [ffn]  # SwiGLU rows [gate; up], split so each rank has both
+        std = config.init_method_std
+        self.fc1 = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.add_bias_linear,
+                                        init_method=normal_init(std), output_blocks=blocks)
+        self.fc2 = RowParallelLinear(ffn, config.hidden_size, pstate, bias=config.add_bias_linear,
+                                     init_method=scaled_normal_init(std, config.num_layers))
+
+    def forward(self, x):
+        h = self.fc1(x, add_bias=self.swiglu)  # (B, T, F/tp) or (B, T, 2F/tp)
+        h = self.ops.swiglu(h) if self.swiglu else self.ops.bias_gelu(h, self.fc1.bias)
+        return self.fc2(h)  # (B, S, H)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: h + drop(attn(norm(h))), then + drop(mlp(norm(.))). (B, S, H) -> (B, S, H)."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig):
+        super().__init__()
+        _, _, self.sp = tp_info(pstate)
+        self.input_norm = Norm(config, pstate, ops)
+        self.attention = Attention(config, pstate, ops, kernels)
+        self.post_attention_norm = Norm(config, pstate, ops)
+        self.mlp = MLP(config, pstate, ops)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, h, position_ids, attention_mask=None):
+        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, attention_mask), self.sp)
+        x, h = self.post_attention_norm(a, residual=h)
+        return h + sp_dropout(self.dropout, self.mlp(x), self.sp)
+
+
+def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState | None) -> torch.Tensor:
+    """(B, S, H) final hidden -> (B, T, V/tp) logits of this rank's vocabulary shard."""
+    return column_parallel_linear(h, weight, None, tp_group(pstate), tp_info(pstate)[2])
+
+
+class GPTModel(nn.Module):
+    """forward(input_ids (B, T) int64, position_ids (B, T) | None, attention_mask (B, 1, T, T) bool | None,
+    labels (B, T) | None) -> logits (B, T, V/tp), or with labels the per-token fp32 loss (B, T).
+
+    `padded_vocab_size` must divide by the tensor-parallel size (config.derived.pad_vocab_size gives it).
+    """
+
+    def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState | None = None,
+                 kernels: KernelsConfig | None = None):
+        super().__init__()
+        tp = pstate.tp_size if pstate else 1
+        if pstate is not None and pstate.pp_size > 1:
+            raise ValueError("GPTModel is one pipeline stage; build megaclm.model.pipe.GPTPipelineModule for pp > 1")
+        check_parallel_shapes(config, ParallelConfig(tensor_model_parallel_size=tp), padded_vocab_size)
+        self.config, self.pstate, self.vocab_size = config, pstate, padded_vocab_size
+        self.kernels = kernels or KernelsConfig()
+        ops = build_ops(self.kernels)
+        self.ops = ops
+        self.embedding = Embedding(config, padded_vocab_size, pstate)
+        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels)
+                                    for _ in range(config.num_layers))
+        self.final_norm = Norm(config, pstate, ops)
+        self.output_layer = None
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = ColumnParallelLinear(config.hidden_size, padded_vocab_size, pstate, bias=False,
+                                                     init_method=normal_init(config.init_method_std))
+
+    @property
+    def output_weight(self) -> nn.Parameter:
+        return (self.output_layer or self.embedding.word_embeddings).weight
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None):
+        B, T = input_ids.shape
+        tp, _, sp = tp_info(self.pstate)
+        if sp and T % tp:
+            raise ValueError(f"sequence length {T} must be divisible by the tensor-parallel size {tp} "
+                             "under sequence parallelism")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self.embedding(input_ids, position_ids)  # (B, S, H)
+        h = self._run_layers(h, position_ids, attention_mask)
+        h = self.final_norm(h)
+        if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
+            return self.ops.linear_cross_entropy(h, self.output_weight, labels, self.kernels.cross_entropy_chunk_size)
+        logits = output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
+
+    def _run_layers(self, h, position_ids, attention_mask):
+        k = self.config.checkpoint_num_layers
+        if not (self.config.checkpoint_activations and torch.is_grad_enabled()):
+            for layer in self.layers:
+                h = layer(h, position_ids, attention_mask)
+            return h
+        # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
+        for start in range(0, len(self.layers), k):
+            chunk = self.layers[start:start + k]
+
+            def run(x, pos, mask, chunk=chunk):
+                for layer in chunk:
+                    x = layer(x, pos, mask)
+                return x
+
+            h = deepspeed.checkpointing.checkpoint(run, h, position_ids, attention_mask)
+        return h

@@ -1,0 +1,53 @@
+"""Full (unsharded) GPTModel state dicts <-> tensor-parallel shards.
+
+`shard_state_dict(full, config, tp, rank)` gives what `GPTModel(config, V, pstate)` of tensor rank
+`rank` loads with `load_state_dict`; `unshard_state_dicts([shard_0, ..., shard_tp-1], config)` is its
+inverse. The rule for each key (see megaclm.model.gpt's docstring) is matched on the key's suffix, so
+the same functions work on the keys of one pipeline stage (megaclm.model.pipe). Replicated tensors
+(norms, row-parallel biases, position embeddings) are copied; unshard takes rank 0's copy.
+"""
+from typing import Mapping, Sequence
+
+import torch
+
+from megaclm.config.model import ModelConfig
+from megaclm.parallel.layers import shard_blocks, unshard_blocks
+
+
+def tp_partition(key: str, config: ModelConfig, shape: torch.Size) -> tuple[int, list[int]] | None:
+    """(split dim, blocks split separately) for a parameter key, or None if it is replicated."""
+    hd = config.head_dim
+    if key.endswith(("word_embeddings.weight", "output_layer.weight")):
+        return 0, [shape[0]]
+    if key.endswith(("attention.qkv.weight", "attention.qkv.bias")):
+        return 0, [config.num_attention_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
+    if key.endswith(("mlp.fc1.weight", "mlp.fc1.bias")):
+        return 0, [config.ffn_size] * (2 if config.swiglu else 1)
+    if key.endswith(("attention.proj.weight", "mlp.fc2.weight")):
+        return 1, [shape[1]]
+    return None
+
+
+def shard_state_dict(full: Mapping[str, torch.Tensor], config: ModelConfig, tp_size: int,
+                     tp_rank: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in full.items():
+        part = tp_partition(key, config, value.shape)
+        out[key] = value.clone() if part is None else shard_blocks(value, part[0], part[1], tp_size, tp_rank).clone()
+    return out
+
+
+def unshard_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in shards[0].items():
+        full_shape = list(value.shape)
+        part = tp_partition(key, config, value.shape)
+        if part is None:
+            out[key] = value.clone()
+            continue
+        dim, _ = part
+        full_shape[dim] *= len(shards)
+        # Recompute the blocks from the full shape: the embedding/output rules read it from `shape`.
+        _, blocks = tp_partition(key, config, torch.Size(full_shape))
+        out[key] = unshard_blocks([s[key] for s in shards], dim, blocks)
+    return out

@@ -1,0 +1,110 @@
+"""Batches for the training loop: datasets -> sampler -> DataLoader -> curriculum cut -> tensors.
+
+    source = build_batch_source(cfg, derived, eod_id, pstate)
+    for each step:  it = source.micro_batches(consumed_samples, seqlen)   # grad_accum_steps micro-batches
+                    source.advance()                                      # after the optimizer step
+    evaluation:     source.eval_micro_batches("valid", i, seqlen)         # global batch i of the split
+
+Every rank of one data-parallel slice (its tensor-parallel peers and pipeline stages) reads the same
+samples: the sampler is keyed by the data-parallel rank only (megaclm.data.sampler), so no broadcast
+is needed. A micro-batch is a dict of tensors on the training device
+    tokens, labels, position_ids (B, T) int64; loss_mask (B, T) float32;
+    attention_mask (B, 1, T, T) bool (True = may attend), only with --reset-attention-mask
+or, for the pipeline engine, DeepSpeed's tuple ((tokens, position_ids[, mask]), (labels, loss_mask)).
+T is the curriculum's length for the step (samples are cut, never re-read). Evaluation always uses
+the first eval_iters global batches of its split, at full length, so every evaluation - and every
+resumed run's - sees the same samples.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from megaclm.data.builder import build_train_valid_test
+from megaclm.data.curriculum import Curriculum
+from megaclm.data.sampler import PretrainingSampler
+
+
+def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+
+
+class BatchSource:
+    def __init__(self, cfg: Any, derived: Any, datasets: tuple, curriculum: Curriculum, pstate: Any):
+        self.cfg, self.derived, self.pstate = cfg, derived, pstate
+        self.train, self.valid, self.test = datasets
+        self.curriculum = curriculum
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.sampler = PretrainingSampler(len(self.train), 0, derived.micro_batch_size, pstate.dp_rank,
+                                          pstate.dp_size, derived.global_batch_size)
+        self._train_iter: Iterator | None = None
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "curriculum": self.curriculum.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.curriculum.load_state_dict(state["curriculum"])
+        self._train_iter = None
+
+    def seq_length_at(self, progress: Any) -> int:
+        return self.curriculum.seqlen_at(progress.iteration)
+
+    # ---- batches --------------------------------------------------------------------------------------------
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_collate, num_workers=workers,
+                          pin_memory=self.device is not None)
+
+    def _finish(self, batch: dict[str, torch.Tensor], seqlen: int):
+        batch = self.curriculum.truncate(batch, seqlen)
+        if self.device is not None:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if "attention_mask" in batch:
+            batch["attention_mask"] = batch["attention_mask"].unsqueeze(1)  # (B, 1, T, T)
+        if self.pstate.pp_size == 1:
+            return batch
+        inputs = (batch["tokens"], batch["position_ids"]) + ((batch["attention_mask"],) if "attention_mask" in batch else ())
+        return inputs, (batch["labels"], batch["loss_mask"])
+
+    def micro_batches(self, consumed_samples: int, seqlen: int) -> Iterator:
+        """This rank's micro-batches of the next global batch (lazily: pipeline middle stages read none)."""
+        if self._train_iter is None:
+            assert consumed_samples == self.sampler.consumed_samples, (consumed_samples, self.sampler.consumed_samples)
+            self._train_iter = iter(self._loader(self.train, self.sampler))
+        for _ in range(self.derived.grad_accum_steps):
+            yield self._finish(next(self._train_iter), seqlen)
+
+    def advance(self) -> None:
+        """One optimizer step consumed a global batch."""
+        self.sampler.advance()
+        self.curriculum.step()
+
+    def has_split(self, split: str) -> bool:
+        return getattr(self, split) is not None
+
+    def eval_micro_batches(self, split: str, index: int, seqlen: int) -> Iterator:
+        """Micro-batches of global batch `index` of a split (sample order as the training sampler's)."""
+        dataset = getattr(self, split)
+        d, mbs = self.derived, self.derived.micro_batch_size
+        start = index * d.global_batch_size
+        batches = []
+        for a in range(d.grad_accum_steps):
+            first = (start + a * mbs * self.pstate.dp_size + self.pstate.dp_rank * mbs) % len(dataset)
+            batches.append([(first + j) % len(dataset) for j in range(mbs)])
+        for b in batches:  # small and read once per evaluation: no DataLoader workers
+            yield self._finish(_collate([dataset[i] for i in b]), seqlen)
+
+
+def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any) -> BatchSource:
+    """Datasets sized for the run (Megatron's counts; evaluation reuses its first eval_iters batches)."""
+    gbs = derived.global_batch_size
+    eval_samples = cfg.training.eval_iters * gbs
+    datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=derived.train_iters * gbs,
+                                      valid_samples=eval_samples, test_samples=eval_samples, eod_id=eod_id,
+                                      global_batch_size=gbs)
+    return BatchSource(cfg, derived, datasets, Curriculum.from_config(cfg.data, gbs), pstate)

@@ -1,0 +1,13 @@
+"""Pretrain a GPT-family model on DeepSpeed, Megatron-style.
+
+    deepspeed --num_gpus 8 pretrain_gpt.py --num-layers 24 --hidden-size 2048 ... --data-path data/corpus_text_document
+    deepspeed --num_gpus 8 pretrain_gpt.py --config examples/llama_7b.yaml --train-iters 1000
+    python pretrain_gpt.py --config run.yaml --validate-only --world-size 64
+
+Flags and YAML: megaclm.config; the run itself: megaclm.training.pretrain.
+"""
+from megaclm.training.pretrain import main
+from megaclm.utils.errors import cli_main
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,258 @@
+"""Checks run inside spawned gloo ranks (tests/distributed/test_tensor_parallel.py, test_pipeline_parallel.py).
+
+Every check builds the unsharded TP=1 reference from the same seed on each rank, loads the same
+weights (sharded with megaclm.model.sharding) into the parallel model, and returns the largest
+differences, so the parent test asserts on plain numbers. All models are fp32, tiny, dropout off
+unless a check is about dropout.
+"""
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from megaclm.config.kernels import KernelsConfig
+from megaclm.config.model import ModelConfig
+from megaclm.model.gpt import GPTModel
+from megaclm.model.sharding import shard_state_dict, unshard_state_dicts
+from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaclm.parallel.mappings import gather_from_tp
+from megaclm.parallel.random import model_parallel_seed
+from megaclm.parallel.state import ParallelState
+
+VOCAB, B, T = 128, 2, 8
+_SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=32,
+              hidden_dropout=0.0, attention_dropout=0.0)
+_LLAMA = dict(_SMALL, position_embedding_type="rope", normalization="RMSNorm", swiglu=True, ffn_hidden_size=48,
+              add_bias_linear=False, untie_embeddings_and_output_weights=True, num_query_groups=2)
+FAMILIES = {
+    "gpt2": dict(_SMALL),
+    "llama": dict(_LLAMA, use_rope_scaling=True, rope_scaling_factor=4.0, rope_original_max_position_embeddings=16),
+    "mistral": dict(_LLAMA, window_size=3),
+    "qwen2": dict(_LLAMA, add_qkv_bias=True, untie_embeddings_and_output_weights=False, rotary_base=1e6),
+    "alibi": dict(_SMALL, position_embedding_type="alibi", normalization="RMSNorm"),
+    "neox": dict(_SMALL, position_embedding_type="rope", rotary_percent=0.5, untie_embeddings_and_output_weights=True),
+}
+# Families whose check also passes a document mask and restarting position ids, or runs the unfused attention.
+WITH_DOC_MASK = {"gpt2", "alibi", "qwen2"}
+UNFUSED = {"mistral", "neox"}
+
+
+def family_config(name: str, **overrides) -> ModelConfig:
+    return ModelConfig(**{**FAMILIES[name], **overrides})
+
+
+def batch(seed: int = 0, doc_mask: bool = False):
+    """Same on every rank: ids, labels, per-token loss weights, position ids, attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB - 5, (B, T), generator=g)  # the padded tail of the vocab is never a label
+    labels = torch.randint(0, VOCAB - 5, (B, T), generator=g)
+    weights = torch.rand(B, T, generator=g)
+    if not doc_mask:
+        return ids, labels, weights, None, None
+    # Two documents per row, boundary after token 3 in row 0 and after token 5 in row 1.
+    doc = torch.zeros(B, T, dtype=torch.long)
+    doc[0, 4:], doc[1, 6:] = 1, 1
+    mask = (doc[:, :, None] == doc[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+    start = torch.tensor([[0] * 4 + [4] * 4, [0] * 6 + [6] * 2])
+    pos = torch.arange(T).expand(B, T) - start
+    return ids, labels, weights, pos, mask
+
+
+def reference(config: ModelConfig, seed: int = 1234, kernels: KernelsConfig | None = None) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(config, VOCAB, None, kernels)
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def forward_backward(model, ids, labels, weights, pos, mask):
+    """(logits, loss) and the backward of sum(loss * weights)."""
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits = model(ids, pos, mask)
+    loss = model(ids, pos, mask, labels=labels)
+    (loss * weights).sum().backward()
+    return logits, loss.detach()
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def gather_shards(local: dict, pstate: ParallelState) -> list[dict]:
+    shards = [None] * pstate.tp_size
+    dist.all_gather_object(shards, local, group=pstate.tp_group)
+    return shards
+
+
+def check_tp_family(name: str, world_size: int, rank: int, sequence_parallel: bool) -> dict:
+    """TP = world_size (optionally with SP) vs the TP=1 model with the same weights: logits, loss, grads."""
+    config = family_config(name)
+    kernels = KernelsConfig(attention_backend="unfused" if name in UNFUSED else "sdpa")
+    inputs = batch(seed=7, doc_mask=name in WITH_DOC_MASK)
+    ref = reference(config, kernels=kernels)
+    ref_logits, ref_loss = forward_backward(ref, *inputs)
+    ref_grads = grads(ref)
+
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=sequence_parallel)
+    pstate.init_process_groups()
+    model = GPTModel(config, VOCAB, pstate, kernels)
+    model.load_state_dict(shard_state_dict(ref.state_dict(), config, pstate.tp_size, pstate.tp_rank))
+    logits, loss = forward_backward(model, *inputs)
+    full_grads = unshard_state_dicts(gather_shards(grads(model), pstate), config)
+    return {
+        "logits_shape": tuple(logits.shape),
+        "logits": (gather_from_tp(logits, pstate.tp_group) - ref_logits).abs().max().item(),
+        "loss": (loss - ref_loss).abs().max().item(),
+        "grads": max_diff(full_grads, ref_grads),
+        "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
+    }
+
+
+def check_vocab_parallel_ce(world_size: int, rank: int) -> dict:
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size)
+    pstate.init_process_groups()
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 64, generator=g) * 4
+    labels = torch.randint(0, 64, (3, 5), generator=g)
+    weights = torch.rand(3, 5, generator=g)
+    full = logits.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(full.view(-1, 64), labels.view(-1), reduction="none").view(3, 5)
+    (ref * weights).sum().backward()
+    local = logits.chunk(world_size, dim=-1)[rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, labels, pstate.tp_group)
+    (loss * weights).sum().backward()
+    return {"loss": (loss - ref).abs().max().item(),
+            "grad": (local.grad - full.grad.chunk(world_size, dim=-1)[rank]).abs().max().item(),
+            "dtype": str(loss.dtype)}
+
+
+def check_activation_checkpointing(world_size: int, rank: int) -> dict:
+    """TP model with dropout: grads with checkpointing (every layer, and chunks of 2) == without."""
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=True)
+    pstate.init_process_groups()
+    out = {}
+    base = family_config("llama", num_layers=4, hidden_dropout=0.2, attention_dropout=0.2)
+    results = {}
+    for ckpt, k in ((False, 1), (True, 1), (True, 2)):
+        config = dataclasses.replace(base, checkpoint_activations=ckpt, checkpoint_num_layers=k)
+        model_parallel_seed(99, pstate.tp_rank)
+        model = GPTModel(config, VOCAB, pstate)
+        ids, labels, weights, _, _ = batch(seed=5)
+        loss = model(ids, labels=labels)
+        (loss * weights).sum().backward()
+        results[(ckpt, k)] = (loss.detach(), grads(model))
+    plain_loss, plain_grads = results[(False, 1)]
+    for key in ((True, 1), (True, 2)):
+        loss, g = results[key]
+        out[f"ckpt{key[1]}_loss"] = (loss - plain_loss).abs().max().item()
+        out[f"ckpt{key[1]}_grads"] = max_diff(g, plain_grads)
+    # Dropout is live (else the comparison above proves little): without it the loss changes.
+    model.eval()
+    with torch.no_grad():
+        out["dropout_effect"] = (model(ids, labels=labels) - plain_loss).abs().max().item()
+    return out
+
+
+class GradRecorder(torch.optim.Optimizer):
+    """A client optimizer for DeepSpeed that keeps each parameter's final gradient and changes nothing."""
+
+    def __init__(self, named_params):
+        named_params = list(named_params)
+        super().__init__([p for _, p in named_params], {"lr": 0.0})
+        self.names = {id(p): n for n, p in named_params}
+        self.recorded = {}
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.recorded[self.names[id(p)]] = p.grad.detach().clone()
+
+
+def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, sequence_parallel: bool = False,
+                   checkpoint: bool = False, partition_method: str = "parameters") -> dict:
+    """DeepSpeed pipeline engine (tp x pp x dp) vs the plain model: loss and every gradient.
+
+    Two micro-batches per data-parallel rank; the reference averages the loss over all micro-batches of
+    all dp ranks, which is what the engine's gradient (mean over micro-batches, then over dp) is.
+    """
+    import deepspeed
+
+    from megaclm.model.pipe import GPTPipelineModule, load_plain_state_dict, pipe_to_plain_key
+
+    config = family_config(family, num_layers=4, checkpoint_activations=checkpoint)
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                           sequence_parallel=sequence_parallel)
+    pstate.init_process_groups()
+    micro = [batch(seed=10 + i, doc_mask=family in WITH_DOC_MASK) for i in range(2 * pstate.dp_size)]
+
+    def mean_loss(model, ids, labels, weights, pos, mask):
+        loss = model(ids, pos, mask, labels=labels)
+        return (loss * weights).sum() / weights.sum()
+
+    ref = reference(config)
+    ref_loss = sum(mean_loss(ref, *m) for m in micro) / len(micro)
+    ref_loss.backward()
+    ref_grads = shard_state_dict(grads(ref), config, tp, pstate.tp_rank)
+
+    model_parallel_seed(1, pstate.tp_rank, pstate.pp_rank)
+    module = GPTPipelineModule(config, VOCAB, pstate, partition_method=partition_method)
+    load_plain_state_dict(module, shard_state_dict(ref.state_dict(), config, tp, pstate.tp_rank))
+    recorder = GradRecorder(module.named_parameters())
+    ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2,
+                 "train_batch_size": B * 2 * pstate.dp_size, "steps_per_print": 10**9, "gradient_clipping": 0.0,
+                 "zero_optimization": {"stage": 0},
+                 "pipeline": {"pipe_partitioned": not sequence_parallel, "grad_partitioned": not sequence_parallel}}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=recorder, config=ds_config)
+    mine = micro[2 * pstate.dp_rank: 2 * pstate.dp_rank + 2]
+    # Weights act as the loss mask: the pipe loss is sum(loss * mask) / sum(mask) per micro-batch.
+    data = [((ids, pos if pos is not None else torch.arange(T).expand(B, T), *(() if mask is None else (mask,))),
+             (labels, weights)) for ids, labels, weights, pos, mask in mine]
+    loss = engine.train_batch(data_iter=iter(data))
+
+    diffs = {pipe_to_plain_key(k, config): (g - ref_grads[pipe_to_plain_key(k, config)]).abs().max().item()
+             for k, g in recorder.recorded.items()}
+    # The last stage's copy of the tied embedding module carries position embeddings it never uses.
+    recorded = {pipe_to_plain_key(k, config): g for k, g in recorder.recorded.items()}
+    if not pstate.is_first_stage:
+        recorded.pop("embedding.position_embeddings.weight", None)
+    return {"stage": pstate.pp_rank, "loss": abs(loss.item() - ref_loss.item()),
+            "grads": {k: (g - ref_grads[k]).abs().max().item() for k, g in recorded.items()},
+            "all_keys": sorted(ref_grads), "layers": [type(f).__name__ for f in module.forward_funcs]}
+
+
+def world2_checks(rank: int, world_size: int) -> dict:
+    """Everything the 2-rank tests assert on, in one spawn."""
+    out = {("tp", name, sp): check_tp_family(name, world_size, rank, sp) for name in FAMILIES for sp in (False, True)}
+    out["vocab_ce"] = check_vocab_parallel_ce(world_size, rank)
+    out["checkpointing"] = check_activation_checkpointing(world_size, rank)
+    out[("pipe", "gpt2")] = check_pipeline(world_size, rank, "gpt2", tp=1, pp=2)
+    out[("pipe", "llama")] = check_pipeline(world_size, rank, "llama", tp=1, pp=2, checkpoint=True,
+                                            partition_method="uniform")
+    return out
+
+
+def world4_checks(rank: int, world_size: int) -> dict:
+    """TP x PP x DP = 2x2x1 (with and without SP) and 1x2x2, each against the plain model."""
+    return {
+        "2x2x1": check_pipeline(world_size, rank, "qwen2", tp=2, pp=2),
+        "2x2x1-sp": check_pipeline(world_size, rank, "gpt2", tp=2, pp=2, sequence_parallel=True, checkpoint=True),
+        "1x2x2": check_pipeline(world_size, rank, "mistral", tp=1, pp=2),
+    }
+
+
+def assert_pipeline_matches(results: list[dict], tol: float) -> None:
+    """Parent side of check_pipeline: every stage's loss and gradients match, and all keys are covered."""
+    stages = sorted({r["stage"] for r in results})
+    assert stages == list(range(len(stages)))
+    covered = set()
+    for r in results:
+        assert r["loss"] < tol, r["loss"]
+        bad = {k: d for k, d in r["grads"].items() if d > tol}
+        assert not bad, f"stage {r['stage']} gradients differ: {bad}"
+        covered |= set(r["grads"])
+    assert covered == set(results[0]["all_keys"]), set(results[0]["all_keys"]) ^ covered

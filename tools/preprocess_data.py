@@ -1,0 +1,123 @@
+"""Tokenize a corpus into Megatron MMIDIDX datasets: {output_prefix}_{key}_document.{bin,idx}.
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/my \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt \\
+        --append-eod --workers 2
+
+Megatron-LM's flags; the pipeline is megaclm.data.preprocess (streaming, ordered, batched).
+"""
+import argparse
+import functools
+import os
+import signal
+import sys
+import time
+
+from megaclm.data.preprocess import EMPTY_DOC_RULE, Options, preprocess_partitioned
+from megaclm.data.readers import expand_inputs
+from megaclm.logging import get_logger
+from megaclm.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megaclm.utils.errors import UserError, cli_main
+
+log = get_logger("megaclm.preprocess")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Empty documents: {EMPTY_DOC_RULE} Document order in the output equals input order "
+               "for any --workers/--partitions.",
+    )
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="Files, globs or directories (searched recursively): .jsonl/.json (one JSON object per "
+                        "line), optionally .gz/.zst compressed; .txt (whole file = one document); .csv and "
+                        ".parquet (--json-keys name columns).")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="Keys (columns) to tokenize; one dataset per key (default: text).")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="Skip (and count) malformed lines instead of stopping: bad JSON, missing key, "
+                        "non-string value, invalid UTF-8.")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer).")
+    g.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer).")
+    g.add_argument("--tokenizer-model", help="SentencePiece .model, or tokenizer.json / its directory.")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids in the text are below this.")
+    g.add_argument("--append-eod", action="store_true", help="Append the end-of-document token to every document.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True,
+                   help="Writes {prefix}_{key}_document.bin/.idx; the directory must exist.")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="Tokenizing processes (default: the usable cores); 1 tokenizes in this process.")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="Process this many contiguous groups of input files side by side (workers are "
+                        "shared out), then concatenate them in order.")
+    g.add_argument("--log-interval", type=int, default=10000,
+                   help="Without a terminal (no progress bar), log progress every this many documents.")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 20,
+                   help="Input bytes per unit of work sent to a worker.")
+    args = p.parse_args(argv)
+    for name in ("workers", "partitions", "log_interval", "chunk_bytes"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    return args
+
+
+class Progress:
+    """A tqdm bar (docs/s and MB/s) on a terminal, else a log line every `interval` documents."""
+
+    def __init__(self, interval: int):
+        from tqdm import tqdm
+
+        self.start = time.perf_counter()
+        self.docs = self.bytes = self.next_log = 0
+        self.interval = interval
+        self.bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def __call__(self, docs: int, nbytes: int) -> None:
+        self.docs += docs
+        self.bytes += nbytes
+        mb_s = self.bytes / 1e6 / max(1e-9, time.perf_counter() - self.start)
+        if self.bar is not None:
+            self.bar.update(docs)
+            self.bar.set_postfix_str(f"{mb_s:.2f} MB/s", refresh=False)
+        elif self.docs >= self.next_log:
+            log.info(f"{self.docs} documents, {self.bytes / 1e6:.1f} MB, {mb_s:.2f} MB/s")
+            self.next_log = self.docs + self.interval
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    files = expand_inputs(args.input)
+    make_tokenizer = functools.partial(
+        build_tokenizer, args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
+    )
+    prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
+    log.info(f"{len(files)} input file(s), {args.tokenizer_type}, {args.workers} worker(s), keys {args.json_keys}")
+    opts = Options(keys=tuple(args.json_keys), append_eod=args.append_eod,
+                   skip_bad_lines=args.skip_bad_lines, chunk_bytes=args.chunk_bytes)
+    progress = Progress(args.log_interval)
+    start = time.perf_counter()
+    try:
+        stats = preprocess_partitioned(files, prefixes, make_tokenizer, opts, args.workers, args.partitions, progress)
+    finally:
+        progress.close()
+    dt = max(1e-9, time.perf_counter() - start)
+    print(f"done in {dt:.1f} s: {stats.documents} documents read, {stats.bad_lines} bad lines skipped, "
+          f"{stats.bytes / 1e6:.1f} MB ({stats.documents / dt:.0f} docs/s, {stats.bytes / 1e6 / dt:.2f} MB/s)")
+    for k, s in stats.keys.items():
+        print(f"  {prefixes[k]}: {s.documents} documents, {s.tokens} tokens, {s.empty} empty skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    # SIGTERM (kill, a scheduler's preemption) stops like Ctrl-C: temp files are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cli_main(main)
