@@ -26,7 +26,8 @@ def main(argv=None) -> int:
         raise UserError("the run length is unknown: pass --train-iters, --train-samples or --train-tokens")
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
     gbs = derived.global_batch_size
-    samples = train_valid_test_num_samples(derived.train_iters, gbs, cfg.training.eval_interval, cfg.training.eval_iters)
+    samples = train_valid_test_num_samples(derived.train_iters, gbs, cfg.training.eval_interval,
+                                           cfg.training.eval_iters)
     start = time.perf_counter()
     datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=samples[0],
                                       valid_samples=samples[1], test_samples=samples[2], eod_id=tokenizer.eod,

@@ -117,7 +117,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         if total_limit is not None:
             prune(save_dir, total_limit)
     _barrier()
-    log.info(f"saved checkpoint {ckpt}")
+    if _rank() == 0:
+        log.info(f"saved checkpoint {ckpt}")
     return tag
 
 
@@ -141,8 +142,9 @@ def prune(save_dir: str, keep: int) -> list[str]:
 
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True) -> dict | None:
-    """Load the tagged checkpoint into `engine`; returns megaclm's client state, or None if there is
-    nothing to load (no `latest`: a fresh start) or when `finetune` (weights only: progress restarts)."""
+    """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
+    states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
+    `latest`: a fresh start) or when `finetune` (weights only: progress restarts)."""
     tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
         log.warning(f"--load {load_dir}: no `latest` checkpoint there; starting from scratch")
@@ -160,18 +162,27 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
         refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
-    log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}" + (" (weights only)" if weights_only else ""))
+    if _rank() == 0:
+        log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}" + (" (weights only)" if weights_only else ""))
     if weights_only:
         return None
     state = (client or {}).get(CLIENT_KEY)
     if state is None:
         raise UserError(f"--load {load_dir}/{tag} has no megaclm state; use --finetune to load its weights only")
+    state = dict(state, rng=None)
     if load_rng:
         rng_file = os.path.join(load_dir, tag, "megaclm", "rng", f"rank_{_rank():05d}.pt")
         world = dist.get_world_size() if dist.is_initialized() else 1
         if state.get("world_size") == world and os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            state["rng"] = torch.load(rng_file, weights_only=False)
         else:
             log.warning(f"RNG states not restored (saved with world size {state.get('world_size')}, now {world}); "
                         "the run continues but is not bit-identical to an uninterrupted one")
     return state
+
+
+def restore_rng(state: dict | None) -> None:
+    """Apply the RNG states `load_checkpoint` read; call it last, right before training resumes, so
+    that nothing run after loading (dataset building, ...) draws from the restored streams."""
+    if state is not None and state.get("rng") is not None:
+        set_rng_state(state["rng"])

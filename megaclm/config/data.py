@@ -181,7 +181,8 @@ class DataConfig:
                                 "(--curriculum-seqlen-start)")
             return
         if not 1 <= start <= self.seq_length:
-            raise UserError(f"data.curriculum_seqlen_start={start} must be between 1 and data.seq_length={self.seq_length}")
+            raise UserError(f"data.curriculum_seqlen_start={start} must be between 1 and "
+                            f"data.seq_length={self.seq_length}")
         given = [n for n in ("curriculum_seqlen_steps", "curriculum_seqlen_tokens") if getattr(self, n) is not None]
         if len(given) != 1:
             raise UserError("data.curriculum_seqlen_start needs exactly one of data.curriculum_seqlen_steps and "

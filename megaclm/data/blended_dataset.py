@@ -3,7 +3,8 @@ at given sample counts (the data-mixing phases of megaclm.data.curriculum).
 
     index = build_blend(phases=[(0, [0.9, 0.1]), (5000, [0.5, 0.5])], size=10000, cache=..., description=...)
     index.counts  -> samples each dataset must provide
-    blend = BlendedDataset(datasets, index);  blend[i] -> datasets[index.dataset_index[i]][index.dataset_sample_index[i]]
+    blend = BlendedDataset(datasets, index)
+    blend[i] -> datasets[index.dataset_index[i]][index.dataset_sample_index[i]]
 
 Within phase p (samples [start_p, start_{p+1})) the blend follows that phase's weights with the
 tree rule of megaclm.data.helpers: after n samples of the phase, dataset d has contributed within
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megaclm.data import helpers
-from megaclm.data.cache import IndexCache
+from megaclm.data.cache import IndexCache, from_mmap_reference, mmap_reference
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,11 @@ class BlendIndex:
     dataset_index: np.ndarray  # (size,) int32: dataset of each blend sample
     dataset_sample_index: np.ndarray  # (size,) int64: sample number inside that dataset
     counts: np.ndarray  # (datasets,) int64: samples drawn from each dataset
+    built: bool = False  # whether this process built the cache entry (else it was loaded)
 
 
-def build_blend_arrays(phases: list[tuple[int, list[float]]], size: int, impl: str | None = None) -> dict[str, np.ndarray]:
+def build_blend_arrays(phases: list[tuple[int, list[float]]], size: int,
+                       impl: str | None = None) -> dict[str, np.ndarray]:
     """Index arrays of a phased blend: phase p = (first sample, weights), first phase at 0."""
     num = len(phases[0][1])
     dataset_index = np.empty(size, np.int32)
@@ -48,10 +51,11 @@ def build_blend_arrays(phases: list[tuple[int, list[float]]], size: int, impl: s
 
 def build_blend(phases: list[tuple[int, list[float]]], size: int, cache: IndexCache, description: dict,
                 split: str, impl: str | None = None) -> BlendIndex:
-    description = {"class": "BlendedDataset", "size": int(size), "phases": [[int(s), list(map(float, w))] for s, w in phases],
-                   **description}
-    arrays, _ = cache.get_or_build(f"BlendedDataset-{split}", description, lambda: build_blend_arrays(phases, size, impl))
-    return BlendIndex(arrays["dataset_index"], arrays["dataset_sample_index"], arrays["counts"])
+    description = {"class": "BlendedDataset", "size": int(size),
+                   "phases": [[int(s), [float(x) for x in w]] for s, w in phases], **description}
+    arrays, built = cache.get_or_build(f"BlendedDataset-{split}", description,
+                                       lambda: build_blend_arrays(phases, size, impl))
+    return BlendIndex(arrays["dataset_index"], arrays["dataset_sample_index"], arrays["counts"], built)
 
 
 class BlendedDataset:
@@ -67,6 +71,14 @@ class BlendedDataset:
 
     def __len__(self) -> int:
         return len(self.index.dataset_index)
+
+    def __getstate__(self) -> dict:
+        index = {k: mmap_reference(getattr(self.index, k)) for k in ("dataset_index", "dataset_sample_index", "counts")}
+        return {"datasets": self.datasets, "index": index, "built": self.index.built}
+
+    def __setstate__(self, state: dict) -> None:
+        self.datasets = state["datasets"]
+        self.index = BlendIndex(**{k: from_mmap_reference(v) for k, v in state["index"].items()}, built=state["built"])
 
     def source(self, idx: int) -> tuple[int, int]:
         """(dataset number, sample number inside it) of blend item idx."""

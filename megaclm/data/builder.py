@@ -45,7 +45,8 @@ log = get_logger("megaclm.data")
 
 def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_interval: int,
                                  eval_iters: int) -> tuple[int, int, int]:
-    """Megatron's sample counts: train_iters x G; (train_iters // eval_interval + 1) x eval_iters x G; eval_iters x G."""
+    """Megatron's sample counts (G = global batch): train_iters x G, (train_iters // eval_interval + 1) x
+    eval_iters x G for validation, eval_iters x G for the test."""
     return (train_iters * global_batch_size,
             (train_iters // eval_interval + 1) * eval_iters * global_batch_size,
             eval_iters * global_batch_size)
@@ -96,6 +97,10 @@ class _Builder:
         self.impl = impl
         self.cache_wait_s = cache_wait_s
         self._indexed: dict[str, IndexedDataset] = {}
+        self.caches = {"built": 0, "loaded": 0}
+
+    def _count(self, built: bool) -> None:
+        self.caches["built" if built else "loaded"] += 1
 
     def indexed(self, prefix: str) -> IndexedDataset:
         if prefix not in self._indexed:
@@ -114,7 +119,9 @@ class _Builder:
         for p in prefixes:
             ds = self.indexed(p)
             docs = len(ds.document_indices) - 1
-            doc_range = document_ranges(docs, self.cfg.split_fractions)[SPLIT_NAMES.index(split)] if use_split else (0, docs)
+            doc_range = (0, docs)
+            if use_split:
+                doc_range = document_ranges(docs, self.cfg.split_fractions)[SPLIT_NAMES.index(split)]
             out.append(sequence_range(ds.document_indices, doc_range))
         return out
 
@@ -141,13 +148,16 @@ class _Builder:
                        "datasets": [[os.path.abspath(p), os.path.getsize(index_file_path(p)), list(r)]
                                     for p, r in zip(prefixes, ranges)]}
         index = build_blend(phases, num_samples, self.cache_for(prefixes[0]), description, split, self.impl)
+        self._count(index.built)
         counts = index.counts.tolist()
         datasets = [self.dataset(p, split, r, n) if n else None for p, r, n in zip(prefixes, ranges, counts)]
         return BlendedDataset(datasets, index)
 
     def dataset(self, prefix: str, split: str, seq_range: tuple[int, int], num_samples: int) -> GPTDataset:
-        return GPTDataset(self.indexed(prefix), self.spec, split=split, sequence_range=seq_range,
-                          num_samples=num_samples, cache=self.cache_for(prefix), impl=self.impl)
+        ds = GPTDataset(self.indexed(prefix), self.spec, split=split, sequence_range=seq_range,
+                        num_samples=num_samples, cache=self.cache_for(prefix), impl=self.impl)
+        self._count(ds.built)
+        return ds
 
 
 def build_train_valid_test(cfg: DataConfig, *, seed: int, train_samples: int, valid_samples: int = 0,
@@ -183,5 +193,7 @@ def build_train_valid_test(cfg: DataConfig, *, seed: int, train_samples: int, va
         out.append(builder.build(split, weights, prefixes, use_split, wanted[split],
                                  train_phases if split == "train" else None))
     log.info("datasets: " + ", ".join(f"{name} {len(ds) if ds is not None else 0} samples"
-                                      for name, ds in zip(SPLIT_NAMES, out)) + f" (index backend: {backend()})")
+                                      for name, ds in zip(SPLIT_NAMES, out))
+             + f"; index caches: {builder.caches['built']} built, {builder.caches['loaded']} loaded"
+             + f" (backend {backend()})")
     return tuple(out)

@@ -86,6 +86,17 @@ def _writable_dir(path: str) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def mmap_reference(array: np.ndarray):
+    """A picklable stand-in for a cached array: its file name when memory-mapped, else the array."""
+    filename = getattr(array, "filename", None)
+    return ("npy", filename) if filename is not None else ("array", array)
+
+
+def from_mmap_reference(ref) -> np.ndarray:
+    kind, value = ref
+    return np.load(value, mmap_mode="r", allow_pickle=False) if kind == "npy" else value
+
+
 class IndexCache:
     """Cache entries live in `primary_dir`; see the module docstring for the protocol."""
 
@@ -121,7 +132,8 @@ class IndexCache:
                     break
                 arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
                 if list(arrays[key].shape) != meta["shape"] or arrays[key].dtype.str != meta["dtype"]:
-                    problem = f"{path} has shape {arrays[key].shape} {arrays[key].dtype}, not {meta['shape']} {meta['dtype']}"
+                    problem = (f"{path} holds {arrays[key].dtype} {arrays[key].shape}, "
+                               f"not {meta['dtype']} {meta['shape']}")
                     break
             if problem is None and not arrays:
                 problem = "it lists no arrays"

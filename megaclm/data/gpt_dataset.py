@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megaclm.data import helpers
-from megaclm.data.cache import IndexCache
+from megaclm.data.cache import IndexCache, from_mmap_reference, mmap_reference
 from megaclm.data.indexed_dataset import IndexedDataset, index_file_path
 from megaclm.utils.errors import UserError
 
@@ -158,6 +158,21 @@ class GPTDataset:
 
     def __len__(self) -> int:
         return len(self.shuffle_index)
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn/forkserver get the dataset pickled: send file names,
+        # not the memory maps (pickling a memmap copies the whole file).
+        state = dict(self.__dict__)
+        state["indexed"] = self.indexed.prefix
+        for key in ("document_index", "sample_index", "shuffle_index"):
+            state[key] = mmap_reference(state[key])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["indexed"] = IndexedDataset(state["indexed"])
+        for key in ("document_index", "sample_index", "shuffle_index"):
+            state[key] = from_mmap_reference(state[key])
+        self.__dict__.update(state)
 
     def tokens(self, idx: int) -> np.ndarray:
         """The seq_length + 1 token ids of item idx."""

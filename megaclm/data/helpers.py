@@ -33,8 +33,8 @@ the two lightest subtrees), where a node's grandparent weighs at least twice the
 B_d <= 1/2 * (1 + 1 + 1/2 + 1/2 + 1/4 + ...) = 2: no dataset is ever more than 2 samples away from
 its share, whatever the number of datasets and weights (plus float rounding of the ratios,
 ~1e-16 * n). `BlendingTree.bounds` gives the exact B_d; tests check the running mix against it.
-Megatron's greedy builder is O(samples x datasets) and stores dataset ids in uint8 (at most 255
-datasets); this one is O(samples x depth) with int32 ids.
+Megatron's greedy builder is O(samples x datasets), and Megatron-DeepSpeed's stores dataset ids in
+uint8 (at most 255 datasets); this one is O(samples x tree depth) with int32 ids.
 """
 from __future__ import annotations
 

@@ -206,6 +206,8 @@ class GPTModel(nn.Module):
         if config.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(config.hidden_size, padded_vocab_size, pstate, bias=False,
                                                      init_method=normal_init(config.init_method_std))
+        # The output weight is used in this forward, not its owner's: ZeRO-3 must gather it for this module.
+        deepspeed.zero.register_external_parameter(self, self.output_weight)
 
     @property
     def output_weight(self) -> nn.Parameter:

@@ -42,10 +42,6 @@ from megaclm.parallel.state import ParallelState
 
 
 class EmbeddingPipe(Embedding):
-    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState):
-        super().__init__(config, vocab_size, pstate)
-        self.pstate = pstate
-
     def forward(self, inputs):
         input_ids, position_ids, *mask = inputs
         h = super().forward(input_ids, position_ids)

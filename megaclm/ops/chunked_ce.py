@@ -58,6 +58,12 @@ def torch_ce_grad_(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
 TORCH_ROWS = Rows(torch_ce_stats, torch_ce_grad_)
 
 
+def finish_loss(lse: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """lse - target logit; 0 at ignore_index, NaN at any other label outside [0, vocab) (no silent garbage)."""
+    loss = torch.where((labels < 0) | (labels >= vocab), torch.full_like(lse, float("nan")), lse - target)
+    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(loss), loss)
+
+
 def _group_info(group) -> tuple[int, int]:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
@@ -87,9 +93,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(sums, group=group)
             row_max, (sum_exp, target) = global_max, sums
         lse = row_max + torch.log(sum_exp)
-        loss = lse - target
-        loss = torch.where((y < 0) | (y >= vocab * world), torch.full_like(loss, float("nan")), loss)
-        loss = torch.where(y == IGNORE_INDEX, torch.zeros_like(loss), loss)
+        loss = finish_loss(lse, target, y, vocab * world)
         ctx.save_for_backward(h, weight, y, lse)
         ctx.chunk_size, ctx.group, ctx.rows, ctx.start, ctx.world = chunk_size, group, rows, start, world
         ctx.hidden_shape = hidden.shape

@@ -55,10 +55,13 @@ class BatchSource:
         return self.curriculum.seqlen_at(progress.iteration)
 
     # ---- batches --------------------------------------------------------------------------------------------
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
+    def _loader(self, dataset, batch_sampler: PretrainingSampler) -> DataLoader:
         workers = self.cfg.data.num_workers
+        # Its own generator: creating a DataLoader iterator draws a worker seed, and from the global
+        # generator that draw would shift dropout's stream after a resume (no longer bit-exact).
+        generator = torch.Generator().manual_seed(self.cfg.training.seed)
         return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_collate, num_workers=workers,
-                          pin_memory=self.device is not None)
+                          pin_memory=self.device is not None, generator=generator)
 
     def _finish(self, batch: dict[str, torch.Tensor], seqlen: int):
         batch = self.curriculum.truncate(batch, seqlen)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, read_latest, read_meta, tag_for
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, read_latest, read_meta, restore_rng, tag_for
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
@@ -105,16 +105,16 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
                  f"({vocab_source}); {count_parameters(cfg.model, model_vocab).total:,} parameters")
     model = build_model(cfg, model_vocab, pstate, ds_config)
     engine = build_engine(cfg, model, pstate, ds_config)
-    progress, data_state = Progress(), None
+    progress, state = Progress(), None
     c = cfg.checkpoint
     if c.load is not None:
         state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng)
         if state is not None:
-            progress, data_state = Progress(**state["progress"]), state["data"]
+            progress = Progress(**state["progress"])
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
-    if data_state is not None:
-        data.load_state_dict(data_state)
+    if state is not None:
+        data.load_state_dict(state["data"])
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
                               cfg.training.train_tokens)
     writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
@@ -130,6 +130,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),
                       peak_tflops=peak, checkpoint_meta=meta)
+    restore_rng(state)  # last: dataset building above may draw random numbers
     try:
         reason = trainer.train()
     except TrainingDiverged as e:

@@ -99,11 +99,15 @@ def check_tp_family(name: str, world_size: int, rank: int, sequence_parallel: bo
 
     pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=sequence_parallel)
     pstate.init_process_groups()
+    torch.manual_seed(1234)  # the reference's seed: initial weights must be its shards, whatever the TP size
     model = GPTModel(config, VOCAB, pstate, kernels)
-    model.load_state_dict(shard_state_dict(ref.state_dict(), config, pstate.tp_size, pstate.tp_rank))
+    shards = shard_state_dict(ref.state_dict(), config, pstate.tp_size, pstate.tp_rank)
+    init_diff = max_diff(model.state_dict(), shards)
+    model.load_state_dict(shards)
     logits, loss = forward_backward(model, *inputs)
     full_grads = unshard_state_dicts(gather_shards(grads(model), pstate), config)
     return {
+        "init": init_diff,
         "logits_shape": tuple(logits.shape),
         "logits": (gather_from_tp(logits, pstate.tp_group) - ref_logits).abs().max().item(),
         "loss": (loss - ref_loss).abs().max().item(),

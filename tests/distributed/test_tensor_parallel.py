@@ -24,6 +24,7 @@ def test_tp2_logits_loss_and_grads_equal_unsharded(ranks, family, sequence_paral
     for rank, result in enumerate(ranks):
         r = result[("tp", family, sequence_parallel)]
         assert r["logits_shape"] == (checks.B, checks.T, checks.VOCAB // 2), f"rank {rank}: logits are not vocab-split"
+        assert r["init"] == 0.0, f"rank {rank}: same seed, different initial weights than the TP=1 model's shards"
         assert r["logits"] < TOL and r["loss"] < TOL, (rank, r)
         assert r["grads"] < TOL * max(1.0, r["grad_scale"]), (rank, r)
 

@@ -1,0 +1,141 @@
+"""Hugging Face <-> megaclm checkpoints.
+
+    # HF directory -> megaclm checkpoint for a TP x PP layout, ready for continual pretraining
+    python tools/checkpoint/convert_hf.py import --hf ./Llama-3.2-1B --out ckpt/llama1b \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1
+    deepspeed --num_gpus 2 pretrain_gpt.py --config ckpt/llama1b/model_config.yaml \\
+        --load ckpt/llama1b --finetune --save ckpt/llama1b-cpt --data-path ... --train-iters ...
+
+    # any megaclm checkpoint (any TP/PP layout) -> HF directory for transformers
+    python tools/checkpoint/convert_hf.py export --load ckpt/llama1b-cpt --out ./llama1b-cpt-hf
+
+import writes OUT/model_config.yaml (model, tokenizer and parallel sections: pass it as --config) and
+the HF tokenizer files under OUT/tokenizer. The vocabulary is padded Megatron's way (zero rows up to a
+multiple of --make-vocab-size-divisible-by x TP) and the padding is dropped again on export.
+Families: gpt2, llama (incl. Llama-3 RoPE scaling), mistral, qwen2.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megaclm.checkpoint.hf import FAMILIES, from_hf, hf_family, infer_family, pad_vocab, to_hf, vocab_rows  # noqa: E402
+from megaclm.checkpoint.hf import files  # noqa: E402
+from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
+from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
+from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config.arguments import dump_yaml  # noqa: E402
+from megaclm.config.model import check_parallel_shapes  # noqa: E402
+from megaclm.config.parallel import ParallelConfig  # noqa: E402
+from megaclm.config.tokenizer import TokenizerConfig  # noqa: E402
+from megaclm.logging import get_logger  # noqa: E402
+from megaclm.tokenizer import pad_vocab_size  # noqa: E402
+from megaclm.utils.errors import UserError, cli_main  # noqa: E402
+
+log = get_logger("megaclm.convert_hf")
+
+
+def import_hf(hf_dir: str, out: str, tp: int = 1, pp: int = 1, divisible_by: int = 128) -> str:
+    """HF directory -> megaclm checkpoint at `out`; returns the tag. Checks cheap things before reading weights."""
+    hf_config = files.read_config(hf_dir)
+    family = hf_family(hf_config)
+    check_fresh_output(out)
+    tok_section = files.tokenizer_section(hf_dir)
+    tokenizer = files.build_from_section(tok_section) if tok_section else None
+    model_cfg, sd = from_hf(files.read_weights(hf_dir), hf_config)
+    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=divisible_by)
+    hf_vocab = vocab_rows(sd)
+    tok_vocab = tokenizer.vocab_size if tokenizer else hf_vocab
+    if tok_vocab > hf_vocab:
+        raise UserError(f"the tokenizer in {hf_dir} has {tok_vocab} tokens but the model's embedding only {hf_vocab}; "
+                        "the directory's tokenizer does not belong to its weights")
+    padded = pad_vocab_size(hf_vocab, divisible_by, tp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    check_parallel_shapes(model_cfg, parallel, padded)
+    extra, tokenizer_cfg = {}, TokenizerConfig(make_vocab_size_divisible_by=divisible_by)
+    if tok_section:  # the checkpoint keeps its own copy: the HF directory may be gone when it is exported
+        extra = {os.path.join("tokenizer", name): os.path.join(hf_dir, name) for name in files.TOKENIZER_FILES
+                 if os.path.isfile(os.path.join(hf_dir, name))}
+        section = files.tokenizer_section(hf_dir, root=os.path.join(os.path.abspath(out), "tokenizer"))
+        tokenizer_cfg = TokenizerConfig(**section, make_vocab_size_divisible_by=divisible_by)
+    else:
+        log.warning(f"{hf_dir} has no tokenizer files; pass the tokenizer flags to pretrain_gpt.py yourself")
+    cfg = MegaclmConfig(model=model_cfg, parallel=parallel, tokenizer=tokenizer_cfg)
+    tree = cfg.to_dict()
+    meta = {"tokenizer_vocab_size": tok_vocab, "hf_vocab_size": hf_vocab, "hf_model_type": family,
+            "consumed_samples": 0, "consumed_tokens": 0}
+    usable = {k: tree[k] for k in ("model", "tokenizer", "parallel")}
+    yaml_text = (f"# written by convert_hf.py import from {os.path.abspath(hf_dir)} ({family}); "
+                 "pass as pretrain_gpt.py --config\n" + dump_yaml(usable))
+    tag = write_checkpoint(out, tree, pad_vocab(sd, padded), tp=tp, pp=pp, meta=meta, extra_files=extra,
+                           extra_texts={"model_config.yaml": yaml_text})
+    n_params = sum(v.numel() for v in sd.values())
+    log.info(f"imported {family} ({n_params:,} parameters, vocab {hf_vocab} padded to {padded}) from {hf_dir} "
+             f"into {out} as tp {tp} x pp {pp}")
+    print(f"continue training with: pretrain_gpt.py --config {os.path.join(out, 'model_config.yaml')} "
+          f"--load {out} --finetune --save NEW_DIR --data-path ... --seq-length ... --train-iters ...")
+    return tag
+
+
+def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | None = None,
+              tokenizer_dir: str | None = None, dtype: str = "fp32", vocab_size: int | None = None) -> dict:
+    """megaclm checkpoint (any TP/PP) -> HF directory at `out`; returns the written config.json dict."""
+    check_fresh_output(out)
+    if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
+        raise UserError(f"--tokenizer-dir {tokenizer_dir}: no such directory")
+    tag = None if ckpt_step is None else f"iter_{ckpt_step:07d}"
+    ckpt = load_full_state_dict(load, tag)
+    model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
+    section = files.tokenizer_section(tokenizer_dir) if tokenizer_dir else ckpt.config.get("tokenizer", {})
+    if tokenizer_dir and section is None:
+        raise UserError(f"--tokenizer-dir {tokenizer_dir} has no tokenizer.json, vocab.json + merges.txt or "
+                        "tokenizer.model")
+    tok_files = files.tokenizer_sources(section)
+    eod = files.build_from_section(section).eod
+    vocab = vocab_size or max(ckpt.meta.get("tokenizer_vocab_size", 0), ckpt.meta.get("hf_vocab_size", 0)) \
+        or vocab_rows(ckpt.state_dict)
+    hf_config, hf_sd = to_hf(model_cfg, ckpt.state_dict, vocab, family or ckpt.meta.get("hf_model_type")
+                             or infer_family(model_cfg))
+    hf_config.update(bos_token_id=eod, eos_token_id=eod)  # megaclm separates documents with eod alone
+    files.write_hf_dir(out, hf_config, hf_sd, tok_files, dtype)
+    log.info(f"exported {os.path.join(load, ckpt.meta['tag'])} (tp {ckpt.meta['tensor_model_parallel_size']} x "
+             f"pp {ckpt.meta['pipeline_model_parallel_size']}) as {hf_config['model_type']} to {out}")
+    return hf_config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF directory -> megaclm checkpoint")
+    imp.add_argument("--hf", required=True, help="Local HF model directory (config.json, *.safetensors, tokenizer).")
+    imp.add_argument("--out", required=True, help="New checkpoint directory (must not exist or be empty).")
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    exp = sub.add_parser("export", help="megaclm checkpoint -> HF directory")
+    exp.add_argument("--load", required=True, help="megaclm checkpoint directory (pretrain_gpt.py --save, or import).")
+    exp.add_argument("--out", required=True, help="New HF model directory (must not exist or be empty).")
+    exp.add_argument("--ckpt-step", type=int, default=None, help="Export iteration N instead of `latest`.")
+    exp.add_argument("--family", choices=FAMILIES, default=None,
+                     help="HF architecture to write; default: the imported one, else inferred from the model config.")
+    exp.add_argument("--tokenizer-dir", default=None,
+                     help="Copy the tokenizer from here instead of the one in the checkpoint's config.")
+    exp.add_argument("--dtype", choices=sorted(files.DTYPES), default="fp32", help="dtype of the saved weights.")
+    exp.add_argument("--vocab-size", type=int, default=None,
+                     help="Rows of the embedding to keep; default: the tokenizer's (or the imported model's) size.")
+    a = p.parse_args()
+    if a.command == "import":
+        if a.tensor_model_parallel_size < 1 or a.pipeline_model_parallel_size < 1:
+            raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        import_hf(a.hf, a.out, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                  a.make_vocab_size_divisible_by)
+    else:
+        cfg = export_hf(a.load, a.out, a.ckpt_step, a.family, a.tokenizer_dir, a.dtype, a.vocab_size)
+        print(json.dumps({"out": a.out, "model_type": cfg["model_type"], "vocab_size": cfg["vocab_size"]}))
+
+
+if __name__ == "__main__":
+    cli_main(main)
