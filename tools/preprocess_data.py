@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("workers", "partitions", "log_interval", "chunk_bytes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        raise UserError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated; name each key once")
     return args
 
 

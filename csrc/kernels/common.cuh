@@ -116,10 +116,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 struct MaxSum {
     float m, s;
 };
-__device__ __forceinline__ MaxSum maxsum_add(MaxSum a, float x) {
-    if (x == -INFINITY) return a;
-    if (x <= a.m) return {a.m, a.s + expf(x - a.m)};
-    return {x, a.s * expf(a.m - x) + 1.f};  // a.m = -inf gives a.s * 0 + 1
+// Add a pack of VEC values (-inf = masked): one rescale per pack, one exp per value.
+template <int VEC>
+__device__ __forceinline__ MaxSum maxsum_add(MaxSum a, const float (&v)[VEC]) {
+    float m = a.m;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) m = fmaxf(m, v[i]);
+    if (m == -INFINITY) return a;  // nothing unmasked yet
+    float s = a.s * expf(a.m - m);  // a.m = -inf: a.s is 0 and so is the product
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s += expf(v[i] - m);  // exp(-inf) = 0 for masked values
+    return {m, s};
 }
 __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
     if (b.m == -INFINITY) return a;

@@ -28,8 +28,7 @@ __global__ void __launch_bounds__(WARPS * 32 * ROWS)
             for (int64_t j = int64_t(lane) * VEC; j < vocab; j += kGroup * VEC) {
                 float v[VEC];
                 load_pack<T, VEC>(lr + j, v);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) st = maxsum_add(st, v[k]);
+                st = maxsum_add<VEC>(st, v);
             }
         st = group_reduce_maxsum<WARPS>(st, scratch);
         if (live && lane == 0) {

@@ -7,9 +7,9 @@
 //
 // Backward: a persistent grid of G blocks walks the rows. For each row it reduces
 // sum(dy*w) and sum(dy*w*xhat), writes dh, and adds dy*xhat and dy into per-thread columns of a
-// per-block accumulator (shared memory when 2*hidden floats fit, else the block's own workspace row),
-// so weight/bias gradients need no atomics and no extra pass over dy; a small kernel sums the G
-// partial rows at the end.
+// per-block accumulator (shared memory when 2*hidden floats fit, else the block's own workspace row;
+// laid out so a warp's accesses are bank-conflict free), so weight/bias gradients need no atomics and
+// no extra pass over dy; a small kernel sums the G partial rows at the end.
 #include <algorithm>
 
 #include "common.cuh"
@@ -77,20 +77,25 @@ __global__ void norm_fwd_kernel(const T* x, const T* res, const T* w, const T* b
     }
 }
 
-// partial: gridDim.x rows of [dweight (hidden) | dbias (hidden)] fp32.
+// Accumulator slot of column c (a multiple of VEC) + i: VEC planes of hidden/VEC floats, so the
+// threads of a warp, which hold consecutive packs, hit consecutive shared-memory banks.
+template <int VEC>
+__device__ __forceinline__ int acc_slot(int c, int i, int hidden) { return i * (hidden / VEC) + c / VEC; }
+
+// partial: gridDim.x rows of [dweight | dbias] fp32, each 2*hidden floats in acc_slot order.
 template <typename T, int VEC, bool RMS>
 __global__ void norm_bwd_kernel(const T* dy, const T* dres, const T* h, const T* w, const float* mean_in,
                                 const float* rstd_in, T* dh, float* partial, int64_t rows, int hidden,
                                 bool acc_in_smem) {
     extern __shared__ float smem[];
     __shared__ float scratch[32];
-    float* acc = acc_in_smem ? smem : partial + int64_t(blockIdx.x) * 2 * hidden;
-    const int stride = blockDim.x * VEC;
-    // Each thread only ever touches its own columns c..c+VEC-1, so no synchronisation is needed.
-    for (int c = threadIdx.x * VEC; c < hidden; c += stride)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[c + i] = acc[hidden + c + i] = 0.f;
+    float* part = partial + int64_t(blockIdx.x) * 2 * hidden;
+    float* acc_w = acc_in_smem ? smem : part;
+    float* acc_b = acc_w + hidden;
+    for (int s = threadIdx.x; s < 2 * hidden; s += blockDim.x) acc_w[s] = 0.f;
+    __syncthreads();
 
+    const int stride = blockDim.x * VEC;
     for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
         const int64_t base = row * hidden;
         const float mean = RMS ? 0.f : mean_in[row], rstd = rstd_in[row];
@@ -105,8 +110,9 @@ __global__ void norm_bwd_kernel(const T* dy, const T* dres, const T* h, const T*
                 const float xhat = (xv[i] - mean) * rstd;
                 s_g += g[i] * wv[i];
                 s_gx += g[i] * wv[i] * xhat;
-                acc[c + i] += g[i] * xhat;
-                acc[hidden + c + i] += g[i];
+                // Only this thread ever touches these slots (its columns): no synchronisation needed.
+                acc_w[acc_slot<VEC>(c, i, hidden)] += g[i] * xhat;
+                acc_b[acc_slot<VEC>(c, i, hidden)] += g[i];
             }
         }
         s_gx = block_sum(s_gx, scratch) / hidden;
@@ -128,33 +134,32 @@ __global__ void norm_bwd_kernel(const T* dy, const T* dres, const T* h, const T*
     }
 
     if (acc_in_smem) {
-        float* out = partial + int64_t(blockIdx.x) * 2 * hidden;
-        for (int c = threadIdx.x * VEC; c < hidden; c += stride)
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                out[c + i] = acc[c + i];
-                out[hidden + c + i] = acc[hidden + c + i];
-            }
+        __syncthreads();
+        for (int s = threadIdx.x; s < 2 * hidden; s += blockDim.x) part[s] = acc_w[s];
     }
 }
 
-// dweight[j] = sum_g partial[g][j], dbias[j] = sum_g partial[g][hidden + j].
-// Block (32, 8): x walks columns (coalesced), y splits the G partial rows; shared memory folds y.
+// Sums the G partial rows: x threads walk the 2*hidden slots (coalesced reads), y threads split the
+// rows, shared memory folds y; slot s of plane i = s / (hidden/vec) is column (s % (hidden/vec))*vec + i.
 template <typename T>
-__global__ void norm_bwd_finalize_kernel(const float* partial, int groups, int hidden, T* dweight, T* dbias) {
+__global__ void norm_bwd_finalize_kernel(const float* partial, int groups, int hidden, int vec, T* dweight,
+                                         T* dbias) {
     __shared__ float fold[8][33];
-    const int col = blockIdx.x * 32 + threadIdx.x;  // in [0, 2*hidden)
+    const int slot = blockIdx.x * 32 + threadIdx.x;  // [0, hidden): weight, [hidden, 2*hidden): bias
     float s = 0.f;
-    if (col < 2 * hidden)
-        for (int g = threadIdx.y; g < groups; g += 8) s += partial[int64_t(g) * 2 * hidden + col];
+    if (slot < 2 * hidden)
+        for (int g = threadIdx.y; g < groups; g += 8) s += partial[int64_t(g) * 2 * hidden + slot];
     fold[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
-    if (threadIdx.y == 0 && col < 2 * hidden) {
+    if (threadIdx.y == 0 && slot < 2 * hidden) {
         for (int k = 1; k < 8; ++k) s += fold[k][threadIdx.x];
-        if (col < hidden)
+        const bool is_bias = slot >= hidden;
+        const int in_half = is_bias ? slot - hidden : slot, per_plane = hidden / vec;
+        const int col = (in_half % per_plane) * vec + in_half / per_plane;
+        if (!is_bias)
             dweight[col] = from_float<T>(s);
         else if (dbias != nullptr)
-            dbias[col - hidden] = from_float<T>(s);
+            dbias[col] = from_float<T>(s);
     }
 }
 
@@ -193,7 +198,7 @@ cudaError_t launch_bwd(const void* dy, const void* dres, const void* h, const vo
         static_cast<const T*>(dy), static_cast<const T*>(dres), static_cast<const T*>(h), static_cast<const T*>(w),
         mean, rstd, static_cast<T*>(dh), workspace, rows, hidden, in_smem);
     norm_bwd_finalize_kernel<T><<<ceil_div(2 * int64_t(hidden), 32), dim3(32, 8), 0, stream>>>(
-        workspace, grid, hidden, static_cast<T*>(dweight), static_cast<T*>(dbias));
+        workspace, grid, hidden, VEC, static_cast<T*>(dweight), static_cast<T*>(dbias));
     return cudaGetLastError();
 }
 

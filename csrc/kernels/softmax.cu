@@ -70,8 +70,7 @@ __global__ void __launch_bounds__(WARPS * 32 * ROWS) softmax_fwd_kernel(const T*
             for (int64_t j = int64_t(lane) * VEC; j < limit; j += kGroup * VEC) {
                 float v[VEC];
                 load_scores<T, VEC>(xr, rm, j, limit, a.scale, v);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) st = maxsum_add(st, v[k]);
+                st = maxsum_add<VEC>(st, v);
             }
         st = group_reduce_maxsum<WARPS>(st, scratch);
         if (!live) continue;
@@ -123,7 +122,9 @@ __global__ void __launch_bounds__(WARPS * 32 * ROWS)
     }
 }
 
-int grid_for(int64_t rows, int rows_per_block) { return int(std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, 1 << 30)); }
+int grid_for(int64_t rows, int rows_per_block) {
+    return int(std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, 1 << 30));
+}
 
 template <typename T, int VEC>
 cudaError_t launch_fwd(const T* x, T* y, const FwdArgs& a, cudaStream_t stream) {
@@ -184,7 +185,8 @@ cudaError_t softmax_backward(DType dtype, const void* dy, const void* y, void* d
         const auto* g = static_cast<const scalar_t*>(dy);
         const auto* p = static_cast<const scalar_t*>(y);
         auto* out = static_cast<scalar_t*>(dx);
-        if (packable(k_len, sizeof(scalar_t), {dy, y, dx})) return launch_bwd<scalar_t, P>(g, p, out, scale, rows, k_len, stream);
+        if (packable(k_len, sizeof(scalar_t), {dy, y, dx}))
+            return launch_bwd<scalar_t, P>(g, p, out, scale, rows, k_len, stream);
         return launch_bwd<scalar_t, 1>(g, p, out, scale, rows, k_len, stream);
     });
     return cudaSuccess;

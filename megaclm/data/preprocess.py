@@ -10,7 +10,7 @@ number of workers. `--partitions P` runs P such pipelines side by side on contig
 input files and concatenates their datasets in order (Megatron's partitions, same output).
 
 This module takes the tokenizer as a picklable zero-argument factory (data never imports
-megaclm.tokenizer); it only needs `tokenize_batch`, `vocab_size` and `eod` from it.
+megaclm.tokenizer); it only needs `tokenize_batch_flat`, `vocab_size` and `eod` from it.
 """
 import contextlib
 import multiprocessing as mp
@@ -24,7 +24,6 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -86,21 +85,19 @@ class Encoded:
 
 def encode_chunk(chunk: Chunk, tokenizer: Any, opts: Options, dtype: type) -> Encoded:
     texts, bad = parse_chunk(chunk, list(opts.keys), opts.skip_bad_lines)
-    eod = tokenizer.eod if opts.append_eod else None
     tokens, lengths, empty = [], [], []
     for col in texts:
-        ids = tokenizer.tokenize_batch(col) if col else []
+        flat, lens = tokenizer.tokenize_batch_flat(col, dtype)
         n_empty = 0
-        if eod is not None:
-            for x in ids:
-                x.append(eod)  # an empty document becomes [eod]: see EMPTY_DOC_RULE
+        if opts.append_eod:
+            # eod after each document: inserted at every document end (an empty document,
+            # whose end repeats the previous one, becomes [eod]: see EMPTY_DOC_RULE).
+            flat = np.insert(flat, np.cumsum(lens, dtype=np.int64), np.asarray(tokenizer.eod, dtype=dtype))
+            lens = lens + 1
         else:
-            n_empty = sum(1 for x in ids if not x)
-            if n_empty:
-                ids = [x for x in ids if x]
-        lens = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-        total = int(lens.sum(dtype=np.int64))
-        tokens.append(np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total))
+            n_empty = int((lens == 0).sum())
+            lens = lens[lens > 0]  # empty documents hold no tokens: dropping their lengths drops them
+        tokens.append(flat)
         lengths.append(lens)
         empty.append(n_empty)
     return Encoded(tokens, lengths, empty, len(texts[0]) if texts else 0, bad, len(chunk.data) or chunk.nbytes)

@@ -198,20 +198,19 @@ def iter_chunks(path: str, keys: list[str], chunk_bytes: int = 1 << 20) -> Itera
             raise UserError(f"--input {path}: cannot open it ({e.strerror})") from e
         raise UserError(f"{path}: cannot read it ({e}); is the file truncated or not really {comp or fmt}?") from e
     except Exception as e:
-        if type(e).__module__.startswith("zstd"):  # zstandard.ZstdError: corrupt frame
+        if comp == "zst" and type(e).__name__ == "ZstdError":  # a corrupt frame
             raise UserError(f"{path}: corrupt zstd data ({e})") from e
         raise
 
 
-def _decode(data: bytes, path: str, first: int) -> str:
+def _decode(data: bytes, path: str, first: int, hint: str = " or pass --skip-bad-lines") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = first + data.count(b"\n", 0, e.start)
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise UserError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
-            "convert the file to UTF-8 or pass --skip-bad-lines"
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); convert the file to UTF-8{hint}"
         ) from e
 
 
@@ -229,7 +228,7 @@ def parse_chunk(chunk: Chunk, keys: list[str], skip_bad_lines: bool) -> tuple[li
     UserError naming file and line, or is skipped for every key when `skip_bad_lines`.
     """
     if chunk.kind == "text":
-        return [[_decode(chunk.data, chunk.path, 1)]], 0
+        return [[_decode(chunk.data, chunk.path, 1, hint="")]], 0  # a whole document: nothing to skip
     texts: list[list[str]] = [[] for _ in keys]
     bad = 0
     if chunk.kind == "rows":

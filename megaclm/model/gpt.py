@@ -79,8 +79,10 @@ class Embedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, pstate, init_method=init)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-            init(self.position_embeddings.weight)
+            # Initialised before it becomes a parameter (ZeRO-3's zero.Init partitions it at construction).
+            table = torch.empty(config.max_position_embeddings, config.hidden_size)
+            init(table)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, _weight=table)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids, position_ids):

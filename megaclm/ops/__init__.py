@@ -89,7 +89,8 @@ def build_ops(kernels: KernelsConfig | str = "torch") -> Ops:
         return Ops(backend="compile", **{name: torch.compile(REFERENCES[name]) for name in OP_NAMES})
     module = _fused_module()
     if module is None:
-        warn_once("ops-fused-missing", "kernels=fused: the megaclm CUDA extension is not available here; "
-                  "using the PyTorch reference ops")
+        from megaclm.ops import _cuda
+        warn_once("ops-fused-missing", "kernels=fused: the megaclm CUDA extension is not available here "
+                  f"({_cuda.unavailable_reason()}); using the PyTorch reference ops")
         return Ops(backend="torch")
     return Ops(backend="fused", **{name: getattr(module, name) for name in OP_NAMES if hasattr(module, name)})

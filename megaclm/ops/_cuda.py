@@ -22,10 +22,14 @@ from megaclm.ops.rope import rope_reference
 from megaclm.ops.softmax import scaled_masked_softmax_reference
 
 try:
-    from megaclm import _cuda_kernels as _ext
+    import megaclm._cuda_kernels as _ext
     _LOAD_ERROR = ""
-except (ImportError, OSError) as e:  # not built (CPU install), or built against another torch/CUDA
-    _ext, _LOAD_ERROR = None, f"{type(e).__name__}: {e}"
+except ModuleNotFoundError as e:  # not built: a CPU install
+    if e.name != "megaclm._cuda_kernels":
+        raise
+    _ext, _LOAD_ERROR = None, "megaclm._cuda_kernels is not built"
+except (ImportError, OSError) as e:  # built, but against another torch or CUDA
+    _ext, _LOAD_ERROR = None, f"megaclm._cuda_kernels does not load ({e}); rebuild it"
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_DEVICE = "cuda"
@@ -39,8 +43,7 @@ def is_available() -> bool:
 def unavailable_reason() -> str:
     """Why is_available() is False ("" when it is True)."""
     if _ext is None:
-        return (f"the extension megaclm._cuda_kernels is not built ({_LOAD_ERROR}); on a CUDA machine run "
-                "MEGACLM_CUDA_EXT=1 pip install --no-build-isolation -e .")
+        return f"{_LOAD_ERROR}: on a CUDA machine run MEGACLM_CUDA_EXT=1 pip install --no-build-isolation -e ."
     return "" if torch.cuda.is_available() else "no CUDA device is visible"
 
 
@@ -238,12 +241,19 @@ def _expand(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return e if e.stride(-1) == 1 else e.contiguous()
 
 
+def _broadcasts(shape, target) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def scaled_masked_softmax(scores, mask, scale):
     why = "" if scores.dim() == 4 else "scores that are not (B, nh, Tq, Tk)"
     if not why and mask is not None:
         if mask.device != scores.device or mask.dim() > 4 or mask.requires_grad:
             why = "a mask it does not cover (other device, > 4 dims, or requiring grad)"
-        elif torch.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
+        elif not _broadcasts(mask.shape, scores.shape):
             why = "a mask that does not broadcast to the scores"
     if not _kernels_take("scaled_masked_softmax", scores, why=why):
         return scaled_masked_softmax_reference(scores, mask, scale)

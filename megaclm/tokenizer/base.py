@@ -1,6 +1,9 @@
 """The interface every megaclm tokenizer implements, and Megatron's vocabulary padding rule."""
 import abc
 import os
+from itertools import chain
+
+import numpy as np
 
 from megaclm.utils.errors import UserError
 
@@ -63,6 +66,14 @@ class BaseTokenizer(abc.ABC):
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenize(t) for t in texts]
+
+    def tokenize_batch_flat(self, texts: list[str], dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        """What a dataset writer wants: every text's ids concatenated (as `dtype`), and the int32
+        length of each. Families with a faster array path override it."""
+        ids = self.tokenize_batch(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum(dtype=np.int64)))
+        return flat, lengths
 
     @property
     def padded_vocab_size(self) -> int:

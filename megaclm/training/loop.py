@@ -115,9 +115,6 @@ class Trainer:
         return value.item()
 
     def train_step(self, seq_length: int) -> float:
-        import hashlib, random as _r, numpy as _np  # DEBUG
-        from megaclm.parallel.random import rng_tracker  # DEBUG
-        print("DEBUGRNG", dist.get_rank(), self.progress.iteration, hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8], {k: hashlib.md5(v.numpy().tobytes()).hexdigest()[:8] for k, v in rng_tracker().get_states().items()}, flush=True)  # DEBUG
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
         nan = (self.progress.iteration + 1) in self.inject_nan
         if self.pipeline:

@@ -6,6 +6,7 @@ differences, so the parent test asserts on plain numbers. All models are fp32, t
 unless a check is about dropout.
 """
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,42 @@ def check_tp_family(name: str, world_size: int, rank: int, sequence_parallel: bo
         "grads": max_diff(full_grads, ref_grads),
         "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
     }
+
+
+def check_mappings(world_size: int, rank: int) -> dict:
+    """Each mapping's forward and backward contract on rank-dependent data, as exact comparisons."""
+    from megaclm.parallel import mappings as m
+
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size)
+    pstate.init_process_groups()
+    group, n = pstate.tp_group, world_size
+    xs = [torch.arange(2 * 4 * 6, dtype=torch.float32).view(2, 4, 6) + 100 * r for r in range(n)]  # rank r's input
+
+    def upstream(r, shape):  # the gradient rank r's output receives
+        return torch.arange(math.prod(shape), dtype=torch.float32).view(shape) * (r + 2)
+
+    def chunk(t, dim, r=rank):
+        return t.chunk(n, dim)[r]
+
+    cases = {  # name: (fn, forward output on this rank, input gradient from the upstream gradients of all ranks)
+        "copy_to_tp": (m.copy_to_tp, xs[rank], lambda G: sum(G)),
+        "reduce_from_tp": (m.reduce_from_tp, sum(xs), lambda G: G[rank]),
+        "scatter_to_tp": (m.scatter_to_tp, chunk(xs[rank], -1), lambda G: torch.cat(G, -1)),
+        "gather_from_tp": (m.gather_from_tp, torch.cat(xs, -1), lambda G: chunk(G[rank], -1)),
+        "scatter_to_sp": (m.scatter_to_sp, chunk(xs[rank], 1), lambda G: torch.cat(G, 1)),
+        "gather_from_sp": (m.gather_from_sp, torch.cat(xs, 1), lambda G: chunk(sum(G), 1)),
+        "gather_from_sp_replicated_grad": (lambda x, g: m.gather_from_sp(x, g, grad_is_partial=False),
+                                           torch.cat(xs, 1), lambda G: chunk(G[rank], 1)),
+        "reduce_scatter_to_sp": (m.reduce_scatter_to_sp, chunk(sum(xs), 1), lambda G: torch.cat(G, 1)),
+    }
+    out = {}
+    for name, (fn, want_y, want_grad) in cases.items():
+        x = xs[rank].clone().requires_grad_()
+        y = fn(x, group)
+        y.backward(upstream(rank, y.shape))
+        out[name] = (torch.equal(y.detach(), want_y),
+                     torch.equal(x.grad, want_grad([upstream(r, y.shape) for r in range(n)])))
+    return out
 
 
 def check_vocab_parallel_ce(world_size: int, rank: int) -> dict:
@@ -229,11 +266,44 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
             "all_keys": sorted(ref_grads), "layers": [type(f).__name__ for f in module.forward_funcs]}
 
 
+def check_zero3(world_size: int, rank: int, family: str) -> dict:
+    """GPTModel built under zero.Init and trained by ZeRO-3 (every parameter partitioned): the loss and
+    one SGD step (lr 1, so the update is the gradient) equal the plain model's."""
+    import deepspeed
+
+    config = family_config(family)
+    ids, labels, weights, pos, mask = batch(seed=3, doc_mask=family in WITH_DOC_MASK)
+    ref = reference(config)
+    ref_loss = (ref(ids, pos, mask, labels=labels) * weights).sum()
+    ref_loss.backward()
+    ds_config = {"train_micro_batch_size_per_gpu": B, "train_batch_size": B * world_size, "steps_per_print": 10**9,
+                 "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        torch.manual_seed(1234)
+        model = GPTModel(config, VOCAB)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                           config=ds_config)
+    loss = (engine(ids, pos, mask, labels=labels) * weights).sum()
+    engine.backward(loss)
+    engine.step()
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        updates = {k: p.detach() - ref.state_dict()[k] for k, p in params.items()}
+    return {"loss": abs(loss.item() - ref_loss.item()),
+            "grads": max_diff({k: -u for k, u in updates.items()}, grads(ref))}
+
+
 def world2_checks(rank: int, world_size: int) -> dict:
     """Everything the 2-rank tests assert on, in one spawn."""
     out = {("tp", name, sp): check_tp_family(name, world_size, rank, sp) for name in FAMILIES for sp in (False, True)}
+    out["mappings"] = check_mappings(world_size, rank)
     out["vocab_ce"] = check_vocab_parallel_ce(world_size, rank)
     out["checkpointing"] = check_activation_checkpointing(world_size, rank)
+    out[("zero3", "gpt2")] = check_zero3(world_size, rank, "gpt2")
+    out[("zero3", "llama")] = check_zero3(world_size, rank, "llama")
     out[("pipe", "gpt2")] = check_pipeline(world_size, rank, "gpt2", tp=1, pp=2)
     out[("pipe", "llama")] = check_pipeline(world_size, rank, "llama", tp=1, pp=2, checkpoint=True,
                                             partition_method="uniform")

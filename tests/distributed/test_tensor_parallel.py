@@ -1,5 +1,5 @@
-"""2 gloo ranks, one spawn: tensor/sequence parallel, vocab-parallel CE, activation checkpointing and a
-2-stage DeepSpeed pipeline, each compared with the unsharded single-process model (parallel_checks.py)."""
+"""2 gloo ranks, one spawn: tensor/sequence parallel, vocab-parallel CE, activation checkpointing, ZeRO-3
+and a 2-stage DeepSpeed pipeline, each compared with the unsharded single-process model (parallel_checks.py)."""
 import os
 
 import pytest
@@ -29,6 +29,13 @@ def test_tp2_logits_loss_and_grads_equal_unsharded(ranks, family, sequence_paral
         assert r["grads"] < TOL * max(1.0, r["grad_scale"]), (rank, r)
 
 
+def test_mappings_forward_and_backward_contracts(ranks):
+    for rank, result in enumerate(ranks):
+        assert len(result["mappings"]) == 8
+        for name, (forward_ok, backward_ok) in result["mappings"].items():
+            assert forward_ok and backward_ok, f"rank {rank}: {name} forward ok={forward_ok} backward ok={backward_ok}"
+
+
 def test_vocab_parallel_cross_entropy_equals_torch(ranks):
     for r in (result["vocab_ce"] for result in ranks):
         assert r["dtype"] == "torch.float32"
@@ -40,6 +47,12 @@ def test_activation_checkpointing_keeps_grads_with_dropout(ranks):
         assert r["dropout_effect"] > 1e-3, "dropout was not active, the comparison would be vacuous"
         for k in (1, 2):
             assert r[f"ckpt{k}_loss"] == 0.0 and r[f"ckpt{k}_grads"] == 0.0, r
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_zero3_partitioned_model_equals_plain_model(ranks, family):
+    for r in (result[("zero3", family)] for result in ranks):
+        assert r["loss"] < TOL and r["grads"] < TOL, r
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

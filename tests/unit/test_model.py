@@ -171,6 +171,23 @@ def test_qkv_and_swiglu_shards_keep_heads_and_gate_up_pairs_together():
     assert torch.equal(s1["layers.0.mlp.fc1.weight"], torch.cat([gate[24:], up[24:]]))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # tied and untied
+def test_pipeline_keys_round_trip(family):
+    from megaclm.model.pipe import pipe_to_plain_key, plain_to_pipe_key
+
+    config = family_config(family)
+    keys = list(reference(config).state_dict())
+    pipe_keys = [plain_to_pipe_key(k, config) for k in keys]
+    assert len(set(pipe_keys)) == len(keys) and [pipe_to_plain_key(k, config) for k in pipe_keys] == keys
+    tied = family == "gpt2"
+    assert plain_to_pipe_key("embedding.word_embeddings.weight", config) == \
+        ("tied_modules.embed.word_embeddings.weight" if tied else "0.word_embeddings.weight")
+    assert plain_to_pipe_key("layers.1.mlp.fc2.weight", config) == "2.mlp.fc2.weight"
+    assert plain_to_pipe_key("final_norm.weight", config) == "3.weight"
+    with pytest.raises(KeyError):
+        plain_to_pipe_key("decoder.weight", config)
+
+
 def test_alibi_slopes_are_press_et_al():
     assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
     twelve = alibi_slopes(12).tolist()

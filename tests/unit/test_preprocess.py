@@ -167,6 +167,17 @@ def test_workers_and_partitions_give_identical_files(tool, capsys, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp file or partition dir left
 
 
+def test_partition_errors_reach_the_user_and_leave_nothing(tool, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "1 2"}] * 3, blank_line=False)
+    (tmp_path / "b.jsonl").write_text('{"text": "3"}\n{"text": 4 5}\n')
+    with pytest.raises(UserError, match=r"b.jsonl:2: malformed JSON"):
+        tool.main(["--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output-prefix", str(out / "o"),
+                   "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--workers", "2", "--partitions", "2"])
+    assert os.listdir(out) == []  # neither outputs nor the partitions' scratch directory
+
+
 # ---------------------------------------------------------------- bad input
 def expect_error(tool, tmp_path, match, *argv):
     """The tool refuses with a UserError matching `match` and leaves no output file at all."""
@@ -230,6 +241,11 @@ def test_table_and_compressed_errors(tool, tmp_path):
                  "--input", tmp_path / "n.parquet", *GPT2, "--workers", 1)
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
     expect_error(tool, tmp_path, "c.jsonl.gz: cannot read it", "--input", tmp_path / "c.jsonl.gz", *GPT2)
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 10)
+    expect_error(tool, tmp_path, "c.jsonl.zst: corrupt zstd data", "--input", tmp_path / "c.jsonl.zst", *GPT2)
+    (tmp_path / "l.txt").write_bytes(b"line one\nline \xff two\n")
+    expect_error(tool, tmp_path, r"l.txt:2: not valid UTF-8 \(byte 0xff at column 6\); convert the file to UTF-8$",
+                 "--input", tmp_path / "l.txt", *GPT2, "--workers", 1)
     (tmp_path / "t.txt").write_text("hi")
     expect_error(tool, tmp_path, "a .txt input is one document", "--input", tmp_path / "t.txt",
                  "--json-keys", "text", "title", *GPT2)
@@ -249,6 +265,7 @@ def test_bad_inputs_and_tokenizer_files(tool, tmp_path):
     expect_error(tool, tmp_path, "--tokenizer-model .*m.model: no such file", "--input", good,
                  "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tmp_path / "m.model")
     expect_error(tool, tmp_path, "--workers 0 must be >= 1", "--input", good, *GPT2, "--workers", 0)
+    expect_error(tool, tmp_path, "a key is repeated", "--input", good, *GPT2, "--json-keys", "text", "text")
 
 
 def test_unwritable_output(tool, tmp_path):

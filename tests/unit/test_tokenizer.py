@@ -2,6 +2,7 @@
 import json
 import pathlib
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -58,6 +59,9 @@ def test_gpt2_equals_transformers_on_real_text(engine, request, texts, reference
     expected = [reference_gpt2(t)["input_ids"] for t in texts]
     assert tok.tokenize_batch(texts) == expected
     assert [tok.tokenize(t) for t in texts[:50]] == expected[:50]
+    flat, lengths = tok.tokenize_batch_flat(texts, np.uint16)
+    assert flat.dtype == np.uint16 and lengths.tolist() == [len(e) for e in expected]
+    assert flat.tolist() == [i for e in expected for i in e]
     assert sum(map(len, expected)) > 100_000  # the comparison covered real volume
     assert tok.detokenize(expected[500]) == texts[500]  # Hamlet round trip
 
@@ -84,6 +88,8 @@ def test_sentencepiece_equals_sentencepiece_without_bos_eos(texts):
     expected = [ref.encode(t) for t in texts]
     assert tok.tokenize_batch(texts) == expected
     assert tok.tokenize(texts[0]) == expected[0]
+    flat, lengths = tok.tokenize_batch_flat(texts[:3], np.int32)
+    assert flat.tolist() == [i for e in expected[:3] for i in e] and lengths.tolist() == [len(e) for e in expected[:3]]
     assert all(ref.bos_id() not in e and ref.eos_id() not in e for e in expected[:100])
     assert (tok.vocab_size, tok.eod, tok.padded_vocab_size) == (1000, 2, 1024)
     assert tok.eod not in tok.tokenize("a </s> b")
@@ -93,7 +99,7 @@ def test_sentencepiece_equals_sentencepiece_without_bos_eos(texts):
 def test_huggingface_dir_and_json(tmp_path, gpt2, texts):
     from tokenizers import AddedToken, Tokenizer
 
-    hf = Tokenizer.from_str(gpt2._tok.to_str())
+    hf = Tokenizer.from_str(gpt2._hf.to_str())
     hf.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
     d = tmp_path / "tok"
     d.mkdir()

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megaclm.checkpoint.hf import FAMILIES, from_hf, hf_family, infer_family, pad_vocab, to_hf, vocab_rows  # noqa: E402
+from megaclm.checkpoint.hf import FAMILIES, config_from_hf, from_hf, hf_family, infer_family, pad_vocab, to_hf, vocab_rows  # noqa: E402
 from megaclm.checkpoint.hf import files  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
@@ -43,18 +43,18 @@ def import_hf(hf_dir: str, out: str, tp: int = 1, pp: int = 1, divisible_by: int
     hf_config = files.read_config(hf_dir)
     family = hf_family(hf_config)
     check_fresh_output(out)
+    model_cfg = dataclasses.replace(config_from_hf(hf_config), make_vocab_size_divisible_by=divisible_by)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    check_parallel_shapes(model_cfg, parallel)
     tok_section = files.tokenizer_section(hf_dir)
     tokenizer = files.build_from_section(tok_section) if tok_section else None
-    model_cfg, sd = from_hf(files.read_weights(hf_dir), hf_config)
-    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=divisible_by)
+    _, sd = from_hf(files.read_weights(hf_dir), hf_config)
     hf_vocab = vocab_rows(sd)
     tok_vocab = tokenizer.vocab_size if tokenizer else hf_vocab
     if tok_vocab > hf_vocab:
         raise UserError(f"the tokenizer in {hf_dir} has {tok_vocab} tokens but the model's embedding only {hf_vocab}; "
                         "the directory's tokenizer does not belong to its weights")
     padded = pad_vocab_size(hf_vocab, divisible_by, tp)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    check_parallel_shapes(model_cfg, parallel, padded)
     extra, tokenizer_cfg = {}, TokenizerConfig(make_vocab_size_divisible_by=divisible_by)
     if tok_section:  # the checkpoint keeps its own copy: the HF directory may be gone when it is exported
         extra = {os.path.join("tokenizer", name): os.path.join(hf_dir, name) for name in files.TOKENIZER_FILES

@@ -36,6 +36,12 @@ def hf_family(hf_config: Any) -> str:
                     f"{cfg.get('architectures')}; megaclm converts {', '.join(FAMILIES)}")
 
 
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """The ModelConfig of an HF config alone (cheap: validate a conversion before reading any weights)."""
+    family = hf_family(hf_config)
+    return (gpt2 if family == "gpt2" else llama).config_from_hf(Config(config_dict(hf_config), family))
+
+
 def from_hf(state_dict: Mapping[str, torch.Tensor], hf_config: Any) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, GPTModel full state dict with the HF vocabulary, unpadded) of an HF causal LM."""
     family = hf_family(hf_config)
@@ -68,4 +74,4 @@ def to_hf(mc: ModelConfig, state_dict: Mapping[str, torch.Tensor], vocab_size: i
     return llama.to_hf(mc, sd, vocab_size, family)
 
 
-__all__ = ["FAMILIES", "from_hf", "hf_family", "infer_family", "pad_vocab", "to_hf", "unpad_vocab", "vocab_rows"]
+__all__ = ["FAMILIES", "config_from_hf", "from_hf", "hf_family", "infer_family", "pad_vocab", "to_hf", "unpad_vocab", "vocab_rows"]

@@ -1,0 +1,269 @@
+"""HF <-> megaclm end to end: import, eval_perplexity (TP=1, TP=2 under torchrun), export, reshard, and a
+continual-pretraining run of pretrain_gpt.py from an imported model (4 ranks, TP=2 x PP=2, deepspeed launcher).
+
+References are independent of the code under test: transformers computes each tiny model's loss on the
+same text by the eval rule written out again here (its own tokenizer with split_special_tokens, eos
+after each document, windows of S+1), and exported directories are loaded by AutoModelForCausalLM.
+Tiny random models (tools/checkpoint/tiny_hf_model.py) with the GPT-2 vocabulary; fp32 throughout.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from megaclm.checkpoint.hf import FAMILIES  # noqa: E402
+from megaclm.utils.errors import UserError  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SEQ, WINDOWS = 64, 24
+TOL = 1e-5
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+
+
+def _tool(rel: str):
+    spec = importlib.util.spec_from_file_location(pathlib.Path(rel).stem, ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny = _tool("tools/checkpoint/tiny_hf_model.py")
+convert = _tool("tools/checkpoint/convert_hf.py")
+resharder = _tool("tools/checkpoint/reshard.py")
+eval_ppl = _tool("tools/eval_perplexity.py")
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def hf_loss(model_dir: str, jsonl: str, seq: int = SEQ, windows: int = WINDOWS) -> float:
+    """The eval rule, independently: transformers' tokenizer and model."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = []
+    with open(jsonl) as f:
+        for line in f:
+            ids += tok(json.loads(line)["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids.append(tok.eos_token_id)
+    n = min(len(ids) // (seq + 1), windows)
+    w = torch.tensor(ids[:n * (seq + 1)]).view(n, seq + 1)
+    with torch.no_grad():
+        logits = model(w[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).item()
+
+
+def eval_in_process(load: str, jsonl: str, **kw) -> dict:
+    args = eval_ppl_args(load=load, input=jsonl, **kw)
+    return eval_ppl.evaluate(args)
+
+
+def eval_ppl_args(**kw):
+    import argparse
+
+    base = dict(load=None, hf=None, input=None, json_keys=["text"], seq_length=SEQ, max_windows=WINDOWS,
+                micro_batch_size=8, ckpt_step=None, tensor_model_parallel_size=None, vocab_size=None,
+                tokenizer_type=None, vocab_file=None, merge_file=None, tokenizer_model=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Per family: a tiny HF model, its reference loss, and imports at TP=1, TP=2 and TP=2 x PP=2."""
+    root = tmp_path_factory.mktemp("hf")
+    docs = [json.loads(line) for line in open(ROOT / "tests" / "data" / "wiki_summaries_500.jsonl")][:30]
+    # A literal special-token string inside a document must be scored as plain text.
+    docs.insert(3, {"text": "A line that mentions <|endoftext|> inside the text, which is data, not a boundary."})
+    jsonl = root / "eval.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in docs))
+    out = {"root": root, "jsonl": str(jsonl), "families": {}}
+    for i, family in enumerate(FAMILIES):
+        hf_dir = str(root / f"{family}-hf")
+        tiny.make_tiny_model(family, hf_dir, seed=i, init_std=0.1)
+        f = {"hf": hf_dir, "ref": hf_loss(hf_dir, str(jsonl))}
+        for name, tp, pp in (("tp1", 1, 1), ("tp2", 2, 1), ("tp2pp2", 2, 2)):
+            f[name] = str(root / f"{family}-{name}")
+            convert.import_hf(hf_dir, f[name], tp, pp)
+        out["families"][family] = f
+    print("\nloss HF vs megaclm (eval_perplexity):")
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_perplexity_equals_hf_loss_tp1(work, family):
+    f = work["families"][family]
+    ours = eval_in_process(f["tp1"], work["jsonl"])
+    assert ours["windows"] == WINDOWS and ours["tokens"] == WINDOWS * SEQ
+    hf_side = eval_ppl.evaluate(eval_ppl_args(hf=f["hf"], input=work["jsonl"]))  # the tool's --hf path
+    print(f"  {family:8s} tp1: HF {f['ref']:.7f}  megaclm {ours['loss']:.7f}  eval --hf {hf_side['loss']:.7f}")
+    assert abs(ours["loss"] - f["ref"]) < TOL
+    assert abs(hf_side["loss"] - f["ref"]) < TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_perplexity_equals_hf_loss_tp2_under_torchrun(work, family):
+    f = work["families"][family]
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "tools/eval_perplexity.py", "--load", f["tp2"], "--input", work["jsonl"],
+                "--seq-length", str(SEQ), "--max-windows", str(WINDOWS), "--tensor-model-parallel-size", "2"])
+    ours = last_json(proc)
+    print(f"  {family:8s} tp2: HF {f['ref']:.7f}  megaclm {ours['loss']:.7f}")
+    assert abs(ours["loss"] - f["ref"]) < TOL
+    assert ours["ppl"] == pytest.approx(float(torch.tensor(ours["loss"]).exp()), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_of_import_loads_in_transformers_with_equal_logits(work, family):
+    f = work["families"][family]
+    out = str(work["root"] / f"{family}-export")
+    convert.export_hf(f["tp2pp2"], out)  # from a TP=2 x PP=2 layout
+    original = transformers.AutoModelForCausalLM.from_pretrained(f["hf"], dtype=torch.float32).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(exported) is type(original)
+    ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, original(ids).logits, atol=1e-6, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reshard_keeps_the_loss(work, family):
+    f = work["families"][family]
+    down = str(work["root"] / f"{family}-2to1")
+    resharder.reshard(f["tp2"], down, tp=1, pp=1)
+    assert abs(eval_in_process(down, work["jsonl"])["loss"] - f["ref"]) < TOL
+    up = str(work["root"] / f"{family}-1to2")
+    resharder.reshard(f["tp1"], up, tp=2, pp=1)
+    # 1 -> 2 gives exactly the files a direct TP=2 import gives (evaluated under torchrun above).
+    for rank in range(2):
+        name = f"iter_0000000/megaclm/model/tp{rank:02d}_pp000.pt"
+        a = torch.load(os.path.join(up, name), weights_only=False)["tensors"]
+        b = torch.load(os.path.join(f["tp2"], name), weights_only=False)["tensors"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ds = f"iter_0000000/mp_rank_{rank:02d}_model_states.pt"
+        a, b = (torch.load(os.path.join(d, ds), weights_only=False)["module"] for d in (up, f["tp2"]))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert abs(eval_in_process(up, work["jsonl"])["loss"] - f["ref"]) < TOL
+
+
+def _pretrain_hf(hf_dir: str, out: str, jsonl: str, steps: int = 40) -> None:
+    """A few HF training steps, so the starting model is recognisably not a fresh init (loss well below ln V)."""
+    import shutil
+
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = []
+    for line in open(jsonl):
+        ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    w = torch.tensor(ids[:len(ids) // (SEQ + 1) * (SEQ + 1)]).view(-1, SEQ + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        batch = w[torch.randint(0, len(w), (8,))]
+        loss = model(batch[:, :-1], labels=batch[:, :-1].clone()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    for name in os.listdir(hf_dir):
+        if name.startswith("tokenizer"):
+            shutil.copy(os.path.join(hf_dir, name), out)
+
+
+def test_continual_pretraining_from_hf(work):
+    """import (TP=2 x PP=2) -> pretrain_gpt.py --finetune 10 iterations -> export -> transformers: loss fell."""
+    root, f = work["root"], work["families"]["qwen2"]  # tied embeddings across pipeline stages, qkv bias, GQA
+    train = str(work["jsonl"])
+    start = str(root / "cpt-start-hf")
+    _pretrain_hf(f["hf"], start, train)
+    before = hf_loss(start, train)
+    prep = run([sys.executable, "tools/preprocess_data.py", "--input", train, "--tokenizer-type",
+                "HuggingFaceTokenizer", "--tokenizer-model", start, "--append-eod", "--workers", "1",
+                "--output-prefix", str(root / "cpt")])
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    imported, trained, exported = str(root / "cpt-import"), str(root / "cpt-run"), str(root / "cpt-export")
+    convert.import_hf(start, imported, tp=2, pp=2)
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = run([launcher, "--num_gpus", "4", "--master_port", str(_free_port()), "pretrain_gpt.py",
+                "--config", os.path.join(imported, "model_config.yaml"), "--load", imported, "--finetune",
+                "--save", trained, "--data-path", str(root / "cpt_text_document"), "--split", "100,0,0",
+                "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
+                "--train-iters", "10", "--lr", "2e-3", "--lr-decay-style", "constant", "--eval-iters", "0",
+                "--log-interval", "1", "--save-interval", "10", "--seed", "7"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(trained, "metrics.jsonl"))
+              if "loss" in json.loads(line)]
+    # The first step sees the imported weights: its loss is the HF model's level, far below a fresh
+    # init's ln(50304) = 10.8.
+    assert abs(losses[0] - before) < 0.5 < 10.8 - before, (losses[0], before)
+    convert.export_hf(trained, exported)
+    after = hf_loss(exported, train)
+    ours = eval_in_process(trained, train)
+    print(f"  continual pretraining (qwen2, tp2 x pp2): HF loss {before:.4f} -> {after:.4f} after 10 iterations; "
+          f"megaclm eval of the trained checkpoint {ours['loss']:.7f}")
+    assert after < before - 0.05
+    assert abs(ours["loss"] - after) < TOL
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- bad inputs: one clear error, exit 2, nothing written ---------------------------------------------------
+def test_cli_errors(work, tmp_path):
+    f = work["families"]["llama"]
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(open(os.path.join(f["hf"], "config.json")).read())
+    cases = [
+        (["import", "--hf", str(bert), "--out", str(tmp_path / "o1")], "unsupported architecture: config.json has "
+         "model_type='bert'"),
+        (["import", "--hf", str(no_weights), "--out", str(tmp_path / "o2")], "missing file model.safetensors"),
+        (["import", "--hf", f["hf"], "--out", str(tmp_path / "o3"), "--tensor-model-parallel-size", "3"],
+         "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
+    ]
+    for args, message in cases:
+        proc = run([sys.executable, "tools/checkpoint/convert_hf.py", *args])
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not os.path.exists(args[args.index("--out") + 1])
+
+
+def test_api_errors(work, tmp_path):
+    f = work["families"]["gpt2"]
+    with pytest.raises(UserError, match="no such directory"):
+        convert.import_hf(str(tmp_path / "nowhere"), str(tmp_path / "o"))
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        convert.import_hf(f["hf"], f["tp1"])
+    with pytest.raises(UserError, match="no `latest`"):
+        convert.export_hf(str(tmp_path), str(tmp_path / "o"))
+    with pytest.raises(UserError, match="num_query_groups|num_attention_heads"):
+        resharder.reshard(work["families"]["qwen2"]["tp1"], str(tmp_path / "r"), tp=4, pp=1)
+    with pytest.raises(UserError, match="cannot be split across"):
+        resharder.reshard(f["tp1"], str(tmp_path / "r"), tp=1, pp=3)
+    assert not os.path.exists(tmp_path / "r") and not os.path.exists(tmp_path / "o")

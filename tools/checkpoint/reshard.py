@@ -1,0 +1,100 @@
+"""Change the tensor/pipeline-parallel layout of a megaclm checkpoint.
+
+    python tools/checkpoint/reshard.py --load runs/gpt-tp2 --out runs/gpt-tp1pp2 \\
+        --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2
+    deepspeed --num_gpus 2 pretrain_gpt.py ... --pipeline-model-parallel-size 2 --load runs/gpt-tp1pp2 --no-load-optim
+
+What is carried over:
+  - model weights: exactly, as fp32 (the optimizer's master copy that every checkpoint stores in
+    <tag>/megaclm/model/), merged across the old shards and split for the new layout. The vocabulary
+    padding is redone for the new TP size (padding rows hold no real token; real rows are unchanged);
+  - progress (iteration, consumed samples/tokens) and the data-sampler state: `--load NEW --no-load-optim`
+    resumes the schedule and the data stream where the old run stopped; `--finetune` starts over;
+  - optimizer states (Adam moments) are NOT carried over: DeepSpeed partitions them by the old TP/PP/DP
+    layout. They restart from zero (with --no-load-optim or --finetune); the fp32 master weights are rebuilt
+    from the model weights. RNG states are not carried over either.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from megaclm.checkpoint.deepspeed_ckpt import CLIENT_KEY, CONFIG, read_latest, read_meta  # noqa: E402
+from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
+from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
+from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
+from megaclm.config.model import ModelConfig, check_parallel_shapes  # noqa: E402
+from megaclm.config.parallel import ParallelConfig  # noqa: E402
+from megaclm.logging import get_logger  # noqa: E402
+from megaclm.tokenizer import pad_vocab_size  # noqa: E402
+from megaclm.utils.errors import UserError, cli_main  # noqa: E402
+
+log = get_logger("megaclm.reshard")
+# meta.json keys that describe the run rather than the layout; the layout keys are rewritten.
+KEPT_META = ("iteration", "consumed_samples", "consumed_tokens", "skipped_steps", "best_val_loss",
+             "tokenizer_vocab_size", "hf_vocab_size", "hf_model_type", "zero_stage")
+
+
+def _client_state(ckpt_dir: str) -> dict | None:
+    """megaclm's client state (progress, data sampler) from a DeepSpeed model-states file, if any."""
+    path = os.path.join(ckpt_dir, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        return None
+    # mmap: the file may hold a large 16-bit module; only the small client state is read.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(CLIENT_KEY)
+
+
+def _check_layout(load: str, tag: str | None, tp: int, pp: int) -> None:
+    """The new layout must fit the model: checked from config.json before any weights are read."""
+    tag = tag or read_latest(load)
+    if tag is None:
+        raise UserError(f"--load {load}: no `latest` checkpoint there; pass a checkpoint directory")
+    read_meta(load, tag)  # a clear error for an incomplete checkpoint
+    with open(os.path.join(load, tag, CONFIG)) as f:
+        model_cfg = ModelConfig(**json.load(f)["model"])
+    check_parallel_shapes(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+
+
+def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | None = None) -> str:
+    check_fresh_output(out)
+    tag = None if ckpt_step is None else f"iter_{ckpt_step:07d}"
+    _check_layout(load, tag, tp, pp)
+    ckpt = load_full_state_dict(load, tag)
+    meta, tree = ckpt.meta, ckpt.config
+    rows = vocab_rows(ckpt.state_dict)
+    vocab = max(meta.get("tokenizer_vocab_size", 0), meta.get("hf_vocab_size", 0)) or rows
+    padded = pad_vocab_size(vocab, tree["model"]["make_vocab_size_divisible_by"], tp)
+    sd = pad_vocab(unpad_vocab(ckpt.state_dict, min(rows, padded)), padded)
+    client = _client_state(os.path.join(load, meta["tag"]))
+    if client is not None:
+        client = {**client, "world_size": None}  # the RNG files of the old ranks are not carried over
+    kept = {k: meta[k] for k in KEPT_META if k in meta}
+    tag = write_checkpoint(out, tree, sd, tp=tp, pp=pp, meta=kept, client_state=client,
+                           iteration=meta.get("iteration", 0))
+    log.info(f"resharded {os.path.join(load, meta['tag'])} (tp {meta['tensor_model_parallel_size']} x pp "
+             f"{meta['pipeline_model_parallel_size']}, vocab rows {rows}) into {out} (tp {tp} x pp {pp}, vocab rows "
+             f"{padded}); optimizer states are not carried over: continue with --no-load-optim or --finetune")
+    return tag
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="megaclm checkpoint directory.")
+    p.add_argument("--out", required=True, help="New checkpoint directory (must not exist or be empty).")
+    p.add_argument("--tensor-model-parallel-size", type=int, required=True)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--ckpt-step", type=int, default=None, help="Reshard iteration N instead of `latest`.")
+    a = p.parse_args()
+    if a.tensor_model_parallel_size < 1 or a.pipeline_model_parallel_size < 1:
+        raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    tag = reshard(a.load, a.out, a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.ckpt_step)
+    print(json.dumps({"out": a.out, "tag": tag, "tensor_model_parallel_size": a.tensor_model_parallel_size,
+                      "pipeline_model_parallel_size": a.pipeline_model_parallel_size}))
+
+
+if __name__ == "__main__":
+    cli_main(main)
