@@ -41,6 +41,62 @@ WORK = os.path.join(ROOT, ".cache", "bench")
 VOCAB, MERGES = os.path.join(DATA, "gpt2-vocab.json"), os.path.join(DATA, "gpt2-merges.txt")
 
 
+class TreeMonitor:
+    """CPU seconds and peak RSS of a process and all its descendants, sampled every 50 ms. CPU
+    time, unlike wall time, barely moves when other jobs share the machine."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.cpu: dict[int, float] = {}
+        self.peak_rss = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> dict[int, float]:
+        cpu, rss = {}, 0
+        try:
+            tree = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:  # the root has exited
+            return cpu
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak_rss = max(self.peak_rss, rss)
+        return cpu
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.cpu.update(self._sample())
+
+    def __enter__(self) -> "TreeMonitor":
+        self.base = self._sample()
+        self.peak_rss = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cpu.update(self._sample())
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(t - self.base.get(pid, 0.0) for pid, t in self.cpu.items())
+
+
+def measured(fn, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process tree) of fn(*args)."""
+    with TreeMonitor(os.getpid()) as mon:
+        start = time.perf_counter()
+        fn(*args)
+        wall = time.perf_counter() - start
+    return wall, mon.cpu_seconds
+
+
 # ---------------------------------------------------------------- Megatron's pure-Python BPE
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (visible bytes map to themselves)."""
@@ -130,14 +186,15 @@ def run_megatron_style(corpus: str, prefix: str, workers: int, kind: str) -> flo
 
 
 # ---------------------------------------------------------------- (a) and (c)
-def run_limit(texts: list[str]) -> tuple[float, int]:
+def run_limit(texts: list[str]) -> tuple[float, float, int]:
+    """(a): wall and CPU seconds (all threads of this process), and the number of tokens."""
     tok = build_tokenizer("GPT2BPETokenizer", vocab_file=VOCAB, merge_file=MERGES)._hf
     tok.encode_batch_fast(texts[:64])  # warm the thread pool
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(texts), 2048):
         n += sum(len(e) for e in tok.encode_batch_fast(texts[i:i + 2048], add_special_tokens=False))
-    return time.perf_counter() - start, n
+    return time.perf_counter() - start, time.process_time() - cpu, n
 
 
 def _tiktoken_limit_worker(corpus: str, rank: int, n: int, barrier, results) -> None:
@@ -146,16 +203,16 @@ def _tiktoken_limit_worker(corpus: str, rank: int, n: int, barrier, results) -> 
         texts = [json.loads(line)["text"] for i, line in enumerate(f) if i % n == rank]
     enc.encode_ordinary(texts[0])
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in texts:
         enc.encode_ordinary(t)
-    results.put(time.perf_counter() - start)
+    results.put((time.perf_counter() - start, time.process_time() - cpu))
 
 
-def run_limit_tiktoken(corpus: str, workers: int) -> float:
+def run_limit_tiktoken(corpus: str, workers: int) -> tuple[float, float]:
     """(a') the same limit for the engine megaclm uses on OpenAI's GPT-2 files. tiktoken's own
     batch call holds the GIL (measured: no gain from threads), so one process per core, each
-    with its share of the texts already in memory; the time is the slowest process's."""
+    with its share of the texts already in memory. Wall: the slowest process; CPU: the sum."""
     ctx = mp.get_context("forkserver")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
     procs = [ctx.Process(target=_tiktoken_limit_worker, args=(corpus, r, workers, barrier, results))
@@ -165,39 +222,23 @@ def run_limit_tiktoken(corpus: str, workers: int) -> float:
     times = [results.get() for _ in procs]
     for p in procs:
         p.join()
-    return max(times)
+    return max(t[0] for t in times), sum(t[1] for t in times)
 
 
-def run_megaclm(corpus: str, prefix: str, workers: int) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes, summed over the process tree) of tools/preprocess_data.py."""
+def run_megaclm(corpus: str, prefix: str, workers: int) -> tuple[float, float, int]:
+    """Wall time, CPU seconds and peak RSS (bytes, summed over the process tree) of
+    tools/preprocess_data.py run as a fresh process."""
     cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
            "--output-prefix", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB,
            "--merge-file", MERGES, "--append-eod", "--workers", str(workers)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                peak = max(peak, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    out, _ = proc.communicate()
+    with TreeMonitor(proc.pid) as mon:
+        out, _ = proc.communicate()
     elapsed = time.perf_counter() - start
-    done.set()
-    t.join()
     if proc.returncode != 0:
         sys.exit(f"megaclm preprocessing failed:\n{out}")
-    return elapsed, peak
+    return elapsed, mon.cpu_seconds, mon.peak_rss
 
 
 def build_corpus(src: str, dst: str, copies: int) -> None:
@@ -236,36 +277,46 @@ def main() -> None:
           f"best of {args.rounds} interleaved rounds")
 
     c = os.path.join(WORK, "c_text_document")
-    times: dict[str, list[float]] = {k: [] for k in ("a", "a'", "b", "b'", "c")}
+    wall: dict[str, list[float]] = {k: [] for k in ("a", "a'", "b", "b'", "c")}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
     for r in range(args.rounds):
-        t_a, n_tok = run_limit(texts)
-        times["a"].append(t_a)
-        times["a'"].append(run_limit_tiktoken(corpus, args.workers))
-        t_c, rss_1x = run_megaclm(corpus, os.path.join(WORK, "c"), args.workers)
-        times["c"].append(t_c)
-        times["b'"].append(run_megatron_style(corpus, os.path.join(WORK, "b_fast"), args.workers, "fast"))
-        times["b"].append(run_megatron_style(corpus, os.path.join(WORK, "b_py"), args.workers, "python"))
-        print(f"  round {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        *limit, n_tok = run_limit(texts)
+        for key, (w, c_s) in (
+            ("a", limit),
+            ("a'", run_limit_tiktoken(corpus, args.workers)),
+            ("c", run_megaclm(corpus, os.path.join(WORK, "c"), args.workers)[:2]),
+            ("b'", measured(run_megatron_style, corpus, os.path.join(WORK, "b_fast"), args.workers, "fast")),
+            ("b", measured(run_megatron_style, corpus, os.path.join(WORK, "b_py"), args.workers, "python")),
+        ):
+            wall[key].append(w)
+            cpu[key].append(c_s)
+        print(f"  round {r + 1}: " + "  ".join(f"{k} {wall[k][-1]:.2f} s ({cpu[k][-1]:.1f} cpu-s)" for k in wall),
+              flush=True)
+    c = os.path.join(WORK, "c_text_document")
     assert same_files(c, os.path.join(WORK, "b_fast")), "megaclm and the Megatron-style (fast) output differ"
     assert same_files(c, os.path.join(WORK, "b_py")), "megaclm and the Megatron-style (Python BPE) output differ"
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in wall.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
 
-    def row(name, t):
-        print(f"  {name:<34} {t:7.2f} s  {docs / t:8.0f} docs/s  {mb / t:6.2f} MB/s")
+    def row(name, k):
+        print(f"  {name:<34} {best[k]:7.2f} s  {docs / best[k]:8.0f} docs/s  {mb / best[k]:6.2f} MB/s   "
+              f"{best_cpu[k]:6.1f} cpu-s  {mb / best_cpu[k]:6.2f} MB/cpu-s")
 
     print(f"tokens: {n_tok} (+{docs} eod); outputs of b, b', c byte-identical")
-    row("(a) limit: HF encode_batch_fast", best["a"])
-    row("(a') limit: tiktoken, 1 proc/core", best["a'"])
-    row("(b) Megatron-style, Python BPE", best["b"])
-    row("(b') Megatron-style, fast per doc", best["b'"])
-    row("(c) megaclm preprocess_data.py", best["c"])
-    ratio = {k: v / best["c"] for k, v in best.items()}
-    print(f"ratios: c/a = {ratio['a']:.2f} (target >= 0.8)   c/b = {ratio['b']:.2f} (target >= 4)   "
-          "c/a' = {:.2f}   c/b' = {:.2f}".format(ratio["a'"], ratio["b'"]))
+    row("(a) limit: HF encode_batch_fast", "a")
+    row("(a') limit: tiktoken, 1 proc/core", "a'")
+    row("(b) Megatron-style, Python BPE", "b")
+    row("(b') Megatron-style, fast per doc", "b'")
+    row("(c) megaclm preprocess_data.py", "c")
+    for label, table in (("wall", best), ("cpu", best_cpu)):
+        ratio = {k: v / table["c"] for k, v in table.items()}
+        print(f"ratios ({label}): c/a = {ratio['a']:.2f} (target >= 0.8)   c/b = {ratio['b']:.2f} (target >= 4)   "
+              "c/a' = {:.2f}   c/b' = {:.2f}".format(ratio["a'"], ratio["b'"]))
     if not args.skip_rss:
         big = os.path.join(WORK, f"corpus_x{args.repeat * 10}.jsonl")
         build_corpus(src, big, args.repeat * 10)
-        t_big, rss_10x = run_megaclm(big, os.path.join(WORK, "c10"), args.workers)
+        rss_1x = run_megaclm(corpus, os.path.join(WORK, "c"), args.workers)[2]
+        t_big, _, rss_10x = run_megaclm(big, os.path.join(WORK, "c10"), args.workers)
         print(f"peak RSS (process tree): {rss_1x / 2**20:.0f} MiB on {mb:.0f} MB, "
               f"{rss_10x / 2**20:.0f} MiB on {10 * mb:.0f} MB ({10 * mb / t_big:.2f} MB/s); "
               f"ratio {rss_10x / rss_1x:.2f}")

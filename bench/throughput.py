@@ -277,7 +277,9 @@ def run_megaclm(case: Case, args, workdir: str, micro_batch: int | None = None) 
         raise UserError(f"--iters {args.iters} must be a multiple of --warmup {args.warmup} "
                         "(megaclm logs every --warmup steps)")
     steps = args.warmup + args.iters
-    prefix = synthetic_dataset(workdir, case.vocab_size, int(1.2 * steps * mb * case.seq_length) + 10_000)
+    # One dataset per case, large enough for every micro batch the search may try.
+    tokens = int(1.2 * max(steps, 25) * max(mb, case.micro_batch_size, args.batch_cap) * case.seq_length) + 10_000
+    prefix = synthetic_dataset(workdir, case.vocab_size, tokens)
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)

@@ -45,8 +45,10 @@ def check_fresh_output(out_dir: str, flag: str = "--out") -> None:
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
         raise UserError(f"{flag} {out_dir} already exists and is not empty; choose a new directory or remove it")
     parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):  # missing parents are created; the nearest existing one must allow it
+        parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {out_dir}: the directory {parent} does not exist or is not writable")
+        raise UserError(f"{flag} {out_dir}: cannot create it, {parent} is not a writable directory")
 
 
 def _pipe_layer(pipe_key: str) -> tuple[int, str]:
@@ -95,6 +97,7 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
     tree = json.loads(json.dumps(config_tree))
     tree.setdefault("parallel", {}).update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     tag = tag_for(iteration)
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     tmp = temp_path_for(out_dir)  # a unique sibling name; replaced by a directory of the same name
     os.remove(tmp)
     try:

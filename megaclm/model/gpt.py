@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
-from megaclm.model.positions import alibi_slopes, attention_bias, rope_inv_freq
+from megaclm.model.positions import AttentionMask, rope_inv_freq
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -97,10 +97,10 @@ class Embedding(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig):
         super().__init__()
-        tp, tp_rank, _ = tp_info(pstate)
+        tp, _, _ = tp_info(pstate)
         self.tp, self.ops, self.unfused = tp, ops, kernels.attention_backend == "unfused"
         self.hd, self.nh, self.nkv = config.head_dim, config.num_attention_heads // tp, config.num_kv_heads // tp
-        self.window, self.dropout_p = config.window_size, config.attention_dropout
+        self.dropout_p = config.attention_dropout
         blocks = [config.num_attention_heads * self.hd] + [config.num_kv_heads * self.hd] * 2
         std = config.init_method_std
         self.qkv = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.qkv_bias,
@@ -109,11 +109,9 @@ class Attention(nn.Module):
                                       bias=config.add_bias_linear,
                                       init_method=scaled_normal_init(std, config.num_layers))
         self.inv_freq = rope_inv_freq(config) if config.position_embedding_type == "rope" else None
-        self.slopes = None
-        if config.position_embedding_type == "alibi":  # this rank's heads' slopes
-            self.slopes = alibi_slopes(config.num_attention_heads)[tp_rank * self.nh:(tp_rank + 1) * self.nh]
 
-    def forward(self, x, position_ids, attention_mask):
+    def forward(self, x, position_ids, mask, causal):
+        """mask, causal: from positions.AttentionMask (None + causal, bool (B|1, 1, T, T) or float bias)."""
         qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd): SP inputs are gathered to the full T here
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
@@ -121,7 +119,6 @@ class Attention(nn.Module):
         if self.inv_freq is not None:
             q, k = self.ops.rope(q, k, self.inv_freq.to(q.device), position_ids)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
-        mask, causal = attention_bias(T, position_ids, attention_mask, self.window, self.slopes, q.dtype)
         dropout_p = self.dropout_p if self.training else 0.0
         with tp_rng_fork(self.tp > 1 and dropout_p > 0):  # heads differ across TP ranks: so do their masks
             if self.unfused:
@@ -171,8 +168,8 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, pstate, ops)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, h, position_ids, attention_mask=None):
-        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, attention_mask), self.sp)
+    def forward(self, h, position_ids, mask=None, causal=True):
+        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, mask, causal), self.sp)
         x, h = self.post_attention_norm(a, residual=h)
         return h + sp_dropout(self.dropout, self.mlp(x), self.sp)
 
@@ -200,6 +197,7 @@ class GPTModel(nn.Module):
         self.kernels = kernels or KernelsConfig()
         ops = build_ops(self.kernels)
         self.ops = ops
+        self.attention_mask = AttentionMask(config, tp, pstate.tp_rank if pstate else 0)
         self.embedding = Embedding(config, padded_vocab_size, pstate)
         self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels)
                                     for _ in range(config.num_layers))
@@ -224,7 +222,8 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
-        h = self._run_layers(h, position_ids, attention_mask)
+        mask, causal = self.attention_mask(position_ids, attention_mask, h.dtype)  # shared by all layers
+        h = self._run_layers(h, position_ids, mask, causal)
         h = self.final_norm(h)
         if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
             return self.ops.linear_cross_entropy(h, self.output_weight, labels, self.kernels.cross_entropy_chunk_size)
@@ -233,20 +232,20 @@ class GPTModel(nn.Module):
             return logits
         return vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
 
-    def _run_layers(self, h, position_ids, attention_mask):
+    def _run_layers(self, h, position_ids, mask, causal):
         k = self.config.checkpoint_num_layers
         if not (self.config.checkpoint_activations and torch.is_grad_enabled()):
             for layer in self.layers:
-                h = layer(h, position_ids, attention_mask)
+                h = layer(h, position_ids, mask, causal)
             return h
         # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
         for start in range(0, len(self.layers), k):
             chunk = self.layers[start:start + k]
 
-            def run(x, pos, mask, chunk=chunk):
+            def run(x, pos, m, chunk=chunk):
                 for layer in chunk:
-                    x = layer(x, pos, mask)
+                    x = layer(x, pos, m, causal)
                 return x
 
-            h = deepspeed.checkpointing.checkpoint(run, h, position_ids, attention_mask)
+            h = deepspeed.checkpointing.checkpoint(run, h, position_ids, mask)
         return h

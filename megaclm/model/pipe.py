@@ -35,6 +35,7 @@ from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import Embedding, Norm, TransformerLayer, output_logits
+from megaclm.model.positions import AttentionMask
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import ColumnParallelLinear, normal_init, tp_group
@@ -53,10 +54,17 @@ class EmbeddingPipe(Embedding):
 
 
 class TransformerLayerPipe(TransformerLayer):
+    """Builds its attention mask itself: a float ALiBi bias cannot travel between stages (DeepSpeed would
+    expect a gradient for it), so each layer turns the transported document mask into its own."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig):
+        super().__init__(config, pstate, ops, kernels)
+        self.attention_mask = AttentionMask(config, pstate.tp_size, pstate.tp_rank)
+
     def forward(self, inputs):
-        h, position_ids, *mask = inputs
-        h = super().forward(h, position_ids, mask[0].bool() if mask else None)
-        return (h, position_ids, *mask)
+        h, position_ids, *doc_mask = inputs
+        mask, causal = self.attention_mask(position_ids, doc_mask[0].bool() if doc_mask else None, h.dtype)
+        return (super().forward(h, position_ids, mask, causal), position_ids, *doc_mask)
 
 
 class FinalNormPipe(Norm):

@@ -3,6 +3,8 @@
 `attention_bias` turns (causal + sliding window + the caller's document mask + ALiBi) into what
 torch's scaled_dot_product_attention takes: None with is_causal=True in the plain causal case (the fast
 path), else a bool mask (True = attend) or, with ALiBi, a float bias that is -inf where masked.
+`AttentionMask` binds the model's part of that (window, this rank's ALiBi slopes); GPTModel calls it
+once per forward and shares the result across its layers.
 """
 import math
 
@@ -68,3 +70,18 @@ def attention_bias(seq_len: int, position_ids: torch.Tensor, attention_mask: tor
     dist = (pos[:, :, None] - pos[:, None, :]).abs()[:, None]  # (B, 1, T, T)
     bias = -slopes.to(device)[None, :, None, None] * dist  # (B, nh, T, T)
     return bias.masked_fill(~allowed, float("-inf")).to(dtype), False
+
+
+class AttentionMask:
+    """`(position_ids, attention_mask, dtype) -> (mask_or_bias, is_causal)` for one model on one TP rank."""
+
+    def __init__(self, config: ModelConfig, tp_size: int = 1, tp_rank: int = 0):
+        self.window = config.window_size
+        self.slopes = None
+        if config.position_embedding_type == "alibi":  # the slopes of this rank's heads
+            local = config.num_attention_heads // tp_size
+            self.slopes = alibi_slopes(config.num_attention_heads)[tp_rank * local:(tp_rank + 1) * local]
+
+    def __call__(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+        return attention_bias(position_ids.size(1), position_ids, attention_mask, self.window, self.slopes, dtype)

@@ -59,10 +59,9 @@ def unshard_blocks(shards: Sequence[torch.Tensor], dim: int, block_sizes: Sequen
     return torch.cat([torch.cat([r[i] for r in per_rank], dim=dim) for i in range(len(block_sizes))], dim=dim)
 
 
-def _mark(param: nn.Parameter, dim: int, block_sizes: Sequence[int]) -> None:
+def _mark(param: nn.Parameter, dim: int) -> None:
     param.tensor_model_parallel = True
     param.partition_dim = dim
-    param.partition_blocks = tuple(block_sizes)
 
 
 def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | None) -> None:
@@ -103,11 +102,11 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"output blocks {blocks} must sum to {out_features} and divide by tp={self.tp}")
         self.gather_output = gather_output
         self.weight = nn.Parameter(_init_shard((out_features, in_features), 0, blocks, init_method, self.tp, rank))
-        _mark(self.weight, 0, blocks)
+        _mark(self.weight, 0)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // self.tp))
-            _mark(self.bias, 0, blocks)
+            _mark(self.bias, 0)
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """`add_bias=False` leaves the bias to the caller (to fuse it into the activation)."""
@@ -143,7 +142,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"in_features={in_features} is not divisible by tp={self.tp}")
         self.weight = nn.Parameter(_init_shard((out_features, in_features), 1, [in_features], init_method,
                                                self.tp, rank))
-        _mark(self.weight, 1, [in_features])
+        _mark(self.weight, 1)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
@@ -175,7 +174,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
         self.weight = nn.Parameter(_init_shard((num_embeddings, embedding_dim), 0, [num_embeddings], init_method,
                                                self.tp, rank))
-        _mark(self.weight, 0, [num_embeddings])
+        _mark(self.weight, 0)
 
     def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         if self.tp == 1:

@@ -153,6 +153,30 @@ def check_mappings(world_size: int, rank: int) -> dict:
     return out
 
 
+def check_rng_streams(world_size: int, rank: int) -> dict:
+    """Default stream: same dropout mask on every TP rank; model-parallel stream: different ones; both
+    restart identically from the same seed."""
+    from megaclm.parallel.random import model_parallel_seed, tp_rng_fork
+
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size)
+    pstate.init_process_groups()
+
+    def masks():
+        model_parallel_seed(5, pstate.tp_rank)
+        default = torch.nn.functional.dropout(torch.ones(256), 0.5)
+        with tp_rng_fork():
+            split = torch.nn.functional.dropout(torch.ones(256), 0.5)
+        after = torch.nn.functional.dropout(torch.ones(256), 0.5)  # the fork left the default stream alone
+        return default, split, after
+
+    first, again = masks(), masks()
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, first, group=pstate.tp_group)
+    return {"default_same": all(torch.equal(g[0], first[0]) and torch.equal(g[2], first[2]) for g in gathered),
+            "tp_differs": not any(torch.equal(g[1], first[1]) for r, g in enumerate(gathered) if r != rank),
+            "reproducible": all(torch.equal(a, b) for a, b in zip(first, again))}
+
+
 def check_vocab_parallel_ce(world_size: int, rank: int) -> dict:
     pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size)
     pstate.init_process_groups()
@@ -300,6 +324,7 @@ def world2_checks(rank: int, world_size: int) -> dict:
     """Everything the 2-rank tests assert on, in one spawn."""
     out = {("tp", name, sp): check_tp_family(name, world_size, rank, sp) for name in FAMILIES for sp in (False, True)}
     out["mappings"] = check_mappings(world_size, rank)
+    out["rng"] = check_rng_streams(world_size, rank)
     out["vocab_ce"] = check_vocab_parallel_ce(world_size, rank)
     out["checkpointing"] = check_activation_checkpointing(world_size, rank)
     out[("zero3", "gpt2")] = check_zero3(world_size, rank, "gpt2")

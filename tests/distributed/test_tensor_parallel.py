@@ -36,6 +36,11 @@ def test_mappings_forward_and_backward_contracts(ranks):
             assert forward_ok and backward_ok, f"rank {rank}: {name} forward ok={forward_ok} backward ok={backward_ok}"
 
 
+def test_rng_streams_match_and_differ_across_tp_ranks(ranks):
+    for r in (result["rng"] for result in ranks):
+        assert r == {"default_same": True, "tp_differs": True, "reproducible": True}
+
+
 def test_vocab_parallel_cross_entropy_equals_torch(ranks):
     for r in (result["vocab_ce"] for result in ranks):
         assert r["dtype"] == "torch.float32"

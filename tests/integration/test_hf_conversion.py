@@ -52,9 +52,16 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[-1])
 
 
+def hf_tokenizer(model_dir: str):
+    # The directory's tokenizer.json as is: AutoTokenizer would swap in the class of config.json's
+    # model_type (Qwen2Tokenizer splits digits), which the GPT-2 files of these tiny models are not.
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"),
+                                                eos_token="<|endoftext|>")
+
+
 def hf_loss(model_dir: str, jsonl: str, seq: int = SEQ, windows: int = WINDOWS) -> float:
     """The eval rule, independently: transformers' tokenizer and model."""
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = hf_tokenizer(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = []
     with open(jsonl) as f:
@@ -166,7 +173,7 @@ def _pretrain_hf(hf_dir: str, out: str, jsonl: str, steps: int = 40) -> None:
     """A few HF training steps, so the starting model is recognisably not a fresh init (loss well below ln V)."""
     import shutil
 
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tok = hf_tokenizer(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     ids = []
     for line in open(jsonl):

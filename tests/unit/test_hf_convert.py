@@ -144,9 +144,9 @@ def test_export_refuses_a_family_that_cannot_express_the_model():
 
 
 def test_windows_follow_the_rule():
-    # docs + eod each: [1 2 3 0 4 5 0 6 0]; windows of S+1 = 3 from position 0, tail [0] dropped... here
-    # 9 tokens = exactly 3 windows.
-    w = eval_ppl.make_windows([[1, 2, 3], [4, 5], [6]], eod=0, seq_length=2)
+    # The README's example: stream 1 2 3 0 4 5 0, windows of S+1 = 3 from position 0, tail [0] dropped.
+    assert eval_ppl.make_windows([[1, 2, 3], [4, 5]], eod=0, seq_length=2).tolist() == [[1, 2, 3], [0, 4, 5]]
+    w = eval_ppl.make_windows([[1, 2, 3], [4, 5], [6]], eod=0, seq_length=2)  # 9 tokens: exactly 3 windows
     assert w.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
     w = eval_ppl.make_windows([[1, 2, 3], [4, 5], [6, 7]], eod=0, seq_length=3)
     assert w.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]  # incomplete tail [7, 0] dropped

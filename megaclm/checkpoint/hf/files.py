@@ -131,6 +131,7 @@ def write_hf_dir(out_dir: str, config: dict, state_dict: Mapping[str, torch.Tens
             size = 0
         shards[-1][key] = value
         size += nbytes
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     tmp = temp_path_for(out_dir)
     os.remove(tmp)
     os.makedirs(tmp)

@@ -1,0 +1,91 @@
+"""bench/throughput.py --quick: the whole benchmark (HF eager, HF + torch.compile, HF + DeepSpeed
+ZeRO-2, megaclm's pretrain_gpt.py, the micro-batch search) on tiny shapes on the CPU."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "throughput.py"
+
+
+def _bench_module():
+    if "bench_throughput" not in sys.modules:  # dataclasses look their module up in sys.modules
+        spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+        sys.modules["bench_throughput"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_throughput"])
+    return sys.modules["bench_throughput"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--cases", "llama-tiny", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_measures_every_mode(quick_run):
+    result, stdout = quick_run
+    rows = {r["mode"]: r for r in result["results"] if r["case"] == "llama-tiny"}
+    assert set(rows) == {"hf-eager", "hf-compile", "hf-deepspeed", "megaclm"}
+    ours = rows["megaclm"]["tokens_per_sec"]
+    for mode, row in rows.items():
+        assert row["tokens_per_sec"] > 0 and row["seconds"] > 0
+        assert row["megaclm_ratio"] == pytest.approx(ours / row["tokens_per_sec"])
+        assert row["mfu"] is None and row["peak_memory_gb"] is None  # CPU: no peak FLOP/s, no device memory
+        assert f"  {mode}" in stdout
+    # TFLOP/s is tokens/s times the model's FLOPs per token (6N + 12 L d T).
+    bench = _bench_module()
+    case = bench.QUICK_CASES["llama-tiny"]
+    fpt = bench.flops_per_token(case.model(), case.vocab_size, case.seq_length)
+    assert rows["megaclm"]["tflops"] == pytest.approx(ours * fpt / 1e12)
+
+
+def test_quick_searches_the_llama_micro_batch(quick_run):
+    result, _ = quick_run
+    search = result["largest_micro_batch"]["llama-tiny"]
+    # On the CPU nothing runs out of memory: both reach the --quick cap of 4.
+    assert search == {"megaclm": {"micro_batch": 4, "hit_cap": True}, "hf-eager": {"micro_batch": 4, "hit_cap": True}}
+
+
+@pytest.mark.parametrize("limit,start,cap,expected", [
+    (37, 4, 64, (37, False)), (64, 4, 64, (64, True)), (100, 4, 64, (64, True)),
+    (3, 4, 64, (3, False)), (0, 4, 64, (0, False)), (1, 1, 8, (1, False)), (5, 8, 6, (5, False)),
+])
+def test_largest_micro_batch_search(limit, start, cap, expected):
+    bench = _bench_module()
+    tried = []
+
+    def fits(mb):
+        tried.append(mb)
+        return mb <= limit
+
+    assert bench.largest_micro_batch(fits, start, cap) == expected
+    assert len(tried) == len(set(tried)) and all(1 <= mb <= cap for mb in tried)
+
+
+def test_hf_baselines_have_megaclm_shapes():
+    """The HF models the baselines train have exactly the parameters megaclm's flops.py counts
+    for the same shape (unpadded vocabulary), for both families."""
+    bench = _bench_module()
+    for case in bench.QUICK_CASES.values():
+        cfg = case.model()
+        model = bench.hf_model(cfg, case.vocab_size)
+        assert sum(p.numel() for p in model.parameters()) == bench.count_parameters(cfg, case.vocab_size).total
+
+
+def test_bad_flags_are_one_line_errors():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--modes", "hf-eager,nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --modes: unknown mode 'nope'")
