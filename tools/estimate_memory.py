@@ -4,7 +4,7 @@
     python tools/estimate_memory.py --model-preset llama-7b --tp 2 --num-gpus 16 --zero-stage 1 \\
         --micro-batch-size 1 --seq-length 4096 --bf16 --checkpoint-activations
 
-The model comes from --model-preset and/or the model shape flags (or `--config` YAML with model,
+The model comes from --model-preset (--model) and/or the model shape flags (or `--config` YAML with model,
 parallel and kernels sections); --tp/--pp are short for --tensor-model-parallel-size and
 --pipeline-model-parallel-size. The data-parallel size is --dp, or --num-gpus / (tp * pp).
 Formulas and their sources: megaclm/model/flops.py.
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
-from megaclm.config.presets import PRESET_VOCAB_SIZE  # noqa: E402
+from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402
 from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp, pp = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
     parser.add_argument("--tp", dest=tp, type=int, default=argparse.SUPPRESS, help="Short for --tensor-model-parallel-size.")
     parser.add_argument("--pp", dest=pp, type=int, default=argparse.SUPPRESS, help="Short for --pipeline-model-parallel-size.")
+    parser.add_argument("--model", dest="model_preset", choices=sorted(MODEL_PRESETS), default=argparse.SUPPRESS,
+                        help="Short for --model-preset.")
     g = parser.add_argument_group("estimate")
     g.add_argument("--num-gpus", type=int, default=None, help="GPUs in the job (data parallel = num_gpus / (tp * pp)).")
     g.add_argument("--dp", type=int, default=None, help="Data-parallel size (instead of --num-gpus). Default 1.")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -109,6 +110,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     with atomic_write(os.path.join(rng_dir, f"rank_{_rank():05d}.pt")) as f:
         torch.save(get_rng_state(), f)
     save_model_shard(engine.module, os.path.join(ckpt, "megaclm"), pstate)
+    # Test hook: widen the window between the data files and `latest` so a test can kill the run mid-save.
+    time.sleep(float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0")))
     _barrier()
     if _rank() == 0:
         _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
@@ -153,6 +156,13 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
         raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "
                         "while saving - pass an older --ckpt-step or remove it")
     weights_only = finetune
+    if weights_only:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage, HF imports included
+        from megaclm.checkpoint.weights import load_weights
+
+        load_weights(engine, load_dir, tag)
+        if _rank() == 0:
+            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")
+        return None
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim and not weights_only,
                                           load_lr_scheduler_states=False, load_module_only=weights_only)
     if path is None:

@@ -28,7 +28,11 @@ Memory per GPU (bytes), for DeepSpeed's ZeRO optimizers as they allocate in 0.19
     gathered layer      -                 -             -             2*lp*largest module
   ZeRO-2 with bf16 is 2P + 18P/N, exactly DeepSpeed's estimate_zero2_model_states_mem_needs. For
   ZeRO-3 DeepSpeed's estimator gives 4*largest + 18P/N: it leaves out the 16-bit parameter partition
-  (2P/N) that its own offload branch counts, so this estimate is 2P/N above it. ZeRO-3 gathers one
+  (2P/N) that its own offload branch counts, so this estimate is 2P/N above it (a real one-rank bf16
+  engine holds 20.0 bytes per parameter at its step under ZeRO 0, 1, 2 and 3 alike; see
+  tests/unit/test_flops.py). ZeRO-0 with bf16 is DeepSpeed's FP16_(Unfused)Optimizer; on the pipeline
+  engine it is BF16_Optimizer, which shards the master weights and moments over data parallel, so
+  there the ZeRO-0 figure is an upper bound. ZeRO-3 gathers one
   whole module (16-bit weights + gradients) at a time: "2*lp*largest module", DeepSpeed's term.
   CPU offload moves the fp32 gradients, master weights and moments to the CPU; ZeRO-2 then keeps no
   16-bit gradients on the GPU (they are copied out bucket by bucket), ZeRO-3 keeps its gradient
@@ -47,8 +51,9 @@ activation element, t = tensor-parallel size, masks take one byte:
   For GPT with dropout, materialised scores and e=2 this is the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)).
   The first stage also keeps the embedding dropout mask (s*b*h), the last the final norm's input and
   output (2*s*b*h*e) and what the cross-entropy saves: the fp32 logits (4*s*b*V/t), or with tp=1
-  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b). Activation checkpointing keeps only
-  each chunk's input (s*b*h*e per `checkpoint_num_layers` layers) and recomputes one chunk at a time.
+  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b). Activation
+  checkpointing keeps only each chunk's input (s*b*h*e per `checkpoint_num_layers` layers) and
+  recomputes one chunk at a time.
   Under DeepSpeed's 1F1B pipeline schedule stage i holds min(pp - i, accumulation steps) micro batches.
 Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
 CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.

@@ -20,6 +20,12 @@ def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, ten
     return -(-vocab_size // multiple) * multiple
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (JSON can hold "\\ud800") replaced by U+FFFD, as tiktoken does;
+    the HF and sentencepiece bindings refuse such strings outright."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def require_file(path: str | None, flag: str, what: str) -> str:
     """`path` as given, or a UserError naming `flag` when it is unset or missing."""
     if not path:

@@ -1,11 +1,7 @@
 """Shared by the tokenizers built on HF `tokenizers`: plain-text special tokens, fast batches."""
 from tokenizers import Tokenizer
 
-
-def valid_unicode(text: str) -> str:
-    """`text` with lone surrogates (JSON can hold "\\ud800") replaced by U+FFFD, as tiktoken does;
-    tokenizer libraries refuse such strings outright."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+from megaclm.tokenizer.base import valid_unicode
 
 
 def prepare(tok: Tokenizer) -> Tokenizer:

@@ -1,7 +1,7 @@
 """A SentencePiece `.model` (unigram or BPE); ids equal `sentencepiece` encode without BOS/EOS."""
 import sentencepiece as spm
 
-from megaclm.tokenizer.base import BaseTokenizer, require_file
+from megaclm.tokenizer.base import BaseTokenizer, require_file, valid_unicode
 from megaclm.utils.errors import UserError
 
 
@@ -29,11 +29,18 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def tokenize(self, text: str) -> list[int]:
         # Control pieces (<s>, </s>) typed in the text are encoded as plain text by sentencepiece.
-        return self._sp.encode(text, out_type=int, add_bos=False, add_eos=False)
+        try:
+            return self._sp.encode(text, out_type=int, add_bos=False, add_eos=False)
+        except RuntimeError:  # a lone surrogate cannot cross into C++
+            return self._sp.encode(valid_unicode(text), out_type=int, add_bos=False, add_eos=False)
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         threads = -1 if self.num_threads is None else self.num_threads
-        return self._sp.encode(texts, out_type=int, add_bos=False, add_eos=False, num_threads=threads)
+        try:
+            return self._sp.encode(texts, out_type=int, add_bos=False, add_eos=False, num_threads=threads)
+        except TypeError:  # a lone surrogate somewhere in the batch
+            return self._sp.encode([valid_unicode(t) for t in texts], out_type=int, add_bos=False,
+                                   add_eos=False, num_threads=threads)
 
     def detokenize(self, ids: list[int]) -> str:
         return self._sp.decode(list(ids))

@@ -8,8 +8,9 @@ Optimizer: AdamW with two parameter groups, weight decay on matrices and embeddi
 and biases (any parameter with fewer than 2 dims), as Megatron does. DeepSpeed builds it from the
 JSON (FusedAdam on GPU, torch AdamW on CPU via "torch_adam") and wraps it in its ZeRO / bf16 / fp16
 optimizer, each of which skips a step whose gradients are not finite. The one path without such a
-wrapper - ZeRO-0 in fp32 - gets `SkipNonFiniteAdamW`, which skips the same way and reports it through
-the `overflow` attribute DeepSpeed's engine reads (engine.was_step_applied()).
+wrapper - ZeRO-0 in fp32 - gets `SkipNonFiniteAdamW`, which clips and skips itself and reports both
+through the attributes DeepSpeed's engine reads (`overflow` -> engine.was_step_applied(),
+`_global_grad_norm` -> engine.get_global_grad_norm()).
 """
 from __future__ import annotations
 
@@ -64,28 +65,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips (and flags via `.overflow`) a step whose gradients hold NaN/inf.
+    """AdamW that clips by the global gradient norm and skips a step whose norm is NaN/inf.
 
-    Used only for ZeRO-0 fp32, where DeepSpeed calls the optimizer directly. The check is reduced over
-    the model-parallel group (each rank holds different parameters; data-parallel ranks already agree).
+    Used only for ZeRO-0 fp32, where DeepSpeed calls the optimizer directly and would neither skip
+    nor report a norm. The norm is Megatron's: parameters replicated across tensor-parallel ranks
+    count once (tp rank 0), tied pipeline copies once (DeepSpeed marks the others
+    `ds_pipe_replicated`), then a sum over the model-parallel group (tp x pp); data-parallel ranks
+    already hold identical, reduced gradients. DeepSpeed reads `overflow` (step skipped) and
+    `_global_grad_norm`.
     """
 
-    def __init__(self, params, mp_group=None, **kwargs):
+    def __init__(self, params, *, clip_grad: float, pstate: ParallelState, **kwargs):
         super().__init__(params, **kwargs)
-        self.mp_group, self.overflow = mp_group, False
+        self.clip_grad, self.pstate = clip_grad, pstate
+        self.overflow, self._global_grad_norm = False, None
+
+    def _grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        sq = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else "cpu")
+        for p in params:
+            replicated = not getattr(p, "tensor_model_parallel", False)
+            if (replicated and self.pstate.tp_rank != 0) or getattr(p, "ds_pipe_replicated", False):
+                continue
+            sq += p.grad.detach().float().pow(2).sum()
+        if self.pstate.tp_size * self.pstate.pp_size > 1:
+            dist.all_reduce(sq, group=self.pstate.get_model_parallel_group())
+        return sq.sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
-        if self.mp_group is not None and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.mp_group)
-        self.overflow = bool(bad.item())
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = self._grad_norm(params)
+        self._global_grad_norm = norm.item()
+        self.overflow = not torch.isfinite(norm).item()
         if self.overflow:
             self.zero_grad(set_to_none=True)
             return None
+        if self.clip_grad > 0 and self._global_grad_norm > self.clip_grad:
+            scale = self.clip_grad / (self._global_grad_norm + 1e-6)
+            for p in params:
+                p.grad.mul_(scale)
         return super().step(closure)
 
 
@@ -95,10 +113,11 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
     ds_config = dict(ds_config)
     if cfg.training.zero_stage == 0 and cfg.training.precision == "fp32":
         params = ds_config.pop("optimizer")["params"]
-        mp_group = pstate.get_model_parallel_group() if pstate.tp_size * pstate.pp_size > 1 else None
-        optimizer = SkipNonFiniteAdamW(groups, mp_group=mp_group, lr=params["lr"], betas=tuple(params["betas"]),
-                                       eps=params["eps"], weight_decay=params["weight_decay"],
-                                       fused=torch.cuda.is_available() or None)
+        clip = ds_config["gradient_clipping"]
+        ds_config["gradient_clipping"] = 0.0  # the optimizer clips, with the norm it reports (DeepSpeed's default is 1)
+        optimizer = SkipNonFiniteAdamW(groups, clip_grad=clip, pstate=pstate, lr=params["lr"],
+                                       betas=tuple(params["betas"]), eps=params["eps"],
+                                       weight_decay=params["weight_decay"], fused=torch.cuda.is_available() or None)
     if pstate.pp_size > 1:
         if pstate.sequence_parallel:  # activations differ across TP ranks: send them whole
             ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})

@@ -30,6 +30,7 @@ from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
+from megaclm.utils.errors import UserError
 
 log = get_logger("megaclm.train")
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
     model_vocab, vocab_source = _model_vocab(cfg, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
+    if cfg.training.fp16 and not torch.cuda.is_available():
+        raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)

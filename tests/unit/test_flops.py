@@ -411,7 +411,7 @@ def _table(text: str) -> dict[str, float]:
 
 
 def test_tool_prints_the_estimate(tool, capsys):
-    argv = ["--model-preset", "llama-7b", "--tp", "2", "--num-gpus", "16", "--zero-stage", "1",
+    argv = ["--model", "llama-7b", "--tp", "2", "--num-gpus", "16", "--zero-stage", "1",
             "--micro-batch-size", "1", "--seq-length", "4096", "--bf16", "--checkpoint-activations"]
     assert tool.main(argv) == 0
     out = capsys.readouterr().out

@@ -93,6 +93,7 @@ def test_sentencepiece_equals_sentencepiece_without_bos_eos(texts):
     assert all(ref.bos_id() not in e and ref.eos_id() not in e for e in expected[:100])
     assert (tok.vocab_size, tok.eod, tok.padded_vocab_size) == (1000, 2, 1024)
     assert tok.eod not in tok.tokenize("a </s> b")
+    assert tok.tokenize("a\ud800b") == tok.tokenize_batch(["a\ud800b"])[0] == ref.encode("a\ufffdb")
     assert tok.detokenize(expected[0]) == ref.decode(expected[0])
 
 

@@ -1,0 +1,72 @@
+"""Weights only (`--finetune`): a checkpoint's fp32 model, saved with any TP/PP layout, into a running engine.
+
+DeepSpeed's own module-only load needs the checkpoint's layout to equal the run's, and under ZeRO-3 it
+reads ZeRO partition files that an HF import (megaclm.checkpoint.offline) or a resharded checkpoint
+does not have. megaclm's fp32 shards (<tag>/megaclm/model/, megaclm.checkpoint.shards) are in every
+checkpoint, so this reads those instead:
+
+    1. this rank's tensor-parallel shard: the saved shards of the same TP rank when the TP size is
+       unchanged (never the whole model in memory), else the full model merged and split again;
+    2. the vocabulary re-padded if the run's padded size differs (padding rows hold no token);
+    3. loaded into the module (pipeline stages take their own keys), gathered under ZeRO-3;
+    4. the optimizer's fp32 master copies refreshed from the loaded weights.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.pipe import PipelineModule
+
+from megaclm.checkpoint.deepspeed_ckpt import read_meta
+from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
+from megaclm.checkpoint.shards import load_full_state_dict
+from megaclm.model.pipe import load_plain_state_dict, pipe_to_plain_key
+from megaclm.model.sharding import shard_state_dict
+from megaclm.utils.errors import UserError
+
+
+def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any) -> dict[str, torch.Tensor]:
+    """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages."""
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", "model", f"tp{tp_rank:02d}_pp*.pt"))):
+        shard = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        for name, tensor in shard["tensors"].items():
+            out.setdefault(pipe_to_plain_key(name, config) if shard["pipeline"] else name, tensor)
+    return out
+
+
+def _shard_for(module: Any, ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    pstate, config = module.pstate, module.config
+    tp, rank = (pstate.tp_size, pstate.tp_rank) if pstate is not None else (1, 0)
+    meta = read_meta(ckpt_dir, tag)
+    # GPTModel knows its padded vocabulary; a pipeline stage was built with the checkpoint's (pretrain_gpt.py).
+    padded_vocab = getattr(module, "vocab_size", None) or meta["padded_vocab_size"]
+    if not os.path.isdir(os.path.join(ckpt_dir, tag, "megaclm", "model")):
+        raise UserError(f"--load {ckpt_dir}/{tag} has no megaclm model shards (megaclm/model/); it was not "
+                        "written by megaclm, so --finetune cannot read its weights")
+    if meta["tensor_model_parallel_size"] == tp and meta["padded_vocab_size"] == padded_vocab:
+        return _own_tp_shard(ckpt_dir, tag, rank, config)
+    full = load_full_state_dict(ckpt_dir, tag).state_dict
+    rows = vocab_rows(full)
+    if rows != padded_vocab:  # another TP size pads differently; real rows are unchanged
+        full = pad_vocab(unpad_vocab(full, min(rows, padded_vocab)), padded_vocab)
+    return shard_state_dict(full, config, tp, rank)
+
+
+def load_weights(engine: Any, ckpt_dir: str, tag: str) -> None:
+    """Load checkpoint `tag`'s model weights into `engine.module` (GPTModel or GPTPipelineModule)."""
+    module = engine.module
+    shard = _shard_for(module, ckpt_dir, tag)
+    # No-op unless ZeRO-3 partitioned the parameters; data-parallel rank 0's copy is kept (all are equal).
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        if isinstance(module, PipelineModule):
+            load_plain_state_dict(module, shard)
+        else:
+            module.load_state_dict(shard)
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)  # fp32 master copies, where there are any
+    if refresh is not None:
+        refresh()
