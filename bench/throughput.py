@@ -246,10 +246,11 @@ def synthetic_dataset(workdir: str, vocab_size: int, tokens: int) -> str:
     return prefix
 
 
-def _free_port() -> int:
+def _new_master_port() -> None:
+    """A free MASTER_PORT for the next process group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def megaclm_argv(case: Case, micro_batch: int, steps: int, data_prefix: str, workdir: str, args) -> list[str]:
@@ -283,7 +284,7 @@ def run_megaclm(case: Case, args, workdir: str, micro_batch: int | None = None) 
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
-    os.environ["MASTER_PORT"] = str(_free_port())  # pretrain ends by destroying its process group
+    _new_master_port()  # pretrain ends by destroying its process group
     free_memory()
     try:
         code = pretrain.main(megaclm_argv(case, mb, steps, prefix, workdir, args))
@@ -410,7 +411,7 @@ def main(argv=None) -> int:
         # keeps its groups cached, so a later hf-deepspeed engine in this process would fail.
         for name in names:
             for mode in (m for m in modes if m != "megaclm"):
-                os.environ["MASTER_PORT"] = str(_free_port())
+                _new_master_port()
                 results[name].append(run_hf(mode, table[name], args))
         for name in names:
             if "megaclm" in modes:

@@ -26,8 +26,10 @@ GPT2_VOCAB_SIZE = 50257
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp, pp = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
-    parser.add_argument("--tp", dest=tp, type=int, default=argparse.SUPPRESS, help="Short for --tensor-model-parallel-size.")
-    parser.add_argument("--pp", dest=pp, type=int, default=argparse.SUPPRESS, help="Short for --pipeline-model-parallel-size.")
+    parser.add_argument("--tp", dest=tp, type=int, default=argparse.SUPPRESS,
+                        help="Short for --tensor-model-parallel-size.")
+    parser.add_argument("--pp", dest=pp, type=int, default=argparse.SUPPRESS,
+                        help="Short for --pipeline-model-parallel-size.")
     parser.add_argument("--model", dest="model_preset", choices=sorted(MODEL_PRESETS), default=argparse.SUPPRESS,
                         help="Short for --model-preset.")
     g = parser.add_argument_group("estimate")

@@ -146,11 +146,11 @@ def _tokenizer_section(args, default: dict | None) -> dict:
 def evaluate(args) -> dict:
     rank, world, device = _init_distributed()
     if args.hf:
+        if world > 1:
+            raise UserError("--hf runs in one process; launch it without the distributed launcher")
         scorer = HFScorer(args.hf, device)
         section = _tokenizer_section(args, files.tokenizer_section(args.hf))
         dp, dp_rank = 1, 0
-        if world > 1:
-            raise UserError("--hf runs in one process; launch it without the distributed launcher")
     else:
         scorer = MegaclmScorer(args.load, args.ckpt_step, args.tensor_model_parallel_size, args.vocab_size,
                                rank, world, device)

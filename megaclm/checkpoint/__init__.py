@@ -30,4 +30,9 @@ Resume (`--load DIR`) passes the tag to DeepSpeed, restores the optimizer, progr
 state and every rank's RNG: the resumed run's losses are bit-identical to an uninterrupted run's
 (with the same OMP_NUM_THREADS). `--finetune` loads weights only; `--no-load-optim` skips the
 optimizer states (fp32 master weights are then rebuilt from the module weights).
+
+Without an engine: megaclm.checkpoint.hf converts to and from Hugging Face (pure from_hf/to_hf, HF
+directories), megaclm.checkpoint.offline writes a checkpoint for any TP x PP from a full state dict
+(tools/checkpoint/convert_hf.py import, reshard.py), and megaclm.checkpoint.weights is what
+`--finetune` uses: the fp32 shards of any saved layout into a run of any layout and ZeRO stage.
 """

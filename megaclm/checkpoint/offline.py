@@ -10,8 +10,9 @@
     OUT/<tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}.pt   megaclm's fp32 shards (megaclm.checkpoint.shards)
     OUT/<tag>/megaclm/config.json, meta.json
 
-No optimizer files: a run continues from it with --finetune (weights only) or, when `client_state`
-carries megaclm's progress, with --no-load-optim. Everything is written under a temporary sibling
+No optimizer files: a run continues from it with --finetune (weights only, read from megaclm's shards
+by megaclm.checkpoint.weights, for any layout and ZeRO stage) or, when `client_state` carries megaclm's
+progress, with --no-load-optim (DeepSpeed's module load: the same TP/PP, ZeRO 0-2). Everything is written under a temporary sibling
 directory that is renamed to OUT at the end, so an interrupted write leaves no OUT behind.
 
 The pipeline files follow DeepSpeed's naming: layer index = position in the flat LayerSpec list

@@ -84,7 +84,8 @@ def test_pipeline_stages_hold_every_parameter_once_plus_the_tied_copy():
             copy = count.word_embeddings if tied and pp > 1 else 0
             assert sum(st.params for st in stages) == count.total + copy
             head = count.final_norm + count.output_layer if pp == 1 else 0
-            assert stages[0].params == (8 // pp) * count.layer + count.word_embeddings + count.position_embeddings + head
+            embeddings = count.word_embeddings + count.position_embeddings
+            assert stages[0].params == (8 // pp) * count.layer + embeddings + head
 
 
 @pytest.mark.parametrize("preset,total", [

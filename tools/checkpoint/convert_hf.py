@@ -81,7 +81,8 @@ def import_hf(hf_dir: str, out: str, tp: int = 1, pp: int = 1, divisible_by: int
 
 
 def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | None = None,
-              tokenizer_dir: str | None = None, dtype: str = "fp32", vocab_size: int | None = None) -> dict:
+              tokenizer_dir: str | None = None, dtype: str = "fp32", vocab_size: int | None = None,
+              max_shard_gb: float = 5.0) -> dict:
     """megaclm checkpoint (any TP/PP) -> HF directory at `out`; returns the written config.json dict."""
     check_fresh_output(out)
     if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
@@ -99,8 +100,8 @@ def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | N
         or vocab_rows(ckpt.state_dict)
     hf_config, hf_sd = to_hf(model_cfg, ckpt.state_dict, vocab, family or ckpt.meta.get("hf_model_type")
                              or infer_family(model_cfg))
-    hf_config.update(bos_token_id=eod, eos_token_id=eod)  # megaclm separates documents with eod alone
-    files.write_hf_dir(out, hf_config, hf_sd, tok_files, dtype)
+    hf_config.update(files.token_ids(tok_files, eod))
+    files.write_hf_dir(out, hf_config, hf_sd, tok_files, dtype, max_shard_gb)
     log.info(f"exported {os.path.join(load, ckpt.meta['tag'])} (tp {ckpt.meta['tensor_model_parallel_size']} x "
              f"pp {ckpt.meta['pipeline_model_parallel_size']}) as {hf_config['model_type']} to {out}")
     return hf_config
@@ -124,6 +125,8 @@ def main() -> None:
     exp.add_argument("--tokenizer-dir", default=None,
                      help="Copy the tokenizer from here instead of the one in the checkpoint's config.")
     exp.add_argument("--dtype", choices=sorted(files.DTYPES), default="fp32", help="dtype of the saved weights.")
+    exp.add_argument("--max-shard-size-gb", type=float, default=5.0,
+                     help="Split model.safetensors into shards of at most this size (+ an index file).")
     exp.add_argument("--vocab-size", type=int, default=None,
                      help="Rows of the embedding to keep; default: the tokenizer's (or the imported model's) size.")
     a = p.parse_args()
@@ -133,7 +136,8 @@ def main() -> None:
         import_hf(a.hf, a.out, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                   a.make_vocab_size_divisible_by)
     else:
-        cfg = export_hf(a.load, a.out, a.ckpt_step, a.family, a.tokenizer_dir, a.dtype, a.vocab_size)
+        cfg = export_hf(a.load, a.out, a.ckpt_step, a.family, a.tokenizer_dir, a.dtype, a.vocab_size,
+                        a.max_shard_size_gb)
         print(json.dumps({"out": a.out, "model_type": cfg["model_type"], "vocab_size": cfg["vocab_size"]}))
 
 

@@ -9,7 +9,9 @@ What is carried over:
     <tag>/megaclm/model/), merged across the old shards and split for the new layout. The vocabulary
     padding is redone for the new TP size (padding rows hold no real token; real rows are unchanged);
   - progress (iteration, consumed samples/tokens) and the data-sampler state: `--load NEW --no-load-optim`
-    resumes the schedule and the data stream where the old run stopped; `--finetune` starts over;
+    resumes the schedule and the data stream where the old run stopped (DeepSpeed reads the model files
+    written for the new layout: run it with exactly that TP/PP, ZeRO 0-2); `--finetune` starts over
+    (any layout and ZeRO stage: it reads megaclm's fp32 shards);
   - optimizer states (Adam moments) are NOT carried over: DeepSpeed partitions them by the old TP/PP/DP
     layout. They restart from zero (with --no-load-optim or --finetune); the fp32 master weights are rebuilt
     from the model weights. RNG states are not carried over either.

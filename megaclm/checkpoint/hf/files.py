@@ -17,9 +17,10 @@ from megaclm.tokenizer import BaseTokenizer, build_tokenizer
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import temp_path_for
 
-# Files that make up an HF tokenizer (any subset); copied on import, written or copied on export.
+# Files that make up an HF tokenizer (any subset), plus generation_config.json (the model's bos/eos/pad
+# ids for generation): copied into the checkpoint on import, and out again on export.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -111,6 +112,16 @@ def tokenizer_sources(section: Mapping) -> dict[str, str]:
                     "with the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json)")
 
 
+def token_ids(tokenizer_files: Mapping[str, str], eod: int) -> dict:
+    """bos/eos ids for config.json: generation_config.json's when exported with it, else the eod id."""
+    ids = {"bos_token_id": eod, "eos_token_id": eod}
+    if "generation_config.json" in tokenizer_files:
+        with open(tokenizer_files["generation_config.json"], encoding="utf-8") as f:
+            gen = json.load(f)
+        ids.update({k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None})
+    return ids
+
+
 def _gpt2_tokenizer_config(eod_token: str) -> dict:
     return {"tokenizer_class": "GPT2Tokenizer", "bos_token": eod_token, "eos_token": eod_token,
             "unk_token": eod_token, "add_prefix_space": False, "model_max_length": 1024}
@@ -148,7 +159,8 @@ def write_hf_dir(out_dir: str, config: dict, state_dict: Mapping[str, torch.Tens
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({**config, "torch_dtype": str(DTYPES[dtype]).replace("torch.", "")}, f, indent=1)
+            name = str(DTYPES[dtype]).replace("torch.", "")
+            json.dump({**config, "dtype": name, "torch_dtype": name}, f, indent=1)  # transformers 5 / 4.x
         for name, src in tokenizer_files.items():
             shutil.copyfile(src, os.path.join(tmp, name))
         if "vocab.json" in tokenizer_files and "tokenizer.json" not in tokenizer_files \
