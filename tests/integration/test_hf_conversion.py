@@ -6,6 +6,7 @@ same text by the eval rule written out again here (its own tokenizer with split_
 after each document, windows of S+1), and exported directories are loaded by AutoModelForCausalLM.
 Tiny random models (tools/checkpoint/tiny_hf_model.py) with the GPT-2 vocabulary; fp32 throughout.
 """
+import glob
 import importlib.util
 import json
 import os
@@ -44,6 +45,17 @@ eval_ppl = _tool("tools/eval_perplexity.py")
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(nprocs: int, args: list[str]) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N ARGS` on a free port; removes the shm buffers its ranks leave behind."""
+    port = _free_port()
+    try:
+        return run([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs),
+                    "--master_port", str(port), *args])
+    finally:
+        for name in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            os.remove(name)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -208,13 +220,12 @@ def test_continual_pretraining_from_hf(work):
     assert prep.returncode == 0, prep.stderr[-3000:]
     imported, trained, exported = str(root / "cpt-import"), str(root / "cpt-run"), str(root / "cpt-export")
     convert.import_hf(start, imported, tp=2, pp=2)
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    proc = run([launcher, "--num_gpus", "4", "--master_port", str(_free_port()), "pretrain_gpt.py",
-                "--config", os.path.join(imported, "model_config.yaml"), "--load", imported, "--finetune",
-                "--save", trained, "--data-path", str(root / "cpt_text_document"), "--split", "100,0,0",
-                "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
-                "--train-iters", "10", "--lr", "2e-3", "--lr-decay-style", "constant", "--eval-iters", "0",
-                "--log-interval", "1", "--save-interval", "10", "--seed", "7"])
+    common = ["--data-path", str(root / "cpt_text_document"), "--split", "100,0,0", "--seq-length", str(SEQ),
+              "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "2e-3", "--lr-decay-style", "constant",
+              "--eval-iters", "0", "--log-interval", "1", "--seed", "7",
+              "--config", os.path.join(imported, "model_config.yaml")]
+    proc = launch(4, ["pretrain_gpt.py", *common, "--load", imported, "--finetune", "--save", trained,
+                      "--train-iters", "10", "--save-interval", "10"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     losses = [json.loads(line)["loss"] for line in open(os.path.join(trained, "metrics.jsonl"))
               if "loss" in json.loads(line)]
@@ -235,12 +246,8 @@ def test_continual_pretraining_from_hf(work):
     # ... and DeepSpeed resumes from it (its model files for the new layout, megaclm's progress and data
     # state): iterations 11-12, without the Adam moments.
     resumed = str(root / "cpt-resumed")
-    proc = run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "pretrain_gpt.py",
-                "--config", os.path.join(imported, "model_config.yaml"), "--pipeline-model-parallel-size", "1",
-                "--load", tp2, "--no-load-optim", "--save", resumed, "--data-path", str(root / "cpt_text_document"),
-                "--split", "100,0,0", "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
-                "--train-iters", "12", "--lr", "2e-3", "--lr-decay-style", "constant", "--eval-iters", "0",
-                "--log-interval", "1", "--seed", "7"])
+    proc = launch(2, ["pretrain_gpt.py", *common, "--pipeline-model-parallel-size", "1", "--load", tp2,
+                      "--no-load-optim", "--save", resumed, "--train-iters", "12"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
     steps = [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
