@@ -33,3 +33,34 @@ print(f"first document starts: {tok.detokenize(ds.get(0, 0, 24).tolist())!r}")
 PY
 
 # ==== 3. training: appended by the trainer issue (pretrain on $OUT/data/demo_text_document) ====
+
+echo "== 3. train a tiny GPT (4 layers, hidden 128, GPT-2 vocabulary) with DeepSpeed on 2 CPU processes (DP=2, ZeRO-1)"
+# One thread per rank (the launcher sets none: 2 ranks x all cores would oversubscribe); DeepSpeed
+# JIT-builds its CPU communication op once (~50 s) into TORCH_EXTENSIONS_DIR.
+export OMP_NUM_THREADS=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+rm -rf "$OUT/ckpt"
+START=$(date +%s)
+"$BIN/deepspeed" --num_gpus 2 --master_port "${MASTER_PORT:-29517}" pretrain_gpt.py \
+    --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
+    --seq-length 128 --max-position-embeddings 128 \
+    --hidden-dropout 0.0 --attention-dropout 0.0 \
+    --micro-batch-size 4 --global-batch-size 16 --train-iters 100 \
+    --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 10 --weight-decay 0.1 --clip-grad 1.0 \
+    --zero-stage 1 \
+    --tokenizer-type GPT2BPETokenizer --vocab-file "$DATA/gpt2-vocab.json" --merge-file "$DATA/gpt2-merges.txt" \
+    --data-path "$OUT/data/demo_text_document" --split 95,4,1 --num-workers 0 \
+    --eval-interval 50 --eval-iters 4 --log-interval 10 \
+    --save "$OUT/ckpt" --save-interval 100
+
+echo "== 4. summary ($OUT/ckpt/metrics.jsonl)"
+"$BIN/python" - "$OUT/ckpt/metrics.jsonl" "$(( $(date +%s) - START ))" <<'PY'
+import json, math, sys
+recs = [json.loads(line) for line in open(sys.argv[1])]
+train = [r for r in recs if "loss" in r]
+val = [r for r in recs if "val_loss" in r]
+print(f"loss {train[0]['loss']:.2f} at iteration {train[0]['iteration']} (ln(vocab) = {math.log(50257):.2f}) "
+      f"-> {train[-1]['loss']:.2f} at iteration {train[-1]['iteration']}")
+print(f"validation perplexity {val[-1]['val_ppl']:.1f} (loss {val[-1]['val_loss']:.2f}) after {val[-1]['iteration']} iterations")
+print(f"training wall time {sys.argv[2]} s (launch included)")
+PY

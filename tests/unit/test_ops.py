@@ -166,24 +166,6 @@ def test_torch_backend_is_the_references():
     assert ops.build_ops(KernelsConfig()).backend == "torch"
 
 
-def test_fused_without_extension_falls_back_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(megaclm.logging, "_warned", set())
-    missing = types.ModuleType("megaclm.ops._cuda")  # the loader, with its extension not built
-    missing.is_available = lambda: False
-    missing.unavailable_reason = lambda: "not built"
-    missing.rms_norm = lambda x, w, eps: "fused"
-    monkeypatch.setitem(sys.modules, "megaclm.ops._cuda", missing)
-    monkeypatch.setattr(ops, "_cuda", missing, raising=False)
-    monkeypatch.setattr(megaclm.logging.get_logger(), "propagate", True)
-    with caplog.at_level("WARNING", logger="megaclm"):
-        first, second = ops.build_ops("fused"), ops.build_ops(KernelsConfig(kernels="fused"))
-    assert first.backend == second.backend == "torch"
-    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "not available" in caplog.records[0].message and "not built" in caplog.records[0].message
-    assert first.rms_norm is ops.REFERENCES["rms_norm"]
-    assert not any(ops.is_available(name) for name in ops.OP_NAMES)
-
-
 def test_fused_uses_the_extension_ops_it_provides(monkeypatch):
     fake = types.ModuleType("megaclm.ops._cuda")
     fake.is_available = lambda: True

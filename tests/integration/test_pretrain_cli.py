@@ -1,0 +1,111 @@
+"""pretrain_gpt.py as a user runs it, without a launcher: config errors end with one `error:` line
+and exit status 2 before any process group or model exists; --validate-only prints the resolved
+config and derived values; the example launch scripts resolve, and the Llama shell script and its
+YAML twin resolve to the same config."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from megaclm.data.indexed_dataset import IndexedDatasetBuilder
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+VOCAB, MERGES = str(REPO / "tests/data/gpt2-vocab.json"), str(REPO / "tests/data/gpt2-merges.txt")
+SP_MODEL = str(REPO / "tests/data/sp_test_model.model")
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory) -> str:
+    p = str(tmp_path_factory.mktemp("data") / "text_document")
+    b = IndexedDatasetBuilder(p, np.uint16)
+    for n in (300, 500, 700):
+        b.add_document(np.arange(n) % 900)
+    b.finalize()
+    return p
+
+
+def cli(args: list[str], env: dict | None = None, script: str = "pretrain_gpt.py") -> subprocess.CompletedProcess:
+    return subprocess.run([PY, script, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **(env or {})))
+
+
+def good(prefix: str) -> list[str]:
+    return ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
+            "--train-iters", "10", "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB,
+            "--merge-file", MERGES, "--data-path", prefix]
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    (["--tensor-model-parallel-size", "3"], {"WORLD_SIZE": "3"},
+     "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
+    (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], {"WORLD_SIZE": "2"},
+     "needs training.zero_stage 0 or 1, got 3"),
+    (["--seq-length", "128"], {}, "data.seq_length=128 is larger than model.max_position_embeddings=64"),
+    (["--global-batch-size", "7"], {"WORLD_SIZE": "2"}, "global_batch_size=7 is not divisible"),
+    (["--data-path", "/nowhere/x"], {}, "/nowhere/x.bin and /nowhere/x.idx not found"),
+    (["--hidden-size", "sixty"], {}, "model.hidden_size expects an integer, got 'sixty'"),
+])
+def test_config_errors_exit_with_one_line(prefix, extra, env, message):
+    r = cli(good(prefix) + extra, env)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("[")]  # DeepSpeed's import banner
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "init_distributed" not in r.stderr + r.stdout
+
+
+def test_tokenizer_vocab_larger_than_checkpoint_model(prefix, tmp_path):
+    """A checkpoint made for a 1,024-entry vocabulary cannot take GPT-2's 50,257 tokens."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000010/megaclm").mkdir(parents=True)
+    (ckpt / "latest").write_text("iter_0000010")
+    (ckpt / "iter_0000010/megaclm/meta.json").write_text(json.dumps({"padded_vocab_size": 1024, "iteration": 10}))
+    r = cli(good(prefix) + ["--load", str(ckpt)])
+    assert r.returncode == 2
+    assert "tokenizer's vocabulary (50257 tokens) is larger than the model's (1024" in r.stderr
+
+
+def _resolved(stdout: str) -> dict:
+    """The YAML block of --validate-only (DeepSpeed may print its own log lines before it)."""
+    return yaml.safe_load(stdout.split("# resolved config")[1].split("# derived")[0])
+
+
+def test_validate_only_prints_config_and_derived(prefix):
+    r = cli(good(prefix) + ["--validate-only", "--world-size", "4", "--tensor-model-parallel-size", "2", "--bf16"])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for line in ("data_parallel_size: 2", "grad_accum_steps: 2", "tokens_per_step: 512", "padded_vocab_size: 50432",
+                 "parameters: ", "# memory per GPU", "total"):
+        assert line in out, out
+    tree = _resolved(out)
+    assert tree["model"]["hidden_size"] == 64 and tree["training"]["bf16"] is True
+    ds = json.loads(out.split("# deepspeed config")[1])
+    assert ds["train_batch_size"] == 8 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt2_125m.sh", "pretrain_gpt_1.3b.sh"])
+def test_example_scripts_resolve(prefix, script):
+    env = dict(os.environ, LAUNCHER=PY, DATA=prefix)
+    r = subprocess.run(["bash", f"examples/{script}", "--validate-only", "--world-size", "8"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "data_parallel_size: 8" in r.stdout
+
+
+def test_llama_script_and_yaml_twin_agree(prefix, tmp_path):
+    paths = ["--tokenizer-model", SP_MODEL, "--data-path", prefix, "--save", str(tmp_path), "--load", str(tmp_path),
+             "--tensorboard-dir", f"{tmp_path}/tensorboard", "--validate-only", "--world-size", "16"]
+    env = dict(os.environ, LAUNCHER=PY, DATA=prefix, TOKENIZER_MODEL=SP_MODEL, SAVE=str(tmp_path))
+    sh = subprocess.run(["bash", "examples/pretrain_llama_7b.sh", "--validate-only", "--world-size", "16"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120, env=env)
+    assert sh.returncode == 0, sh.stderr
+    yml = cli(["--config", "examples/llama_7b.yaml", *paths])
+    assert yml.returncode == 0, yml.stderr
+    assert _resolved(sh.stdout) == _resolved(yml.stdout)
+    assert "data_parallel_size: 8" in sh.stdout and "grad_accum_steps: 128" in sh.stdout
