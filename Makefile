@@ -4,6 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 # DeepSpeed JIT-builds its CPU comm op on first launch (~50 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# ...with the venv's ninja (a DeepSpeed dependency) for every build: a second ninja on PATH hashes
+# build commands differently, and alternating the two rebuilds the op (~60 s) each time.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1

@@ -45,8 +45,8 @@ START=$(date +%s)
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
     --seq-length 128 --max-position-embeddings 128 \
     --hidden-dropout 0.0 --attention-dropout 0.0 \
-    --micro-batch-size 4 --global-batch-size 16 --train-iters 100 \
-    --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 10 --weight-decay 0.1 --clip-grad 1.0 \
+    --micro-batch-size 4 --global-batch-size 8 --train-iters 100 \
+    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 10 --weight-decay 0.1 --clip-grad 1.0 \
     --zero-stage 1 \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$DATA/gpt2-vocab.json" --merge-file "$DATA/gpt2-merges.txt" \
     --data-path "$OUT/data/demo_text_document" --split 95,4,1 --num-workers 0 \

@@ -24,7 +24,6 @@ class CheckpointConfig:
     no_load_optim: bool = field(default=False, metadata={
         "help": "Load weights and progress but not the optimizer state (continual pretraining)."})
     no_load_rng: bool = field(default=False, metadata={"help": "Do not restore RNG states when loading."})
-    no_save_optim: bool = field(default=False, metadata={"help": "Save model weights only (no optimizer states)."})
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:

@@ -31,8 +31,20 @@ from megaclm.parallel.state import ParallelState
 log = get_logger("megaclm.train")
 
 
+def _single_process_env() -> None:
+    """`python pretrain_gpt.py ...` without a launcher: a world of one on this host."""
+    if "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def init_distributed(cfg: Any) -> ParallelState:
     """torch.distributed from the launcher's environment (deepspeed, torchrun, srun + env://)."""
+    _single_process_env()
     backend = cfg.training.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

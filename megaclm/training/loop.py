@@ -91,6 +91,7 @@ class Trainer:
         self.start_time = time.time()
         self.consecutive_nan = 0
         self.last_saved = None
+        self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
         self.inject_nan = {int(x) for x in os.environ.get("MEGACLM_TEST_NAN_ITERS", "").split(",") if x}
 
@@ -120,6 +121,7 @@ class Trainer:
         if self.pipeline:
             if nan:
                 raise ValueError("MEGACLM_TEST_NAN_ITERS is not supported with pipeline parallelism")
+            self._pipe_shape(seq_length)
             return self.engine.train_batch(data_iter=micro).item()  # averaged over micro and dp by DeepSpeed
         total = torch.zeros((), dtype=torch.float32)
         for _ in range(self.derived.grad_accum_steps):
@@ -130,6 +132,12 @@ class Trainer:
             self.engine.step()
             total += loss.detach().float().cpu()
         return self._dp_mean(total / self.derived.grad_accum_steps)
+
+    def _pipe_shape(self, seq_length: int) -> None:
+        """The pipeline engine reuses its p2p buffers: tell it when a curriculum changes the length."""
+        if seq_length != self._pipe_seq_length:
+            self.engine.reset_activation_shape()
+            self._pipe_seq_length = seq_length
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,6 +150,7 @@ class Trainer:
         for i in range(self.cfg.training.eval_iters):
             micro = self.data.eval_micro_batches(split, i, seq)
             if self.pipeline:
+                self._pipe_shape(seq)
                 losses.append(self.engine.eval_batch(data_iter=micro).item())
             else:
                 total = sum(self._micro_loss(next(micro)).float() for _ in range(self.derived.grad_accum_steps))
@@ -234,7 +243,7 @@ class Trainer:
                 window["tokens"] += step_tokens
                 window["steps"] += 1
                 self.metrics.step(loss if math.isfinite(loss) else None)
-                if p.iteration % lg.log_interval == 0:
+                if p.iteration % lg.log_interval == 0 or p.iteration == 1:  # iteration 1 shows the starting loss
                     self._log(lr, window)
                     window = {"loss": [], "time": 0.0, "tokens": 0, "steps": 0}
                 if p.iteration % t.eval_interval == 0 and not self._done():

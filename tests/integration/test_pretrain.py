@@ -7,7 +7,8 @@ One launch per configuration, shared by every assertion about it (module fixture
   zero3   ZeRO-3 with stage3_param_persistence_threshold 0 (every parameter partitioned)
   tp2/pp2 TP=2 / PP=2: an uninterrupted run; a run killed with SIGKILL while saving its second
           checkpoint (MEGACLM_TEST_SAVE_PAUSE_S holds the save open); its resume from the previous
-          checkpoint, whose losses must equal the uninterrupted run's bit for bit
+          checkpoint, whose losses must equal the uninterrupted run's bit for bit. The PP=2 runs
+          also blend two datasets with a data-mixing schedule and warm the sequence length up.
 Every run's loss must fall; the fp32 weights rebuilt from each layout's checkpoint
 (megaclm.checkpoint.shards) must reproduce the validation loss the run logged.
 """
@@ -61,6 +62,23 @@ def corpus(tmp_path_factory) -> str:
     return prefix
 
 
+@pytest.fixture(scope="module")
+def corpus_pair(tmp_path_factory) -> tuple[str, str]:
+    """Two datasets for blending: Wikipedia summaries 0-249, and 250-499 + Hamlet."""
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(SP_MODEL))
+    docs = [json.loads(line)["text"] for line in open(REPO / "tests/data/wiki_summaries_500.jsonl")]
+    parts = (docs[:250], docs[250:] + [(REPO / "tests/data/hamlet.txt").read_text()])
+    prefixes = []
+    for name, part in zip("ab", parts):
+        prefix = str(tmp_path_factory.mktemp("pair") / f"{name}_text_document")
+        builder = IndexedDatasetBuilder(prefix, np.uint16)
+        for ids in tok.tokenize_batch(part):
+            builder.add_document(np.array(ids + [tok.eod]))
+        builder.finalize()
+        prefixes.append(prefix)
+    return prefixes[0], prefixes[1]
+
+
 def base_args(corpus: str, save: Path) -> list[str]:
     return ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "64", "--max-position-embeddings", "64",
@@ -78,7 +96,7 @@ class Launch:
         self.save, self.log = save, save.parent / f"{save.name}.{time.time_ns()}.log"
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "pretrain_gpt.py",
                *base_args(corpus, save), *extra]
-        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PATH=f"{BIN}:{os.environ['PATH']}",
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
                         **(env or {}))
         self.fh = open(self.log, "w")
@@ -160,7 +178,7 @@ def valid_loss_from_checkpoint(save: Path) -> float:
     model.load_state_dict(ckpt.state_dict)
     gbs, eval_iters = cfg.training.global_batch_size, cfg.training.eval_iters
     _, valid, _ = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=1,
-                                         valid_samples=eval_iters * gbs, eod_id=2)
+                                         valid_samples=eval_iters * gbs, eod_id=2, global_batch_size=gbs)
     mbs, losses = cfg.training.micro_batch_size, []
     with torch.no_grad():
         for start in range(0, eval_iters * gbs, mbs):  # the per-micro-batch means the trainer averages
@@ -204,7 +222,16 @@ def zero2(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("zero3") / "ckpt"
-    return run(corpus, save, ["--zero-stage", "3", "--zero-param-persistence-threshold", "0", "--train-iters", "24"])
+    return run(corpus, save, ["--zero-stage", "3", "--zero-param-persistence-threshold", "0", "--train-iters", "24",
+                              "--tensorboard-dir", str(save.parent / "tb"), "--wandb-project", "megaclm-test",
+                              "--wandb-save-dir", str(save.parent / "wandb")], env={"WANDB_MODE": "offline"})
+
+
+@pytest.fixture(scope="module")
+def finetuned(corpus, zero3, tmp_path_factory):
+    """Weights of the ZeRO-3 run, loaded into a ZeRO-1 run with --finetune: progress restarts."""
+    save = tmp_path_factory.mktemp("finetune") / "ckpt"
+    return run(corpus, save, ["--zero-stage", "1", "--train-iters", "4", "--load", str(zero3.save), "--finetune"])
 
 
 def test_zero0_trains_and_skips_a_nan_step(zero0):
@@ -245,10 +272,20 @@ def test_zero2_save_total_limit_best_and_exit_interval(zero2):
     assert tags == sorted({"iter_0000020", "iter_0000022", best["tag"]})
 
 
-def test_zero3_trains_partitioned(zero3):
+def test_zero3_trains_partitioned_and_logs_everywhere(zero3):
     assert_learns(zero3.save)
     assert valid_loss_from_checkpoint(zero3.save) == pytest.approx(
         [r["val_loss"] for r in records(zero3.save) if "val_loss" in r][-1], abs=2e-4)
+    assert list((zero3.save.parent / "tb").glob("events.out.tfevents.*"))
+    assert list((zero3.save.parent / "wandb/wandb").glob("offline-run-*"))
+
+
+def test_finetune_starts_from_weights_only(zero3, finetuned):
+    first = records(finetuned.save)[0]
+    assert first["iteration"] == 1 and first["consumed_samples"] == 16  # progress restarted
+    # ... from the trained weights: nowhere near ln(vocab), close to where the ZeRO-3 run ended
+    assert first["loss"] < train_losses(zero3.save)[24] + 0.3 < math.log(1024) - 0.5
+    assert "loaded checkpoint" in finetuned.text() and "(weights only)" in finetuned.text()
 
 
 # ---- TP=2 / PP=2: kill -9 during a save, then resume bit-exactly ------------------------------------------
@@ -263,9 +300,17 @@ def kill_during_second_save(corpus: str, save: Path, extra: list[str]) -> Launch
     return launch
 
 
+# PP=2 also runs the data curriculum: a sequence-length warmup 32 -> 64 over 6 steps and a blend of two
+# datasets whose weights switch after 3,000 tokens, so the resume covers the curriculum state too.
+CURRICULUM = ["--curriculum-seqlen-start", "32", "--curriculum-seqlen-steps", "6", "--data-mixing-schedule",
+              "0:0.8,0.2", "3000:0.3,0.7"]
+
+
 @pytest.fixture(scope="module", params=["tp2", "pp2"])
-def layout(request, corpus, tmp_path_factory):
-    extra = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}[request.param]
+def layout(request, corpus, corpus_pair, tmp_path_factory):
+    extra = {"tp2": ["--tensor-model-parallel-size", "2"],
+             "pp2": ["--pipeline-model-parallel-size", "2", "--data-path", "0.5", corpus_pair[0], "0.5",
+                     corpus_pair[1], *CURRICULUM]}[request.param]
     extra = extra + ["--zero-stage", "1", "--train-iters", "12", "--save-interval", "3"]
     root = tmp_path_factory.mktemp(request.param)
     uninterrupted = run(corpus, root / "a", extra)
@@ -293,6 +338,18 @@ def test_resume_after_kill_is_bit_identical(layout):
     for it in range(4, 13):
         assert resumed_losses[it] == full[it], (name, it, resumed_losses[it], full[it])
     assert_learns(uninterrupted.save)
+
+
+def test_curriculum_consumed_tokens(layout):
+    name, uninterrupted, _, _, resumed = layout
+    if name != "pp2":
+        pytest.skip("the curriculum runs with PP=2 only")
+    # 32 + (64 - 32) * step / 6, rounded down to a multiple of 8, until step 6 reaches the full 64
+    lengths = [32, 32, 40, 48, 48, 56] + [64] * 6
+    expected = {i + 1: 16 * sum(lengths[: i + 1]) for i in range(12)}
+    for save in (uninterrupted.save, resumed.save):
+        got = {r["iteration"]: r["consumed_tokens"] for r in records(save) if "loss" in r}
+        assert got == expected
 
 
 def test_layout_checkpoint_rebuilds_full_model(layout):
