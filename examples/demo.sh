@@ -32,7 +32,6 @@ print(f"document length: min {sizes.min()}, median {int(np.median(sizes))}, max 
 print(f"first document starts: {tok.detokenize(ds.get(0, 0, 24).tolist())!r}")
 PY
 
-# ==== 3. training: appended by the trainer issue (pretrain on $OUT/data/demo_text_document) ====
 
 echo "== 3. train a tiny GPT (4 layers, hidden 128, GPT-2 vocabulary) with DeepSpeed on 2 CPU processes (DP=2, ZeRO-1)"
 # One thread per rank (the launcher sets none: 2 ranks x all cores would oversubscribe); DeepSpeed
@@ -41,7 +40,8 @@ export OMP_NUM_THREADS=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 rm -rf "$OUT/ckpt"
 START=$(date +%s)
-"$BIN/deepspeed" --num_gpus 2 --master_port "${MASTER_PORT:-29517}" pretrain_gpt.py \
+PORT=${MASTER_PORT:-29517}
+"$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" pretrain_gpt.py \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
     --seq-length 128 --max-position-embeddings 128 \
     --hidden-dropout 0.0 --attention-dropout 0.0 \
@@ -52,6 +52,7 @@ START=$(date +%s)
     --data-path "$OUT/data/demo_text_document" --split 95,4,1 --num-workers 0 \
     --eval-interval 50 --eval-iters 4 --log-interval 10 \
     --save "$OUT/ckpt" --save-interval 100
+rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$PORT"_*  # the launcher's ranks leave 66 MiB each behind
 
 echo "== 4. summary ($OUT/ckpt/metrics.jsonl)"
 "$BIN/python" - "$OUT/ckpt/metrics.jsonl" "$(( $(date +%s) - START ))" <<'PY'

@@ -88,6 +88,8 @@ class Trainer:
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.checkpoint_meta = checkpoint_meta
         self.pipeline = pstate.pp_size > 1
+        # Collectives run on the training device (NCCL takes CUDA tensors only).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.start_time = time.time()
         self.consecutive_nan = 0
         self.last_saved = None
@@ -123,14 +125,14 @@ class Trainer:
                 raise ValueError("MEGACLM_TEST_NAN_ITERS is not supported with pipeline parallelism")
             self._pipe_shape(seq_length)
             return self.engine.train_batch(data_iter=micro).item()  # averaged over micro and dp by DeepSpeed
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.derived.grad_accum_steps):
             loss = self._micro_loss(next(micro))
             if nan:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.detach().float().cpu()
+            total += loss.detach().float()
         return self._dp_mean(total / self.derived.grad_accum_steps)
 
     def _pipe_shape(self, seq_length: int) -> None:
@@ -187,7 +189,8 @@ class Trainer:
         t = self.cfg.training
         elapsed_min = (time.time() - self.start_time) / 60
         flags = torch.tensor([float(signals.received is not None),
-                              float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins)])
+                              float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins)],
+                             device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:

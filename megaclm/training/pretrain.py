@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
     model_vocab, vocab_source = _model_vocab(cfg, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
-    if cfg.training.fp16 and not torch.cuda.is_available():
-        raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
@@ -98,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str) -> int:
+    if cfg.training.fp16 and not torch.cuda.is_available():
+        raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     if "OMP_NUM_THREADS" in os.environ:  # fixed thread count: LayerNorm grads depend on it (exact resume)
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     pstate = init_distributed(cfg)

@@ -340,12 +340,10 @@ def test_resume_after_kill_is_bit_identical(layout):
     assert_learns(uninterrupted.save)
 
 
-def test_curriculum_consumed_tokens(layout):
+def test_consumed_tokens_follow_the_sequence_length_schedule(layout):
     name, uninterrupted, _, _, resumed = layout
-    if name != "pp2":
-        pytest.skip("the curriculum runs with PP=2 only")
-    # 32 + (64 - 32) * step / 6, rounded down to a multiple of 8, until step 6 reaches the full 64
-    lengths = [32, 32, 40, 48, 48, 56] + [64] * 6
+    # PP=2: 32 + (64 - 32) * step / 6, rounded down to a multiple of 8, until step 6 reaches 64; TP=2: 64
+    lengths = [32, 32, 40, 48, 48, 56] + [64] * 6 if name == "pp2" else [64] * 12
     expected = {i + 1: 16 * sum(lengths[: i + 1]) for i in range(12)}
     for save in (uninterrupted.save, resumed.save):
         got = {r["iteration"]: r["consumed_tokens"] for r in records(save) if "loss" in r}
