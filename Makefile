@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-fast data bench clean
+.PHONY: install demo test test-unit data bench clean
 
 install: $(VENV)/.installed
 

@@ -41,6 +41,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions
 rm -rf "$OUT/ckpt"
 START=$(date +%s)
 PORT=${MASTER_PORT:-29517}
+# the launcher's ranks leave 66 MiB each in /dev/shm: remove them however training ends
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$PORT"_*' EXIT
 "$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" pretrain_gpt.py \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
     --seq-length 128 --max-position-embeddings 128 \
@@ -52,7 +54,6 @@ PORT=${MASTER_PORT:-29517}
     --data-path "$OUT/data/demo_text_document" --split 95,4,1 --num-workers 0 \
     --eval-interval 50 --eval-iters 4 --log-interval 10 \
     --save "$OUT/ckpt" --save-interval 100
-rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$PORT"_*  # the launcher's ranks leave 66 MiB each behind
 
 echo "== 4. summary ($OUT/ckpt/metrics.jsonl)"
 "$BIN/python" - "$OUT/ckpt/metrics.jsonl" "$(( $(date +%s) - START ))" <<'PY'

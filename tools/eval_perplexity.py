@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megaclm.checkpoint.hf import files, pad_vocab, unpad_vocab  # noqa: E402
+from megaclm.checkpoint.deepspeed_ckpt import tag_for  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.config.tokenizer import TOKENIZER_TYPES  # noqa: E402
@@ -93,7 +94,7 @@ class MegaclmScorer:
 
     def __init__(self, load: str, ckpt_step: int | None, tp: int | None, vocab_size: int | None,
                  rank: int, world: int, device: torch.device):
-        ckpt = load_full_state_dict(load, None if ckpt_step is None else f"iter_{ckpt_step:07d}")
+        ckpt = load_full_state_dict(load, None if ckpt_step is None else tag_for(ckpt_step))
         self.config_tree, meta = ckpt.config, ckpt.meta
         model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
         tp = tp or world
@@ -199,7 +200,7 @@ def main() -> None:
     if len(a.json_keys) != 1:
         raise UserError(f"--json-keys takes one key for evaluation, got {a.json_keys}")
     for flag, value in (("--seq-length", a.seq_length), ("--micro-batch-size", a.micro_batch_size),
-                        ("--max-windows", a.max_windows or 1)):
+                        ("--max-windows", 1 if a.max_windows is None else a.max_windows)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     result = evaluate(a)

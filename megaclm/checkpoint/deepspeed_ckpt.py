@@ -155,27 +155,24 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
     if not is_complete(load_dir, tag):
         raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "
                         "while saving - pass an older --ckpt-step or remove it")
-    weights_only = finetune
-    if weights_only:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage, HF imports included
+    if finetune:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage, HF imports included
         from megaclm.checkpoint.weights import load_weights
 
         load_weights(engine, load_dir, tag)
         if _rank() == 0:
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")
         return None
-    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim and not weights_only,
-                                          load_lr_scheduler_states=False, load_module_only=weights_only)
+    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
+                                          load_lr_scheduler_states=False)
     if path is None:
         raise UserError(f"--load {load_dir}: DeepSpeed could not load {tag}")
-    if (weights_only or not load_optim) and not engine.zero_optimization():
+    if not load_optim and not engine.zero_optimization():
         # Non-ZeRO mixed-precision optimizers keep fp32 master copies that a module-only load leaves stale.
         refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
     if _rank() == 0:
-        log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}" + (" (weights only)" if weights_only else ""))
-    if weights_only:
-        return None
+        log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}")
     state = (client or {}).get(CLIENT_KEY)
     if state is None:
         raise UserError(f"--load {load_dir}/{tag} has no megaclm state; use --finetune to load its weights only")

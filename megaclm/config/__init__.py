@@ -95,8 +95,14 @@ def _chosen_sections(sections: Iterable[str] | None) -> dict[str, type]:
 
 
 def world_size_from_env(default: int | None = None) -> int:
-    """WORLD_SIZE set by a launcher, else `default`, else 1."""
+    """WORLD_SIZE set by a launcher, else `default` (the --world-size preview flag), else 1.
+
+    Both set and different is refused: the derived layout would not be the one that runs.
+    """
     env = os.environ.get("WORLD_SIZE")
+    if env and default is not None and int(env) != default:
+        raise UserError(f"--world-size {default} disagrees with WORLD_SIZE={env} set by the launcher; "
+                        "drop --world-size (it is for --validate-only previews outside a launcher)")
     return int(env) if env else (default or 1)
 
 

@@ -31,6 +31,11 @@ from megaclm.training.schedules import LRSchedule
 log = get_logger("megaclm.train")
 
 
+
+def _new_window() -> dict:
+    """Sums over the steps since the last log line."""
+    return {"loss": [], "time": 0.0, "tokens": 0, "flops": 0.0, "steps": 0}
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
@@ -214,7 +219,7 @@ class Trainer:
         """Train until done or told to stop; returns why it stopped."""
         t, lg = self.cfg.training, self.cfg.logging
         signals = StopSignals()
-        window = {"loss": [], "time": 0.0, "tokens": 0, "steps": 0}
+        window = _new_window()
         reason = "finished"
         try:
             while not self._done():
@@ -244,11 +249,13 @@ class Trainer:
                             "from the last checkpoint with a lower --lr, more warmup or --clip-grad")
                 window["time"] += step_time
                 window["tokens"] += step_tokens
+                # FLOPs per step at the step's own length: exact across the seqlen warmup.
+                window["flops"] += step_tokens * self.flops_per_token(seq)
                 window["steps"] += 1
                 self.metrics.step(loss if math.isfinite(loss) else None)
                 if p.iteration % lg.log_interval == 0 or p.iteration == 1:  # iteration 1 shows the starting loss
                     self._log(lr, window)
-                    window = {"loss": [], "time": 0.0, "tokens": 0, "steps": 0}
+                    window = _new_window()
                 if p.iteration % t.eval_interval == 0 and not self._done():
                     self._after_eval(self.evaluate("valid"))
                 if self.cfg.checkpoint.save_interval and p.iteration % self.cfg.checkpoint.save_interval == 0:
@@ -272,7 +279,7 @@ class Trainer:
         tokens_per_sec = window["tokens"] / window["time"] if window["time"] > 0 else None
         tflops = mfu = None
         if tokens_per_sec is not None:
-            tflops = tokens_per_sec * self.flops_per_token(self.data.seq_length_at(p)) / world / 1e12
+            tflops = window["flops"] / window["time"] / world / 1e12
             mfu = tflops / self.peak_tflops if self.peak_tflops else None
         self.metrics.train({
             "iteration": p.iteration, "consumed_samples": p.consumed_samples, "consumed_tokens": p.consumed_tokens,

@@ -86,6 +86,8 @@ class MetricsLogger:
             self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", dynamic_ncols=True)
 
     def _emit(self, record: dict, prefix: str) -> None:
+        # JSON has no NaN/inf: a non-finite value (a diverged eval, a NaN grad norm) is recorded as missing.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
         step = record["iteration"]
@@ -129,8 +131,8 @@ class MetricsLogger:
             return
         ppl = math.exp(min(loss, 700.0))
         self._emit({"iteration": iteration, f"{split}_loss": loss, f"{split}_ppl": ppl}, split)
-        self._print(f"{'validation' if split == 'val' else split} at iter {iteration} | loss {loss:.4f} | "
-                    f"perplexity {ppl:.2f}")
+        self._print(f"{'validation' if split == 'val' else split} at iter {iteration} | loss {_fmt(loss, '.4f')} | "
+                    f"perplexity {_fmt(ppl, '.2f')}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megaclm.checkpoint.deepspeed_ckpt import CLIENT_KEY, CONFIG, read_latest, read_meta  # noqa: E402
+from megaclm.checkpoint.deepspeed_ckpt import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_for  # noqa: E402
 from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
@@ -63,7 +63,7 @@ def _check_layout(load: str, tag: str | None, tp: int, pp: int) -> None:
 
 def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | None = None) -> str:
     check_fresh_output(out)
-    tag = None if ckpt_step is None else f"iter_{ckpt_step:07d}"
+    tag = None if ckpt_step is None else tag_for(ckpt_step)
     _check_layout(load, tag, tp, pp)
     ckpt = load_full_state_dict(load, tag)
     meta, tree = ckpt.meta, ckpt.config
