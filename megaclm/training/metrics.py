@@ -129,7 +129,7 @@ class MetricsLogger:
     def evaluation(self, iteration: int, split: str, loss: float) -> None:
         if not self.writer:
             return
-        ppl = math.exp(min(loss, 700.0))
+        ppl = math.exp(loss) if loss <= 700.0 else math.inf  # exp overflows past ~709; NaN -> inf too
         self._emit({"iteration": iteration, f"{split}_loss": loss, f"{split}_ppl": ppl}, split)
         self._print(f"{'validation' if split == 'val' else split} at iter {iteration} | loss {_fmt(loss, '.4f')} | "
                     f"perplexity {_fmt(ppl, '.2f')}")

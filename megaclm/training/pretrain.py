@@ -95,14 +95,19 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str) -> int:
-    if cfg.training.fp16 and not torch.cuda.is_available():
-        raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
+def set_thread_count() -> None:
+    """Honour OMP_NUM_THREADS: a fixed thread count keeps LayerNorm grads (and so exact resume) stable."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads:  # fixed thread count: LayerNorm grads depend on it (exact resume)
+    if threads:
         if not threads.isdigit() or int(threads) < 1:
             raise UserError(f"OMP_NUM_THREADS={threads!r} must be a positive integer; set it or unset it")
         torch.set_num_threads(int(threads))
+
+
+def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str) -> int:
+    if cfg.training.fp16 and not torch.cuda.is_available():
+        raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
+    set_thread_count()
     pstate = init_distributed(cfg)
     if pstate.rank == 0:
         log.info(f"world {pstate.world_size} = tp {pstate.tp_size} x pp {pstate.pp_size} x dp {pstate.dp_size}; "

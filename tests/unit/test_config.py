@@ -287,3 +287,14 @@ def test_schedule_by_tokens_and_warmup_fraction(base):
     assert s.lr(999, 500) == pytest.approx(0.5) and s.lr(0, 6000) == pytest.approx(0.1 + 0.9 * 0.5)
     s = sched(base, ["--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1"])
     assert s.warmup == 10 and s.lr(5, 0) == pytest.approx(0.5)
+
+
+def test_world_size_flag_must_agree_with_the_launcher(monkeypatch):
+    from megaclm.config import world_size_from_env
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world_size_from_env(None) == 1 and world_size_from_env(8) == 8
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert world_size_from_env(None) == 4 and world_size_from_env(4) == 4
+    with pytest.raises(UserError, match="--world-size 8 disagrees with WORLD_SIZE=4"):
+        world_size_from_env(8)

@@ -133,3 +133,28 @@ def test_metrics_file_records(tmp_path):
                            start_iter=0, run_config={}, default_wandb_dir=None)
     silent.evaluation(1, "val", 1.0)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLogger(LoggingConfig(log_interval=1, progress_bar=False), writer=True, metrics_file=str(path),
+                        total_iters=10, start_iter=0, run_config={}, default_wandb_dir=None)
+    log.train({"iteration": 1, "consumed_samples": 8, "consumed_tokens": 512, "loss": 2.5, "lr": 1e-3,
+               "grad_norm": float("nan"), "loss_scale": None, "tokens_per_sec": 100.0, "tflops": 0.1, "mfu": None,
+               "step_time": 0.2, "memory_gb": 1.0, "skipped_steps": 0})
+    log.evaluation(1, "val", float("inf"))
+    log.close()
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    train, val = [json.loads(line) for line in text.splitlines()]
+    assert train["grad_norm"] is None and train["loss"] == 2.5
+    assert val == {"iteration": 1, "val_loss": None, "val_ppl": None}
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "0"])
+def test_bad_omp_num_threads_is_one_clear_error(value, monkeypatch):
+    from megaclm.training import pretrain
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.raises(UserError, match="OMP_NUM_THREADS"):
+        pretrain.set_thread_count()
