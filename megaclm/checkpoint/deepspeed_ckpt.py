@@ -144,10 +144,14 @@ def prune(save_dir: str, keep: int) -> list[str]:
 
 
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
-                    load_optim: bool = True, load_rng: bool = True) -> dict | None:
+                    load_optim: bool = True, load_rng: bool = True,
+                    layout: tuple[int, int] | None = None) -> dict | None:
     """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
     states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
-    `latest`: a fresh start) or when `finetune` (weights only: progress restarts)."""
+    `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
+
+    `layout` is the run's (tp, pp): a full resume needs the saved one (DeepSpeed's own TP merge/split
+    does not know megaclm's fused qkv layout), so another layout is refused unless `finetune`."""
     tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
         log.warning(f"--load {load_dir}: no `latest` checkpoint there; starting from scratch")
@@ -162,6 +166,12 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
         if _rank() == 0:
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")
         return None
+    meta = read_meta(load_dir, tag)
+    saved = (meta.get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
+    if layout is not None and saved != tuple(layout):
+        raise UserError(f"--load {load_dir}: {tag} was saved with TP={saved[0]} x PP={saved[1]} but this run is "
+                        f"TP={layout[0]} x PP={layout[1]}; reshard it first (tools/checkpoint/reshard.py "
+                        "--tensor-model-parallel-size ... --pipeline-model-parallel-size ...) or pass --finetune")
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
                                           load_lr_scheduler_states=False)
     if path is None:

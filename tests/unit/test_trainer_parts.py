@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from megaclm.checkpoint.deepspeed_ckpt import (is_complete, iteration_of, mark_best, prune, read_best, read_latest,
-                                               read_meta, tag_for)
+from megaclm.checkpoint.deepspeed_ckpt import (is_complete, iteration_of, load_checkpoint, mark_best, prune, read_best,
+                                               read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.config.logging import LoggingConfig
 from megaclm.config.model import ModelConfig
@@ -158,3 +158,14 @@ def test_bad_omp_num_threads_is_one_clear_error(value, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", value)
     with pytest.raises(UserError, match="OMP_NUM_THREADS"):
         pretrain.set_thread_count()
+
+
+def test_resume_into_another_parallel_layout_is_refused(tmp_path):
+    d = tmp_path / tag_for(5) / "megaclm"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"iteration": 5, "tensor_model_parallel_size": 2,
+                                             "pipeline_model_parallel_size": 1}))
+    (tmp_path / "latest").write_text(tag_for(5))
+    # refused before the engine is touched: no DeepSpeed engine needed here
+    with pytest.raises(UserError, match="saved with TP=2 x PP=1 but this run is TP=1 x PP=2; reshard"):
+        load_checkpoint(None, str(tmp_path), layout=(1, 2))
