@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megaclm.checkpoint.hf import files, pad_vocab, unpad_vocab  # noqa: E402
-from megaclm.checkpoint.deepspeed_ckpt import tag_for  # noqa: E402
+from megaclm.checkpoint.layout import tag_for  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.config.tokenizer import TOKENIZER_TYPES  # noqa: E402

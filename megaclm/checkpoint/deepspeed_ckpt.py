@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from typing import Any
@@ -23,29 +22,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
+                                      read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.checkpoint.shards import save_model_shard
+from megaclm.checkpoint.weights import load_weights
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write, remove_quietly
 
 log = get_logger("megaclm.checkpoint")
-
-LATEST = "latest"
-BEST = "best"
-META = os.path.join("megaclm", "meta.json")
-CONFIG = os.path.join("megaclm", "config.json")
-CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which also holds DeepSpeed's keys)
-_TAG = re.compile(r"^iter_(\d{7,})$")
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def iteration_of(tag: str) -> int | None:
-    m = _TAG.match(tag)
-    return int(m.group(1)) if m else None
 
 
 def _rank() -> int:
@@ -60,39 +46,6 @@ def _barrier() -> None:
 def _write_text(path: str, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
-
-
-def read_latest(ckpt_dir: str) -> str | None:
-    path = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return f.read().strip() or None
-
-
-def read_best(ckpt_dir: str) -> dict | None:
-    path = os.path.join(ckpt_dir, BEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def is_complete(ckpt_dir: str, tag: str) -> bool:
-    return os.path.isfile(os.path.join(ckpt_dir, tag, META))
-
-
-def read_meta(ckpt_dir: str, tag: str | None = None) -> dict:
-    """meta.json of `tag` (default: `latest`): iteration, progress, parallel layout, vocab sizes."""
-    tag = tag or read_latest(ckpt_dir)
-    if tag is None:
-        raise UserError(f"checkpoint directory {ckpt_dir!r} has no `latest` file; pass a directory written by "
-                        "pretrain_gpt.py --save, or a tag")
-    if not is_complete(ckpt_dir, tag):
-        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)!r} is incomplete or not a megaclm checkpoint "
-                        f"(no {META}); pick another --ckpt-step or drop it to use `latest`")
-    with open(os.path.join(ckpt_dir, tag, META)) as f:
-        return json.load(f)
 
 
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: Any,
@@ -160,8 +113,6 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
         raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "
                         "while saving - pass an older --ckpt-step or remove it")
     if finetune:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage, HF imports included
-        from megaclm.checkpoint.weights import load_weights
-
         load_weights(engine, load_dir, tag)
         if _rank() == 0:
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import deepspeed
 import torch
 
-from megaclm.checkpoint.deepspeed_ckpt import CLIENT_KEY, CONFIG, LATEST, META, tag_for
+from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, tag_for
 from megaclm.checkpoint.shards import shard_name
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
+from megaclm.checkpoint.layout import read_latest, read_meta
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.model.sharding import unshard_state_dicts
@@ -61,8 +62,6 @@ class FullCheckpoint(NamedTuple):
 
 def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoint:
     """GPTModel's full fp32 state dict of a checkpoint of any TP/PP layout (default tag: `latest`)."""
-    from megaclm.checkpoint.deepspeed_ckpt import read_latest, read_meta
-
     tag = tag or read_latest(ckpt_dir)
     if tag is None:
         raise UserError(f"{ckpt_dir!r} holds no `latest` checkpoint; pass a --save directory of pretrain_gpt.py")

@@ -21,7 +21,7 @@ import deepspeed
 import torch
 from deepspeed.pipe import PipelineModule
 
-from megaclm.checkpoint.deepspeed_ckpt import read_meta
+from megaclm.checkpoint.layout import read_meta
 from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
 from megaclm.checkpoint.shards import load_full_state_dict
 from megaclm.model.pipe import load_plain_state_dict, pipe_to_plain_key

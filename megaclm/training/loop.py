@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import mark_best, save_checkpoint, tag_for
+from megaclm.checkpoint.deepspeed_ckpt import mark_best, save_checkpoint
+from megaclm.checkpoint.layout import tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
 from megaclm.training.metrics import MetricsLogger, memory_gb

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, read_latest, read_meta, restore_rng, tag_for
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, restore_rng
+from megaclm.checkpoint.layout import read_latest, read_meta, tag_for
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes

@@ -28,7 +28,9 @@ def quick_run(tmp_path_factory):
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--cases", "llama-tiny", "--json", str(out)],
+    # Exactly as the README runs it (`python bench/throughput.py --quick`, from the checkout): bench/ is
+    # then first on sys.path, where a file named like an installed package once broke transformers' import.
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--cases", "llama-tiny", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stdout

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from megaclm.checkpoint.deepspeed_ckpt import read_best, read_latest
+from megaclm.checkpoint.layout import read_best, read_latest
 from megaclm.checkpoint.shards import load_full_state_dict
 from megaclm.config import MegaclmConfig
 from megaclm.data.builder import build_train_valid_test

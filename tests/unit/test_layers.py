@@ -72,3 +72,55 @@ def test_checker_catches_an_upward_import(tmp_path, monkeypatch):
     (fake / "bad.py").write_text("import megaclm.model.gpt\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert any("imports megaclm.model" in v for v in _violations())
+
+
+def _module_graph(root: pathlib.Path) -> dict[str, set[str]]:
+    """megaclm module -> the megaclm modules it imports (at top level or inside functions)."""
+    graph = {}
+    for path in sorted((root / "megaclm").rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("megaclm."):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("megaclm."))
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles between modules of one subpackage (a package importing its own children is not one)."""
+    out, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if d.startswith(m + "."):
+                continue
+            if state.get(d) == "open":
+                out.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return out
+
+
+def test_no_import_cycles():
+    """The package reads top-down: e.g. checkpoint.layout <- shards <- weights <- deepspeed_ckpt."""
+    assert _cycles(_module_graph(ROOT)) == []
+
+
+def test_cycle_checker_catches_a_lazy_cycle(tmp_path):
+    pkg = tmp_path / "megaclm" / "checkpoint"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from megaclm.checkpoint.b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from megaclm.checkpoint.a import f\n")
+    assert _cycles(_module_graph(tmp_path)) == [["megaclm.checkpoint.a", "megaclm.checkpoint.b", "megaclm.checkpoint.a"]]

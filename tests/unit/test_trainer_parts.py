@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from megaclm.checkpoint.deepspeed_ckpt import (is_complete, iteration_of, load_checkpoint, mark_best, prune, read_best,
-                                               read_latest, read_meta, tag_for)
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, prune
+from megaclm.checkpoint.layout import is_complete, iteration_of, read_best, read_latest, read_meta, tag_for
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.config.logging import LoggingConfig
 from megaclm.config.model import ModelConfig

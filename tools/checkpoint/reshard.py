@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megaclm.checkpoint.deepspeed_ckpt import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_for  # noqa: E402
+from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_for  # noqa: E402
 from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402

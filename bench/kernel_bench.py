@@ -1,6 +1,6 @@
 """Fused CUDA kernels vs the PyTorch references run eagerly vs torch.compile of the references.
 
-    python bench/kernels.py [--dtype bf16] [--only rms_norm,softmax] [--iters 50]
+    python bench/kernel_bench.py [--dtype bf16] [--only rms_norm,softmax] [--iters 50]
 
 Needs a CUDA GPU and the built extension (MEGACLM_CUDA_EXT=1 pip install --no-build-isolation -e .).
 Per kernel and implementation, all measured in this one run at Llama-3-8B-like shapes:
@@ -199,7 +199,7 @@ def main():
     parser.add_argument("--impls", default="fused,eager,compile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise UserError("bench/kernels.py needs a CUDA GPU and none is visible; run it on the GPU machine")
+        raise UserError("bench/kernel_bench.py needs a CUDA GPU and none is visible; run it on the GPU machine")
     if not _cuda.is_available():
         raise UserError(f"the fused kernels are not usable: {_cuda.unavailable_reason()}")
     names = {c.name for c in CASES}

@@ -1,0 +1,65 @@
+"""The names of a checkpoint directory and the read-only questions about it (no engine, no torch).
+
+`--save DIR` holds one folder per tag (`iter_0000100`, Megatron's 7-digit naming), megaclm's own
+`latest` (the newest complete tag) and `best`; a tag is complete once its `megaclm/meta.json` exists
+(written last by megaclm.checkpoint.deepspeed_ckpt.save_checkpoint). Everything else in the package
+imports these names from here, so the package reads top-down:
+
+    layout  <-  shards  <-  weights  <-  deepspeed_ckpt        (offline: layout, shards)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from megaclm.utils.errors import UserError
+
+LATEST = "latest"
+BEST = "best"
+META = os.path.join("megaclm", "meta.json")
+CONFIG = os.path.join("megaclm", "config.json")
+CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which also holds DeepSpeed's keys)
+_TAG = re.compile(r"^iter_(\d{7,})$")
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def iteration_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def read_latest(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def read_best(ckpt_dir: str) -> dict | None:
+    path = os.path.join(ckpt_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_complete(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, META))
+
+
+def read_meta(ckpt_dir: str, tag: str | None = None) -> dict:
+    """meta.json of `tag` (default: `latest`): iteration, progress, parallel layout, vocab sizes."""
+    tag = tag or read_latest(ckpt_dir)
+    if tag is None:
+        raise UserError(f"checkpoint directory {ckpt_dir!r} has no `latest` file; pass a directory written by "
+                        "pretrain_gpt.py --save, or a tag")
+    if not is_complete(ckpt_dir, tag):
+        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)!r} is incomplete or not a megaclm checkpoint "
+                        f"(no {META}); pick another --ckpt-step or drop it to use `latest`")
+    with open(os.path.join(ckpt_dir, tag, META)) as f:
+        return json.load(f)
