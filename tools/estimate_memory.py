@@ -2,7 +2,7 @@
 """Per-GPU memory, parameter count and FLOPs per token of a megaclm training setup, without a GPU.
 
     python tools/estimate_memory.py --model-preset llama-7b --tp 2 --num-gpus 16 --zero-stage 1 \\
-        --micro-batch-size 1 --seq-length 4096 --bf16 --checkpoint-activations
+        --micro-batch-size 1 --seq-length 4096 --bf16 --recompute-granularity full
 
 The model comes from --model-preset (--model) and/or the model shape flags (or `--config` YAML with model,
 parallel and kernels sections); --tp/--pp are short for --tensor-model-parallel-size and
@@ -86,11 +86,12 @@ def main(argv=None) -> int:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         sequence_parallel=par.sequence_parallel and tp > 1, grad_accum_steps=grad_accum_steps(args, dp),
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
-        flash_attention=cfg.kernels.attention_backend == "sdpa")
+        flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"))
     est = estimate_memory(model, padded, setup)
     count = count_parameters(model, padded)
     fpt = flops_per_token(model, padded, args.seq_length)
-    recompute = f"every {model.checkpoint_num_layers} layer(s)" if model.checkpoint_activations else "off"
+    recompute = {None: "off", "selective": "selective (core attention)",
+                 "full": f"full, {model.recompute_method}, {model.recompute_num_layers} layer(s)"}[model.recompute_granularity]
     print(f"model        {args.model_preset or 'custom'}: {model.num_layers} layers, hidden {model.hidden_size}, "
           f"heads {model.num_attention_heads}/{model.num_kv_heads}, ffn {model.ffn_size}, vocab {vocab} -> {padded}")
     print(f"parameters   {count.total / 1e6:,.1f}M total, {count.non_embedding / 1e6:,.1f}M non-embedding, "

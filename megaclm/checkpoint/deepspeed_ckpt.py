@@ -98,7 +98,7 @@ def prune(save_dir: str, keep: int) -> list[str]:
 
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    layout: tuple[int, int] | None = None) -> dict | None:
+                    layout: tuple[int, int] | None = None, exit_on_missing: bool = False) -> dict | None:
     """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
     states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
     `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
@@ -107,6 +107,9 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
     does not know megaclm's fused qkv layout), so another layout is refused unless `finetune`."""
     tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
+        if exit_on_missing:
+            raise UserError(f"--load {load_dir}: no checkpoint there (no `latest`) and --exit-on-missing-checkpoint "
+                            "is set; pass the directory a run saved into, or drop the flag to start from scratch")
         log.warning(f"--load {load_dir}: no `latest` checkpoint there; starting from scratch")
         return None
     if not is_complete(load_dir, tag):

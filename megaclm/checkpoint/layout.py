@@ -63,3 +63,17 @@ def read_meta(ckpt_dir: str, tag: str | None = None) -> dict:
                         f"(no {META}); pick another --ckpt-step or drop it to use `latest`")
     with open(os.path.join(ckpt_dir, tag, META)) as f:
         return json.load(f)
+
+
+def read_config(ckpt_dir: str, tag: str | None = None) -> dict | None:
+    """The config tree ({section: {field: value}}) stored with `tag` (default: `latest`); None if there is no
+    checkpoint in `ckpt_dir`."""
+    tag = tag or read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    path = os.path.join(ckpt_dir, tag, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)!r} has no {CONFIG}; it was not written by megaclm "
+                        "(convert it with tools/checkpoint/convert_hf.py import) or it is incomplete")
+    with open(path) as f:
+        return json.load(f)

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
-from megaclm.config import arguments
+from megaclm.config import arguments, megatron_compat
 from megaclm.config.checkpoint import CheckpointConfig
 from megaclm.config.data import DataConfig
 from megaclm.config.derived import Derived, compute_derived
@@ -38,7 +39,10 @@ from megaclm.config.presets import MODEL_PRESETS
 from megaclm.config.scheduler import SchedulerConfig
 from megaclm.config.tokenizer import TokenizerConfig
 from megaclm.config.training import TrainingConfig
+from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,15 +112,25 @@ def world_size_from_env(default: int | None = None) -> int:
 
 def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None = None,
                add_arguments: Callable[[Any], None] | None = None, prog: str | None = None,
-               description: str | None = None, world_size: int | None = None) -> ParsedArgs:
-    """Flags (+ optional --config YAML) -> validated config, derived values and the raw namespace."""
+               description: str | None = None, world_size: int | None = None,
+               stored_config: Callable[[str], dict | None] | None = None) -> ParsedArgs:
+    """Flags (+ optional --config YAML) -> validated config, derived values and the raw namespace.
+
+    Megatron-LM / Megatron-DeepSpeed flags that are not megaclm's own are translated first
+    (megaclm.config.megatron_compat; each ignored one is logged once, on rank 0). `stored_config(load_dir)`
+    reads a checkpoint's config tree, for --use-checkpoint-args (megaclm.checkpoint.layout.read_config).
+    """
     from megaclm.config.validate import validate  # validate imports this module's siblings only
 
     chosen = _chosen_sections(sections)
     parser = build_parser(chosen, prog=prog, description=description)
     if add_arguments is not None:
         add_arguments(parser)
+    argv, notes = megatron_compat.translate(sys.argv[1:] if argv is None else list(argv))
     ns = parser.parse_args(argv)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            log.info(note)
     tree = arguments.load_yaml(ns.config) if ns.config else {}
     preset = tree.pop("model_preset", None)
     preset = getattr(ns, "model_preset", None) or preset
@@ -127,13 +141,43 @@ def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None 
         layers.append({"model": dict(MODEL_PRESETS[preset])})
     yaml_layer = arguments.yaml_values(tree, chosen, source=f"--config {ns.config}")
     layers.append(arguments.propagate_shared(yaml_layer, parser.shared_dests))
-    layers.append(arguments.flag_values(ns, chosen, parser.shared_dests))
+    flags = arguments.flag_values(ns, chosen, parser.shared_dests)
+    checkpoint = arguments.merge(*layers, flags).get("checkpoint", {})
+    if checkpoint.get("use_checkpoint_args") and "model" in chosen:
+        layers.append(_checkpoint_model_layer(checkpoint.get("load"), flags.get("model", {}), stored_config))
+    layers.append(flags)
     cfg = MegaclmConfig(**arguments.build_sections(arguments.merge(*layers), chosen))
     derived = None
     if {"training", "data"} <= set(chosen):
         derived = compute_derived(cfg, world_size or world_size_from_env(ns.world_size))
     validate(cfg, derived, sections=set(chosen))
     return ParsedArgs(cfg, derived, ns)
+
+
+# Model fields that are choices of the run, not of the checkpoint's shape: flags may change them.
+_RUN_CHOICES = ("recompute_granularity", "recompute_method", "recompute_num_layers", "attention_dropout",
+                "hidden_dropout")
+
+
+def _checkpoint_model_layer(load: str | None, flags: dict[str, Any],
+                            stored_config: Callable[[str], dict | None] | None) -> dict[str, dict[str, Any]]:
+    """--use-checkpoint-args: the model section stored with the --load checkpoint; explicit model flags
+    must agree with it (a silent override would train another shape than the checkpoint holds)."""
+    if load is None or stored_config is None:
+        raise UserError("--use-checkpoint-args needs --load DIR (a megaclm checkpoint) and an entry point that "
+                        "reads checkpoints (pretrain_gpt.py, tools/eval_perplexity.py)")
+    tree = stored_config(load)
+    if tree is None:
+        raise UserError(f"--use-checkpoint-args: no checkpoint in --load {load} to take the model shape from; "
+                        "pass the directory a run saved into (or an HF import), or give the model flags instead")
+    stored = arguments.yaml_values({"model": tree.get("model", {})}, {"model": ModelConfig},
+                                   source=f"the config stored in {load}")["model"]
+    differ = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k, v in flags.items()
+              if k in stored and stored[k] != v and k not in _RUN_CHOICES]
+    if differ:
+        raise UserError(f"--use-checkpoint-args: these model flags disagree with the checkpoint in {load}: "
+                        f"{', '.join(differ)}; drop them or make them match")
+    return {"model": stored}
 
 
 def parse_config(argv: list[str] | None = None, *, sections: Iterable[str] | None = None,

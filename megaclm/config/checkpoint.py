@@ -24,6 +24,11 @@ class CheckpointConfig:
     no_load_optim: bool = field(default=False, metadata={
         "help": "Load weights and progress but not the optimizer state (continual pretraining)."})
     no_load_rng: bool = field(default=False, metadata={"help": "Do not restore RNG states when loading."})
+    exit_on_missing_checkpoint: bool = field(default=False, metadata={
+        "help": "With --load: exit with an error when there is no checkpoint there (instead of a fresh start)."})
+    use_checkpoint_args: bool = field(default=False, metadata={
+        "help": "Take the model shape (the model section) from the --load checkpoint's stored config; model flags "
+                "that are also given must agree with it."})
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:
@@ -32,7 +37,9 @@ class CheckpointConfig:
             raise UserError(f"checkpoint.save_total_limit={self.save_total_limit} must be >= 1")
         if self.ckpt_step is not None and self.ckpt_step < 0:
             raise UserError(f"checkpoint.ckpt_step={self.ckpt_step} must be >= 0")
-        if (self.finetune or self.no_load_optim or self.ckpt_step is not None) and self.load is None:
-            raise UserError("checkpoint.finetune/no_load_optim/ckpt_step need checkpoint.load; pass --load DIR")
+        if (self.finetune or self.no_load_optim or self.ckpt_step is not None or self.exit_on_missing_checkpoint
+                or self.use_checkpoint_args) and self.load is None:
+            raise UserError("checkpoint.finetune/no_load_optim/ckpt_step/exit_on_missing_checkpoint/"
+                            "use_checkpoint_args need checkpoint.load; pass --load DIR")
         if (self.save_interval or self.save_total_limit or self.save_best) and self.save is None:
             raise UserError("checkpoint.save_interval/save_total_limit/save_best need checkpoint.save; pass --save DIR")

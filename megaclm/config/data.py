@@ -60,7 +60,8 @@ def parse_blend(items: list[str], source: str) -> tuple[list[float] | None, list
 
 def parse_split(split: str) -> tuple[float, float, float]:
     """`969,30,1` (or `969/30/1`, or `98,2`) -> normalized (train, valid, test) fractions."""
-    text = str(split).strip().replace("/", ",")
+    # Megatron-LM's Llama-3 example passes `--split '99,1,0'` from a bash array: the quotes arrive literally.
+    text = str(split).strip().strip("'\"").replace("/", ",")
     parts = [p.strip() for p in text.split(",")]
     values = [_number(p) for p in parts]
     if not parts or len(parts) > 3 or any(v is None for v in values):
@@ -107,6 +108,9 @@ class DataConfig:
     data_path: list[str] = field(default_factory=list, metadata={
         "help": "MMIDIDX prefixes, optionally weighted: 'PREFIX' or '0.3 A 0.7 B' (weights normalized); "
                 "split into train/valid/test by --split.", "nargs": "*"})
+    mock_data: bool = field(default=False, metadata={
+        "help": "Train on synthetic, learnable samples instead of --data-path (megaclm.data.mock_dataset): for "
+                "trying a launch script or measuring throughput without a corpus."})
     data_path_file: str | None = field(default=None, metadata={
         "help": "File with the --data-path list for hundreds of datasets: whitespace-separated "
                 "'WEIGHT PREFIX' pairs (# comments allowed), or a .yaml/.yml list."})
@@ -153,6 +157,9 @@ class DataConfig:
         if self.num_workers < 0:
             raise UserError(f"data.num_workers={self.num_workers} must be >= 0")
         separate = self.train_data_path or self.valid_data_path or self.test_data_path
+        if self.mock_data and (self.data_path or self.data_path_file or separate):
+            raise UserError("data.mock_data and data.data_path (or the other data paths) are exclusive; "
+                            "drop --mock-data to train on the datasets")
         if (self.data_path or self.data_path_file) and separate:
             raise UserError("data.data_path/data_path_file and data.train_data_path/valid_data_path/test_data_path "
                             "are exclusive; use --data-path with --split, or the separate paths")

@@ -59,14 +59,10 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
                         f"use a global batch that is a multiple of {mbs * dp}")
     seq = cfg.data.seq_length
     tokens_per_step = gbs * seq
-    if t.train_iters is not None:
-        iters = t.train_iters
-    elif t.train_samples is not None:
-        iters = -(-t.train_samples // gbs)
-    elif t.train_tokens is not None:
-        iters = -(-t.train_tokens // tokens_per_step)
-    else:
-        iters = None
+    # Megatron-DeepSpeed's --train-tokens may cap --train-iters/--train-samples: the first limit reached stops.
+    limits = [n for n in (t.train_iters, None if t.train_samples is None else -(-t.train_samples // gbs),
+                          None if t.train_tokens is None else -(-t.train_tokens // tokens_per_step)) if n is not None]
+    iters = min(limits) if limits else None
     padded = None
     if vocab_size is not None:
         padded = pad_vocab_size(vocab_size, cfg.tokenizer.make_vocab_size_divisible_by, tp)

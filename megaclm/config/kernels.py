@@ -3,14 +3,15 @@
 "torch" runs the pure-PyTorch references; "compile" runs them through torch.compile; "fused" runs the
 CUDA kernels of megaclm.ops._cuda and falls back to the references (one logged line) when the
 extension is not built. Attention goes through torch's scaled_dot_product_attention ("sdpa", which picks
-flash/cuDNN/memory-efficient kernels on GPU) or the explicit matmul + softmax path ("unfused").
+flash/cuDNN/memory-efficient kernels on GPU; "flash" holds it to the flash kernel) or the explicit
+matmul + softmax path ("unfused"); see megaclm.model.attention.
 """
 from dataclasses import dataclass, field
 
 from megaclm.utils.errors import UserError
 
 KERNEL_BACKENDS = ("torch", "fused", "compile")
-ATTENTION_BACKENDS = ("sdpa", "unfused")
+ATTENTION_BACKENDS = ("sdpa", "flash", "unfused")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,9 @@ class KernelsConfig:
         "help": "Implementation of norms, activations, RoPE, softmax and cross-entropy.",
         "choices": list(KERNEL_BACKENDS)})
     attention_backend: str = field(default="sdpa", metadata={
-        "help": "Attention: torch scaled_dot_product_attention, or explicit QK^T + masked softmax + V.",
+        "help": "Attention: torch scaled_dot_product_attention ('sdpa', torch picks the kernel; flash varlen for "
+                "document masks on CUDA), 'flash' (SDPA held to its flash kernel wherever the inputs allow), or "
+                "'unfused' (explicit QK^T + masked softmax + V).",
         "choices": list(ATTENTION_BACKENDS)})
     cross_entropy_chunk_size: int = field(default=4096, metadata={
         "help": "Tokens per chunk of the fused output-layer + cross-entropy (bounds the logits kept in memory)."})

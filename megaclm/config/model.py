@@ -13,6 +13,8 @@ from megaclm.utils.errors import UserError
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "alibi", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass(frozen=True)
@@ -60,18 +62,27 @@ class ModelConfig:
         "help": "Std of the normal init; output projections of each layer use std/sqrt(2*num_layers)."})
     make_vocab_size_divisible_by: int = field(default=128, metadata={
         "help": "Pad the vocabulary to a multiple of this times the tensor-parallel size."})
-    checkpoint_activations: bool = field(default=False, metadata={
-        "help": "Recompute transformer layers in backward instead of storing their activations."})
-    checkpoint_num_layers: int = field(default=1, metadata={
-        "help": "With --checkpoint-activations: layers per checkpointed chunk (1 = every layer; "
-                "k = keep the input of every k-th layer, recompute k layers at once)."})
+    recompute_granularity: str | None = field(default=None, metadata={
+        "help": "Activation recomputation: 'full' recomputes whole transformer layers in backward, 'selective' "
+                "only the core attention (softmax(QK^T)V, the largest activation per FLOP). Default: none.",
+        "choices": list(RECOMPUTE_GRANULARITIES)})
+    recompute_method: str = field(default="uniform", metadata={
+        "help": "With full recomputation: 'uniform' keeps the input of every --recompute-num-layers-th layer and "
+                "recomputes that many layers at once; 'block' recomputes only the first --recompute-num-layers "
+                "layers of each pipeline stage (one at a time) and stores the rest.",
+        "choices": list(RECOMPUTE_METHODS)})
+    recompute_num_layers: int = field(default=1, metadata={
+        "help": "Layers per recomputed chunk (uniform) or recomputed layers per stage (block)."})
+    apply_layernorm_1p: bool = field(default=False, metadata={
+        "help": "Zero-centred norm weights: the stored weight w (initialised to 0) scales by (1 + w), so weight "
+                "decay pulls the scale towards 1 instead of 0 (Megatron's --apply-layernorm-1p)."})
 
     def __post_init__(self):
         def bad(name, why):
             raise UserError(f"model.{name}={getattr(self, name)!r} {why}")
 
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                     "make_vocab_size_divisible_by", "checkpoint_num_layers", "rope_original_max_position_embeddings"):
+                     "make_vocab_size_divisible_by", "recompute_num_layers", "rope_original_max_position_embeddings"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "window_size"):
@@ -81,6 +92,10 @@ class ModelConfig:
             bad("position_embedding_type", f"is not one of {', '.join(POSITION_EMBEDDING_TYPES)}")
         if self.normalization not in NORMALIZATIONS:
             bad("normalization", f"is not one of {', '.join(NORMALIZATIONS)}")
+        if self.recompute_granularity not in (None, *RECOMPUTE_GRANULARITIES):
+            bad("recompute_granularity", f"is not one of {', '.join(RECOMPUTE_GRANULARITIES)} (or unset)")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            bad("recompute_method", f"is not one of {', '.join(RECOMPUTE_METHODS)}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             bad("hidden_size", f"is not divisible by model.num_attention_heads={self.num_attention_heads}; "
                 "change one of them or set model.kv_channels")
@@ -105,6 +120,14 @@ class ModelConfig:
             bad("init_method_std", "must be > 0")
         if self.norm_epsilon <= 0:
             bad("norm_epsilon", "must be > 0")
+
+    @property
+    def recompute_full(self) -> bool:
+        return self.recompute_granularity == "full"
+
+    @property
+    def recompute_core_attention(self) -> bool:
+        return self.recompute_granularity == "selective"
 
     @property
     def head_dim(self) -> int:

@@ -58,9 +58,9 @@ class TrainingConfig:
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise UserError(f"training.global_batch_size={self.global_batch_size} must be >= 1")
         given = [n for n in ("train_iters", "train_samples", "train_tokens") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise UserError(f"training.{given[0]} and training.{given[1]} are exclusive; "
-                            "give the run length once (--train-iters, --train-samples or --train-tokens)")
+        if self.train_iters is not None and self.train_samples is not None:
+            raise UserError("training.train_iters and training.train_samples are exclusive; give the run length "
+                            "once (--train-iters or --train-samples; --train-tokens may cap either)")
         for n in given:
             if getattr(self, n) < 1:
                 raise UserError(f"training.{n}={getattr(self, n)} must be >= 1")

@@ -36,6 +36,7 @@ from megaclm.data.curriculum import Curriculum
 from megaclm.data.gpt_dataset import GPTDataset, SampleSpec
 from megaclm.data.helpers import backend
 from megaclm.data.indexed_dataset import IndexedDataset, index_file_path
+from megaclm.data.mock_dataset import MockGPTDataset
 from megaclm.data.splits import SPLIT_NAMES, document_ranges, sequence_range
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
@@ -162,13 +163,21 @@ class _Builder:
 
 def build_train_valid_test(cfg: DataConfig, *, seed: int, train_samples: int, valid_samples: int = 0,
                            test_samples: int = 0, eod_id: int | None = None, global_batch_size: int | None = None,
-                           impl: str | None = None, cache_wait_s: float = DEFAULT_WAIT_S):
+                           impl: str | None = None, cache_wait_s: float = DEFAULT_WAIT_S,
+                           vocab_size: int | None = None):
     """(train, valid, test) datasets; see the module docstring. `global_batch_size` is needed by
-    --data-mixing-schedule (phases start at optimizer steps); `impl` forces an index backend."""
+    --data-mixing-schedule (phases start at optimizer steps); `impl` forces an index backend;
+    `vocab_size` (the tokenizer's) bounds the ids of --mock-data."""
     if train_samples < 1:
         raise UserError(f"train_samples={train_samples}: the run must train on at least one sample")
     spec = SampleSpec(seq_length=cfg.seq_length, seed=seed, eod_id=eod_id, eod_mask_loss=cfg.eod_mask_loss,
                       reset_position_ids=cfg.reset_position_ids, reset_attention_mask=cfg.reset_attention_mask)
+    if cfg.mock_data:
+        if vocab_size is None:
+            raise ValueError("--mock-data needs the tokenizer's vocab_size")
+        wanted = (train_samples, valid_samples, test_samples)
+        log.info("datasets: mock data (" + ", ".join(f"{s} {n} samples" for s, n in zip(SPLIT_NAMES, wanted)) + ")")
+        return tuple(MockGPTDataset(spec, s, n, vocab_size) if n > 0 else None for s, n in zip(SPLIT_NAMES, wanted))
     sources = _blend_sources(cfg)
     train_phases = None
     if cfg.data_mixing_schedule:

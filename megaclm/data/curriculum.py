@@ -161,19 +161,11 @@ class Curriculum:
         self.iteration += 1
 
     def truncate(self, batch: dict, seqlen: int | None = None) -> dict:
-        """Cut a batch (numpy arrays or torch tensors, (B, S) and (B, S, S)) to the step's length."""
+        """Cut a batch (numpy arrays or torch tensors, each (B, S)) to the step's length."""
         length = self.seqlen if seqlen is None else seqlen
         if length >= self.seq_length:
             return batch
-        out = {}
-        for key, value in batch.items():
-            if key == "attention_mask":
-                out[key] = value[:, :length, :length]
-            elif getattr(value, "ndim", 0) >= 2:
-                out[key] = value[:, :length]
-            else:
-                out[key] = value
-        return out
+        return {key: value[:, :length] if getattr(value, "ndim", 0) >= 2 else value for key, value in batch.items()}
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "consumed_tokens": self.consumed_tokens, "seqlen": self.seqlen,

@@ -3,8 +3,8 @@
     ds = GPTDataset(IndexedDataset(prefix), SampleSpec(seq_length=4, seed=1234, eod_id=0),
                     split="train", sequence_range=(0, 5), num_samples=6, cache=IndexCache(dir))
     ds[i] -> {"tokens": (S,) int64, "labels": (S,) int64, "loss_mask": (S,) float32,
-              "position_ids": (S,) int64, "attention_mask": (S, S) bool  (only with reset_attention_mask;
-              True = may attend)}
+              "position_ids": (S,) int64, "document_ids": (S,) int64  (only with reset_attention_mask:
+              equal ids = one document; the model turns them into per-document causal attention)}
 
 Samples are seq_length + 1 consecutive tokens of a stream that runs through the documents across
 their boundaries (tokens = first S, labels = last S). Three index arrays, deterministic from
@@ -32,7 +32,8 @@ Worked example - 3 documents of 4, 2 and 5 tokens (11 tokens), seq_length = 4, n
 
 Document-aware masks (Megatron's get_ltor_masks_and_position_ids, from the eod tokens *inside*
 the sample): `reset_position_ids` restarts positions after each eod; `reset_attention_mask` lets a
-token attend only to earlier tokens after the last eod before it; `eod_mask_loss` zeroes the loss
+token attend only to earlier tokens after the last eod before it (as `document_ids`: the number of
+eods before each token; never an (S, S) mask); `eod_mask_loss` zeroes the loss
 where the input token is eod. Unlike Megatron, every epoch of the document index is a permutation
 of its own (each document is seen once per epoch), and multi-sequence documents are split by
 document but streamed by sequence.
@@ -116,8 +117,7 @@ def make_sample(text: np.ndarray, spec: SampleSpec) -> dict[str, np.ndarray]:
             starts = np.concatenate([[0], np.flatnonzero(is_eod) + 1])
             sample["position_ids"] = sample["position_ids"] - starts[segment]
         if spec.reset_attention_mask:
-            causal = np.tri(s, dtype=bool)  # (S, S): query row may attend key column <= row
-            sample["attention_mask"] = causal & (segment[:, None] == segment[None, :])
+            sample["document_ids"] = segment.astype(np.int64)
     return sample
 
 

@@ -51,9 +51,10 @@ activation element, t = tensor-parallel size, masks take one byte:
   For GPT with dropout, materialised scores and e=2 this is the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)).
   The first stage also keeps the embedding dropout mask (s*b*h), the last the final norm's input and
   output (2*s*b*h*e) and what the cross-entropy saves: the fp32 logits (4*s*b*V/t), or with tp=1
-  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b). Activation
-  checkpointing keeps only each chunk's input (s*b*h*e per `checkpoint_num_layers` layers) and
-  recomputes one chunk at a time.
+  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b). Full recomputation
+  keeps only each chunk's input (s*b*h*e per `recompute_num_layers` layers, method uniform) or the
+  inputs of the first `recompute_num_layers` layers of a stage with the others whole (method block),
+  and recomputes one chunk at a time; selective recomputation drops the attention core's share.
   Under DeepSpeed's 1F1B pipeline schedule stage i holds min(pp - i, accumulation steps) micro batches.
 Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
 CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
@@ -265,7 +266,9 @@ def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
     whole = 4 * sbh * e + (2 * sbh if model.hidden_dropout > 0 else 0)
     split = s * b * (a + 2 * model.num_kv_heads) * d * e + s * b * a * d * e
     split += (3 if model.swiglu else 2) * s * b * f * e
-    if setup.flash_attention:
+    if model.recompute_core_attention:
+        pass  # selective recomputation: the core attention is recomputed from the Q, K, V kept above
+    elif setup.flash_attention:
         split += 4 * a * s * b
     else:
         split += 2 * a * s * s * b + (3 * a * s * s * b if model.attention_dropout > 0 else 0)
@@ -353,7 +356,7 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
     """Per-GPU memory of training `model` (padded vocabulary `vocab_size`) as `setup` says.
 
     Returns the pipeline stage with the largest GPU total; activation checkpointing follows
-    model.checkpoint_activations / model.checkpoint_num_layers.
+    model.recompute_granularity / recompute_method / recompute_num_layers.
     """
     t, pp = setup.tensor_parallel, setup.pipeline_parallel
     stages = stage_parameters(model, vocab_size, t, pp)
@@ -365,10 +368,13 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
         first, last = i == 0, i == pp - 1
         gpu, cpu = _stage_model_states(stage.params, stage.largest_module, setup)
         in_flight = min(pp - i, setup.grad_accum_steps)
-        if model.checkpoint_activations:
-            k = min(model.checkpoint_num_layers, stage.layers)
+        if model.recompute_full and model.recompute_method == "uniform":
+            k = min(model.recompute_num_layers, stage.layers)
             chunks = -(-stage.layers // k)
             act = in_flight * chunks * s * b * h * e / sp + k * per_layer
+        elif model.recompute_full:  # block: the first k layers recomputed one at a time, the rest stored
+            k = min(model.recompute_num_layers, stage.layers)
+            act = in_flight * (k * s * b * h * e / sp + (stage.layers - k) * per_layer) + per_layer
         else:
             act = in_flight * stage.layers * per_layer
         if first and model.hidden_dropout > 0:

@@ -20,17 +20,16 @@ State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.
 Within q/k/v rows, head j occupies rows [j hd, (j+1) hd); query head j attends with key/value head
 j // (nh / nkv). RoPE pairs dims (i, i + rot/2) of each head (rotate-half layout, as HF Llama).
 """
-import math
 
 import deepspeed
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
-from megaclm.model.positions import AttentionMask, rope_inv_freq
+from megaclm.model.attention import AttentionInputs, AttentionMasker, core_attention
+from megaclm.model.positions import rope_inv_freq
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -54,18 +53,20 @@ class Norm(nn.Module):
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops):
         super().__init__()
         self.rms, self.eps, self.ops = config.normalization == "RMSNorm", config.norm_epsilon, ops
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.one_p = config.apply_layernorm_1p  # the scale is 1 + weight (weight initialised to 0)
+        self.weight = nn.Parameter(torch.zeros(config.hidden_size) if self.one_p else torch.ones(config.hidden_size))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(config.hidden_size))
         for p in self.parameters():  # under SP each rank normalises only its sequence chunk
             sequence_parallel_grad_hook(p, pstate)
 
     def forward(self, x, residual=None):
+        weight = self.weight + 1 if self.one_p else self.weight
         if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps) if self.rms else \
-                self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+            return self.ops.rms_norm(x, weight, self.eps) if self.rms else \
+                self.ops.layer_norm(x, weight, self.bias, self.eps)
         if self.rms:
-            return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
-        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+            return self.ops.add_rms_norm(x, residual, weight, self.eps)
+        return self.ops.add_layer_norm(x, residual, weight, self.bias, self.eps)
 
 
 class Embedding(nn.Module):
@@ -77,6 +78,7 @@ class Embedding(nn.Module):
         _, _, self.sp = tp_info(pstate)
         init = normal_init(config.init_method_std)
         self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, pstate, init_method=init)
+        self.word_embeddings.weight.embedding_or_output = True  # its own lr under --decoupled-lr
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             # Initialised before it becomes a parameter (ZeRO-3's zero.Init partitions it at construction).
@@ -98,9 +100,10 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig):
         super().__init__()
         tp, _, _ = tp_info(pstate)
-        self.tp, self.ops, self.unfused = tp, ops, kernels.attention_backend == "unfused"
+        self.tp, self.ops, self.backend = tp, ops, kernels.attention_backend
         self.hd, self.nh, self.nkv = config.head_dim, config.num_attention_heads // tp, config.num_kv_heads // tp
         self.dropout_p = config.attention_dropout
+        self.recompute = config.recompute_core_attention  # selective recomputation
         blocks = [config.num_attention_heads * self.hd] + [config.num_kv_heads * self.hd] * 2
         std = config.init_method_std
         self.qkv = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.qkv_bias,
@@ -110,33 +113,27 @@ class Attention(nn.Module):
                                       init_method=scaled_normal_init(std, config.num_layers))
         self.inv_freq = rope_inv_freq(config) if config.position_embedding_type == "rope" else None
 
-    def forward(self, x, position_ids, mask, causal):
-        """mask, causal: from positions.AttentionMask (None + causal, bool (B|1, 1, T, T) or float bias)."""
+    def forward(self, x, position_ids, inputs: AttentionInputs):
+        """inputs: the forward's masking (megaclm.model.attention), shared by all layers."""
         qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd): SP inputs are gathered to the full T here
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q, k, v = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd), v.view(B, T, self.nkv, self.hd)
         if self.inv_freq is not None:
             q, k = self.ops.rope(q, k, self.inv_freq.to(q.device), position_ids)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         dropout_p = self.dropout_p if self.training else 0.0
-        with tp_rng_fork(self.tp > 1 and dropout_p > 0):  # heads differ across TP ranks: so do their masks
-            if self.unfused:
-                y = self._unfused(q, k, v, mask, causal, dropout_p)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-                                                   scale=1.0 / math.sqrt(self.hd), enable_gqa=self.nkv != self.nh)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)  # (B, T, nh hd)
-        return self.proj(y)  # (B, S, H)
 
-    def _unfused(self, q, k, v, mask, causal, dropout_p):
-        rep = self.nh // self.nkv  # grouped-query: each kv head serves `rep` consecutive query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if causal:
-            T = q.size(2)
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        probs = self.ops.scaled_masked_softmax(q @ k.transpose(-2, -1), mask, 1.0 / math.sqrt(self.hd))
-        return F.dropout(probs, dropout_p) @ v  # (B, nh, T, hd)
+        def attend(q, k, v):
+            with tp_rng_fork(self.tp > 1 and dropout_p > 0):  # heads differ across TP ranks: so do their masks
+                return core_attention(q, k, v, inputs, dropout_p=dropout_p, backend=self.backend,
+                                      softmax=self.ops.scaled_masked_softmax)  # (B, T, nh, hd)
+
+        if self.recompute and torch.is_grad_enabled():
+            # DeepSpeed's checkpoint replays the RNG tracker, so the recomputed dropout mask is the same.
+            y = deepspeed.checkpointing.checkpoint(attend, q, k, v)
+        else:
+            y = attend(q, k, v)
+        return self.proj(y.reshape(B, T, self.nh * self.hd))  # (B, S, H)
 
 
 class MLP(nn.Module):
@@ -168,8 +165,8 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, pstate, ops)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, h, position_ids, mask=None, causal=True):
-        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, mask, causal), self.sp)
+    def forward(self, h, position_ids, inputs: AttentionInputs = AttentionInputs()):  # default: plain causal
+        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, inputs), self.sp)
         x, h = self.post_attention_norm(a, residual=h)
         return h + sp_dropout(self.dropout, self.mlp(x), self.sp)
 
@@ -180,8 +177,9 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState |
 
 
 class GPTModel(nn.Module):
-    """forward(input_ids (B, T) int64, position_ids (B, T) | None, attention_mask (B, 1, T, T) bool | None,
+    """forward(input_ids (B, T) int64, position_ids (B, T) | None, document_ids (B, T) int | None,
     labels (B, T) | None) -> logits (B, T, V/tp), or with labels the per-token fp32 loss (B, T).
+    document_ids: tokens of a sample attend only within their document (megaclm.model.attention).
 
     `padded_vocab_size` must divide by the tensor-parallel size (config.derived.pad_vocab_size gives it).
     """
@@ -197,7 +195,7 @@ class GPTModel(nn.Module):
         self.kernels = kernels or KernelsConfig()
         ops = build_ops(self.kernels)
         self.ops = ops
-        self.attention_mask = AttentionMask(config, tp, pstate.tp_rank if pstate else 0)
+        self.masker = AttentionMasker(config, tp, pstate.tp_rank if pstate else 0)
         self.embedding = Embedding(config, padded_vocab_size, pstate)
         self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels)
                                     for _ in range(config.num_layers))
@@ -206,6 +204,7 @@ class GPTModel(nn.Module):
         if config.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(config.hidden_size, padded_vocab_size, pstate, bias=False,
                                                      init_method=normal_init(config.init_method_std))
+            self.output_layer.weight.embedding_or_output = True
         # The output weight is used in this forward, not its owner's: ZeRO-3 must gather it for this module.
         deepspeed.zero.register_external_parameter(self, self.output_weight)
 
@@ -213,7 +212,7 @@ class GPTModel(nn.Module):
     def output_weight(self) -> nn.Parameter:
         return (self.output_layer or self.embedding.word_embeddings).weight
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, labels=None):
         B, T = input_ids.shape
         tp, _, sp = tp_info(self.pstate)
         if sp and T % tp:
@@ -222,8 +221,10 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
-        mask, causal = self.attention_mask(position_ids, attention_mask, h.dtype)  # shared by all layers
-        h = self._run_layers(h, position_ids, mask, causal)
+        inputs = self.masker(position_ids, document_ids, h.dtype,
+                             self.config.attention_dropout if self.training else 0.0,
+                             allow_varlen=self.kernels.attention_backend != "unfused")  # shared by all layers
+        h = self._run_layers(h, position_ids, inputs)
         h = self.final_norm(h)
         if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
             return self.ops.linear_cross_entropy(h, self.output_weight, labels, self.kernels.cross_entropy_chunk_size)
@@ -232,20 +233,24 @@ class GPTModel(nn.Module):
             return logits
         return vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
 
-    def _run_layers(self, h, position_ids, mask, causal):
-        k = self.config.checkpoint_num_layers
-        if not (self.config.checkpoint_activations and torch.is_grad_enabled()):
+    def _run_layers(self, h, position_ids, inputs):
+        c = self.config
+        if not (c.recompute_full and torch.is_grad_enabled()):
             for layer in self.layers:
-                h = layer(h, position_ids, mask, causal)
+                h = layer(h, position_ids, inputs)
             return h
         # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
-        for start in range(0, len(self.layers), k):
-            chunk = self.layers[start:start + k]
+        # uniform: chunks of k layers; block: the first k layers one by one, the others stored whole.
+        k = c.recompute_num_layers
+        chunks = ([self.layers[i:i + k] for i in range(0, len(self.layers), k)] if c.recompute_method == "uniform"
+                  else [self.layers[i:i + 1] for i in range(len(self.layers))])
+        for n, chunk in enumerate(chunks):
 
-            def run(x, pos, m, chunk=chunk):
+            def run(x, pos, chunk=chunk):
                 for layer in chunk:
-                    x = layer(x, pos, m, causal)
+                    x = layer(x, pos, inputs)
                 return x
 
-            h = deepspeed.checkpointing.checkpoint(run, h, position_ids, mask)
+            recompute = c.recompute_method == "uniform" or n < k
+            h = deepspeed.checkpointing.checkpoint(run, h, position_ids) if recompute else run(h, position_ids)
         return h

@@ -7,11 +7,10 @@ With tied embeddings the embedding is a TiedLayerSpec ("embed") that appears aga
 gradient between them; untied, the head is an OutputLayerPipe.
 
 Batch format (what the trainer's data iterator yields per micro-batch):
-    ((input_ids (B, T) int64, position_ids (B, T) int64[, attention_mask (B, 1, T, T) bool]),
+    ((input_ids (B, T) int64, position_ids (B, T) int64[, document_ids (B, T) int64]),
      (labels (B, T) int64, loss_mask (B, T) float))
-Between stages the tuple (hidden (B, S, H), position_ids[, attention_mask as uint8]) travels; the mask
-is sent as uint8 because DeepSpeed's p2p only special-cases a trailing bool it is told about. The last
-stage returns logits (B, T, V/tp); `loss_fn` is the vocab-parallel cross-entropy averaged over the
+Between stages the tuple (hidden (B, S, H), position_ids[, document_ids]) travels. The last stage
+returns logits (B, T, V/tp); `loss_fn` is the vocab-parallel cross-entropy averaged over the
 micro-batch's tokens with loss_mask == 1.
 
 State-dict keys are GPTModel's (megaclm.model.gpt) renamed by DeepSpeed's layer numbering:
@@ -19,8 +18,10 @@ State-dict keys are GPTModel's (megaclm.model.gpt) renamed by DeepSpeed's layer 
 `final_norm.*` -> `{L+1}.*`; `output_layer.weight` -> `{L+2}.weight`. `plain_to_pipe_key` and
 `pipe_to_plain_key` convert; `load_plain_state_dict` loads a GPTModel (TP-shard) state dict into a stage.
 
-Activation checkpointing: every `checkpoint_num_layers` consecutive layers of a stage form one
-checkpointed chunk when all of them are transformer layers (DeepSpeed's activation_checkpoint_interval).
+Full recomputation, method uniform: every `recompute_num_layers` consecutive layers of a stage form one
+checkpointed chunk when all of them are transformer layers (DeepSpeed's activation_checkpoint_interval);
+method block: the first `recompute_num_layers` transformer layers of each stage checkpoint themselves.
+Selective recomputation lives inside the attention, as in GPTModel.
 Sequence parallelism: the hidden state differs across the tensor-parallel ranks, so the DeepSpeed config
 must set "pipeline": {"pipe_partitioned": false, "grad_partitioned": false}.
 """
@@ -35,7 +36,7 @@ from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import Embedding, Norm, TransformerLayer, output_logits
-from megaclm.model.positions import AttentionMask
+from megaclm.model.attention import AttentionMasker
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import ColumnParallelLinear, normal_init, tp_group
@@ -44,9 +45,9 @@ from megaclm.parallel.state import ParallelState
 
 class EmbeddingPipe(Embedding):
     def forward(self, inputs):
-        input_ids, position_ids, *mask = inputs
+        input_ids, position_ids, *document_ids = inputs
         h = super().forward(input_ids, position_ids)
-        return (h, position_ids, *(m.to(torch.uint8) for m in mask))
+        return (h, position_ids, *document_ids)
 
     def head(self, h):
         """The tied output layer: (B, S, H) -> (B, T, V/tp)."""
@@ -54,17 +55,26 @@ class EmbeddingPipe(Embedding):
 
 
 class TransformerLayerPipe(TransformerLayer):
-    """Builds its attention mask itself: a float ALiBi bias cannot travel between stages (DeepSpeed would
-    expect a gradient for it), so each layer turns the transported document mask into its own."""
+    """Builds its attention inputs itself: a float ALiBi bias cannot travel between stages (DeepSpeed would
+    expect a gradient for it), so each layer turns the transported document ids into its own."""
 
     def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig):
         super().__init__(config, pstate, ops, kernels)
-        self.attention_mask = AttentionMask(config, pstate.tp_size, pstate.tp_rank)
+        self.masker = AttentionMasker(config, pstate.tp_size, pstate.tp_rank)
+        self.config, self.kernels = config, kernels
+        self.recompute_self = False  # set for the first layers of a stage under method block
 
     def forward(self, inputs):
-        h, position_ids, *doc_mask = inputs
-        mask, causal = self.attention_mask(position_ids, doc_mask[0].bool() if doc_mask else None, h.dtype)
-        return (super().forward(h, position_ids, mask, causal), position_ids, *doc_mask)
+        h, position_ids, *document_ids = inputs
+        attn = self.masker(position_ids, document_ids[0] if document_ids else None, h.dtype,
+                           self.config.attention_dropout if self.training else 0.0,
+                           allow_varlen=self.kernels.attention_backend != "unfused")
+        if self.recompute_self and torch.is_grad_enabled():
+            h = deepspeed.checkpointing.checkpoint(lambda x, pos: TransformerLayer.forward(self, x, pos, attn),
+                                                   h, position_ids)
+        else:
+            h = super().forward(h, position_ids, attn)
+        return (h, position_ids, *document_ids)
 
 
 class FinalNormPipe(Norm):
@@ -74,6 +84,10 @@ class FinalNormPipe(Norm):
 
 class OutputLayerPipe(ColumnParallelLinear):
     """The untied output layer: (B, S, H) -> (B, T, V/tp)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight.embedding_or_output = True  # its own lr under --decoupled-lr
 
 
 def _embedding_head(module: EmbeddingPipe, h):
@@ -125,10 +139,15 @@ class GPTPipelineModule(PipelineModule):
         super().__init__(
             layers=specs, topology=pstate.topology, loss_fn=GPTPipeLoss(pstate),
             partition_method="parameters" if partition_method == "parameters" else "type:TransformerLayerPipe",
-            activation_checkpoint_interval=config.checkpoint_num_layers if config.checkpoint_activations else 0,
+            activation_checkpoint_interval=(config.recompute_num_layers if config.recompute_full
+                                            and config.recompute_method == "uniform" else 0),
             activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
             checkpointable_layers=["TransformerLayerPipe"])
         self.config, self.pstate = config, pstate
+        if config.recompute_full and config.recompute_method == "block":
+            local = [f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe)]
+            for layer in local[:config.recompute_num_layers]:
+                layer.recompute_self = True
 
 
 def plain_to_pipe_key(key: str, config: ModelConfig) -> str:

@@ -16,6 +16,9 @@ def build_tokenizer(
     merge_file: str | None = None,
     tokenizer_model: str | None = None,
     vocab_size: int | None = None,
+    tiktoken_pattern: str = "v2",
+    tiktoken_num_special_tokens: int = 1000,
+    tiktoken_special_tokens: list[str] | None = None,
     make_vocab_size_divisible_by: int = 128,
     tensor_model_parallel_size: int = 1,
 ) -> BaseTokenizer:
@@ -33,6 +36,19 @@ def build_tokenizer(
         from megaclm.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 
         return SentencePieceTokenizer(tokenizer_model, **padding)
+    if tokenizer_type == "Llama2Tokenizer":
+        from megaclm.tokenizer.sentencepiece_tokenizer import Llama2Tokenizer
+
+        return Llama2Tokenizer(tokenizer_model, **padding)
+    if tokenizer_type == "Llama3Tokenizer":
+        from megaclm.tokenizer.tiktoken_tokenizer import Llama3Tokenizer
+
+        return Llama3Tokenizer(tokenizer_model, **padding)
+    if tokenizer_type == "TikTokenizer":
+        from megaclm.tokenizer.tiktoken_tokenizer import TikTokenizer
+
+        return TikTokenizer(tokenizer_model, tiktoken_pattern, vocab_size, tiktoken_num_special_tokens,
+                            tiktoken_special_tokens, **padding)
     if tokenizer_type == "HuggingFaceTokenizer":
         from megaclm.tokenizer.huggingface import HuggingFaceTokenizer
 
@@ -55,9 +71,24 @@ def build_tokenizer_from_config(cfg: TokenizerConfig, tensor_model_parallel_size
         merge_file=cfg.merge_file,
         tokenizer_model=cfg.tokenizer_model,
         vocab_size=cfg.vocab_size,
+        tiktoken_pattern=cfg.tiktoken_pattern,
+        tiktoken_num_special_tokens=cfg.tiktoken_num_special_tokens,
+        tiktoken_special_tokens=cfg.tiktoken_special_tokens,
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
         tensor_model_parallel_size=tensor_model_parallel_size,
     )
 
 
-__all__ = ["BaseTokenizer", "TOKENIZER_TYPES", "build_tokenizer", "build_tokenizer_from_config", "pad_vocab_size"]
+def model_vocab_size(cfg: TokenizerConfig, tokenizer: BaseTokenizer) -> int:
+    """Rows of the embedding before padding: the tokenizer's vocabulary, or a larger --vocab-size (Megatron-LM's
+    Llama-3 example passes --vocab-size 128256 with its HF tokenizer; a larger one leaves room for added tokens)."""
+    if cfg.vocab_size is None or cfg.tokenizer_type in ("NullTokenizer", "TikTokenizer"):
+        return tokenizer.vocab_size  # there --vocab-size already defined the tokenizer's vocabulary
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"--vocab-size {cfg.vocab_size} is below the {cfg.tokenizer_type}'s {tokenizer.vocab_size} "
+                        f"ids; raise it to at least {tokenizer.vocab_size} or drop it")
+    return cfg.vocab_size
+
+
+__all__ = ["BaseTokenizer", "TOKENIZER_TYPES", "build_tokenizer", "build_tokenizer_from_config", "model_vocab_size",
+           "pad_vocab_size"]

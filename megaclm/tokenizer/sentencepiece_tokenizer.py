@@ -44,3 +44,23 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def detokenize(self, ids: list[int]) -> str:
         return self._sp.decode(list(ids))
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's Llama2Tokenizer: Llama-2's SentencePiece model, every text starts with <s> (BOS)
+    as in Meta's text-completion encoding; documents end with </s> (`eod`, the --append-eod token)."""
+
+    @property
+    def bos(self) -> int:
+        bos = self._sp.bos_id()
+        if bos < 0:
+            raise UserError(f"--tokenizer-model {self.path} has no bos piece; Llama2Tokenizer needs one "
+                            "(use SentencePieceTokenizer for a model without)")
+        return bos
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self.bos] + super().tokenize(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        bos = self.bos
+        return [[bos] + ids for ids in super().tokenize_batch(texts)]

@@ -9,8 +9,8 @@ Every rank of one data-parallel slice (its tensor-parallel peers and pipeline st
 samples: the sampler is keyed by the data-parallel rank only (megaclm.data.sampler), so no broadcast
 is needed. A micro-batch is a dict of tensors on the training device
     tokens, labels, position_ids (B, T) int64; loss_mask (B, T) float32;
-    attention_mask (B, 1, T, T) bool (True = may attend), only with --reset-attention-mask
-or, for the pipeline engine, DeepSpeed's tuple ((tokens, position_ids[, mask]), (labels, loss_mask)).
+    document_ids (B, T) int64 (equal = one document), only with --reset-attention-mask
+or, for the pipeline engine, DeepSpeed's tuple ((tokens, position_ids[, document_ids]), (labels, loss_mask)).
 T is the curriculum's length for the step (samples are cut, never re-read). Evaluation always uses
 the first eval_iters global batches of its split, at full length, so every evaluation - and every
 resumed run's - sees the same samples.
@@ -67,11 +67,9 @@ class BatchSource:
         batch = self.curriculum.truncate(batch, seqlen)
         if self.device is not None:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        if "attention_mask" in batch:
-            batch["attention_mask"] = batch["attention_mask"].unsqueeze(1)  # (B, 1, T, T)
         if self.pstate.pp_size == 1:
             return batch
-        inputs = (batch["tokens"], batch["position_ids"]) + ((batch["attention_mask"],) if "attention_mask" in batch else ())
+        inputs = (batch["tokens"], batch["position_ids"]) + ((batch["document_ids"],) if "document_ids" in batch else ())
         return inputs, (batch["labels"], batch["loss_mask"])
 
     def micro_batches(self, consumed_samples: int, seqlen: int) -> Iterator:
@@ -109,5 +107,5 @@ def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any) 
     eval_samples = cfg.training.eval_iters * gbs
     datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=derived.train_iters * gbs,
                                       valid_samples=eval_samples, test_samples=eval_samples, eod_id=eod_id,
-                                      global_batch_size=gbs)
+                                      global_batch_size=gbs, vocab_size=derived.vocab_size)
     return BatchSource(cfg, derived, datasets, Curriculum.from_config(cfg.data, gbs), pstate)

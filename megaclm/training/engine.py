@@ -65,15 +65,24 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
         return GPTModel(cfg.model, padded_vocab_size, pstate, cfg.kernels)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: bool = False) -> list[dict]:
+    """Weight matrices decay, norms and biases do not; with `decoupled_lr` the input embedding and output
+    layer (parameters marked `embedding_or_output` by megaclm.model) get a third group of their own, its
+    lr set by the trainer from --decoupled-lr."""
+    decay, no_decay, decoupled = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         # ZeRO-3 partitions parameters into 1-d shards; ds_shape keeps the real one.
         ndim = len(getattr(p, "ds_shape", p.shape))
-        (decay if ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if decoupled_lr and getattr(p, "embedding_or_output", False):
+            decoupled.append(p)
+        else:
+            (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if decoupled:
+        groups.append({"params": decoupled, "weight_decay": weight_decay, "decoupled_lr": True})
+    return groups
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
@@ -120,7 +129,7 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
 
 def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_config: dict) -> Any:
-    groups = param_groups(model, cfg.optimizer.weight_decay)
+    groups = param_groups(model, cfg.optimizer.weight_decay, decoupled_lr=cfg.optimizer.decoupled_lr is not None)
     optimizer = None
     ds_config = dict(ds_config)
     if cfg.training.zero_stage == 0 and cfg.training.precision == "fp32":

@@ -105,14 +105,16 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _set_lr(self) -> float:
-        lr = self.schedule.lr(self.progress.iteration, self.progress.consumed_tokens)
+        p = self.progress
+        lr = self.schedule.lr(p.iteration, p.consumed_tokens)
+        decoupled = self.schedule.decoupled_lr(p.iteration, p.consumed_tokens)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = decoupled if group.get("decoupled_lr") else lr
         return lr
 
     def _micro_loss(self, batch: dict) -> torch.Tensor:
         losses = self.engine(batch["tokens"], position_ids=batch["position_ids"],
-                             attention_mask=batch.get("attention_mask"), labels=batch["labels"])  # (B, T) fp32
+                             document_ids=batch.get("document_ids"), labels=batch["labels"])  # (B, T) fp32
         mask = batch["loss_mask"]
         return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -209,8 +211,8 @@ class Trainer:
 
     def _done(self) -> bool:
         t, p = self.cfg.training, self.progress
-        if t.train_tokens is not None:
-            return p.consumed_tokens >= t.train_tokens
+        if t.train_tokens is not None and p.consumed_tokens >= t.train_tokens:
+            return True
         if t.train_samples is not None:
             return p.consumed_samples >= t.train_samples
         return p.iteration >= self.derived.train_iters

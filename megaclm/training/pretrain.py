@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, restore_rng
-from megaclm.checkpoint.layout import read_latest, read_meta, tag_for
+from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
@@ -25,7 +25,7 @@ from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.logging import get_logger
 from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token
-from megaclm.tokenizer import build_tokenizer_from_config
+from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged
@@ -61,7 +61,7 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
                         precision=cfg.training.precision, sequence_parallel=cfg.parallel.sequence_parallel,
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.training.offload_optimizer,
                         offload_param=cfg.training.offload_param,
-                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend == "sdpa")
+                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"))
     memory = estimate_memory(cfg.model, model_vocab, setup)
     lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
@@ -73,13 +73,16 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION)
+    cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION, stored_config=read_config)
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
-    derived = compute_derived(cfg, world, vocab_size=tokenizer.vocab_size)
+    derived = compute_derived(cfg, world, vocab_size=model_vocab_size(cfg.tokenizer, tokenizer))
     if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
         iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
             cfg.training.train_tokens)
+        if cfg.training.train_iters is not None or cfg.training.train_samples is not None:
+            iters = min(iters, compute_derived(dataclasses.replace(
+                cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world).train_iters)
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
     model_vocab, vocab_source = _model_vocab(cfg, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
@@ -122,14 +125,14 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     if c.load is not None:
         state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=(pstate.tp_size, pstate.pp_size))
+                                layout=(pstate.tp_size, pstate.pp_size), exit_on_missing=c.exit_on_missing_checkpoint)
         if state is not None:
             progress = Progress(**state["progress"])
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
     if state is not None:
         data.load_state_dict(state["data"])
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
-                              cfg.training.train_tokens)
+                              cfg.training.train_tokens, derived.global_batch_size)
     writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
     metrics_file = cfg.logging.metrics_file or (os.path.join(c.save, "metrics.jsonl") if c.save else None)
     metrics = MetricsLogger(cfg.logging, writer=writer, metrics_file=metrics_file, total_iters=derived.train_iters,

@@ -18,6 +18,7 @@ sequence-length curriculum wants (early steps then count for fewer tokens).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,15 @@ class LRSchedule:
     decay: float
     wsd_style: str = "linear"
     wsd_decay: float = 0.0
+    decoupled_max_lr: float | None = None  # --decoupled-lr: the embedding and output layer's peak and floor
+    decoupled_min_lr: float | None = None
+
+    def decoupled_lr(self, iteration: int, consumed_tokens: int) -> float:
+        """The lr of the param groups marked `decoupled_lr` (the same shape between other bounds)."""
+        if self.decoupled_max_lr is None:
+            return self.lr(iteration, consumed_tokens)
+        return dataclasses.replace(self, max_lr=self.decoupled_max_lr, min_lr=self.decoupled_min_lr,
+                                   decoupled_max_lr=None).lr(iteration, consumed_tokens)
 
     def lr(self, iteration: int, consumed_tokens: int) -> float:
         x = float(consumed_tokens if self.unit == "tokens" else iteration)
@@ -65,9 +75,10 @@ class LRSchedule:
         return dict(self.__dict__)
 
 
-def build_schedule(opt: OptimizerConfig, sched: SchedulerConfig, train_iters: int,
-                   tokens_per_step: int, train_tokens: int | None = None) -> LRSchedule:
-    """Resolve the config's lengths (defaults: decay over the whole run, warmup fraction of it)."""
+def build_schedule(opt: OptimizerConfig, sched: SchedulerConfig, train_iters: int, tokens_per_step: int,
+                   train_tokens: int | None = None, global_batch_size: int = 1) -> LRSchedule:
+    """Resolve the config's lengths (defaults: decay over the whole run, warmup fraction of it).
+    Sample counts become iterations (samples / global batch: exact, the batch size is constant)."""
     unit = "tokens" if (sched.lr_warmup_tokens is not None or sched.lr_decay_tokens is not None
                         or sched.lr_wsd_decay_tokens is not None) else "iters"
     if unit == "tokens":
@@ -75,8 +86,11 @@ def build_schedule(opt: OptimizerConfig, sched: SchedulerConfig, train_iters: in
         warmup = sched.lr_warmup_tokens or 0
         wsd = sched.lr_wsd_decay_tokens
     else:
-        decay = sched.lr_decay_iters or train_iters
-        warmup = sched.lr_warmup_iters
+        def iters(samples, n):
+            return n if samples is None else samples / global_batch_size
+
+        decay = iters(sched.lr_decay_samples, sched.lr_decay_iters) or train_iters
+        warmup = iters(sched.lr_warmup_samples, sched.lr_warmup_iters)
         wsd = sched.lr_wsd_decay_iters
     if sched.lr_warmup_fraction is not None:
         warmup = sched.lr_warmup_fraction * decay
@@ -84,4 +98,5 @@ def build_schedule(opt: OptimizerConfig, sched: SchedulerConfig, train_iters: in
         wsd = 0.1 * decay
     return LRSchedule(style=sched.lr_decay_style, max_lr=opt.lr, min_lr=opt.min_lr, unit=unit,
                       warmup=float(warmup), decay=float(decay), wsd_style=sched.lr_wsd_decay_style,
-                      wsd_decay=float(max(wsd, 1e-12)))
+                      wsd_decay=float(max(wsd, 1e-12)), decoupled_max_lr=opt.decoupled_lr,
+                      decoupled_min_lr=opt.min_lr if opt.decoupled_min_lr is None else opt.decoupled_min_lr)

@@ -33,7 +33,7 @@ FAMILIES = {
     "alibi": dict(_SMALL, position_embedding_type="alibi", normalization="RMSNorm"),
     "neox": dict(_SMALL, position_embedding_type="rope", rotary_percent=0.5, untie_embeddings_and_output_weights=True),
 }
-# Families whose check also passes a document mask and restarting position ids, or runs the unfused attention.
+# Families whose check also passes document ids and restarting position ids, or runs the unfused attention.
 WITH_DOC_MASK = {"gpt2", "alibi", "qwen2"}
 UNFUSED = {"mistral", "neox"}
 
@@ -42,21 +42,20 @@ def family_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**FAMILIES[name], **overrides})
 
 
-def batch(seed: int = 0, doc_mask: bool = False):
-    """Same on every rank: ids, labels, per-token loss weights, position ids, attention mask."""
+def batch(seed: int = 0, documents: bool = False):
+    """Same on every rank: ids, labels, per-token loss weights, position ids, document ids (B, T)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB - 5, (B, T), generator=g)  # the padded tail of the vocab is never a label
     labels = torch.randint(0, VOCAB - 5, (B, T), generator=g)
     weights = torch.rand(B, T, generator=g)
-    if not doc_mask:
+    if not documents:
         return ids, labels, weights, None, None
     # Two documents per row, boundary after token 3 in row 0 and after token 5 in row 1.
     doc = torch.zeros(B, T, dtype=torch.long)
     doc[0, 4:], doc[1, 6:] = 1, 1
-    mask = (doc[:, :, None] == doc[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
     start = torch.tensor([[0] * 4 + [4] * 4, [0] * 6 + [6] * 2])
     pos = torch.arange(T).expand(B, T) - start
-    return ids, labels, weights, pos, mask
+    return ids, labels, weights, pos, doc
 
 
 def reference(config: ModelConfig, seed: int = 1234, kernels: KernelsConfig | None = None) -> GPTModel:
@@ -68,12 +67,12 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def forward_backward(model, ids, labels, weights, pos, mask):
+def forward_backward(model, ids, labels, weights, pos, doc):
     """(logits, loss) and the backward of sum(loss * weights)."""
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        logits = model(ids, pos, mask)
-    loss = model(ids, pos, mask, labels=labels)
+        logits = model(ids, pos, doc)
+    loss = model(ids, pos, doc, labels=labels)
     (loss * weights).sum().backward()
     return logits, loss.detach()
 
@@ -93,7 +92,7 @@ def check_tp_family(name: str, world_size: int, rank: int, sequence_parallel: bo
     """TP = world_size (optionally with SP) vs the TP=1 model with the same weights: logits, loss, grads."""
     config = family_config(name)
     kernels = KernelsConfig(attention_backend="unfused" if name in UNFUSED else "sdpa")
-    inputs = batch(seed=7, doc_mask=name in WITH_DOC_MASK)
+    inputs = batch(seed=7, documents=name in WITH_DOC_MASK)
     ref = reference(config, kernels=kernels)
     ref_logits, ref_loss = forward_backward(ref, *inputs)
     ref_grads = grads(ref)
@@ -203,7 +202,7 @@ def check_activation_checkpointing(world_size: int, rank: int) -> dict:
     base = family_config("llama", num_layers=4, hidden_dropout=0.2, attention_dropout=0.2)
     results = {}
     for ckpt, k in ((False, 1), (True, 1), (True, 2)):
-        config = dataclasses.replace(base, checkpoint_activations=ckpt, checkpoint_num_layers=k)
+        config = dataclasses.replace(base, recompute_granularity="full" if ckpt else None, recompute_num_layers=k)
         model_parallel_seed(99, pstate.tp_rank)
         model = GPTModel(config, VOCAB, pstate)
         ids, labels, weights, _, _ = batch(seed=5)
@@ -249,14 +248,14 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
 
     from megaclm.model.pipe import GPTPipelineModule, load_plain_state_dict, pipe_to_plain_key
 
-    config = family_config(family, num_layers=4, checkpoint_activations=checkpoint)
+    config = family_config(family, num_layers=4, recompute_granularity="full" if checkpoint else None)
     pstate = ParallelState(world_size, rank, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                            sequence_parallel=sequence_parallel)
     pstate.init_process_groups()
-    micro = [batch(seed=10 + i, doc_mask=family in WITH_DOC_MASK) for i in range(2 * pstate.dp_size)]
+    micro = [batch(seed=10 + i, documents=family in WITH_DOC_MASK) for i in range(2 * pstate.dp_size)]
 
-    def mean_loss(model, ids, labels, weights, pos, mask):
-        loss = model(ids, pos, mask, labels=labels)
+    def mean_loss(model, ids, labels, weights, pos, doc):
+        loss = model(ids, pos, doc, labels=labels)
         return (loss * weights).sum() / weights.sum()
 
     ref = reference(config)
@@ -275,8 +274,8 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=recorder, config=ds_config)
     mine = micro[2 * pstate.dp_rank: 2 * pstate.dp_rank + 2]
     # Weights act as the loss mask: the pipe loss is sum(loss * mask) / sum(mask) per micro-batch.
-    data = [((ids, pos if pos is not None else torch.arange(T).expand(B, T), *(() if mask is None else (mask,))),
-             (labels, weights)) for ids, labels, weights, pos, mask in mine]
+    data = [((ids, pos if pos is not None else torch.arange(T).expand(B, T), *(() if doc is None else (doc,))),
+             (labels, weights)) for ids, labels, weights, pos, doc in mine]
     loss = engine.train_batch(data_iter=iter(data))
 
     diffs = {pipe_to_plain_key(k, config): (g - ref_grads[pipe_to_plain_key(k, config)]).abs().max().item()
@@ -296,9 +295,9 @@ def check_zero3(world_size: int, rank: int, family: str) -> dict:
     import deepspeed
 
     config = family_config(family)
-    ids, labels, weights, pos, mask = batch(seed=3, doc_mask=family in WITH_DOC_MASK)
+    ids, labels, weights, pos, doc = batch(seed=3, documents=family in WITH_DOC_MASK)
     ref = reference(config)
-    ref_loss = (ref(ids, pos, mask, labels=labels) * weights).sum()
+    ref_loss = (ref(ids, pos, doc, labels=labels) * weights).sum()
     ref_loss.backward()
     ds_config = {"train_micro_batch_size_per_gpu": B, "train_batch_size": B * world_size, "steps_per_print": 10**9,
                  "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
@@ -310,7 +309,7 @@ def check_zero3(world_size: int, rank: int, family: str) -> dict:
         model = GPTModel(config, VOCAB)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                            config=ds_config)
-    loss = (engine(ids, pos, mask, labels=labels) * weights).sum()
+    loss = (engine(ids, pos, doc, labels=labels) * weights).sum()
     engine.backward(loss)
     engine.step()
     params = dict(engine.module.named_parameters())

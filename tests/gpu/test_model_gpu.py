@@ -17,12 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bf16_cuda_matches_fp32_cpu(family):
     config = family_config(family)
-    ids, labels, weights, pos, mask = batch(seed=1, doc_mask=True)
+    ids, labels, weights, pos, doc = batch(seed=1, documents=True)
     cpu = reference(config)
-    want = cpu(ids, pos, mask, labels=labels)
+    want = cpu(ids, pos, doc, labels=labels)
     gpu = reference(config).cuda().to(torch.bfloat16)
     gpu.load_state_dict(cpu.state_dict())
-    dev = [t.cuda() if t is not None else None for t in (ids, labels, weights, pos, mask)]
+    dev = [t.cuda() if t is not None else None for t in (ids, labels, weights, pos, doc)]
     got = gpu(dev[0], dev[3], dev[4], labels=dev[1])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), want.detach(), rtol=5e-2, atol=5e-2)
@@ -33,9 +33,9 @@ def test_bf16_cuda_matches_fp32_cpu(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sdpa_matches_unfused_on_cuda(family):
     config = family_config(family)
-    ids, _, _, pos, mask = (t.cuda() if t is not None else None for t in batch(seed=2, doc_mask=True))
+    ids, _, _, pos, doc = (t.cuda() if t is not None else None for t in batch(seed=2, documents=True))
     sdpa = reference(config).cuda().to(torch.bfloat16)
     unfused = reference(config, kernels=KernelsConfig(attention_backend="unfused")).cuda().to(torch.bfloat16)
     unfused.load_state_dict(sdpa.state_dict())
-    for m in (None, mask):
+    for m in (None, doc):
         torch.testing.assert_close(unfused(ids, pos, m).float(), sdpa(ids, pos, m).float(), rtol=3e-2, atol=3e-2)

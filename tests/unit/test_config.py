@@ -251,7 +251,8 @@ def test_user_deepspeed_json_is_merged(tmp_path, base):
 
 def sched(base, extra, **kw):
     cfg, d = parse(base + ["--lr", "1.0", "--min-lr", "0.1"] + extra)
-    return build_schedule(cfg.optimizer, cfg.scheduler, d.train_iters, d.tokens_per_step, cfg.training.train_tokens)
+    return build_schedule(cfg.optimizer, cfg.scheduler, d.train_iters, d.tokens_per_step, cfg.training.train_tokens,
+                          d.global_batch_size)
 
 
 def test_schedules_match_closed_forms(base):

@@ -34,7 +34,7 @@ def test_samples_are_windows_of_the_epoch_stream(prefix, tmp_path):
         np.testing.assert_array_equal(sample["tokens"], window[:-1])
         np.testing.assert_array_equal(sample["labels"], window[1:])
         assert sample["tokens"].dtype == np.int64 and sample["loss_mask"].dtype == np.float32
-        assert sample["position_ids"].dtype == np.int64 and "attention_mask" not in sample
+        assert sample["position_ids"].dtype == np.int64 and "document_ids" not in sample
 
 
 def test_every_epoch_is_a_permutation_and_shuffle_covers_all_samples(prefix, tmp_path):
@@ -107,10 +107,11 @@ def test_document_masks_match_megatron(flags):
         mask, pos, loss = _megatron_masks(text[:-1], EOD, rpi, ram, eml)
         np.testing.assert_array_equal(sample["position_ids"], pos)
         np.testing.assert_array_equal(sample["loss_mask"], loss)
-        if ram:
-            np.testing.assert_array_equal(sample["attention_mask"], mask)
+        if ram:  # the document ids, turned into a causal same-document mask, give Megatron's dense mask
+            doc = sample["document_ids"]
+            np.testing.assert_array_equal(np.tril(doc[:, None] == doc[None, :]), mask)
         else:
-            assert "attention_mask" not in sample
+            assert "document_ids" not in sample
 
 
 def test_multi_sequence_documents_are_streamed_by_sequence(tmp_path):

@@ -160,7 +160,7 @@ def test_token_warmup_and_state(caplog):
     changed = Curriculum(seq_length=512, global_batch_size=3, seqlen_start=32, warmup_tokens=50000)
     changed.load_state_dict(state)  # flags changed since the checkpoint: the new schedule rules, loudly
     assert changed.iteration == 600 and "curriculum flags changed" in caplog.text
-    batch = {"tokens": np.zeros((2, 512)), "attention_mask": np.zeros((2, 512, 512), bool)}
+    batch = {"tokens": np.zeros((2, 512)), "document_ids": np.zeros((2, 512), np.int64)}
     cut = Curriculum(seq_length=512, global_batch_size=3, seqlen_start=16, warmup_tokens=50000).truncate(batch)
-    assert cut["tokens"].shape == (2, 16) and cut["attention_mask"].shape == (2, 16, 16)
+    assert cut["tokens"].shape == (2, 16) and cut["document_ids"].shape == (2, 16)
     assert cur.truncate(batch) is batch  # full length: untouched

@@ -317,7 +317,7 @@ def test_activations_reproduce_korthikanti(tp, sp):
 
 
 def test_full_recompute_keeps_layer_inputs_and_one_layer():
-    cfg_ckpt = _gpt(checkpoint_activations=True, hidden_dropout=0.0)
+    cfg_ckpt = _gpt(recompute_granularity="full", hidden_dropout=0.0)
     cfg_full = _gpt(hidden_dropout=0.0)
     s, b, h, v = 2048, 4, cfg_full.hidden_size, 50304
     setup = MemorySetup(seq_length=s, micro_batch_size=b)
@@ -327,7 +327,7 @@ def test_full_recompute_keeps_layer_inputs_and_one_layer():
     # The paper's 2*s*b*h*L for the checkpoints, plus the one layer being recomputed.
     assert estimate_memory(cfg_ckpt, v, setup).gpu["activations"] == pytest.approx(
         2 * s * b * h * 24 + per_layer + head)
-    chunked = estimate_memory(model_preset("gpt2-1.3b", checkpoint_activations=True, checkpoint_num_layers=4,
+    chunked = estimate_memory(model_preset("gpt2-1.3b", recompute_granularity="full", recompute_num_layers=4,
                                            hidden_dropout=0.0), v, setup).gpu["activations"]
     assert chunked == pytest.approx(2 * s * b * h * 6 + 4 * per_layer + head)
 
@@ -416,7 +416,7 @@ def test_tool_prints_the_estimate(tool, capsys):
             "--micro-batch-size", "1", "--seq-length", "4096", "--bf16", "--checkpoint-activations"]
     assert tool.main(argv) == 0
     out = capsys.readouterr().out
-    est = estimate_memory(model_preset("llama-7b", checkpoint_activations=True), 32000,
+    est = estimate_memory(model_preset("llama-7b", recompute_granularity="full"), 32000,
                           MemorySetup(seq_length=4096, tensor_parallel=2, data_parallel=8, zero_stage=1))
     rows = _table(out)
     assert rows["total"] == pytest.approx(est.gpu_total / GiB, abs=0.006)

@@ -65,10 +65,10 @@ def test_model_preset_overrides_and_errors():
 def test_family_forward_backward(family):
     config = family_config(family)
     model = reference(config)
-    ids, labels, weights, pos, mask = batch(seed=1, doc_mask=True)
-    logits = model(ids, pos, mask)
+    ids, labels, weights, pos, doc = batch(seed=1, documents=True)
+    logits = model(ids, pos, doc)
     assert logits.shape == (2, 8, VOCAB) and torch.isfinite(logits).all()
-    loss = model(ids, pos, mask, labels=labels)  # fused chunked output layer + CE at tp=1
+    loss = model(ids, pos, doc, labels=labels)  # fused chunked output layer + CE at tp=1
     assert loss.shape == (2, 8) and loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, VOCAB), labels.view(-1), reduction="none")
                                .view(2, 8), rtol=1e-5, atol=1e-5)
@@ -80,11 +80,11 @@ def test_family_forward_backward(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_unfused_attention_equals_sdpa(family):
     config = family_config(family)
-    ids, _, _, pos, mask = batch(seed=2, doc_mask=True)
+    ids, _, _, pos, doc = batch(seed=2, documents=True)
     sdpa = reference(config)
     unfused = reference(config, kernels=KernelsConfig(attention_backend="unfused"))
     unfused.load_state_dict(sdpa.state_dict())
-    for m in (None, mask):
+    for m in (None, doc):
         torch.testing.assert_close(unfused(ids, pos, m), sdpa(ids, pos, m), rtol=1e-5, atol=1e-5)
 
 
@@ -102,8 +102,8 @@ def test_causal_future_tokens_do_not_change_the_past(family):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "alibi", "neox"])
 def test_document_mask_and_reset_positions_equal_separate_documents(family):
     model = reference(family_config(family)).eval()
-    ids, _, _, pos, mask = batch(seed=4, doc_mask=True)  # row 0: documents [0, 4) and [4, 8)
-    packed = model(ids, pos, mask)
+    ids, _, _, pos, doc = batch(seed=4, documents=True)  # row 0: documents [0, 4) and [4, 8)
+    packed = model(ids, pos, doc)
     alone = model(ids[:1, 4:])  # the second document on its own, positions from 0
     torch.testing.assert_close(packed[:1, 4:], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[:1, :4], model(ids[:1, :4]), rtol=1e-5, atol=1e-5)
@@ -127,7 +127,7 @@ def test_activation_checkpointing_single_process_same_grads():
     ids, labels, weights, _, _ = batch(seed=6)
     results = []
     for ckpt, k in ((False, 1), (True, 1), (True, 2)):
-        model = reference(dataclasses.replace(config, checkpoint_activations=ckpt, checkpoint_num_layers=k))
+        model = reference(dataclasses.replace(config, recompute_granularity="full" if ckpt else None, recompute_num_layers=k))
         (model(ids, labels=labels) * weights).sum().backward()
         results.append({n: p.grad for n, p in model.named_parameters()})
     for other in results[1:]:

@@ -197,4 +197,4 @@ def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="kernels.kernels='cuda'"):
         ops.build_ops("cuda")
     with pytest.raises(UserError, match="kernels.attention_backend"):
-        KernelsConfig(attention_backend="flash")
+        KernelsConfig(attention_backend="triton")
