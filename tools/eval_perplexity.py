@@ -13,7 +13,9 @@ The rule (so that two models, or two implementations, are compared on exactly th
   3. in each window the inputs are tokens[:-1] at positions 0..S-1, attending only within the window,
      and the targets tokens[1:];
   4. loss = the token-weighted mean cross-entropy over all targets, ppl = exp(loss).
-The last line printed is one JSON object: {"loss", "ppl", "windows", "tokens"}.
+The last line printed is one JSON object: {"loss", "ppl", "windows", "tokens"}; --output-json FILE also
+writes it to FILE (atomically), for scripts: under the deepspeed launcher the launcher's own lines follow
+it on stdout.
 
 A megaclm checkpoint of any TP/PP layout is evaluated with tensor parallelism over the launched ranks
 (--tensor-model-parallel-size, default: all of them; the rest split the windows data-parallel). Padded
@@ -43,6 +45,7 @@ from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa:
 from megaclm.parallel.state import ParallelState  # noqa: E402
 from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
+from megaclm.utils.fileio import atomic_write  # noqa: E402
 
 
 def read_documents(path: str, key: str):
@@ -183,6 +186,8 @@ def main() -> None:
     p.add_argument("--seq-length", type=int, required=True, help="Window length S (inputs; windows hold S + 1 tokens).")
     p.add_argument("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
     p.add_argument("--micro-batch-size", type=int, default=4, help="Windows per forward pass.")
+    p.add_argument("--output-json", default=None, metavar="FILE",
+                   help="Also write the result object to FILE (rank 0; written to a temp name, then renamed).")
     p.add_argument("--ckpt-step", type=int, default=None, help="--load: evaluate iteration N instead of `latest`.")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None,
                    help="--load under a launcher: TP size (default: the world size).")
@@ -203,9 +208,14 @@ def main() -> None:
                         ("--max-windows", 1 if a.max_windows is None else a.max_windows)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if a.output_json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(a.output_json))):
+        raise UserError(f"--output-json {a.output_json}: its directory does not exist; create it or pick another path")
     result = evaluate(a)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
+        if a.output_json is not None:
+            with atomic_write(a.output_json, "w") as f:
+                f.write(json.dumps(result) + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
-"""Tokenize a corpus into Megatron MMIDIDX datasets: {output_prefix}_{key}_document.{bin,idx}.
+"""Tokenize a corpus into Megatron MMIDIDX datasets: {output_prefix}_{key}_document.{bin,idx}
+({output_prefix}_{key}_sentence with --split-sentences: one sequence per sentence, grouped by document).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/my \\
         --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt \\
@@ -15,6 +16,7 @@ import time
 
 from megaclm.data.preprocess import EMPTY_DOC_RULE, Options, preprocess_partitioned
 from megaclm.data.readers import expand_inputs
+from megaclm.data.sentences import language_code
 from megaclm.logging import get_logger
 from megaclm.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from megaclm.utils.errors import UserError, cli_main
@@ -45,6 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--tokenizer-model", help="SentencePiece .model, or tokenizer.json / its directory.")
     g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids in the text are below this.")
     g.add_argument("--append-eod", action="store_true", help="Append the end-of-document token to every document.")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="Split each document into sentences (pysbd, rule-based: no NLTK data to download); each "
+                        "sentence becomes one sequence of the document; writes {prefix}_{key}_sentence.")
+    g.add_argument("--lang", default="english",
+                   help="--split-sentences: the language, as NLTK names it (english, german, ...) or an ISO code.")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="--split-sentences: keep each sentence's whitespace and newlines (default: stripped).")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
                    help="Writes {prefix}_{key}_document.bin/.idx; the directory must exist.")
@@ -58,12 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Without a terminal (no progress bar), log progress every this many documents.")
     g.add_argument("--chunk-bytes", type=int, default=1 << 20,
                    help="Input bytes per unit of work sent to a worker.")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="Accepted for Megatron-LM compatibility: megaclm always keeps the input order, for any "
+                        "--workers and --partitions.")
     args = p.parse_args(argv)
     for name in ("workers", "partitions", "log_interval", "chunk_bytes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if len(set(args.json_keys)) != len(args.json_keys):
         raise UserError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated; name each key once")
+    if args.split_sentences:
+        language_code(args.lang)  # an unknown language fails here, before any file is opened
+    elif args.lang != "english" or args.keep_newlines:
+        raise UserError("--lang and --keep-newlines only apply with --split-sentences; add it or drop them")
     return args
 
 
@@ -101,10 +117,12 @@ def main(argv=None) -> int:
         build_tokenizer, args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
         tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
     )
-    prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
+    level = "sentence" if args.split_sentences else "document"
+    prefixes = {k: f"{args.output_prefix}_{k}_{level}" for k in args.json_keys}
     log.info(f"{len(files)} input file(s), {args.tokenizer_type}, {args.workers} worker(s), keys {args.json_keys}")
-    opts = Options(keys=tuple(args.json_keys), append_eod=args.append_eod,
-                   skip_bad_lines=args.skip_bad_lines, chunk_bytes=args.chunk_bytes)
+    opts = Options(keys=tuple(args.json_keys), append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
+                   chunk_bytes=args.chunk_bytes, split_sentences=args.split_sentences, lang=args.lang,
+                   keep_newlines=args.keep_newlines)
     progress = Progress(args.log_interval)
     start = time.perf_counter()
     try:

@@ -164,8 +164,8 @@ def _checkpoint_model_layer(load: str | None, flags: dict[str, Any],
     """--use-checkpoint-args: the model section stored with the --load checkpoint; explicit model flags
     must agree with it (a silent override would train another shape than the checkpoint holds)."""
     if load is None or stored_config is None:
-        raise UserError("--use-checkpoint-args needs --load DIR (a megaclm checkpoint) and an entry point that "
-                        "reads checkpoints (pretrain_gpt.py, tools/eval_perplexity.py)")
+        raise UserError("--use-checkpoint-args needs --load DIR (a megaclm checkpoint, or an HF import) to take "
+                        "the model shape from")
     tree = stored_config(load)
     if tree is None:
         raise UserError(f"--use-checkpoint-args: no checkpoint in --load {load} to take the model shape from; "

@@ -266,8 +266,10 @@ def markdown_table() -> str:
     for c in sorted(TABLE, key=lambda c: (c.fate, c.flag)):
         fate = c.fate if not c.only else f"{c.fate} for {' / '.join(c.only)}, else refused"
         if c.fate == ALIAS:
-            native = " ".join(c.to + tuple(f"[{t}]" if t.startswith("--") else t for t in c.weak)) or "(no flag)"
-            what = f"`{native}`: {c.why}" if (c.to or c.weak) else c.why
+            native = [f"`{' '.join(c.to).replace('{0}', 'N')}`"] if c.to else []
+            native += [f"`{' '.join(c.weak)}` unless given" if c.weak else ""]
+            what = ", ".join(n for n in native if n)
+            what = f"{what}: {c.why}" if what else c.why
         else:
             what = c.why
         values = " N" if c.nargs == 1 else (" " + " ".join(["N"] * c.nargs) if c.nargs else "")
@@ -277,3 +279,7 @@ def markdown_table() -> str:
     rows.append("Values: " + "; ".join(f"`{flag} {m}` = `{n}`" for flag, m_n in VALUE_ALIASES.items()
                                        for m, n in m_n.items() if m != n) + ".")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # regenerate the README section: python -m megaclm.config.megatron_compat
+    print(markdown_table())

@@ -233,15 +233,22 @@ class IndexedDatasetBuilder:
         self._n_seq += len(lens)
         self._doc_starts.append(np.array([self._n_seq], np.int64))
 
-    def add_documents(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
-        """Append many one-sequence documents at once: `tokens` concatenated, `doc_lengths` each."""
+    def add_documents(self, tokens: np.ndarray, doc_lengths: np.ndarray,
+                      sequences_per_document: np.ndarray | None = None) -> None:
+        """Append many documents at once: `tokens` concatenated, `doc_lengths` the length of each sequence;
+        every sequence is a document, or document d is the next `sequences_per_document[d]` sequences
+        (sentence-level datasets, `--split-sentences`)."""
         lens = np.asarray(doc_lengths, dtype=np.int32)
         arr = np.asarray(tokens, dtype=self.dtype)
         if int(lens.sum(dtype=np.int64)) != arr.size:
             raise ValueError(f"doc_lengths sum to {int(lens.sum())} but {arr.size} tokens were given")
+        per_doc = np.ones(len(lens), np.int64) if sequences_per_document is None else \
+            np.asarray(sequences_per_document, np.int64)
+        if int(per_doc.sum()) != len(lens):
+            raise ValueError(f"sequences_per_document sums to {int(per_doc.sum())} but {len(lens)} lengths were given")
         self._bin.write(arr.tobytes(order="C"))
         self._sizes.append(lens)
-        self._doc_starts.append(self._n_seq + np.arange(1, len(lens) + 1, dtype=np.int64))
+        self._doc_starts.append(self._n_seq + np.cumsum(per_doc))
         self._n_seq += len(lens)
 
     def add_index(self, prefix: str) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from megaclm.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
 from megaclm.data.readers import Chunk, file_format, iter_chunks, parse_chunk
+from megaclm.data.sentences import split_sentences
 from megaclm.utils.errors import UserError
 
 EMPTY_DOC_RULE = (
@@ -44,6 +45,9 @@ class Options:
     append_eod: bool = False
     skip_bad_lines: bool = False
     chunk_bytes: int = 1 << 20
+    split_sentences: bool = False  # one sequence per sentence, grouped into documents (Megatron's _sentence)
+    lang: str = "english"
+    keep_newlines: bool = False
 
 
 @dataclass
@@ -73,10 +77,12 @@ class Stats:
 
 @dataclass
 class Encoded:
-    """One chunk's output: per key, the concatenated ids and each document's length."""
+    """One chunk's output: per key, the concatenated ids, each sequence's length and (sentence-level)
+    the number of sequences of each document."""
 
     tokens: list[np.ndarray]
     lengths: list[np.ndarray]
+    sequences: list[np.ndarray | None]
     empty: list[int]
     documents: int
     bad_lines: int
@@ -85,8 +91,15 @@ class Encoded:
 
 def encode_chunk(chunk: Chunk, tokenizer: Any, opts: Options, dtype: type) -> Encoded:
     texts, bad = parse_chunk(chunk, list(opts.keys), opts.skip_bad_lines)
-    tokens, lengths, empty = [], [], []
+    tokens, lengths, sequences, empty = [], [], [], []
     for col in texts:
+        if opts.split_sentences:
+            flat, lens, per_doc, n_empty = _encode_sentences(col, tokenizer, opts, dtype)
+            tokens.append(flat)
+            lengths.append(lens)
+            sequences.append(per_doc)
+            empty.append(n_empty)
+            continue
         flat, lens = tokenizer.tokenize_batch_flat(col, dtype)
         n_empty = 0
         if opts.append_eod:
@@ -99,8 +112,37 @@ def encode_chunk(chunk: Chunk, tokenizer: Any, opts: Options, dtype: type) -> En
             lens = lens[lens > 0]  # empty documents hold no tokens: dropping their lengths drops them
         tokens.append(flat)
         lengths.append(lens)
+        sequences.append(None)
         empty.append(n_empty)
-    return Encoded(tokens, lengths, empty, len(texts[0]) if texts else 0, bad, len(chunk.data) or chunk.nbytes)
+    return Encoded(tokens, lengths, sequences, empty, len(texts[0]) if texts else 0, bad,
+                   len(chunk.data) or chunk.nbytes)
+
+
+def _encode_sentences(docs: list[str], tokenizer: Any, opts: Options, dtype: type):
+    """Megatron's --split-sentences: each sentence one sequence (sentences that tokenize to nothing are
+    dropped), eod appended to a document's last one; a document without sentences follows EMPTY_DOC_RULE."""
+    sentences = [split_sentences(d, opts.lang, opts.keep_newlines) for d in docs]
+    flat, lens = tokenizer.tokenize_batch_flat([s for doc in sentences for s in doc], dtype)
+    first = np.concatenate([[0], np.cumsum([len(doc) for doc in sentences], dtype=np.int64)])  # per document
+    starts = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])  # per sentence, into `flat`
+    flat_parts, out_lens, per_doc, n_empty = [], [], [], 0
+    for d in range(len(docs)):
+        mine = [i for i in range(first[d], first[d + 1]) if lens[i] > 0]
+        pieces = [flat[starts[i]:starts[i + 1]] for i in mine]
+        seq_lens = [int(lens[i]) for i in mine]
+        if opts.append_eod:
+            if not pieces:  # an empty document is kept as the single token eod
+                pieces, seq_lens = [np.zeros(0, dtype)], [0]
+            pieces.append(np.asarray([tokenizer.eod], dtype))
+            seq_lens[-1] += 1
+        elif not pieces:
+            n_empty += 1
+            continue
+        flat_parts += pieces
+        out_lens += seq_lens
+        per_doc.append(len(seq_lens))
+    joined = np.concatenate(flat_parts) if flat_parts else np.zeros(0, dtype)
+    return joined, np.asarray(out_lens, np.int32), np.asarray(per_doc, np.int64), n_empty
 
 
 # Per-process state of a pool worker, set once by its initializer (the executor API offers no
@@ -174,10 +216,11 @@ def preprocess(
         builders = [stack.enter_context(IndexedDatasetBuilder(prefixes[k], dtype)) for k in opts.keys]
         encoded = stack.enter_context(_encoded_in_order(chunks, make_tokenizer, tokenizer, opts, dtype, workers))
         for r in encoded:
-            for k, b, toks, lens, n_empty in zip(opts.keys, builders, r.tokens, r.lengths, r.empty):
-                b.add_documents(toks, lens)
+            for k, b, toks, lens, per_doc, n_empty in zip(opts.keys, builders, r.tokens, r.lengths, r.sequences,
+                                                           r.empty):
+                b.add_documents(toks, lens, per_doc)
                 s = stats.keys[k]
-                s.documents += len(lens)
+                s.documents += len(lens) if per_doc is None else len(per_doc)
                 s.tokens += toks.size
                 s.empty += n_empty
             stats.documents += r.documents

@@ -194,26 +194,34 @@ def check_vocab_parallel_ce(world_size: int, rank: int) -> dict:
             "dtype": str(loss.dtype)}
 
 
+# (name, recompute_granularity, recompute_method, recompute_num_layers)
+RECOMPUTE_VARIANTS = [("none", None, "uniform", 1), ("uniform1", "full", "uniform", 1), ("uniform2", "full", "uniform", 2),
+                      ("block1", "full", "block", 1), ("block3", "full", "block", 3),
+                      ("selective", "selective", "uniform", 1)]
+
+
 def check_activation_checkpointing(world_size: int, rank: int) -> dict:
-    """TP model with dropout: grads with checkpointing (every layer, and chunks of 2) == without."""
+    """TP model with dropout: grads with recomputation (full: every layer, chunks of 2, the first 1 or 3 layers
+    of the block method; selective: the core attention) == without."""
     pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=True)
     pstate.init_process_groups()
     out = {}
     base = family_config("llama", num_layers=4, hidden_dropout=0.2, attention_dropout=0.2)
     results = {}
-    for ckpt, k in ((False, 1), (True, 1), (True, 2)):
-        config = dataclasses.replace(base, recompute_granularity="full" if ckpt else None, recompute_num_layers=k)
+    for name, granularity, method, k in RECOMPUTE_VARIANTS:
+        config = dataclasses.replace(base, recompute_granularity=granularity, recompute_method=method,
+                                     recompute_num_layers=k)
         model_parallel_seed(99, pstate.tp_rank)
         model = GPTModel(config, VOCAB, pstate)
         ids, labels, weights, _, _ = batch(seed=5)
         loss = model(ids, labels=labels)
         (loss * weights).sum().backward()
-        results[(ckpt, k)] = (loss.detach(), grads(model))
-    plain_loss, plain_grads = results[(False, 1)]
-    for key in ((True, 1), (True, 2)):
-        loss, g = results[key]
-        out[f"ckpt{key[1]}_loss"] = (loss - plain_loss).abs().max().item()
-        out[f"ckpt{key[1]}_grads"] = max_diff(g, plain_grads)
+        results[name] = (loss.detach(), grads(model))
+    plain_loss, plain_grads = results["none"]
+    for name, *_ in RECOMPUTE_VARIANTS[1:]:
+        loss, g = results[name]
+        out[f"{name}_loss"] = (loss - plain_loss).abs().max().item()
+        out[f"{name}_grads"] = max_diff(g, plain_grads)
     # Dropout is live (else the comparison above proves little): without it the loss changes.
     model.eval()
     with torch.no_grad():

@@ -97,7 +97,7 @@ def eval_ppl_args(**kw):
 
     base = dict(load=None, hf=None, input=None, json_keys=["text"], seq_length=SEQ, max_windows=WINDOWS,
                 micro_batch_size=8, ckpt_step=None, tensor_model_parallel_size=None, vocab_size=None,
-                tokenizer_type=None, vocab_file=None, merge_file=None, tokenizer_model=None)
+                tokenizer_type=None, vocab_file=None, merge_file=None, tokenizer_model=None, output_json=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -144,6 +144,22 @@ def test_eval_perplexity_equals_hf_loss_tp2_under_torchrun(work, family):
     print(f"  {family:8s} tp2: HF {f['ref']:.7f}  megaclm {ours['loss']:.7f}")
     assert abs(ours["loss"] - f["ref"]) < TOL
     assert ours["ppl"] == pytest.approx(float(torch.tensor(ours["loss"]).exp()), rel=1e-6)
+
+
+def test_eval_perplexity_output_json_under_the_deepspeed_launcher(work, tmp_path):
+    """The launcher prints its own lines after the tool's JSON; --output-json is the reliable copy."""
+    f = work["families"]["llama"]
+    out = tmp_path / "ppl.json"
+    proc = launch(2, ["tools/eval_perplexity.py", "--load", f["tp2"], "--input", work["jsonl"], "--seq-length",
+                      str(SEQ), "--max-windows", str(WINDOWS), "--output-json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = json.loads(out.read_text())
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"loss"')]
+    assert printed == [written] and abs(written["loss"] - f["ref"]) < TOL
+    assert not [p for p in os.listdir(tmp_path) if p != "ppl.json"]  # no temp file left behind
+    bad = run([sys.executable, "tools/eval_perplexity.py", "--load", f["tp1"], "--input", work["jsonl"],
+               "--seq-length", str(SEQ), "--output-json", str(tmp_path / "missing" / "x.json")])
+    assert bad.returncode == 2 and "--output-json" in bad.stderr and "directory does not exist" in bad.stderr
 
 
 @pytest.mark.parametrize("family", FAMILIES)

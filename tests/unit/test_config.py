@@ -270,6 +270,27 @@ def test_schedules_match_closed_forms(base):
     assert s.lr(16, 0) == pytest.approx(math.sqrt(4) / math.sqrt(16)) and s.lr(10000, 0) == pytest.approx(0.1)
 
 
+def test_sample_lengths_are_iterations_of_the_global_batch(base):
+    """--lr-warmup-samples / --lr-decay-samples (Megatron-LM's Llama-3 recipe) = iterations x global batch (8)."""
+    by_samples = sched(base, ["--lr-warmup-samples", "80", "--lr-decay-samples", "480"])
+    by_iters = sched(base, ["--lr-warmup-iters", "10", "--lr-decay-iters", "60"])
+    assert [by_samples.lr(i, 0) for i in range(0, 80, 3)] == pytest.approx([by_iters.lr(i, 0) for i in range(0, 80, 3)])
+    with pytest.raises(UserError, match="mix iterations and tokens"):
+        sched(base, ["--lr-warmup-samples", "80", "--lr-decay-tokens", "4000"])
+
+
+def test_decoupled_lr_shapes_the_same_schedule_between_its_own_bounds(base):
+    s = sched(base, ["--lr-warmup-iters", "10", "--decoupled-lr", "5.0", "--decoupled-min-lr", "0.5"])
+    for it in (0, 5, 10, 40, 100, 150):
+        # lr = min + (max - min) * c(it) with the same c for both
+        c = (s.lr(it, 0) - 0.1) / 0.9 if it >= 10 else s.lr(it, 0)
+        want = 0.5 + 4.5 * c if it >= 10 else 5.0 * c
+        assert s.decoupled_lr(it, 0) == pytest.approx(want)
+    assert sched(base, []).decoupled_lr(40, 0) == sched(base, []).lr(40, 0)
+    with pytest.raises(UserError, match="decoupled_min_lr needs optimizer.decoupled_lr"):
+        parse(base + ["--decoupled-min-lr", "0.1"])
+
+
 @pytest.mark.parametrize("style, coeff", [
     ("linear", lambda q: 1 - q), ("cosine", lambda q: 0.5 * (1 + math.cos(math.pi * q))),
     ("minus_sqrt", lambda q: 1 - math.sqrt(q)), ("exponential", lambda q: 2 * 0.5 ** q - 1)])

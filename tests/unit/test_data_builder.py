@@ -189,3 +189,28 @@ def test_datasets_pickle_by_reference_and_feed_a_dataloader(two, tmp_path):
     assert len(batches) == 6 and batches[0]["tokens"].shape == (4, 16)
     expected = np.stack([train[i]["tokens"] for i in range(20, 24)])
     np.testing.assert_array_equal(batches[0]["tokens"].numpy(), expected)
+
+
+def test_mock_data_is_deterministic_learnable_and_bounded():
+    from megaclm.data.gpt_dataset import SampleSpec
+    from megaclm.data.mock_dataset import MockGPTDataset
+
+    cfg = DataConfig(seq_length=64, mock_data=True, reset_position_ids=True)
+    train, valid, test = build_train_valid_test(cfg, seed=3, train_samples=20, valid_samples=4, eod_id=99,
+                                                vocab_size=100)
+    assert (len(train), len(valid), test) == (20, 4, None)
+    assert np.array_equal(train[5]["tokens"], build_train_valid_test(cfg, seed=3, train_samples=20, eod_id=99,
+                                                                     vocab_size=100)[0][5]["tokens"])
+    assert not np.array_equal(train[3]["tokens"], valid[3]["tokens"])  # the splits differ
+    text = MockGPTDataset(SampleSpec(seq_length=64, seed=3, eod_id=99), "train", 20, 100).tokens(5)
+    assert text.min() >= 0 and text.max() < 100 and len(text) == 65
+    # inside a document the next id is the current one + 1 (mod the vocabulary, skipping eod)
+    nxt = [(b - a) % 100 for a, b in zip(text[:-1], text[1:]) if a != 99 and b != 99]
+    assert nxt and all(d in (1, 2) for d in nxt)
+    sample = train[5]  # masks and positions are GPTDataset's: positions restart after each eod
+    eods = np.flatnonzero(sample["tokens"] == 99)
+    if len(eods) and eods[0] + 1 < 64:
+        assert sample["position_ids"][eods[0] + 1] == 0
+    with pytest.raises(UserError, match="mock_data and data.data_path"):
+        DataConfig(mock_data=True, data_path=["x"])
+

@@ -20,7 +20,7 @@ from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from parallel_checks import FAMILIES, VOCAB, batch, family_config, reference  # noqa: E402
+from parallel_checks import FAMILIES, RECOMPUTE_VARIANTS, VOCAB, batch, family_config, reference  # noqa: E402
 
 # Published parameter counts (model cards / HF configs). GPT-2 presets use GPT-3's 2048 positions
 # where HF's GPT-2 checkpoints have 1024, hence the extra (2048 - 1024) * hidden.
@@ -122,17 +122,38 @@ def test_sliding_window_limits_what_a_token_sees():
     assert not torch.allclose(model(near)[:, 6], base)
 
 
-def test_activation_checkpointing_single_process_same_grads():
+def _saved_bytes_and_grads(model, ids, labels, weights):
+    """Bytes autograd keeps for backward (parameters excluded) and the parameter gradients."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (model(ids, labels=labels) * weights).sum()
+    loss.backward()
+    return sum(saved.values()), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_recomputation_keeps_grads_and_saves_less():
+    """Every recompute method gives bit-identical gradients, and each keeps less for backward than storing
+    everything: selective < none, full uniform < block with 1 of 3 layers < none."""
     config = family_config("llama", num_layers=3)
     ids, labels, weights, _, _ = batch(seed=6)
-    results = []
-    for ckpt, k in ((False, 1), (True, 1), (True, 2)):
-        model = reference(dataclasses.replace(config, recompute_granularity="full" if ckpt else None, recompute_num_layers=k))
-        (model(ids, labels=labels) * weights).sum().backward()
-        results.append({n: p.grad for n, p in model.named_parameters()})
-    for other in results[1:]:
-        for name, grad in results[0].items():
-            torch.testing.assert_close(other[name], grad, rtol=0, atol=0)
+    saved, results = {}, {}
+    for name, granularity, method, k in RECOMPUTE_VARIANTS:
+        model = reference(dataclasses.replace(config, recompute_granularity=granularity, recompute_method=method,
+                                              recompute_num_layers=k), kernels=KernelsConfig(attention_backend="unfused"))
+        saved[name], results[name] = _saved_bytes_and_grads(model, ids, labels, weights)
+    for name, grads in results.items():
+        for key, grad in results["none"].items():
+            torch.testing.assert_close(grads[key], grad, rtol=0, atol=0, msg=f"{name} {key}")
+    assert saved["selective"] < saved["none"]
+    assert saved["uniform1"] < saved["block1"] < saved["none"]
+    assert saved["block3"] == saved["uniform1"]  # all three layers of the stage
 
 
 def test_init_follows_megatron():

@@ -191,3 +191,48 @@ def test_tokenizer_config():
         TokenizerConfig(make_vocab_size_divisible_by=0)
     with pytest.raises(UserError, match="tokenizer.vocab_size is required"):
         TokenizerConfig(tokenizer_type="NullTokenizer")
+
+
+# Words, spaces and punctuation: there GPT-2's split pattern and Llama-3's cut the same pieces, so a
+# Llama-3 tokenizer.model holding GPT-2's ranks must give GPT-2's ids (megaclm's GPT-2 BPE is checked
+# against transformers above).
+PLAIN = ["The quick brown fox jumps over the lazy dog, again and again.", "Don't stop: it's fine!",
+         "Hello world"]
+
+
+def test_llama2_tokenizer_is_sentencepiece_with_bos(texts):
+    tok = build_tokenizer("Llama2Tokenizer", tokenizer_model=SP_MODEL)
+    ref = spm.SentencePieceProcessor(model_file=SP_MODEL)
+    assert tok.tokenize_batch(texts[:20]) == [[ref.bos_id()] + ref.encode(t) for t in texts[:20]]
+    assert tok.tokenize(texts[0]) == [ref.bos_id()] + ref.encode(texts[0])
+    assert (tok.vocab_size, tok.eod, tok.bos) == (1000, ref.eos_id(), 1)
+
+
+def test_llama3_tokenizer_reads_meta_format(tmp_path, gpt2):
+    from data_testutils import write_llama3_model
+
+    path = write_llama3_model(str(tmp_path / "tokenizer.model"), VOCAB)
+    tok = build_tokenizer("Llama3Tokenizer", tokenizer_model=path)
+    base = 50256  # GPT-2's ranks without <|endoftext|>
+    assert (tok.vocab_size, tok.bos, tok.eod) == (base + 256, base, base + 1)
+    assert tok.tokenize_batch(PLAIN) == [[base] + gpt2.tokenize(t) for t in PLAIN]
+    assert tok.detokenize(tok.tokenize(PLAIN[0])[1:]) == PLAIN[0]
+    assert tok.tokenize("<|end_of_text|>")[1:] == gpt2.tokenize("<|end_of_text|>")  # plain text, not eod
+    (tmp_path / "bad.model").write_text("not base64 at all\n")
+    with pytest.raises(UserError, match=r"bad.model: line 1 is not `base64-token rank`"):
+        build_tokenizer("Llama3Tokenizer", tokenizer_model=str(tmp_path / "bad.model"))
+
+
+def test_tiktokenizer_is_megatrons_custom_tiktoken(tmp_path, gpt2):
+    from data_testutils import write_tiktoken_json
+
+    path = write_tiktoken_json(str(tmp_path / "vocab.json"), VOCAB)
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=path, vocab_size=1000 + 50256, tiktoken_pattern="v1")
+    assert (tok.vocab_size, tok.bos, tok.eod) == (51256, 1, 2)  # <unk> <s> </s> first, fillers to 1000
+    assert tok.tokenize_batch(["Hello world"]) == [[1000 + i for i in gpt2.tokenize("Hello world")]]
+    small = build_tokenizer("TikTokenizer", tokenizer_model=path, vocab_size=1300, tiktoken_num_special_tokens=100)
+    assert small.vocab_size == 1300 and max(small.tokenize(PLAIN[0])) < 1300  # ranks cut to fit
+    with pytest.raises(UserError, match="fewer than --vocab-size"):
+        build_tokenizer("TikTokenizer", tokenizer_model=path, vocab_size=2 ** 17)
+    with pytest.raises(UserError, match="must be unique and include <unk>, <s>, </s>"):
+        build_tokenizer("TikTokenizer", tokenizer_model=path, vocab_size=1300, tiktoken_special_tokens=["<s>"])

@@ -117,6 +117,19 @@ def test_weight_decay_groups_exclude_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoupled_lr_group_holds_the_embedding_and_output_layer(tied):
+    model = GPTModel(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+                                 untie_embeddings_and_output_weights=not tied), 64)
+    assert len(param_groups(model, 0.1)) == 2
+    groups = param_groups(model, 0.1, decoupled_lr=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups[2]["decoupled_lr"] and groups[2]["weight_decay"] == 0.1
+    want = {"embedding.word_embeddings.weight"} | (set() if tied else {"output_layer.weight"})
+    assert {names[id(p)] for p in groups[2]["params"]} == want
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 def test_metrics_file_records(tmp_path):
     path = tmp_path / "m" / "metrics.jsonl"
     log = MetricsLogger(LoggingConfig(log_interval=1, progress_bar=False), writer=True, metrics_file=str(path),

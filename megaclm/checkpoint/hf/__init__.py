@@ -10,6 +10,8 @@ Anything the converter does not map (an activation, a RoPE scaling, an extra ten
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Mapping
 
 import torch
@@ -69,6 +71,9 @@ def to_hf(mc: ModelConfig, state_dict: Mapping[str, torch.Tensor], vocab_size: i
         raise UserError(f"--family {family!r} is not one of {', '.join(FAMILIES)}")
     vocab_size = vocab_size or vocab_rows(state_dict)
     sd = unpad_vocab(state_dict, vocab_size)
+    if mc.apply_layernorm_1p:  # HF norms scale by the weight itself: store 1 + w
+        sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
+        mc = dataclasses.replace(mc, apply_layernorm_1p=False)
     if family == "gpt2":
         return gpt2.to_hf(mc, sd, vocab_size)
     return llama.to_hf(mc, sd, vocab_size, family)
