@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+from megaclm.config.megatron_compat import native_value
 from megaclm.data.preprocess import EMPTY_DOC_RULE, Options, preprocess_partitioned
 from megaclm.data.readers import expand_inputs
 from megaclm.data.sentences import language_code
@@ -41,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Skip (and count) malformed lines instead of stopping: bad JSON, missing key, "
                         "non-string value, invalid UTF-8.")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-type", required=True, type=lambda v: native_value("--tokenizer-type", v),
+                   choices=TOKENIZER_TYPES, help="Megatron's names; GPTSentencePieceTokenizer = SentencePieceTokenizer.")
     g.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer).")
     g.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer).")
     g.add_argument("--tokenizer-model", help="SentencePiece .model, or tokenizer.json / its directory.")

@@ -138,6 +138,12 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
     if _rank() == 0:
         log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}")
     state = (client or {}).get(CLIENT_KEY)
+    if state is None and meta.get("hf_model_type"):
+        # An HF import (tools/checkpoint/convert_hf.py) holds weights only: like Megatron's converted
+        # checkpoints, it starts a run at iteration 0 whether or not --finetune is given.
+        if _rank() == 0:
+            log.info(f"{os.path.join(load_dir, tag)} is an HF import (weights only): training starts at iteration 0")
+        return None
     if state is None:
         raise UserError(f"--load {load_dir}/{tag} has no megaclm state; use --finetune to load its weights only")
     state = dict(state, rng=None)

@@ -154,15 +154,17 @@ def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None 
     return ParsedArgs(cfg, derived, ns)
 
 
-# Model fields that are choices of the run, not of the checkpoint's shape: flags may change them.
-_RUN_CHOICES = ("recompute_granularity", "recompute_method", "recompute_num_layers", "attention_dropout",
-                "hidden_dropout")
+# Model fields that fix the checkpoint's parameter shapes: a flag may not change them (the weights would not
+# load). Every other model flag overrides the stored value, as in Megatron-LM (`--max-position-embeddings`
+# of a RoPE model, dropout, recomputation, RoPE scaling).
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "swiglu", "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights",
+                 "normalization", "position_embedding_type")
 
 
 def _checkpoint_model_layer(load: str | None, flags: dict[str, Any],
                             stored_config: Callable[[str], dict | None] | None) -> dict[str, dict[str, Any]]:
-    """--use-checkpoint-args: the model section stored with the --load checkpoint; explicit model flags
-    must agree with it (a silent override would train another shape than the checkpoint holds)."""
+    """--use-checkpoint-args: the model section stored with the --load checkpoint, under the model flags given."""
     if load is None or stored_config is None:
         raise UserError("--use-checkpoint-args needs --load DIR (a megaclm checkpoint, or an HF import) to take "
                         "the model shape from")
@@ -172,11 +174,16 @@ def _checkpoint_model_layer(load: str | None, flags: dict[str, Any],
                         "pass the directory a run saved into (or an HF import), or give the model flags instead")
     stored = arguments.yaml_values({"model": tree.get("model", {})}, {"model": ModelConfig},
                                    source=f"the config stored in {load}")["model"]
-    differ = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k, v in flags.items()
-              if k in stored and stored[k] != v and k not in _RUN_CHOICES]
+    shape = _SHAPE_FIELDS + (("max_position_embeddings",) if stored.get("position_embedding_type")
+                             == "learned_absolute" else ())
+    given = {k: v for k, v in flags.items() if k in stored and stored[k] != v}
+    differ = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k, v in given.items() if k in shape]
     if differ:
-        raise UserError(f"--use-checkpoint-args: these model flags disagree with the checkpoint in {load}: "
-                        f"{', '.join(differ)}; drop them or make them match")
+        raise UserError(f"--use-checkpoint-args: these model flags change the parameter shapes of the checkpoint in "
+                        f"{load}: {', '.join(differ)}; drop them or make them match")
+    if given and os.environ.get("RANK", "0") == "0":
+        log.info("--use-checkpoint-args: the flags override the checkpoint's " + ", ".join(
+            f"{k}={stored[k]!r} -> {v!r}" for k, v in given.items()))
     return {"model": stored}
 
 

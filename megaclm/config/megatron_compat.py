@@ -190,6 +190,11 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
 _BY_FLAG = {c.flag: c for c in TABLE}
 
 
+def native_value(flag: str, value: str) -> str:
+    """Megatron's spelling of a native flag's value -> megaclm's (`--normalization rmsnorm` -> RMSNorm)."""
+    return VALUE_ALIASES.get(flag, {}).get(value, value)
+
+
 def _split(argv: list[str]) -> list[tuple[str, list[str]]]:
     """argv -> [(flag, values)], a `--flag=value` split in two; tokens before the first flag keep flag ''."""
     out: list[tuple[str, list[str]]] = []
@@ -216,8 +221,8 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
     for flag, values in _split(argv):
         c = _BY_FLAG.get(flag)
         if c is None:
-            if flag in VALUE_ALIASES and values:
-                values = [VALUE_ALIASES[flag].get(values[0], values[0])] + values[1:]
+            if values:
+                values = [native_value(flag, values[0])] + values[1:]
             native.append((flag, values))
             given.add(flag)
             continue

@@ -45,7 +45,8 @@ class TrainingConfig:
     max_consecutive_nan_steps: int = field(default=10, metadata={
         "help": "A step whose loss is NaN/inf is skipped and counted; this many in a row stop the run."})
     distributed_backend: str | None = field(default=None, metadata={
-        "help": "torch.distributed backend; default nccl with CUDA, gloo without.", "choices": ["nccl", "gloo"]})
+        "help": "torch.distributed backend; default nccl with CUDA, gloo without (nccl without CUDA falls back to "
+                "gloo with a warning).", "choices": ["nccl", "gloo"]})
     distributed_timeout_minutes: int = field(default=10, metadata={"help": "Timeout of collective operations."})
     deepspeed_config: str | None = field(default=None, metadata={
         "help": "A DeepSpeed JSON to use instead of the one generated from this config; it is checked "

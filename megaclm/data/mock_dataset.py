@@ -1,8 +1,8 @@
 """--mock-data: synthetic samples for trying a launch script without a corpus (Megatron-LM's flag).
 
 Sample k of a split is a deterministic function of (seed, split, k): documents of random length
-(1 to seq_length tokens), each a run of consecutive ids `start, start + 1, ...` (mod the vocabulary)
-ended by eod, packed into seq_length + 1 tokens. The runs make the data learnable (the next id is
+(1 to seq_length tokens), each a run of consecutive ids `start, start + 1, ...` (mod the vocabulary,
+skipping eod) ended by eod, packed into seq_length + 1 tokens. The runs make the data learnable (the next id is
 the current one plus one), so a mock run's loss falls as a real one's would; the sample dict is
 GPTDataset's (megaclm.data.gpt_dataset.make_sample), masks and positions included.
 """
@@ -22,6 +22,7 @@ class MockGPTDataset:
         self.spec, self.split, self.num_samples, self.vocab_size = spec, split, num_samples, vocab_size
         # The eod id must not also be a run token, or documents would end by chance.
         self.eod = spec.eod_id if spec.eod_id is not None else vocab_size - 1
+        self.ids = np.delete(np.arange(vocab_size), self.eod)  # the ids a run walks through
 
     def __len__(self) -> int:
         return self.num_samples
@@ -35,8 +36,7 @@ class MockGPTDataset:
         pos = 0
         while pos < n:
             length = int(rng.integers(1, self.spec.seq_length + 1))
-            run = (int(rng.integers(self.vocab_size)) + np.arange(length)) % self.vocab_size
-            run[run == self.eod] = (self.eod + 1) % self.vocab_size
+            run = self.ids[(int(rng.integers(len(self.ids))) + np.arange(length)) % len(self.ids)]
             doc = np.append(run, self.eod)[: n - pos]
             out[pos:pos + len(doc)] = doc
             pos += len(doc)

@@ -46,6 +46,11 @@ def init_distributed(cfg: Any) -> ParallelState:
     """torch.distributed from the launcher's environment (deepspeed, torchrun, srun + env://)."""
     _single_process_env()
     backend = cfg.training.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        # A GPU launch script (Megatron's examples pass --distributed-backend nccl) rehearsed on CPU.
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("--distributed-backend nccl needs CUDA, which this machine lacks: using gloo")
+        backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,

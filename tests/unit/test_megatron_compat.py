@@ -146,8 +146,15 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
     cfg, _, _ = parse_args(args + ["--num-layers", "3", "--recompute-granularity", "full"],
                            stored_config=lambda d: stored)
     assert cfg.model.recompute_granularity == "full"  # a run choice, not the checkpoint's shape
-    with pytest.raises(UserError, match=r"disagree with the checkpoint .*--num-layers 4 \(checkpoint: 3\)"):
+    with pytest.raises(UserError, match=r"change the parameter shapes .*--num-layers 4 \(checkpoint: 3\)"):
         parse_args(args + ["--num-layers", "4"], stored_config=lambda d: stored)
+    # not a shape of the checkpoint (learned positions are not in it): the flag wins, as in Megatron-LM
+    rope = dict(stored, model=dict(stored["model"], position_embedding_type="rope", max_position_embeddings=32))
+    cfg, _, _ = parse_args(args, stored_config=lambda d: rope)
+    assert (cfg.model.position_embedding_type, cfg.model.max_position_embeddings) == ("rope", 64)
+    with pytest.raises(UserError, match=r"--max-position-embeddings 64 \(checkpoint: 32\)"):
+        parse_args(args, stored_config=lambda d: dict(rope, model=dict(rope["model"],
+                                                                      position_embedding_type="learned_absolute")))
     with pytest.raises(UserError, match="no checkpoint in --load"):
         parse_args(args, stored_config=lambda d: None)
     with pytest.raises(UserError, match="needs checkpoint.load|needs --load DIR"):
