@@ -39,3 +39,19 @@ def test_sdpa_matches_unfused_on_cuda(family):
     unfused.load_state_dict(sdpa.state_dict())
     for m in (None, doc):
         torch.testing.assert_close(unfused(ids, pos, m).float(), sdpa(ids, pos, m).float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_varlen_document_attention_equals_the_dense_mask(family):
+    """On CUDA document ids run FlashAttention's varlen kernel (no mask); it must equal the dense-mask path."""
+    from megaclm.model.attention import varlen_available
+
+    if not varlen_available(torch.device("cuda")):
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    config = family_config(family)
+    ids, labels, _, pos, doc = (t.cuda() for t in batch(seed=3, documents=True))
+    varlen = reference(config).cuda().to(torch.bfloat16).eval()
+    dense = reference(config, kernels=KernelsConfig(attention_backend="unfused")).cuda().to(torch.bfloat16).eval()
+    dense.load_state_dict(varlen.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(varlen(ids, pos, doc).float(), dense(ids, pos, doc).float(), rtol=3e-2, atol=3e-2)

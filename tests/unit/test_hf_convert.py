@@ -79,6 +79,25 @@ def test_to_hf_returns_the_hf_tensors(family_model):
     assert config_from_hf(rebuilt) == model_cfg  # the config survives the round trip through transformers
 
 
+def test_layernorm_1p_is_folded_into_the_exported_norm_weights(family_model):
+    """A zero-centred-norm model (--apply-layernorm-1p) exports to HF norms that scale by 1 + w: equal logits."""
+    family, hf, cfg = family_model
+    model_cfg, sd = from_hf(hf.state_dict(), cfg)
+    one_p = dataclasses.replace(model_cfg, apply_layernorm_1p=True)
+    sd = {k: v - 1 if k.endswith("norm.weight") else v for k, v in sd.items()}  # the same model, stored as w - 1
+    model = GPTModel(one_p, VOCAB).eval()
+    model.load_state_dict(sd)
+    hf_cfg, hf_sd = to_hf(one_p, sd, vocab_size=VOCAB)
+    back = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_cfg)).eval()
+    back.load_state_dict(hf_sd, strict=False)
+    if hf_cfg.get("tie_word_embeddings"):
+        back.tie_weights()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), back(ids).logits, atol=2e-5, rtol=0)
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=2e-5, rtol=0)
+
+
 def test_llama3_rope_scaling_is_converted():
     _, cfg = _hf_model("llama")
     model_cfg = config_from_hf(cfg)

@@ -278,3 +278,12 @@ def test_gpt_model_rejects_bad_shapes_before_any_process_group_work():
         GPTModel(config, 129, ParallelState(2, 0, tensor_parallel_size=2))
     with pytest.raises(ValueError, match="GPTPipelineModule"):
         GPTModel(config, 128, ParallelState(2, 0, pipeline_parallel_size=2))
+
+
+def test_document_offsets_flatten_documents_and_rows():
+    from megaclm.model.attention import document_offsets
+
+    ids = torch.tensor([[0, 0, 1, 1, 1], [3, 3, 3, 3, 3], [0, 1, 2, 2, 0]])
+    cu, longest = document_offsets(ids)
+    # a row boundary always starts a document, even with equal ids on both sides
+    assert cu.tolist() == [0, 2, 5, 10, 11, 12, 14, 15] and cu.dtype == torch.int32 and longest == 5

@@ -323,3 +323,40 @@ def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig):
     time.sleep(0.5)
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+
+
+# ---------------------------------------------------------------- --split-sentences
+@pytest.mark.parametrize("workers", [1, 2])
+def test_split_sentences_writes_megatrons_sentence_dataset(tool, capsys, tmp_path, gpt2, workers):
+    """One sequence per sentence (each tokenized on its own, as Megatron does), documents grouping them,
+    eod after a document's last sentence; an empty document is [eod]; the name ends in _sentence."""
+    import pysbd
+
+    rows = [{"text": "Dr. Smith went to Washington. He arrived at 5 p.m. and left! Why?"}, {"text": ""},
+            {"text": "One sentence only"}, {"text": "Two here.  And a second one.\nThird on a new line."}]
+    write_jsonl(tmp_path / "in.jsonl", rows, blank_line=False)
+    run(tool, capsys, "--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "s", "--tokenizer-type",
+        "GPT2BPETokenizer", "--vocab-file", VOCAB, "--merge-file", MERGES, "--append-eod", "--split-sentences",
+        "--workers", workers)
+    ds = IndexedDataset(str(tmp_path / "s_text_sentence"))
+    splitter = pysbd.Segmenter(language="en", clean=False)  # the reference splitter, stripped like punkt
+    expected = []
+    for row in rows:
+        sents = [gpt2.tokenize(s.strip()) for s in splitter.segment(row["text"]) if s.strip()] or [[]]
+        sents[-1] = sents[-1] + [gpt2.eod]
+        expected.append(sents)
+    bounds = ds.document_indices.tolist()
+    got = [[ds[i].tolist() for i in range(bounds[d], bounds[d + 1])] for d in range(len(bounds) - 1)]
+    assert got == expected
+    assert [len(doc) for doc in got] == [3, 1, 1, 3]  # "5 p.m." does not end a sentence
+
+
+def test_split_sentences_flag_errors(tool, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}], blank_line=False)
+    common = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "s"), "--tokenizer-type",
+              "GPT2BPETokenizer", "--vocab-file", VOCAB, "--merge-file", MERGES]
+    with pytest.raises(UserError, match="--lang 'klingon' has no sentence splitter"):
+        tool.main(common + ["--split-sentences", "--lang", "klingon"])
+    with pytest.raises(UserError, match="only apply with --split-sentences"):
+        tool.main(common + ["--keep-newlines"])
+    assert not list(tmp_path.glob("s_*"))

@@ -182,3 +182,10 @@ def test_resume_into_another_parallel_layout_is_refused(tmp_path):
     # refused before the engine is touched: no DeepSpeed engine needed here
     with pytest.raises(UserError, match="saved with TP=2 x PP=1 but this run is TP=1 x PP=2; reshard"):
         load_checkpoint(None, str(tmp_path), layout=(1, 2))
+
+
+def test_exit_on_missing_checkpoint(tmp_path):
+    assert load_checkpoint(None, str(tmp_path)) is None  # nothing there: a fresh start
+    with pytest.raises(UserError, match="no checkpoint there .* --exit-on-missing-checkpoint"):
+        load_checkpoint(None, str(tmp_path), exit_on_missing=True)
+
