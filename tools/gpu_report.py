@@ -12,6 +12,7 @@ GPT 1.3B >= 50% MFU, Llama 1.2B >= 55% MFU (the better of megaclm's two modes).
 """
 import argparse
 import importlib
+import importlib.metadata as metadata
 import json
 import os
 import platform
@@ -44,7 +45,7 @@ def environment(path: str) -> int:
         except ImportError as e:
             print(f"error: cannot import {name} ({e}): add its wheel to tools/gpu_wheels.sh", file=sys.stderr)
             return 1
-        env["versions"][name] = getattr(modules[name], "__version__", "?")
+        env["versions"][name] = getattr(modules[name], "__version__", None) or metadata.version(name.replace("_", "-"))
         print(f"{name} {env['versions'][name]} from {os.path.dirname(modules[name].__file__)}")
     torch = modules["torch"]
     env["cuda"] = torch.version.cuda

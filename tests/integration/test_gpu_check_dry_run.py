@@ -7,7 +7,9 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -177,3 +179,32 @@ def test_targets_take_megaclms_better_mode():
     assert got["gpt2-124m"] == (pytest.approx(1.31), "megaclm-fused", True)
     assert got["gpt-1.3b"] == (0.48, "megaclm", False)
     assert got["llama-1.2b"] == (None, None, None)  # not measured
+
+
+def test_wheel_folder_fits_the_carry_limit_and_installs(tmp_path):
+    """tools/gpu_wheels.sh for this machine's Python (the GPU machine's is 3.12): the folder fits in
+    64 MiB with the checkout, DeepSpeed has no compiled ops, and the install stage installs every wheel
+    and imports DeepSpeed and pydantic from them."""
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    folder = tmp_path / "whl"
+    build = subprocess.run(["bash", str(ROOT / "tools" / "gpu_wheels.sh"), "--out", str(folder),
+                            "--python-version", pyver], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    wheels = sorted(p.name for p in folder.glob("*.whl"))
+    names = {w.split("-")[0].lower() for w in wheels}
+    assert {"deepspeed", "pydantic", "pydantic_core", "hjson", "ninja", "py_cpuinfo", "pytest_timeout"} <= names
+    deepspeed = next(folder.glob("deepspeed-*-py3-none-any.whl"))
+    with zipfile.ZipFile(deepspeed) as z:
+        assert not [n for n in z.namelist() if n.endswith(".so")]  # DS_BUILD_OPS=0: ops JIT-built on the GPU
+    size_mib = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    assert size_mib < 32 and "requirements complete" in build.stdout
+    assert re.search(r"wheel folder .*: \d+\.\d MiB; checkout \d+\.\d MiB; carried in all \d+\.\d MiB of 64 MiB",
+                     build.stdout)
+    proc = run_check(tmp_path, "--dry-run", "--stages", "install", "--out", str(tmp_path / "out"),
+                     "--wheels", str(folder))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (tmp_path / "out" / "logs" / "install.log").read_text()
+    assert f"{len(wheels)} wheel(s) installed" in log
+    site = str(tmp_path / "tmp" / "megaclm_gpu_site.")
+    for module in ("deepspeed", "pydantic", "hjson", "pytest_timeout"):
+        assert re.search(rf"^{module} [0-9.]+ from {re.escape(site)}\w+(/{module})?$", log, re.M), log
