@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof in one prepared run, on a bare GPU machine, from a checkout and a carried wheel folder:
 #
-#   install          pip-install the carried wheels (tools/gpu_wheels.sh) into a temporary site dir;
+#   install          pip-install the carried wheels (tools/gpu_wheels.sh) into .cache/gpu_site;
 #                    check that everything imports and record the versions (env.json)
 #   build            csrc/ -> megaclm/_cuda_kernels (+ the C++ data helpers) in place, with ninja and
 #                    MAX_JOBS parallel jobs for TORCH_CUDA_ARCH_LIST (default 9.0); DeepSpeed's FusedAdam
@@ -81,9 +81,11 @@ done
 
 mkdir -p "$OUTDIR/logs" || die "--out $OUTDIR: cannot create it"
 OUTDIR=$(cd "$OUTDIR" && pwd)
-SITE=$(mktemp -d "${TMPDIR:-/tmp}/megaclm_gpu_site.XXXXXX")
+# The wheels go to a fixed folder, emptied by the install stage: DeepSpeed's JIT-built ops are keyed
+# on their source path, so a new folder per run would rebuild FusedAdam (a minute) every time.
+SITE=${GPU_CHECK_SITE:-$ROOT/.cache/gpu_site}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/megaclm_gpu_work.XXXXXX")
-trap 'rm -rf "$SITE" "$WORK"' EXIT
+trap 'rm -rf "$WORK"' EXIT
 STAGE_FILE=$OUTDIR/stages.tsv
 : > "$STAGE_FILE"
 
@@ -106,6 +108,7 @@ stage_install() {
         echo "no wheels in $WHEELS: build them with 'bash tools/gpu_wheels.sh' and carry the folder"
         return 1
     fi
+    rm -rf "$SITE"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
         --target "$SITE" "${wheels[@]}" || return 1
     echo "NOTE ${#wheels[@]} wheel(s) installed from $WHEELS"
