@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
                 --stage-budget) STAGE_BUDGET_FLAGS+=("$2") ;;
             esac
             shift ;;
-        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
     shift

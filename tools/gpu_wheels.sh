@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
         --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUTDIR=$2; shift ;;
         --python-version) [ $# -ge 2 ] || { echo "error: --python-version needs e.g. 3.12" >&2; exit 2; }
             PYVER=$2; shift ;;
-        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         -*) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
     esac

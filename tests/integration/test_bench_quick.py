@@ -99,3 +99,14 @@ def test_bad_flags_are_one_line_errors():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --modes: unknown mode 'nope'")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--only", "rms_norm,nope"], "--only nope: unknown; cases are add_layer_norm"),
+    (["--impls", "fused,triton"], "--impls 'fused,triton': use a comma-separated subset of fused,eager,compile"),
+])
+def test_kernel_bench_bad_flags_are_one_line_errors(args, message):
+    proc = subprocess.run([sys.executable, "bench/kernel_bench.py", "--quick", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")

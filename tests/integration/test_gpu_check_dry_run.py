@@ -209,3 +209,11 @@ def test_wheel_folder_fits_the_carry_limit_and_installs(tmp_path):
     assert f"{len(wheels)} wheel(s) installed" in log
     for module in ("deepspeed", "pydantic", "hjson", "pytest_timeout"):
         assert re.search(rf"^{module} [0-9.]+ from {re.escape(str(tmp_path / 'site'))}(/{module})?$", log, re.M), log
+
+
+def test_help_lists_the_stages_and_flags():
+    proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    for word in ("install", "build", "tests", "kernel-bench", "throughput-CASE", "--dry-run", "--stage-budget"):
+        assert word in proc.stdout
+    assert "set -uo" not in proc.stdout  # the comment block only
