@@ -122,6 +122,9 @@ stage_build() {
         MEGACLM_CUDA_EXT=0 "$PY" setup.py -q build_ext --build-lib "$WORK/build/lib" --build-temp "$WORK/build/temp"
         return
     fi
+    # A JIT build stopped by a budget leaves its lock file, and the next build would wait on it for
+    # ever; on the GPU machine this run is the only user of the folder, so every lock is stale.
+    rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
     # Both builds at once: ours with ninja's MAX_JOBS, DeepSpeed's FusedAdam with what is left.
     "$PY" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
         > "$OUTDIR/logs/build_fused_adam.log" 2>&1 &
