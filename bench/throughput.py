@@ -33,7 +33,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -399,6 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="Device peak for MFU (default: H100/H200 bf16).")
     p.add_argument("--batch-cap", type=int, default=None, help="Largest micro batch tried (default 64; 4 quick).")
     p.add_argument("--no-batch-search", action="store_true", help="Skip the largest-micro-batch search.")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="Measure every case at this micro batch (default: the case's; e.g. the one the search found).")
     p.add_argument("--json", default=None, help="Also write the results here as JSON.")
     args = p.parse_args(argv)
     table = QUICK_CASES if args.quick else CASES
@@ -407,6 +409,10 @@ def main(argv=None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.micro_batch_size is not None:
+        if args.micro_batch_size < 1:
+            raise UserError(f"--micro-batch-size {args.micro_batch_size} must be >= 1")
+        table = {name: replace(case, micro_batch_size=args.micro_batch_size) for name, case in table.items()}
     names = args.cases.split(",") if args.cases else list(table)
     modes = args.modes.split(",")
     for n in names:

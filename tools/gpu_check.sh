@@ -19,7 +19,10 @@
 # 2 for a bad flag.
 #
 #   bash tools/gpu_check.sh [--out DIR] [--wheels DIR] [--budget S] [--stages a,b] [--cases a,b]
-#                           [--stage-budget NAME=S]... [--dry-run]
+#                           [--stage-budget NAME=S]... [--throughput-args "FLAGS"] [--dry-run]
+#
+# --throughput-args go to every bench/throughput.py stage, e.g. "--micro-batch-size 8 --no-batch-search"
+# to measure at the micro batch an earlier run's search found.
 #
 # --dry-run runs every stage on the CPU with tiny sizes (kernel bench and throughput --quick); the
 # build stage builds only the CPU parts, out of tree, and says that it skipped the CUDA build.
@@ -33,6 +36,7 @@ BUDGET=480  # the issue's 8 minutes of wall time
 DRY=0
 STAGES=""
 CASES=""
+THROUGHPUT_ARGS=""
 declare -A STAGE_BUDGET=([install]=60 [build]=240 [tests]=150 [kernel-bench]=150)
 THROUGHPUT_BUDGET=150  # per case; the Llama case also searches the largest micro batch
 STAGE_BUDGET_FLAGS=()
@@ -43,7 +47,7 @@ is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY=1 ;;
-        --out|--wheels|--budget|--stages|--cases|--stage-budget)
+        --out|--wheels|--budget|--stages|--cases|--stage-budget|--throughput-args)
             [ $# -ge 2 ] || die "$1 needs a value"
             case $1 in
                 --out) OUTDIR=$2 ;;
@@ -52,6 +56,7 @@ while [ $# -gt 0 ]; do
                 --stages) STAGES=$2 ;;
                 --cases) CASES=$2 ;;
                 --stage-budget) STAGE_BUDGET_FLAGS+=("$2") ;;
+                --throughput-args) THROUGHPUT_ARGS=$2 ;;
             esac
             shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
@@ -98,7 +103,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # DeepSpeed's op builder cannot parse "9.0a"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
-export ROOT PY OUTDIR WHEELS SITE WORK DRY
+export ROOT PY OUTDIR WHEELS SITE WORK DRY THROUGHPUT_ARGS
 
 # ---- stages: each runs as `bash -c stage_x` under timeout; stdout+stderr go to its log --------------
 stage_install() {
@@ -153,9 +158,9 @@ stage_kernel_bench() {
 stage_throughput() {  # $1: the case
     cd "$ROOT" || return 1
     if [ "$DRY" = 1 ]; then
-        "$PY" bench/throughput.py --quick --cases "$1" --json "$OUTDIR/throughput_$1.json"
+        "$PY" bench/throughput.py --quick --cases "$1" --json "$OUTDIR/throughput_$1.json" $THROUGHPUT_ARGS
     else
-        "$PY" bench/throughput.py --cases "$1" --warmup 2 --iters 10 --json "$OUTDIR/throughput_$1.json"
+        "$PY" bench/throughput.py --cases "$1" --warmup 2 --iters 10 --json "$OUTDIR/throughput_$1.json" $THROUGHPUT_ARGS
     fi
 }
 export -f stage_install stage_build stage_tests stage_kernel_bench stage_throughput

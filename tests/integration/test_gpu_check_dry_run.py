@@ -124,12 +124,16 @@ def test_a_failing_stage_does_not_stop_the_later_ones_and_budgets_hold(tmp_path)
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip")
     proc = run_check(tmp_path, "--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "wheels"),
-                     "--stages", "install,kernel-bench,tests", "--stage-budget", "kernel-bench=1")
+                     "--stages", "install,kernel-bench,throughput-gpt2-tiny,tests", "--stage-budget", "kernel-bench=1",
+                     "--throughput-args", "--micro-batch-size 0")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]}
-    assert list(stages) == ["install", "kernel-bench", "tests"]  # in the order asked for
+    assert list(stages) == ["install", "kernel-bench", "throughput-gpt2-tiny", "tests"]  # in the order asked for
     assert stages["install"]["status"] == "failed" and stages["install"]["rc"] == 1
     assert "exit status 1" in stages["install"]["note"]
+    # --throughput-args reach the bench; its one-line error is the stage's note.
+    assert stages["throughput-gpt2-tiny"]["status"] == "failed" and stages["throughput-gpt2-tiny"]["rc"] == 2
+    assert stages["throughput-gpt2-tiny"]["note"] == "exit status 2: error: --micro-batch-size 0 must be >= 1"
     assert stages["kernel-bench"]["status"] == "timed_out" and stages["kernel-bench"]["budget_s"] == 1
     assert stages["kernel-bench"]["seconds"] < 15  # stopped (and killed) at its budget
     assert stages["tests"]["status"] == "passed"
