@@ -93,6 +93,21 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/megaclm_gpu_work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 STAGE_FILE=$OUTDIR/stages.tsv
 : > "$STAGE_FILE"
+# What each stage leaves for the report; removed before the stage runs, so that an earlier run's
+# file in the same folder is never reported as this run's.
+stage_output() {
+    case $1 in
+        install) echo env.json ;;
+        tests) echo tests_gpu.xml ;;
+        kernel-bench) echo kernel_bench.json ;;
+        throughput-*) echo "throughput_${1#throughput-}.json" ;;
+    esac
+}
+for s in ${ALL_STAGES[*]}; do
+    out=$(stage_output "$s")
+    [ -z "$out" ] || rm -f "$OUTDIR/$out"
+done
+rm -f "$OUTDIR/gpu_check.json" "$OUTDIR/gpu_check.md"
 
 # Caches under the checkout's ignored .cache/: a warm GPU machine keeps them between calls, so a rerun
 # neither rebuilds DeepSpeed's ops nor recompiles torch.compile graphs.

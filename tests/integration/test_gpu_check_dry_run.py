@@ -141,10 +141,14 @@ def test_a_failing_stage_does_not_stop_the_later_ones_and_budgets_hold(tmp_path)
 
 
 def test_stages_after_the_overall_budget_are_skipped_with_a_line(tmp_path):
+    (tmp_path / "out").mkdir()  # an earlier run's results in the same folder are not this run's
+    (tmp_path / "out" / "kernel_bench.json").write_text('{"rows": [{"kernel": "old"}]}')
+    (tmp_path / "out" / "env.json").write_text('{"device": "old"}')
     proc = run_check(tmp_path, "--dry-run", "--out", str(tmp_path / "out"), "--budget", "0", timeout=60)
     assert proc.returncode == 1
     summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [(n, "skipped") for n in DRY_STAGES]
+    assert summary["kernels"] is None and summary["environment"] is None and summary["throughput"] == {}
     for name in DRY_STAGES:
         assert f"== {name}: skipped (the overall budget of 0s is spent" in proc.stdout
 
