@@ -225,3 +225,41 @@ def test_help_lists_the_stages_and_flags():
     for word in ("install", "build", "tests", "kernel-bench", "throughput-CASE", "--dry-run", "--stage-budget"):
         assert word in proc.stdout
     assert "set -uo" not in proc.stdout  # the comment block only
+
+
+def test_report_of_a_gpu_run(tmp_path):
+    """The report on GPU-shaped results (fused kernels, MFU, device memory, a stage out of time): the
+    paths a dry run cannot reach."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stages.tsv").write_text("install\tpassed\t0\t3.1\t60\t12 wheel(s)\n"
+                                    "kernel-bench\ttimed_out\t124\t150.0\t150\tstopped by its 150s budget\n"
+                                    "throughput-gpt2-124m\tpassed\t0\t99.5\t150\t\n")
+    kernel = {"fwd_ms": 0.1, "total_ms": 0.4, "peak_mib": 64.0, "fwd_gbs": 2900.0, "bwd_gbs": 2500.0,
+              "fwd_peak": 0.87, "bwd_peak": 0.75}
+    (out / "kernel_bench.json").write_text(json.dumps({
+        "dtype": "bf16", "peak_tbs": 3.35, "impls": ["fused", "compile"],
+        "rows": [{"kernel": "rms_norm", "impl": "fused", **kernel},
+                 {"kernel": "rms_norm", "impl": "compile", **kernel, "total_ms": 0.6}],
+        "ratios": [{"kernel": "rms_norm", "impl": "fused", "vs": "compile", "fwd_speedup": 1.0,
+                    "fwd_bwd_speedup": 1.5, "peak_memory_ratio": 1.0}]}))
+    row = {"case": "gpt2-124m", "micro_batch": 16, "seq_length": 1024, "seconds": 5.0, "peak_memory_gb": 30.5}
+    (out / "throughput_gpt2-124m.json").write_text(json.dumps({
+        "fused_kernels": {"available": True, "reason": ""}, "largest_micro_batch": {},
+        "results": [{**row, "mode": "hf-compile", "tokens_per_sec": 1.0e5, "tflops": 80.0, "mfu": 0.081,
+                     "megaclm_ratio": 1.2, "megaclm_fused_ratio": 1.4},
+                    {**row, "mode": "megaclm-fused", "tokens_per_sec": 1.4e5, "tflops": 112.0, "mfu": 0.113,
+                     "megaclm_ratio": 0.857, "megaclm_fused_ratio": 1.0}]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_report.py"), "report", str(out),
+                           "--budget", "480", "--elapsed", "252.6"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "gpu_check.md").read_text()
+    assert "| kernel-bench | timed_out | 150.0 | 150 | stopped by its 150s budget |" in md
+    assert "| rms_norm | fused | 0.100 | 2900 | 87% | 0.400 | 2500 | 75% | n/a | n/a |" in md
+    assert "| rms_norm | compile | 0.100 | 2900 | 87% | 0.600 | 2500 | 75% | n/a | 1.50 |" in md
+    assert "| gpt2-124m | megaclm-fused | 16 | 140,000 | 112.00 | 11.3% | 30.5 | 0.86 | 1.00 |" in md
+    assert "| gpt2-124m speedup_vs_hf-compile >= 1.3 | 1.40 (megaclm-fused) | yes |" in md
+    assert "ran the PyTorch ops" not in md
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["targets"][0]["met"] is True and summary["targets"][1]["met"] is None
+    assert summary["environment"] is None and summary["tests"] is None  # those stages did not run
