@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit data bench clean
+.PHONY: install demo test test-unit data bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,14 @@ data: install
 bench: install data
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/indices.py
+
+# The GPU proof (README "GPU check"): build the carried wheel folder .whl/ here, then run the check on
+# the GPU machine (`make gpu-check`, no venv there), or rehearse it here: make gpu-check GPU_CHECK_ARGS=--dry-run
+gpu-wheels: install
+	PYTHON=$(BIN)/python bash tools/gpu_wheels.sh
+
+gpu-check:
+	bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .cache .pytest_cache

@@ -3,7 +3,7 @@
 
     python bench/throughput.py                    # the three cases of issue 9, on the GPU
     python bench/throughput.py --quick            # tiny shapes on the CPU: checks the script in seconds
-    python bench/throughput.py --cases llama-1.2b --modes megaclm,hf-compile --megaclm-args="--kernels cuda"
+    python bench/throughput.py --cases llama-1.2b --modes megaclm-fused,hf-compile --megaclm-args="--zero-stage 2"
 
 Per case, one process measures, warm-up excluded:
     hf-eager      transformers' GPT2LMHeadModel / LlamaForCausalLM, fp32 weights under bf16 autocast,
@@ -12,9 +12,12 @@ Per case, one process measures, warm-up excluded:
     hf-deepspeed  the same model in a DeepSpeed ZeRO-2 bf16 engine (HF Trainer + DeepSpeed)
     megaclm       megaclm.training.pretrain.main (pretrain_gpt.py) itself on a synthetic MMIDIDX dataset:
                   its DeepSpeed engine (ZeRO-1 by default, bf16, AdamW), data loader, loss mask, lr
-                  schedule; its tokens/s and peak memory are read back from its metrics file.
-and prints tokens/s, TFLOP/s, MFU, peak memory and megaclm / each baseline, then the largest micro
-batch that fits for the Llama case (megaclm vs HF eager). TFLOP/s and MFU use megaclm.model.flops
+                  schedule, with the PyTorch ops (--kernels torch); its tokens/s and peak memory are
+                  read back from its metrics file.
+    megaclm-fused the same with the CUDA kernels of megaclm.ops._cuda (--kernels fused; without the
+                  built extension megaclm logs one line and runs the PyTorch ops: the JSON says which)
+and prints tokens/s, TFLOP/s, MFU, peak memory and each megaclm mode / each mode, then the largest
+micro batch that fits for the Llama case (megaclm, fused when measured, vs HF eager). TFLOP/s and MFU use megaclm.model.flops
 (6N + 12*L*d*T per token, N from the unpadded model, the same for every mode, so MFU ratios equal
 tokens/s ratios) and the GPU's dense bf16 peak (989.4 TFLOP/s on H100/H200; --peak-tflops otherwise).
 HF modes train on one fixed random batch already on the device; megaclm reads its dataset.
@@ -30,7 +33,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -42,9 +45,12 @@ from megaclm.config.model import ModelConfig  # noqa: E402
 from megaclm.config.presets import model_preset  # noqa: E402
 from megaclm.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype  # noqa: E402
 from megaclm.model.flops import H100_BF16_PEAK_FLOPS, count_parameters, flops_per_token  # noqa: E402
+from megaclm.ops import _cuda  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
+from megaclm.utils.fileio import atomic_write  # noqa: E402
 
-MODES = ("hf-eager", "hf-compile", "hf-deepspeed", "megaclm")
+MODES = ("hf-eager", "hf-compile", "hf-deepspeed", "megaclm", "megaclm-fused")
+MEGACLM_MODES = ("megaclm", "megaclm-fused")
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,8 @@ def _new_master_port() -> None:
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
-def megaclm_argv(case: Case, micro_batch: int, steps: int, data_prefix: str, workdir: str, args) -> list[str]:
+def megaclm_argv(case: Case, micro_batch: int, steps: int, data_prefix: str, workdir: str, args,
+                 kernels: str = "torch") -> list[str]:
     model_flags = []
     for name, value in case.overrides.items():
         model_flags += ["--" + name.replace("_", "-"), str(value)]
@@ -266,10 +273,11 @@ def megaclm_argv(case: Case, micro_batch: int, steps: int, data_prefix: str, wor
             # NullTokenizer: ids below --vocab-size plus eod, i.e. case.vocab_size tokens in all.
             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(case.vocab_size - 1),
             "--eval-iters", "0", "--log-interval", str(args.warmup), "--no-progress-bar",
-            "--metrics-file", os.path.join(workdir, "metrics.jsonl"), *shlex.split(args.megaclm_args)]
+            "--metrics-file", os.path.join(workdir, "metrics.jsonl"), *shlex.split(args.megaclm_args),
+            "--kernels", kernels]
 
 
-def run_megaclm(case: Case, args, workdir: str, micro_batch: int | None = None) -> Result:
+def run_megaclm(case: Case, args, workdir: str, micro_batch: int | None = None, mode: str = "megaclm") -> Result:
     """pretrain_gpt.py for warmup + iters steps, logging every `warmup`: the records after the first
     window are the timed ones (the loop times each step and syncs on the loss every step)."""
     from megaclm.training import pretrain
@@ -287,7 +295,8 @@ def run_megaclm(case: Case, args, workdir: str, micro_batch: int | None = None) 
     _new_master_port()  # pretrain ends by destroying its process group
     free_memory()
     try:
-        code = pretrain.main(megaclm_argv(case, mb, steps, prefix, workdir, args))
+        kernels = "fused" if mode == "megaclm-fused" else "torch"
+        code = pretrain.main(megaclm_argv(case, mb, steps, prefix, workdir, args, kernels))
     finally:
         free_memory()
     if code:
@@ -299,7 +308,7 @@ def run_megaclm(case: Case, args, workdir: str, micro_batch: int | None = None) 
     tokens = len(records) * args.warmup * mb * case.seq_length
     seconds = sum(args.warmup * mb * case.seq_length / r["tokens_per_sec"] for r in records)
     memory = records[-1]["memory_gb"] if torch.cuda.is_available() else None
-    return Result("megaclm", tokens / seconds, memory, seconds)
+    return Result(mode, tokens / seconds, memory, seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,37 +324,44 @@ def peak_flops(args) -> float | None:
 
 
 def report(name: str, case: Case, results: list[Result], args) -> list[dict]:
+    """Print the case's table; rows with each megaclm mode's speed-up over the row's mode
+    ("megaclm_ratio" for the PyTorch ops, "megaclm_fused_ratio" for the fused kernels)."""
     cfg = case.model()
     fpt = flops_per_token(cfg, case.vocab_size, case.seq_length)
     peak = peak_flops(args)
-    ours = next((r for r in results if r.mode == "megaclm"), None)
+    ours = {r.mode: r for r in results if r.mode in MEGACLM_MODES}
     n = count_parameters(cfg, case.vocab_size).total
     print(f"\n{name}: {n / 1e6:,.1f}M parameters, seq {case.seq_length}, micro batch {case.micro_batch_size}, "
           f"{fpt / 1e9:.3f} GFLOP/token")
-    print(f"  {'mode':14s}{'tokens/s':>12s}{'TFLOP/s':>10s}{'MFU':>8s}{'peak GB':>10s}{'megaclm/x':>11s}")
+    print(f"  {'mode':14s}{'tokens/s':>12s}{'TFLOP/s':>10s}{'MFU':>8s}{'peak GB':>10s}"
+          + "".join(f"{m + '/x':>16s}" for m in ours))
     rows = []
     for r in results:
         tflops = r.tokens_per_sec * fpt / 1e12
         mfu = r.tokens_per_sec * fpt / peak if peak else None
-        ratio = ours.tokens_per_sec / r.tokens_per_sec if ours else None
+        ratios = {m: o.tokens_per_sec / r.tokens_per_sec for m, o in ours.items()}
         print(f"  {r.mode:14s}{r.tokens_per_sec:12,.0f}{tflops:10.2f}"
               f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>8s}"
               f"{'n/a' if r.peak_memory_gb is None else f'{r.peak_memory_gb:.1f}':>10s}"
-              f"{'n/a' if ratio is None else f'{ratio:.2f}x':>11s}")
-        rows.append({"case": name, "mode": r.mode, "tokens_per_sec": r.tokens_per_sec, "tflops": tflops, "mfu": mfu,
-                     "peak_memory_gb": r.peak_memory_gb, "megaclm_ratio": ratio, "seconds": r.seconds})
+              + "".join(f"{f'{x:.2f}x':>16s}" for x in ratios.values()))
+        rows.append({"case": name, "mode": r.mode, "micro_batch": case.micro_batch_size,
+                     "seq_length": case.seq_length, "tokens_per_sec": r.tokens_per_sec, "tflops": tflops,
+                     "mfu": mfu, "peak_memory_gb": r.peak_memory_gb, "seconds": r.seconds,
+                     "megaclm_ratio": ratios.get("megaclm"), "megaclm_fused_ratio": ratios.get("megaclm-fused")})
     return rows
 
 
-def search_batches(name: str, case: Case, args, workdir: str) -> dict:
-    """Largest micro batch that trains one step without running out of memory: megaclm vs HF eager."""
+def search_batches(name: str, case: Case, args, workdir: str, modes: list[str]) -> dict:
+    """Largest micro batch that trains one step without running out of memory: megaclm (its fused
+    mode when that is measured) vs HF eager."""
     quick = argparse.Namespace(**{**vars(args), "warmup": 1, "iters": 1})
+    ours = "megaclm-fused" if "megaclm-fused" in modes else "megaclm"
     out = {}
-    for mode in ("megaclm", "hf-eager"):
+    for mode in (ours, "hf-eager"):
         def fits(mb: int, mode=mode) -> bool:
             try:
-                if mode == "megaclm":
-                    run_megaclm(case, quick, workdir, micro_batch=mb)
+                if mode in MEGACLM_MODES:
+                    run_megaclm(case, quick, workdir, micro_batch=mb, mode=mode)
                 else:
                     run_hf(mode, case, quick, micro_batch=mb)
                 return True
@@ -358,8 +374,14 @@ def search_batches(name: str, case: Case, args, workdir: str) -> dict:
 
         size, capped = largest_micro_batch(fits, case.micro_batch_size, args.batch_cap)
         out[mode] = {"micro_batch": size, "hit_cap": capped}
-        print(f"  largest micro batch, {mode:10s}: {size}{' (the --batch-cap)' if capped else ''}")
+        print(f"  largest micro batch, {mode:13s}: {size}{' (the --batch-cap)' if capped else ''}")
     return out
+
+
+def _write_json(path: str | None, out: dict) -> None:
+    if path:
+        with atomic_write(path, "w") as fh:
+            json.dump(out, fh, indent=1)
 
 
 def main(argv=None) -> int:
@@ -370,13 +392,15 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="Untimed steps (default 5; 1 with --quick).")
     p.add_argument("--iters", type=int, default=None, help="Timed steps, a multiple of --warmup (default 20; 2 quick).")
     p.add_argument("--zero-stage", type=int, default=1, choices=[1, 2], help="megaclm's ZeRO stage.")
-    p.add_argument("--megaclm-args", default="", help="Extra pretrain_gpt.py flags, e.g. '--kernels cuda'.")
+    p.add_argument("--megaclm-args", default="", help="Extra pretrain_gpt.py flags, e.g. '--attention-backend unfused' (--kernels is the mode's).")
     p.add_argument("--num-workers", type=int, default=None, help="megaclm DataLoader workers (default 2; 0 quick).")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for hf-compile (default inductor; 'eager' with --quick).")
     p.add_argument("--peak-tflops", type=float, default=None, help="Device peak for MFU (default: H100/H200 bf16).")
     p.add_argument("--batch-cap", type=int, default=None, help="Largest micro batch tried (default 64; 4 quick).")
     p.add_argument("--no-batch-search", action="store_true", help="Skip the largest-micro-batch search.")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="Measure every case at this micro batch (default: the case's; e.g. the one the search found).")
     p.add_argument("--json", default=None, help="Also write the results here as JSON.")
     args = p.parse_args(argv)
     table = QUICK_CASES if args.quick else CASES
@@ -385,6 +409,10 @@ def main(argv=None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.micro_batch_size is not None:
+        if args.micro_batch_size < 1:
+            raise UserError(f"--micro-batch-size {args.micro_batch_size} must be >= 1")
+        table = {name: replace(case, micro_batch_size=args.micro_batch_size) for name, case in table.items()}
     names = args.cases.split(",") if args.cases else list(table)
     modes = args.modes.split(",")
     for n in names:
@@ -403,26 +431,33 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; torch {torch.__version__}; "
           f"warm-up {args.warmup}, timed {args.iters} steps")
-    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "results": [],
-           "largest_micro_batch": {}}
+    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "fused_kernels": {"available": _cuda.is_available(), "reason": _cuda.unavailable_reason()},
+           "measured": [], "results": [], "largest_micro_batch": {}}
     results: dict[str, list[Result]] = {name: [] for name in names}
+
+    def measured(name: str, result: Result) -> None:
+        """Keep one result; the JSON is rewritten after each, so a run stopped by a time budget keeps
+        what it measured ("measured": raw results; "results": the finished cases with their ratios)."""
+        results[name].append(result)
+        out["measured"].append({"case": name, **asdict(result)})
+        _write_json(args.json, out)
+
     with tempfile.TemporaryDirectory(prefix="megaclm_bench_") as workdir:
         # Every HF mode first: pretrain_gpt.py ends by destroying its process group, and DeepSpeed
         # keeps its groups cached, so a later hf-deepspeed engine in this process would fail.
         for name in names:
-            for mode in (m for m in modes if m != "megaclm"):
+            for mode in (m for m in modes if m not in MEGACLM_MODES):
                 _new_master_port()
-                results[name].append(run_hf(mode, table[name], args))
+                measured(name, run_hf(mode, table[name], args))
         for name in names:
-            if "megaclm" in modes:
-                results[name].append(run_megaclm(table[name], args, workdir))
+            for mode in (m for m in modes if m in MEGACLM_MODES):
+                measured(name, run_megaclm(table[name], args, workdir, mode=mode))
             out["results"] += report(name, table[name], results[name], args)
+            _write_json(args.json, out)
             if name in BATCH_SEARCH_CASE and not args.no_batch_search:
-                out["largest_micro_batch"][name] = search_batches(name, table[name], args, workdir)
-    if args.json:
-        from megaclm.utils.fileio import atomic_write
-        with atomic_write(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+                out["largest_micro_batch"][name] = search_batches(name, table[name], args, workdir, modes)
+                _write_json(args.json, out)
     return 0
 
 

@@ -38,7 +38,9 @@ def launch(corpus: str, save: Path, extra: list[str]) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     gpus = min(torch.cuda.device_count(), 2)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(gpus), "--master_port", str(port),
+    # The launcher as a module: on the GPU machine deepspeed is a carried wheel (pip --target), whose
+    # `deepspeed` script is not next to the interpreter.
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port", str(port),
            "pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4",
            "--seq-length", "128", "--max-position-embeddings", "128", "--micro-batch-size", "8",
            "--global-batch-size", str(8 * gpus), "--train-iters", "40", "--lr", "3e-3", "--lr-warmup-iters", "4",

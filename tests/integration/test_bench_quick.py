@@ -1,5 +1,6 @@
 """bench/throughput.py --quick: the whole benchmark (HF eager, HF + torch.compile, HF + DeepSpeed
-ZeRO-2, megaclm's pretrain_gpt.py, the micro-batch search) on tiny shapes on the CPU."""
+ZeRO-2, megaclm's pretrain_gpt.py with torch ops and with --kernels fused, the micro-batch search) on
+tiny shapes on the CPU."""
 import importlib.util
 import json
 import os
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from megaclm.ops import _cuda
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "throughput.py"
@@ -39,11 +42,13 @@ def quick_run(tmp_path_factory):
 def test_quick_measures_every_mode(quick_run):
     result, stdout = quick_run
     rows = {r["mode"]: r for r in result["results"] if r["case"] == "llama-tiny"}
-    assert set(rows) == {"hf-eager", "hf-compile", "hf-deepspeed", "megaclm"}
-    ours = rows["megaclm"]["tokens_per_sec"]
+    assert set(rows) == {"hf-eager", "hf-compile", "hf-deepspeed", "megaclm", "megaclm-fused"}
+    assert [(m["case"], m["mode"]) for m in result["measured"]] == [("llama-tiny", r["mode"]) for r in result["results"]]
+    ours, fused = rows["megaclm"]["tokens_per_sec"], rows["megaclm-fused"]["tokens_per_sec"]
     for mode, row in rows.items():
         assert row["tokens_per_sec"] > 0 and row["seconds"] > 0
         assert row["megaclm_ratio"] == pytest.approx(ours / row["tokens_per_sec"])
+        assert row["megaclm_fused_ratio"] == pytest.approx(fused / row["tokens_per_sec"])
         assert row["mfu"] is None and row["peak_memory_gb"] is None  # CPU: no peak FLOP/s, no device memory
         assert f"  {mode}" in stdout
     # TFLOP/s is tokens/s times the model's FLOPs per token (6N + 12 L d T).
@@ -56,8 +61,11 @@ def test_quick_measures_every_mode(quick_run):
 def test_quick_searches_the_llama_micro_batch(quick_run):
     result, _ = quick_run
     search = result["largest_micro_batch"]["llama-tiny"]
-    # On the CPU nothing runs out of memory: both reach the --quick cap of 4.
-    assert search == {"megaclm": {"micro_batch": 4, "hit_cap": True}, "hf-eager": {"micro_batch": 4, "hit_cap": True}}
+    # On the CPU nothing runs out of memory: both reach the --quick cap of 4 (megaclm in its fused mode).
+    assert search == {"megaclm-fused": {"micro_batch": 4, "hit_cap": True},
+                      "hf-eager": {"micro_batch": 4, "hit_cap": True}}
+    # The JSON says whether megaclm-fused ran the kernels or fell back to the PyTorch ops.
+    assert result["fused_kernels"] == {"available": _cuda.is_available(), "reason": _cuda.unavailable_reason()}
 
 
 @pytest.mark.parametrize("limit,start,cap,expected", [
@@ -91,3 +99,14 @@ def test_bad_flags_are_one_line_errors():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --modes: unknown mode 'nope'")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--only", "rms_norm,nope"], "--only nope: unknown; cases are add_layer_norm"),
+    (["--impls", "fused,triton"], "--impls 'fused,triton': use a comma-separated subset of fused,eager,compile"),
+])
+def test_kernel_bench_bad_flags_are_one_line_errors(args, message):
+    proc = subprocess.run([sys.executable, "bench/kernel_bench.py", "--quick", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
