@@ -227,6 +227,9 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
                         "each tensor-parallel rank needs whole key/value heads")
     if model.ffn_size % tp:
         raise UserError(f"model.ffn_hidden_size={model.ffn_size} is not divisible by {what}")
+    if (model.moe_shared_expert_intermediate_size or 0) % tp:
+        raise UserError(f"model.moe_shared_expert_intermediate_size={model.moe_shared_expert_intermediate_size} is "
+                        f"not divisible by {what} (the shared expert is split like the dense MLP)")
     if padded_vocab_size is not None and padded_vocab_size % tp:
         raise UserError(f"padded vocabulary size {padded_vocab_size} is not divisible by {what}; "
                         "pad it to a multiple of make_vocab_size_divisible_by x the tensor-parallel size")

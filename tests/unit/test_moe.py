@@ -152,3 +152,45 @@ def test_expert_parallel_groups_split_each_data_parallel_group():
     groups = {r: ParallelState(8, r, tensor_parallel_size=2, expert_parallel_size=2).ep_group_ranks for r in range(8)}
     assert groups == {0: [0, 2], 2: [0, 2], 4: [4, 6], 6: [4, 6], 1: [1, 3], 3: [1, 3], 5: [5, 7], 7: [5, 7]}
     assert [ParallelState(8, r, 2, expert_parallel_size=2).ep_rank for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+# Published: Mixtral-8x7B 46.7B total / 12.9B active; Qwen1.5-MoE-A2.7B 14.3B total / 2.7B active (model cards).
+MOE_PUBLISHED = {"mixtral-8x7b": (46_702_792_704, 12.9e9), "qwen2-moe-a2.7b": (14_315_784_192, 2.7e9)}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_PUBLISHED))
+def test_moe_presets_give_published_parameter_counts(name):
+    from megaclm.config.presets import PRESET_VOCAB_SIZE, model_preset
+    from megaclm.model.flops import count_parameters, flops_per_token
+
+    config, vocab = model_preset(name), PRESET_VOCAB_SIZE[name]
+    with torch.device("meta"):
+        model = GPTModel(config, vocab)
+    total, active = MOE_PUBLISHED[name]
+    count = count_parameters(config, vocab)
+    assert sum(p.numel() for p in model.parameters()) == count.total == total
+    assert round(count.active / 1e8) * 1e8 == pytest.approx(active)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert count.experts == experts
+    # FLOPs count the active parameters: k of the E experts per token.
+    k, E = config.moe_router_topk, config.num_experts
+    assert count.active == count.total - experts * (E - k) // E
+    assert count.flops_params == count.active - count.position_embeddings - count.output_layer  # no input lookup
+    assert flops_per_token(config, vocab, 1) == pytest.approx(6 * count.flops_params + 12 * config.num_layers
+                                                              * config.num_attention_heads * config.head_dim)
+
+
+def test_moe_counts_equal_the_built_model_with_layer_freq_and_tp():
+    from megaclm.model.flops import count_parameters, stage_parameters
+
+    config = ModelConfig(**{**MOE, "num_layers": 3, "moe_layer_freq": 2, "moe_shared_expert_intermediate_size": 40,
+                            "moe_shared_expert_gate": True})
+    model = GPTModel(config, 128)
+    count = count_parameters(config, 128)
+    assert sum(p.numel() for p in model.parameters()) == count.total
+    assert count.num_moe_layers == 2 and isinstance(model.layers[1].mlp, type(GPTModel(
+        ModelConfig(**{**MOE, "num_experts": None}), 128).layers[0].mlp))
+    # Under TP=2 the routed experts and router stay whole on each rank, the shared expert is split.
+    state = ParallelState(2, 0, tensor_parallel_size=2)
+    sharded = GPTModel(config, 128, state)
+    assert stage_parameters(config, 128, tensor_parallel=2)[0].params == sum(p.numel() for p in sharded.parameters())
