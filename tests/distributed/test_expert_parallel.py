@@ -37,5 +37,5 @@ def test_zero_engines_train_identically_at_ep2_and_ep1(ranks, stage):
     for rank, result in enumerate(ranks):
         r = result["engines"][stage]
         assert max(abs(a - b) for a, b in zip(r["losses_ep1"], r["losses_ep2"])) < 1e-5, (rank, r)
-        assert r["params"] < 1e-5, (rank, r)
+        assert r["params"] < 5e-5, (rank, r)  # 3 AdamW steps at lr 1e-2 of ~1e-7 gradient differences: ~8e-6 seen
         assert r["losses_ep1"][-2] < r["losses_ep1"][0], r  # it trains (micro-batch 0 of the last vs the first step)
