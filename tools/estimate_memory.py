@@ -96,6 +96,10 @@ def main(argv=None) -> int:
           f"heads {model.num_attention_heads}/{model.num_kv_heads}, ffn {model.ffn_size}, vocab {vocab} -> {padded}")
     print(f"parameters   {count.total / 1e6:,.1f}M total, {count.non_embedding / 1e6:,.1f}M non-embedding, "
           f"N = {count.flops_params / 1e6:,.1f}M for 6N")
+    if model.num_experts is not None:
+        print(f"experts      {model.num_experts} x {model.num_moe_layers} layers, top-{model.moe_router_topk}: "
+              f"{count.experts / 1e6:,.1f}M expert parameters, {count.active / 1e6:,.1f}M active per token "
+              f"(expert weights are whole on every GPU: EP splits their compute, ZeRO their optimizer states)")
     print(f"FLOPs/token  {fpt / 1e9:,.3f} GFLOP (6N + 12*L*d*T at T={args.seq_length})")
     print(f"setup        {tp * pp * dp} GPUs = tp {tp} x pp {pp} x dp {dp}; ZeRO-{args.zero_stage}, {setup.precision}, "
           f"micro batch {args.micro_batch_size}, accumulation {setup.grad_accum_steps}, recompute {recompute}"

@@ -50,6 +50,11 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
         raise UserError(f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp} x "
                         f"parallel.pipeline_model_parallel_size={pp}; launch a multiple of {tp * pp} processes")
     dp = world_size // (tp * pp)
+    ep = cfg.parallel.expert_model_parallel_size
+    if dp % ep:
+        raise UserError(f"parallel.expert_model_parallel_size={ep} does not divide the data-parallel size {dp} "
+                        f"(world {world_size} / tp {tp} / pp {pp}); expert-parallel ranks are data-parallel ranks, "
+                        f"so launch a multiple of {tp * pp * ep} processes")
     t = cfg.training
     mbs = t.micro_batch_size
     gbs = t.global_batch_size if t.global_batch_size is not None else mbs * dp

@@ -74,6 +74,18 @@ TABLE: tuple[CompatFlag, ...] = (
     _ignored("--use-mcore-models", "megaclm has one model implementation (megaclm.model.gpt)", source=(MLM,)),
     _ignored("--transformer-impl", "megaclm has one layer implementation; Transformer Engine is not used",
              nargs=1, source=(MLM,)),
+    # --- Mixture of Experts (Megatron-DeepSpeed spellings) -------------------------------------------------
+    _alias("--moe-expert-parallel-size", ["--expert-model-parallel-size", "{0}"], "expert-parallel ranks", nargs=1,
+           source=(MDS,)),
+    _alias("--topk", ["--moe-router-topk", "{0}"], "experts per token", nargs=1, source=(MDS,)),
+    _alias("--moe-loss-coeff", ["--moe-aux-loss-coeff", "{0}"], "load-balancing loss coefficient", nargs=1,
+           source=(MDS,)),
+    _alias("--moe-train-capacity-factor", ["--moe-expert-capacity-factor", "{0}"], "expert capacity factor",
+           nargs=1, source=(MDS,)),
+    _ignored("--mlp-type", "megaclm has DeepSpeed's standard MoE MLP; its residual PR-MoE (a dense MLP mixed in by a "
+             "softmax coefficient) is not available: --moe-shared-expert-intermediate-size F adds a dense expert "
+             "every token passes through (Qwen2-MoE/DeepSeek shared expert)", nargs=1, only=("standard",),
+             source=(MDS,)),
     # --- attention and kernels ----------------------------------------------------------------------------
     _alias("--use-flash-attn", ["--attention-backend", "flash"], "SDPA's FlashAttention kernel"),
     _alias("--use-flash-attn-v2", ["--attention-backend", "flash"], "SDPA's FlashAttention kernel", source=(MDS,)),

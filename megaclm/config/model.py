@@ -2,7 +2,8 @@
 
 One config describes GPT-2/3 (learned positions, LayerNorm, GeLU, biases, tied head), Llama/Mistral
 (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head) and Qwen2 (Llama + qkv bias).
-Named shapes live in `megaclm.config.presets`. Derived sizes (`ffn_size`, `head_dim`, `num_kv_heads`)
+Mixture of Experts (Mixtral, Qwen2-MoE): `num_experts` routed experts replace the MLP of every
+`moe_layer_freq`-th layer (megaclm.model.moe). Named shapes live in `megaclm.config.presets`. Derived sizes (`ffn_size`, `head_dim`, `num_kv_heads`)
 are properties, never written back. `check_parallel_shapes` is the model-vs-parallel check that the
 trainer's validate.py (and GPTModel) run before any process-group work.
 """
@@ -15,6 +16,7 @@ POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "alibi", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+MOE_TOKEN_DROP_POLICIES = ("probs", "position")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,33 @@ class ModelConfig:
         "help": "Zero-centred norm weights: the stored weight w (initialised to 0) scales by (1 + w), so weight "
                 "decay pulls the scale towards 1 instead of 0 (Megatron's --apply-layernorm-1p)."})
 
+    num_experts: int | None = field(default=None, metadata={
+        "help": "Mixture of Experts: routed experts per MoE layer (Mixtral 8, Qwen1.5-MoE 60). Default: dense MLPs."})
+    moe_router_topk: int = field(default=2, metadata={"help": "Experts each token is routed to (k)."})
+    moe_ffn_hidden_size: int | None = field(default=None, metadata={
+        "help": "Inner size of each routed expert. Default: the dense MLP's (--ffn-hidden-size)."})
+    moe_layer_freq: int = field(default=1, metadata={
+        "help": "Every N-th layer is an MoE layer (layers 0, N, 2N, ...); the others keep a dense MLP."})
+    moe_router_pre_softmax: bool = field(default=False, metadata={
+        "help": "Softmax over all experts, then top-k, weights not renormalised (Switch, Qwen2-MoE). "
+                "Default: top-k logits, then softmax over those k (Mixtral; = softmax-top-k renormalised)."})
+    moe_aux_loss_coeff: float = field(default=0.0, metadata={
+        "help": "Coefficient of the load-balancing loss E * sum_e f_e P_e (f_e: fraction of routed tokens, "
+                "P_e: mean router probability of expert e), added per MoE layer; 1x coeff when balanced."})
+    moe_z_loss_coeff: float = field(default=0.0, metadata={
+        "help": "Coefficient of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE), per MoE layer."})
+    moe_expert_capacity_factor: float | None = field(default=None, metadata={
+        "help": "Each expert takes at most ceil(factor * tokens * k / experts) tokens of a micro-batch and rank; "
+                "the rest are dropped (their expert output is 0, the residual carries them). Default: dropless."})
+    moe_token_drop_policy: str = field(default="probs", metadata={
+        "help": "Which tokens an expert over capacity drops: 'probs' the lowest router weights, 'position' the "
+                "latest in the micro-batch.", "choices": list(MOE_TOKEN_DROP_POLICIES)})
+    moe_shared_expert_intermediate_size: int | None = field(default=None, metadata={
+        "help": "Inner size of a shared expert every token passes through besides its routed ones "
+                "(Qwen2-MoE, DeepSeek). Default: none."})
+    moe_shared_expert_gate: bool = field(default=False, metadata={
+        "help": "Scale the shared expert's output by sigmoid(w . x), a learned per-token gate (Qwen2-MoE)."})
+
     def __post_init__(self):
         def bad(name, why):
             raise UserError(f"model.{name}={getattr(self, name)!r} {why}")
@@ -116,6 +145,25 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must be in [0, 1)")
+        if self.num_experts is not None:
+            if self.num_experts < 1:
+                bad("num_experts", "must be >= 1 (or left unset for dense MLPs)")
+            if not 1 <= self.moe_router_topk <= self.num_experts:
+                bad("moe_router_topk", f"must be in [1, model.num_experts={self.num_experts}]")
+            if self.moe_layer_freq < 1:
+                bad("moe_layer_freq", "must be >= 1")
+            for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+                if getattr(self, name) is not None and getattr(self, name) < 1:
+                    bad(name, "must be >= 1 (or left unset)")
+            for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+                if getattr(self, name) < 0:
+                    bad(name, "must be >= 0")
+            if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor <= 0:
+                bad("moe_expert_capacity_factor", "must be > 0 (or left unset for dropless routing)")
+            if self.moe_token_drop_policy not in MOE_TOKEN_DROP_POLICIES:
+                bad("moe_token_drop_policy", f"is not one of {', '.join(MOE_TOKEN_DROP_POLICIES)}")
+            if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+                bad("moe_shared_expert_gate", "needs model.moe_shared_expert_intermediate_size (a shared expert)")
         if self.init_method_std <= 0:
             bad("init_method_std", "must be > 0")
         if self.norm_epsilon <= 0:
@@ -146,6 +194,18 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     @property
+    def moe_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Layer `index` (0-based) has routed experts instead of a dense MLP."""
+        return self.num_experts is not None and index % self.moe_layer_freq == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
     def qkv_bias(self) -> bool:
         return self.add_bias_linear or self.add_qkv_bias
 
@@ -167,9 +227,23 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
                         "each tensor-parallel rank needs whole key/value heads")
     if model.ffn_size % tp:
         raise UserError(f"model.ffn_hidden_size={model.ffn_size} is not divisible by {what}")
+    if (model.moe_shared_expert_intermediate_size or 0) % tp:
+        raise UserError(f"model.moe_shared_expert_intermediate_size={model.moe_shared_expert_intermediate_size} is "
+                        f"not divisible by {what} (the shared expert is split like the dense MLP)")
     if padded_vocab_size is not None and padded_vocab_size % tp:
         raise UserError(f"padded vocabulary size {padded_vocab_size} is not divisible by {what}; "
                         "pad it to a multiple of make_vocab_size_divisible_by x the tensor-parallel size")
+    ep = parallel.expert_model_parallel_size
+    if ep > 1 and model.num_experts is None:
+        raise UserError(f"parallel.expert_model_parallel_size={ep} needs a Mixture-of-Experts model; set "
+                        "model.num_experts or drop --expert-model-parallel-size")
+    if model.num_experts is not None and model.num_experts % ep:
+        raise UserError(f"model.num_experts={model.num_experts} is not divisible by "
+                        f"parallel.expert_model_parallel_size={ep}; every expert-parallel rank needs whole experts")
+    if model.num_experts is not None and pp > 1:
+        raise UserError("Mixture-of-Experts models cannot be pipelined yet (the router losses of every stage would "
+                        "have to reach the last one); use --pipeline-model-parallel-size 1 with tensor, expert and "
+                        "data parallelism")
     stages = f"parallel.pipeline_model_parallel_size={pp}"
     if model.num_layers < pp:
         raise UserError(f"model.num_layers={model.num_layers} cannot be split across {stages} stages; "

@@ -1,4 +1,4 @@
-"""`parallel:` section - how the model is split: tensor (TP), sequence (SP) and pipeline (PP) parallel.
+"""`parallel:` section - how the model is split: tensor (TP), sequence (SP), pipeline (PP), expert (EP) parallel.
 
 The data-parallel size is derived (world_size // (tp * pp)) by megaclm.parallel.ParallelState and never
 stored here. Rank layout follows DeepSpeed's PipeModelDataParallelTopology: tp fastest, then dp, then pp.
@@ -19,13 +19,16 @@ class ParallelConfig:
     sequence_parallel: bool = field(default=False, metadata={
         "help": "Megatron sequence parallelism: split norms/dropout activations along the sequence across "
                 "the tensor-parallel ranks (no effect when tensor_model_parallel_size=1)."})
+    expert_model_parallel_size: int = field(default=1, metadata={
+        "help": "Data-parallel ranks that split the routed experts of each MoE layer between them (tokens travel "
+                "to their experts by all-to-all). Must divide the data-parallel size and model.num_experts."})
     pipeline_partition_method: str = field(default="parameters", metadata={
         "help": "How layers are assigned to pipeline stages: 'parameters' balances parameter counts, "
                 "'uniform' gives every stage the same number of transformer layers.",
         "choices": list(PARTITION_METHODS)})
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.pipeline_partition_method not in PARTITION_METHODS:

@@ -6,11 +6,14 @@ Parameters (exact, Megatron's layer layout: fused QKV and fused gate/up projecti
                 two norms, h each [+ h bias for LayerNorm]
     model       word embeddings V*h (V = the padded vocabulary), learned positions P*h, final norm,
                 and an output layer V*h only when untied.
+    MoE layer   (every moe_layer_freq-th) the MLP is: router E*h, E experts of h*f_e*k + f_e*h each,
+                a shared expert h*f_s*k + f_s*h [+ its gate h]. Active per token: router, shared
+                expert and top-k of the E experts; `ParamCount.active` counts those.
 
 FLOPs per token (PaLM appendix B; Narayanan et al. 2021 "Efficient Large-Scale Language Model
 Training on GPU Clusters", eq. 3 without the recompute factor):
         6 * N  +  12 * L * (a*d) * T
-    N is Megatron's count: every parameter that takes part in a matmul, i.e. all parameters except
+    N is Megatron's count of *active* parameters (an MoE token runs k of the E experts): every parameter that takes part in a matmul, i.e. all parameters except
     the input-embedding lookup (word and position tables). The output layer's V*h always counts,
     so a tied model's N is its total minus the position table; an untied one also drops its input
     embedding. The second term is attention's QK^T and AV (2 matmuls * 2 FLOPs * T*a*d forward, x3 for
@@ -48,6 +51,9 @@ activation element, t = tensor-parallel size, masks take one byte:
         MLP: GeLU keeps its input and output, 2*s*b*f*e; SwiGLU keeps gate+up and their product, 3*s*b*f*e
         attention core: SDPA flash/cuDNN keeps only the fp32 log-sum-exp, 4*a*s*b; materialised scores
             keep softmax 2*a*s^2*b [+ mask a*s^2*b + dropout output 2*a*s^2*b with attention_dropout]
+  MoE layers count as a dense MLP of f = k * (expert size) + (shared size): balanced, dropless routing,
+  and every layer treated as MoE (an upper bound with moe_layer_freq > 1); the router's fp32 logits
+  and the dispatched token copies (k*s*b*h*e) are not counted.
   For GPT with dropout, materialised scores and e=2 this is the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)).
   The first stage also keeps the embedding dropout mask (s*b*h), the last the final norm's input and
   output (2*s*b*h*e) and what the cross-entropy saves: the fp32 logits (4*s*b*V/t), or with tp=1
@@ -86,15 +92,35 @@ class ParamCount:
     num_layers: int
     final_norm: int
     output_layer: int  # the untied LM head; 0 when tied to the word embeddings
+    num_moe_layers: int = 0
+    moe_layer: int = 0  # one MoE layer, all experts
+    expert: int = 0  # one routed expert
+    num_experts: int = 0
+    topk: int = 0
 
     @property
     def layers(self) -> int:
-        return self.layer * self.num_layers
+        return self.layer * (self.num_layers - self.num_moe_layers) + self.moe_layer * self.num_moe_layers
+
+    @property
+    def experts(self) -> int:
+        """Routed-expert parameters of all MoE layers (0 for a dense model)."""
+        return self.expert * self.num_experts * self.num_moe_layers
+
+    @property
+    def inactive(self) -> int:
+        """Routed-expert parameters a token does not use (E - k experts per MoE layer)."""
+        return self.expert * (self.num_experts - self.topk) * self.num_moe_layers
 
     @property
     def total(self) -> int:
         return (self.word_embeddings + self.position_embeddings + self.layers + self.final_norm
                 + self.output_layer)
+
+    @property
+    def active(self) -> int:
+        """Parameters one token uses: the total less the routed experts it is not sent to."""
+        return self.total - self.inactive
 
     @property
     def non_embedding(self) -> int:
@@ -103,8 +129,8 @@ class ParamCount:
 
     @property
     def flops_params(self) -> int:
-        """Megatron's N for 6N: everything in a matmul, so the LM head (V*h) but no embedding lookup."""
-        return self.non_embedding + self.word_embeddings
+        """Megatron's N for 6N: every active parameter in a matmul, so the LM head (V*h) but no embedding lookup."""
+        return self.non_embedding - self.inactive + self.word_embeddings
 
 
 @dataclass(frozen=True)
@@ -116,31 +142,44 @@ class _LayerShapes:
     fc1: tuple[int, int]
     fc2: tuple[int, int]
     norms: tuple[int, int]
+    experts: tuple[int, int] = (0, 0)  # MoE: the routed experts, whole on every rank (not split by TP or EP)
+    router: tuple[int, int] = (0, 0)  # MoE: router and shared-expert gate
 
     def on_rank(self, tp: int) -> int:
-        return sum(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, self.norms))
+        return sum(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, self.norms, self.experts,
+                                            self.router))
 
     def largest_module(self, tp: int) -> int:
         """Largest single module on one TP rank (what ZeRO-3 gathers at once; a norm is its own module)."""
-        return max(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, (0, self.norms[1] // 2)))
+        return max(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, (0, self.norms[1] // 2),
+                                            self.experts, self.router))
 
 
 def _norm_params(model: ModelConfig) -> int:
     return model.hidden_size * (2 if model.normalization == "LayerNorm" else 1)
 
 
-def _layer_shapes(model: ModelConfig) -> _LayerShapes:
-    h, d, f = model.hidden_size, model.head_dim, model.ffn_size
+def _expert_params(model: ModelConfig) -> int:
+    """One routed expert (no biases)."""
+    return model.hidden_size * model.moe_ffn_size * (3 if model.swiglu else 2)
+
+
+def _layer_shapes(model: ModelConfig, moe: bool = False) -> _LayerShapes:
+    """A dense layer, or with `moe` an MoE layer (its fc1/fc2 are the shared expert's, if any)."""
+    h, d = model.hidden_size, model.head_dim
+    f = (model.moe_shared_expert_intermediate_size or 0) if moe else model.ffn_size
     qkv_out = (model.num_attention_heads + 2 * model.num_kv_heads) * d
-    bias = model.add_bias_linear
+    bias = model.add_bias_linear and f > 0
     fc1_out = f * (2 if model.swiglu else 1)
     return _LayerShapes(
         qkv=(h * qkv_out + (qkv_out if model.qkv_bias else 0), 0),
         # Row-parallel layers shard the weight; their bias is added after the reduce, so replicated.
-        proj=(model.num_attention_heads * d * h, h if bias else 0),
+        proj=(model.num_attention_heads * d * h, h if model.add_bias_linear else 0),
         fc1=(h * fc1_out + (fc1_out if bias else 0), 0),
         fc2=(f * h, h if bias else 0),
         norms=(0, 2 * _norm_params(model)),
+        experts=(0, model.num_experts * _expert_params(model) if moe else 0),
+        router=(0, (model.num_experts * h + (h if model.moe_shared_expert_gate else 0)) if moe else 0),
     )
 
 
@@ -150,6 +189,8 @@ def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
         raise UserError(f"vocab_size={vocab_size} must be >= 1; pass the (padded) vocabulary size")
     h = model.hidden_size
     learned = model.position_embedding_type == "learned_absolute"
+    moe = model.num_experts is not None
+    moe_layer = _layer_shapes(model, moe=True).on_rank(1) if moe else 0
     return ParamCount(
         word_embeddings=vocab_size * h,
         position_embeddings=model.max_position_embeddings * h if learned else 0,
@@ -157,6 +198,11 @@ def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
         num_layers=model.num_layers,
         final_norm=_norm_params(model),
         output_layer=vocab_size * h if model.untie_embeddings_and_output_weights else 0,
+        num_moe_layers=model.num_moe_layers,
+        moe_layer=moe_layer,
+        expert=_expert_params(model) if moe else 0,
+        num_experts=model.num_experts or 0,
+        topk=model.moe_router_topk if moe else 0,
     )
 
 
@@ -262,6 +308,8 @@ def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
     s, b, h, e = setup.seq_length, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
     t = setup.tensor_parallel
     a, d, f = model.num_attention_heads, model.head_dim, model.ffn_size
+    if model.num_experts is not None:  # each token's k experts and the shared one, as one wide MLP
+        f = model.moe_router_topk * model.moe_ffn_size + (model.moe_shared_expert_intermediate_size or 0)
     sbh = s * b * h
     whole = 4 * sbh * e + (2 * sbh if model.hidden_dropout > 0 else 0)
     split = s * b * (a + 2 * model.num_kv_heads) * d * e + s * b * a * d * e
@@ -329,17 +377,19 @@ def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int =
     TiedLayerSpec does); layers are spread evenly."""
     t = tensor_parallel
     for name, n in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", model.num_kv_heads),
-                    ("ffn_hidden_size", model.ffn_size), ("vocab_size", vocab_size)):
+                    ("ffn_hidden_size", model.ffn_size), ("vocab_size", vocab_size),
+                    ("moe_shared_expert_intermediate_size", model.moe_shared_expert_intermediate_size or 0)):
         if n % t:
             raise UserError(f"model.{name}={n} is not divisible by tensor_parallel={t}; "
                             "choose a tensor-parallel size that divides it")
     count = count_parameters(model, vocab_size)
-    shapes = _layer_shapes(model)
     emb_rank = count.word_embeddings // t
-    stages = []
+    stages, start = [], 0
     for i, n_layers in enumerate(_stage_layers(model.num_layers, pipeline_parallel)):
         first, last = i == 0, i == pipeline_parallel - 1
-        params, largest = n_layers * shapes.on_rank(t), shapes.largest_module(t)
+        shapes = [_layer_shapes(model, model.is_moe_layer(j)) for j in range(start, start + n_layers)]
+        start += n_layers
+        params, largest = sum(x.on_rank(t) for x in shapes), max(x.largest_module(t) for x in shapes)
         if first:
             params += emb_rank + count.position_embeddings
             largest = max(largest, emb_rank, count.position_embeddings)

@@ -15,6 +15,7 @@ State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.
     layers.{i}.post_attention_norm.weight / .bias (H,)
     layers.{i}.mlp.fc1.weight / .bias           (F, H), SwiGLU (2F, H) rows [gate; up]   tp: each block dim 0
     layers.{i}.mlp.fc2.weight / .bias           (H, F) / (H,)           tp: weight dim 1
+    layers.{i}.mlp.router.weight, .experts.*    MoE layers instead of fc1/fc2 (megaclm.model.moe)
     final_norm.weight / .bias                   (H,)
     output_layer.weight                         (V, H)                  untied only, tp: dim 0
 Within q/k/v rows, head j occupies rows [j hd, (j+1) hd); query head j attends with key/value head
@@ -29,6 +30,7 @@ from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.attention import AttentionInputs, AttentionMasker, core_attention
+from megaclm.model.moe import MoE
 from megaclm.model.positions import rope_inv_freq
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -137,9 +139,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops):
+    """The dense MLP; `ffn` overrides config.ffn_size (an MoE layer's shared expert)."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, ffn: int | None = None):
         super().__init__()
-        self.ops, self.swiglu, ffn = ops, config.swiglu, config.ffn_size
+        self.ops, self.swiglu, ffn = ops, config.swiglu, ffn or config.ffn_size
         blocks = [ffn, ffn] if config.swiglu else [ffn]  # SwiGLU rows [gate; up], split so each rank has both
         std = config.init_method_std
         self.fc1 = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.add_bias_linear,
@@ -154,21 +158,31 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: h + drop(attn(norm(h))), then + drop(mlp(norm(.))). (B, S, H) -> (B, S, H)."""
+    """Pre-norm block: h + drop(attn(norm(h))), then + drop(mlp(norm(.))).
+    (B, S, H) -> ((B, S, H), router loss ()): the MoE router losses of this layer, 0 for a dense MLP."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig):
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
+                 index: int = 0):
         super().__init__()
         _, _, self.sp = tp_info(pstate)
         self.input_norm = Norm(config, pstate, ops)
         self.attention = Attention(config, pstate, ops, kernels)
         self.post_attention_norm = Norm(config, pstate, ops)
-        self.mlp = MLP(config, pstate, ops)
+        if config.is_moe_layer(index):
+            shared = config.moe_shared_expert_intermediate_size
+            self.mlp = MoE(config, pstate, ops, shared=MLP(config, pstate, ops, ffn=shared) if shared else None)
+        else:
+            self.mlp = MLP(config, pstate, ops)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, h, position_ids, inputs: AttentionInputs = AttentionInputs()):  # default: plain causal
         a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, inputs), self.sp)
         x, h = self.post_attention_norm(a, residual=h)
-        return h + sp_dropout(self.dropout, self.mlp(x), self.sp)
+        if isinstance(self.mlp, MoE):
+            y, router_loss = self.mlp(x)
+        else:
+            y, router_loss = self.mlp(x), h.new_zeros((), dtype=torch.float32)
+        return h + sp_dropout(self.dropout, y, self.sp), router_loss
 
 
 def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState | None) -> torch.Tensor:
@@ -180,6 +194,11 @@ class GPTModel(nn.Module):
     """forward(input_ids (B, T) int64, position_ids (B, T) | None, document_ids (B, T) int | None,
     labels (B, T) | None) -> logits (B, T, V/tp), or with labels the per-token fp32 loss (B, T).
     document_ids: tokens of a sample attend only within their document (megaclm.model.attention).
+    Mixture of Experts, in training: the router losses of all MoE layers (a scalar, coefficient-weighted)
+    are added to every token's loss, so any token-weighted mean of it is the LM loss + the router losses
+    and their gradient flows through it (also through recomputed layers). `moe_stats` holds the last
+    forward's values, detached: router_loss (what was added) and the unweighted moe_aux_loss /
+    moe_z_loss averaged over the MoE layers.
 
     `padded_vocab_size` must divide by the tensor-parallel size (config.derived.pad_vocab_size gives it).
     """
@@ -197,8 +216,9 @@ class GPTModel(nn.Module):
         self.ops = ops
         self.masker = AttentionMasker(config, tp, pstate.tp_rank if pstate else 0)
         self.embedding = Embedding(config, padded_vocab_size, pstate)
-        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels)
-                                    for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels, index=i)
+                                    for i in range(config.num_layers))
+        self.moe_stats: dict[str, torch.Tensor] = {}
         self.final_norm = Norm(config, pstate, ops)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights:
@@ -224,21 +244,34 @@ class GPTModel(nn.Module):
         inputs = self.masker(position_ids, document_ids, h.dtype,
                              self.config.attention_dropout if self.training else 0.0,
                              allow_varlen=self.kernels.attention_backend != "unfused")  # shared by all layers
-        h = self._run_layers(h, position_ids, inputs)
+        h, router_loss = self._run_layers(h, position_ids, inputs)
+        if self.config.num_experts is not None:
+            self._record_moe_stats(router_loss)
         h = self.final_norm(h)
         if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
-            return self.ops.linear_cross_entropy(h, self.output_weight, labels, self.kernels.cross_entropy_chunk_size)
-        logits = output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
-        if labels is None:
-            return logits
-        return vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
+            losses = self.ops.linear_cross_entropy(h, self.output_weight, labels,
+                                                   self.kernels.cross_entropy_chunk_size)
+        else:
+            logits = output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
+            if labels is None:
+                return logits
+            losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
+        return losses + router_loss if self.training and self.config.num_experts is not None else losses
+
+    def _record_moe_stats(self, router_loss: torch.Tensor) -> None:
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        self.moe_stats = {"router_loss": router_loss.detach(),
+                          **{k: sum(m.stats[k] for m in moe) / len(moe) for k in ("moe_aux_loss", "moe_z_loss")}}
 
     def _run_layers(self, h, position_ids, inputs):
+        """-> (hidden (B, S, H), summed router loss ())."""
         c = self.config
+        router_loss = h.new_zeros((), dtype=torch.float32)
         if not (c.recompute_full and torch.is_grad_enabled()):
             for layer in self.layers:
-                h = layer(h, position_ids, inputs)
-            return h
+                h, loss = layer(h, position_ids, inputs)
+                router_loss = router_loss + loss
+            return h, router_loss
         # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
         # uniform: chunks of k layers; block: the first k layers one by one, the others stored whole.
         k = c.recompute_num_layers
@@ -246,11 +279,14 @@ class GPTModel(nn.Module):
                   else [self.layers[i:i + 1] for i in range(len(self.layers))])
         for n, chunk in enumerate(chunks):
 
-            def run(x, pos, chunk=chunk):
+            def run(x, pos, chunk=chunk):  # the router loss is an output, so its gradient reaches the recompute
+                total = x.new_zeros((), dtype=torch.float32)
                 for layer in chunk:
-                    x = layer(x, pos, inputs)
-                return x
+                    x, loss = layer(x, pos, inputs)
+                    total = total + loss
+                return x, total
 
             recompute = c.recompute_method == "uniform" or n < k
-            h = deepspeed.checkpointing.checkpoint(run, h, position_ids) if recompute else run(h, position_ids)
-        return h
+            h, loss = deepspeed.checkpointing.checkpoint(run, h, position_ids) if recompute else run(h, position_ids)
+            router_loss = router_loss + loss
+        return h, router_loss

@@ -70,10 +70,10 @@ class TransformerLayerPipe(TransformerLayer):
                            self.config.attention_dropout if self.training else 0.0,
                            allow_varlen=self.kernels.attention_backend != "unfused")
         if self.recompute_self and torch.is_grad_enabled():
-            h = deepspeed.checkpointing.checkpoint(lambda x, pos: TransformerLayer.forward(self, x, pos, attn),
+            h = deepspeed.checkpointing.checkpoint(lambda x, pos: TransformerLayer.forward(self, x, pos, attn)[0],
                                                    h, position_ids)
         else:
-            h = super().forward(h, position_ids, attn)
+            h, _ = super().forward(h, position_ids, attn)  # dense layers only: MoE is refused with pp > 1
         return (h, position_ids, *document_ids)
 
 

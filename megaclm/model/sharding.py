@@ -4,7 +4,8 @@
 `rank` loads with `load_state_dict`; `unshard_state_dicts([shard_0, ..., shard_tp-1], config)` is its
 inverse. The rule for each key (see megaclm.model.gpt's docstring) is matched on the key's suffix, so
 the same functions work on the keys of one pipeline stage (megaclm.model.pipe). Replicated tensors
-(norms, row-parallel biases, position embeddings) are copied; unshard takes rank 0's copy.
+(norms, row-parallel biases, position embeddings, MoE routers and routed experts) are copied; unshard
+takes rank 0's copy. An MoE layer's shared expert is split like the dense MLP.
 """
 from typing import Mapping, Sequence
 
@@ -23,7 +24,9 @@ def tp_partition(key: str, config: ModelConfig, shape: torch.Size) -> tuple[int,
         return 0, [config.num_attention_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
     if key.endswith(("mlp.fc1.weight", "mlp.fc1.bias")):
         return 0, [config.ffn_size] * (2 if config.swiglu else 1)
-    if key.endswith(("attention.proj.weight", "mlp.fc2.weight")):
+    if key.endswith(("mlp.shared.fc1.weight", "mlp.shared.fc1.bias")):  # an MoE layer's shared expert
+        return 0, [config.moe_shared_expert_intermediate_size] * (2 if config.swiglu else 1)
+    if key.endswith(("attention.proj.weight", "mlp.fc2.weight", "mlp.shared.fc2.weight")):
         return 1, [shape[1]]
     return None
 

@@ -10,6 +10,7 @@ sequence-parallel ("SP") split on dim 1. Every function is the identity when the
     scatter_to_sp       fwd: keep my seq chunk        bwd: all-gather seq
     gather_from_sp      fwd: all-gather seq           bwd: reduce-scatter seq (grad_is_partial) or keep my chunk
     reduce_scatter_to_sp fwd: reduce-scatter seq      bwd: all-gather seq
+    all_to_all          fwd: rows to their ranks      bwd: the rows back (splits swapped)   (any group: EP)
 """
 import torch
 import torch.distributed as dist
@@ -154,3 +155,22 @@ def gather_from_sp(x: torch.Tensor, group, grad_is_partial: bool = True) -> torc
 
 def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
     return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, output_splits, input_splits):
+        ctx.group, ctx.splits = group, (output_splits, input_splits)
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(g, ctx.group, input_splits, output_splits), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+    """Rows [sum(input_splits[:r]), +input_splits[r]) of x go to rank r; rank r's rows for me arrive in rank order."""
+    return x if _size(group) == 1 else _AllToAll.apply(x, group, output_splits, input_splits)

@@ -9,6 +9,10 @@ DeepSpeed's pipeline stages agree on every rank:
 e.g. world 8, tp 2, pp 2 (dp 2): tp groups [0,1] [2,3] [4,5] [6,7]; dp groups [0,2] [1,3] [4,6] [5,7];
 pipelines [0,4] [1,5] [2,6] [3,7]; model-parallel (one replica: tp x pp) groups [0,1,4,5] [2,3,6,7].
 
+Expert parallelism (EP, Mixture of Experts) splits each data-parallel group into consecutive blocks of
+`ep` ranks that exchange tokens by all-to-all: ep_rank = dp_rank % ep. e.g. world 8, tp 2, ep 2 (dp 4):
+dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7].
+
 A `ParallelState` computes all of that without processes; `init_process_groups()` then creates the
 torch.distributed groups (every rank must call it, in the same order). The `get_*` methods are
 DeepSpeed's `mpu` protocol (deepspeed.initialize(mpu=...)); "model parallel" there means one replica's
@@ -23,8 +27,8 @@ from megaclm.utils.errors import UserError
 
 class ParallelState:
     def __init__(self, world_size: int, rank: int, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 sequence_parallel: bool = False):
-        tp, pp = tensor_parallel_size, pipeline_parallel_size
+                 sequence_parallel: bool = False, expert_parallel_size: int = 1):
+        tp, pp, ep = tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
         if tp < 1 or pp < 1:
             raise UserError(f"parallel.tensor_model_parallel_size={tp} and parallel.pipeline_model_parallel_size={pp} "
                             "must be >= 1")
@@ -44,6 +48,11 @@ class ParallelState:
         self.dp_group_ranks = self._my_list("data")
         self.pp_group_ranks = self._my_list("pipe")
         self.model_parallel_group_ranks = sorted(self.topology.filter_match(data=self.dp_rank))
+        if ep < 1 or self.dp_size % ep:
+            raise UserError(f"parallel.expert_model_parallel_size={ep} must be >= 1 and divide the data-parallel "
+                            f"size {self.dp_size}")
+        self.ep_size, self.ep_rank = ep, self.dp_rank % ep
+        self.ep_group_ranks = self._ep_lists(self.dp_group_ranks)[self.dp_rank // ep]
         self._groups: dict[str, object] | None = None
 
     def __deepcopy__(self, memo):
@@ -52,7 +61,7 @@ class ParallelState:
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int) -> "ParallelState":
         return cls(world_size, rank, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                   parallel.sequence_parallel)
+                   parallel.sequence_parallel, parallel.expert_model_parallel_size)
 
     @classmethod
     def from_env(cls, parallel: ParallelConfig) -> "ParallelState":
@@ -60,6 +69,9 @@ class ParallelState:
         state = cls.from_config(parallel, dist.get_world_size(), dist.get_rank())
         state.init_process_groups()
         return state
+
+    def _ep_lists(self, dp_ranks: list[int]) -> list[list[int]]:
+        return [dp_ranks[i:i + self.ep_size] for i in range(0, len(dp_ranks), self.ep_size)]
 
     def _my_list(self, axis: str) -> list[int]:
         return next(ranks for ranks in self.topology.get_axis_comm_lists(axis) if self.rank in ranks)
@@ -74,11 +86,12 @@ class ParallelState:
 
     def __repr__(self):
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
-                f"dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/{self.pp_size}, sp={self.sequence_parallel})")
+                f"dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/{self.pp_size}, ep={self.ep_rank}/{self.ep_size}, "
+                f"sp={self.sequence_parallel})")
 
     # ---- process groups -------------------------------------------------------------------------------------
     def init_process_groups(self) -> None:
-        """Create every tp/dp/pp/model-parallel group. Collective over the world: all ranks call it in order."""
+        """Create every tp/dp/pp/ep/model-parallel group. Collective over the world: all ranks call it in order."""
         if self._groups is not None:
             return
         if not dist.is_initialized():
@@ -90,6 +103,7 @@ class ParallelState:
         lists = {"tp": self.topology.get_axis_comm_lists("model"), "dp": self.topology.get_axis_comm_lists("data"),
                  "pp": self.topology.get_axis_comm_lists("pipe"),
                  "mp": [sorted(self.topology.filter_match(data=d)) for d in range(self.dp_size)]}
+        lists["ep"] = [ranks for dp in lists["dp"] for ranks in self._ep_lists(dp)]
         for name, all_ranks in lists.items():
             for ranks in all_ranks:
                 group = dist.new_group(ranks=ranks)
@@ -113,6 +127,10 @@ class ParallelState:
     @property
     def pp_group(self):
         return self._group("pp")
+
+    @property
+    def ep_group(self):
+        return self._group("ep")
 
     # ---- DeepSpeed mpu protocol -------------------------------------------------------------------------------
     def get_tensor_model_parallel_rank(self) -> int:

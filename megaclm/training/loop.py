@@ -33,9 +33,13 @@ log = get_logger("megaclm.train")
 
 
 
+MOE_STATS = ("router_loss", "moe_aux_loss", "moe_z_loss")  # GPTModel.moe_stats
+
+
 def _new_window() -> dict:
     """Sums over the steps since the last log line."""
-    return {"loss": [], "time": 0.0, "tokens": 0, "flops": 0.0, "steps": 0}
+    return {"loss": [], "time": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "moe": []}
+
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
@@ -102,6 +106,8 @@ class Trainer:
         self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
         self.inject_nan = {int(x) for x in os.environ.get("MEGACLM_TEST_NAN_ITERS", "").split(",") if x}
+        self.moe = cfg.model.num_experts is not None
+        self.last_moe: list[float] | None = None  # the last step's MOE_STATS, data-parallel mean
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -118,12 +124,12 @@ class Trainer:
         mask = batch["loss_mask"]
         return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def _dp_mean(self, value: torch.Tensor) -> float:
+    def _dp_mean(self, value: torch.Tensor) -> float | list[float]:
         value = value.detach().float().clone()
         if self.pstate.dp_size > 1:
             dist.all_reduce(value, group=self.pstate.dp_group)
             value /= self.pstate.dp_size
-        return value.item()
+        return value.item() if value.dim() == 0 else value.tolist()
 
     def train_step(self, seq_length: int) -> float:
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
@@ -134,6 +140,7 @@ class Trainer:
             self._pipe_shape(seq_length)
             return self.engine.train_batch(data_iter=micro).item()  # averaged over micro and dp by DeepSpeed
         total = torch.zeros((), dtype=torch.float32, device=self.device)
+        moe = torch.zeros(len(MOE_STATS), dtype=torch.float32, device=self.device)
         for _ in range(self.derived.grad_accum_steps):
             loss = self._micro_loss(next(micro))
             if nan:
@@ -141,7 +148,13 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        return self._dp_mean(total / self.derived.grad_accum_steps)
+            if self.moe:  # what the router losses added to this micro-batch's loss, and their raw values
+                moe += torch.stack([self.engine.module.moe_stats[k].float() for k in MOE_STATS]).to(moe.device)
+        if not self.moe:
+            return self._dp_mean(total / self.derived.grad_accum_steps)
+        # One all-reduce for the loss and the router statistics; the logged loss is the LM loss alone.
+        loss, *self.last_moe = self._dp_mean(torch.cat([total[None], moe]) / self.derived.grad_accum_steps)
+        return loss - self.last_moe[0]
 
     def _pipe_shape(self, seq_length: int) -> None:
         """The pipeline engine reuses its p2p buffers: tell it when a curriculum changes the length."""
@@ -255,6 +268,8 @@ class Trainer:
                 # FLOPs per step at the step's own length: exact across the seqlen warmup.
                 window["flops"] += step_tokens * self.flops_per_token(seq)
                 window["steps"] += 1
+                if self.last_moe is not None and math.isfinite(loss):
+                    window["moe"].append(self.last_moe)
                 self.metrics.step(loss if math.isfinite(loss) else None)
                 if p.iteration % lg.log_interval == 0 or p.iteration == 1:  # iteration 1 shows the starting loss
                     self._log(lr, window)
@@ -290,4 +305,6 @@ class Trainer:
             "grad_norm": _to_float(self.engine.get_global_grad_norm()), "loss_scale": _loss_scale(self.engine),
             "tokens_per_sec": tokens_per_sec, "tflops": tflops, "mfu": mfu,
             "step_time": window["time"] / max(window["steps"], 1), "memory_gb": memory_gb(), "skipped_steps": p.skipped_steps,
+            **({k: sum(m[i] for m in window["moe"]) / len(window["moe"]) for i, k in enumerate(MOE_STATS)}
+               if window["moe"] else {}),
         })

@@ -6,6 +6,10 @@ Only the writer rank (first rank of the last pipeline stage, where the loss is) 
     {"iteration", "consumed_samples", "consumed_tokens", "loss", "lr", "grad_norm", "loss_scale",
      "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps"}
 
+plus, for Mixture-of-Experts models, "router_loss" (what the router losses added to the training loss;
+"loss" is the LM loss without it), "moe_aux_loss" and "moe_z_loss" (unweighted, averaged over the MoE
+layers: the load-balancing loss is 1 when routing is perfectly balanced).
+
 and after each evaluation {"iteration", "val_loss", "val_ppl"} (or "test_loss", "test_ppl"). tflops is
 model FLOP/s per device (6N + 12 L d T per token, megaclm.model.flops; no recompute counted), mfu
 = tflops / --peak-tflops (default by detected GPU; null on CPU unless given).
@@ -124,7 +128,8 @@ class MetricsLogger:
             f"loss scale {_fmt(r['loss_scale'], '.0f')} | tok/s {_fmt(r['tokens_per_sec'], '.0f')} | "
             f"TFLOP/s/dev {_fmt(r['tflops'], '.2f')} | MFU {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}% | "
             f"step {_fmt(r['step_time'], '.3f')}s | mem {_fmt(r['memory_gb'], '.2f')}GB"
-            + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else ""))
+            + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
+            + (f" | moe aux {r['moe_aux_loss']:.4f} z {r['moe_z_loss']:.4f}" if "moe_aux_loss" in r else ""))
 
     def evaluation(self, iteration: int, split: str, loss: float) -> None:
         if not self.writer:

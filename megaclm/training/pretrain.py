@@ -65,7 +65,16 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
     memory = estimate_memory(cfg.model, model_vocab, setup)
     lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
-    lines += [f"model_vocab_size: {model_vocab}", f"parameters: {params.total:,}",
+    lines += [f"model_vocab_size: {model_vocab}", f"parameters: {params.total:,}"]
+    m = cfg.model
+    if m.num_experts is not None:
+        lines += [f"moe: {m.num_moe_layers} of {m.num_layers} layers, {m.num_experts} experts of {m.moe_ffn_size}, "
+                  f"top-{m.moe_router_topk} ({'softmax then top-k' if m.moe_router_pre_softmax else 'top-k then softmax'}"
+                  f"), capacity {m.moe_expert_capacity_factor or 'dropless'}, shared expert "
+                  f"{m.moe_shared_expert_intermediate_size or 'none'}, aux loss {m.moe_aux_loss_coeff}, z-loss "
+                  f"{m.moe_z_loss_coeff}, expert parallel {cfg.parallel.expert_model_parallel_size}",
+                  f"expert_parameters: {params.experts:,}", f"active_parameters_per_token: {params.active:,}"]
+    lines += [
               f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
               "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
@@ -117,7 +126,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         log.info(f"world {pstate.world_size} = tp {pstate.tp_size} x pp {pstate.pp_size} x dp {pstate.dp_size}; "
                  f"global batch {derived.global_batch_size} = micro {derived.micro_batch_size} x dp x "
                  f"{derived.grad_accum_steps} accumulation steps; vocab {tokenizer.vocab_size} -> {model_vocab} "
-                 f"({vocab_source}); {count_parameters(cfg.model, model_vocab).total:,} parameters")
+                 f"({vocab_source}); {count_parameters(cfg.model, model_vocab).total:,} parameters"
+                 + (f", ep {pstate.ep_size}" if cfg.model.num_experts is not None else ""))
     model = build_model(cfg, model_vocab, pstate, ds_config)
     engine = build_engine(cfg, model, pstate, ds_config)
     progress, state = Progress(), None

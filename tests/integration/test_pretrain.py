@@ -5,8 +5,10 @@ One launch per configuration, shared by every assertion about it (module fixture
   zero1   ZeRO-1 bf16; SIGUSR1 to one rank mid-run -> both save at the same iteration, exit status 0
   zero2   ZeRO-2; --save-total-limit 2 + --save-best; --exit-interval stops early with a save
   zero3   ZeRO-3 with stage3_param_persistence_threshold 0 (every parameter partitioned)
-  tp2/pp2 TP=2 / PP=2: an uninterrupted run; a run killed with SIGKILL while saving its second
-          checkpoint (MEGACLM_TEST_SAVE_PAUSE_S holds the save open); its resume from the previous
+  tp2/pp2/moe_ep2
+          TP=2 / PP=2 / a MoE model (4 experts, top-2, dropless) at expert parallel 2: an
+          uninterrupted run; a run killed with SIGKILL while saving its second checkpoint
+          (MEGACLM_TEST_SAVE_PAUSE_S holds the save open); its resume from the previous
           checkpoint, whose losses must equal the uninterrupted run's bit for bit. The PP=2 runs
           also blend two datasets with a data-mixing schedule and warm the sequence length up.
 Every run's loss must fall; the fp32 weights rebuilt from each layout's checkpoint
@@ -306,11 +308,17 @@ CURRICULUM = ["--curriculum-seqlen-start", "32", "--curriculum-seqlen-steps", "6
               "0:0.8,0.2", "3000:0.3,0.7"]
 
 
-@pytest.fixture(scope="module", params=["tp2", "pp2"])
+# MoE: both ranks are one expert-parallel group, each runs 2 of the 4 experts on tokens of both ranks.
+MOE_EP2 = ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
+           "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001"]
+
+
+@pytest.fixture(scope="module", params=["tp2", "pp2", "moe_ep2"])
 def layout(request, corpus, corpus_pair, tmp_path_factory):
     extra = {"tp2": ["--tensor-model-parallel-size", "2"],
              "pp2": ["--pipeline-model-parallel-size", "2", "--data-path", "0.5", corpus_pair[0], "0.5",
-                     corpus_pair[1], *CURRICULUM]}[request.param]
+                     corpus_pair[1], *CURRICULUM],
+             "moe_ep2": MOE_EP2}[request.param]
     extra = extra + ["--zero-stage", "1", "--train-iters", "12", "--save-interval", "3"]
     root = tmp_path_factory.mktemp(request.param)
     uninterrupted = run(corpus, root / "a", extra)
@@ -338,6 +346,12 @@ def test_resume_after_kill_is_bit_identical(layout):
     for it in range(4, 13):
         assert resumed_losses[it] == full[it], (name, it, resumed_losses[it], full[it])
     assert_learns(uninterrupted.save)
+    if name == "moe_ep2":  # the router losses (part of the training loss) resume exactly as well
+        full_router, resumed_router = ({r["iteration"]: (r["router_loss"], r["moe_aux_loss"], r["moe_z_loss"])
+                                        for r in records(save) if "loss" in r}
+                                       for save in (uninterrupted.save, resumed.save))
+        assert all(resumed_router[it] == full_router[it] for it in range(4, 13))
+        assert full_router[1][1] == pytest.approx(1.0, abs=0.1)  # 4 experts, balanced at init
 
 
 def test_consumed_tokens_follow_the_sequence_length_schedule(layout):

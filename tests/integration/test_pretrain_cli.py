@@ -109,3 +109,24 @@ def test_llama_script_and_yaml_twin_agree(prefix, tmp_path):
     assert yml.returncode == 0, yml.stderr
     assert _resolved(sh.stdout) == _resolved(yml.stdout)
     assert "data_parallel_size: 8" in sh.stdout and "grad_accum_steps: 128" in sh.stdout
+
+
+def test_validate_only_says_what_moe_does(prefix):
+    """MoE flags (with Megatron-DeepSpeed aliases) resolve; the summary counts experts and active parameters."""
+    r = cli(good(prefix) + ["--validate-only", "--world-size", "2", "--num-experts", "4", "--topk", "2",
+                            "--moe-expert-parallel-size", "2", "--moe-loss-coeff", "0.01", "--mlp-type", "standard"])
+    assert r.returncode == 0, r.stderr
+    tree = _resolved(r.stdout)
+    assert tree["model"]["num_experts"] == 4 and tree["model"]["moe_router_topk"] == 2
+    assert tree["parallel"]["expert_model_parallel_size"] == 2 and tree["model"]["moe_aux_loss_coeff"] == 0.01
+    assert "top-2 (top-k then softmax), capacity dropless" in r.stdout and "expert parallel 2" in r.stdout
+    total = int(r.stdout.split("\nparameters: ")[1].split("\n")[0].replace(",", ""))
+    active = int(r.stdout.split("active_parameters_per_token: ")[1].split("\n")[0].replace(",", ""))
+    experts = int(r.stdout.split("expert_parameters: ")[1].split("\n")[0].replace(",", ""))
+    assert total - active == experts // 2  # top-2 of 4 experts
+    for bad, message in ((["--expert-model-parallel-size", "4"], "does not divide the data-parallel size 2"),
+                         (["--mlp-type", "residual"], "--mlp-type residual is not supported"),
+                         (["--pipeline-model-parallel-size", "2"], "cannot be pipelined")):
+        r = cli(good(prefix) + ["--validate-only", "--world-size", "2", "--num-experts", "4", *bad])
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -9,6 +9,8 @@ Families and what each exercises in the converter:
     llama    RoPE with Llama-3 scaling, RMSNorm, SwiGLU, grouped-query attention, untied embeddings
     mistral  as llama, default RoPE, a 16-token sliding window (shorter than the test sequences)
     qwen2    as llama, qkv bias, tied embeddings
+    mixtral  as mistral without a window, 4 experts, top-2 (renormalised)
+    qwen2_moe as qwen2 untied, 4 experts of 48, top-2 of the softmax (not renormalised), a gated shared expert
 """
 import argparse
 import json
@@ -22,7 +24,7 @@ sys.path.insert(0, REPO)
 
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 EOD = "<|endoftext|>"
 
 
@@ -46,6 +48,15 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
     if family == "qwen2":
         return dict(common, model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=False)
+    if family == "mixtral":
+        return dict(common, model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4,
+                    num_experts_per_tok=2, router_aux_loss_coef=0.02, sliding_window=None, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if family == "qwen2_moe":
+        return dict(common, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=hidden * 2,
+                    norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False, use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     raise UserError(f"--family {family!r} is not one of {', '.join(FAMILIES)}")
 
 

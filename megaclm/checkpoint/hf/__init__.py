@@ -5,7 +5,8 @@
 
 `sd` is GPTModel's full (unsharded) state dict (keys: megaclm.model.gpt). from_hf returns the HF
 vocabulary unpadded; `pad_vocab(sd, padded)` adds Megatron's padding rows and to_hf drops rows beyond
-`vocab_size`. Families: gpt2 (GPT2LMHeadModel), llama, mistral, qwen2 ({Llama,Mistral,Qwen2}ForCausalLM).
+`vocab_size`. Families: gpt2 (GPT2LMHeadModel), llama, mistral, qwen2 ({Llama,Mistral,Qwen2}ForCausalLM), and
+the Mixture-of-Experts mixtral, qwen2_moe ({Mixtral,Qwen2Moe}ForCausalLM).
 Anything the converter does not map (an activation, a RoPE scaling, an extra tensor) is a UserError.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from megaclm.checkpoint.hf.common import Config, config_dict, pad_vocab, unpad_v
 from megaclm.config.model import ModelConfig
 from megaclm.utils.errors import UserError
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 _BY_ARCHITECTURE = {"GPT2LMHeadModel": "gpt2", **{arch: fam for fam, arch in llama.ARCHITECTURES.items()}}
 
 

@@ -1,12 +1,24 @@
-"""Llama, Mistral and Qwen2 (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`) <-> megaclm.
+"""Llama, Mistral, Qwen2 and their MoE siblings Mixtral, Qwen2-MoE (`{Llama,Mistral,Qwen2,Mixtral,Qwen2Moe}ForCausalLM`)
+<-> megaclm.
 
 The three share one architecture in transformers: RMSNorm, SwiGLU, RoPE in the rotate-half layout (as
 megaclm's), separate q/k/v projections, grouped-query attention. They differ in config only:
     llama    optional biases on q/k/v/o (`attention_bias`) and the MLP (`mlp_bias`); Llama-3 RoPE scaling
     mistral  no biases; a sliding attention window (`sliding_window`)
     qwen2    bias on q/k/v only; sliding window only with `use_sliding_window` (on layers >= max_window_layers)
+    mixtral    mistral's attention; every MLP is `num_local_experts` experts, top-k renormalised (= megaclm's
+               default top-k-then-softmax); its sliding window as mistral's
+    qwen2_moe  qwen2's attention; experts of `moe_intermediate_size`, top-k of the softmax renormalised only
+               with `norm_topk_prob` (else megaclm's --moe-router-pre-softmax), a shared expert with a
+               sigmoid gate; dense layers only via decoder_sparse_step/mlp_only_layers (refused)
 megaclm fuses q/k/v into `attention.qkv` as [q heads; k heads; v heads] and gate/up into `mlp.fc1` as
-[gate; up], so conversion is concatenation and splitting, no permutation.
+[gate; up], so conversion is concatenation and splitting, no permutation. transformers 5 stores the
+experts fused in memory as megaclm does (`mlp.experts.gate_up_proj` (E, 2F, H) rows [gate; up],
+`mlp.experts.down_proj` (E, H, F)), but the published files (and save_pretrained) keep one tensor per
+expert: mixtral `block_sparse_moe.experts.{j}.w1/w3/w2` (gate/up/down) and `block_sparse_moe.gate`,
+qwen2_moe `mlp.experts.{j}.gate_proj/up_proj/down_proj` and `mlp.gate`. Import reads either; export
+writes the per-expert files. The router aux-loss
+coefficient is carried over as is (HF averages one loss over all layers, megaclm adds one per layer).
 """
 from __future__ import annotations
 
@@ -18,22 +30,27 @@ from megaclm.checkpoint.hf.common import Config, Keys, rope_parameters
 from megaclm.config.model import ModelConfig
 from megaclm.utils.errors import UserError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
 # Defaults of each transformers config class, for keys an older config.json may lack.
 DEFAULTS = {
     "llama": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False),
     "mistral": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096 * 32,
                     tie_word_embeddings=False),
     "qwen2": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096 * 32, tie_word_embeddings=False),
+    "qwen2_moe": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
+                      tie_word_embeddings=False),
 }
 IGNORED = (r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"(model\.)?rotary_emb\.inv_freq")
 
 
 def _window(c: Config) -> int | None:
     """The sliding window megaclm applies to every layer, or None for full causal attention."""
-    if c.model_type == "mistral":
+    if c.model_type in ("mistral", "mixtral"):
         return c.get("sliding_window")
-    if c.model_type == "qwen2" and c.get("use_sliding_window", False) and c.get("sliding_window") is not None:
+    if c.model_type in ("qwen2", "qwen2_moe") and c.get("use_sliding_window", False) and c.get("sliding_window") is not None:
         first = c.get("max_window_layers", 28)
         if first <= 0:
             return c.get("sliding_window")
@@ -59,7 +76,7 @@ def config_from_hf(c: Config) -> ModelConfig:
                             "megaclm has biases on all linear layers or none (plus an optional qkv bias)")
         bias_linear, qkv_bias = attention_bias, False
     else:
-        bias_linear, qkv_bias = False, c.model_type == "qwen2"
+        bias_linear, qkv_bias = False, c.model_type in ("qwen2", "qwen2_moe")
     hidden, heads = c.need("hidden_size"), c.need("num_attention_heads")
     head_dim = c.get("head_dim", hidden // heads)
     max_pos = c.get("max_position_embeddings", d["max_position_embeddings"])
@@ -78,7 +95,28 @@ def config_from_hf(c: Config) -> ModelConfig:
         swiglu=True, add_bias_linear=bias_linear, add_qkv_bias=qkv_bias,
         untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", d["tie_word_embeddings"]),
         hidden_dropout=0.0, attention_dropout=c.get("attention_dropout", 0.0),
-        init_method_std=c.get("initializer_range", 0.02))
+        init_method_std=c.get("initializer_range", 0.02), **_moe_config_from_hf(c))
+
+
+def _moe_config_from_hf(c: Config) -> dict:
+    """The ModelConfig MoE fields of a mixtral / qwen2_moe config ({} for the dense families)."""
+    if c.model_type == "mixtral":
+        if c.get("router_jitter_noise", 0.0):
+            raise UserError("config.json: mixtral with router_jitter_noise != 0 is not supported (megaclm's router "
+                            "adds no noise)")
+        return dict(num_experts=c.need("num_local_experts"), moe_router_topk=c.get("num_experts_per_tok", 2),
+                    moe_aux_loss_coeff=c.get("router_aux_loss_coef", 0.0))
+    if c.model_type == "qwen2_moe":
+        if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers", []):
+            raise UserError("config.json: qwen2_moe with decoder_sparse_step != 1 or mlp_only_layers mixes dense "
+                            "and MoE layers differently from megaclm's --moe-layer-freq (layers 0, N, 2N, ...)")
+        shared = c.get("shared_expert_intermediate_size", 0) or None
+        return dict(num_experts=c.need("num_experts"), moe_router_topk=c.get("num_experts_per_tok", 4),
+                    moe_ffn_hidden_size=c.need("moe_intermediate_size"),
+                    moe_router_pre_softmax=not c.get("norm_topk_prob", False),
+                    moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=shared is not None,
+                    moe_aux_loss_coeff=c.get("router_aux_loss_coef", 0.0))
+    return {}
 
 
 def from_hf(state_dict: Mapping[str, torch.Tensor], c: Config) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -102,9 +140,12 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], c: Config) -> tuple[ModelCon
                                                        keys.take(a + "v_proj.bias", (kv_rows,))])
         out[m + "attention.proj.weight"] = keys.take(a + "o_proj.weight", (H, q_rows))
         f = h + "mlp."
-        out[m + "mlp.fc1.weight"] = torch.cat([keys.take(f + "gate_proj.weight", (F, H)),
-                                               keys.take(f + "up_proj.weight", (F, H))])
-        out[m + "mlp.fc2.weight"] = keys.take(f + "down_proj.weight", (H, F))
+        if mc.is_moe_layer(i):
+            out.update(_moe_from_hf(keys, h, m + "mlp.", mc))
+        else:
+            out[m + "mlp.fc1.weight"] = torch.cat([keys.take(f + "gate_proj.weight", (F, H)),
+                                                   keys.take(f + "up_proj.weight", (F, H))])
+            out[m + "mlp.fc2.weight"] = keys.take(f + "down_proj.weight", (H, F))
         if mc.add_bias_linear:
             out[m + "attention.proj.bias"] = keys.take(a + "o_proj.bias", (H,))
             out[m + "mlp.fc1.bias"] = torch.cat([keys.take(f + "gate_proj.bias", (F,)),
@@ -120,10 +161,61 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], c: Config) -> tuple[ModelCon
     return mc, out
 
 
+# Per-expert names of the published checkpoints (what save_pretrained writes): (block, gate, up, down).
+_EXPERT_NAMES = {"mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
+                 "qwen2_moe": ("mlp.", "gate_proj", "up_proj", "down_proj")}
+
+
+def _moe_from_hf(keys: Keys, layer: str, m: str, mc: ModelConfig) -> dict[str, torch.Tensor]:
+    """One MoE layer's HF tensors (under `layer`) as megaclm's (prefix m). Reads either the published per-expert
+    files or transformers 5's in-memory fused `mlp.experts.gate_up_proj` / `down_proj`."""
+    E, H, Fe = mc.num_experts, mc.hidden_size, mc.moe_ffn_size
+    block, gate, up, down = _EXPERT_NAMES[keys.model_type]
+    if keys.has(layer + "mlp.experts.gate_up_proj"):
+        block = "mlp."
+        fc1 = keys.take(layer + "mlp.experts.gate_up_proj", (E, 2 * Fe, H))
+        fc2 = keys.take(layer + "mlp.experts.down_proj", (E, H, Fe))
+    else:
+        e = layer + block + "experts."
+        fc1 = torch.stack([torch.cat([keys.take(f"{e}{j}.{gate}.weight", (Fe, H)),
+                                      keys.take(f"{e}{j}.{up}.weight", (Fe, H))]) for j in range(E)])
+        fc2 = torch.stack([keys.take(f"{e}{j}.{down}.weight", (H, Fe)) for j in range(E)])
+    f = layer + block
+    out = {m + "router.weight": keys.take(f + "gate.weight", (E, H)), m + "experts.fc1": fc1, m + "experts.fc2": fc2}
+    if mc.moe_shared_expert_intermediate_size:
+        S = mc.moe_shared_expert_intermediate_size
+        out[m + "shared.fc1.weight"] = torch.cat([keys.take(f + "shared_expert.gate_proj.weight", (S, H)),
+                                                  keys.take(f + "shared_expert.up_proj.weight", (S, H))])
+        out[m + "shared.fc2.weight"] = keys.take(f + "shared_expert.down_proj.weight", (H, S))
+        out[m + "shared_gate.weight"] = keys.take(f + "shared_expert_gate.weight", (1, H))
+    return out
+
+
+def _moe_to_hf(sd: Mapping[str, torch.Tensor], m: str, layer: str, mc: ModelConfig,
+               family: str) -> dict[str, torch.Tensor]:
+    """One MoE layer in the published per-expert layout (transformers fuses it again on load)."""
+    block, gate, up, down = _EXPERT_NAMES[family]
+    f = layer + block
+    out = {f + "gate.weight": sd[m + "router.weight"]}
+    for j in range(mc.num_experts):
+        g, u = sd[m + "experts.fc1"][j].chunk(2)
+        out.update({f"{f}experts.{j}.{gate}.weight": g, f"{f}experts.{j}.{up}.weight": u,
+                    f"{f}experts.{j}.{down}.weight": sd[m + "experts.fc2"][j]})
+    if mc.moe_shared_expert_intermediate_size:
+        g, u = sd[m + "shared.fc1.weight"].chunk(2)
+        out.update({f + "shared_expert.gate_proj.weight": g, f + "shared_expert.up_proj.weight": u,
+                    f + "shared_expert.down_proj.weight": sd[m + "shared.fc2.weight"],
+                    f + "shared_expert_gate.weight": sd[m + "shared_gate.weight"]})
+    return out
+
+
 def family_of(mc: ModelConfig) -> str:
-    """The HF family that expresses `mc`: Qwen2 for a qkv-only bias, Mistral for a window, else Llama."""
+    """The HF family that expresses `mc`: Qwen2(-MoE) for a qkv-only bias, Mistral/Mixtral for the others
+    with a window, else Llama (Mixtral for MoE)."""
     if mc.add_qkv_bias and not mc.add_bias_linear:
-        return "qwen2"
+        return "qwen2_moe" if mc.num_experts is not None else "qwen2"
+    if mc.num_experts is not None:
+        return "mixtral"
     return "mistral" if mc.window_size is not None else "llama"
 
 
@@ -137,6 +229,18 @@ def check_exportable(mc: ModelConfig, family: str) -> None:
         (family == "qwen2" and (mc.add_bias_linear or not mc.add_qkv_bias), "a bias on q/k/v only"),
         (family == "llama" and mc.add_qkv_bias and not mc.add_bias_linear, "biases on all linear layers or none"),
         (family == "llama" and mc.window_size is not None, "full causal attention"),
+        (family in MOE_FAMILIES and mc.num_experts is None, "Mixture-of-Experts layers"),
+        (family not in MOE_FAMILIES and mc.num_experts is not None, "dense MLPs (this model has experts)"),
+        (family in MOE_FAMILIES and mc.num_experts is not None and mc.num_moe_layers != mc.num_layers,
+         "MoE in every layer (--moe-layer-freq 1)"),
+        (family == "mixtral" and mc.moe_router_pre_softmax, "top-k then softmax routing"),
+        (family == "mixtral" and (mc.add_bias_linear or mc.add_qkv_bias), "no biases"),
+        (family == "mixtral" and mc.moe_shared_expert_intermediate_size is not None, "no shared expert"),
+        (family == "mixtral" and mc.moe_ffn_size != mc.ffn_size, "experts of --ffn-hidden-size"),
+        (family == "qwen2_moe" and (mc.add_bias_linear or not mc.add_qkv_bias), "a bias on q/k/v only"),
+        (family == "qwen2_moe" and (mc.moe_shared_expert_intermediate_size is not None)
+         != mc.moe_shared_expert_gate, "a gated shared expert, or none"),
+        (mc.num_experts is not None and mc.moe_expert_capacity_factor is not None, "dropless routing"),
     ) if bad]
     if problems:
         raise UserError(f"this model cannot be exported as {family}, which needs {', '.join(problems)}; "
@@ -164,11 +268,19 @@ def to_hf(mc: ModelConfig, sd: Mapping[str, torch.Tensor], vocab_size: int,
                rope_scaling=None if rope["rope_type"] == "default" else rope)
     if family == "llama":
         cfg.update(attention_bias=mc.add_bias_linear, mlp_bias=mc.add_bias_linear)
-    elif family == "mistral":
+    elif family in ("mistral", "mixtral"):
         cfg.update(sliding_window=mc.window_size)
     else:
         window = mc.window_size is not None
         cfg.update(use_sliding_window=window, sliding_window=mc.window_size, max_window_layers=0)
+    if family == "mixtral":
+        cfg.update(num_local_experts=mc.num_experts, num_experts_per_tok=mc.moe_router_topk,
+                   router_aux_loss_coef=mc.moe_aux_loss_coeff, router_jitter_noise=0.0)
+    elif family == "qwen2_moe":
+        cfg.update(num_experts=mc.num_experts, num_experts_per_tok=mc.moe_router_topk,
+                   moe_intermediate_size=mc.moe_ffn_size, norm_topk_prob=not mc.moe_router_pre_softmax,
+                   shared_expert_intermediate_size=mc.moe_shared_expert_intermediate_size or 0,
+                   router_aux_loss_coef=mc.moe_aux_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[])
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
     for i in range(mc.num_layers):
         h, m = f"model.layers.{i}.", f"layers.{i}."
@@ -181,10 +293,13 @@ def to_hf(mc: ModelConfig, sd: Mapping[str, torch.Tensor], vocab_size: int,
         if mc.qkv_bias:
             qb, kb, vb = sd[m + "attention.qkv.bias"].split([q_rows, kv_rows, kv_rows])
             out.update({a + "q_proj.bias": qb, a + "k_proj.bias": kb, a + "v_proj.bias": vb})
-        gate, up = sd[m + "mlp.fc1.weight"].split([F, F])
         f = h + "mlp."
-        out.update({f + "gate_proj.weight": gate, f + "up_proj.weight": up,
-                    f + "down_proj.weight": sd[m + "mlp.fc2.weight"]})
+        if mc.is_moe_layer(i):
+            out.update(_moe_to_hf(sd, m + "mlp.", h, mc, family))
+        else:
+            gate, up = sd[m + "mlp.fc1.weight"].split([F, F])
+            out.update({f + "gate_proj.weight": gate, f + "up_proj.weight": up,
+                        f + "down_proj.weight": sd[m + "mlp.fc2.weight"]})
         if mc.add_bias_linear:
             gb, ub = sd[m + "mlp.fc1.bias"].split([F, F])
             out.update({a + "o_proj.bias": sd[m + "attention.proj.bias"], f + "gate_proj.bias": gb,

@@ -1,0 +1,196 @@
+"""megaclm.model.moe in one process: routing against direct computations (top-k orders, aux and z losses,
+capacity dropping), the layer against a per-token reference, the router loss in GPTModel's loss (also
+through full recomputation), config and layout errors, expert-parallel rank math."""
+import math
+
+import pytest
+import torch
+
+from megaclm.config.model import ModelConfig, check_parallel_shapes
+from megaclm.config.parallel import ParallelConfig
+from megaclm.model.gpt import GPTModel
+from megaclm.model.moe import MoE, route
+from megaclm.ops import build_ops
+from megaclm.config.kernels import KernelsConfig
+from megaclm.parallel.state import ParallelState
+from megaclm.utils.errors import UserError
+
+MOE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=32, hidden_dropout=0.0,
+           attention_dropout=0.0, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+           ffn_hidden_size=48, add_bias_linear=False, untie_embeddings_and_output_weights=True, num_experts=4,
+           moe_router_topk=2, moe_ffn_hidden_size=24)
+
+
+def test_aux_and_z_loss_equal_a_direct_computation():
+    torch.manual_seed(0)
+    N, E, k = 10, 4, 2
+    logits = torch.randn(N, E)
+    r = route(logits, k)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = [set(torch.topk(logits[t], k).indices.tolist()) for t in range(N)]
+    aux = 0.0
+    for e in range(E):
+        f_e = sum(e in c for c in chosen) / (N * k)  # fraction of the N*k assignments
+        p_e = sum(probs[t, e].item() for t in range(N)) / N
+        aux += f_e * p_e
+    assert r.aux_loss.item() == pytest.approx(E * aux, rel=1e-6)
+    z = sum(math.log(sum(math.exp(v) for v in logits[t].tolist())) ** 2 for t in range(N)) / N
+    assert r.z_loss.item() == pytest.approx(z, rel=1e-6)
+    # Perfectly balanced routing with uniform probabilities gives exactly 1.
+    assert route(torch.zeros(8, 4), 1).aux_loss.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_topk_orders(k):
+    torch.manual_seed(1)
+    logits = torch.randn(6, 5)
+    probs = torch.softmax(logits, dim=-1)
+    for pre_softmax in (False, True):
+        r = route(logits, k, pre_softmax=pre_softmax)
+        assert r.counts.tolist() == torch.zeros(5, dtype=torch.long).scatter_add(
+            0, logits.topk(k).indices.flatten(), torch.ones(6 * k, dtype=torch.long)).tolist()
+        for t in range(6):
+            top = logits[t].topk(k).indices
+            mine = r.weight[r.token == t]
+            want = probs[t, top] / probs[t, top].sum() if not pre_softmax else probs[t, top]  # Mixtral / Qwen
+            assert sorted(mine.tolist()) == pytest.approx(sorted(want.tolist()), rel=1e-6)
+
+
+def test_capacity_drops_exactly_the_expected_tokens():
+    # 6 tokens, 2 experts, top-1, factor 1: capacity ceil(6 * 1 / 2) = 3. Tokens 0-4 choose expert 0.
+    logits = torch.tensor([[2.0, 0], [5, 0], [1, 0], [4, 0], [3, 0], [0, 1]])
+    by_probs = route(logits, 1, pre_softmax=True, capacity_factor=1.0, drop_policy="probs")
+    kept0 = by_probs.token[:by_probs.counts[0]].tolist()
+    assert kept0 == [1, 3, 4]  # the three highest router weights; 0 and 2 are dropped
+    assert by_probs.token[by_probs.counts[0]:].tolist() == [5]
+    by_position = route(logits, 1, pre_softmax=True, capacity_factor=1.0, drop_policy="position")
+    assert by_position.token[:by_position.counts[0]].tolist() == [0, 1, 2]  # the earliest; 3 and 4 dropped
+    # The load-balancing loss counts assignments before dropping.
+    assert by_probs.aux_loss.item() == pytest.approx(route(logits, 1, pre_softmax=True).aux_loss.item())
+
+
+def _moe_layer(**overrides):
+    config = ModelConfig(**{**MOE, **overrides})
+    torch.manual_seed(3)
+    return config, MoE(config, None, build_ops(KernelsConfig()), shared=None)
+
+
+@pytest.mark.parametrize("k,pre_softmax,capacity", [(1, True, None), (2, False, None), (2, False, 0.5)])
+def test_layer_equals_a_per_token_reference(k, pre_softmax, capacity):
+    config, moe = _moe_layer(moe_router_topk=k, moe_router_pre_softmax=pre_softmax,
+                             moe_expert_capacity_factor=capacity)
+    x = torch.randn(2, 5, config.hidden_size)
+    y, _ = moe(x)
+    flat, w1, w2 = x.reshape(-1, config.hidden_size), moe.experts.fc1, moe.experts.fc2
+    r = route(flat @ moe.router.weight.t(), k, pre_softmax, capacity)
+    want = torch.zeros_like(flat)
+    for token, weight, e in zip(r.token.tolist(), r.weight,
+                                torch.repeat_interleave(torch.arange(config.num_experts), r.counts).tolist()):
+        gate, up = (w1[e] @ flat[token]).chunk(2)
+        want[token] += weight * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(y.reshape(-1, config.hidden_size), want, rtol=1e-5, atol=1e-6)
+    if capacity is not None:
+        assert r.counts.sum() < flat.shape[0] * k  # something was dropped
+
+
+def test_router_losses_enter_the_training_loss_only():
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for coeff in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = GPTModel(ModelConfig(**MOE, moe_aux_loss_coeff=coeff, moe_z_loss_coeff=coeff / 10), 128)
+        losses[coeff] = model(ids, labels=ids)
+        stats = model.moe_stats
+        model.eval()
+        losses[coeff, "eval"] = model(ids, labels=ids)
+    added = 0.5 * stats["moe_aux_loss"] * 2 + 0.05 * stats["moe_z_loss"] * 2  # two MoE layers, stats averaged
+    assert stats["router_loss"].item() == pytest.approx(added.item(), rel=1e-5)
+    torch.testing.assert_close(losses[0.5] - losses[0.0], stats["router_loss"].expand(2, 8))
+    torch.testing.assert_close(losses[0.5, "eval"], losses[0.0, "eval"])
+
+
+def test_router_loss_gradient_survives_full_recomputation():
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute in (None, "full"):
+        torch.manual_seed(0)
+        model = GPTModel(ModelConfig(**MOE, moe_aux_loss_coeff=1.0, moe_z_loss_coeff=0.1, moe_layer_freq=2,
+                                     recompute_granularity=recompute), 128)
+        model(ids, labels=ids).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert "layers.1.mlp.fc1.weight" in grads[0] and "layers.0.mlp.router.weight" in grads[0]  # freq 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (dict(moe_router_topk=5), "moe_router_topk"),
+    (dict(moe_expert_capacity_factor=0.0), "moe_expert_capacity_factor"),
+    (dict(moe_shared_expert_gate=True), "needs model.moe_shared_expert_intermediate_size"),
+    (dict(moe_token_drop_policy="random"), "moe_token_drop_policy"),
+    (dict(moe_aux_loss_coeff=-1.0), "moe_aux_loss_coeff"),
+])
+def test_config_errors(overrides, msg):
+    with pytest.raises(UserError, match=msg):
+        ModelConfig(**{**MOE, **overrides})
+
+
+def test_layout_errors():
+    config = ModelConfig(**MOE)
+    with pytest.raises(UserError, match="num_experts=4 is not divisible by parallel.expert_model_parallel_size=3"):
+        check_parallel_shapes(config, ParallelConfig(expert_model_parallel_size=3))
+    with pytest.raises(UserError, match="cannot be pipelined"):
+        check_parallel_shapes(config, ParallelConfig(pipeline_model_parallel_size=2))
+    with pytest.raises(UserError, match="needs a Mixture-of-Experts model"):
+        check_parallel_shapes(ModelConfig(**{**MOE, "num_experts": None}), ParallelConfig(expert_model_parallel_size=2))
+    with pytest.raises(UserError, match="divide the data-parallel size"):
+        ParallelState(4, 0, tensor_parallel_size=2, expert_parallel_size=4)
+
+
+def test_expert_parallel_groups_split_each_data_parallel_group():
+    # world 8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7] -> ep groups [0,2] [4,6] [1,3] [5,7]
+    groups = {r: ParallelState(8, r, tensor_parallel_size=2, expert_parallel_size=2).ep_group_ranks for r in range(8)}
+    assert groups == {0: [0, 2], 2: [0, 2], 4: [4, 6], 6: [4, 6], 1: [1, 3], 3: [1, 3], 5: [5, 7], 7: [5, 7]}
+    assert [ParallelState(8, r, 2, expert_parallel_size=2).ep_rank for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+# Published: Mixtral-8x7B 46.7B total / 12.9B active; Qwen1.5-MoE-A2.7B 14.3B total / 2.7B active (model cards).
+MOE_PUBLISHED = {"mixtral-8x7b": (46_702_792_704, 12.9e9), "qwen2-moe-a2.7b": (14_315_784_192, 2.7e9)}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_PUBLISHED))
+def test_moe_presets_give_published_parameter_counts(name):
+    from megaclm.config.presets import PRESET_VOCAB_SIZE, model_preset
+    from megaclm.model.flops import count_parameters, flops_per_token
+
+    config, vocab = model_preset(name), PRESET_VOCAB_SIZE[name]
+    with torch.device("meta"):
+        model = GPTModel(config, vocab)
+    total, active = MOE_PUBLISHED[name]
+    count = count_parameters(config, vocab)
+    assert sum(p.numel() for p in model.parameters()) == count.total == total
+    assert round(count.active / 1e8) * 1e8 == pytest.approx(active)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert count.experts == experts
+    # FLOPs count the active parameters: k of the E experts per token.
+    k, E = config.moe_router_topk, config.num_experts
+    assert count.active == count.total - experts * (E - k) // E
+    assert count.flops_params == count.active - count.position_embeddings - count.output_layer  # no input lookup
+    assert flops_per_token(config, vocab, 1) == pytest.approx(6 * count.flops_params + 12 * config.num_layers
+                                                              * config.num_attention_heads * config.head_dim)
+
+
+def test_moe_counts_equal_the_built_model_with_layer_freq_and_tp():
+    from megaclm.model.flops import count_parameters, stage_parameters
+
+    config = ModelConfig(**{**MOE, "num_layers": 3, "moe_layer_freq": 2, "moe_shared_expert_intermediate_size": 40,
+                            "moe_shared_expert_gate": True})
+    model = GPTModel(config, 128)
+    count = count_parameters(config, 128)
+    assert sum(p.numel() for p in model.parameters()) == count.total
+    assert count.num_moe_layers == 2 and isinstance(model.layers[1].mlp, type(GPTModel(
+        ModelConfig(**{**MOE, "num_experts": None}), 128).layers[0].mlp))
+    # Under TP=2 the routed experts and router stay whole on each rank, the shared expert is split.
+    state = ParallelState(2, 0, tensor_parallel_size=2)
+    sharded = GPTModel(config, 128, state)
+    assert stage_parameters(config, 128, tensor_parallel=2)[0].params == sum(p.numel() for p in sharded.parameters())
