@@ -39,10 +39,13 @@ def shard_name(tp_rank: int, pp_rank: int) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
 
 
-def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any) -> None:
-    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes."""
+def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any, trainable_only: bool = False) -> None:
+    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes.
+    `trainable_only` (LoRA): the adapters, not the frozen base the checkpoint refers to."""
     tensors = {}
     for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
         tensors[name] = (param.detach() if full is None else full).float().cpu().clone()
     if pstate.dp_rank != 0:

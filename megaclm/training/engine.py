@@ -61,8 +61,8 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate):
         if pstate.pp_size > 1:
             return GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
-                                     partition_method=cfg.parallel.pipeline_partition_method)
-        return GPTModel(cfg.model, padded_vocab_size, pstate, cfg.kernels)
+                                     partition_method=cfg.parallel.pipeline_partition_method, lora=cfg.lora)
+        return GPTModel(cfg.model, padded_vocab_size, pstate, cfg.kernels, lora=cfg.lora)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: bool = False) -> list[dict]:
