@@ -85,3 +85,13 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoin
             # A tied embedding lives on the first and the last stage; both copies are equal.
             per_tp[shard["tp_rank"]].setdefault(key, tensor)
     return FullCheckpoint(tree, meta, unshard_state_dicts(per_tp, model_cfg))
+
+
+def load_lora_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[FullCheckpoint, FullCheckpoint]:
+    """(the LoRA run's checkpoint, with the full adapter state dict; the base checkpoint it names)."""
+    adapters = load_full_state_dict(ckpt_dir, tag)
+    ref = adapters.meta.get("lora_base")
+    if ref is None:
+        raise UserError(f"{ckpt_dir}/{adapters.meta['tag']} holds no LoRA adapters (it is a full checkpoint); "
+                        "drop the --lora-* export flags")
+    return adapters, load_full_state_dict(ref["dir"], ref["tag"])
