@@ -386,7 +386,7 @@ def test_lora_errors(work, lora_run, tmp_path):
         convert.export_hf(base, str(tmp_path / "b"), lora="merge")
     assert not os.listdir(tmp_path)
     cfg = ["--config", os.path.join(base, "model_config.yaml"), "--mock-data", "--seq-length", "32",
-           "--train-iters", "2", "--validate-only", *LORA]
+           "--train-iters", "2", "--validate-only", "--world-size", "2", *LORA]
     cases = [([], "needs a base model: pass --load BASE --finetune"),
              (["--load", base], "is a full checkpoint; add --finetune"),
              (["--load", lora_run["first"], "--lora-rank", "8"], "adapters of other LoRA settings: --lora-rank 8"),
