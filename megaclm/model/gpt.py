@@ -32,6 +32,7 @@ from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.attention import AttentionInputs, AttentionMasker, core_attention
+from megaclm.model.compiled import compile_blocks
 from megaclm.model.lora import freeze_base
 from megaclm.model.positions import rope_inv_freq
 from megaclm.ops import Ops, build_ops
@@ -225,6 +226,8 @@ class GPTModel(nn.Module):
         deepspeed.zero.register_external_parameter(self, self.output_weight)
         if lora is not None:
             freeze_base(self)
+        if self.kernels.torch_compile:
+            compile_blocks(self.layers)
 
     @property
     def output_weight(self) -> nn.Parameter:

@@ -38,6 +38,7 @@ from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import Embedding, Norm, TransformerLayer, output_logits
 from megaclm.model.attention import AttentionMasker
+from megaclm.model.compiled import compile_blocks
 from megaclm.model.lora import freeze_base
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -155,6 +156,8 @@ class GPTPipelineModule(PipelineModule):
                 layer.recompute_self = True
         if lora is not None:
             freeze_base(self)
+        if kernels.torch_compile:
+            compile_blocks(f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe))
 
 
 def plain_to_pipe_key(key: str, config: ModelConfig) -> str:
