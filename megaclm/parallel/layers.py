@@ -130,6 +130,7 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // self.tp))
             _mark(self.bias, 0)
+        self.linear = F.linear  # the base matmul; megaclm.model.fp8 swaps in a float8 one
         self._init_lora(lora)
         if lora is not None:
             a = torch.empty(lora.lora_rank, in_features)
@@ -142,7 +143,7 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """`add_bias=False` leaves the bias to the caller (to fuse it into the activation)."""
         group = tp_group(self.pstate)
-        y = column_parallel_linear(x, self.weight, self.bias if add_bias else None, group, self.sp)
+        y = column_parallel_linear(x, self.weight, self.bias if add_bias else None, group, self.sp, self.linear)
         if self.lora_a is not None:
             # x is replicated (same dropout mask on every rank) or, under SP, this rank's tokens (its own mask).
             with tp_rng_fork(self.sp and self.training and self.lora_dropout.p > 0):
@@ -154,14 +155,14 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
-                           sequence_parallel: bool) -> torch.Tensor:
+                           sequence_parallel: bool, linear: Callable = F.linear) -> torch.Tensor:
     """(B, T, in) replicated, or (B, T/tp, in) under SP -> (B, T, out/tp) with this rank's output rows.
 
     Also the tied output layer, which multiplies by the vocab-parallel embedding table.
     """
     # SP gathers the sequence (backward reduce-scatters the partial grads); TP copies (backward all-reduces).
     x = gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 class RowParallelLinear(_LoraMixin, nn.Module):
@@ -185,6 +186,7 @@ class RowParallelLinear(_LoraMixin, nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
             sequence_parallel_grad_hook(self.bias, pstate)
+        self.linear = F.linear  # the base matmul; megaclm.model.fp8 swaps in a float8 one
         self._init_lora(lora)
         if lora is not None:
             self.lora_a = nn.Parameter(_init_shard((lora.lora_rank, in_features), 1, [in_features], lora_a_init,
@@ -194,7 +196,7 @@ class RowParallelLinear(_LoraMixin, nn.Module):
             sequence_parallel_grad_hook(self.lora_b, pstate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (B, T, out) partial sum over this rank's inputs
+        y = self.linear(x, self.weight)  # (B, T, out) partial sum over this rank's inputs
         group = tp_group(self.pstate)
         reduce = reduce_scatter_to_sp if self.sp else reduce_from_tp
         y = reduce(y, group)  # (B, S, out)

@@ -26,6 +26,7 @@ from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.logging import get_logger
 from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters
+from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
@@ -57,7 +58,7 @@ def _model_vocab(cfg: Any, tokenizer_vocab: int, padded: int) -> tuple[int, str]
 def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
     """One line per optional training feature and whether it is on (printed by --validate-only)."""
     l, k = cfg.lora, cfg.kernels
-    lines = [f"lora: off" if lora is None else
+    lines = ["lora: off" if lora is None else
              f"lora: rank {l.lora_rank}, alpha {l.lora_alpha:g}, dropout {l.lora_dropout:g} on {l.lora_target}; base "
              f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")]
     lines.append(f"torch_compile: {'on (each transformer block)' if k.torch_compile else 'off'}; "
@@ -80,15 +81,14 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
                         flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names)
     memory = estimate_memory(cfg.model, model_vocab, setup)
-    lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# features", *features(cfg, lora),
-             "", "# derived"]
+    lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
     lines += [f"model_vocab_size: {model_vocab}", f"parameters: {params.total:,}"]
     if cfg.lora.enabled:
         adapters = cfg.model.num_layers * lora_layer_parameters(cfg.model, cfg.lora.lora_rank, cfg.lora.target_names)
         lines.append(f"trainable parameters: {adapters:,} LoRA adapters ({100 * adapters / params.total:.2f}%)")
-    lines += [
-              f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
+    lines += [f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
+              "", "# features", *features(cfg, lora),
               "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
     return "\n".join(lines)
@@ -137,6 +137,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
+    check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)
     if pstate.rank == 0:
