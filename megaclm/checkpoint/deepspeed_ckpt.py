@@ -8,7 +8,11 @@ Order of a save, so that a crash at any point leaves the previous checkpoint loa
     4. barrier; rank 0 writes config.json + meta.json, then `latest` (atomic rename)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
 `latest` therefore only ever names a tag whose meta.json exists, and a tag without meta.json is
-incomplete. Loading always passes the tag to DeepSpeed (an untagged load silently takes an older
+incomplete.
+
+LoRA (meta.json has "lora_base": {"dir", "tag"}): DeepSpeed's files and megaclm's shards hold the
+trainable adapters only (`exclude_frozen_parameters`); the frozen base is read from the named base
+checkpoint on every load (`resolve_lora_base`, then `load_weights(..., select=not is_lora_key)`). Loading always passes the tag to DeepSpeed (an untagged load silently takes an older
 `latest` of DeepSpeed's own).
 """
 from __future__ import annotations
@@ -23,11 +27,12 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
-                                      read_latest, read_meta, tag_for)
+                                      read_config, read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.checkpoint.shards import save_model_shard
 from megaclm.checkpoint.weights import load_weights
 from megaclm.logging import get_logger
+from megaclm.model.lora import is_lora_key
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write, remove_quietly
 
@@ -57,12 +62,14 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         os.makedirs(os.path.join(ckpt, "megaclm"), exist_ok=True)
         remove_quietly(os.path.join(ckpt, META))
     _barrier()
-    engine.save_checkpoint(save_dir, tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    adapters_only = "lora_base" in meta
+    engine.save_checkpoint(save_dir, tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False,
+                           exclude_frozen_parameters=adapters_only)
     rng_dir = os.path.join(ckpt, "megaclm", "rng")
     os.makedirs(rng_dir, exist_ok=True)
     with atomic_write(os.path.join(rng_dir, f"rank_{_rank():05d}.pt")) as f:
         torch.save(get_rng_state(), f)
-    save_model_shard(engine.module, os.path.join(ckpt, "megaclm"), pstate)
+    save_model_shard(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
     # Test hook: widen the window between the data files and `latest` so a test can kill the run mid-save.
     time.sleep(float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0")))
     _barrier()
@@ -96,15 +103,46 @@ def prune(save_dir: str, keep: int) -> list[str]:
     return doomed
 
 
+def resolve_lora_base(load_dir: str | None, ckpt_step: int | None, finetune: bool, lora: dict) -> tuple[dict, bool]:
+    """LoRA run: ({"dir", "tag"} of the checkpoint with the frozen base, whether --load is a LoRA checkpoint).
+
+    --load is either a full checkpoint (the base itself; --finetune: the adapters start fresh) or a LoRA
+    run's checkpoint, whose base it names and whose adapter settings (`lora`: the lora config section)
+    must be this run's."""
+    tag = None if load_dir is None else tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+    if tag is None:
+        raise UserError(f"--lora-rank {lora['lora_rank']} needs --load BASE: a megaclm checkpoint (pretrain_gpt.py "
+                        f"--save, or tools/checkpoint/convert_hf.py import) whose frozen weights the adapters train "
+                        f"on; --load {load_dir} holds none")
+    base = read_meta(load_dir, tag).get("lora_base")
+    if base is None:
+        if not finetune:
+            raise UserError(f"--load {load_dir}/{tag} is a full checkpoint; add --finetune to train LoRA adapters on "
+                            "it as the frozen base (a LoRA run's own checkpoints resume without --finetune)")
+        return {"dir": os.path.abspath(load_dir), "tag": tag}, False
+    saved = (read_config(load_dir, tag) or {}).get("lora", {})
+    differ = [f"--{k.replace('_', '-')} {lora[k]!r} (checkpoint: {saved.get(k)!r})"
+              for k in ("lora_rank", "lora_alpha", "lora_target") if saved.get(k) != lora[k]]
+    if differ:
+        raise UserError(f"--load {load_dir}/{tag} holds adapters of other LoRA settings: {', '.join(differ)}; "
+                        "pass the checkpoint's")
+    if not is_complete(base["dir"], base["tag"]):
+        raise UserError(f"--load {load_dir}/{tag} is a LoRA checkpoint whose base {base['dir']}/{base['tag']} is "
+                        "missing or incomplete; restore the base checkpoint at that path")
+    return base, True
+
+
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    layout: tuple[int, int] | None = None, exit_on_missing: bool = False) -> dict | None:
+                    layout: tuple[int, int] | None = None, exit_on_missing: bool = False,
+                    adapters: bool = False) -> dict | None:
     """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
     states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
     `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
 
     `layout` is the run's (tp, pp): a full resume needs the saved one (DeepSpeed's own TP merge/split
-    does not know megaclm's fused qkv layout), so another layout is refused unless `finetune`."""
+    does not know megaclm's fused qkv layout), so another layout is refused unless `finetune`.
+    `adapters`: --load is a LoRA checkpoint (resolve_lora_base) and the base weights are loaded already."""
     tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
         if exit_on_missing:
@@ -115,8 +153,11 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
     if not is_complete(load_dir, tag):
         raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "
                         "while saving - pass an older --ckpt-step or remove it")
+    if not adapters and "lora_base" in read_meta(load_dir, tag):
+        raise UserError(f"--load {load_dir}/{tag} holds LoRA adapters only; pass its --lora-* flags to continue it, "
+                        "or merge it first (tools/checkpoint/convert_hf.py export --lora-merge)")
     if finetune:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage, HF imports included
-        load_weights(engine, load_dir, tag)
+        load_weights(engine, load_dir, tag, select=is_lora_key if adapters else None)
         if _rank() == 0:
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")
         return None
@@ -127,7 +168,7 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
                         f"TP={layout[0]} x PP={layout[1]}; reshard it first (tools/checkpoint/reshard.py "
                         "--tensor-model-parallel-size ... --pipeline-model-parallel-size ...) or pass --finetune")
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
-                                          load_lr_scheduler_states=False)
+                                          load_lr_scheduler_states=False, load_module_strict=not adapters)
     if path is None:
         raise UserError(f"--load {load_dir}: DeepSpeed could not load {tag}")
     if not load_optim and not engine.zero_optimization():

@@ -39,10 +39,13 @@ def shard_name(tp_rank: int, pp_rank: int) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
 
 
-def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any) -> None:
-    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes."""
+def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any, trainable_only: bool = False) -> None:
+    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes.
+    `trainable_only` (LoRA): the adapters, not the frozen base the checkpoint refers to."""
     tensors = {}
     for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
         tensors[name] = (param.detach() if full is None else full).float().cpu().clone()
     if pstate.dp_rank != 0:
@@ -82,3 +85,13 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoin
             # A tied embedding lives on the first and the last stage; both copies are equal.
             per_tp[shard["tp_rank"]].setdefault(key, tensor)
     return FullCheckpoint(tree, meta, unshard_state_dicts(per_tp, model_cfg))
+
+
+def load_lora_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[FullCheckpoint, FullCheckpoint]:
+    """(the LoRA run's checkpoint, with the full adapter state dict; the base checkpoint it names)."""
+    adapters = load_full_state_dict(ckpt_dir, tag)
+    ref = adapters.meta.get("lora_base")
+    if ref is None:
+        raise UserError(f"{ckpt_dir}/{adapters.meta['tag']} holds no LoRA adapters (it is a full checkpoint); "
+                        "drop the --lora-* export flags")
+    return adapters, load_full_state_dict(ref["dir"], ref["tag"])

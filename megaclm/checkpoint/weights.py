@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -51,22 +51,32 @@ def _shard_for(module: Any, ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     if meta["tensor_model_parallel_size"] == tp and meta["padded_vocab_size"] == padded_vocab:
         return _own_tp_shard(ckpt_dir, tag, rank, config)
     full = load_full_state_dict(ckpt_dir, tag).state_dict
-    rows = vocab_rows(full)
+    rows = vocab_rows(full) if "embedding.word_embeddings.weight" in full else padded_vocab  # LoRA: adapters only
     if rows != padded_vocab:  # another TP size pads differently; real rows are unchanged
         full = pad_vocab(unpad_vocab(full, min(rows, padded_vocab)), padded_vocab)
     return shard_state_dict(full, config, tp, rank)
 
 
-def load_weights(engine: Any, ckpt_dir: str, tag: str) -> None:
-    """Load checkpoint `tag`'s model weights into `engine.module` (GPTModel or GPTPipelineModule)."""
+def load_weights(engine: Any, ckpt_dir: str, tag: str, select: Callable[[str], bool] | None = None) -> None:
+    """Load checkpoint `tag`'s model weights into `engine.module` (GPTModel or GPTPipelineModule).
+
+    `select(key)` restricts the load to the module's GPTModel keys it accepts (LoRA: the frozen base from
+    the base checkpoint, the adapters from a LoRA checkpoint); each of those must be in the checkpoint."""
     module = engine.module
     shard = _shard_for(module, ckpt_dir, tag)
     # No-op unless ZeRO-3 partitioned the parameters; data-parallel rank 0's copy is kept (all are equal).
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
         if isinstance(module, PipelineModule):
-            load_plain_state_dict(module, shard)
-        else:
+            load_plain_state_dict(module, shard, select)
+        elif select is None:
             module.load_state_dict(shard)
+        else:
+            wanted = [k for k in module.state_dict() if select(k)]
+            missing = [k for k in wanted if k not in shard]
+            if missing:
+                raise UserError(f"{ckpt_dir}/{tag} lacks {len(missing)} weights this model needs "
+                                f"(e.g. {', '.join(missing[:3])}); it is not the checkpoint this run expects")
+            module.load_state_dict({k: shard[k] for k in wanted}, strict=False)
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)  # fp32 master copies, where there are any
     if refresh is not None:
         refresh()

@@ -4,7 +4,7 @@
     cfg.model.hidden_size, cfg.training.global_batch_size, derived.grad_accum_steps
 
 Sections (YAML key -> class, one file each in this package): model, parallel, kernels, data,
-tokenizer, optimizer, scheduler, training, checkpoint, logging. A YAML file has the same tree
+tokenizer, optimizer, scheduler, training, checkpoint, logging, lora. A YAML file has the same tree
 (`{section: {field: value}}`, see examples/llama_7b.yaml); flags override it; `--model-preset NAME`
 (or a top-level `model_preset:` key) starts the model section from a named shape
 (megaclm.config.presets). Precedence: field defaults < preset < YAML < flags.
@@ -32,6 +32,7 @@ from megaclm.config.data import DataConfig
 from megaclm.config.derived import Derived, compute_derived
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.logging import LoggingConfig
+from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig
 from megaclm.config.optimizer import OptimizerConfig
 from megaclm.config.parallel import ParallelConfig
@@ -59,6 +60,7 @@ class MegaclmConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s.name: arguments.section_to_dict(getattr(self, s.name)) for s in dataclasses.fields(self)}

@@ -265,9 +265,9 @@ def yaml_values(tree: dict, sections: dict[str, type], source: str = "config") -
     all_fields = {f.name: s for s, c in sections.items() for f in dataclasses.fields(c)}
     for section, body in tree.items():
         if section not in sections:
-            hint = _did_you_mean(str(section), sections)
-            if not hint and section in all_fields:
-                hint = f"; '{section}' belongs under '{all_fields[section]}:'"
+            # A field name placed at the top level says more than a near-miss section name ('lr' vs 'lora').
+            hint = (f"; '{section}' belongs under '{all_fields[section]}:'" if section in all_fields
+                    else _did_you_mean(str(section), sections))
             raise UserError(f"{source}: unknown section '{section}'{hint} (sections: {', '.join(sections)})")
         if body is None:
             continue

@@ -2,7 +2,10 @@
 
 "torch" runs the pure-PyTorch references; "compile" runs them through torch.compile; "fused" runs the
 CUDA kernels of megaclm.ops._cuda and falls back to the references (one logged line) when the
-extension is not built. Attention goes through torch's scaled_dot_product_attention ("sdpa", which picks
+extension is not built. `torch_compile` is the coarser, usually faster choice: torch.compile of each
+whole transformer block (linears, attention and all ops fused together, one graph per block), applied
+by megaclm.model.compiled; the two may be combined (the compiled ops are inlined into the block graph).
+Attention goes through torch's scaled_dot_product_attention ("sdpa", which picks
 flash/cuDNN/memory-efficient kernels on GPU; "flash" holds it to the flash kernel) or the explicit
 matmul + softmax path ("unfused"); see megaclm.model.attention.
 """
@@ -24,6 +27,10 @@ class KernelsConfig:
                 "document masks on CUDA), 'flash' (SDPA held to its flash kernel wherever the inputs allow), or "
                 "'unfused' (explicit QK^T + masked softmax + V).",
         "choices": list(ATTENTION_BACKENDS)})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile each transformer block (not the whole model: pipeline stages and activation "
+                "recomputation keep working); falls back to eager with one logged line where the inductor "
+                "backend cannot run. --kernels compile, by contrast, compiles each small op on its own."})
     cross_entropy_chunk_size: int = field(default=4096, metadata={
         "help": "Tokens per chunk of the fused output-layer + cross-entropy (bounds the logits kept in memory)."})
 

@@ -147,13 +147,14 @@ TABLE: tuple[CompatFlag, ...] = (
     _ignored("--calculate-per-token-loss",
              "megaclm always averages the loss over every loss token of the global batch", source=(MLM,)),
     # --- precision ----------------------------------------------------------------------------------------
-    _refused("--fp8-format", "FP8 training is not available yet; drop the --fp8-* flags and train in --bf16",
+    # --fp8-format / --fp8-recipe are native (training section); Transformer Engine's delayed-scaling knobs are
+    # not: torchao's float8 scales dynamically from the current tensor.
+    _ignored("--fp8-amax-history-len", "a delayed-scaling FP8 knob; megaclm's FP8 (torchao) scales dynamically",
              nargs=1, source=(MLM,)),
-    _refused("--fp8-recipe", "FP8 training is not available yet; drop the --fp8-* flags and train in --bf16",
+    _ignored("--fp8-amax-compute-algo", "a delayed-scaling FP8 knob; megaclm's FP8 (torchao) scales dynamically",
              nargs=1, source=(MLM,)),
-    _ignored("--fp8-amax-history-len", "an FP8 scaling knob, without effect unless FP8 is on", nargs=1, source=(MLM,)),
-    _ignored("--fp8-amax-compute-algo", "an FP8 scaling knob, without effect unless FP8 is on", nargs=1, source=(MLM,)),
-    _ignored("--fp8-param-gather", "an FP8 option, without effect unless FP8 is on", source=(MLM,)),
+    _ignored("--fp8-param-gather", "an FP8 option megaclm does not have (weights stay in high precision)",
+             source=(MLM,)),
     # --- data ---------------------------------------------------------------------------------------------
     _ignored("--data-impl", "megaclm reads Megatron's memory-mapped indexed datasets (MMIDIDX) only; other formats "
              "must be rebuilt with tools/preprocess_data.py", nargs=1, only=("mmap", "infer"), source=(MDS,)),

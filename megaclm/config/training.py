@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from megaclm.utils.errors import UserError
 
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("tensorwise", "rowwise")
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -36,6 +39,13 @@ class TrainingConfig:
         "help": "ZeRO-3: parameters with fewer elements stay unpartitioned (stage3_param_persistence_threshold)."})
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 with fp32 master weights."})
     fp16: bool = field(default=False, metadata={"help": "Train in float16 with fp32 master weights and loss scaling."})
+    fp8_format: str | None = field(default=None, metadata={
+        "help": "FP8 matmuls in the transformer blocks' linears (torchao.float8; NVIDIA sm_89+ only): 'e4m3' "
+                "everywhere, or 'hybrid' (e4m3 forward, e5m2 gradients, as Megatron). Needs --bf16. Default: off.",
+        "choices": list(FP8_FORMATS)})
+    fp8_recipe: str = field(default="tensorwise", metadata={
+        "help": "FP8 scaling: one dynamic scale per tensor ('tensorwise', fastest) or per row ('rowwise', more "
+                "accurate).", "choices": list(FP8_RECIPES)})
     loss_scale: float | None = field(default=None, metadata={
         "help": "fp16: static loss scale; unset means dynamic loss scaling."})
     initial_loss_scale: float = field(default=2.0 ** 16, metadata={"help": "fp16 dynamic loss scaling: initial scale (a power of 2)."})
@@ -78,6 +88,13 @@ class TrainingConfig:
                             "pass --zero-stage 3 or drop --offload-param")
         if self.offload_optimizer and self.zero_stage == 0:
             raise UserError("training.offload_optimizer needs ZeRO stage 1, 2 or 3; pass --zero-stage 1 or higher")
+        if self.fp8_format not in (None, *FP8_FORMATS):
+            raise UserError(f"training.fp8_format={self.fp8_format!r} is not one of {', '.join(FP8_FORMATS)} (or unset)")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise UserError(f"training.fp8_recipe={self.fp8_recipe!r} is not one of {', '.join(FP8_RECIPES)}")
+        if self.fp8_format is not None and not self.bf16:
+            raise UserError(f"training.fp8_format={self.fp8_format!r} needs --bf16: FP8 replaces the bf16 matmuls "
+                            "of the blocks (the other ops and the master weights stay bf16/fp32)")
         if self.loss_scale is not None and self.loss_scale <= 0:
             raise UserError(f"training.loss_scale={self.loss_scale} must be > 0 (omit it for dynamic scaling)")
         if self.max_consecutive_nan_steps < 1:

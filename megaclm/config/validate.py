@@ -114,6 +114,13 @@ def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, source: str) -
                         f"({model_vocab_size}, from {source}); use the tokenizer the model was trained with")
 
 
+def _lora(cfg: Any) -> None:
+    if cfg.lora.enabled and cfg.checkpoint.load is None:
+        raise UserError(f"lora.lora_rank={cfg.lora.lora_rank} needs a base model: pass --load BASE --finetune (a "
+                        "megaclm checkpoint, e.g. from tools/checkpoint/convert_hf.py import); adapters on a random "
+                        "init train nothing useful")
+
+
 # (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
 CHECKS = [
     (_model_parallel, {"model", "parallel"}),
@@ -124,13 +131,15 @@ CHECKS = [
     (_data_paths, {"data"}),
     (_run_length, {"training"}),
     (_checkpointing, {"checkpoint", "training"}),
+    (_lora, {"lora", "checkpoint"}),
 ]
 
 
 def validate(cfg: Any, derived: Derived | None, sections: set[str] | None = None) -> None:
     """Run every cross-section check whose sections are present; raise the first UserError."""
     have = set(sections) if sections is not None else {"model", "parallel", "kernels", "data", "tokenizer", "optimizer",
-                                                          "scheduler", "training", "checkpoint", "logging"}
+                                                          "scheduler", "training", "checkpoint", "logging",
+                                                          "lora"}
     for check, needs in CHECKS:
         if needs <= have:
             check(cfg)

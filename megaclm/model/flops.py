@@ -183,6 +183,17 @@ def _layer_shapes(model: ModelConfig, moe: bool = False) -> _LayerShapes:
     )
 
 
+def lora_layer_parameters(model: ModelConfig, rank: int, targets: tuple[str, ...], tp: int = 1) -> int:
+    """LoRA adapter elements of one layer on one TP rank: A (r, in) and B (out, r) per targeted linear,
+    the factor on the base weight's split axis split tp-ways (megaclm.parallel.layers)."""
+    h, f = model.hidden_size, model.ffn_size
+    q = model.num_attention_heads * model.head_dim
+    qkv_out, fc1_out = q + 2 * model.num_kv_heads * model.head_dim, f * (2 if model.swiglu else 1)
+    per = {"qkv": rank * h + qkv_out * rank // tp, "proj": rank * q // tp + h * rank,
+           "fc1": rank * h + fc1_out * rank // tp, "fc2": rank * f // tp + h * rank}
+    return sum(per[t] for t in targets)
+
+
 def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
     """Parameters of the model with a `vocab_size`-row embedding (pass the padded size)."""
     if vocab_size < 1:
@@ -244,6 +255,8 @@ class MemorySetup:
     offload_optimizer: bool = False
     offload_param: bool = False
     flash_attention: bool = True  # SDPA's fused kernels (GPU); False: materialised attention scores
+    lora_rank: int = 0  # > 0: only LoRA adapters on `lora_targets` train; the base has no grads or optimizer states
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
@@ -332,13 +345,15 @@ def _stage_layers(num_layers: int, stages: int) -> list[int]:
     return [q + (i < r) for i in range(stages)]
 
 
-def _stage_model_states(p: float, largest: int, setup: MemorySetup) -> tuple[dict, dict]:
-    """(gpu, cpu) bytes of weights, gradients and optimizer states for `p` parameters on one GPU."""
+def _stage_model_states(p: float, largest: int, setup: MemorySetup, trainable: float | None = None) -> tuple[dict, dict]:
+    """(gpu, cpu) bytes of weights, gradients and optimizer states for `p` parameters on one GPU, of
+    which `trainable` (default: all) have gradients and optimizer states (the others are frozen: LoRA)."""
     z, n = setup.zero_stage, setup.data_parallel
     mixed = setup.precision != "fp32"
     lp = 2 if mixed else 4
+    weights = lp * p / n if z == 3 else lp * p
+    p = p if trainable is None else trainable
     shard = p / n
-    weights = lp * shard if z == 3 else lp * p
     grads = lp * (shard if z >= 2 else p)
     if z == 0:
         states = {"fp32 gradients": 4 * p if mixed else 0, "fp32 master weights": 4 * p if mixed else 0,
@@ -416,7 +431,9 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
     best = None
     for i, stage in enumerate(stages):
         first, last = i == 0, i == pp - 1
-        gpu, cpu = _stage_model_states(stage.params, stage.largest_module, setup)
+        adapters = stage.layers * lora_layer_parameters(model, setup.lora_rank, setup.lora_targets, t)
+        gpu, cpu = _stage_model_states(stage.params + adapters, stage.largest_module, setup,
+                                       trainable=adapters if setup.lora_rank else None)
         in_flight = min(pp - i, setup.grad_accum_steps)
         if model.recompute_full and model.recompute_method == "uniform":
             k = min(model.recompute_num_layers, stage.layers)

@@ -16,6 +16,8 @@ State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.
     layers.{i}.mlp.fc1.weight / .bias           (F, H), SwiGLU (2F, H) rows [gate; up]   tp: each block dim 0
     layers.{i}.mlp.fc2.weight / .bias           (H, F) / (H,)           tp: weight dim 1
     layers.{i}.mlp.router.weight, .experts.*    MoE layers instead of fc1/fc2 (megaclm.model.moe)
+    layers.{i}.*.{qkv,proj,fc1,fc2}.lora_a / .lora_b   LoRA only (megaclm.model.lora): A (r, in), B (out, r);
+                                                the factor on the base weight's split axis is split like it
     final_norm.weight / .bias                   (H,)
     output_layer.weight                         (V, H)                  untied only, tp: dim 0
 Within q/k/v rows, head j occupies rows [j hd, (j+1) hd); query head j attends with key/value head
@@ -27,10 +29,13 @@ import torch
 import torch.nn as nn
 
 from megaclm.config.kernels import KernelsConfig
+from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.attention import AttentionInputs, AttentionMasker, core_attention
 from megaclm.model.moe import MoE
+from megaclm.model.compiled import compile_blocks
+from megaclm.model.lora import freeze_base
 from megaclm.model.positions import rope_inv_freq
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -98,8 +103,13 @@ class Embedding(nn.Module):
         return sp_dropout(self.dropout, x, self.sp)
 
 
+def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
+    return lora if lora is not None and lora.targets(name) else None
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig):
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
+                 lora: LoraConfig | None = None):
         super().__init__()
         tp, _, _ = tp_info(pstate)
         self.tp, self.ops, self.backend = tp, ops, kernels.attention_backend
@@ -109,10 +119,12 @@ class Attention(nn.Module):
         blocks = [config.num_attention_heads * self.hd] + [config.num_kv_heads * self.hd] * 2
         std = config.init_method_std
         self.qkv = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.qkv_bias,
-                                        init_method=normal_init(std), output_blocks=blocks)
+                                        init_method=normal_init(std), output_blocks=blocks,
+                                        lora=_lora_for(lora, "qkv"))
         self.proj = RowParallelLinear(config.num_attention_heads * self.hd, config.hidden_size, pstate,
                                       bias=config.add_bias_linear,
-                                      init_method=scaled_normal_init(std, config.num_layers))
+                                      init_method=scaled_normal_init(std, config.num_layers),
+                                      lora=_lora_for(lora, "proj"))
         self.inv_freq = rope_inv_freq(config) if config.position_embedding_type == "rope" else None
 
     def forward(self, x, position_ids, inputs: AttentionInputs):
@@ -141,15 +153,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """The dense MLP; `ffn` overrides config.ffn_size (an MoE layer's shared expert)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, ffn: int | None = None):
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, lora: LoraConfig | None = None,
+                 ffn: int | None = None):
         super().__init__()
         self.ops, self.swiglu, ffn = ops, config.swiglu, ffn or config.ffn_size
         blocks = [ffn, ffn] if config.swiglu else [ffn]  # SwiGLU rows [gate; up], split so each rank has both
         std = config.init_method_std
         self.fc1 = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.add_bias_linear,
-                                        init_method=normal_init(std), output_blocks=blocks)
+                                        init_method=normal_init(std), output_blocks=blocks,
+                                        lora=_lora_for(lora, "fc1"))
         self.fc2 = RowParallelLinear(ffn, config.hidden_size, pstate, bias=config.add_bias_linear,
-                                     init_method=scaled_normal_init(std, config.num_layers))
+                                     init_method=scaled_normal_init(std, config.num_layers),
+                                     lora=_lora_for(lora, "fc2"))
 
     def forward(self, x):
         h = self.fc1(x, add_bias=self.swiglu)  # (B, T, F/tp) or (B, T, 2F/tp)
@@ -162,17 +177,17 @@ class TransformerLayer(nn.Module):
     (B, S, H) -> ((B, S, H), router loss ()): the MoE router losses of this layer, 0 for a dense MLP."""
 
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
-                 index: int = 0):
+                 lora: LoraConfig | None = None, index: int = 0):
         super().__init__()
         _, _, self.sp = tp_info(pstate)
         self.input_norm = Norm(config, pstate, ops)
-        self.attention = Attention(config, pstate, ops, kernels)
+        self.attention = Attention(config, pstate, ops, kernels, lora)
         self.post_attention_norm = Norm(config, pstate, ops)
         if config.is_moe_layer(index):
             shared = config.moe_shared_expert_intermediate_size
-            self.mlp = MoE(config, pstate, ops, shared=MLP(config, pstate, ops, ffn=shared) if shared else None)
+            self.mlp = MoE(config, pstate, ops, shared=MLP(config, pstate, ops, lora, ffn=shared) if shared else None)
         else:
-            self.mlp = MLP(config, pstate, ops)
+            self.mlp = MLP(config, pstate, ops, lora)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, h, position_ids, inputs: AttentionInputs = AttentionInputs()):  # default: plain causal
@@ -201,10 +216,11 @@ class GPTModel(nn.Module):
     moe_z_loss averaged over the MoE layers.
 
     `padded_vocab_size` must divide by the tensor-parallel size (config.derived.pad_vocab_size gives it).
+    With `lora` enabled only the adapters train (megaclm.model.lora.freeze_base).
     """
 
     def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState | None = None,
-                 kernels: KernelsConfig | None = None):
+                 kernels: KernelsConfig | None = None, lora: LoraConfig | None = None):
         super().__init__()
         tp = pstate.tp_size if pstate else 1
         if pstate is not None and pstate.pp_size > 1:
@@ -216,7 +232,8 @@ class GPTModel(nn.Module):
         self.ops = ops
         self.masker = AttentionMasker(config, tp, pstate.tp_rank if pstate else 0)
         self.embedding = Embedding(config, padded_vocab_size, pstate)
-        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels, index=i)
+        lora = lora if lora is not None and lora.enabled else None
+        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels, lora, index=i)
                                     for i in range(config.num_layers))
         self.moe_stats: dict[str, torch.Tensor] = {}
         self.final_norm = Norm(config, pstate, ops)
@@ -227,6 +244,10 @@ class GPTModel(nn.Module):
             self.output_layer.weight.embedding_or_output = True
         # The output weight is used in this forward, not its owner's: ZeRO-3 must gather it for this module.
         deepspeed.zero.register_external_parameter(self, self.output_weight)
+        if lora is not None:
+            freeze_base(self)
+        if self.kernels.torch_compile:
+            compile_blocks(self.layers)
 
     @property
     def output_weight(self) -> nn.Parameter:

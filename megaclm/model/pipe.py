@@ -26,17 +26,20 @@ Sequence parallelism: the hidden state differs across the tensor-parallel ranks,
 must set "pipeline": {"pipe_partitioned": false, "grad_partitioned": false}.
 """
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import deepspeed
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megaclm.config.kernels import KernelsConfig
+from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import Embedding, Norm, TransformerLayer, output_logits
 from megaclm.model.attention import AttentionMasker
+from megaclm.model.compiled import compile_blocks
+from megaclm.model.lora import freeze_base
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import ColumnParallelLinear, normal_init, tp_group
@@ -58,8 +61,9 @@ class TransformerLayerPipe(TransformerLayer):
     """Builds its attention inputs itself: a float ALiBi bias cannot travel between stages (DeepSpeed would
     expect a gradient for it), so each layer turns the transported document ids into its own."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig):
-        super().__init__(config, pstate, ops, kernels)
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
+                 lora: LoraConfig | None = None):
+        super().__init__(config, pstate, ops, kernels, lora)
         self.masker = AttentionMasker(config, pstate.tp_size, pstate.tp_rank)
         self.config, self.kernels = config, kernels
         self.recompute_self = False  # set for the first layers of a stage under method block
@@ -108,7 +112,7 @@ class GPTPipeLoss:
 
 
 def build_layer_specs(config: ModelConfig, padded_vocab_size: int, pstate: ParallelState, ops: Ops,
-                      kernels: KernelsConfig) -> list:
+                      kernels: KernelsConfig, lora: LoraConfig | None = None) -> list:
     tied = not config.untie_embeddings_and_output_weights
     if tied:
         embed = TiedLayerSpec("embed", EmbeddingPipe, config, padded_vocab_size, pstate,
@@ -119,7 +123,7 @@ def build_layer_specs(config: ModelConfig, padded_vocab_size: int, pstate: Paral
         embed = LayerSpec(EmbeddingPipe, config, padded_vocab_size, pstate)
         head = LayerSpec(OutputLayerPipe, config.hidden_size, padded_vocab_size, pstate, bias=False,
                          init_method=normal_init(config.init_method_std))
-    return ([embed] + [LayerSpec(TransformerLayerPipe, config, pstate, ops, kernels) for _ in range(config.num_layers)]
+    return ([embed] + [LayerSpec(TransformerLayerPipe, config, pstate, ops, kernels, lora) for _ in range(config.num_layers)]
             + [LayerSpec(FinalNormPipe, config, pstate, ops), head])
 
 
@@ -128,14 +132,16 @@ class GPTPipelineModule(PipelineModule):
     wraps the default process group in DeepSpeed's comm layer if nobody did yet."""
 
     def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState,
-                 kernels: KernelsConfig | None = None, partition_method: str = "parameters"):
+                 kernels: KernelsConfig | None = None, partition_method: str = "parameters",
+                 lora: LoraConfig | None = None):
         check_parallel_shapes(config, ParallelConfig(tensor_model_parallel_size=pstate.tp_size,
                                                      pipeline_model_parallel_size=pstate.pp_size,
                                                      pipeline_partition_method=partition_method), padded_vocab_size)
         kernels = kernels or KernelsConfig()
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-        specs = build_layer_specs(config, padded_vocab_size, pstate, build_ops(kernels), kernels)
+        lora = lora if lora is not None and lora.enabled else None
+        specs = build_layer_specs(config, padded_vocab_size, pstate, build_ops(kernels), kernels, lora)
         super().__init__(
             layers=specs, topology=pstate.topology, loss_fn=GPTPipeLoss(pstate),
             partition_method="parameters" if partition_method == "parameters" else "type:TransformerLayerPipe",
@@ -148,6 +154,10 @@ class GPTPipelineModule(PipelineModule):
             local = [f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe)]
             for layer in local[:config.recompute_num_layers]:
                 layer.recompute_self = True
+        if lora is not None:
+            freeze_base(self)
+        if kernels.torch_compile:
+            compile_blocks(f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe))
 
 
 def plain_to_pipe_key(key: str, config: ModelConfig) -> str:
@@ -177,10 +187,12 @@ def pipe_to_plain_key(key: str, config: ModelConfig) -> str:
     return f"final_norm.{rest}" if index == L + 1 else "output_layer.weight"
 
 
-def load_plain_state_dict(module: GPTPipelineModule, plain: Mapping[str, torch.Tensor]) -> None:
-    """Load the keys of a GPTModel state dict (this rank's TP shard) that live on `module`'s stage."""
-    own = module.state_dict()
+def load_plain_state_dict(module: GPTPipelineModule, plain: Mapping[str, torch.Tensor],
+                          select: Callable[[str], bool] | None = None) -> None:
+    """Load the keys of a GPTModel state dict (this rank's TP shard) that live on `module`'s stage;
+    `select(plain_key)` limits it to some of them (LoRA: the base or the adapters)."""
+    own = [k for k in module.state_dict() if select is None or select(pipe_to_plain_key(k, module.config))]
     missing = [k for k in own if pipe_to_plain_key(k, module.config) not in plain]
     if missing:
         raise KeyError(f"the state dict lacks {missing[:5]} needed by pipeline stage {module.stage_id}")
-    module.load_state_dict({k: plain[pipe_to_plain_key(k, module.config)] for k in own})
+    module.load_state_dict({k: plain[pipe_to_plain_key(k, module.config)] for k in own}, strict=select is None)

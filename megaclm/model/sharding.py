@@ -20,13 +20,15 @@ def tp_partition(key: str, config: ModelConfig, shape: torch.Size) -> tuple[int,
     hd = config.head_dim
     if key.endswith(("word_embeddings.weight", "output_layer.weight")):
         return 0, [shape[0]]
-    if key.endswith(("attention.qkv.weight", "attention.qkv.bias")):
+    # LoRA: B of a column-parallel linear is split like its weight's rows, A of a row-parallel one like its columns.
+    if key.endswith(("attention.qkv.weight", "attention.qkv.bias", "attention.qkv.lora_b")):
         return 0, [config.num_attention_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
-    if key.endswith(("mlp.fc1.weight", "mlp.fc1.bias")):
+    if key.endswith(("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc1.lora_b")):
         return 0, [config.ffn_size] * (2 if config.swiglu else 1)
-    if key.endswith(("mlp.shared.fc1.weight", "mlp.shared.fc1.bias")):  # an MoE layer's shared expert
+    if key.endswith(("mlp.shared.fc1.weight", "mlp.shared.fc1.bias", "mlp.shared.fc1.lora_b")):  # MoE shared expert
         return 0, [config.moe_shared_expert_intermediate_size] * (2 if config.swiglu else 1)
-    if key.endswith(("attention.proj.weight", "mlp.fc2.weight", "mlp.shared.fc2.weight")):
+    if key.endswith(("attention.proj.weight", "mlp.fc2.weight", "mlp.shared.fc2.weight", "attention.proj.lora_a",
+                     "mlp.fc2.lora_a", "mlp.shared.fc2.lora_a")):
         return 1, [shape[1]]
     return None
 

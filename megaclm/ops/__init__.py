@@ -17,15 +17,21 @@ Signatures (shapes batch-first; "ref" = the pure-PyTorch reference in the named 
 Backends (`KernelsConfig.kernels`), chosen once with `build_ops(...)`, which returns an `Ops` whose
 attributes are the functions above:
 - "torch": the references.
-- "compile": torch.compile of each reference.
+- "compile": torch.compile of each reference (small graphs, one per op). Whole transformer blocks are
+  compiled by `kernels.torch_compile` instead (megaclm.model.compiled); both need `compile_unavailable()`
+  to be None, else one line is logged and the eager code runs.
 - "fused": the CUDA kernels of `megaclm.ops._cuda` for the ops it provides, the reference for the rest.
   That module (built by the kernels issue) must define `is_available() -> bool` and functions with the
   names and signatures above. When it is missing or not available, one line is logged and every op
   falls back to its reference.
 `is_available(name)` says whether a fused kernel for `name` can run in this process.
 """
+import os
+import shutil
 from dataclasses import dataclass, fields
 from typing import Callable
+
+import torch
 
 from megaclm.config.kernels import KERNEL_BACKENDS, KernelsConfig
 from megaclm.logging import warn_once
@@ -77,6 +83,20 @@ def is_available(name: str) -> bool:
     return module is not None and hasattr(module, name)
 
 
+def compile_unavailable() -> str | None:
+    """Why torch.compile's default (inductor) backend cannot run in this process, or None if it can."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python/platform"
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "inductor needs triton for CUDA kernels and it is not installed"
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in compilers):
+        return "inductor needs a C++ compiler for CPU kernels and none was found (set CXX or install g++)"
+    return None
+
+
 def build_ops(kernels: KernelsConfig | str = "torch") -> Ops:
     """The op table for a backend ("torch", "compile" or "fused", or a KernelsConfig)."""
     backend = kernels.kernels if isinstance(kernels, KernelsConfig) else kernels
@@ -85,7 +105,10 @@ def build_ops(kernels: KernelsConfig | str = "torch") -> Ops:
     if backend == "torch":
         return Ops()
     if backend == "compile":
-        import torch
+        reason = compile_unavailable()
+        if reason is not None:
+            warn_once("ops-compile-missing", f"kernels=compile: {reason}; using the eager PyTorch reference ops")
+            return Ops(backend="torch")
         return Ops(backend="compile", **{name: torch.compile(REFERENCES[name]) for name in OP_NAMES})
     module = _fused_module()
     if module is None:

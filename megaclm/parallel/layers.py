@@ -10,6 +10,13 @@ along the sequence (dim 1), so ColumnParallelLinear all-gathers its input and Ro
 reduce-scatters its output instead of all-reducing it. Replicated parameters that then see only a
 sequence chunk (norms, the row-parallel bias) get `sequence_parallel_grad_hook`, which sums their
 gradient over the group before any optimizer (or DeepSpeed ZeRO hook) sees it.
+
+LoRA (`lora=LoraConfig`): y = W x + (alpha / r) B A dropout(x), with the factor that touches W's split
+axis split the same way, so that the adapted TP=t model equals the adapted TP=1 model:
+    column-parallel  A (r, in) replicated, B (out/tp, r) split along out like W's rows ([q; k; v] blocks kept)
+    row-parallel     A (r, in/tp) split along in like W's columns, B (out, r) replicated
+The rank-r activation u = A x is what crosses ranks: copied (its gradient all-reduced) or SP-gathered before
+a column B, summed (or SP reduce-scattered) after a row A - r numbers per token instead of `out`.
 """
 import math
 from typing import Callable, Sequence
@@ -19,8 +26,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaclm.config.lora import LoraConfig
 from megaclm.parallel.mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
                                        reduce_scatter_to_sp)
+from megaclm.parallel.random import tp_rng_fork
 from megaclm.parallel.state import ParallelState
 
 InitMethod = Callable[[torch.Tensor], None]
@@ -84,7 +93,21 @@ def _init_shard(shape_full: tuple, dim: int, block_sizes: Sequence[int], init_me
     return shard_blocks(full, dim, block_sizes, tp, rank)
 
 
-class ColumnParallelLinear(nn.Module):
+def lora_a_init(t: torch.Tensor) -> None:
+    """PEFT's init of A (kaiming-uniform, a=sqrt(5), as nn.Linear); B starts at zero."""
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class _LoraMixin:
+    """Adapter bookkeeping shared by both linears; `lora_a`/`lora_b` are None without LoRA."""
+
+    def _init_lora(self, lora: LoraConfig | None) -> None:
+        self.lora_a = self.lora_b = None
+        self.lora_scale = lora.scale if lora is not None else 0.0
+        self.lora_dropout = nn.Dropout(lora.lora_dropout if lora is not None else 0.0)
+
+
+class ColumnParallelLinear(_LoraMixin, nn.Module):
     """y = x A^T + b with A split along its output rows: (B, T, in) -> (B, T, out/tp).
 
     `output_blocks` (default [out]) lists blocks of the output that are split separately, e.g.
@@ -93,7 +116,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_, output_blocks: Sequence[int] | None = None,
-                 gather_output: bool = False):
+                 gather_output: bool = False, lora: LoraConfig | None = None):
         super().__init__()
         self.pstate = pstate
         self.tp, rank, self.sp = tp_info(pstate)
@@ -107,26 +130,42 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // self.tp))
             _mark(self.bias, 0)
+        self.linear = F.linear  # the base matmul; megaclm.model.fp8 swaps in a float8 one
+        self._init_lora(lora)
+        if lora is not None:
+            a = torch.empty(lora.lora_rank, in_features)
+            lora_a_init(a)
+            self.lora_a = nn.Parameter(a)  # (r, in), replicated
+            sequence_parallel_grad_hook(self.lora_a, pstate)  # under SP it sees this rank's tokens only
+            self.lora_b = nn.Parameter(torch.zeros(out_features // self.tp, lora.lora_rank))  # (out/tp, r)
+            _mark(self.lora_b, 0)
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """`add_bias=False` leaves the bias to the caller (to fuse it into the activation)."""
         group = tp_group(self.pstate)
-        y = column_parallel_linear(x, self.weight, self.bias if add_bias else None, group, self.sp)
+        y = column_parallel_linear(x, self.weight, self.bias if add_bias else None, group, self.sp, self.linear)
+        if self.lora_a is not None:
+            # x is replicated (same dropout mask on every rank) or, under SP, this rank's tokens (its own mask).
+            with tp_rng_fork(self.sp and self.training and self.lora_dropout.p > 0):
+                x = self.lora_dropout(x)
+            u = F.linear(x, self.lora_a)  # (B, S, r)
+            u = gather_from_sp(u, group) if self.sp else copy_to_tp(u, group)  # (B, T, r)
+            y = y + self.lora_scale * F.linear(u, self.lora_b)  # (B, T, out/tp)
         return gather_from_tp(y, group) if self.gather_output else y
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
-                           sequence_parallel: bool) -> torch.Tensor:
+                           sequence_parallel: bool, linear: Callable = F.linear) -> torch.Tensor:
     """(B, T, in) replicated, or (B, T/tp, in) under SP -> (B, T, out/tp) with this rank's output rows.
 
     Also the tied output layer, which multiplies by the vocab-parallel embedding table.
     """
     # SP gathers the sequence (backward reduce-scatters the partial grads); TP copies (backward all-reduces).
     x = gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_LoraMixin, nn.Module):
     """y = x A^T + b with A split along its input columns: (B, T, in/tp) -> (B, T, out), summed over ranks.
 
     The input is already split (the output of a ColumnParallelLinear). Under SP the sum is a
@@ -134,7 +173,7 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
-                 init_method: InitMethod = nn.init.xavier_normal_):
+                 init_method: InitMethod = nn.init.xavier_normal_, lora: LoraConfig | None = None):
         super().__init__()
         self.pstate = pstate
         self.tp, rank, self.sp = tp_info(pstate)
@@ -147,11 +186,25 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
             sequence_parallel_grad_hook(self.bias, pstate)
+        self.linear = F.linear  # the base matmul; megaclm.model.fp8 swaps in a float8 one
+        self._init_lora(lora)
+        if lora is not None:
+            self.lora_a = nn.Parameter(_init_shard((lora.lora_rank, in_features), 1, [in_features], lora_a_init,
+                                                   self.tp, rank))  # (r, in/tp)
+            _mark(self.lora_a, 1)
+            self.lora_b = nn.Parameter(torch.zeros(out_features, lora.lora_rank))  # (out, r), replicated
+            sequence_parallel_grad_hook(self.lora_b, pstate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (B, T, out) partial sum over this rank's inputs
+        y = self.linear(x, self.weight)  # (B, T, out) partial sum over this rank's inputs
         group = tp_group(self.pstate)
-        y = reduce_scatter_to_sp(y, group) if self.sp else reduce_from_tp(y, group)
+        reduce = reduce_scatter_to_sp if self.sp else reduce_from_tp
+        y = reduce(y, group)  # (B, S, out)
+        if self.lora_a is not None:
+            with tp_rng_fork(self.tp > 1 and self.training and self.lora_dropout.p > 0):  # x differs across ranks
+                x = self.lora_dropout(x)
+            u = reduce(F.linear(x, self.lora_a), group)  # (B, S, r), summed over the input shards
+            y = y + self.lora_scale * F.linear(u, self.lora_b)
         return y if self.bias is None else y + self.bias
 
 

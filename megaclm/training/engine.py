@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megaclm.logging import get_logger
+from megaclm.model.fp8 import convert_to_fp8
 from megaclm.model.gpt import GPTModel
 from megaclm.model.pipe import GPTPipelineModule
 from megaclm.parallel.random import model_parallel_seed
@@ -65,9 +66,15 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
     # device's memory never exists whole (every data-parallel replica builds the same init: same seed).
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate):
         if pstate.pp_size > 1:
-            return GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
-                                     partition_method=cfg.parallel.pipeline_partition_method)
-        return GPTModel(cfg.model, padded_vocab_size, pstate, cfg.kernels)
+            model = GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
+                                      partition_method=cfg.parallel.pipeline_partition_method, lora=cfg.lora)
+        else:
+            model = GPTModel(cfg.model, padded_vocab_size, pstate, cfg.kernels, lora=cfg.lora)
+    if cfg.training.fp8_format is not None:  # checked by check_fp8 at start-up
+        converted = convert_to_fp8(model, cfg.training.fp8_format, cfg.training.fp8_recipe)
+        if pstate.rank == 0:
+            log.info(f"fp8 ({cfg.training.fp8_format}, {cfg.training.fp8_recipe}): {len(converted)} block linears")
+    return model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: bool = False) -> list[dict]:

@@ -16,15 +16,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, restore_rng
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng
 from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
+from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.logging import get_logger
-from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token
+from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters
+from megaclm.model.fp8 import check_fp8
+from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.engine import build_engine, build_model, init_distributed
@@ -52,7 +55,21 @@ def _model_vocab(cfg: Any, tokenizer_vocab: int, padded: int) -> tuple[int, str]
     return padded, "the tokenizer, padded"
 
 
-def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
+def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
+    """One line per optional training feature and whether it is on (printed by --validate-only)."""
+    l, k = cfg.lora, cfg.kernels
+    lines = ["lora: off" if lora is None else
+             f"lora: rank {l.lora_rank}, alpha {l.lora_alpha:g}, dropout {l.lora_dropout:g} on {l.lora_target}; base "
+             f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")]
+    lines.append(f"torch_compile: {'on (each transformer block)' if k.torch_compile else 'off'}; "
+                 f"kernels: {k.kernels}")
+    t = cfg.training
+    lines.append("fp8: off" if t.fp8_format is None else
+                 f"fp8: {t.fp8_format} format, {t.fp8_recipe} scaling (torchao.float8) on the transformer blocks' linears")
+    return lines
+
+
+def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
                         tensor_parallel=derived.tensor_model_parallel_size,
@@ -61,7 +78,8 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
                         precision=cfg.training.precision, sequence_parallel=cfg.parallel.sequence_parallel,
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.training.offload_optimizer,
                         offload_param=cfg.training.offload_param,
-                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"))
+                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
+                        lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names)
     memory = estimate_memory(cfg.model, model_vocab, setup)
     lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
@@ -74,8 +92,11 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
                   f"{m.moe_shared_expert_intermediate_size or 'none'}, aux loss {m.moe_aux_loss_coeff}, z-loss "
                   f"{m.moe_z_loss_coeff}, expert parallel {cfg.parallel.expert_model_parallel_size}",
                   f"expert_parameters: {params.experts:,}", f"active_parameters_per_token: {params.active:,}"]
-    lines += [
-              f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
+    if cfg.lora.enabled:
+        adapters = cfg.model.num_layers * lora_layer_parameters(cfg.model, cfg.lora.lora_rank, cfg.lora.target_names)
+        lines.append(f"trainable parameters: {adapters:,} LoRA adapters ({100 * adapters / params.total:.2f}%)")
+    lines += [f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
+              "", "# features", *features(cfg, lora),
               "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
     return "\n".join(lines)
@@ -98,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
+    c = cfg.checkpoint
+    lora = resolve_lora_base(c.load, c.ckpt_step, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
     if args.validate_only:
-        print(_summary(cfg, derived, model_vocab, ds_config), flush=True)
+        print(_summary(cfg, derived, model_vocab, ds_config, lora), flush=True)
         return 0
     try:
-        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source)
+        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -117,9 +140,12 @@ def set_thread_count() -> None:
         torch.set_num_threads(int(threads))
 
 
-def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str) -> int:
+def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
+         lora: tuple[dict, bool] | None) -> int:
+    """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
+    check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)
     if pstate.rank == 0:
@@ -132,10 +158,16 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     engine = build_engine(cfg, model, pstate, ds_config)
     progress, state = Progress(), None
     c = cfg.checkpoint
-    if c.load is not None:
+    lora_base, adapters = lora if lora is not None else (None, False)
+    if lora_base is not None:  # the frozen base first; then the adapters, if --load is a LoRA checkpoint
+        load_weights(engine, lora_base["dir"], lora_base["tag"], select=lambda key: not is_lora_key(key))
+        if pstate.rank == 0:
+            log.info(f"LoRA: frozen base from {lora_base['dir']}/{lora_base['tag']}")
+    if c.load is not None and (lora_base is None or adapters):
         state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=(pstate.tp_size, pstate.pp_size), exit_on_missing=c.exit_on_missing_checkpoint)
+                                layout=(pstate.tp_size, pstate.pp_size), exit_on_missing=c.exit_on_missing_checkpoint,
+                                adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
@@ -152,6 +184,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
             "data_parallel_size": pstate.dp_size, "world_size": pstate.world_size,
             "padded_vocab_size": model_vocab, "tokenizer_vocab_size": tokenizer.vocab_size,
             "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision}
+    if lora_base is not None:
+        meta["lora_base"] = lora_base
     peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.training.precision)
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),

@@ -116,6 +116,45 @@ def check_tp_family(name: str, world_size: int, rank: int, sequence_parallel: bo
     }
 
 
+def randomize_adapters(model: torch.nn.Module, seed: int = 11) -> None:
+    """B starts at zero (the adapted model equals the base); random B makes the adapters matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(".lora_b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def check_tp_lora(name: str, world_size: int, rank: int, sequence_parallel: bool) -> dict:
+    """LoRA on all four linears, TP = world_size vs TP=1 with the same base and adapters: logits, loss,
+    adapter gradients; and which parameters train (only the adapters, on both)."""
+    from megaclm.config.lora import LoraConfig
+
+    config, lora = family_config(name), LoraConfig(lora_rank=4, lora_alpha=8.0)
+    inputs = batch(seed=9)
+    torch.manual_seed(1234)  # the same reference on every rank
+    ref = GPTModel(config, VOCAB, None, lora=lora)
+    randomize_adapters(ref)
+    ref_logits, ref_loss = forward_backward(ref, *inputs)
+    ref_grads = grads(ref)
+
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=sequence_parallel)
+    pstate.init_process_groups()
+    model = GPTModel(config, VOCAB, pstate, lora=lora)
+    model.load_state_dict(shard_state_dict(ref.state_dict(), config, pstate.tp_size, pstate.tp_rank))
+    logits, loss = forward_backward(model, *inputs)
+    full_grads = unshard_state_dicts(gather_shards(grads(model), pstate), config)
+    base = reference(config)  # the same weights without adapters: the adapters must change the output
+    with torch.no_grad():
+        base.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" not in k})
+        adapter_effect = (base(*inputs[:1]) - ref_logits).abs().max().item()
+    return {"logits": (gather_from_tp(logits, pstate.tp_group) - ref_logits).abs().max().item(),
+            "loss": (loss - ref_loss).abs().max().item(), "grads": max_diff(full_grads, ref_grads),
+            "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
+            "trainable": sorted(k for k, p in model.named_parameters() if p.requires_grad),
+            "ref_trainable": sorted(ref_grads), "adapter_effect": adapter_effect}
+
+
 def check_mappings(world_size: int, rank: int) -> dict:
     """Each mapping's forward and backward contract on rank-dependent data, as exact comparisons."""
     from megaclm.parallel import mappings as m
@@ -330,6 +369,8 @@ def check_zero3(world_size: int, rank: int, family: str) -> dict:
 def world2_checks(rank: int, world_size: int) -> dict:
     """Everything the 2-rank tests assert on, in one spawn."""
     out = {("tp", name, sp): check_tp_family(name, world_size, rank, sp) for name in FAMILIES for sp in (False, True)}
+    out.update({("lora", name, sp): check_tp_lora(name, world_size, rank, sp)
+                for name in ("gpt2", "llama") for sp in (False, True)})
     out["mappings"] = check_mappings(world_size, rank)
     out["rng"] = check_rng_streams(world_size, rank)
     out["vocab_ce"] = check_vocab_parallel_ce(world_size, rank)

@@ -29,6 +29,19 @@ def test_tp2_logits_loss_and_grads_equal_unsharded(ranks, family, sequence_paral
         assert r["grads"] < TOL * max(1.0, r["grad_scale"]), (rank, r)
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tp2_lora_equals_unsharded_lora(ranks, family, sequence_parallel):
+    for rank, result in enumerate(ranks):
+        r = result[("lora", family, sequence_parallel)]
+        assert r["adapter_effect"] > 1e-2, "the adapters do not change the output: the comparison is vacuous"
+        assert r["logits"] < TOL and r["loss"] < TOL, (rank, r)
+        assert r["grads"] < TOL * max(1.0, r["grad_scale"]), (rank, r)
+        # Only the adapters train: the base has no gradient (so no optimizer state) on either side.
+        assert r["trainable"] == r["ref_trainable"] and all("lora_" in k for k in r["trainable"]), r["trainable"]
+        assert len(r["trainable"]) == 2 * 4 * checks.FAMILIES[family]["num_layers"]
+
+
 def test_mappings_forward_and_backward_contracts(ranks):
     for rank, result in enumerate(ranks):
         assert len(result["mappings"]) == 8

@@ -202,6 +202,15 @@ def test_reshard_keeps_the_loss(work, family):
     assert abs(eval_in_process(up, work["jsonl"])["loss"] - f["ref"]) < TOL
 
 
+def preprocess(hf_dir: str, jsonl: str, prefix: str) -> str:
+    """tools/preprocess_data.py with the HF model's tokenizer; returns the --data-path prefix."""
+    prep = run([sys.executable, "tools/preprocess_data.py", "--input", jsonl, "--tokenizer-type",
+                "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--append-eod", "--workers", "1",
+                "--output-prefix", prefix])
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    return prefix + "_text_document"
+
+
 def _pretrain_hf(hf_dir: str, out: str, jsonl: str, steps: int = 40) -> None:
     """A few HF training steps, so the starting model is recognisably not a fresh init (loss well below ln V)."""
     import shutil
@@ -233,10 +242,7 @@ def test_continual_pretraining_from_hf(work):
     start = str(root / "cpt-start-hf")
     _pretrain_hf(f["hf"], start, train)
     before = hf_loss(start, train)
-    prep = run([sys.executable, "tools/preprocess_data.py", "--input", train, "--tokenizer-type",
-                "HuggingFaceTokenizer", "--tokenizer-model", start, "--append-eod", "--workers", "1",
-                "--output-prefix", str(root / "cpt")])
-    assert prep.returncode == 0, prep.stderr[-3000:]
+    preprocess(start, train, str(root / "cpt"))
     imported, trained, exported = str(root / "cpt-import"), str(root / "cpt-run"), str(root / "cpt-export")
     convert.import_hf(start, imported, tp=2, pp=2)
     common = ["--data-path", str(root / "cpt_text_document"), "--split", "100,0,0", "--seq-length", str(SEQ),
@@ -272,6 +278,146 @@ def test_continual_pretraining_from_hf(work):
     steps = [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
     assert [i for i, _ in steps] == [11, 12]
     assert abs(steps[0][1] - losses[-1]) < 0.5  # continues from the trained weights, not a fresh init
+
+
+# ---- LoRA: adapters on an imported model, TP=2, adapter-only checkpoints, merged and PEFT exports ----------
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target", "qkv,proj,fc1,fc2"]
+
+
+def adapted_logits(base_dir: str, lora_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    """megaclm's own adapted model (base weights + adapters, not merged), real vocabulary rows only."""
+    from megaclm.checkpoint.shards import load_full_state_dict
+    from megaclm.config import MegaclmConfig
+    from megaclm.config.lora import LoraConfig
+    from megaclm.model.gpt import GPTModel
+
+    base, adapters = load_full_state_dict(base_dir), load_full_state_dict(lora_dir)
+    cfg = MegaclmConfig.from_dict({"model": base.config["model"], "lora": adapters.config["lora"]})
+    model = GPTModel(cfg.model, base.meta["padded_vocab_size"], lora=LoraConfig(**adapters.config["lora"])).eval()
+    model.load_state_dict({**base.state_dict, **adapters.state_dict})
+    with torch.no_grad():
+        return model(ids)[..., :base.meta["hf_vocab_size"]]
+
+
+@pytest.fixture(scope="module")
+def lora_run(work):
+    """LoRA on the imported TP=2 llama, 2 ranks under the deepspeed launcher: 6 iterations saved at 3 and 6,
+    then a second run resumed from iteration 3."""
+    root, f = work["root"], work["families"]["llama"]
+    data = preprocess(f["hf"], work["jsonl"], str(root / "lora"))
+    common = ["--data-path", data, "--split", "100,0,0", "--seq-length", str(SEQ), "--micro-batch-size", "4",
+              "--global-batch-size", "8", "--lr", "1e-2", "--lr-decay-style", "constant", "--eval-iters", "0",
+              "--log-interval", "1", "--seed", "5", "--hidden-dropout", "0.1", "--lora-dropout", "0.1",
+              "--config", os.path.join(f["tp2"], "model_config.yaml"), "--train-iters", "6", *LORA]
+    first, resumed = str(root / "lora-run"), str(root / "lora-resumed")
+    proc = launch(2, ["pretrain_gpt.py", *common, "--load", f["tp2"], "--finetune", "--save", first,
+                      "--save-interval", "3"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = launch(2, ["pretrain_gpt.py", *common, "--load", first, "--ckpt-step", "3", "--save", resumed,
+                      "--save-interval", "3"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    def losses(d):
+        return {r["iteration"]: r["loss"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "loss" in r}
+
+    return {"base": f["tp2"], "hf": f["hf"], "first": first, "resumed": resumed, "losses": losses(first),
+            "resumed_losses": losses(resumed)}
+
+
+def test_lora_checkpoint_holds_only_adapters_and_resumes_exactly(lora_run):
+    first = lora_run["first"]
+    meta = json.load(open(os.path.join(first, "iter_0000006", "megaclm", "meta.json")))
+    assert meta["lora_base"] == {"dir": os.path.abspath(lora_run["base"]), "tag": "iter_0000000"}
+    for rank in range(2):
+        shard = torch.load(os.path.join(first, "iter_0000006", "megaclm", "model", f"tp{rank:02d}_pp000.pt"),
+                           weights_only=False)["tensors"]
+        module = torch.load(os.path.join(first, "iter_0000006", f"mp_rank_{rank:02d}_model_states.pt"),
+                            weights_only=False)["module"]
+        assert shard and all(k.endswith((".lora_a", ".lora_b")) for k in shard), sorted(shard)
+        assert set(module) == set(shard), sorted(set(module) ^ set(shard))  # DeepSpeed's file: no frozen base
+    # Iterations 4-6 of the resumed run (adapters, Adam moments, RNG and data position from iteration 3,
+    # the base from the base checkpoint, dropout on) are the uninterrupted run's, bit for bit.
+    assert [lora_run["resumed_losses"][i] for i in (4, 5, 6)] == [lora_run["losses"][i] for i in (4, 5, 6)]
+
+
+def test_lora_merged_export_equals_adapted_model_and_the_loss_fell(work, lora_run):
+    out = str(work["root"] / "lora-merged")
+    convert.export_hf(lora_run["first"], out, lora="merge")
+    ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted_logits(lora_run["base"], lora_run["first"], ids),
+                                   atol=2e-5, rtol=0)
+    before, after = hf_loss(lora_run["hf"], work["jsonl"]), hf_loss(out, work["jsonl"])
+    print(f"  LoRA (llama, tp2, rank 4): HF loss {before:.4f} -> {after:.4f} after 6 iterations")
+    assert after < before - 0.05, (before, after)
+
+
+def test_lora_peft_adapter_loads_onto_exported_base_with_equal_logits(work, lora_run):
+    peft = pytest.importorskip("peft")
+    base_hf, adapter = str(work["root"] / "lora-base-hf"), str(work["root"] / "lora-adapter")
+    convert.export_hf(lora_run["base"], base_hf)
+    convert.export_hf(lora_run["first"], adapter, lora="adapter")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.load(open(os.path.join(adapter, "adapter_config.json")))["target_modules"] == [
+        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
+        "self_attn.v_proj"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, adapter).eval()
+    ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, adapted_logits(lora_run["base"], lora_run["first"], ids),
+                                   atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_layout_of_every_family(work, family, tmp_path):
+    """to_peft on random adapters of each family: PEFT on the HF model gives the adapted megaclm logits."""
+    peft = pytest.importorskip("peft")
+    from megaclm.checkpoint.hf import from_hf
+    from megaclm.checkpoint.hf import files
+    from megaclm.checkpoint.hf.peft import to_peft
+    from megaclm.config.lora import LoraConfig
+    from megaclm.model.gpt import GPTModel
+
+    f = work["families"][family]
+    hf_config = files.read_config(f["hf"])
+    mc, sd = from_hf(files.read_weights(f["hf"]), hf_config)
+    lora = LoraConfig(lora_rank=3, lora_alpha=6.0, lora_target="qkv,fc1,fc2" if family == "gpt2" else "qkv,proj,fc1")
+    model = GPTModel(mc, sd["embedding.word_embeddings.weight"].shape[0], lora=lora).eval()
+    g = torch.Generator().manual_seed(4)
+    adapters = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in model.state_dict().items() if "lora_" in k}
+    model.load_state_dict({**sd, **adapters})
+    config, tensors = to_peft(mc, adapters, family, convert.MegaclmConfig(lora=lora).to_dict()["lora"], f["hf"])
+    files.write_peft_dir(str(tmp_path / "adapter"), config, tensors)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(f["hf"], dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    ids = torch.randint(0, 50257, (2, 40), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=2e-5, rtol=0)
+
+
+def test_lora_errors(work, lora_run, tmp_path):
+    base = lora_run["base"]
+    with pytest.raises(UserError, match="holds LoRA adapters only; pass --lora-merge"):
+        convert.export_hf(lora_run["first"], str(tmp_path / "a"))
+    with pytest.raises(UserError, match="without LoRA adapters; drop --lora-merge"):
+        convert.export_hf(base, str(tmp_path / "b"), lora="merge")
+    assert not os.listdir(tmp_path)
+    cfg = ["--config", os.path.join(base, "model_config.yaml"), "--mock-data", "--seq-length", "32",
+           "--train-iters", "2", "--validate-only", "--world-size", "2", *LORA]
+    cases = [([], "needs a base model: pass --load BASE --finetune"),
+             (["--load", base], "is a full checkpoint; add --finetune"),
+             (["--load", lora_run["first"], "--lora-rank", "8"], "adapters of other LoRA settings: --lora-rank 8"),
+             (["--lora-target", "qkv,mlp"], "lora.lora_target='qkv,mlp'")]
+    for extra, message in cases:
+        proc = run([sys.executable, "pretrain_gpt.py", *cfg, *extra])
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
+    proc = run([sys.executable, "pretrain_gpt.py", *cfg, "--load", lora_run["first"]])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"lora: rank 4, alpha 8, dropout 0 on qkv,proj,fc1,fc2; base frozen from {os.path.abspath(base)}" \
+        in proc.stdout and "adapters resumed from --load" in proc.stdout
+    assert "trainable parameters:" in proc.stdout
 
 
 def _free_port() -> int:

@@ -130,3 +130,22 @@ def test_validate_only_says_what_moe_does(prefix):
         r = cli(good(prefix) + ["--validate-only", "--world-size", "2", "--num-experts", "4", *bad])
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+def test_validate_only_says_which_features_are_on(prefix):
+    r = cli(good(prefix) + ["--validate-only", "--bf16", "--torch-compile", "--fp8-format", "hybrid",
+                            "--fp8-recipe", "rowwise"])
+    assert r.returncode == 0, r.stderr
+    features = r.stdout.split("# features")[1].split("# memory")[0]
+    assert "lora: off" in features and "torch_compile: on (each transformer block); kernels: torch" in features
+    assert "fp8: hybrid format, rowwise scaling (torchao.float8)" in features
+    off = cli(good(prefix) + ["--validate-only"])
+    assert "torch_compile: off" in off.stdout and "fp8: off" in off.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without FP8")
+def test_fp8_is_refused_without_an_fp8_gpu(prefix):
+    r = cli(good(prefix) + ["--bf16", "--fp8-format", "e4m3"])
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --fp8-format e4m3: there is no CUDA GPU; drop the --fp8-* flags and train in --bf16"]
+    r = cli(good(prefix) + ["--fp8-format", "hybrid"])
+    assert r.returncode == 2 and "training.fp8_format='hybrid' needs --bf16" in r.stderr

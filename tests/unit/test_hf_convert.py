@@ -86,9 +86,10 @@ def test_to_hf_returns_the_hf_tensors(family_model):
     assert config_from_hf(rebuilt) == model_cfg  # the config survives the round trip through transformers
 
 
-def test_layernorm_1p_is_folded_into_the_exported_norm_weights(family_model):
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])  # the folding does not depend on the MLP kind
+def test_layernorm_1p_is_folded_into_the_exported_norm_weights(family):
     """A zero-centred-norm model (--apply-layernorm-1p) exports to HF norms that scale by 1 + w: equal logits."""
-    family, hf, cfg = family_model
+    hf, cfg = _hf_model(family)
     model_cfg, sd = from_hf(hf.state_dict(), cfg)
     one_p = dataclasses.replace(model_cfg, apply_layernorm_1p=True)
     sd = {k: v - 1 if k.endswith("norm.weight") else v for k, v in sd.items()}  # the same model, stored as w - 1

@@ -9,6 +9,12 @@
     # any megaclm checkpoint (any TP/PP layout) -> HF directory for transformers
     python tools/checkpoint/convert_hf.py export --load ckpt/llama1b-cpt --out ./llama1b-cpt-hf
 
+    # a LoRA run's checkpoint (adapters + the base it names) -> merged HF model, or a PEFT adapter
+    python tools/checkpoint/convert_hf.py export --load ckpt/lora-run --out ./merged-hf --lora-merge
+    python tools/checkpoint/convert_hf.py export --load ckpt/llama1b --out ./base-hf
+    python tools/checkpoint/convert_hf.py export --load ckpt/lora-run --out ./adapter --lora-adapter
+    # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./base-hf"), "./adapter")
+
 import writes OUT/model_config.yaml (model, tokenizer and parallel sections: pass it as --config) and
 the HF tokenizer files under OUT/tokenizer. The vocabulary is padded Megatron's way (zero rows up to a
 multiple of --make-vocab-size-divisible-by x TP) and the padding is dropped again on export.
@@ -25,7 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from megaclm.checkpoint.hf import FAMILIES, config_from_hf, from_hf, hf_family, infer_family, pad_vocab, to_hf, vocab_rows  # noqa: E402
 from megaclm.checkpoint.hf import files  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
-from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
+from megaclm.checkpoint.hf.peft import to_peft  # noqa: E402
+from megaclm.checkpoint.layout import read_meta  # noqa: E402
+from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint  # noqa: E402
+from megaclm.model.lora import merge_lora_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.config.arguments import dump_yaml  # noqa: E402
 from megaclm.config.model import check_parallel_shapes  # noqa: E402
@@ -80,15 +89,51 @@ def import_hf(hf_dir: str, out: str, tp: int = 1, pp: int = 1, divisible_by: int
     return tag
 
 
+LORA_EXPORTS = ("merge", "adapter")
+
+
+def _check_lora_export(load: str, tag: str | None, lora: str | None) -> None:
+    is_lora = "lora_base" in read_meta(load, tag)
+    if lora not in (None, *LORA_EXPORTS):
+        raise UserError(f"lora={lora!r} is not one of {', '.join(LORA_EXPORTS)}")
+    if is_lora and lora is None:
+        raise UserError(f"--load {load} holds LoRA adapters only; pass --lora-merge (an HF model with the adapters "
+                        "folded in) or --lora-adapter (a PEFT adapter for the base exported on its own)")
+    if lora is not None and not is_lora:
+        raise UserError(f"--load {load} is a full checkpoint without LoRA adapters; drop --lora-{lora}")
+
+
+def export_peft(adapters, base, out: str, family: str | None) -> dict:
+    """The PEFT adapter directory of a LoRA checkpoint; returns adapter_config.json."""
+    model_cfg = MegaclmConfig.from_dict({"model": base.config["model"]}).model
+    family = family or base.meta.get("hf_model_type") or infer_family(model_cfg)
+    config, tensors = to_peft(model_cfg, adapters.state_dict, family, adapters.config["lora"],
+                              base_model=adapters.meta["lora_base"]["dir"])
+    files.write_peft_dir(out, config, tensors)
+    log.info(f"exported the LoRA adapters of {adapters.meta['tag']} as a PEFT adapter ({family}) to {out}")
+    return config
+
+
 def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | None = None,
               tokenizer_dir: str | None = None, dtype: str = "fp32", vocab_size: int | None = None,
-              max_shard_gb: float = 5.0) -> dict:
-    """megaclm checkpoint (any TP/PP) -> HF directory at `out`; returns the written config.json dict."""
+              max_shard_gb: float = 5.0, lora: str | None = None) -> dict:
+    """megaclm checkpoint (any TP/PP) -> HF directory at `out`; returns the written config.json dict.
+
+    A LoRA checkpoint needs `lora`: "merge" folds the adapters into the base weights of the checkpoint it
+    names (W + alpha/r B A); "adapter" writes PEFT's adapter directory instead (returns adapter_config)."""
     check_fresh_output(out)
     if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
         raise UserError(f"--tokenizer-dir {tokenizer_dir}: no such directory")
     tag = None if ckpt_step is None else f"iter_{ckpt_step:07d}"
-    ckpt = load_full_state_dict(load, tag)
+    _check_lora_export(load, tag, lora)
+    if lora is None:
+        ckpt = load_full_state_dict(load, tag)
+    else:
+        adapters, ckpt = load_lora_checkpoint(load, tag)
+        if lora == "adapter":
+            return export_peft(adapters, ckpt, out, family)
+        scale = adapters.config["lora"]["lora_alpha"] / adapters.config["lora"]["lora_rank"]
+        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**ckpt.state_dict, **adapters.state_dict}, scale))
     model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
     section = files.tokenizer_section(tokenizer_dir) if tokenizer_dir else ckpt.config.get("tokenizer", {})
     if tokenizer_dir and section is None:
@@ -129,6 +174,12 @@ def main() -> None:
                      help="Split model.safetensors into shards of at most this size (+ an index file).")
     exp.add_argument("--vocab-size", type=int, default=None,
                      help="Rows of the embedding to keep; default: the tokenizer's (or the imported model's) size.")
+    lora = exp.add_mutually_exclusive_group()
+    lora.add_argument("--lora-merge", dest="lora", action="store_const", const="merge",
+                      help="A LoRA checkpoint: write the HF model with the adapters folded into its base weights.")
+    lora.add_argument("--lora-adapter", dest="lora", action="store_const", const="adapter",
+                      help="A LoRA checkpoint: write only the adapters, as a PEFT adapter directory "
+                           "(adapter_model.safetensors + adapter_config.json) for the base exported on its own.")
     a = p.parse_args()
     if a.command == "import":
         if a.tensor_model_parallel_size < 1 or a.pipeline_model_parallel_size < 1:
@@ -137,8 +188,11 @@ def main() -> None:
                   a.make_vocab_size_divisible_by)
     else:
         cfg = export_hf(a.load, a.out, a.ckpt_step, a.family, a.tokenizer_dir, a.dtype, a.vocab_size,
-                        a.max_shard_size_gb)
-        print(json.dumps({"out": a.out, "model_type": cfg["model_type"], "vocab_size": cfg["vocab_size"]}))
+                        a.max_shard_size_gb, lora=a.lora)
+        if a.lora == "adapter":
+            print(json.dumps({"out": a.out, "peft_type": cfg["peft_type"], "target_modules": cfg["target_modules"]}))
+        else:
+            print(json.dumps({"out": a.out, "model_type": cfg["model_type"], "vocab_size": cfg["vocab_size"]}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ model-0000i-of-0000n.safetensors + model.safetensors.index.json, or the older py
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -127,6 +128,34 @@ def _gpt2_tokenizer_config(eod_token: str) -> dict:
             "unk_token": eod_token, "add_prefix_space": False, "model_max_length": 1024}
 
 
+@contextlib.contextmanager
+def staged_dir(out_dir: str):
+    """Yield a temporary sibling directory to fill; it becomes `out_dir` (empty or absent) only on success."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    tmp = temp_path_for(out_dir)
+    os.remove(tmp)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # the caller checked it is empty
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_peft_dir(out_dir: str, adapter_config: dict, tensors: Mapping[str, torch.Tensor], dtype: str = "fp32") -> None:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+    from safetensors.torch import save_file
+
+    with staged_dir(out_dir) as tmp:
+        save_file({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+                  os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=1)
+
+
 def write_hf_dir(out_dir: str, config: dict, state_dict: Mapping[str, torch.Tensor],
                  tokenizer_files: Mapping[str, str], dtype: str = "fp32", max_shard_gb: float = 5.0) -> None:
     """Write an HF model directory atomically: safetensors (sharded above `max_shard_gb`), config.json, tokenizer."""
@@ -142,11 +171,7 @@ def write_hf_dir(out_dir: str, config: dict, state_dict: Mapping[str, torch.Tens
             size = 0
         shards[-1][key] = value
         size += nbytes
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    tmp = temp_path_for(out_dir)
-    os.remove(tmp)
-    os.makedirs(tmp)
-    try:
+    with staged_dir(out_dir) as tmp:
         if len(shards) == 1:
             save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         else:
@@ -168,9 +193,3 @@ def write_hf_dir(out_dir: str, config: dict, state_dict: Mapping[str, torch.Tens
             eod = "<|endoftext|>"
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
                 json.dump(_gpt2_tokenizer_config(eod), f, indent=1)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # the caller checked it is empty
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
