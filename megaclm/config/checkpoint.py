@@ -24,6 +24,9 @@ class CheckpointConfig:
     no_load_optim: bool = field(default=False, metadata={
         "help": "Load weights and progress but not the optimizer state (continual pretraining)."})
     no_load_rng: bool = field(default=False, metadata={"help": "Do not restore RNG states when loading."})
+    override_data_fingerprint: bool = field(default=False, metadata={
+        "help": "Resume even though the data files or their order settings differ from the checkpoint's "
+                "fingerprint (a deliberate data change; megaclm.data.fingerprint)."})
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:

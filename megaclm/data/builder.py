@@ -77,7 +77,7 @@ def read_data_path_file(path: str) -> list[str]:
     return items
 
 
-def _blend_sources(cfg: DataConfig) -> dict[str, tuple[list[float] | None, list[str], bool]]:
+def blend_sources(cfg: DataConfig) -> dict[str, tuple[list[float] | None, list[str], bool]]:
     """split name -> (weights or None, prefixes, whether --split applies), for the splits that have data."""
     if cfg.data_path or cfg.data_path_file:
         items, source = ((cfg.data_path, "data.data_path") if cfg.data_path else
@@ -169,7 +169,7 @@ def build_train_valid_test(cfg: DataConfig, *, seed: int, train_samples: int, va
         raise UserError(f"train_samples={train_samples}: the run must train on at least one sample")
     spec = SampleSpec(seq_length=cfg.seq_length, seed=seed, eod_id=eod_id, eod_mask_loss=cfg.eod_mask_loss,
                       reset_position_ids=cfg.reset_position_ids, reset_attention_mask=cfg.reset_attention_mask)
-    sources = _blend_sources(cfg)
+    sources = blend_sources(cfg)
     train_phases = None
     if cfg.data_mixing_schedule:
         if global_batch_size is None:

@@ -23,6 +23,7 @@ from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
+from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.logging import get_logger
 from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token
 from megaclm.tokenizer import build_tokenizer_from_config
@@ -50,6 +51,26 @@ def _model_vocab(cfg: Any, tokenizer_vocab: int, padded: int) -> tuple[int, str]
             check_vocab(tokenizer_vocab, vocab, f"--load {c.load}/{tag}")
             return vocab, f"--load {c.load}/{tag}"
     return padded, "the tokenizer, padded"
+
+
+def _resume_tag(cfg: Any) -> str | None:
+    """The tag a full resume (not --finetune) would load, or None for a fresh start or weights-only load."""
+    c = cfg.checkpoint
+    if c.load is None or c.finetune:
+        return None
+    return tag_for(c.ckpt_step) if c.ckpt_step is not None else read_latest(c.load)
+
+
+def _check_data(cfg: Any, fingerprint: dict) -> None:
+    """Refuse to resume on data that differs from the checkpoint's (unless --override-data-fingerprint)."""
+    tag = _resume_tag(cfg)
+    if tag is None:
+        return
+    saved = read_meta(cfg.checkpoint.load, tag).get("data_fingerprint")
+    if cfg.checkpoint.override_data_fingerprint:
+        log.warning(f"--override-data-fingerprint: not comparing the data with {cfg.checkpoint.load}/{tag}'s")
+        return
+    check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
 
 
 def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
@@ -86,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
+    fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
+    _check_data(cfg, fingerprint)
     if args.validate_only:
         print(_summary(cfg, derived, model_vocab, ds_config), flush=True)
         return 0
     try:
-        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source)
+        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, fingerprint)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -105,7 +128,8 @@ def set_thread_count() -> None:
         torch.set_num_threads(int(threads))
 
 
-def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str) -> int:
+def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
+         fingerprint: dict) -> int:
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     set_thread_count()
@@ -138,7 +162,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     meta = {"tensor_model_parallel_size": pstate.tp_size, "pipeline_model_parallel_size": pstate.pp_size,
             "data_parallel_size": pstate.dp_size, "world_size": pstate.world_size,
             "padded_vocab_size": model_vocab, "tokenizer_vocab_size": tokenizer.vocab_size,
-            "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision}
+            "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision,
+            "data_fingerprint": fingerprint}
     peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.training.precision)
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),

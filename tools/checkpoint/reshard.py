@@ -38,7 +38,7 @@ from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 log = get_logger("megaclm.reshard")
 # meta.json keys that describe the run rather than the layout; the layout keys are rewritten.
 KEPT_META = ("iteration", "consumed_samples", "consumed_tokens", "skipped_steps", "best_val_loss",
-             "tokenizer_vocab_size", "hf_vocab_size", "hf_model_type", "zero_stage")
+             "tokenizer_vocab_size", "hf_vocab_size", "hf_model_type", "zero_stage", "data_fingerprint")
 
 
 def _client_state(ckpt_dir: str) -> dict | None:
