@@ -44,6 +44,9 @@ class TrainingConfig:
     hysteresis: int = field(default=2, metadata={"help": "fp16: overflows tolerated before the scale halves."})
     max_consecutive_nan_steps: int = field(default=10, metadata={
         "help": "A step whose loss is NaN/inf is skipped and counted; this many in a row stop the run."})
+    hang_timeout_s: float | None = field(default=None, metadata={
+        "help": "Hang watchdog: a rank on which no step finished for this many seconds writes every thread's "
+                "stack to <save>/hang/rank<R>.txt and exits with status 75 (to be requeued). Unset: off."})
     distributed_backend: str | None = field(default=None, metadata={
         "help": "torch.distributed backend; default nccl with CUDA, gloo without.", "choices": ["nccl", "gloo"]})
     distributed_timeout_minutes: int = field(default=10, metadata={"help": "Timeout of collective operations."})
@@ -81,6 +84,8 @@ class TrainingConfig:
             raise UserError(f"training.loss_scale={self.loss_scale} must be > 0 (omit it for dynamic scaling)")
         if self.max_consecutive_nan_steps < 1:
             raise UserError(f"training.max_consecutive_nan_steps={self.max_consecutive_nan_steps} must be >= 1")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            raise UserError(f"training.hang_timeout_s={self.hang_timeout_s} must be > 0 (omit it to disable the watchdog)")
         if self.zero_param_persistence_threshold < 0:
             raise UserError("training.zero_param_persistence_threshold must be >= 0")
 

@@ -28,6 +28,7 @@ from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.schedules import LRSchedule
+from megaclm.training.watchdog import HangWatchdog
 
 log = get_logger("megaclm.train")
 
@@ -102,6 +103,11 @@ class Trainer:
         self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
         self.inject_nan = {int(x) for x in os.environ.get("MEGACLM_TEST_NAN_ITERS", "").split(",") if x}
+        # Test hook: rank MEGACLM_TEST_SLEEP_RANK (default 0) sleeps for an hour before iteration
+        # MEGACLM_TEST_SLEEP_AT_ITER (1-based), a hang for the watchdog (--hang-timeout-s) to catch.
+        self.sleep_at = int(os.environ.get("MEGACLM_TEST_SLEEP_AT_ITER", "0"))
+        self.sleep_rank = int(os.environ.get("MEGACLM_TEST_SLEEP_RANK", "0"))
+        self.watchdog: HangWatchdog | None = None
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -122,6 +128,14 @@ class Trainer:
             dist.all_reduce(value, group=self.pstate.dp_group)
             value /= self.pstate.dp_size
         return value.item()
+
+    def _test_hang(self) -> None:
+        if self.progress.iteration + 1 == self.sleep_at and self.pstate.rank == self.sleep_rank:
+            time.sleep(3600)
+
+    def _beat(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.progress.iteration)
 
     def train_step(self, seq_length: int) -> float:
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
@@ -222,10 +236,15 @@ class Trainer:
         signals = StopSignals()
         window = _new_window()
         reason = "finished"
+        if t.hang_timeout_s is not None:
+            save = self.cfg.checkpoint.save
+            self.watchdog = HangWatchdog(t.hang_timeout_s, os.path.join(save, "hang") if save else None,
+                                         self.pstate.rank)
         try:
             while not self._done():
                 seq = self.data.seq_length_at(self.progress)
                 lr = self._set_lr()
+                self._test_hang()
                 start = time.time()
                 loss = self.train_step(seq)
                 step_time = time.time() - start
@@ -257,10 +276,13 @@ class Trainer:
                 if p.iteration % lg.log_interval == 0 or p.iteration == 1:  # iteration 1 shows the starting loss
                     self._log(lr, window)
                     window = _new_window()
+                self._beat()
                 if p.iteration % t.eval_interval == 0 and not self._done():
                     self._after_eval(self.evaluate("valid"))
+                    self._beat()
                 if self.cfg.checkpoint.save_interval and p.iteration % self.cfg.checkpoint.save_interval == 0:
                     self.save()
+                    self._beat()
                 stop = self._should_stop(signals)
                 if stop is not None:
                     reason = stop
@@ -272,11 +294,23 @@ class Trainer:
             self.save()
         finally:
             signals.restore()
+            if self.watchdog is not None:
+                self.watchdog.close()
         return reason
+
+    def _rank_step_times(self, window: dict) -> list[float]:
+        """Every rank's mean step time over the window (one all-gather per log line), to name stragglers."""
+        mine = torch.tensor([window["time"] / max(window["steps"], 1)], dtype=torch.float64, device=self.device)
+        if not dist.is_initialized() or self.pstate.world_size == 1:
+            return [mine.item()]
+        gathered = [torch.zeros_like(mine) for _ in range(self.pstate.world_size)]
+        dist.all_gather(gathered, mine)
+        return [t.item() for t in gathered]
 
     def _log(self, lr: float, window: dict) -> None:
         p, n = self.progress, len(window["loss"])
         world = self.pstate.world_size
+        rank_times = self._rank_step_times(window)
         tokens_per_sec = window["tokens"] / window["time"] if window["time"] > 0 else None
         tflops = mfu = None
         if tokens_per_sec is not None:
@@ -288,4 +322,6 @@ class Trainer:
             "grad_norm": _to_float(self.engine.get_global_grad_norm()), "loss_scale": _loss_scale(self.engine),
             "tokens_per_sec": tokens_per_sec, "tflops": tflops, "mfu": mfu,
             "step_time": window["time"] / max(window["steps"], 1), "memory_gb": memory_gb(), "skipped_steps": p.skipped_steps,
+            "rank_step_time": rank_times, "step_time_max": max(rank_times),
+            "slowest_rank": max(range(len(rank_times)), key=rank_times.__getitem__),
         })

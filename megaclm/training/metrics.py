@@ -4,7 +4,8 @@ Only the writer rank (first rank of the last pipeline stage, where the loss is) 
 `--log-interval` iterations one record:
 
     {"iteration", "consumed_samples", "consumed_tokens", "loss", "lr", "grad_norm", "loss_scale",
-     "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps"}
+     "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps",
+     "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank"}
 
 and after each evaluation {"iteration", "val_loss", "val_ppl"} (or "test_loss", "test_ppl"). tflops is
 model FLOP/s per device (6N + 12 L d T per token, megaclm.model.flops; no recompute counted), mfu
