@@ -7,6 +7,8 @@ Order of a save, so that a crash at any point leaves the previous checkpoint loa
     3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard (atomically)
     4. barrier; rank 0 writes config.json + meta.json, then `latest` (atomic rename)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
+With `--async-save` steps 2-3 write CPU copies in a background thread and step 4's barrier is the
+ranks' agreement that every thread finished (megaclm.checkpoint.async_save).
 `latest` therefore only ever names a tag whose meta.json exists, and a tag without meta.json is
 incomplete. Loading always passes the tag to DeepSpeed (an untagged load silently takes an older
 `latest` of DeepSpeed's own).
@@ -17,15 +19,16 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, write_files
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
                                       read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
-from megaclm.checkpoint.shards import save_model_shard
+from megaclm.checkpoint.shards import model_shard_file
 from megaclm.checkpoint.weights import load_weights
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
@@ -49,33 +52,53 @@ def _write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: Any,
-                    config_tree: dict, meta: dict, total_limit: int | None = None) -> str:
-    """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag."""
+                    config_tree: dict, meta: dict, total_limit: int | None = None,
+                    writer: AsyncCheckpointWriter | None = None, on_complete: Callable[[], None] | None = None) -> str:
+    """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag.
+
+    With `writer` the files are written in the background (megaclm.checkpoint.async_save) and
+    steps 3-5 happen when the writer finishes; `on_complete` runs on rank 0 after `latest` moved."""
     tag = tag_for(iteration)
     ckpt = os.path.join(save_dir, tag)
     if _rank() == 0:
         os.makedirs(os.path.join(ckpt, "megaclm"), exist_ok=True)
         remove_quietly(os.path.join(ckpt, META))
     _barrier()
-    engine.save_checkpoint(save_dir, tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
-    rng_dir = os.path.join(ckpt, "megaclm", "rng")
-    os.makedirs(rng_dir, exist_ok=True)
-    with atomic_write(os.path.join(rng_dir, f"rank_{_rank():05d}.pt")) as f:
-        torch.save(get_rng_state(), f)
-    save_model_shard(engine.module, os.path.join(ckpt, "megaclm"), pstate)
+    client_state = {CLIENT_KEY: client_state}
+    rng_file = (os.path.join(ckpt, "megaclm", "rng", f"rank_{_rank():05d}.pt"), get_rng_state())
     # Test hook: widen the window between the data files and `latest` so a test can kill the run mid-save.
-    time.sleep(float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0")))
+    pause = float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0"))
+
+    def finalize() -> None:
+        if _rank() == 0:
+            _complete(save_dir, tag, config_tree, {**meta, "tag": tag, "iteration": iteration}, total_limit)
+            if on_complete is not None:
+                on_complete()
+
+    if writer is not None:
+        files = capture_deepspeed_files(engine, save_dir, tag, client_state) + [rng_file]
+        shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)
+        writer.submit(tag, files + ([shard] if shard else []), finalize, pause_s=pause)
+        return tag
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)
+    write_files([rng_file] + ([shard] if shard else []))
+    time.sleep(pause)
     _barrier()
-    if _rank() == 0:
-        _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
-        _write_text(os.path.join(ckpt, META), json.dumps({**meta, "tag": tag, "iteration": iteration}, indent=1))
-        _write_text(os.path.join(save_dir, LATEST), tag)
-        if total_limit is not None:
-            prune(save_dir, total_limit)
+    finalize()
     _barrier()
-    if _rank() == 0:
-        log.info(f"saved checkpoint {ckpt}")
     return tag
+
+
+def _complete(save_dir: str, tag: str, config_tree: dict, meta: dict, total_limit: int | None) -> None:
+    """Rank 0, once every rank's files are written: config.json, meta.json, then `latest`; prune."""
+    ckpt = os.path.join(save_dir, tag)
+    _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
+    _write_text(os.path.join(ckpt, META), json.dumps(meta, indent=1))
+    _write_text(os.path.join(save_dir, LATEST), tag)
+    if total_limit is not None:
+        prune(save_dir, total_limit)
+    log.info(f"saved checkpoint {ckpt}")
 
 
 def mark_best(save_dir: str, tag: str, val_loss: float) -> None:

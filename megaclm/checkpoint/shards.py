@@ -32,26 +32,24 @@ from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.model.sharding import unshard_state_dicts
 from megaclm.utils.errors import UserError
-from megaclm.utils.fileio import atomic_write
 
 
 def shard_name(tp_rank: int, pp_rank: int) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
 
 
-def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any) -> None:
-    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes."""
+def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: Any) -> tuple[str, dict] | None:
+    """Collective over the data-parallel group (ZeRO gathers fp32 partitions): (path, payload) of this
+    rank's fp32 shard on data-parallel rank 0, None on the others. The tensors are CPU copies."""
     tensors = {}
     for name, param in module.named_parameters():
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
         tensors[name] = (param.detach() if full is None else full).float().cpu().clone()
     if pstate.dp_rank != 0:
-        return
-    os.makedirs(os.path.join(out_dir, "model"), exist_ok=True)
+        return None
     payload = {"tensors": tensors, "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,
                "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size, "pipeline": pstate.pp_size > 1}
-    with atomic_write(os.path.join(out_dir, "model", shard_name(pstate.tp_rank, pstate.pp_rank))) as f:
-        torch.save(payload, f)
+    return os.path.join(out_dir, "model", shard_name(pstate.tp_rank, pstate.pp_rank)), payload
 
 
 class FullCheckpoint(NamedTuple):

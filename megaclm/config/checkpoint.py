@@ -18,6 +18,9 @@ class CheckpointConfig:
         "help": "Keep only the newest N checkpoints (plus the best one with --save-best)."})
     save_best: bool = field(default=False, metadata={
         "help": "Also keep the checkpoint with the lowest validation loss (recorded in <save>/best)."})
+    async_save: bool = field(default=False, metadata={
+        "help": "Write checkpoints in a background thread from a CPU copy while training goes on; `latest` "
+                "moves once every rank's files are written and fsynced (costs one host-memory copy)."})
     ckpt_step: int | None = field(default=None, metadata={"help": "Load iteration N (iter_{N:07d}) instead of `latest`."})
     finetune: bool = field(default=False, metadata={
         "help": "Load weights only: iteration, consumed samples, optimizer, scheduler and RNG start fresh."})
@@ -37,5 +40,6 @@ class CheckpointConfig:
             raise UserError(f"checkpoint.ckpt_step={self.ckpt_step} must be >= 0")
         if (self.finetune or self.no_load_optim or self.ckpt_step is not None) and self.load is None:
             raise UserError("checkpoint.finetune/no_load_optim/ckpt_step need checkpoint.load; pass --load DIR")
-        if (self.save_interval or self.save_total_limit or self.save_best) and self.save is None:
-            raise UserError("checkpoint.save_interval/save_total_limit/save_best need checkpoint.save; pass --save DIR")
+        if (self.save_interval or self.save_total_limit or self.save_best or self.async_save) and self.save is None:
+            raise UserError("checkpoint.save_interval/save_total_limit/save_best/async_save need checkpoint.save; "
+                            "pass --save DIR")

@@ -5,7 +5,8 @@ inside: engine.backward/step per micro-batch, or PipelineEngine.train_batch); al
 over data-parallel ranks; count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
 step with non-finite gradients, see megaclm.training.engine) and stop after
 `--max-consecutive-nan-steps` in a row; log; evaluate every `--eval-interval`; save every
-`--save-interval`. Stops at the end of training, at `--exit-interval`, after
+`--save-interval` (with `--async-save` in the background: the per-iteration all-reduce below also
+agrees on when every rank's write is done, and only then does `latest` move). Stops at the end of training, at `--exit-interval`, after
 `--exit-duration-in-mins`, or on SIGTERM/SIGUSR1 (SLURM preemption), saving first and returning
 normally (exit status 0). Signals and the clock are agreed on by all ranks with one all-reduce per
 iteration, so every rank stops at the same iteration.
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
 from megaclm.checkpoint.deepspeed_ckpt import mark_best, save_checkpoint
 from megaclm.checkpoint.layout import tag_for
 from megaclm.logging import get_logger
@@ -100,6 +102,7 @@ class Trainer:
         self.start_time = time.time()
         self.consecutive_nan = 0
         self.last_saved = None
+        self.writer = AsyncCheckpointWriter() if cfg.checkpoint.async_save else None
         self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
         self.inject_nan = {int(x) for x in os.environ.get("MEGACLM_TEST_NAN_ITERS", "").split(",") if x}
@@ -183,15 +186,19 @@ class Trainer:
         return loss
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
-    def save(self) -> str | None:
+    def save(self, on_complete: Callable[[], None] | None = None) -> str | None:
+        """Save now (sync), or start an asynchronous save after the previous one finished (--async-save);
+        `on_complete` runs on rank 0 once the checkpoint is complete and `latest`."""
         c = self.cfg.checkpoint
         if c.save is None or self.last_saved == self.progress.iteration:
             return None
+        if self.writer is not None:
+            self.writer.wait()
         client = {"progress": self.progress.state_dict(), "data": self.data.state_dict(),
                   "world_size": self.pstate.world_size}
         tag = save_checkpoint(self.engine, c.save, self.progress.iteration, client, pstate=self.pstate,
                               config_tree=self.cfg.to_dict(), meta={**self.checkpoint_meta, **self.progress.state_dict()},
-                              total_limit=c.save_total_limit)
+                              total_limit=c.save_total_limit, writer=self.writer, on_complete=on_complete)
         self.last_saved = self.progress.iteration
         return tag
 
@@ -201,18 +208,24 @@ class Trainer:
             return
         if self.progress.best_val_loss is None or val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
-            self.save()
-            mark_best(c.save, tag_for(self.progress.iteration), val_loss)
+            tag = tag_for(self.progress.iteration)
+            if self.save(on_complete=lambda: mark_best(c.save, tag, val_loss)) is None:  # saved already
+                if self.writer is not None:
+                    self.writer.wait()  # `best` names complete checkpoints only
+                mark_best(c.save, tag, val_loss)
 
     # ---- stopping -------------------------------------------------------------------------------------------
     def _should_stop(self, signals: StopSignals) -> str | None:
         t = self.cfg.training
         elapsed_min = (time.time() - self.start_time) / 60
+        writing = self.writer is not None and self.writer.pending
         flags = torch.tensor([float(signals.received is not None),
-                              float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins)],
-                             device=self.device)
+                              float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins),
+                              float(self.writer.status()) if writing else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if writing and int(flags[2]) != BUSY:  # every rank's asynchronous write is done: `latest` may move
+            self.writer.finish(int(flags[2]))
         if flags[0]:
             return "signal"
         if flags[1]:
@@ -292,6 +305,8 @@ class Trainer:
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
             self.save()
+            if self.writer is not None:
+                self.writer.wait()
         finally:
             signals.restore()
             if self.watchdog is not None:
