@@ -24,15 +24,17 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
-from megaclm.checkpoint.deepspeed_ckpt import mark_best, save_checkpoint
-from megaclm.checkpoint.layout import tag_for
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, save_checkpoint
+from megaclm.checkpoint.layout import iteration_of, read_latest, tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.schedules import LRSchedule
+from megaclm.training.spike import SpikeGuard
 from megaclm.training.watchdog import HangWatchdog
 
 log = get_logger("megaclm.train")
+POISON_SCALE = 10.0  # MEGACLM_TEST_POISON_SAMPLES
 
 
 
@@ -53,6 +55,7 @@ class Progress:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     best_val_loss: float | None = None
+    rollbacks: int = 0  # loss-spike guard rollbacks so far (megaclm.training.spike)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +114,12 @@ class Trainer:
         self.sleep_at = int(os.environ.get("MEGACLM_TEST_SLEEP_AT_ITER", "0"))
         self.sleep_rank = int(os.environ.get("MEGACLM_TEST_SLEEP_RANK", "0"))
         self.watchdog: HangWatchdog | None = None
+        t = cfg.training
+        self.guard = SpikeGuard(t.spike_zscore, t.spike_window) if t.spike_zscore is not None else None
+        # Test hook: a "poisoned" global batch - the one starting at one of these samples - has its loss
+        # multiplied by POISON_SCALE: a deterministic spike, tied to the data (a replay after a rollback
+        # that skipped it never sees it again).
+        self.poison = {int(x) for x in os.environ.get("MEGACLM_TEST_POISON_SAMPLES", "").split(",") if x}
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -140,23 +149,37 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.beat(self.progress.iteration)
 
-    def train_step(self, seq_length: int) -> float:
+    def train_step(self, seq_length: int) -> tuple[float, bool]:
+        """One global batch: (its loss, averaged over micro-batches and dp ranks; whether the spike guard
+        refused its update)."""
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
         nan = (self.progress.iteration + 1) in self.inject_nan
+        poison = POISON_SCALE if self.progress.consumed_samples in self.poison else 1.0
         if self.pipeline:
-            if nan:
-                raise ValueError("MEGACLM_TEST_NAN_ITERS is not supported with pipeline parallelism")
+            if nan or poison != 1.0:
+                raise ValueError("MEGACLM_TEST_NAN_ITERS/POISON_SAMPLES are not supported with pipeline parallelism")
             self._pipe_shape(seq_length)
-            return self.engine.train_batch(data_iter=micro).item()  # averaged over micro and dp by DeepSpeed
+            return self.engine.train_batch(data_iter=micro).item(), False  # averaged over micro and dp by DeepSpeed
+        accum = self.derived.grad_accum_steps
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _ in range(self.derived.grad_accum_steps):
-            loss = self._micro_loss(next(micro))
+        spike, step_loss = False, None
+        for a in range(accum):
+            loss = self._micro_loss(next(micro)) * poison
             if nan:
                 loss = loss * float("nan")
+            if a == accum - 1 and self.guard is not None:
+                # The guard decides before the last backward, on the dp-averaged loss: the same on every rank.
+                step_loss = self._dp_mean((total + loss.detach().float()) / accum)
+                spike = self.guard.is_spike(step_loss)
+                if spike:
+                    loss = loss * float("nan")  # non-finite gradients: every optimizer here skips the step
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        return self._dp_mean(total / self.derived.grad_accum_steps)
+        if spike and self.engine.was_step_applied():
+            raise RuntimeError("the spike guard could not skip the update: the optimizer applied a step with "
+                               "non-finite gradients")
+        return (step_loss, spike) if self.guard is not None else (self._dp_mean(total / accum), False)
 
     def _pipe_shape(self, seq_length: int) -> None:
         """The pipeline engine reuses its p2p buffers: tell it when a curriculum changes the length."""
@@ -195,9 +218,10 @@ class Trainer:
         if self.writer is not None:
             self.writer.wait()
         client = {"progress": self.progress.state_dict(), "data": self.data.state_dict(),
-                  "world_size": self.pstate.world_size}
+                  "world_size": self.pstate.world_size, "spike": self.guard.state_dict() if self.guard else None}
         tag = save_checkpoint(self.engine, c.save, self.progress.iteration, client, pstate=self.pstate,
-                              config_tree=self.cfg.to_dict(), meta={**self.checkpoint_meta, **self.progress.state_dict()},
+                              config_tree=self.cfg.to_dict(), meta={**self.checkpoint_meta, **self.progress.state_dict(),
+                                                               "data": self.data.state_dict()},
                               total_limit=c.save_total_limit, writer=self.writer, on_complete=on_complete)
         self.last_saved = self.progress.iteration
         return tag
@@ -213,6 +237,40 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.wait()  # `best` names complete checkpoints only
                 mark_best(c.save, tag, val_loss)
+
+    def _rollback(self) -> None:
+        """K spikes in a row: reload the last checkpoint and pass over the offending batches from now on."""
+        c, t, p = self.cfg.checkpoint, self.cfg.training, self.progress
+        offending = list(self.guard.offending)
+        if self.writer is not None:
+            self.writer.wait()
+        tag = read_latest(c.save)
+        seen = ", ".join(str(o["iteration"]) for o in offending)
+        if tag is None or p.rollbacks >= t.spike_max_rollbacks:
+            why = (f"there is no checkpoint in {c.save} to roll back to" if tag is None else
+                   f"the run rolled back {p.rollbacks} times already (--spike-max-rollbacks)")
+            raise TrainingDiverged(f"{len(offending)} loss spikes in a row (iterations {seen}) and {why}; stopping. "
+                                   "Look at their batches with tools/inspect_batch.py --first-sample")
+        rollbacks = p.rollbacks + 1
+        state = load_checkpoint(self.engine, c.save, ckpt_step=iteration_of(tag),
+                                layout=(self.pstate.tp_size, self.pstate.pp_size))
+        for key, value in state["progress"].items():
+            setattr(p, key, value)
+        p.rollbacks = rollbacks
+        self.data.load_state_dict(state["data"])
+        self.data.skip_batches([o["first_sample"] for o in offending])
+        p.consumed_samples = self.data.consumed_samples
+        self.guard.load_state_dict(state["spike"])
+        restore_rng(state)
+        self.last_saved, self.consecutive_nan = None, 0
+        gbs = self.derived.global_batch_size
+        skipped = [{"iteration": o["iteration"], "samples": [o["first_sample"], o["first_sample"] + gbs - 1],
+                    "loss": o["loss"], "z": o["z"]} for o in offending]
+        self.metrics.event({"iteration": p.iteration, "rollback": rollbacks, "rollback_to": tag,
+                            "skipped_batches": skipped},
+                           f"rollback {rollbacks} to {tag} after loss spikes at iterations {seen}; from now on "
+                           "skipping the global batches of samples "
+                           + ", ".join(f"{a}..{b}" for a, b in (s["samples"] for s in skipped)))
 
     # ---- stopping -------------------------------------------------------------------------------------------
     def _should_stop(self, signals: StopSignals) -> str | None:
@@ -259,15 +317,25 @@ class Trainer:
                 lr = self._set_lr()
                 self._test_hang()
                 start = time.time()
-                loss = self.train_step(seq)
+                loss, spike = self.train_step(seq)
                 step_time = time.time() - start
                 p = self.progress
+                first_sample = p.consumed_samples
                 p.iteration += 1
-                p.consumed_samples += self.derived.global_batch_size
                 step_tokens = self.derived.global_batch_size * seq
                 p.consumed_tokens += step_tokens
                 self.data.advance()
-                if math.isfinite(loss):
+                p.consumed_samples = self.data.consumed_samples  # past any skipped batches
+                if self.guard is not None:
+                    self.guard.record(loss, spike, p.iteration, first_sample)
+                if spike:
+                    p.skipped_steps += 1
+                    g = self.guard
+                    log.warning(f"iteration {p.iteration}: loss {loss:.4f} is {g.offending[-1]['z']:.1f} standard "
+                                f"deviations above the last {g.window} (--spike-zscore {g.zscore:g}); update skipped "
+                                f"({g.consecutive} in a row; samples {first_sample}.."
+                                f"{first_sample + self.derived.global_batch_size - 1})")
+                elif math.isfinite(loss):
                     self.consecutive_nan = 0
                     window["loss"].append(loss)
                 else:
@@ -286,9 +354,15 @@ class Trainer:
                 window["flops"] += step_tokens * self.flops_per_token(seq)
                 window["steps"] += 1
                 self.metrics.step(loss if math.isfinite(loss) else None)
-                if p.iteration % lg.log_interval == 0 or p.iteration == 1:  # iteration 1 shows the starting loss
+                rollback = (spike and t.spike_action == "rollback"
+                            and self.guard.consecutive >= t.spike_rollback_after)
+                if p.iteration % lg.log_interval == 0 or p.iteration == 1 or rollback:  # 1: the starting loss
                     self._log(lr, window)
                     window = _new_window()
+                if rollback:
+                    self._rollback()
+                    self._beat()
+                    continue
                 self._beat()
                 if p.iteration % t.eval_interval == 0 and not self._done():
                     self._after_eval(self.evaluate("valid"))

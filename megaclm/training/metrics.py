@@ -127,6 +127,14 @@ class MetricsLogger:
             f"step {_fmt(r['step_time'], '.3f')}s | mem {_fmt(r['memory_gb'], '.2f')}GB"
             + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else ""))
 
+    def event(self, record: dict, line: str) -> None:
+        """A one-off record (e.g. a loss-spike rollback) in metrics.jsonl, and its console line."""
+        if not self.writer:
+            return
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+        self._print(line)
+
     def evaluation(self, iteration: int, split: str, loss: float) -> None:
         if not self.writer:
             return

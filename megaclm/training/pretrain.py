@@ -53,6 +53,16 @@ def _model_vocab(cfg: Any, tokenizer_vocab: int, padded: int) -> tuple[int, str]
     return padded, "the tokenizer, padded"
 
 
+def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
+    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup."""
+    derived = compute_derived(cfg, world_size, vocab_size=vocab_size)
+    if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
+        iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
+            cfg.training.train_tokens)
+        derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    return derived
+
+
 def _resume_tag(cfg: Any) -> str | None:
     """The tag a full resume (not --finetune) would load, or None for a fresh start or weights-only load."""
     c = cfg.checkpoint
@@ -97,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION)
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
-    derived = compute_derived(cfg, world, vocab_size=tokenizer.vocab_size)
-    if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
-        iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
-            cfg.training.train_tokens)
-        derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    derived = derive(cfg, world, tokenizer.vocab_size)
     model_vocab, vocab_source = _model_vocab(cfg, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
@@ -168,6 +174,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),
                       peak_tflops=peak, checkpoint_meta=meta)
+    if state is not None and trainer.guard is not None and state.get("spike"):
+        trainer.guard.load_state_dict(state["spike"])
     restore_rng(state)  # last: dataset building above may draw random numbers
     try:
         reason = trainer.train()

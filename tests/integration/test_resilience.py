@@ -7,14 +7,24 @@
             thread): training runs past the save while `latest` stays on the previous tag; kill -9
             then, and the resume loads the previous checkpoint and replays the killed run's losses
             bit for bit; a later async save completes with meta.json and `latest`.
+  spike     the global batches of iterations 7 and 8 are poisoned (MEGACLM_TEST_POISON_SAMPLES: loss x 10):
+            the guard skips both updates, then (--spike-rollback-after 2) rolls back to iteration 4,
+            replays 5-6 bit for bit and passes over the two batches (logged with their samples);
+            tools/inspect_batch.py decodes the samples of a step as the training data holds them.
 """
+import json
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from megaclm.checkpoint.layout import read_latest
-from test_pretrain import (Launch, corpus, last_iteration_logged, records, remove_shm_buffers,  # noqa: F401
-                           run, train_losses)
+from megaclm.config import MegaclmConfig
+from megaclm.data.builder import build_train_valid_test
+from megaclm.tokenizer import build_tokenizer
+from test_pretrain import (REPO, SP_MODEL, Launch, corpus, last_iteration_logged, records,  # noqa: F401
+                           remove_shm_buffers, run, train_losses)
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +70,46 @@ def test_async_save_survives_kill_9(corpus, tmp_path):
         assert after[it] == before[it], (it, after[it], before[it])
     assert read_latest(str(save)) == "iter_0000012" and (save / "iter_0000012/megaclm/meta.json").exists()
     assert (save / "iter_0000009/megaclm/meta.json").exists()
+
+
+def test_spike_guard_skips_then_rolls_back_and_replays(corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    launch = run(corpus, save, ["--zero-stage", "1", "--train-iters", "12", "--save-interval", "4",
+                                "--spike-zscore", "4", "--spike-window", "4", "--spike-action", "rollback",
+                                "--spike-rollback-after", "2"],
+                 env={"MEGACLM_TEST_POISON_SAMPLES": "96,112"})  # iterations 7 and 8 (global batch 16)
+    text = launch.text()
+    assert "iteration 7: loss" in text and "update skipped (1 in a row; samples 96..111)" in text
+    assert "iteration 8: loss" in text and "update skipped (2 in a row; samples 112..127)" in text
+    recs = records(save)
+    [event] = [r for r in recs if "rollback" in r]
+    assert event["rollback"] == 1 and event["rollback_to"] == "iter_0000004" and event["iteration"] == 4
+    assert [(b["iteration"], b["samples"]) for b in event["skipped_batches"]] == [(7, [96, 111]), (8, [112, 127])]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["iteration"] for r in steps] == list(range(1, 9)) + list(range(5, 13))
+    first, replay = steps[:8], steps[8:]
+    assert [r["loss"] for r in first[4:6]] == [r["loss"] for r in replay[:2]]  # the replay is bit-identical
+    assert first[6]["loss"] is None and first[7]["loss"] is None  # the spikes are not in the averages
+    assert first[7]["skipped_steps"] == 2 and replay[-1]["skipped_steps"] == 0  # progress rolled back too
+    assert replay[2]["consumed_samples"] == 7 * 16 + 32 and replay[-1]["consumed_samples"] == 12 * 16 + 32
+    assert "rollback 1 to iter_0000004 after loss spikes at iterations 7, 8" in text
+    meta = json.loads((save / "iter_0000012/megaclm/meta.json").read_text())
+    assert meta["data"]["sampler"]["skipped"] == [96, 112] and meta["rollbacks"] == 1
+
+    def inspect(*args: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "tools/inspect_batch.py", "--load", str(save), "--tokens", *args],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+    header, *samples = inspect("--iteration", "7")
+    assert header["first_sample"] == 128 and [s["sample"] for s in samples] == list(range(128, 144))
+    header, *poisoned = inspect("--first-sample", "96")
+    # An independent read of the training dataset, sized as the trainer sizes it (+ 2 x 3 batches of room).
+    cfg = MegaclmConfig.from_dict(json.loads((save / "iter_0000012/megaclm/config.json").read_text()))
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(SP_MODEL))
+    train, _, _ = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=(12 + 6) * 16,
+                                         valid_samples=32, test_samples=32, eod_id=tok.eod, global_batch_size=16)
+    for s in poisoned:
+        assert s["tokens"] == train[s["sample"]]["tokens"].tolist() and s["text"] == tok.detokenize(s["tokens"])
+    assert [s["sample"] for s in poisoned] == list(range(96, 112))
