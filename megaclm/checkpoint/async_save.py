@@ -8,8 +8,9 @@
 
 What is copied: everything DeepSpeed would write (captured by `CapturingCheckpointEngine`, which
 DeepSpeed calls for every model, optimizer and pipeline-layer file), this rank's RNG states and its
-fp32 model shard: tensors are cloned to CPU memory (the optimizer updates its states in place right
-after), so the copy costs one host-memory copy of the rank's checkpoint. A background thread writes
+fp32 model shard: tensors are copied to CPU buffers (the optimizer updates its states in place right
+after) that stay allocated and are reused by the next save, so `--async-save` costs one host-memory
+copy of the rank's checkpoint for the whole run (pinned, on GPU, for fast device-to-host copies). A background thread writes
 each file under a temporary name, fsyncs it and renames it (megaclm.utils.fileio.atomic_write), then
 fsyncs the directories.
 
@@ -35,33 +36,39 @@ from megaclm.utils.fileio import atomic_write
 DONE, BUSY, FAILED = 0, 1, 2  # ordered: MAX over the ranks is the worst
 
 
-def cpu_copy(obj: Any) -> Any:
-    """`obj` with every tensor replaced by a CPU copy that owns its memory (containers rebuilt)."""
+def cpu_copy(obj: Any, staging: dict[str, torch.Tensor], key: str) -> Any:
+    """`obj` with every tensor replaced by a CPU copy in `staging[key/...]` (containers rebuilt).
+
+    The staging buffers are reused from one save to the next: a fresh allocation is paid in page
+    faults (first touch of GBs of memory, slower than the copy itself), a reused buffer only in the copy."""
     if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
+        buf = staging.get(key)
+        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+            buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=obj.is_cuda)
+            staging[key] = buf
+        return buf.copy_(obj.detach())
     if isinstance(obj, OrderedDict):  # module state dicts
-        return OrderedDict((k, cpu_copy(v)) for k, v in obj.items())
+        return OrderedDict((k, cpu_copy(v, staging, f"{key}/{k}")) for k, v in obj.items())
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [cpu_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(cpu_copy(v) for v in obj)
+        return {k: cpu_copy(v, staging, f"{key}/{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v, staging, f"{key}/{i}") for i, v in enumerate(obj))
     return obj
 
 
 class CapturingCheckpointEngine(CheckpointEngine):
     """A DeepSpeed checkpoint engine that keeps CPU copies of what it is asked to save, writing nothing."""
 
-    def __init__(self, inner: CheckpointEngine):
+    def __init__(self, inner: CheckpointEngine, staging: dict[str, torch.Tensor]):
         super().__init__()
-        self.inner, self.files = inner, []
+        self.inner, self.staging, self.files = inner, staging, []
 
     def create(self, info):
         pass
 
     def save(self, state_dict, path: str):
-        self.files.append((path, cpu_copy(state_dict)))
+        # Staging keys without the tag: the next save's files of the same kind reuse these buffers.
+        self.files.append((path, cpu_copy(state_dict, self.staging, os.path.basename(path))))
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location)
@@ -73,10 +80,11 @@ class CapturingCheckpointEngine(CheckpointEngine):
         return False  # cpu_copy already gives every tensor its own storage
 
 
-def capture_deepspeed_files(engine: Any, save_dir: str, tag: str, client_state: dict) -> list[tuple[str, Any]]:
+def capture_deepspeed_files(engine: Any, save_dir: str, tag: str, client_state: dict,
+                            staging: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
     """Run DeepSpeed's save (collective, as usual) with the capturing engine; returns (path, object) pairs."""
     original = engine.checkpoint_engine
-    engine.checkpoint_engine = CapturingCheckpointEngine(original)
+    engine.checkpoint_engine = CapturingCheckpointEngine(original, staging)
     try:
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
         return engine.checkpoint_engine.files
@@ -106,6 +114,7 @@ class AsyncCheckpointWriter:
         self._finalize: Callable[[], None] | None = None
         self._error: BaseException | None = None
         self.tag: str | None = None
+        self.staging: dict[str, torch.Tensor] = {}  # CPU buffers reused by every save (capture_deepspeed_files)
 
     @property
     def pending(self) -> bool:

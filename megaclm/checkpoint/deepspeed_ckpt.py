@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, write_files
+from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
                                       read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
@@ -76,9 +76,11 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
                 on_complete()
 
     if writer is not None:
-        files = capture_deepspeed_files(engine, save_dir, tag, client_state) + [rng_file]
+        files = capture_deepspeed_files(engine, save_dir, tag, client_state, writer.staging) + [rng_file]
         shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)
-        writer.submit(tag, files + ([shard] if shard else []), finalize, pause_s=pause)
+        if shard is not None:  # its tensors may be the live parameters
+            files.append((shard[0], cpu_copy(shard[1], writer.staging, "model_shard")))
+        writer.submit(tag, files, finalize, pause_s=pause)
         return tag
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)

@@ -40,11 +40,12 @@ def shard_name(tp_rank: int, pp_rank: int) -> str:
 
 def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: Any) -> tuple[str, dict] | None:
     """Collective over the data-parallel group (ZeRO gathers fp32 partitions): (path, payload) of this
-    rank's fp32 shard on data-parallel rank 0, None on the others. The tensors are CPU copies."""
+    rank's fp32 shard on data-parallel rank 0, None on the others. The tensors are on the CPU and may
+    be the live fp32 parameters themselves: save them before the next optimizer step, or copy them."""
     tensors = {}
     for name, param in module.named_parameters():
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
-        tensors[name] = (param.detach() if full is None else full).float().cpu().clone()
+        tensors[name] = (param.detach() if full is None else full).float().cpu()
     if pstate.dp_rank != 0:
         return None
     payload = {"tensors": tensors, "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,
