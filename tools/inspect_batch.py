@@ -47,7 +47,7 @@ def batch_of(load: str, tag: str | None, iteration: int | None, first_sample: in
         if iteration < 1:
             raise UserError(f"--iteration {iteration} must be >= 1 (iteration 1 is the first step)")
         sampler = PretrainingSampler(len(train), 0, gbs, 0, 1, gbs)
-        sampler.skipped = list(meta.get("data", {}).get("sampler", {}).get("skipped", []))
+        sampler.skipped = list(meta.get("client", {}).get("data", {}).get("sampler", {}).get("skipped", []))
         first_sample = sampler.batch_start(iteration - 1)
     if not 0 <= first_sample <= len(train) - gbs:
         raise UserError(f"the global batch at sample {first_sample} is outside the training data "

@@ -4,7 +4,8 @@ Collective: every rank calls `save_checkpoint` / `load_checkpoint` (layout: mega
 Order of a save, so that a crash at any point leaves the previous checkpoint loadable:
     1. rank 0 removes a stale `megaclm/meta.json` of the same tag (a save of this tag that died)
     2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`)
-    3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard (atomically)
+    3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard and its full Adam
+       moments (megaclm.checkpoint.universal), atomically
     4. barrier; rank 0 writes config.json + meta.json, then `latest` (atomic rename)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
 With `--async-save` steps 2-3 write CPU copies in a background thread and step 4's barrier is the
@@ -29,6 +30,7 @@ from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, i
                                       read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.checkpoint.shards import model_shard_file
+from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
 from megaclm.checkpoint.weights import load_weights
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
@@ -80,11 +82,13 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)
         if shard is not None:  # its tensors may be the live parameters
             files.append((shard[0], cpu_copy(shard[1], writer.staging, "model_shard")))
-        writer.submit(tag, files, finalize, pause_s=pause)
+        optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)  # fresh copies already
+        writer.submit(tag, files + ([optim] if optim else []), finalize, pause_s=pause)
         return tag
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)
-    write_files([rng_file] + ([shard] if shard else []))
+    optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)
+    write_files([rng_file] + [f for f in (shard, optim) if f is not None])
     time.sleep(pause)
     _barrier()
     finalize()
@@ -123,13 +127,15 @@ def prune(save_dir: str, keep: int) -> list[str]:
 
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    layout: tuple[int, int] | None = None) -> dict | None:
+                    layout: tuple[int, int, int, int] | None = None) -> dict | None:
     """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
     states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
     `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
 
-    `layout` is the run's (tp, pp): a full resume needs the saved one (DeepSpeed's own TP merge/split
-    does not know megaclm's fused qkv layout), so another layout is refused unless `finetune`."""
+    `layout` is the run's (tp, pp, dp, zero stage). The same layout loads DeepSpeed's own files
+    (bit-exact resume); another one, or a checkpoint written offline (tools/checkpoint/reshard.py),
+    loads megaclm's layout-independent files (megaclm.checkpoint.universal: weights, Adam moments
+    and step, progress, data position; no RNG states)."""
     tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
         log.warning(f"--load {load_dir}: no `latest` checkpoint there; starting from scratch")
@@ -143,11 +149,16 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")
         return None
     meta = read_meta(load_dir, tag)
-    saved = (meta.get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
-    if layout is not None and saved != tuple(layout):
-        raise UserError(f"--load {load_dir}: {tag} was saved with TP={saved[0]} x PP={saved[1]} but this run is "
-                        f"TP={layout[0]} x PP={layout[1]}; reshard it first (tools/checkpoint/reshard.py "
-                        "--tensor-model-parallel-size ... --pipeline-model-parallel-size ...) or pass --finetune")
+    saved = tuple(meta.get(k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                        "data_parallel_size", "zero_stage"))
+    if (layout is not None and saved != tuple(layout)) or meta.get("written_by") == "offline":
+        state = load_resharded(engine, load_dir, tag, load_optim=load_optim)
+        if _rank() == 0:
+            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} saved as TP x PP x DP = {saved[0]} x {saved[1]} x "
+                     f"{saved[2]}, ZeRO-{saved[3]} into TP x PP x DP = {layout[0]} x {layout[1]} x {layout[2]}, "
+                     f"ZeRO-{layout[3]} ({'weights, Adam state' if load_optim else 'weights'}, progress, data "
+                     "position; RNG states start fresh)")
+        return state
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
                                           load_lr_scheduler_states=False)
     if path is None:

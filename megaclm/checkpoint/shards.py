@@ -59,8 +59,12 @@ class FullCheckpoint(NamedTuple):
     state_dict: dict[str, torch.Tensor]  # GPTModel keys, full (unsharded) fp32 tensors
 
 
-def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoint:
-    """GPTModel's full fp32 state dict of a checkpoint of any TP/PP layout (default tag: `latest`)."""
+def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, kind: str = "model",
+                         field: str = "tensors") -> FullCheckpoint:
+    """GPTModel's full fp32 state dict of a checkpoint of any TP/PP layout (default tag: `latest`).
+
+    `kind`/`field` read another set of per-(tp, pp) files keyed like the parameters: "optim" with
+    "exp_avg" / "exp_avg_sq" gives the full Adam moments (megaclm.checkpoint.universal)."""
     tag = tag or read_latest(ckpt_dir)
     if tag is None:
         raise UserError(f"{ckpt_dir!r} holds no `latest` checkpoint; pass a --save directory of pretrain_gpt.py")
@@ -68,15 +72,15 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoin
     with open(os.path.join(ckpt_dir, tag, "megaclm", "config.json")) as f:
         tree = json.load(f)
     model_cfg = ModelConfig(**tree["model"])
-    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", "model", "tp*_pp*.pt")))
+    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, "tp*_pp*.pt")))
     shards = [torch.load(p, map_location="cpu", weights_only=False) for p in files]
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     if len(shards) != tp * pp:
-        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {len(shards)} model shards, expected "
+        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {len(shards)} {kind} shards, expected "
                         f"tp {tp} x pp {pp}; it is incomplete")
     per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for shard in shards:
-        for name, tensor in shard["tensors"].items():
+        for name, tensor in shard[field].items():
             key = pipe_to_plain_key(name, model_cfg) if shard["pipeline"] else name
             # A tied embedding lives on the first and the last stage; both copies are equal.
             per_tp[shard["tp_rank"]].setdefault(key, tensor)

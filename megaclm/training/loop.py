@@ -221,7 +221,7 @@ class Trainer:
                   "world_size": self.pstate.world_size, "spike": self.guard.state_dict() if self.guard else None}
         tag = save_checkpoint(self.engine, c.save, self.progress.iteration, client, pstate=self.pstate,
                               config_tree=self.cfg.to_dict(), meta={**self.checkpoint_meta, **self.progress.state_dict(),
-                                                               "data": self.data.state_dict()},
+                                                               "client": client},
                               total_limit=c.save_total_limit, writer=self.writer, on_complete=on_complete)
         self.last_saved = self.progress.iteration
         return tag
@@ -253,7 +253,8 @@ class Trainer:
                                    "Look at their batches with tools/inspect_batch.py --first-sample")
         rollbacks = p.rollbacks + 1
         state = load_checkpoint(self.engine, c.save, ckpt_step=iteration_of(tag),
-                                layout=(self.pstate.tp_size, self.pstate.pp_size))
+                                layout=(self.pstate.tp_size, self.pstate.pp_size, self.pstate.dp_size,
+                                        t.zero_stage))
         for key, value in state["progress"].items():
             setattr(p, key, value)
         p.rollbacks = rollbacks

@@ -152,7 +152,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     if c.load is not None:
         state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=(pstate.tp_size, pstate.pp_size))
+                                layout=(pstate.tp_size, pstate.pp_size, pstate.dp_size, cfg.training.zero_stage))
         if state is not None:
             progress = Progress(**state["progress"])
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
