@@ -141,7 +141,8 @@ def test_reshard_with_optimizer_continues_with_equal_losses(corpus, tmp_path):
     assert [r["consumed_samples"] for r in records(tmp_path / "c") if "loss" in r] == [16 * i for i in range(9, 13)]
     # Control: the same TP=2 resume without the Adam moments drifts away from the reference at once.
     fresh = run(corpus, tmp_path / "d", common + ["--tensor-model-parallel-size", "2", "--load",
-                                                  str(tmp_path / "a_tp2"), "--no-load-optim", "--exit-interval", "5"])
+                                                  str(tmp_path / "a_tp2"), "--no-load-optim", "--exit-interval", "6"])
     assert "(weights, progress, data position" in fresh.text()
     drift = train_losses(tmp_path / "d")
-    assert abs(drift[5] - full[5]) > 100 * max(abs(got[5] - full[5]), 1e-6), (drift[5], got[5], full[5])
+    # (iteration 5's loss is the loaded weights' own; the moments shape the update after it)
+    assert abs(drift[6] - full[6]) > 100 * max(abs(got[6] - full[6]), 1e-6), (drift[6], got[6], full[6])
