@@ -79,11 +79,12 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
 
     if writer is not None:
         files = capture_deepspeed_files(engine, save_dir, tag, client_state, writer.staging) + [rng_file]
-        shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)
-        if shard is not None:  # its tensors may be the live parameters
-            files.append((shard[0], cpu_copy(shard[1], writer.staging, "model_shard")))
-        optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)  # fresh copies already
-        writer.submit(tag, files + ([optim] if optim else []), finalize, pause_s=pause)
+        shards = (model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate),
+                  optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate))
+        for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
+            if shard is not None:  # its tensors may be the live parameters / optimizer states
+                files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
+        writer.submit(tag, files, finalize, pause_s=pause)
         return tag
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate)

@@ -83,7 +83,8 @@ def adam_step(engine: Any) -> int:
 
 def optimizer_shard_file(engine: Any, out_dir: str, pstate: Any) -> tuple[str, dict] | None:
     """Collective over the data-parallel group (ZeRO gathers each state): (path, payload) of this rank's
-    full Adam moments on data-parallel rank 0, None elsewhere. Tensors are fresh CPU copies."""
+    full Adam moments on data-parallel rank 0, None elsewhere. The tensors are on the CPU and may be the
+    optimizer's live states (ZeRO-0): save them before the next step, or copy them."""
     moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in MOMENTS}
     _ensure_adam_state(engine)
     state = _torch_optimizer(engine).state
@@ -91,7 +92,7 @@ def optimizer_shard_file(engine: Any, out_dir: str, pstate: Any) -> tuple[str, d
         for key in MOMENTS:
             # ZeRO-0 fp32: the torch optimizer steps the parameters themselves.
             value = safe_get_full_optimizer_state(param, key) if _partitioned(param) else state[param][key]
-            moments[key][name] = value.detach().float().cpu().clone()
+            moments[key][name] = value.detach().float().cpu()
     if pstate.dp_rank != 0:
         return None
     payload = {**moments, "step": adam_step(engine), "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,

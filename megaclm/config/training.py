@@ -59,7 +59,8 @@ class TrainingConfig:
                 "training dataset holds rollback_after x max_rollbacks extra global batches for the skipped ones."})
     hang_timeout_s: float | None = field(default=None, metadata={
         "help": "Hang watchdog: a rank on which no step finished for this many seconds writes every thread's "
-                "stack to <save>/hang/rank<R>.txt and exits with status 75 (to be requeued). Unset: off."})
+                "stack to <save>/hang/rank<R>.txt and exits with status 75 (to be requeued). An evaluation or a "
+                "synchronous save counts once it finished: choose more than the longest one. Unset: off."})
     distributed_backend: str | None = field(default=None, metadata={
         "help": "torch.distributed backend; default nccl with CUDA, gloo without.", "choices": ["nccl", "gloo"]})
     distributed_timeout_minutes: int = field(default=10, metadata={"help": "Timeout of collective operations."})

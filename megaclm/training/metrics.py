@@ -92,14 +92,13 @@ class MetricsLogger:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
         step = record["iteration"]
-        for key, value in record.items():
-            if key == "iteration" or value is None:
-                continue
-            if self.tb is not None:
+        # Scalars only (the per-rank step-time list stays in the JSON lines).
+        scalars = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{key}", value, step)
         if self.wandb is not None:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "iteration" and v is not None},
-                           step=step)
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
 
     def _print(self, line: str) -> None:
         if self.bar is not None:
