@@ -60,13 +60,14 @@ def _ensure_adam_state(engine: Any) -> None:
     The re-link works around DeepSpeed 0.19.8: ZeRO-1/2 and the bf16 optimizer link the views once,
     after the *first parameter group's* step, when the other groups' states do not exist yet, so those
     parameters never get views (safe_get_full_optimizer_state then fails with "exp_avg not found")."""
-    opt = _torch_optimizer(engine)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state[p]
-            if "exp_avg" not in st:
-                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-    wrapper = engine.optimizer
+    opt, wrapper = _torch_optimizer(engine), engine.optimizer
+    # ZeRO-3 steps its flat fp32 sub-groups by swapping them into param_groups one at a time.
+    stepped = [p for group in opt.param_groups for p in group["params"]]
+    stepped += list(getattr(wrapper, "fp32_partitioned_groups_flat", []))
+    for p in stepped:
+        st = opt.state[p]
+        if "exp_avg" not in st:
+            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
         wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
