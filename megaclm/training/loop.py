@@ -10,6 +10,11 @@ agrees on when every rank's write is done, and only then does `latest` move). St
 `--exit-duration-in-mins`, or on SIGTERM/SIGUSR1 (SLURM preemption), saving first and returning
 normally (exit status 0). Signals and the clock are agreed on by all ranks with one all-reduce per
 iteration, so every rank stops at the same iteration.
+
+Optional guards: the loss-spike guard (`--spike-zscore`, megaclm.training.spike) judges each step's
+loss before its update and may skip it or roll the run back; the hang watchdog (`--hang-timeout-s`,
+megaclm.training.watchdog) hears a beat after every step, evaluation and save. Every log line
+all-gathers the ranks' step times (`rank_step_time`, `slowest_rank`).
 """
 from __future__ import annotations
 
@@ -238,6 +243,12 @@ class Trainer:
                     self.writer.wait()  # `best` names complete checkpoints only
                 mark_best(c.save, tag, val_loss)
 
+    def _report_spike(self, loss: float, first_sample: int) -> None:
+        g, last = self.guard, first_sample + self.derived.global_batch_size - 1
+        log.warning(f"iteration {self.progress.iteration}: loss {loss:.4f} is {g.offending[-1]['z']:.1f} standard "
+                    f"deviations above the last {g.window} (--spike-zscore {g.zscore:g}); update skipped "
+                    f"({g.consecutive} in a row; samples {first_sample}..{last})")
+
     def _rollback(self) -> None:
         """K spikes in a row: reload the last checkpoint and pass over the offending batches from now on."""
         c, t, p = self.cfg.checkpoint, self.cfg.training, self.progress
@@ -331,11 +342,7 @@ class Trainer:
                     self.guard.record(loss, spike, p.iteration, first_sample)
                 if spike:
                     p.skipped_steps += 1
-                    g = self.guard
-                    log.warning(f"iteration {p.iteration}: loss {loss:.4f} is {g.offending[-1]['z']:.1f} standard "
-                                f"deviations above the last {g.window} (--spike-zscore {g.zscore:g}); update skipped "
-                                f"({g.consecutive} in a row; samples {first_sample}.."
-                                f"{first_sample + self.derived.global_batch_size - 1})")
+                    self._report_spike(loss, first_sample)
                 elif math.isfinite(loss):
                     self.consecutive_nan = 0
                     window["loss"].append(loss)
