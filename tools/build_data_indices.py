@@ -16,6 +16,7 @@ from megaclm.config import parse_args
 from megaclm.data.builder import build_train_valid_test, train_valid_test_num_samples
 from megaclm.data.helpers import backend
 from megaclm.tokenizer import build_tokenizer_from_config
+from megaclm.training.spike import extra_train_batches
 from megaclm.utils.errors import UserError, cli_main
 
 
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     samples = train_valid_test_num_samples(derived.train_iters, gbs, cfg.training.eval_interval,
                                            cfg.training.eval_iters)
     start = time.perf_counter()
+    samples = (samples[0] + extra_train_batches(cfg.training) * gbs, *samples[1:])  # as build_batch_source
     datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=samples[0],
                                       valid_samples=samples[1], test_samples=samples[2], eod_id=tokenizer.eod,
                                       global_batch_size=gbs)

@@ -4,9 +4,12 @@ Collective: every rank calls `save_checkpoint` / `load_checkpoint` (layout: mega
 Order of a save, so that a crash at any point leaves the previous checkpoint loadable:
     1. rank 0 removes a stale `megaclm/meta.json` of the same tag (a save of this tag that died)
     2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`)
-    3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard (atomically)
+    3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard and its full Adam
+       moments (megaclm.checkpoint.universal), atomically
     4. barrier; rank 0 writes config.json + meta.json, then `latest` (atomic rename)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
+With `--async-save` steps 2-3 write CPU copies in a background thread and step 4's barrier is the
+ranks' agreement that every thread finished (megaclm.checkpoint.async_save).
 `latest` therefore only ever names a tag whose meta.json exists, and a tag without meta.json is
 incomplete.
 
@@ -21,15 +24,17 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
                                       read_config, read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
-from megaclm.checkpoint.shards import save_model_shard
+from megaclm.checkpoint.shards import model_shard_file
+from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
 from megaclm.checkpoint.weights import load_weights
 from megaclm.logging import get_logger
 from megaclm.model.lora import is_lora_key
@@ -54,35 +59,61 @@ def _write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: Any,
-                    config_tree: dict, meta: dict, total_limit: int | None = None) -> str:
-    """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag."""
+                    config_tree: dict, meta: dict, total_limit: int | None = None,
+                    writer: AsyncCheckpointWriter | None = None, on_complete: Callable[[], None] | None = None) -> str:
+    """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag.
+
+    With `writer` the files are written in the background (megaclm.checkpoint.async_save) and
+    steps 3-5 happen when the writer finishes; `on_complete` runs on rank 0 after `latest` moved."""
     tag = tag_for(iteration)
     ckpt = os.path.join(save_dir, tag)
     if _rank() == 0:
         os.makedirs(os.path.join(ckpt, "megaclm"), exist_ok=True)
         remove_quietly(os.path.join(ckpt, META))
     _barrier()
-    adapters_only = "lora_base" in meta
-    engine.save_checkpoint(save_dir, tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False,
-                           exclude_frozen_parameters=adapters_only)
-    rng_dir = os.path.join(ckpt, "megaclm", "rng")
-    os.makedirs(rng_dir, exist_ok=True)
-    with atomic_write(os.path.join(rng_dir, f"rank_{_rank():05d}.pt")) as f:
-        torch.save(get_rng_state(), f)
-    save_model_shard(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
+    client_state = {CLIENT_KEY: client_state}
+    adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
+    rng_file = (os.path.join(ckpt, "megaclm", "rng", f"rank_{_rank():05d}.pt"), get_rng_state())
     # Test hook: widen the window between the data files and `latest` so a test can kill the run mid-save.
-    time.sleep(float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0")))
+    pause = float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0"))
+
+    def finalize() -> None:
+        if _rank() == 0:
+            _complete(save_dir, tag, config_tree, {**meta, "tag": tag, "iteration": iteration}, total_limit)
+            if on_complete is not None:
+                on_complete()
+
+    if writer is not None:
+        files = capture_deepspeed_files(engine, save_dir, tag, client_state, writer.staging,
+                                        exclude_frozen_parameters=adapters_only) + [rng_file]
+        shards = (model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only),
+                  optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate))
+        for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
+            if shard is not None:  # its tensors may be the live parameters / optimizer states
+                files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
+        writer.submit(tag, files, finalize, pause_s=pause)
+        return tag
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=adapters_only)
+    shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
+    optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)
+    write_files([rng_file] + [f for f in (shard, optim) if f is not None])
+    time.sleep(pause)
     _barrier()
-    if _rank() == 0:
-        _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
-        _write_text(os.path.join(ckpt, META), json.dumps({**meta, "tag": tag, "iteration": iteration}, indent=1))
-        _write_text(os.path.join(save_dir, LATEST), tag)
-        if total_limit is not None:
-            prune(save_dir, total_limit)
+    finalize()
     _barrier()
-    if _rank() == 0:
-        log.info(f"saved checkpoint {ckpt}")
     return tag
+
+
+def _complete(save_dir: str, tag: str, config_tree: dict, meta: dict, total_limit: int | None) -> None:
+    """Rank 0, once every rank's files are written: config.json, meta.json, then `latest`; prune."""
+    ckpt = os.path.join(save_dir, tag)
+    _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
+    _write_text(os.path.join(ckpt, META), json.dumps(meta, indent=1))
+    _write_text(os.path.join(save_dir, LATEST), tag)
+    if total_limit is not None:
+        prune(save_dir, total_limit)
+    log.info(f"saved checkpoint {ckpt}")
 
 
 def mark_best(save_dir: str, tag: str, val_loss: float) -> None:
@@ -134,14 +165,16 @@ def resolve_lora_base(load_dir: str | None, ckpt_step: int | None, finetune: boo
 
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    layout: tuple[int, int] | None = None, exit_on_missing: bool = False,
+                    layout: tuple[int, int, int, int] | None = None, exit_on_missing: bool = False,
                     adapters: bool = False) -> dict | None:
     """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
     states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
     `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
 
-    `layout` is the run's (tp, pp): a full resume needs the saved one (DeepSpeed's own TP merge/split
-    does not know megaclm's fused qkv layout), so another layout is refused unless `finetune`.
+    `layout` is the run's (tp, pp, dp, zero stage). The same layout loads DeepSpeed's own files
+    (bit-exact resume); another one, or a checkpoint written offline (tools/checkpoint/reshard.py),
+    loads megaclm's layout-independent files (megaclm.checkpoint.universal: weights, Adam moments
+    and step, progress, data position; no RNG states).
     `adapters`: --load is a LoRA checkpoint (resolve_lora_base) and the base weights are loaded already."""
     tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
@@ -156,17 +189,26 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
     if not adapters and "lora_base" in read_meta(load_dir, tag):
         raise UserError(f"--load {load_dir}/{tag} holds LoRA adapters only; pass its --lora-* flags to continue it, "
                         "or merge it first (tools/checkpoint/convert_hf.py export --lora-merge)")
-    if finetune:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage, HF imports included
+    meta = read_meta(load_dir, tag)
+    # An HF import (tools/checkpoint/convert_hf.py) holds weights only: like Megatron's converted checkpoints
+    # it starts a run at iteration 0, with or without --finetune.
+    hf_import = meta.get("hf_model_type") is not None and "client" not in meta
+    if finetune or hf_import:  # megaclm's fp32 shards: any saved TP/PP layout, any ZeRO stage
         load_weights(engine, load_dir, tag, select=is_lora_key if adapters else None)
         if _rank() == 0:
-            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only)")
+            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only"
+                     + ("; an HF import: training starts at iteration 0)" if hf_import else ")"))
         return None
-    meta = read_meta(load_dir, tag)
-    saved = (meta.get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
-    if layout is not None and saved != tuple(layout):
-        raise UserError(f"--load {load_dir}: {tag} was saved with TP={saved[0]} x PP={saved[1]} but this run is "
-                        f"TP={layout[0]} x PP={layout[1]}; reshard it first (tools/checkpoint/reshard.py "
-                        "--tensor-model-parallel-size ... --pipeline-model-parallel-size ...) or pass --finetune")
+    saved = tuple(meta.get(k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                        "data_parallel_size", "zero_stage"))
+    if (layout is not None and saved != tuple(layout)) or meta.get("written_by") == "offline":
+        state = load_resharded(engine, load_dir, tag, load_optim=load_optim)
+        if _rank() == 0:
+            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} saved as TP x PP x DP = {saved[0]} x {saved[1]} x "
+                     f"{saved[2]}, ZeRO-{saved[3]} into TP x PP x DP = {layout[0]} x {layout[1]} x {layout[2]}, "
+                     f"ZeRO-{layout[3]} ({'weights, Adam state' if load_optim else 'weights'}, progress, data "
+                     "position; RNG states start fresh)")
+        return state
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
                                           load_lr_scheduler_states=False, load_module_strict=not adapters)
     if path is None:
@@ -179,12 +221,6 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
     if _rank() == 0:
         log.info(f"loaded checkpoint {os.path.join(load_dir, tag)}")
     state = (client or {}).get(CLIENT_KEY)
-    if state is None and meta.get("hf_model_type"):
-        # An HF import (tools/checkpoint/convert_hf.py) holds weights only: like Megatron's converted
-        # checkpoints, it starts a run at iteration 0 whether or not --finetune is given.
-        if _rank() == 0:
-            log.info(f"{os.path.join(load_dir, tag)} is an HF import (weights only): training starts at iteration 0")
-        return None
     if state is None:
         raise UserError(f"--load {load_dir}/{tag} has no megaclm state; use --finetune to load its weights only")
     state = dict(state, rng=None)

@@ -33,6 +33,7 @@ import torch
 
 from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, tag_for
 from megaclm.checkpoint.shards import shard_name
+from megaclm.checkpoint.universal import MOMENTS
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.pipe import plain_to_pipe_key
@@ -80,13 +81,28 @@ def _deepspeed_states(module: Any, mp_world_size: int, iteration: int, client_st
     return state
 
 
+def _stages(shard: Mapping[str, torch.Tensor], model_cfg: ModelConfig, pp: int) -> list[dict[str, torch.Tensor]]:
+    """A TP shard (GPTModel keys) split into its pipeline stages' tensors under pipeline keys."""
+    stages: list[dict[str, torch.Tensor]] = [{} for _ in range(pp)]
+    for key, value in shard.items():
+        pipe_key = plain_to_pipe_key(key, model_cfg)
+        stages[_stage_of_layer(_pipe_layer(pipe_key)[0], model_cfg.num_layers, pp)][pipe_key] = value
+        if pipe_key.startswith("tied_modules."):
+            stages[pp - 1][pipe_key] = value  # the tied head is the embedding module again on the last stage
+    return stages
+
+
 def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torch.Tensor], *, tp: int, pp: int,
                      meta: dict | None = None, client_state: dict | None = None, iteration: int = 0,
+                     optimizer_state: Mapping[str, Any] | None = None,
                      extra_files: Mapping[str, str] | None = None, extra_texts: Mapping[str, str] | None = None) -> str:
     """Write `full_sd` (GPTModel keys, vocabulary already padded for `tp`) as a TP x PP checkpoint; returns the tag.
 
     `config_tree` is MegaclmConfig.to_dict() of the run the checkpoint describes; its parallel section
     is overwritten with tp/pp. `meta` adds keys to meta.json (e.g. tokenizer_vocab_size).
+    `optimizer_state` {"exp_avg": full, "exp_avg_sq": full (GPTModel keys, padded like full_sd), "step"}
+    is written as megaclm's layout-independent optimizer shards (megaclm.checkpoint.universal), which
+    `pretrain_gpt.py --load OUT` of that layout (or any other) loads with the Adam moments.
     `extra_files` {path relative to OUT: source file} are copied in, and `extra_texts` {path: text}
     written, before OUT appears (tokenizer files, a --config YAML).
     """
@@ -106,24 +122,21 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
         os.makedirs(os.path.join(ckpt, "megaclm", "model"))
         for r in range(tp):
             shard = shard_state_dict(full_sd, model_cfg, tp, r)
+            if optimizer_state is not None:
+                _save_optimizer_shards(ckpt, optimizer_state, model_cfg, r, tp, pp)
             if pp == 1:
                 torch.save(_deepspeed_states(shard, tp, iteration, client_state),
                            os.path.join(ckpt, f"mp_rank_{r:02d}_model_states.pt"))
                 _save_shard(ckpt, shard, r, tp, 0, 1)
                 continue
             layers: dict[int, dict[str, torch.Tensor]] = {}
-            stages: list[dict[str, torch.Tensor]] = [{} for _ in range(pp)]
             for key, value in shard.items():
-                pipe_key = plain_to_pipe_key(key, model_cfg)
-                index, local = _pipe_layer(pipe_key)
+                index, local = _pipe_layer(plain_to_pipe_key(key, model_cfg))
                 layers.setdefault(index, {})[local] = value
-                stages[_stage_of_layer(index, model_cfg.num_layers, pp)][pipe_key] = value
-                if pipe_key.startswith("tied_modules."):
-                    stages[pp - 1][pipe_key] = value  # the tied head is the embedding module again on the last stage
             for index, tensors in layers.items():
                 torch.save(tensors, os.path.join(ckpt, f"layer_{index:02d}-model_{r:02d}-model_states.pt"))
-            for s in range(pp):
-                _save_shard(ckpt, stages[s], r, tp, s, pp)
+            for s, stage in enumerate(_stages(shard, model_cfg, pp)):
+                _save_shard(ckpt, stage, r, tp, s, pp)
         if pp > 1:
             for m in range(tp * pp):
                 torch.save(_deepspeed_states(None, tp * pp, iteration, client_state),
@@ -133,7 +146,9 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
         with open(os.path.join(ckpt, CONFIG), "w") as f:
             json.dump(tree, f, indent=1)
         with open(os.path.join(ckpt, META), "w") as f:
-            json.dump({**(meta or {}), **sizes, "tag": tag, "iteration": iteration}, f, indent=1)
+            # written_by: `--load` takes megaclm's layout-independent files, not DeepSpeed's (module-only) ones.
+            json.dump({**(meta or {}), **sizes, "tag": tag, "iteration": iteration, "written_by": "offline"}, f,
+                      indent=1)
         for rel, src in (extra_files or {}).items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             shutil.copyfile(src, os.path.join(tmp, rel))
@@ -149,6 +164,19 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tag
+
+
+def _save_optimizer_shards(ckpt: str, optimizer_state: Mapping[str, Any], model_cfg: ModelConfig, tp_rank: int,
+                           tp: int, pp: int) -> None:
+    """TP rank `tp_rank`'s moments, per pipeline stage, as megaclm/optim/ files (megaclm.checkpoint.universal)."""
+    per_moment = {m: shard_state_dict(optimizer_state[m], model_cfg, tp, tp_rank) for m in MOMENTS}
+    staged = {m: [v] if pp == 1 else _stages(v, model_cfg, pp) for m, v in per_moment.items()}
+    os.makedirs(os.path.join(ckpt, "megaclm", "optim"), exist_ok=True)
+    for s in range(pp):
+        payload = {m: staged[m][s] for m in MOMENTS}
+        payload.update(step=optimizer_state["step"], tp_rank=tp_rank, tp_size=tp, pp_rank=s, pp_size=pp,
+                       pipeline=pp > 1)
+        torch.save(payload, os.path.join(ckpt, "megaclm", "optim", shard_name(tp_rank, s)))
 
 
 def _save_shard(ckpt: str, tensors: dict, tp_rank: int, tp: int, pp_rank: int, pp: int) -> None:

@@ -32,29 +32,29 @@ from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.model.sharding import unshard_state_dicts
 from megaclm.utils.errors import UserError
-from megaclm.utils.fileio import atomic_write
 
 
 def shard_name(tp_rank: int, pp_rank: int) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
 
 
-def save_model_shard(module: torch.nn.Module, out_dir: str, pstate: Any, trainable_only: bool = False) -> None:
-    """Collective over the data-parallel group (ZeRO gathers fp32 partitions); dp rank 0 writes.
+def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: Any,
+                     trainable_only: bool = False) -> tuple[str, dict] | None:
+    """Collective over the data-parallel group (ZeRO gathers fp32 partitions): (path, payload) of this
+    rank's fp32 shard on data-parallel rank 0, None on the others. The tensors are on the CPU and may
+    be the live fp32 parameters themselves: save them before the next optimizer step, or copy them.
     `trainable_only` (LoRA): the adapters, not the frozen base the checkpoint refers to."""
     tensors = {}
     for name, param in module.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
-        tensors[name] = (param.detach() if full is None else full).float().cpu().clone()
+        tensors[name] = (param.detach() if full is None else full).float().cpu()
     if pstate.dp_rank != 0:
-        return
-    os.makedirs(os.path.join(out_dir, "model"), exist_ok=True)
+        return None
     payload = {"tensors": tensors, "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,
                "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size, "pipeline": pstate.pp_size > 1}
-    with atomic_write(os.path.join(out_dir, "model", shard_name(pstate.tp_rank, pstate.pp_rank))) as f:
-        torch.save(payload, f)
+    return os.path.join(out_dir, "model", shard_name(pstate.tp_rank, pstate.pp_rank)), payload
 
 
 class FullCheckpoint(NamedTuple):
@@ -63,8 +63,12 @@ class FullCheckpoint(NamedTuple):
     state_dict: dict[str, torch.Tensor]  # GPTModel keys, full (unsharded) fp32 tensors
 
 
-def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoint:
-    """GPTModel's full fp32 state dict of a checkpoint of any TP/PP layout (default tag: `latest`)."""
+def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, kind: str = "model",
+                         field: str = "tensors") -> FullCheckpoint:
+    """GPTModel's full fp32 state dict of a checkpoint of any TP/PP layout (default tag: `latest`).
+
+    `kind`/`field` read another set of per-(tp, pp) files keyed like the parameters: "optim" with
+    "exp_avg" / "exp_avg_sq" gives the full Adam moments (megaclm.checkpoint.universal)."""
     tag = tag or read_latest(ckpt_dir)
     if tag is None:
         raise UserError(f"{ckpt_dir!r} holds no `latest` checkpoint; pass a --save directory of pretrain_gpt.py")
@@ -72,15 +76,15 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> FullCheckpoin
     with open(os.path.join(ckpt_dir, tag, "megaclm", "config.json")) as f:
         tree = json.load(f)
     model_cfg = ModelConfig(**tree["model"])
-    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", "model", "tp*_pp*.pt")))
+    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, "tp*_pp*.pt")))
     shards = [torch.load(p, map_location="cpu", weights_only=False) for p in files]
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     if len(shards) != tp * pp:
-        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {len(shards)} model shards, expected "
+        raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {len(shards)} {kind} shards, expected "
                         f"tp {tp} x pp {pp}; it is incomplete")
     per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for shard in shards:
-        for name, tensor in shard["tensors"].items():
+        for name, tensor in shard[field].items():
             key = pipe_to_plain_key(name, model_cfg) if shard["pipeline"] else name
             # A tied embedding lives on the first and the last stage; both copies are equal.
             per_tp[shard["tp_rank"]].setdefault(key, tensor)

@@ -29,28 +29,31 @@ from megaclm.model.sharding import shard_state_dict
 from megaclm.utils.errors import UserError
 
 
-def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any) -> dict[str, torch.Tensor]:
+def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any, kind: str, field: str) -> dict[str, torch.Tensor]:
     """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages."""
     out: dict[str, torch.Tensor] = {}
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", "model", f"tp{tp_rank:02d}_pp*.pt"))):
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, f"tp{tp_rank:02d}_pp*.pt"))):
         shard = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        for name, tensor in shard["tensors"].items():
+        for name, tensor in shard[field].items():
             out.setdefault(pipe_to_plain_key(name, config) if shard["pipeline"] else name, tensor)
     return out
 
 
-def _shard_for(module: Any, ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+def shard_for(module: Any, ckpt_dir: str, tag: str, kind: str = "model", field: str = "tensors") -> dict[str, torch.Tensor]:
+    """This rank's tensor-parallel shard (GPTModel keys) of a checkpoint's per-parameter tensors: the
+    weights (model/tensors), or an optimizer state (optim/exp_avg, megaclm.checkpoint.universal)."""
     pstate, config = module.pstate, module.config
     tp, rank = (pstate.tp_size, pstate.tp_rank) if pstate is not None else (1, 0)
     meta = read_meta(ckpt_dir, tag)
     # GPTModel knows its padded vocabulary; a pipeline stage was built with the checkpoint's (pretrain_gpt.py).
     padded_vocab = getattr(module, "vocab_size", None) or meta["padded_vocab_size"]
-    if not os.path.isdir(os.path.join(ckpt_dir, tag, "megaclm", "model")):
-        raise UserError(f"--load {ckpt_dir}/{tag} has no megaclm model shards (megaclm/model/); it was not "
-                        "written by megaclm, so --finetune cannot read its weights")
+    if not os.path.isdir(os.path.join(ckpt_dir, tag, "megaclm", kind)):
+        raise UserError(f"--load {ckpt_dir}/{tag} has no megaclm {kind} shards (megaclm/{kind}/); it was not "
+                        f"written by this megaclm, so its {'weights' if kind == 'model' else 'optimizer state'} "
+                        "cannot be read into another layout")
     if meta["tensor_model_parallel_size"] == tp and meta["padded_vocab_size"] == padded_vocab:
-        return _own_tp_shard(ckpt_dir, tag, rank, config)
-    full = load_full_state_dict(ckpt_dir, tag).state_dict
+        return _own_tp_shard(ckpt_dir, tag, rank, config, kind, field)
+    full = load_full_state_dict(ckpt_dir, tag, kind=kind, field=field).state_dict
     rows = vocab_rows(full) if "embedding.word_embeddings.weight" in full else padded_vocab  # LoRA: adapters only
     if rows != padded_vocab:  # another TP size pads differently; real rows are unchanged
         full = pad_vocab(unpad_vocab(full, min(rows, padded_vocab)), padded_vocab)
@@ -63,7 +66,7 @@ def load_weights(engine: Any, ckpt_dir: str, tag: str, select: Callable[[str], b
     `select(key)` restricts the load to the module's GPTModel keys it accepts (LoRA: the frozen base from
     the base checkpoint, the adapters from a LoRA checkpoint); each of those must be in the checkpoint."""
     module = engine.module
-    shard = _shard_for(module, ckpt_dir, tag)
+    shard = shard_for(module, ckpt_dir, tag)
     # No-op unless ZeRO-3 partitioned the parameters; data-parallel rank 0's copy is kept (all are equal).
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
         if isinstance(module, PipelineModule):

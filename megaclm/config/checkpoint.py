@@ -18,6 +18,9 @@ class CheckpointConfig:
         "help": "Keep only the newest N checkpoints (plus the best one with --save-best)."})
     save_best: bool = field(default=False, metadata={
         "help": "Also keep the checkpoint with the lowest validation loss (recorded in <save>/best)."})
+    async_save: bool = field(default=False, metadata={
+        "help": "Write checkpoints in a background thread from a CPU copy while training goes on; `latest` "
+                "moves once every rank's files are written and fsynced (costs one host-memory copy)."})
     ckpt_step: int | None = field(default=None, metadata={"help": "Load iteration N (iter_{N:07d}) instead of `latest`."})
     finetune: bool = field(default=False, metadata={
         "help": "Load weights only: iteration, consumed samples, optimizer, scheduler and RNG start fresh."})
@@ -29,6 +32,9 @@ class CheckpointConfig:
     use_checkpoint_args: bool = field(default=False, metadata={
         "help": "Take the model shape (the model section) from the --load checkpoint's stored config; model flags "
                 "that are also given must agree with it."})
+    override_data_fingerprint: bool = field(default=False, metadata={
+        "help": "Resume even though the data files or their order settings differ from the checkpoint's "
+                "fingerprint (a deliberate data change; megaclm.data.fingerprint)."})
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:
@@ -41,5 +47,6 @@ class CheckpointConfig:
                 or self.use_checkpoint_args) and self.load is None:
             raise UserError("checkpoint.finetune/no_load_optim/ckpt_step/exit_on_missing_checkpoint/"
                             "use_checkpoint_args need checkpoint.load; pass --load DIR")
-        if (self.save_interval or self.save_total_limit or self.save_best) and self.save is None:
-            raise UserError("checkpoint.save_interval/save_total_limit/save_best need checkpoint.save; pass --save DIR")
+        if (self.save_interval or self.save_total_limit or self.save_best or self.async_save) and self.save is None:
+            raise UserError("checkpoint.save_interval/save_total_limit/save_best/async_save need checkpoint.save; "
+                            "pass --save DIR")

@@ -48,7 +48,9 @@ def deepspeed_config(cfg: Any, derived: Derived, cuda: bool) -> dict:
         "gradient_clipping": o.clip_grad,
         "optimizer": {"type": "AdamW", "params": params},
         "zero_optimization": zero,
-        "bf16": {"enabled": t.bf16},
+        # Skip a step with non-finite gradients under bf16 too (DeepSpeed's bf16 default does not check):
+        # the NaN-loss skip and the loss-spike guard (megaclm.training.spike) rely on it.
+        "bf16": {"enabled": t.bf16, "check_grad_overflow": True},
         "fp16": {"enabled": t.fp16},
         "steps_per_print": 2 ** 31 - 1,  # megaclm logs; keep DeepSpeed's own step lines quiet
         "wall_clock_breakdown": False,

@@ -54,6 +54,23 @@ class TrainingConfig:
     hysteresis: int = field(default=2, metadata={"help": "fp16: overflows tolerated before the scale halves."})
     max_consecutive_nan_steps: int = field(default=10, metadata={
         "help": "A step whose loss is NaN/inf is skipped and counted; this many in a row stop the run."})
+    spike_zscore: float | None = field(default=None, metadata={
+        "help": "Loss-spike guard: a step whose loss is more than this many standard deviations above the mean "
+                "of the last --spike-window accepted losses is not applied (megaclm.training.spike). Unset: off."})
+    spike_window: int = field(default=50, metadata={"help": "Spike guard: accepted losses in the running window."})
+    spike_action: str = field(default="skip", metadata={
+        "help": "Spike guard: skip (the step's update is not applied), or rollback (also: after "
+                "--spike-rollback-after spikes in a row, reload the last checkpoint and skip those batches).",
+        "choices": ["skip", "rollback"]})
+    spike_rollback_after: int = field(default=3, metadata={
+        "help": "Spike guard, rollback: this many consecutive spikes trigger a rollback."})
+    spike_max_rollbacks: int = field(default=3, metadata={
+        "help": "Spike guard, rollback: stop the run (exit 1) instead of rolling back more often than this; the "
+                "training dataset holds rollback_after x max_rollbacks extra global batches for the skipped ones."})
+    hang_timeout_s: float | None = field(default=None, metadata={
+        "help": "Hang watchdog: a rank on which no step finished for this many seconds writes every thread's "
+                "stack to <save>/hang/rank<R>.txt and exits with status 75 (to be requeued). An evaluation or a "
+                "synchronous save counts once it finished: choose more than the longest one. Unset: off."})
     distributed_backend: str | None = field(default=None, metadata={
         "help": "torch.distributed backend; default nccl with CUDA, gloo without (nccl without CUDA falls back to "
                 "gloo with a warning).", "choices": ["nccl", "gloo"]})
@@ -99,6 +116,14 @@ class TrainingConfig:
             raise UserError(f"training.loss_scale={self.loss_scale} must be > 0 (omit it for dynamic scaling)")
         if self.max_consecutive_nan_steps < 1:
             raise UserError(f"training.max_consecutive_nan_steps={self.max_consecutive_nan_steps} must be >= 1")
+        if self.spike_zscore is not None and self.spike_zscore <= 0:
+            raise UserError(f"training.spike_zscore={self.spike_zscore} must be > 0 (omit it to disable the guard)")
+        if self.spike_window < 2:
+            raise UserError(f"training.spike_window={self.spike_window} must be >= 2 (a standard deviation needs two)")
+        if self.spike_rollback_after < 1 or self.spike_max_rollbacks < 1:
+            raise UserError("training.spike_rollback_after and training.spike_max_rollbacks must be >= 1")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            raise UserError(f"training.hang_timeout_s={self.hang_timeout_s} must be > 0 (omit it to disable the watchdog)")
         if self.zero_param_persistence_threshold < 0:
             raise UserError("training.zero_param_persistence_threshold must be >= 0")
 

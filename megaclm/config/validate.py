@@ -122,6 +122,19 @@ def _lora(cfg: Any) -> None:
 
 
 # (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
+def _spike_guard(cfg: Any) -> None:
+    t = cfg.training
+    if t.spike_zscore is None:
+        return
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise UserError("training.spike_zscore (the loss-spike guard) needs parallel.pipeline_model_parallel_size=1: "
+                        "DeepSpeed's pipeline engine runs the whole step at once, with no point between the loss "
+                        "and the update; drop --spike-zscore or use tensor/data parallelism")
+    if t.spike_action == "rollback" and cfg.checkpoint.save is None:
+        raise UserError("training.spike_action=rollback needs checkpoint.save (it rolls back to the last checkpoint); "
+                        "pass --save DIR --save-interval N")
+
+
 CHECKS = [
     (_model_parallel, {"model", "parallel"}),
     (_pipeline_zero, {"parallel", "training"}),
@@ -132,6 +145,7 @@ CHECKS = [
     (_run_length, {"training"}),
     (_checkpointing, {"checkpoint", "training"}),
     (_lora, {"lora", "checkpoint"}),
+    (_spike_guard, {"parallel", "training", "checkpoint"}),
 ]
 
 

@@ -78,7 +78,7 @@ def read_data_path_file(path: str) -> list[str]:
     return items
 
 
-def _blend_sources(cfg: DataConfig) -> dict[str, tuple[list[float] | None, list[str], bool]]:
+def blend_sources(cfg: DataConfig) -> dict[str, tuple[list[float] | None, list[str], bool]]:
     """split name -> (weights or None, prefixes, whether --split applies), for the splits that have data."""
     if cfg.data_path or cfg.data_path_file:
         items, source = ((cfg.data_path, "data.data_path") if cfg.data_path else
@@ -178,7 +178,7 @@ def build_train_valid_test(cfg: DataConfig, *, seed: int, train_samples: int, va
         wanted = (train_samples, valid_samples, test_samples)
         log.info("datasets: mock data (" + ", ".join(f"{s} {n} samples" for s, n in zip(SPLIT_NAMES, wanted)) + ")")
         return tuple(MockGPTDataset(spec, s, n, vocab_size) if n > 0 else None for s, n in zip(SPLIT_NAMES, wanted))
-    sources = _blend_sources(cfg)
+    sources = blend_sources(cfg)
     train_phases = None
     if cfg.data_mixing_schedule:
         if global_batch_size is None:

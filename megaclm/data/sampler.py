@@ -16,6 +16,10 @@ a, rank r gets the micro batch
 the same set of samples in every global batch, so the averaged gradient is the same: a run may
 resume on a different number of ranks. An incomplete last global batch is dropped.
 
+Skipped global batches (`skip([start, ...])`, the loss-spike guard's rollback): a global batch whose
+first sample is in the skip list is passed over, by the iterator and by `advance()` alike, so the
+data position moves past it; the list is part of the state.
+
 The iterator yields lists of dataset indices (a DataLoader batch_sampler). It does not count what
 it yields - a DataLoader prefetches ahead of training - so the trainer calls `advance()` once per
 optimizer step and checkpoints `state_dict()`.
@@ -48,6 +52,7 @@ class PretrainingSampler:
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
         self.global_batch_size = global_batch_size
+        self.skipped: list[int] = []  # first samples of the global batches to pass over
 
     def __len__(self) -> int:
         """Micro batches this rank will yield from the current position."""
@@ -59,6 +64,9 @@ class PretrainingSampler:
         start = self.consumed_samples
         mine = self.data_parallel_rank * mbs
         while start + gbs <= self.total_samples:
+            if start in self.skipped:
+                start += gbs
+                continue
             for a in range(0, gbs, mbs * dp):
                 first = start + a + mine
                 yield list(range(first, first + mbs))
@@ -67,10 +75,32 @@ class PretrainingSampler:
     def advance(self, num_samples: int | None = None) -> None:
         """Record one optimizer step (or `num_samples` samples) as consumed."""
         self.consumed_samples += self.global_batch_size if num_samples is None else num_samples
+        self._past_skipped()
+
+    def skip(self, starts: list[int]) -> None:
+        """Never yield the global batches that start at these samples (positions not yet consumed)."""
+        bad = [s for s in starts if s < self.consumed_samples]
+        if bad:
+            raise ValueError(f"cannot skip global batches at {bad}: samples up to {self.consumed_samples} are consumed")
+        self.skipped = sorted(set(self.skipped) | set(starts))
+        self._past_skipped()
+
+    def _past_skipped(self) -> None:
+        while self.consumed_samples in self.skipped:
+            self.consumed_samples += self.global_batch_size
+
+    def batch_start(self, steps: int) -> int:
+        """First sample of the global batch `steps` optimizer steps after the current position."""
+        start = self.consumed_samples
+        for _ in range(steps + 1):
+            while start in self.skipped:
+                start += self.global_batch_size
+            first, start = start, start + self.global_batch_size
+        return first
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "global_batch_size": self.global_batch_size,
-                "total_samples": self.total_samples}
+                "total_samples": self.total_samples, "skipped": list(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         consumed = int(state["consumed_samples"])
@@ -78,3 +108,4 @@ class PretrainingSampler:
             raise UserError(f"the checkpoint consumed {consumed} samples but the training dataset has "
                             f"{self.total_samples}; resume with at least the original --train-samples/--train-iters")
         self.consumed_samples = consumed
+        self.skipped = list(state.get("skipped", []))

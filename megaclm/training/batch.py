@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from megaclm.data.builder import build_train_valid_test
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.sampler import PretrainingSampler
+from megaclm.training.spike import extra_train_batches
 
 
 def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -85,6 +86,16 @@ class BatchSource:
         self.sampler.advance()
         self.curriculum.step()
 
+    @property
+    def consumed_samples(self) -> int:
+        """The data position: samples consumed, skipped global batches included."""
+        return self.sampler.consumed_samples
+
+    def skip_batches(self, starts: list[int]) -> None:
+        """Pass over the global batches starting at these samples (megaclm.training.spike rollback)."""
+        self.sampler.skip(starts)
+        self._train_iter = None  # it may have prefetched a skipped batch
+
     def has_split(self, split: str) -> bool:
         return getattr(self, split) is not None
 
@@ -105,7 +116,8 @@ def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any) 
     """Datasets sized for the run (Megatron's counts; evaluation reuses its first eval_iters batches)."""
     gbs = derived.global_batch_size
     eval_samples = cfg.training.eval_iters * gbs
-    datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=derived.train_iters * gbs,
+    train_samples = (derived.train_iters + extra_train_batches(cfg.training)) * gbs  # + room for skipped batches
+    datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=train_samples,
                                       valid_samples=eval_samples, test_samples=eval_samples, eod_id=eod_id,
                                       global_batch_size=gbs, vocab_size=derived.vocab_size)
     return BatchSource(cfg, derived, datasets, Curriculum.from_config(cfg.data, gbs), pstate)

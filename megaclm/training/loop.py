@@ -5,10 +5,16 @@ inside: engine.backward/step per micro-batch, or PipelineEngine.train_batch); al
 over data-parallel ranks; count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
 step with non-finite gradients, see megaclm.training.engine) and stop after
 `--max-consecutive-nan-steps` in a row; log; evaluate every `--eval-interval`; save every
-`--save-interval`. Stops at the end of training, at `--exit-interval`, after
+`--save-interval` (with `--async-save` in the background: the per-iteration all-reduce below also
+agrees on when every rank's write is done, and only then does `latest` move). Stops at the end of training, at `--exit-interval`, after
 `--exit-duration-in-mins`, or on SIGTERM/SIGUSR1 (SLURM preemption), saving first and returning
 normally (exit status 0). Signals and the clock are agreed on by all ranks with one all-reduce per
 iteration, so every rank stops at the same iteration.
+
+Optional guards: the loss-spike guard (`--spike-zscore`, megaclm.training.spike) judges each step's
+loss before its update and may skip it or roll the run back; the hang watchdog (`--hang-timeout-s`,
+megaclm.training.watchdog) hears a beat after every step, evaluation and save. Every log line
+all-gathers the ranks' step times (`rank_step_time`, `slowest_rank`).
 """
 from __future__ import annotations
 
@@ -22,14 +28,18 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import mark_best, save_checkpoint
-from megaclm.checkpoint.layout import tag_for
+from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, save_checkpoint
+from megaclm.checkpoint.layout import iteration_of, read_latest, tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.schedules import LRSchedule
+from megaclm.training.spike import SpikeGuard
+from megaclm.training.watchdog import HangWatchdog
 
 log = get_logger("megaclm.train")
+POISON_SCALE = 10.0  # MEGACLM_TEST_POISON_SAMPLES
 
 
 
@@ -54,6 +64,7 @@ class Progress:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     best_val_loss: float | None = None
+    rollbacks: int = 0  # loss-spike guard rollbacks so far (megaclm.training.spike)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -103,11 +114,23 @@ class Trainer:
         self.start_time = time.time()
         self.consecutive_nan = 0
         self.last_saved = None
+        self.writer = AsyncCheckpointWriter() if cfg.checkpoint.async_save else None
         self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
         self.inject_nan = {int(x) for x in os.environ.get("MEGACLM_TEST_NAN_ITERS", "").split(",") if x}
         self.moe = cfg.model.num_experts is not None
         self.last_moe: list[float] | None = None  # the last step's MOE_STATS, data-parallel mean
+        # Test hook: rank MEGACLM_TEST_SLEEP_RANK (default 0) sleeps for an hour before iteration
+        # MEGACLM_TEST_SLEEP_AT_ITER (1-based), a hang for the watchdog (--hang-timeout-s) to catch.
+        self.sleep_at = int(os.environ.get("MEGACLM_TEST_SLEEP_AT_ITER", "0"))
+        self.sleep_rank = int(os.environ.get("MEGACLM_TEST_SLEEP_RANK", "0"))
+        self.watchdog: HangWatchdog | None = None
+        t = cfg.training
+        self.guard = SpikeGuard(t.spike_zscore, t.spike_window) if t.spike_zscore is not None else None
+        # Test hook: a "poisoned" global batch - the one starting at one of these samples - has its loss
+        # multiplied by POISON_SCALE: a deterministic spike, tied to the data (a replay after a rollback
+        # that skipped it never sees it again).
+        self.poison = {int(x) for x in os.environ.get("MEGACLM_TEST_POISON_SAMPLES", "").split(",") if x}
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -131,30 +154,54 @@ class Trainer:
             value /= self.pstate.dp_size
         return value.item() if value.dim() == 0 else value.tolist()
 
-    def train_step(self, seq_length: int) -> float:
+    def _test_hang(self) -> None:
+        if self.progress.iteration + 1 == self.sleep_at and self.pstate.rank == self.sleep_rank:
+            time.sleep(3600)
+
+    def _beat(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.progress.iteration)
+
+    def train_step(self, seq_length: int) -> tuple[float, bool]:
+        """One global batch: (its loss, averaged over micro-batches and dp ranks; whether the spike guard
+        refused its update)."""
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
         nan = (self.progress.iteration + 1) in self.inject_nan
+        poison = POISON_SCALE if self.progress.consumed_samples in self.poison else 1.0
         if self.pipeline:
-            if nan:
-                raise ValueError("MEGACLM_TEST_NAN_ITERS is not supported with pipeline parallelism")
+            if nan or poison != 1.0:
+                raise ValueError("MEGACLM_TEST_NAN_ITERS/POISON_SAMPLES are not supported with pipeline parallelism")
             self._pipe_shape(seq_length)
-            return self.engine.train_batch(data_iter=micro).item()  # averaged over micro and dp by DeepSpeed
+            return self.engine.train_batch(data_iter=micro).item(), False  # averaged over micro and dp by DeepSpeed
+        accum = self.derived.grad_accum_steps
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         moe = torch.zeros(len(MOE_STATS), dtype=torch.float32, device=self.device)
-        for _ in range(self.derived.grad_accum_steps):
-            loss = self._micro_loss(next(micro))
+        spike, step_loss = False, None
+        for a in range(accum):
+            loss = self._micro_loss(next(micro)) * poison
             if nan:
                 loss = loss * float("nan")
+            if a == accum - 1 and self.guard is not None:
+                # The guard decides before the last backward, on the dp-averaged loss: the same on every rank.
+                step_loss = self._dp_mean((total + loss.detach().float()) / accum)
+                spike = self.guard.is_spike(step_loss)
+                if spike:
+                    loss = loss * float("nan")  # non-finite gradients: every optimizer here skips the step
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
             if self.moe:  # what the router losses added to this micro-batch's loss, and their raw values
                 moe += torch.stack([self.engine.module.moe_stats[k].float() for k in MOE_STATS]).to(moe.device)
-        if not self.moe:
-            return self._dp_mean(total / self.derived.grad_accum_steps)
-        # One all-reduce for the loss and the router statistics; the logged loss is the LM loss alone.
-        loss, *self.last_moe = self._dp_mean(torch.cat([total[None], moe]) / self.derived.grad_accum_steps)
-        return loss - self.last_moe[0]
+        if spike and self.engine.was_step_applied():
+            raise RuntimeError("the spike guard could not skip the update: the optimizer applied a step with "
+                               "non-finite gradients")
+        if self.moe:  # one all-reduce for the loss and the router statistics; the logged loss is the LM loss alone
+            with_router, *self.last_moe = self._dp_mean(torch.cat([total[None], moe]) / accum)
+        if self.guard is not None:
+            return step_loss, spike
+        if self.moe:
+            return with_router - self.last_moe[0], False
+        return self._dp_mean(total / accum), False
 
     def _pipe_shape(self, seq_length: int) -> None:
         """The pipeline engine reuses its p2p buffers: tell it when a curriculum changes the length."""
@@ -184,15 +231,20 @@ class Trainer:
         return loss
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
-    def save(self) -> str | None:
+    def save(self, on_complete: Callable[[], None] | None = None) -> str | None:
+        """Save now (sync), or start an asynchronous save after the previous one finished (--async-save);
+        `on_complete` runs on rank 0 once the checkpoint is complete and `latest`."""
         c = self.cfg.checkpoint
         if c.save is None or self.last_saved == self.progress.iteration:
             return None
+        if self.writer is not None:
+            self.writer.wait()
         client = {"progress": self.progress.state_dict(), "data": self.data.state_dict(),
-                  "world_size": self.pstate.world_size}
+                  "world_size": self.pstate.world_size, "spike": self.guard.state_dict() if self.guard else None}
         tag = save_checkpoint(self.engine, c.save, self.progress.iteration, client, pstate=self.pstate,
-                              config_tree=self.cfg.to_dict(), meta={**self.checkpoint_meta, **self.progress.state_dict()},
-                              total_limit=c.save_total_limit)
+                              config_tree=self.cfg.to_dict(), meta={**self.checkpoint_meta, **self.progress.state_dict(),
+                                                               "client": client},
+                              total_limit=c.save_total_limit, writer=self.writer, on_complete=on_complete)
         self.last_saved = self.progress.iteration
         return tag
 
@@ -202,18 +254,65 @@ class Trainer:
             return
         if self.progress.best_val_loss is None or val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
-            self.save()
-            mark_best(c.save, tag_for(self.progress.iteration), val_loss)
+            tag = tag_for(self.progress.iteration)
+            if self.save(on_complete=lambda: mark_best(c.save, tag, val_loss)) is None:  # saved already
+                if self.writer is not None:
+                    self.writer.wait()  # `best` names complete checkpoints only
+                mark_best(c.save, tag, val_loss)
+
+    def _report_spike(self, loss: float, first_sample: int) -> None:
+        g, last = self.guard, first_sample + self.derived.global_batch_size - 1
+        log.warning(f"iteration {self.progress.iteration}: loss {loss:.4f} is {g.offending[-1]['z']:.1f} standard "
+                    f"deviations above the last {g.window} (--spike-zscore {g.zscore:g}); update skipped "
+                    f"({g.consecutive} in a row; samples {first_sample}..{last})")
+
+    def _rollback(self) -> None:
+        """K spikes in a row: reload the last checkpoint and pass over the offending batches from now on."""
+        c, t, p = self.cfg.checkpoint, self.cfg.training, self.progress
+        offending = list(self.guard.offending)
+        if self.writer is not None:
+            self.writer.wait()
+        tag = read_latest(c.save)
+        seen = ", ".join(str(o["iteration"]) for o in offending)
+        if tag is None or p.rollbacks >= t.spike_max_rollbacks:
+            why = (f"there is no checkpoint in {c.save} to roll back to" if tag is None else
+                   f"the run rolled back {p.rollbacks} times already (--spike-max-rollbacks)")
+            raise TrainingDiverged(f"{len(offending)} loss spikes in a row (iterations {seen}) and {why}; stopping. "
+                                   "Look at their batches with tools/inspect_batch.py --first-sample")
+        rollbacks = p.rollbacks + 1
+        state = load_checkpoint(self.engine, c.save, ckpt_step=iteration_of(tag),
+                                layout=(self.pstate.tp_size, self.pstate.pp_size, self.pstate.dp_size,
+                                        t.zero_stage))
+        for key, value in state["progress"].items():
+            setattr(p, key, value)
+        p.rollbacks = rollbacks
+        self.data.load_state_dict(state["data"])
+        self.data.skip_batches([o["first_sample"] for o in offending])
+        p.consumed_samples = self.data.consumed_samples
+        self.guard.load_state_dict(state["spike"])
+        restore_rng(state)
+        self.last_saved, self.consecutive_nan = None, 0
+        gbs = self.derived.global_batch_size
+        skipped = [{"iteration": o["iteration"], "samples": [o["first_sample"], o["first_sample"] + gbs - 1],
+                    "loss": o["loss"], "z": o["z"]} for o in offending]
+        self.metrics.event({"iteration": p.iteration, "rollback": rollbacks, "rollback_to": tag,
+                            "skipped_batches": skipped},
+                           f"rollback {rollbacks} to {tag} after loss spikes at iterations {seen}; from now on "
+                           "skipping the global batches of samples "
+                           + ", ".join(f"{a}..{b}" for a, b in (s["samples"] for s in skipped)))
 
     # ---- stopping -------------------------------------------------------------------------------------------
     def _should_stop(self, signals: StopSignals) -> str | None:
         t = self.cfg.training
         elapsed_min = (time.time() - self.start_time) / 60
+        writing = self.writer is not None and self.writer.pending
         flags = torch.tensor([float(signals.received is not None),
-                              float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins)],
-                             device=self.device)
+                              float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins),
+                              float(self.writer.status()) if writing else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if writing and int(flags[2]) != BUSY:  # every rank's asynchronous write is done: `latest` may move
+            self.writer.finish(int(flags[2]))
         if flags[0]:
             return "signal"
         if flags[1]:
@@ -237,20 +336,31 @@ class Trainer:
         signals = StopSignals()
         window = _new_window()
         reason = "finished"
+        if t.hang_timeout_s is not None:
+            save = self.cfg.checkpoint.save
+            self.watchdog = HangWatchdog(t.hang_timeout_s, os.path.join(save, "hang") if save else None,
+                                         self.pstate.rank)
         try:
             while not self._done():
                 seq = self.data.seq_length_at(self.progress)
                 lr = self._set_lr()
+                self._test_hang()
                 start = time.time()
-                loss = self.train_step(seq)
+                loss, spike = self.train_step(seq)
                 step_time = time.time() - start
                 p = self.progress
+                first_sample = p.consumed_samples
                 p.iteration += 1
-                p.consumed_samples += self.derived.global_batch_size
                 step_tokens = self.derived.global_batch_size * seq
                 p.consumed_tokens += step_tokens
                 self.data.advance()
-                if math.isfinite(loss):
+                p.consumed_samples = self.data.consumed_samples  # past any skipped batches
+                if self.guard is not None:
+                    self.guard.record(loss, spike, p.iteration, first_sample)
+                if spike:
+                    p.skipped_steps += 1
+                    self._report_spike(loss, first_sample)
+                elif math.isfinite(loss):
                     self.consecutive_nan = 0
                     window["loss"].append(loss)
                 else:
@@ -271,13 +381,22 @@ class Trainer:
                 if self.last_moe is not None and math.isfinite(loss):
                     window["moe"].append(self.last_moe)
                 self.metrics.step(loss if math.isfinite(loss) else None)
-                if p.iteration % lg.log_interval == 0 or p.iteration == 1:  # iteration 1 shows the starting loss
+                rollback = (spike and t.spike_action == "rollback"
+                            and self.guard.consecutive >= t.spike_rollback_after)
+                if p.iteration % lg.log_interval == 0 or p.iteration == 1 or rollback:  # 1: the starting loss
                     self._log(lr, window)
                     window = _new_window()
+                if rollback:
+                    self._rollback()
+                    self._beat()
+                    continue
+                self._beat()
                 if p.iteration % t.eval_interval == 0 and not self._done():
                     self._after_eval(self.evaluate("valid"))
+                    self._beat()
                 if self.cfg.checkpoint.save_interval and p.iteration % self.cfg.checkpoint.save_interval == 0:
                     self.save()
+                    self._beat()
                 stop = self._should_stop(signals)
                 if stop is not None:
                     reason = stop
@@ -287,13 +406,27 @@ class Trainer:
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
             self.save()
+            if self.writer is not None:
+                self.writer.wait()
         finally:
             signals.restore()
+            if self.watchdog is not None:
+                self.watchdog.close()
         return reason
+
+    def _rank_step_times(self, window: dict) -> list[float]:
+        """Every rank's mean step time over the window (one all-gather per log line), to name stragglers."""
+        mine = torch.tensor([window["time"] / max(window["steps"], 1)], dtype=torch.float64, device=self.device)
+        if not dist.is_initialized() or self.pstate.world_size == 1:
+            return [mine.item()]
+        gathered = [torch.zeros_like(mine) for _ in range(self.pstate.world_size)]
+        dist.all_gather(gathered, mine)
+        return [t.item() for t in gathered]
 
     def _log(self, lr: float, window: dict) -> None:
         p, n = self.progress, len(window["loss"])
         world = self.pstate.world_size
+        rank_times = self._rank_step_times(window)
         tokens_per_sec = window["tokens"] / window["time"] if window["time"] > 0 else None
         tflops = mfu = None
         if tokens_per_sec is not None:
@@ -307,4 +440,6 @@ class Trainer:
             "step_time": window["time"] / max(window["steps"], 1), "memory_gb": memory_gb(), "skipped_steps": p.skipped_steps,
             **({k: sum(m[i] for m in window["moe"]) / len(window["moe"]) for i, k in enumerate(MOE_STATS)}
                if window["moe"] else {}),
+            "rank_step_time": rank_times, "step_time_max": max(rank_times),
+            "slowest_rank": max(range(len(rank_times)), key=rank_times.__getitem__),
         })

@@ -4,7 +4,8 @@ Only the writer rank (first rank of the last pipeline stage, where the loss is) 
 `--log-interval` iterations one record:
 
     {"iteration", "consumed_samples", "consumed_tokens", "loss", "lr", "grad_norm", "loss_scale",
-     "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps"}
+     "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps",
+     "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank"}
 
 plus, for Mixture-of-Experts models, "router_loss" (what the router losses added to the training loss;
 "loss" is the LM loss without it), "moe_aux_loss" and "moe_z_loss" (unweighted, averaged over the MoE
@@ -95,14 +96,13 @@ class MetricsLogger:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
         step = record["iteration"]
-        for key, value in record.items():
-            if key == "iteration" or value is None:
-                continue
-            if self.tb is not None:
+        # Scalars only (the per-rank step-time list stays in the JSON lines).
+        scalars = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{key}", value, step)
         if self.wandb is not None:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "iteration" and v is not None},
-                           step=step)
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
 
     def _print(self, line: str) -> None:
         if self.bar is not None:
@@ -130,6 +130,14 @@ class MetricsLogger:
             f"step {_fmt(r['step_time'], '.3f')}s | mem {_fmt(r['memory_gb'], '.2f')}GB"
             + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
             + (f" | moe aux {r['moe_aux_loss']:.4f} z {r['moe_z_loss']:.4f}" if "moe_aux_loss" in r else ""))
+
+    def event(self, record: dict, line: str) -> None:
+        """A one-off record (e.g. a loss-spike rollback) in metrics.jsonl, and its console line."""
+        if not self.writer:
+            return
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+        self._print(line)
 
     def evaluation(self, iteration: int, split: str, loss: float) -> None:
         if not self.writer:

@@ -24,6 +24,7 @@ from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
+from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.logging import get_logger
 from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters
 from megaclm.model.fp8 import check_fp8
@@ -69,7 +70,37 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
     return lines
 
 
-def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None) -> str:
+def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
+    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup."""
+    derived = compute_derived(cfg, world_size, vocab_size=vocab_size)
+    if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
+        iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
+            cfg.training.train_tokens)
+        derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    return derived
+
+
+def _resume_tag(cfg: Any) -> str | None:
+    """The tag a full resume (not --finetune) would load, or None for a fresh start or weights-only load."""
+    c = cfg.checkpoint
+    if c.load is None or c.finetune:
+        return None
+    return tag_for(c.ckpt_step) if c.ckpt_step is not None else read_latest(c.load)
+
+
+def _check_data(cfg: Any, fingerprint: dict) -> None:
+    """Refuse to resume on data that differs from the checkpoint's (unless --override-data-fingerprint)."""
+    tag = _resume_tag(cfg)
+    if tag is None:
+        return
+    saved = read_meta(cfg.checkpoint.load, tag).get("data_fingerprint")
+    if cfg.checkpoint.override_data_fingerprint:
+        log.warning(f"--override-data-fingerprint: not comparing the data with {cfg.checkpoint.load}/{tag}'s")
+        return
+    check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
+
+
+def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
                         tensor_parallel=derived.tensor_model_parallel_size,
@@ -106,14 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION, stored_config=read_config)
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
-    derived = compute_derived(cfg, world, vocab_size=model_vocab_size(cfg.tokenizer, tokenizer))
-    if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
-        iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
-            cfg.training.train_tokens)
-        if cfg.training.train_iters is not None or cfg.training.train_samples is not None:
-            iters = min(iters, compute_derived(dataclasses.replace(
-                cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world).train_iters)
-        derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    derived = derive(cfg, world, model_vocab_size(cfg.tokenizer, tokenizer))
     model_vocab, vocab_source = _model_vocab(cfg, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
@@ -121,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
     c = cfg.checkpoint
     lora = resolve_lora_base(c.load, c.ckpt_step, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
+    fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
+    _check_data(cfg, fingerprint)
     if args.validate_only:
         print(_summary(cfg, derived, model_vocab, ds_config, lora), flush=True)
         return 0
     try:
-        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora)
+        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -141,7 +167,7 @@ def set_thread_count() -> None:
 
 
 def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-         lora: tuple[dict, bool] | None) -> int:
+         lora: tuple[dict, bool] | None, fingerprint: dict) -> int:
     """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
@@ -166,8 +192,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     if c.load is not None and (lora_base is None or adapters):
         state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=(pstate.tp_size, pstate.pp_size), exit_on_missing=c.exit_on_missing_checkpoint,
-                                adapters=adapters)
+                                layout=(pstate.tp_size, pstate.pp_size, pstate.dp_size, cfg.training.zero_stage),
+                                exit_on_missing=c.exit_on_missing_checkpoint, adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
@@ -183,13 +209,16 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     meta = {"tensor_model_parallel_size": pstate.tp_size, "pipeline_model_parallel_size": pstate.pp_size,
             "data_parallel_size": pstate.dp_size, "world_size": pstate.world_size,
             "padded_vocab_size": model_vocab, "tokenizer_vocab_size": tokenizer.vocab_size,
-            "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision}
+            "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision,
+            "data_fingerprint": fingerprint}
     if lora_base is not None:
         meta["lora_base"] = lora_base
     peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.training.precision)
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),
                       peak_tflops=peak, checkpoint_meta=meta)
+    if state is not None and trainer.guard is not None and state.get("spike"):
+        trainer.guard.load_state_dict(state["spike"])
     restore_rng(state)  # last: dataset building above may draw random numbers
     try:
         reason = trainer.train()

@@ -149,3 +149,44 @@ def test_fp8_is_refused_without_an_fp8_gpu(prefix):
     assert errors == ["error: --fp8-format e4m3: there is no CUDA GPU; drop the --fp8-* flags and train in --bf16"]
     r = cli(good(prefix) + ["--fp8-format", "hybrid"])
     assert r.returncode == 2 and "training.fp8_format='hybrid' needs --bf16" in r.stderr
+
+
+def _write_dataset(prefix: str, lengths: tuple[int, ...], offset: int = 0) -> None:
+    b = IndexedDatasetBuilder(prefix, np.uint16)
+    for n in lengths:
+        b.add_document((np.arange(n) + offset) % 900)
+    b.finalize()
+
+
+def test_resume_on_changed_data_is_refused(tmp_path):
+    """A checkpoint's data fingerprint: changed .bin/.idx files or --split are refused with the file or flag
+    named (exit 2, before any process group: --validate-only runs the same check); --override-data-fingerprint
+    accepts them."""
+    prefix, save = str(tmp_path / "data/text_document"), str(tmp_path / "ckpt")
+    os.makedirs(os.path.dirname(prefix))
+    _write_dataset(prefix, (3000, 5000, 7000))
+    args = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL, "--data-path", prefix,
+            "--split", "98,2,0", "--eval-iters", "1", "--num-workers", "0", "--save", save, "--load", save]
+    first = cli(args + ["--train-iters", "2"])
+    assert first.returncode == 0, first.stderr
+    meta = json.loads(Path(save, "iter_0000002/megaclm/meta.json").read_text())
+    assert meta["data_fingerprint"]["splits"]["train"]["files"][0]["path"] == prefix
+    assert cli(args + ["--train-iters", "4", "--validate-only"]).returncode == 0  # unchanged data: accepted
+
+    moved = cli(args + ["--train-iters", "4", "--split", "90,10,0", "--validate-only"])
+    assert moved.returncode == 2 and "was trained with --split 98,2,0 but this run has 90,10,0" in moved.stderr
+
+    _write_dataset(prefix, (3000, 5000, 7000), offset=1)  # same document sizes (same .idx), other tokens
+    changed = cli(args + ["--train-iters", "4", "--validate-only"])
+    assert changed.returncode == 2, changed.stderr
+    assert f"error: data file {prefix}.bin changed since --load {save}/iter_0000002 was saved" in changed.stderr
+    assert "--override-data-fingerprint" in changed.stderr and "Traceback" not in changed.stderr
+
+    _write_dataset(prefix, (3000, 5000, 7001))
+    resized = cli(args + ["--train-iters", "4", "--validate-only"])
+    assert resized.returncode == 2 and f"data file {prefix}.idx changed" in resized.stderr
+
+    forced = cli(args + ["--train-iters", "4", "--override-data-fingerprint", "--validate-only"])
+    assert forced.returncode == 0 and "--override-data-fingerprint: not comparing the data" in forced.stderr

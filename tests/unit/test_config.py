@@ -168,6 +168,12 @@ def test_subset_of_sections_for_tools(prefix):
     (["--lr-warmup-iters", "5", "--lr-decay-tokens", "1000"], 2, "mix iterations and tokens"),
     (["--vocab-file", "/nope.json"], 2, r"tokenizer\.vocab_file='/nope.json' does not exist"),
     (["--tensor-model-parallel-size", "2"], 3, r"world size 3 is not divisible by parallel.tensor_model_parallel_size=2"),
+    (["--spike-zscore", "0"], 2, r"training\.spike_zscore=0\.0 must be > 0"),
+    (["--spike-zscore", "3", "--spike-window", "1"], 2, r"training\.spike_window=1 must be >= 2"),
+    (["--spike-zscore", "3", "--spike-action", "rollback"], 2, r"spike_action=rollback needs checkpoint\.save"),
+    (["--spike-zscore", "3", "--pipeline-model-parallel-size", "2"], 2, r"needs parallel\.pipeline_model_parallel_size=1"),
+    (["--hang-timeout-s", "0"], 2, r"training\.hang_timeout_s=0\.0 must be > 0"),
+    (["--async-save"], 2, r"async_save need checkpoint\.save"),
 ])
 def test_config_errors(base, extra, world, msg):
     with pytest.raises(UserError, match=msg):
@@ -210,7 +216,7 @@ def test_generated_deepspeed_json(base):
     assert "torch_adam" not in deepspeed_config(cfg, d, cuda=True)["optimizer"]["params"]
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                           "hysteresis": 2, "min_loss_scale": 1.0}
-    assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": False, "check_grad_overflow": True} and ds["gradient_clipping"] == 0.5
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0 and z["offload_optimizer"]["device"] == "cpu"
     assert "scheduler" not in ds

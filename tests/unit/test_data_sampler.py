@@ -164,3 +164,20 @@ def test_token_warmup_and_state(caplog):
     cut = Curriculum(seq_length=512, global_batch_size=3, seqlen_start=16, warmup_tokens=50000).truncate(batch)
     assert cut["tokens"].shape == (2, 16) and cut["document_ids"].shape == (2, 16)
     assert cur.truncate(batch) is batch  # full length: untouched
+
+
+def test_skipped_global_batches_are_passed_over_and_resume():
+    """The loss-spike rollback's skip list: iterator, advance(), batch_start() and a resume all pass over it."""
+    s = PretrainingSampler(120, 0, 3, 1, 2, GBS)  # rank 1 of 2: samples 3..5 of each 6 of a micro step
+    s.skip([24, 36])
+    firsts = [b[0] for b in list(iter(s))[::2]]  # the first micro-batch of each global batch
+    assert firsts == [3, 15, 51, 63, 75, 87, 99, 111]
+    assert [s.batch_start(k) for k in range(4)] == [0, 12, 48, 60]
+    s.advance()
+    s.advance()  # 24 and 36 are skipped: the position jumps past them
+    assert s.consumed_samples == 48
+    resumed = PretrainingSampler(120, 0, 3, 1, 2, GBS)
+    resumed.load_state_dict(s.state_dict())
+    assert resumed.skipped == [24, 36] and next(iter(resumed)) == [51, 52, 53]
+    with pytest.raises(ValueError, match="samples up to 48 are consumed"):
+        s.skip([36])

@@ -173,15 +173,20 @@ def test_bad_omp_num_threads_is_one_clear_error(value, monkeypatch):
         pretrain.set_thread_count()
 
 
-def test_resume_into_another_parallel_layout_is_refused(tmp_path):
+def test_resume_into_another_layout_needs_layout_independent_state(tmp_path):
+    """A checkpoint of another layout is loaded from megaclm's own files; one without them (written by an
+    older megaclm) is refused before the engine is touched, with what to do instead."""
     d = tmp_path / tag_for(5) / "megaclm"
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"iteration": 5, "tensor_model_parallel_size": 2,
-                                             "pipeline_model_parallel_size": 1}))
+    meta = {"iteration": 5, "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+            "data_parallel_size": 1, "zero_stage": 1}
+    (d / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "latest").write_text(tag_for(5))
-    # refused before the engine is touched: no DeepSpeed engine needed here
-    with pytest.raises(UserError, match="saved with TP=2 x PP=1 but this run is TP=1 x PP=2; reshard"):
-        load_checkpoint(None, str(tmp_path), layout=(1, 2))
+    with pytest.raises(UserError, match="records no progress in meta.json .* pass --finetune"):
+        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1))
+    (d / "meta.json").write_text(json.dumps({**meta, "client": {"progress": {}}}))
+    with pytest.raises(UserError, match="no layout-independent optimizer state .* --no-load-optim"):
+        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1))
 
 
 def test_exit_on_missing_checkpoint(tmp_path):

@@ -2,19 +2,21 @@
 
     python tools/checkpoint/reshard.py --load runs/gpt-tp2 --out runs/gpt-tp1pp2 \\
         --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2
-    deepspeed --num_gpus 2 pretrain_gpt.py ... --pipeline-model-parallel-size 2 --load runs/gpt-tp1pp2 --no-load-optim
+    deepspeed --num_gpus 2 pretrain_gpt.py ... --pipeline-model-parallel-size 2 --load runs/gpt-tp1pp2
 
 What is carried over:
   - model weights: exactly, as fp32 (the optimizer's master copy that every checkpoint stores in
     <tag>/megaclm/model/), merged across the old shards and split for the new layout. The vocabulary
     padding is redone for the new TP size (padding rows hold no real token; real rows are unchanged);
-  - progress (iteration, consumed samples/tokens) and the data-sampler state: `--load NEW --no-load-optim`
-    resumes the schedule and the data stream where the old run stopped (DeepSpeed reads the model files
-    written for the new layout: run it with exactly that TP/PP, ZeRO 0-2); `--finetune` starts over
-    (any layout and ZeRO stage: it reads megaclm's fp32 shards);
-  - optimizer states (Adam moments) are NOT carried over: DeepSpeed partitions them by the old TP/PP/DP
-    layout. They restart from zero (with --no-load-optim or --finetune); the fp32 master weights are rebuilt
-    from the model weights. RNG states are not carried over either.
+  - the Adam moments (exp_avg, exp_avg_sq; <tag>/megaclm/optim/, megaclm.checkpoint.universal) and
+    Adam's step count, merged and split the same way (padding rows: zero moments);
+  - progress (iteration, consumed samples/tokens, skipped steps), the data position (sampler, skipped
+    batches, curriculum) and the loss-spike guard's window.
+`--load NEW` (any data-parallel size and ZeRO stage) then continues where the old run stopped; with
+`--no-load-optim` Adam's moments restart from zero; `--finetune` starts over from the weights.
+RNG states are not carried over. A plain `--load OLD` into another layout does the same without
+this tool (pretrain_gpt.py reads megaclm's layout-independent files); the tool writes a checkpoint
+that is already split for the new layout (and DeepSpeed's module files for it).
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta
 from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
+from megaclm.checkpoint.universal import MOMENTS, has_optimizer_shards, saved_adam_step  # noqa: E402
 from megaclm.config.model import ModelConfig, check_parallel_shapes  # noqa: E402
 from megaclm.config.parallel import ParallelConfig  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
@@ -37,8 +40,8 @@ from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 log = get_logger("megaclm.reshard")
 # meta.json keys that describe the run rather than the layout; the layout keys are rewritten.
-KEPT_META = ("iteration", "consumed_samples", "consumed_tokens", "skipped_steps", "best_val_loss",
-             "tokenizer_vocab_size", "hf_vocab_size", "hf_model_type", "zero_stage")
+KEPT_META = ("iteration", "consumed_samples", "consumed_tokens", "skipped_steps", "best_val_loss", "rollbacks",
+             "tokenizer_vocab_size", "hf_vocab_size", "hf_model_type", "zero_stage", "data_fingerprint", "client")
 
 
 def _client_state(ckpt_dir: str) -> dict | None:
@@ -75,11 +78,17 @@ def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | None = None)
     if client is not None:
         client = {**client, "world_size": None}  # the RNG files of the old ranks are not carried over
     kept = {k: meta[k] for k in KEPT_META if k in meta}
+    optim = None
+    if has_optimizer_shards(load, meta["tag"]):
+        optim = {m: pad_vocab(unpad_vocab(load_full_state_dict(load, meta["tag"], kind="optim", field=m).state_dict,
+                                          min(rows, padded)), padded) for m in MOMENTS}
+        optim["step"] = saved_adam_step(load, meta["tag"])
     tag = write_checkpoint(out, tree, sd, tp=tp, pp=pp, meta=kept, client_state=client,
-                           iteration=meta.get("iteration", 0))
+                           iteration=meta.get("iteration", 0), optimizer_state=optim)
     log.info(f"resharded {os.path.join(load, meta['tag'])} (tp {meta['tensor_model_parallel_size']} x pp "
              f"{meta['pipeline_model_parallel_size']}, vocab rows {rows}) into {out} (tp {tp} x pp {pp}, vocab rows "
-             f"{padded}); optimizer states are not carried over: continue with --no-load-optim or --finetune")
+             f"{padded}); " + ("with the Adam moments and step" if optim else
+                               "no optimizer state in the source (an older checkpoint): continue with --no-load-optim"))
     return tag
 
 
