@@ -77,6 +77,18 @@ def _partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
 
 
+def _state_keys(engine: Any) -> dict[int, torch.Tensor]:
+    """id(model parameter) -> the tensor the torch optimizer keeps its state under, for the optimizers that
+    step a parameter itself (ZeRO-0 fp32) or an fp32 master copy of it (ZeRO-0 bf16/fp16: DeepSpeed's
+    FP16_(Unfused)Optimizer keeps `fp32_groups` parallel to the model's `fp16_groups`)."""
+    wrapper = engine.optimizer
+    keys = {id(p): p for group in _torch_optimizer(engine).param_groups for p in group["params"]}
+    for low, high in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups", [])):
+        if isinstance(low, (list, tuple)):
+            keys.update({id(lp): hp for lp, hp in zip(low, high)})
+    return keys
+
+
 def adam_step(engine: Any) -> int:
     steps = [st["step"] for st in _torch_optimizer(engine).state.values() if "step" in st]
     return int(max((float(s) for s in steps), default=0))
@@ -88,13 +100,14 @@ def optimizer_shard_file(engine: Any, out_dir: str, pstate: Any) -> tuple[str, d
     optimizer's live states (ZeRO-0): save them before the next step, or copy them."""
     moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in MOMENTS}
     _ensure_adam_state(engine)
-    state = _torch_optimizer(engine).state
+    state, keys = _torch_optimizer(engine).state, _state_keys(engine)
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:  # LoRA's frozen base has no optimizer state
             continue
         for key in MOMENTS:
-            # ZeRO-0 fp32: the torch optimizer steps the parameters themselves.
-            value = safe_get_full_optimizer_state(param, key) if _partitioned(param) else state[param][key]
+            # ZeRO-0: the torch optimizer steps the parameters themselves, or their fp32 masters.
+            value = (safe_get_full_optimizer_state(param, key) if _partitioned(param)
+                     else state[keys[id(param)]][key])
             moments[key][name] = value.detach().float().cpu()
     if pstate.dp_rank != 0:
         return None
@@ -107,7 +120,7 @@ def _set_moments(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step:
     module = engine.module
     pipeline = isinstance(module, PipelineModule)
     _ensure_adam_state(engine)
-    opt = _torch_optimizer(engine)
+    opt, keys = _torch_optimizer(engine), _state_keys(engine)
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
@@ -117,7 +130,7 @@ def _set_moments(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step:
                 safe_set_full_optimizer_state(param, moments[m][key].to(param.device), m)
         else:
             for m in MOMENTS:
-                opt.state[param][m].copy_(moments[m][key])
+                opt.state[keys[id(param)]][m].copy_(moments[m][key])
     for st in opt.state.values():  # ZeRO's flat partitions and plain parameters alike
         if "step" in st:
             st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step

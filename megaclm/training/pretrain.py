@@ -76,6 +76,9 @@ def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
     if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
         iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
             cfg.training.train_tokens)
+        if cfg.training.train_iters is not None or cfg.training.train_samples is not None:  # the first limit
+            iters = min(iters, compute_derived(dataclasses.replace(
+                cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world_size).train_iters)
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
     return derived
 
@@ -100,7 +103,7 @@ def _check_data(cfg: Any, fingerprint: dict) -> None:
     check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
 
 
-def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
+def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
                         tensor_parallel=derived.tensor_model_parallel_size,
