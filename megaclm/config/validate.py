@@ -119,6 +119,10 @@ def _lora(cfg: Any) -> None:
         raise UserError(f"lora.lora_rank={cfg.lora.lora_rank} needs a base model: pass --load BASE --finetune (a "
                         "megaclm checkpoint, e.g. from tools/checkpoint/convert_hf.py import); adapters on a random "
                         "init train nothing useful")
+    mlp = {"fc1", "fc2"} & set(cfg.lora.target_names)
+    if cfg.lora.enabled and cfg.model.num_experts is not None and mlp:
+        raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: an MoE model's MLPs are experts, which take no "
+                        f"LoRA adapters ({', '.join(sorted(mlp))}); use --lora-target qkv,proj")
 
 
 # (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
@@ -144,7 +148,7 @@ CHECKS = [
     (_data_paths, {"data"}),
     (_run_length, {"training"}),
     (_checkpointing, {"checkpoint", "training"}),
-    (_lora, {"lora", "checkpoint"}),
+    (_lora, {"lora", "checkpoint", "model"}),
     (_spike_guard, {"parallel", "training", "checkpoint"}),
 ]
 

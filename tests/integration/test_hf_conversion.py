@@ -383,7 +383,10 @@ def test_peft_layout_of_every_family(work, family, tmp_path):
     f = work["families"][family]
     hf_config = files.read_config(f["hf"])
     mc, sd = from_hf(files.read_weights(f["hf"]), hf_config)
-    lora = LoraConfig(lora_rank=3, lora_alpha=6.0, lora_target="qkv,fc1,fc2" if family == "gpt2" else "qkv,proj,fc1")
+    # gpt2: fused c_attn and its MLP; llama-like: separate q/k/v/o and gate/up; MoE: attention only (experts
+    # take no adapters)
+    target = {"gpt2": "qkv,fc1,fc2", "mixtral": "qkv,proj", "qwen2_moe": "qkv,proj"}.get(family, "qkv,proj,fc1")
+    lora = LoraConfig(lora_rank=3, lora_alpha=6.0, lora_target=target)
     model = GPTModel(mc, sd["embedding.word_embeddings.weight"].shape[0], lora=lora).eval()
     g = torch.Generator().manual_seed(4)
     adapters = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in model.state_dict().items() if "lora_" in k}
