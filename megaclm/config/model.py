@@ -170,6 +170,23 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
     if padded_vocab_size is not None and padded_vocab_size % tp:
         raise UserError(f"padded vocabulary size {padded_vocab_size} is not divisible by {what}; "
                         "pad it to a multiple of make_vocab_size_divisible_by x the tensor-parallel size")
+    ulysses = parallel.ds_sequence_parallel_size
+    if ulysses > 1:
+        # Ulysses trades sequence for heads: each rank of the group attends with 1/ulysses of this TP rank's heads.
+        for count, name in ((model.num_attention_heads, "num_attention_heads"), (model.num_kv_heads, "num_query_groups")):
+            if (count // tp) % ulysses:
+                raise UserError(f"model.{name}={count} / {what} = {count // tp} heads per tensor-parallel rank "
+                                f"are not divisible by parallel.ds_sequence_parallel_size={ulysses}: DeepSpeed-"
+                                "Ulysses gives every rank whole (key/value) heads; choose a "
+                                "--ds-sequence-parallel-size that divides them, or --context-parallel-size "
+                                "(ring attention has no such limit)")
+    if parallel.context_parallel_size > 1 and model.position_embedding_type == "alibi":
+        raise UserError("parallel.context_parallel_size > 1 with model.position_embedding_type='alibi': ring "
+                        "attention supports causal, sliding-window and document masks, not ALiBi biases; use "
+                        "--ds-sequence-parallel-size, or RoPE")
+    if parallel.context_parallel_size > 1 and model.attention_dropout > 0:
+        raise UserError(f"parallel.context_parallel_size > 1 with model.attention_dropout={model.attention_dropout}: "
+                        "ring attention has no attention dropout (as Megatron-LM's); pass --attention-dropout 0")
     stages = f"parallel.pipeline_model_parallel_size={pp}"
     if model.num_layers < pp:
         raise UserError(f"model.num_layers={model.num_layers} cannot be split across {stages} stages; "
