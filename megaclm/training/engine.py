@@ -56,7 +56,7 @@ def init_distributed(cfg: Any) -> ParallelState:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=cfg.training.distributed_timeout_minutes))
     pstate = ParallelState.from_env(cfg.parallel)
-    model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank)
+    model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, pstate.seq_rank)
     return pstate
 
 
