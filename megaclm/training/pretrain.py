@@ -52,6 +52,23 @@ def _model_vocab(cfg: Any, tokenizer_vocab: int, padded: int) -> tuple[int, str]
     return padded, "the tokenizer, padded"
 
 
+def layout_line(cfg: Any, derived: Any) -> str:
+    """e.g. "world 8 = tp 2 x ulysses 2 x dp 2 x pp 1 (rank order: tp fastest, then ulysses, dp, pp); each rank
+    holds 8192 of 32768 tokens per sample (contiguous)"."""
+    p = cfg.parallel
+    kind = "ulysses" if p.ds_sequence_parallel_size > 1 else "cp" if p.context_parallel_size > 1 else None
+    axes = [("tp", derived.tensor_model_parallel_size)] + ([(kind, derived.seq_split_size)] if kind else []) + [
+        ("dp", derived.data_parallel_size), ("pp", derived.pipeline_model_parallel_size)]
+    line = (f"world {derived.world_size} = {' x '.join(f'{a} {n}' for a, n in axes)} (rank order: tp fastest, then "
+            f"{', '.join(a for a, _ in axes[1:])})")
+    if kind:
+        how = ("contiguous; DeepSpeed-Ulysses all-to-all of heads <-> sequence in attention" if kind == "ulysses"
+               else "2 load-balanced chunks i, 2N-1-i; ring attention")
+        line += (f"; each rank holds {derived.seq_length // derived.seq_split_size} of {derived.seq_length} tokens "
+                 f"per sample ({how})")
+    return line
+
+
 def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
@@ -61,9 +78,11 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
                         precision=cfg.training.precision, sequence_parallel=cfg.parallel.sequence_parallel,
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.training.offload_optimizer,
                         offload_param=cfg.training.offload_param,
-                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"))
+                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
+                        seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1)
     memory = estimate_memory(cfg.model, model_vocab, setup)
-    lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
+    lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# layout", layout_line(cfg, derived),
+             "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
     lines += [f"model_vocab_size: {model_vocab}", f"parameters: {params.total:,}",
               f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
@@ -114,7 +133,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     set_thread_count()
     pstate = init_distributed(cfg)
     if pstate.rank == 0:
-        log.info(f"world {pstate.world_size} = tp {pstate.tp_size} x pp {pstate.pp_size} x dp {pstate.dp_size}; "
+        log.info(f"{layout_line(cfg, derived)}; "
                  f"global batch {derived.global_batch_size} = micro {derived.micro_batch_size} x dp x "
                  f"{derived.grad_accum_steps} accumulation steps; vocab {tokenizer.vocab_size} -> {model_vocab} "
                  f"({vocab_source}); {count_parameters(cfg.model, model_vocab).total:,} parameters")
