@@ -152,7 +152,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         data.load_state_dict(state["data"])
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
                               cfg.training.train_tokens, derived.global_batch_size)
-    writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
+    writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.seq_rank == 0
     metrics_file = cfg.logging.metrics_file or (os.path.join(c.save, "metrics.jsonl") if c.save else None)
     metrics = MetricsLogger(cfg.logging, writer=writer, metrics_file=metrics_file, total_iters=derived.train_iters,
                             start_iter=progress.iteration, run_config=cfg.to_dict(),

@@ -37,6 +37,7 @@ def test_the_split_run_says_what_is_on_and_resumes_the_unsplit_losses(unsplit, r
               "world 2 = tp 1 x cp 2 x dp 1 x pp 1")
     assert layout in log and "each rank holds 1024 of 2048 tokens per sample" in log, log[-3000:]
     assert "world 2 = tp 1 x dp 2 x pp 1" in unsplit[1].text()
+    assert log.count("iter       5 |") == 1, "one rank (seq rank 0) logs"
     want, got = train_losses(unsplit[0]), train_losses(save)
     assert sorted(got) == [4, 5, 6], got  # resumed after iteration 3
     for it in (4, 5, 6):
