@@ -81,12 +81,11 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
                         flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
                         seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1)
     memory = estimate_memory(cfg.model, model_vocab, setup)
-    lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# layout", layout_line(cfg, derived),
-             "", "# derived"]
+    lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
     lines += [f"model_vocab_size: {model_vocab}", f"parameters: {params.total:,}",
               f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
-              "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
+              "", "# layout", layout_line(cfg, derived), "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
     return "\n".join(lines)
 
