@@ -63,7 +63,9 @@ def init_distributed(cfg: Any) -> ParallelState:
 def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_config: dict) -> torch.nn.Module:
     # ZeRO-3 partitions each parameter as soon as its module is built, so a model larger than one
     # device's memory never exists whole (every data-parallel replica builds the same init: same seed).
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate):
+    # Partitioned over seq x dp (= dp without a sequence split): the group DeepSpeed's engine shards ZeRO over.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate,
+                             data_parallel_group=pstate.seq_dp_group):
         if pstate.pp_size > 1:
             return GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
                                      partition_method=cfg.parallel.pipeline_partition_method)

@@ -18,7 +18,7 @@ from megaclm.parallel.mappings import gather_from_tp
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
 
-from parallel_checks import (B, T, VOCAB, GradRecorder, batch, family_config, forward_backward, gather_shards,
+from parallel_checks import (B, T, VOCAB, batch, family_config, forward_backward, gather_shards,
                              grads, max_diff, reference)
 
 # Llama shape with GQA (query heads per kv head: 2) whose heads still split over TP=2 x Ulysses=2.
@@ -28,16 +28,18 @@ CASES = {  # name: (family, overrides, documents, attention backend)
     "llama-docs": ("llama", {}, True, "sdpa"),
     "mistral-window": ("mistral", {}, True, "unfused"),
     "alibi-docs": ("alibi", {}, True, "sdpa"),  # Ulysses only: ring attention refuses ALiBi
+    "llama-recompute-full": ("llama", {"recompute_granularity": "full"}, True, "sdpa"),
+    "llama-recompute-selective": ("llama", {"recompute_granularity": "selective"}, False, "sdpa"),
 }
 
 
-def _state(world_size, rank, kind, n, tp):
+def _state(world_size, rank, kind, n, tp, sequence_parallel=False):
     import deepspeed
 
     if not deepspeed.comm.is_initialized():  # DeepSpeed's DistributedAttention talks through deepspeed.comm
         deepspeed.init_distributed(dist_backend="gloo")
     sizes = {"ulysses_size": n} if kind == "ulysses" else {"context_parallel_size": n}
-    pstate = ParallelState(world_size, rank, tensor_parallel_size=tp, **sizes)
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=tp, sequence_parallel=sequence_parallel, **sizes)
     pstate.init_process_groups()
     return pstate
 
@@ -52,7 +54,8 @@ def _local(pstate, ids, labels, weights, pos, doc):
     return cut(ids), cut(labels), cut(weights), cut(pos), cut(doc)
 
 
-def check_split(world_size: int, rank: int, kind: str, n: int, tp: int, case: str) -> dict:
+def check_split(world_size: int, rank: int, kind: str, n: int, tp: int, case: str,
+                sequence_parallel: bool = False) -> dict:
     family, overrides, documents, backend = CASES[case]
     config = family_config(family, **(WIDE_GQA if tp > 1 else {}), **overrides)
     kernels = KernelsConfig(attention_backend=backend)
@@ -61,7 +64,7 @@ def check_split(world_size: int, rank: int, kind: str, n: int, tp: int, case: st
     ref_logits, ref_loss = forward_backward(ref, *inputs)
     ref_grads = grads(ref)
 
-    pstate = _state(world_size, rank, kind, n, tp)
+    pstate = _state(world_size, rank, kind, n, tp, sequence_parallel)
     model_parallel_seed(1234, pstate.tp_rank, 0, pstate.seq_rank)
     torch.manual_seed(1234)
     model = GPTModel(config, VOCAB, pstate, kernels)
@@ -82,9 +85,10 @@ def check_split(world_size: int, rank: int, kind: str, n: int, tp: int, case: st
             "grad_scale": max(g.abs().max().item() for g in ref_grads.values())}
 
 
-def check_engine(world_size: int, rank: int, kind: str, n: int) -> dict:
-    """Through deepspeed.initialize(mpu=pstate), ZeRO-0: the trainer's loss (its tokens' share of the micro-
-    batch mean) and DeepSpeed's reduction over seq x dp give the unsplit mean-loss gradient."""
+def check_engine(world_size: int, rank: int, kind: str, n: int, zero_stage: int = 0) -> dict:
+    """Through deepspeed.initialize(mpu=pstate) (ZeRO-3: built under zero.Init over seq x dp, every parameter
+    partitioned): the trainer's loss (its tokens' share of the micro-batch mean) and DeepSpeed's reduction
+    over seq x dp give the unsplit mean-loss gradient: one SGD step with lr 1 moves each weight by it."""
     import deepspeed
 
     config = family_config("llama")
@@ -94,12 +98,17 @@ def check_engine(world_size: int, rank: int, kind: str, n: int) -> dict:
     ref_loss.backward()
 
     pstate = _state(world_size, rank, kind, n, 1)
-    torch.manual_seed(1234)
-    model = GPTModel(config, VOCAB, pstate)
-    recorder = GradRecorder(model.named_parameters())
     ds_config = {"train_micro_batch_size_per_gpu": B, "train_batch_size": B * pstate.dp_size,
-                 "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=recorder, config=ds_config, mpu=pstate)
+                 "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+                 "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0,
+                                       # as megaclm.config.deepspeed_json sets it under a sequence split
+                                       **({"reduce_scatter": False} if zero_stage == 3 else {})}}
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3, mpu=pstate,
+                             data_parallel_group=pstate.seq_dp_group):
+        torch.manual_seed(1234)
+        model = GPTModel(config, VOCAB, pstate)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                           config=ds_config, mpu=pstate)
     l_ids, l_labels, l_weights, l_pos, l_doc = _local(pstate, ids, labels, weights, pos, doc)
     count = l_weights.sum()
     dist.all_reduce(count, group=pstate.seq_group)
@@ -108,8 +117,10 @@ def check_engine(world_size: int, rank: int, kind: str, n: int) -> dict:
     engine.step()
     total = loss.detach().clone()
     dist.all_reduce(total, group=pstate.seq_group)
-    return {"loss": abs(total.item() - ref_loss.item()), "grads": max_diff(recorder.recorded, grads(ref)),
-            "keys": len(recorder.recorded)}
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage == 3):
+        steps = {k: ref.state_dict()[k] - p.detach() for k, p in params.items()}
+    return {"loss": abs(total.item() - ref_loss.item()), "grads": max_diff(steps, grads(ref)), "keys": len(steps)}
 
 
 def world2_checks(rank: int, world_size: int) -> dict:
@@ -118,13 +129,17 @@ def world2_checks(rank: int, world_size: int) -> dict:
         out[("ulysses", case)] = check_split(world_size, rank, "ulysses", 2, 1, case)
         if case != "alibi-docs":
             out[("ring", case)] = check_split(world_size, rank, "ring", 2, 1, case)
-    out[("engine", "ulysses")] = check_engine(world_size, rank, "ulysses", 2)
-    out[("engine", "ring")] = check_engine(world_size, rank, "ring", 2)
+    for stage in (0, 2, 3):
+        out[("engine", "ulysses", stage)] = check_engine(world_size, rank, "ulysses", 2, stage)
+    out[("engine", "ring", 3)] = check_engine(world_size, rank, "ring", 2, 3)
     return out
 
 
 def world4_checks(rank: int, world_size: int) -> dict:
-    """TP=2 x (Ulysses | ring)=2, and a 4-way split of the sequence."""
+    """TP=2 x (Ulysses | ring)=2 (also with Megatron's sequence parallelism), and a 4-way split."""
     return {("ulysses-tp2", "llama-docs"): check_split(world_size, rank, "ulysses", 2, 2, "llama-docs"),
             ("ring-tp2", "llama-docs"): check_split(world_size, rank, "ring", 2, 2, "llama-docs"),
+            ("ulysses-tp2-sp", "llama"): check_split(world_size, rank, "ulysses", 2, 2, "llama", True),
+            ("ring-tp2-sp", "llama-recompute-full"): check_split(world_size, rank, "ring", 2, 2,
+                                                                 "llama-recompute-full", True),
             ("ring4", "mistral-window"): check_split(world_size, rank, "ring", 4, 1, "mistral-window")}

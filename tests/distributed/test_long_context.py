@@ -37,14 +37,14 @@ def test_split_of_two_equals_unsplit(world2, kind, case):
         _assert_equal(result[(kind, case)], checks.T // 2)
 
 
-@pytest.mark.parametrize("kind", ["ulysses", "ring"])
-def test_deepspeed_engine_sums_gradients_over_the_sequence_ranks(world2, kind):
+@pytest.mark.parametrize("kind,stage", [("ulysses", 0), ("ulysses", 2), ("ulysses", 3), ("ring", 3)])
+def test_deepspeed_engine_sums_gradients_over_the_sequence_ranks(world2, kind, stage):
     for result in world2:
-        r = result[("engine", kind)]
+        r = result[("engine", kind, stage)]
         assert r["keys"] == 15 and r["loss"] < TOL and r["grads"] < TOL, r
 
 
-@pytest.mark.parametrize("name", ["ulysses-tp2", "ring-tp2", "ring4"])
+@pytest.mark.parametrize("name", ["ulysses-tp2", "ring-tp2", "ulysses-tp2-sp", "ring-tp2-sp", "ring4"])
 def test_split_with_tp2_and_four_way_equals_unsplit(world4, name):
     n = 4 if name == "ring4" else 2
     for result in world4:
