@@ -8,8 +8,8 @@ model (N=1) and the sequence split over N=2 ranks (DeepSpeed-Ulysses, ring atten
 Each case spawns N processes (world = N, one sample of T tokens shared by them, forward + backward of a
 Llama-shaped GPTModel with GQA; steps after a warm-up are timed). Reported per rank:
   tokens/s      T / step time (the whole sample's tokens, all ranks together)
-  act MiB       bytes autograd saved for backward during the forward (distinct storages, weights excluded), the activation
-                memory that 1/N is about; on CUDA also the peak allocated memory
+  act MiB       bytes autograd saved for backward during the forward (distinct storages, weights excluded):
+                the activation memory that 1/N is about; on CUDA also the peak allocated memory
 Ratios: Ulysses against N=1 with the same SDPA core attention; ring attention, which computes its blocks
 with explicit scores (megaclm.parallel.context), against N=1 with the unfused (explicit-scores) attention.
 """

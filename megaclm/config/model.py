@@ -173,7 +173,8 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
     ulysses = parallel.ds_sequence_parallel_size
     if ulysses > 1:
         # Ulysses trades sequence for heads: each rank of the group attends with 1/ulysses of this TP rank's heads.
-        for count, name in ((model.num_attention_heads, "num_attention_heads"), (model.num_kv_heads, "num_query_groups")):
+        for count, name in ((model.num_attention_heads, "num_attention_heads"),
+                            (model.num_kv_heads, "num_query_groups")):
             if (count // tp) % ulysses:
                 raise UserError(f"model.{name}={count} / {what} = {count // tp} heads per tensor-parallel rank "
                                 f"are not divisible by parallel.ds_sequence_parallel_size={ulysses}: DeepSpeed-"

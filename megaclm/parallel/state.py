@@ -111,7 +111,8 @@ class ParallelState:
 
     # ---- process groups -------------------------------------------------------------------------------------
     def init_process_groups(self) -> None:
-        """Create every tp/dp/pp/seq/seq-dp/model-parallel group. Collective over the world: all ranks call it in order."""
+        """Create every tp/dp/pp/seq/seq-dp/model-parallel group.
+        Collective over the world: all ranks call it in order."""
         if self._groups is not None:
             return
         if not dist.is_initialized():
