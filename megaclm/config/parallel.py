@@ -43,12 +43,6 @@ class ParallelConfig:
             raise UserError(f"parallel.ds_sequence_parallel_size={self.ds_sequence_parallel_size} and "
                             f"parallel.context_parallel_size={self.context_parallel_size}: use one way of splitting "
                             "the sequence (--ds-sequence-parallel-size or --context-parallel-size), not both")
-        if self.seq_split_size > 1 and self.pipeline_model_parallel_size > 1:
-            raise UserError(f"--ds-sequence-parallel-size/--context-parallel-size {self.seq_split_size} with "
-                            f"parallel.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: DeepSpeed's "
-                            "pipeline engine reduces gradients over its own data-parallel group only, so it cannot "
-                            "sum them over the sequence ranks; use --pipeline-model-parallel-size 1 (TP and ZeRO "
-                            "compose with the sequence split)")
 
     @property
     def seq_split_size(self) -> int:

@@ -75,6 +75,40 @@ class RingInputs:
     window: int | None
 
 
+class LayerInputs:
+    """`(position_ids, document_ids, dtype, training) -> (AttentionInputs, RingInputs | None)`: what every
+    layer's attention needs, built once per forward (GPTModel) or per pipeline layer (it travels as ids)."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, kernels: KernelsConfig):
+        self.config, self.pstate, self.kernels = config, pstate, kernels
+        self.kind = pstate.seq_kind if pstate else None
+        tp, tp_rank = (pstate.tp_size, pstate.tp_rank) if pstate else (1, 0)
+        # Under Ulysses a rank attends with heads [r nh/(tp n), (r+1) nh/(tp n)) of its TP rank's (ALiBi slopes).
+        n, r = (pstate.ulysses_size, pstate.seq_rank) if self.kind == "ulysses" else (1, 0)
+        self.masker = AttentionMasker(config, tp * n, tp_rank * n + r)
+
+    def __call__(self, position_ids, document_ids, dtype, training: bool):
+        if self.kind == "ring":
+            return AttentionInputs(), self._ring(position_ids, document_ids)
+        if self.kind == "ulysses":  # the core attention sees the whole sequence: so must its mask
+            group = self.pstate.seq_group
+            position_ids = gather_sequence(position_ids, group, load_balanced=False)
+            document_ids = None if document_ids is None else gather_sequence(document_ids, group, load_balanced=False)
+        inputs = self.masker(position_ids, document_ids, dtype, self.config.attention_dropout if training else 0.0,
+                             allow_varlen=self.kernels.attention_backend != "unfused")
+        return inputs, None
+
+    def _ring(self, position_ids, document_ids) -> RingInputs:
+        """Global token indices (causality follows them, not the position ids, which restart per document)."""
+        p, device, T = self.pstate, position_ids.device, position_ids.size(1)
+        n = p.seq_size
+        key_index = torch.cat([sequence_index(T * n, n, r, True, device) for r in range(n)])
+        # Rank-major like the keys ring_attention gathers (no reordering into global order).
+        key_docs = None if document_ids is None else gather_sequence(document_ids, p.seq_group, load_balanced=False)
+        return RingInputs(token_index=sequence_index(T * n, n, p.seq_rank, True, device), key_index=key_index,
+                          document_ids=document_ids, key_document_ids=key_docs, window=self.config.window_size)
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm; `forward(x, residual)` returns (norm(x + residual), x + residual)."""
 
@@ -238,9 +272,7 @@ class GPTModel(nn.Module):
         self.kernels = kernels or KernelsConfig()
         ops = build_ops(self.kernels)
         self.ops = ops
-        # Under Ulysses a rank attends with heads [r nh/(tp n), (r+1) nh/(tp n)) of its TP rank's (ALiBi slopes).
-        n, r = (pstate.ulysses_size, pstate.seq_rank) if pstate and pstate.ulysses_size > 1 else (1, 0)
-        self.masker = AttentionMasker(config, tp * n, (pstate.tp_rank if pstate else 0) * n + r)
+        self.layer_inputs = LayerInputs(config, pstate, self.kernels)
         self.embedding = Embedding(config, padded_vocab_size, pstate)
         self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels)
                                     for _ in range(config.num_layers))
@@ -268,20 +300,7 @@ class GPTModel(nn.Module):
             n, r = (self.pstate.seq_size, self.pstate.seq_rank) if kind else (1, 0)
             position_ids = sequence_index(T * n, n, r, kind == "ring", input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
-        ring = None
-        if kind == "ring":
-            ring = self._ring_inputs(T, document_ids)
-            inputs = AttentionInputs()
-        else:
-            if kind == "ulysses":  # the core attention sees the whole sequence: so must its mask
-                position_ids_all = gather_sequence(position_ids, self.pstate.seq_group, load_balanced=False)
-                document_ids = (None if document_ids is None else
-                                gather_sequence(document_ids, self.pstate.seq_group, load_balanced=False))
-            else:
-                position_ids_all = position_ids
-            inputs = self.masker(position_ids_all, document_ids, h.dtype,
-                                 self.config.attention_dropout if self.training else 0.0,
-                                 allow_varlen=self.kernels.attention_backend != "unfused")  # shared by all layers
+        inputs, ring = self.layer_inputs(position_ids, document_ids, h.dtype, self.training)  # shared by all layers
         h = self._run_layers(h, position_ids, inputs, ring)
         h = self.final_norm(h)
         if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
@@ -290,16 +309,6 @@ class GPTModel(nn.Module):
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
-
-    def _ring_inputs(self, T: int, document_ids: torch.Tensor | None) -> RingInputs:
-        """Global token indices (causality follows them, not the position ids, which restart per document)."""
-        p, device = self.pstate, self.embedding.word_embeddings.weight.device
-        n = p.seq_size
-        key_index = torch.cat([sequence_index(T * n, n, r, True, device) for r in range(n)])
-        # Rank-major like the keys ring_attention gathers (no reordering into global order).
-        key_docs = None if document_ids is None else gather_sequence(document_ids, p.seq_group, load_balanced=False)
-        return RingInputs(token_index=sequence_index(T * n, n, p.seq_rank, True, device), key_index=key_index,
-                          document_ids=document_ids, key_document_ids=key_docs, window=self.config.window_size)
 
     def _run_layers(self, h, position_ids, inputs, ring=None):
         c = self.config

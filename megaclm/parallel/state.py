@@ -60,6 +60,11 @@ class ParallelState:
         coord = self.topology.get_coord(rank)
         self.tp_rank, self.dp_rank, self.pp_rank = coord.model, coord.data, coord.pipe
         self.seq_rank = coord.seq if seq > 1 else 0
+        # DeepSpeed's pipeline engine knows pipe/data/model only: it sees the seq ranks as data-parallel
+        # replicas (same rank order, data rank = dp_rank * seq + seq_rank) and averages gradients over them,
+        # which GPTPipeLoss compensates for (x seq: a sum over the sequence's parts).
+        self.pipeline_topology = (self.topology if seq == 1 else
+                                  PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=self.dp_size * seq))
         self.tp_group_ranks = self._my_list("model")
         self.dp_group_ranks = self._my_list("data")
         self.pp_group_ranks = self._my_list("pipe")

@@ -147,6 +147,8 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
                                        betas=tuple(params["betas"]), eps=params["eps"],
                                        weight_decay=params["weight_decay"], fused=torch.cuda.is_available() or None)
     if pstate.pp_size > 1:
+        # The pipeline engine counts the seq ranks as data-parallel replicas (ParallelState.pipeline_topology).
+        ds_config["train_batch_size"] = ds_config["train_batch_size"] * pstate.seq_size
         if pstate.sequence_parallel:  # activations differ across TP ranks: send them whole
             ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,

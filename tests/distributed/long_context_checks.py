@@ -18,7 +18,7 @@ from megaclm.parallel.mappings import gather_from_tp
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
 
-from parallel_checks import (B, T, VOCAB, batch, family_config, forward_backward, gather_shards,
+from parallel_checks import (B, T, VOCAB, GradRecorder, batch, family_config, forward_backward, gather_shards,
                              grads, max_diff, reference)
 
 # Llama shape with GQA (query heads per kv head: 2) whose heads still split over TP=2 x Ulysses=2.
@@ -33,13 +33,14 @@ CASES = {  # name: (family, overrides, documents, attention backend)
 }
 
 
-def _state(world_size, rank, kind, n, tp, sequence_parallel=False):
+def _state(world_size, rank, kind, n, tp, sequence_parallel=False, pp=1):
     import deepspeed
 
     if not deepspeed.comm.is_initialized():  # DeepSpeed's DistributedAttention talks through deepspeed.comm
         deepspeed.init_distributed(dist_backend="gloo")
     sizes = {"ulysses_size": n} if kind == "ulysses" else {"context_parallel_size": n}
-    pstate = ParallelState(world_size, rank, tensor_parallel_size=tp, sequence_parallel=sequence_parallel, **sizes)
+    pstate = ParallelState(world_size, rank, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                           sequence_parallel=sequence_parallel, **sizes)
     pstate.init_process_groups()
     return pstate
 
@@ -123,6 +124,42 @@ def check_engine(world_size: int, rank: int, kind: str, n: int, zero_stage: int 
     return {"loss": abs(total.item() - ref_loss.item()), "grads": max_diff(steps, grads(ref)), "keys": len(steps)}
 
 
+def check_pipeline_split(world_size: int, rank: int, kind: str, n: int) -> dict:
+    """PP=2 x (Ulysses | ring)=2 through DeepSpeed's pipeline engine, two micro-batches: loss and every gradient
+    against the unsplit plain model (mean over micro-batches of each one's mean loss)."""
+    import deepspeed
+
+    from megaclm.model.pipe import GPTPipelineModule, load_plain_state_dict, pipe_to_plain_key
+
+    config = family_config("llama", num_layers=4)
+    pstate_pp = _state(world_size, rank, kind, n, 1, pp=2)
+    micro = [batch(seed=20 + i, documents=True) for i in range(2)]
+    ref = reference(config)
+    ref_loss = sum((ref(ids, pos, doc, labels=labels) * w).sum() / w.sum() for ids, labels, w, pos, doc in micro) / 2
+    ref_loss.backward()
+    ref_grads = grads(ref)
+
+    model_parallel_seed(1, 0, pstate_pp.pp_rank, pstate_pp.seq_rank)
+    module = GPTPipelineModule(config, VOCAB, pstate_pp)
+    load_plain_state_dict(module, ref.state_dict())
+    recorder = GradRecorder(module.named_parameters())
+    ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2,
+                 "train_batch_size": B * 2 * pstate_pp.dp_size * n,  # as megaclm.training.engine sets it
+                 "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=recorder, config=ds_config)
+    data = []
+    for m in micro:
+        ids, labels, w, pos, doc = _local(pstate_pp, *m)
+        data.append(((ids, pos, doc), (labels, w)))
+    loss = engine.train_batch(data_iter=iter(data))
+    recorded = {pipe_to_plain_key(k, config): g for k, g in recorder.recorded.items()}
+    if not pstate_pp.is_first_stage:
+        recorded.pop("embedding.position_embeddings.weight", None)
+    return {"stage": pstate_pp.pp_rank, "loss": abs(loss.item() - ref_loss.item()),
+            "grads": {k: (g - ref_grads[k]).abs().max().item() for k, g in recorded.items()},
+            "all_keys": sorted(ref_grads), "layers": [type(f).__name__ for f in module.forward_funcs]}
+
+
 def world2_checks(rank: int, world_size: int) -> dict:
     out = {}
     for case in CASES:
@@ -142,4 +179,6 @@ def world4_checks(rank: int, world_size: int) -> dict:
             ("ulysses-tp2-sp", "llama"): check_split(world_size, rank, "ulysses", 2, 2, "llama", True),
             ("ring-tp2-sp", "llama-recompute-full"): check_split(world_size, rank, "ring", 2, 2,
                                                                  "llama-recompute-full", True),
-            ("ring4", "mistral-window"): check_split(world_size, rank, "ring", 4, 1, "mistral-window")}
+            ("ring4", "mistral-window"): check_split(world_size, rank, "ring", 4, 1, "mistral-window"),
+            ("pipe", "ulysses"): check_pipeline_split(world_size, rank, "ulysses", 2),
+            ("pipe", "ring"): check_pipeline_split(world_size, rank, "ring", 2)}

@@ -7,6 +7,7 @@ import pytest
 
 from mp_harness import run_ranks
 import long_context_checks as checks
+from parallel_checks import assert_pipeline_matches
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "..", ".cache",
                                                            "torch_extensions"))
@@ -50,3 +51,10 @@ def test_split_with_tp2_and_four_way_equals_unsplit(world4, name):
     for result in world4:
         key = next(k for k in result if k[0] == name)
         _assert_equal(result[key], checks.T // n)
+
+
+@pytest.mark.parametrize("kind", ["ulysses", "ring"])
+def test_pipeline_with_a_split_equals_plain_model(world4, kind):
+    results = [result[("pipe", kind)] for result in world4]
+    assert_pipeline_matches(results, TOL)
+    assert sorted(r["stage"] for r in results) == [0, 0, 1, 1]  # two seq ranks per stage

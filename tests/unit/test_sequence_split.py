@@ -76,7 +76,6 @@ LLAMA = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_grou
 
 @pytest.mark.parametrize("parallel,model,match", [
     (dict(ds_sequence_parallel_size=2, context_parallel_size=2), {}, "not both"),
-    (dict(ds_sequence_parallel_size=2, pipeline_model_parallel_size=2), {}, "pipeline-model-parallel-size 1"),
     (dict(ds_sequence_parallel_size=0), {}, "must be >= 1"),
     (dict(ds_sequence_parallel_size=4), {}, "num_query_groups=2 .* 2 heads per tensor-parallel rank"),
     (dict(ds_sequence_parallel_size=2, tensor_model_parallel_size=2), {}, "num_query_groups=2 .* 1 heads"),
