@@ -13,15 +13,14 @@ Formulas and their sources: megaclm/model/flops.py.
 import argparse
 import os
 import sys
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402
-from megaclm.model.flops import (GiB, MemorySetup, count_parameters, estimate_memory, flops_per_token,  # noqa: E402
-                                 layer_activation_bytes)
+from megaclm.model.flops import (MemorySetup, count_parameters, estimate_memory, flops_per_token,  # noqa: E402
+                                 seq_split_summary)
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 GPT2_VOCAB_SIZE = 50257
@@ -109,10 +108,7 @@ def main(argv=None) -> int:
           f"micro batch {args.micro_batch_size}, accumulation {setup.grad_accum_steps}, recompute {recompute}"
           f"{', sequence parallel' if setup.sequence_parallel else ''}")
     if kind:
-        mine, whole = (layer_activation_bytes(model, x) for x in (setup, replace(setup, seq_split=1, ring=False)))
-        print(f"sequence     {args.seq_length // split} of {args.seq_length} tokens per sample on each GPU; "
-              f"activations per layer (attention included) {mine / GiB:.3f} GiB, unsplit {whole / GiB:.3f} GiB "
-              f"({mine / whole:.3f}x)")
+        print(f"sequence     {seq_split_summary(model, setup)}")
     print(f"per GPU      stage {est.stage} of {pp}: {est.params / 1e6:,.1f}M parameters on one GPU before ZeRO")
     print(est.table())
     return 0

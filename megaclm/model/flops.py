@@ -66,7 +66,7 @@ CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megaclm.config.model import ModelConfig
 from megaclm.utils.errors import UserError
@@ -286,6 +286,14 @@ def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
     if setup.ring:
         split += 2 * (keys - s) * b * model.num_kv_heads * d * e  # the other ranks' keys/values, gathered
     return whole / (t if setup.sequence_parallel else 1) + split / t
+
+
+def seq_split_summary(model: ModelConfig, setup: MemorySetup) -> str:
+    """One line: the tokens per rank and one layer's activations against the unsplit run's."""
+    mine = layer_activation_bytes(model, setup)
+    whole = layer_activation_bytes(model, replace(setup, seq_split=1, ring=False))
+    return (f"{setup.seq_length // setup.seq_split} of {setup.seq_length} tokens per sample on each GPU; activations "
+            f"per layer (attention included) {mine / GiB:.3f} GiB, unsplit {whole / GiB:.3f} GiB ({mine / whole:.3f}x)")
 
 
 def _stage_layers(num_layers: int, stages: int) -> list[int]:

@@ -24,7 +24,7 @@ from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.logging import get_logger
-from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token
+from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token, seq_split_summary
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.engine import build_engine, build_model, init_distributed
@@ -85,7 +85,10 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict) -> str:
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
     lines += [f"model_vocab_size: {model_vocab}", f"parameters: {params.total:,}",
               f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
-              "", "# layout", layout_line(cfg, derived), "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
+              "", "# layout", layout_line(cfg, derived)]
+    if derived.seq_split_size > 1:
+        lines.append(seq_split_summary(cfg.model, setup))
+    lines += ["", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
     return "\n".join(lines)
 

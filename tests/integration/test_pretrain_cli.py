@@ -4,6 +4,7 @@ config and derived values; the example launch scripts resolve, and the Llama she
 YAML twin resolve to the same config."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,7 @@ def test_validate_only_shows_the_sequence_split(prefix):
     assert ("world 8 = tp 2 x cp 2 x dp 2 x pp 1 (rank order: tp fastest, then cp, dp, pp); each rank holds 32 of 64 "
             "tokens per sample") in r.stdout, r.stdout
     assert "seq_split_size: 2" in r.stdout and "grad_accum_steps: 2" in r.stdout
+    assert re.search(r"activations per layer \(attention included\) [\d.]+ GiB, unsplit [\d.]+ GiB \(0\.\d+x\)", r.stdout)
     assert _resolved(r.stdout)["parallel"]["context_parallel_size"] == 2
 
 
