@@ -15,6 +15,7 @@ with explicit scores (megaclm.parallel.context), against N=1 with the unfused (e
 """
 import argparse
 import datetime
+import json
 import os
 import socket
 import sys
@@ -136,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     ap.add_argument("--quick", action="store_true", help="T = 256, 512, one timed step")
+    ap.add_argument("--json", default=None, help="also write the measurements to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lengths, args.steps, args.warmup = [256, 512], 1, 1
@@ -151,6 +153,9 @@ def main(argv=None):
             mem = f"{row['act'] / ref['act']:8.3f}" if ref else f"{'':8s}"
             peak = f"{row['peak'] / 2**20:10.1f}" if row["peak"] is not None else f"{'-':>10s}"
             print(f"{name:<12}{row['T']:>7}{row['tokens_per_s']:>11.0f}{row['act'] / 2**20:>10.1f}{peak}{speed}{mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f)
     return results
 
 
