@@ -67,6 +67,13 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
         raise UserError(f"data.seq_length={seq} is not divisible by {chunks} (the sequence is split into "
                         f"{'2 x ' if chunks != split else ''}{split} chunks by --ds-sequence-parallel-size / "
                         f"--context-parallel-size); use a --seq-length that is a multiple of {chunks}")
+    d = cfg.data
+    if chunks > 1 and d.curriculum_seqlen_start is not None and (d.curriculum_seqlen_multiple % chunks
+                                                                 or d.curriculum_seqlen_start % chunks):
+        raise UserError(f"data.curriculum_seqlen_multiple={d.curriculum_seqlen_multiple} and "
+                        f"data.curriculum_seqlen_start={d.curriculum_seqlen_start} must be multiples of {chunks}: "
+                        "every warmup length is split across the sequence ranks; pass "
+                        f"--curriculum-seqlen-multiple {chunks * max(1, d.curriculum_seqlen_multiple // chunks)}")
     tokens_per_step = gbs * seq
     # Megatron-DeepSpeed's --train-tokens may cap --train-iters/--train-samples: the first limit reached stops.
     limits = [n for n in (t.train_iters, None if t.train_samples is None else -(-t.train_samples // gbs),

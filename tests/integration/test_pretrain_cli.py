@@ -58,6 +58,8 @@ def good(prefix: str) -> list[str]:
     (["--context-parallel-size", "2", "--ds-sequence-parallel-size", "2"], {"WORLD_SIZE": "4"}, "not both"),
     (["--context-parallel-size", "2", "--seq-length", "62"], {"WORLD_SIZE": "2"},
      "data.seq_length=62 is not divisible by 4"),
+    (["--ds-sequence-parallel-size", "2", "--curriculum-seqlen-start", "8", "--curriculum-seqlen-steps", "4",
+      "--curriculum-seqlen-multiple", "9"], {"WORLD_SIZE": "2"}, "must be multiples of 2"),
 ])
 def test_config_errors_exit_with_one_line(prefix, extra, env, message):
     r = cli(good(prefix) + extra, env)
