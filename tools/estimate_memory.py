@@ -6,7 +6,8 @@
 
 The model comes from --model-preset (--model) and/or the model shape flags (or `--config` YAML with model,
 parallel and kernels sections); --tp/--pp are short for --tensor-model-parallel-size and
---pipeline-model-parallel-size. The data-parallel size is --dp, or --num-gpus / (tp * pp).
+--pipeline-model-parallel-size. The data-parallel size is --dp, or --num-gpus / (tp * pp * sequence split),
+where the sequence split is --ds-sequence-parallel-size (Ulysses) or --context-parallel-size (ring attention).
 Formulas and their sources: megaclm/model/flops.py.
 """
 import argparse
@@ -18,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402
-from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token  # noqa: E402
+from megaclm.model.flops import (MemorySetup, count_parameters, estimate_memory, flops_per_token,  # noqa: E402
+                                 seq_split_summary)
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 GPT2_VOCAB_SIZE = 50257
@@ -48,14 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-param", action="store_true", help="ZeRO-3: parameters on the CPU.")
 
 
-def data_parallel_size(args, tp: int, pp: int) -> int:
-    if args.num_gpus is not None and args.dp is not None and args.num_gpus != args.dp * tp * pp:
-        raise UserError(f"--num-gpus {args.num_gpus} contradicts --dp {args.dp} x tp {tp} x pp {pp}; pass one of them")
+def data_parallel_size(args, tp: int, pp: int, split: int = 1) -> int:
+    if args.num_gpus is not None and args.dp is not None and args.num_gpus != args.dp * tp * pp * split:
+        raise UserError(f"--num-gpus {args.num_gpus} contradicts --dp {args.dp} x tp {tp} x pp {pp} x sequence split "
+                        f"{split}; pass one of them")
     if args.num_gpus is None:
         return 1 if args.dp is None else args.dp
-    if args.num_gpus < 1 or args.num_gpus % (tp * pp):
-        raise UserError(f"--num-gpus {args.num_gpus} is not a multiple of tp {tp} x pp {pp}")
-    return args.num_gpus // (tp * pp)
+    if args.num_gpus < 1 or args.num_gpus % (tp * pp * split):
+        raise UserError(f"--num-gpus {args.num_gpus} is not a multiple of tp {tp} x pp {pp} x sequence split {split}")
+    return args.num_gpus // (tp * pp * split)
 
 
 def grad_accum_steps(args, dp: int) -> int:
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
         raise UserError("--bf16 and --fp16 are exclusive; pass one")
     model, par = cfg.model, cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = data_parallel_size(args, tp, pp)
+    split = par.seq_split_size
+    dp = data_parallel_size(args, tp, pp, split)
     vocab = args.vocab_size or PRESET_VOCAB_SIZE.get(args.model_preset, GPT2_VOCAB_SIZE)
     if vocab < 1:
         raise UserError(f"--vocab-size {vocab} must be >= 1")
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         sequence_parallel=par.sequence_parallel and tp > 1, grad_accum_steps=grad_accum_steps(args, dp),
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
-        flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"))
+        flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), seq_split=split,
+        ring=par.context_parallel_size > 1)
     est = estimate_memory(model, padded, setup)
     count = count_parameters(model, padded)
     fpt = flops_per_token(model, padded, args.seq_length)
@@ -101,9 +106,13 @@ def main(argv=None) -> int:
               f"{count.experts / 1e6:,.1f}M expert parameters, {count.active / 1e6:,.1f}M active per token "
               f"(expert weights are whole on every GPU: EP splits their compute, ZeRO their optimizer states)")
     print(f"FLOPs/token  {fpt / 1e9:,.3f} GFLOP (6N + 12*L*d*T at T={args.seq_length})")
-    print(f"setup        {tp * pp * dp} GPUs = tp {tp} x pp {pp} x dp {dp}; ZeRO-{args.zero_stage}, {setup.precision}, "
+    kind = "ulysses" if par.ds_sequence_parallel_size > 1 else "cp (ring)" if par.context_parallel_size > 1 else None
+    layout = f"tp {tp} x {kind} {split} x pp {pp} x dp {dp}" if kind else f"tp {tp} x pp {pp} x dp {dp}"
+    print(f"setup        {tp * pp * dp * split} GPUs = {layout}; ZeRO-{args.zero_stage}, {setup.precision}, "
           f"micro batch {args.micro_batch_size}, accumulation {setup.grad_accum_steps}, recompute {recompute}"
           f"{', sequence parallel' if setup.sequence_parallel else ''}")
+    if kind:
+        print(f"sequence     {seq_split_summary(model, setup)}")
     print(f"per GPU      stage {est.stage} of {pp}: {est.params / 1e6:,.1f}M parameters on one GPU before ZeRO")
     print(est.table())
     return 0

@@ -35,6 +35,10 @@ def deepspeed_config(cfg: Any, derived: Derived, cuda: bool) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     if t.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = t.zero_param_persistence_threshold
+        if derived.seq_split_size > 1:
+            # ZeRO-3's reduce-scatter path averages gradients over seq x dp (deepspeed 0.19.8 applies its
+            # sequence-parallel correction, sum over seq, only on the all-reduce path): take that one.
+            zero["reduce_scatter"] = False
     if t.zero_stage in (1, 2):
         zero["reduce_bucket_size"] = 5e8
     params: dict[str, Any] = {"lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps,

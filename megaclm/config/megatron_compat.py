@@ -127,11 +127,8 @@ TABLE: tuple[CompatFlag, ...] = (
     _ignored("--overlap-param-gather", "DeepSpeed ZeRO prefetches the parameters itself", source=(MLM,)),
     _ignored("--grad-reduce-in-bf16",
              "gradients are reduced in DeepSpeed's communication dtype (the training precision)", source=(MLM,)),
-    _ignored("--context-parallel-size", "a context-parallel size of 1 is megaclm's only layout",
-             nargs=1, only=("1",), source=(MLM,)),
-    _ignored("--ds-sequence-parallel-size", "a DeepSpeed-Ulysses size of 1 is megaclm's only layout; for long "
-             "sequences use --sequence-parallel with --tensor-model-parallel-size > 1 and --recompute-granularity",
-             nargs=1, only=("1",), source=(MDS,)),
+    _ignored("--cp-comm-type", "megaclm's ring attention (--context-parallel-size) all-gathers the keys/values once "
+             "per layer whichever exchange is named (the same arithmetic)", nargs=1, source=(MLM,)),
     _refused("--num-layers-per-virtual-pipeline-stage",
              "interleaved (virtual) pipeline stages are not available on DeepSpeed's pipeline engine; drop the flag "
              "(each rank then holds one contiguous stage)", nargs=1, source=(MLM,)),

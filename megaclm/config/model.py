@@ -244,6 +244,28 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
         raise UserError("Mixture-of-Experts models cannot be pipelined yet (the router losses of every stage would "
                         "have to reach the last one); use --pipeline-model-parallel-size 1 with tensor, expert and "
                         "data parallelism")
+    ulysses = parallel.ds_sequence_parallel_size
+    if ulysses > 1:
+        # Ulysses trades sequence for heads: each rank of the group attends with 1/ulysses of this TP rank's heads.
+        for count, name in ((model.num_attention_heads, "num_attention_heads"),
+                            (model.num_kv_heads, "num_query_groups")):
+            if (count // tp) % ulysses:
+                raise UserError(f"model.{name}={count} / {what} = {count // tp} heads per tensor-parallel rank "
+                                f"are not divisible by parallel.ds_sequence_parallel_size={ulysses}: DeepSpeed-"
+                                "Ulysses gives every rank whole (key/value) heads; choose a "
+                                "--ds-sequence-parallel-size that divides them, or --context-parallel-size "
+                                "(ring attention has no such limit)")
+    if parallel.context_parallel_size > 1 and model.position_embedding_type == "alibi":
+        raise UserError("parallel.context_parallel_size > 1 with model.position_embedding_type='alibi': ring "
+                        "attention supports causal, sliding-window and document masks, not ALiBi biases; use "
+                        "--ds-sequence-parallel-size, or RoPE")
+    if parallel.context_parallel_size > 1 and model.attention_dropout > 0:
+        raise UserError(f"parallel.context_parallel_size > 1 with model.attention_dropout={model.attention_dropout}: "
+                        "ring attention has no attention dropout (as Megatron-LM's); pass --attention-dropout 0")
+    if model.num_experts is not None and parallel.ds_sequence_parallel_size * parallel.context_parallel_size > 1:
+        raise UserError("Mixture-of-Experts models do not combine with a sequence split yet (the experts' token "
+                        "exchange runs over data-parallel ranks); drop --ds-sequence-parallel-size / "
+                        "--context-parallel-size or --num-experts")
     stages = f"parallel.pipeline_model_parallel_size={pp}"
     if model.num_layers < pp:
         raise UserError(f"model.num_layers={model.num_layers} cannot be split across {stages} stages; "

@@ -62,12 +62,17 @@ activation element, t = tensor-parallel size, masks take one byte:
   inputs of the first `recompute_num_layers` layers of a stage with the others whole (method block),
   and recomputes one chunk at a time; selective recomputation drops the attention core's share.
   Under DeepSpeed's 1F1B pipeline schedule stage i holds min(pp - i, accumulation steps) micro batches.
+  A sequence split over n ranks (Ulysses or ring, `seq_split`) gives each rank s/n tokens: every term
+  above with s becomes s/n, and the attention core's s^2 becomes (s/n)*s (Ulysses: all s queries of a/n
+  heads; ring: s/n queries against s keys, an upper bound, as the blocks wholly in the future are skipped);
+  the ring also keeps the all-gathered keys/values of the whole sequence for backward, 2*s*b*g*d*e
+  (minus its own share). ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
 Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
 CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megaclm.config.model import ModelConfig
 from megaclm.utils.errors import UserError
@@ -257,10 +262,12 @@ class MemorySetup:
     flash_attention: bool = True  # SDPA's fused kernels (GPU); False: materialised attention scores
     lora_rank: int = 0  # > 0: only LoRA adapters on `lora_targets` train; the base has no grads or optimizer states
     lora_targets: tuple[str, ...] = ()
+    seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
+    ring: bool = False  # the split is ring attention (context parallel), else DeepSpeed-Ulysses
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
-                     "data_parallel", "grad_accum_steps"):
+                     "data_parallel", "grad_accum_steps", "seq_split"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -270,6 +277,8 @@ class MemorySetup:
         if self.pipeline_parallel > 1 and self.zero_stage > 1:
             raise UserError(f"zero_stage={self.zero_stage} with pipeline_parallel={self.pipeline_parallel}: "
                             "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; use --zero-stage 1")
+        if self.seq_length % self.seq_split:
+            raise UserError(f"seq_length={self.seq_length} is not divisible by the sequence split {self.seq_split}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise UserError("offload_optimizer needs ZeRO stage 1, 2 or 3")
         if self.offload_param and self.zero_stage != 3:
@@ -318,7 +327,9 @@ class MemoryEstimate:
 
 def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
     """Bytes one transformer layer keeps for backward, per micro batch, on one TP rank (no recompute)."""
-    s, b, h, e = setup.seq_length, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
+    n = setup.seq_split
+    s, b, h, e = setup.seq_length // n, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
+    keys = setup.seq_length  # what each query attends to: the whole sequence
     t = setup.tensor_parallel
     a, d, f = model.num_attention_heads, model.head_dim, model.ffn_size
     if model.num_experts is not None:  # each token's k experts and the shared one, as one wide MLP
@@ -332,8 +343,18 @@ def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
     elif setup.flash_attention:
         split += 4 * a * s * b
     else:
-        split += 2 * a * s * s * b + (3 * a * s * s * b if model.attention_dropout > 0 else 0)
+        split += 2 * a * s * keys * b + (3 * a * s * keys * b if model.attention_dropout > 0 else 0)
+    if setup.ring:
+        split += 2 * (keys - s) * b * model.num_kv_heads * d * e  # the other ranks' keys/values, gathered
     return whole / (t if setup.sequence_parallel else 1) + split / t
+
+
+def seq_split_summary(model: ModelConfig, setup: MemorySetup) -> str:
+    """One line: the tokens per rank and one layer's activations against the unsplit run's."""
+    mine = layer_activation_bytes(model, setup)
+    whole = layer_activation_bytes(model, replace(setup, seq_split=1, ring=False))
+    return (f"{setup.seq_length // setup.seq_split} of {setup.seq_length} tokens per sample on each GPU; activations "
+            f"per layer (attention included) {mine / GiB:.3f} GiB, unsplit {whole / GiB:.3f} GiB ({mine / whole:.3f}x)")
 
 
 def _stage_layers(num_layers: int, stages: int) -> list[int]:
@@ -348,7 +369,7 @@ def _stage_layers(num_layers: int, stages: int) -> list[int]:
 def _stage_model_states(p: float, largest: int, setup: MemorySetup, trainable: float | None = None) -> tuple[dict, dict]:
     """(gpu, cpu) bytes of weights, gradients and optimizer states for `p` parameters on one GPU, of
     which `trainable` (default: all) have gradients and optimizer states (the others are frozen: LoRA)."""
-    z, n = setup.zero_stage, setup.data_parallel
+    z, n = setup.zero_stage, setup.data_parallel * setup.seq_split  # ZeRO shards over seq x dp
     mixed = setup.precision != "fp32"
     lp = 2 if mixed else 4
     weights = lp * p / n if z == 3 else lp * p
@@ -425,7 +446,7 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
     """
     t, pp = setup.tensor_parallel, setup.pipeline_parallel
     stages = stage_parameters(model, vocab_size, t, pp)
-    s, b, h, e = setup.seq_length, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
+    s, b, h, e = setup.seq_length // setup.seq_split, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
     sp = t if setup.sequence_parallel else 1
     per_layer = layer_activation_bytes(model, setup)
     best = None

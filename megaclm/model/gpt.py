@@ -5,6 +5,13 @@ parallel size tp, the Linear/Embedding layers hold 1/tp of their weight and comm
 code here only sees local head counts. Shapes: B batch, T sequence, H hidden, nh/nkv query/key-value
 heads on this rank, hd head dim, V padded vocabulary, S = T/tp under sequence parallelism else T.
 
+Long context (pstate.seq_size = n > 1): each rank of the seq axis holds T/n tokens of every sample from the
+data loader on (input_ids, position_ids, document_ids and the returned per-token loss are all (B, T/n));
+position ids are the global ones, so RoPE is unchanged. Only the core attention sees other ranks' tokens:
+  Ulysses (--ds-sequence-parallel-size)  DeepSpeed's DistributedAttention: all-to-all q/k/v from
+      (B, T/n, nh, hd) to (B, T, nh/n, hd), megaclm's core attention, all-to-all back
+  ring (--context-parallel-size)         megaclm.parallel.context.ring_attention over load-balanced chunks
+
 State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.model.sharding):
     embedding.word_embeddings.weight            (V, H)                  tp: dim 0
     embedding.position_embeddings.weight        (max_pos, H)            learned_absolute only
@@ -24,9 +31,12 @@ Within q/k/v rows, head j occupies rows [j hd, (j+1) hd); query head j attends w
 j // (nh / nkv). RoPE pairs dims (i, i + rot/2) of each head (rotate-half layout, as HF Llama).
 """
 
+from dataclasses import dataclass
+
 import deepspeed
 import torch
 import torch.nn as nn
+from deepspeed.sequence.layer import DistributedAttention
 
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.lora import LoraConfig
@@ -38,6 +48,7 @@ from megaclm.model.compiled import compile_blocks
 from megaclm.model.lora import freeze_base
 from megaclm.model.positions import rope_inv_freq
 from megaclm.ops import Ops, build_ops
+from megaclm.parallel.context import gather_sequence, ring_attention, sequence_index
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      column_parallel_linear, normal_init, scaled_normal_init,
@@ -47,11 +58,62 @@ from megaclm.parallel.random import tp_rng_fork
 from megaclm.parallel.state import ParallelState
 
 
-def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, split_tokens: bool) -> torch.Tensor:
     """Dropout on the residual stream. Replicated across TP ranks it must match there (default stream);
-    under SP each rank holds different tokens, so it draws from the per-rank model-parallel stream."""
-    with tp_rng_fork(sequence_parallel and dropout.training and dropout.p > 0):
+    where each rank holds different tokens (SP, or a seq-axis split) it draws from the per-rank
+    model-parallel stream."""
+    with tp_rng_fork(split_tokens and dropout.training and dropout.p > 0):
         return dropout(x)
+
+
+def splits_tokens(pstate: ParallelState | None) -> bool:
+    """Whether ranks that hold the same weights also hold different tokens of a sample's residual stream."""
+    return pstate is not None and (pstate.sequence_parallel or pstate.seq_size > 1)
+
+
+@dataclass(frozen=True)
+class RingInputs:
+    """What ring attention needs besides q, k, v, built once per forward (megaclm.parallel.context)."""
+
+    token_index: torch.Tensor  # (T/n,) global indices of this rank's tokens
+    key_index: torch.Tensor  # (T,) global indices of the all-gathered keys, rank-major
+    document_ids: torch.Tensor | None  # (B, T/n)
+    key_document_ids: torch.Tensor | None  # (B, T), rank-major like key_index
+    window: int | None
+
+
+class LayerInputs:
+    """`(position_ids, document_ids, dtype, training) -> (AttentionInputs, RingInputs | None)`: what every
+    layer's attention needs, built once per forward (GPTModel) or per pipeline layer (it travels as ids)."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState | None, kernels: KernelsConfig):
+        self.config, self.pstate, self.kernels = config, pstate, kernels
+        self.kind = pstate.seq_kind if pstate else None
+        tp, tp_rank = (pstate.tp_size, pstate.tp_rank) if pstate else (1, 0)
+        # Under Ulysses a rank attends with heads [r nh/(tp n), (r+1) nh/(tp n)) of its TP rank's (ALiBi slopes).
+        n, r = (pstate.ulysses_size, pstate.seq_rank) if self.kind == "ulysses" else (1, 0)
+        self.masker = AttentionMasker(config, tp * n, tp_rank * n + r)
+
+    def __call__(self, position_ids, document_ids, dtype, training: bool):
+        if self.kind == "ring":
+            return AttentionInputs(), self._ring(position_ids, document_ids)
+        if self.kind == "ulysses":  # the core attention sees the whole sequence: so must its mask
+            group = self.pstate.seq_group
+            position_ids = gather_sequence(position_ids, group, load_balanced=False)
+            document_ids = None if document_ids is None else gather_sequence(document_ids, group, load_balanced=False)
+        inputs = self.masker(position_ids, document_ids, dtype, self.config.attention_dropout if training else 0.0,
+                             allow_varlen=self.kernels.attention_backend != "unfused")
+        return inputs, None
+
+    def _ring(self, position_ids, document_ids) -> RingInputs:
+        """Global token indices (causality follows them, not the position ids, which restart per document)."""
+        p, device, T = self.pstate, position_ids.device, position_ids.size(1)
+        n = p.seq_size
+        key_index = torch.cat([sequence_index(T * n, n, r, True, device) for r in range(n)])
+        # Rank-major like the keys ring_attention gathers (no reordering into global order).
+        key_docs = None if document_ids is None else gather_sequence(document_ids, p.seq_group, load_balanced=False)
+        return RingInputs(token_index=sequence_index(T * n, n, p.seq_rank, True, device), key_index=key_index,
+                          document_ids=document_ids, key_document_ids=key_docs, window=self.config.window_size)
 
 
 class Norm(nn.Module):
@@ -100,7 +162,7 @@ class Embedding(nn.Module):
             x = x + self.position_embeddings(position_ids)
         if self.sp:
             x = scatter_to_sp(x, tp_group(self.pstate))  # (B, T/tp, H)
-        return sp_dropout(self.dropout, x, self.sp)
+        return sp_dropout(self.dropout, x, splits_tokens(self.pstate))
 
 
 def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
@@ -112,7 +174,7 @@ class Attention(nn.Module):
                  lora: LoraConfig | None = None):
         super().__init__()
         tp, _, _ = tp_info(pstate)
-        self.tp, self.ops, self.backend = tp, ops, kernels.attention_backend
+        self.tp, self.ops, self.backend, self.pstate = tp, ops, kernels.attention_backend, pstate
         self.hd, self.nh, self.nkv = config.head_dim, config.num_attention_heads // tp, config.num_kv_heads // tp
         self.dropout_p = config.attention_dropout
         self.recompute = config.recompute_core_attention  # selective recomputation
@@ -127,8 +189,9 @@ class Attention(nn.Module):
                                       lora=_lora_for(lora, "proj"))
         self.inv_freq = rope_inv_freq(config) if config.position_embedding_type == "rope" else None
 
-    def forward(self, x, position_ids, inputs: AttentionInputs):
-        """inputs: the forward's masking (megaclm.model.attention), shared by all layers."""
+    def forward(self, x, position_ids, inputs: AttentionInputs, ring: RingInputs | None = None):
+        """inputs: the forward's masking (megaclm.model.attention), shared by all layers; ring: set under
+        context parallelism (then `inputs` is unused)."""
         qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd): SP inputs are gathered to the full T here
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
@@ -137,10 +200,23 @@ class Attention(nn.Module):
             q, k = self.ops.rope(q, k, self.inv_freq.to(q.device), position_ids)
         dropout_p = self.dropout_p if self.training else 0.0
 
-        def attend(q, k, v):
-            with tp_rng_fork(self.tp > 1 and dropout_p > 0):  # heads differ across TP ranks: so do their masks
+        ulysses = self.pstate is not None and self.pstate.ulysses_size > 1
+
+        def local_attention(q, k, v):
+            # Heads differ across TP (and Ulysses) ranks: so do their dropout masks.
+            with tp_rng_fork((self.tp > 1 or ulysses) and dropout_p > 0):
                 return core_attention(q, k, v, inputs, dropout_p=dropout_p, backend=self.backend,
                                       softmax=self.ops.scaled_masked_softmax)  # (B, T, nh, hd)
+
+        def attend(q, k, v):
+            if ring is not None:
+                return ring_attention(q, k, v, self.pstate.seq_group, token_index=ring.token_index,
+                                      key_index=ring.key_index, document_ids=ring.document_ids,
+                                      key_document_ids=ring.key_document_ids, window=ring.window)
+            if ulysses:  # (B, T/n, nh, hd) -> all-to-all -> (B, T, nh/n, hd) -> attention -> back
+                return DistributedAttention(local_attention, self.pstate.seq_group, scatter_idx=2,
+                                            gather_idx=1)(q, k, v, 0)
+            return local_attention(q, k, v)
 
         if self.recompute and torch.is_grad_enabled():
             # DeepSpeed's checkpoint replays the RNG tracker, so the recomputed dropout mask is the same.
@@ -179,7 +255,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None, index: int = 0):
         super().__init__()
-        _, _, self.sp = tp_info(pstate)
+        self.split_tokens = splits_tokens(pstate)
         self.input_norm = Norm(config, pstate, ops)
         self.attention = Attention(config, pstate, ops, kernels, lora)
         self.post_attention_norm = Norm(config, pstate, ops)
@@ -190,14 +266,15 @@ class TransformerLayer(nn.Module):
             self.mlp = MLP(config, pstate, ops, lora)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, h, position_ids, inputs: AttentionInputs = AttentionInputs()):  # default: plain causal
-        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, inputs), self.sp)
+    def forward(self, h, position_ids, inputs: AttentionInputs = AttentionInputs(),  # default: plain causal
+                ring: RingInputs | None = None):
+        a = sp_dropout(self.dropout, self.attention(self.input_norm(h), position_ids, inputs, ring), self.split_tokens)
         x, h = self.post_attention_norm(a, residual=h)
         if isinstance(self.mlp, MoE):
             y, router_loss = self.mlp(x)
         else:
             y, router_loss = self.mlp(x), h.new_zeros((), dtype=torch.float32)
-        return h + sp_dropout(self.dropout, y, self.sp), router_loss
+        return h + sp_dropout(self.dropout, y, self.split_tokens), router_loss
 
 
 def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState | None) -> torch.Tensor:
@@ -230,7 +307,7 @@ class GPTModel(nn.Module):
         self.kernels = kernels or KernelsConfig()
         ops = build_ops(self.kernels)
         self.ops = ops
-        self.masker = AttentionMasker(config, tp, pstate.tp_rank if pstate else 0)
+        self.layer_inputs = LayerInputs(config, pstate, self.kernels)
         self.embedding = Embedding(config, padded_vocab_size, pstate)
         lora = lora if lora is not None and lora.enabled else None
         self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels, lora, index=i)
@@ -254,18 +331,18 @@ class GPTModel(nn.Module):
         return (self.output_layer or self.embedding.word_embeddings).weight
 
     def forward(self, input_ids, position_ids=None, document_ids=None, labels=None):
-        B, T = input_ids.shape
+        B, T = input_ids.shape  # T: this rank's tokens (T/n of the sample under a seq-axis split)
         tp, _, sp = tp_info(self.pstate)
         if sp and T % tp:
             raise ValueError(f"sequence length {T} must be divisible by the tensor-parallel size {tp} "
                              "under sequence parallelism")
+        kind = self.pstate.seq_kind if self.pstate else None
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            n, r = (self.pstate.seq_size, self.pstate.seq_rank) if kind else (1, 0)
+            position_ids = sequence_index(T * n, n, r, kind == "ring", input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
-        inputs = self.masker(position_ids, document_ids, h.dtype,
-                             self.config.attention_dropout if self.training else 0.0,
-                             allow_varlen=self.kernels.attention_backend != "unfused")  # shared by all layers
-        h, router_loss = self._run_layers(h, position_ids, inputs)
+        inputs, ring = self.layer_inputs(position_ids, document_ids, h.dtype, self.training)  # shared by all layers
+        h, router_loss = self._run_layers(h, position_ids, inputs, ring)
         if self.config.num_experts is not None:
             self._record_moe_stats(router_loss)
         h = self.final_norm(h)
@@ -284,13 +361,13 @@ class GPTModel(nn.Module):
         self.moe_stats = {"router_loss": router_loss.detach(),
                           **{k: sum(m.stats[k] for m in moe) / len(moe) for k in ("moe_aux_loss", "moe_z_loss")}}
 
-    def _run_layers(self, h, position_ids, inputs):
+    def _run_layers(self, h, position_ids, inputs, ring=None):
         """-> (hidden (B, S, H), summed router loss ())."""
         c = self.config
         router_loss = h.new_zeros((), dtype=torch.float32)
         if not (c.recompute_full and torch.is_grad_enabled()):
             for layer in self.layers:
-                h, loss = layer(h, position_ids, inputs)
+                h, loss = layer(h, position_ids, inputs, ring)
                 router_loss = router_loss + loss
             return h, router_loss
         # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
@@ -303,7 +380,7 @@ class GPTModel(nn.Module):
             def run(x, pos, chunk=chunk):  # the router loss is an output, so its gradient reaches the recompute
                 total = x.new_zeros((), dtype=torch.float32)
                 for layer in chunk:
-                    x, loss = layer(x, pos, inputs)
+                    x, loss = layer(x, pos, inputs, ring)
                     total = total + loss
                 return x, total
 

@@ -36,9 +36,8 @@ from megaclm.config.kernels import KernelsConfig
 from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
-from megaclm.model.gpt import Embedding, Norm, TransformerLayer, output_logits
-from megaclm.model.attention import AttentionMasker
 from megaclm.model.compiled import compile_blocks
+from megaclm.model.gpt import Embedding, LayerInputs, Norm, TransformerLayer, output_logits
 from megaclm.model.lora import freeze_base
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -64,20 +63,17 @@ class TransformerLayerPipe(TransformerLayer):
     def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None):
         super().__init__(config, pstate, ops, kernels, lora)
-        self.masker = AttentionMasker(config, pstate.tp_size, pstate.tp_rank)
-        self.config, self.kernels = config, kernels
+        self.layer_inputs = LayerInputs(config, pstate, kernels)
         self.recompute_self = False  # set for the first layers of a stage under method block
 
     def forward(self, inputs):
         h, position_ids, *document_ids = inputs
-        attn = self.masker(position_ids, document_ids[0] if document_ids else None, h.dtype,
-                           self.config.attention_dropout if self.training else 0.0,
-                           allow_varlen=self.kernels.attention_backend != "unfused")
+        attn, ring = self.layer_inputs(position_ids, document_ids[0] if document_ids else None, h.dtype, self.training)
         if self.recompute_self and torch.is_grad_enabled():
-            h = deepspeed.checkpointing.checkpoint(lambda x, pos: TransformerLayer.forward(self, x, pos, attn)[0],
-                                                   h, position_ids)
+            h = deepspeed.checkpointing.checkpoint(
+                lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring)[0], h, position_ids)
         else:
-            h, _ = super().forward(h, position_ids, attn)  # dense layers only: MoE is refused with pp > 1
+            h, _ = super().forward(h, position_ids, attn, ring)  # dense layers only: MoE is refused with pp > 1
         return (h, position_ids, *document_ids)
 
 
@@ -99,7 +95,12 @@ def _embedding_head(module: EmbeddingPipe, h):
 
 
 class GPTPipeLoss:
-    """Mean per-token cross-entropy over the micro-batch's tokens with loss_mask == 1."""
+    """Mean per-token cross-entropy over the micro-batch's tokens with loss_mask == 1.
+
+    Under a sequence split (n ranks, T/n tokens each) the count is the whole micro-batch's and the loss is
+    multiplied by n: the pipeline engine averages gradients (and the reported loss) over its data-parallel
+    group, which holds the seq ranks too (ParallelState.pipeline_topology), where a sum over them is right.
+    """
 
     def __init__(self, pstate: ParallelState):
         self.pstate = pstate
@@ -108,7 +109,12 @@ class GPTPipeLoss:
         labels, loss_mask = labels_and_mask
         losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))  # (B, T) fp32
         loss_mask = loss_mask.float()
-        return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        count = loss_mask.sum()
+        n = self.pstate.seq_size
+        if n > 1:
+            count = count.detach().clone()
+            torch.distributed.all_reduce(count, group=self.pstate.seq_group)
+        return (losses * loss_mask).sum() * n / count.clamp(min=1.0)
 
 
 def build_layer_specs(config: ModelConfig, padded_vocab_size: int, pstate: ParallelState, ops: Ops,
@@ -143,7 +149,7 @@ class GPTPipelineModule(PipelineModule):
         lora = lora if lora is not None and lora.enabled else None
         specs = build_layer_specs(config, padded_vocab_size, pstate, build_ops(kernels), kernels, lora)
         super().__init__(
-            layers=specs, topology=pstate.topology, loss_fn=GPTPipeLoss(pstate),
+            layers=specs, topology=pstate.pipeline_topology, loss_fn=GPTPipeLoss(pstate),
             partition_method="parameters" if partition_method == "parameters" else "type:TransformerLayerPipe",
             activation_checkpoint_interval=(config.recompute_num_layers if config.recompute_full
                                             and config.recompute_method == "uniform" else 0),

@@ -1,13 +1,21 @@
-"""Who is who in a (pipeline x data x tensor)-parallel job: pure rank math plus the process groups.
+"""Who is who in a (pipeline x data x sequence x tensor)-parallel job: pure rank math plus the process groups.
 
-The layout is DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model; tensor rank fastest),
-the same object DeepSpeed's PipelineModule builds its grid from, so megaclm's tensor-parallel groups and
-DeepSpeed's pipeline stages agree on every rank:
+The layout is a DeepSpeed `ProcessTopology` with axes (pipe, data, seq, model), tensor rank fastest; without
+a sequence split it is exactly `PipeModelDataParallelTopology` (axes pipe, data, model), the object DeepSpeed's
+PipelineModule builds its grid from, so megaclm's tensor-parallel groups and DeepSpeed's stages agree:
 
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    rank = pp_rank * (dp * seq * tp) + dp_rank * (seq * tp) + seq_rank * tp + tp_rank
+
+The sequence axis ("seq": DeepSpeed-Ulysses or ring context parallelism, `seq_size` ranks sharing one sample,
+each holding a slice of its tokens) sits between tp and dp, where Megatron-LM puts context parallelism:
+its collectives run in every layer (Ulysses' all-to-alls, the ring's key/value exchange), so after TP's
+they want the nearest ranks (one node); dp's gradient reduction runs once per step and can cross nodes.
 
 e.g. world 8, tp 2, pp 2 (dp 2): tp groups [0,1] [2,3] [4,5] [6,7]; dp groups [0,2] [1,3] [4,6] [5,7];
 pipelines [0,4] [1,5] [2,6] [3,7]; model-parallel (one replica: tp x pp) groups [0,1,4,5] [2,3,6,7].
+World 8, tp 2, seq 2 (dp 2): tp [0,1] [2,3] [4,5] [6,7]; seq [0,2] [1,3] [4,6] [5,7]; dp [0,4] [1,5] [2,6]
+[3,7]; seq x dp (DeepSpeed's "sequence data parallel" group, over which ZeRO shards and gradients are
+summed over seq and averaged over dp) [0,2,4,6] [1,3,5,7].
 
 Expert parallelism (EP, Mixture of Experts) splits each data-parallel group into consecutive blocks of
 `ep` ranks that exchange tokens by all-to-all: ep_rank = dp_rank % ep. e.g. world 8, tp 2, ep 2 (dp 4):
@@ -16,10 +24,11 @@ dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7].
 A `ParallelState` computes all of that without processes; `init_process_groups()` then creates the
 torch.distributed groups (every rank must call it, in the same order). The `get_*` methods are
 DeepSpeed's `mpu` protocol (deepspeed.initialize(mpu=...)); "model parallel" there means one replica's
-ranks (tp x pp), as in DeepSpeed's own PipelineParallelGrid.
+ranks (tp x pp), as in DeepSpeed's own PipelineParallelGrid; `get_sequence_parallel_*` and
+`get_sequence_data_parallel_*` tell DeepSpeed's engine and ZeRO to reduce gradients over seq x dp.
 """
 import torch.distributed as dist
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, ProcessTopology
 
 from megaclm.config.parallel import ParallelConfig
 from megaclm.utils.errors import UserError
@@ -27,27 +36,46 @@ from megaclm.utils.errors import UserError
 
 class ParallelState:
     def __init__(self, world_size: int, rank: int, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 sequence_parallel: bool = False, expert_parallel_size: int = 1):
+                 sequence_parallel: bool = False, ulysses_size: int = 1, context_parallel_size: int = 1,
+                 expert_parallel_size: int = 1):
         tp, pp, ep = tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
-        if tp < 1 or pp < 1:
-            raise UserError(f"parallel.tensor_model_parallel_size={tp} and parallel.pipeline_model_parallel_size={pp} "
-                            "must be >= 1")
-        if world_size % (tp * pp):
+        if min(tp, pp, ulysses_size, context_parallel_size) < 1:
+            raise UserError(f"parallel.tensor_model_parallel_size={tp}, parallel.pipeline_model_parallel_size={pp}, "
+                            f"parallel.ds_sequence_parallel_size={ulysses_size} and parallel.context_parallel_size="
+                            f"{context_parallel_size} must be >= 1")
+        if ulysses_size > 1 and context_parallel_size > 1:
+            raise UserError("parallel.ds_sequence_parallel_size and parallel.context_parallel_size are both > 1; "
+                            "split the sequence one way")
+        seq = ulysses_size * context_parallel_size
+        if world_size % (tp * pp * seq):
             raise UserError(f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp} "
-                            f"x parallel.pipeline_model_parallel_size={pp}; launch a multiple of {tp * pp} ranks")
+                            f"x parallel.pipeline_model_parallel_size={pp} x the sequence split {seq}; launch a "
+                            f"multiple of {tp * pp * seq} ranks")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside the world of {world_size} ranks")
         self.world_size, self.rank = world_size, rank
-        self.tp_size, self.pp_size, self.dp_size = tp, pp, world_size // (tp * pp)
+        self.tp_size, self.pp_size, self.dp_size = tp, pp, world_size // (tp * pp * seq)
+        self.seq_size, self.ulysses_size, self.cp_size = seq, ulysses_size, context_parallel_size
         # Megatron's SP splits activations across the tensor-parallel ranks; with one rank there is nothing to split.
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=self.dp_size)
+        if seq == 1:
+            self.topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=self.dp_size)
+        else:
+            self.topology = ProcessTopology(axes=["pipe", "data", "seq", "model"], dims=[pp, self.dp_size, seq, tp])
         coord = self.topology.get_coord(rank)
         self.tp_rank, self.dp_rank, self.pp_rank = coord.model, coord.data, coord.pipe
+        self.seq_rank = coord.seq if seq > 1 else 0
+        # DeepSpeed's pipeline engine knows pipe/data/model only: it sees the seq ranks as data-parallel
+        # replicas (same rank order, data rank = dp_rank * seq + seq_rank) and averages gradients over them,
+        # which GPTPipeLoss compensates for (x seq: a sum over the sequence's parts).
+        self.pipeline_topology = (self.topology if seq == 1 else
+                                  PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=self.dp_size * seq))
         self.tp_group_ranks = self._my_list("model")
         self.dp_group_ranks = self._my_list("data")
         self.pp_group_ranks = self._my_list("pipe")
-        self.model_parallel_group_ranks = sorted(self.topology.filter_match(data=self.dp_rank))
+        self.seq_group_ranks = self._my_list("seq") if seq > 1 else [rank]
+        self.seq_dp_group_ranks = sorted(self.topology.filter_match(pipe=self.pp_rank, model=self.tp_rank))
+        self.model_parallel_group_ranks = sorted(self.topology.filter_match(**self._replica_coords(rank)))
         if ep < 1 or self.dp_size % ep:
             raise UserError(f"parallel.expert_model_parallel_size={ep} must be >= 1 and divide the data-parallel "
                             f"size {self.dp_size}")
@@ -61,7 +89,8 @@ class ParallelState:
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int) -> "ParallelState":
         return cls(world_size, rank, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                   parallel.sequence_parallel, parallel.expert_model_parallel_size)
+                   parallel.sequence_parallel, parallel.ds_sequence_parallel_size, parallel.context_parallel_size,
+                   parallel.expert_model_parallel_size)
 
     @classmethod
     def from_env(cls, parallel: ParallelConfig) -> "ParallelState":
@@ -72,6 +101,10 @@ class ParallelState:
 
     def _ep_lists(self, dp_ranks: list[int]) -> list[list[int]]:
         return [dp_ranks[i:i + self.ep_size] for i in range(0, len(dp_ranks), self.ep_size)]
+    def _replica_coords(self, rank: int) -> dict[str, int]:
+        """The coordinates naming `rank`'s model replica (tp x pp): its data and sequence ranks."""
+        coord = self.topology.get_coord(rank)
+        return {"data": coord.data, **({"seq": coord.seq} if self.seq_size > 1 else {})}
 
     def _my_list(self, axis: str) -> list[int]:
         return next(ranks for ranks in self.topology.get_axis_comm_lists(axis) if self.rank in ranks)
@@ -87,11 +120,17 @@ class ParallelState:
     def __repr__(self):
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
                 f"dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/{self.pp_size}, ep={self.ep_rank}/{self.ep_size}, "
-                f"sp={self.sequence_parallel})")
+                f"sp={self.sequence_parallel}, seq={self.seq_rank}/{self.seq_size} ({self.seq_kind}))")
+
+    @property
+    def seq_kind(self) -> str | None:
+        """How the sequence is split across the seq axis: "ulysses", "ring" or None."""
+        return "ulysses" if self.ulysses_size > 1 else "ring" if self.cp_size > 1 else None
 
     # ---- process groups -------------------------------------------------------------------------------------
     def init_process_groups(self) -> None:
-        """Create every tp/dp/pp/ep/model-parallel group. Collective over the world: all ranks call it in order."""
+        """Create every tp/dp/pp/ep/seq/seq-dp/model-parallel group.
+        Collective over the world: all ranks call it in order."""
         if self._groups is not None:
             return
         if not dist.is_initialized():
@@ -102,11 +141,16 @@ class ParallelState:
         groups = {}
         lists = {"tp": self.topology.get_axis_comm_lists("model"), "dp": self.topology.get_axis_comm_lists("data"),
                  "pp": self.topology.get_axis_comm_lists("pipe"),
-                 "mp": [sorted(self.topology.filter_match(data=d)) for d in range(self.dp_size)]}
+                 "mp": sorted({tuple(sorted(self.topology.filter_match(**self._replica_coords(r))))
+                               for r in range(self.world_size)})}
+        if self.seq_size > 1:
+            lists["seq"] = self.topology.get_axis_comm_lists("seq")
+            lists["seq_dp"] = sorted({tuple(sorted(self.topology.filter_match(pipe=p, model=t)))
+                                      for p in range(self.pp_size) for t in range(self.tp_size)})
         lists["ep"] = [ranks for dp in lists["dp"] for ranks in self._ep_lists(dp)]
         for name, all_ranks in lists.items():
             for ranks in all_ranks:
-                group = dist.new_group(ranks=ranks)
+                group = dist.new_group(ranks=list(ranks))
                 if self.rank in ranks:
                     groups[name] = group
         self._groups = groups
@@ -131,6 +175,16 @@ class ParallelState:
     @property
     def ep_group(self):
         return self._group("ep")
+
+    @property
+    def seq_group(self):
+        """The sequence-split group; None without a split (the collectives then short-circuit)."""
+        return self._group("seq") if self.seq_size > 1 else None
+
+    @property
+    def seq_dp_group(self):
+        """seq x dp: the ranks holding the same weights; gradients are summed over seq, averaged over dp."""
+        return self._group("seq_dp") if self.seq_size > 1 else self.dp_group
 
     # ---- DeepSpeed mpu protocol -------------------------------------------------------------------------------
     def get_tensor_model_parallel_rank(self) -> int:
@@ -173,6 +227,25 @@ class ParallelState:
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank
     get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
     get_pipe_parallel_group = get_pipeline_model_parallel_group
+
+    # Ulysses and ring alike: DeepSpeed sums gradients over the sequence ranks and shards ZeRO over seq x dp.
+    def get_sequence_parallel_rank(self) -> int:
+        return self.seq_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.seq_size
+
+    def get_sequence_parallel_group(self):
+        return self.seq_group
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.seq_dp_group_ranks.index(self.rank)
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.seq_size * self.dp_size
+
+    def get_sequence_data_parallel_group(self):
+        return self.seq_dp_group
 
     def get_model_parallel_rank(self) -> int:
         return self.model_parallel_group_ranks.index(self.rank)

@@ -7,7 +7,10 @@
 
 Every rank of one data-parallel slice (its tensor-parallel peers and pipeline stages) reads the same
 samples: the sampler is keyed by the data-parallel rank only (megaclm.data.sampler), so no broadcast
-is needed. A micro-batch is a dict of tensors on the training device
+is needed. Under a sequence split (--ds-sequence-parallel-size / --context-parallel-size, n ranks) the ranks
+of one seq group read the same micro-batch and each keeps its T/n tokens of every tensor
+(megaclm.parallel.context: contiguous for Ulysses, load-balanced chunk pairs for the ring); position ids
+keep their global values. A micro-batch is a dict of tensors on the training device
     tokens, labels, position_ids (B, T) int64; loss_mask (B, T) float32;
     document_ids (B, T) int64 (equal = one document), only with --reset-attention-mask
 or, for the pipeline engine, DeepSpeed's tuple ((tokens, position_ids[, document_ids]), (labels, loss_mask)).
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader
 from megaclm.data.builder import build_train_valid_test
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.sampler import PretrainingSampler
+from megaclm.parallel.context import shard_sequence
 from megaclm.training.spike import extra_train_batches
 
 
@@ -66,6 +70,9 @@ class BatchSource:
 
     def _finish(self, batch: dict[str, torch.Tensor], seqlen: int):
         batch = self.curriculum.truncate(batch, seqlen)
+        p = self.pstate
+        if p.seq_size > 1:
+            batch = {k: shard_sequence(v, p.seq_size, p.seq_rank, p.seq_kind == "ring") for k, v in batch.items()}
         if self.device is not None:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.pstate.pp_size == 1:

@@ -57,14 +57,16 @@ def init_distributed(cfg: Any) -> ParallelState:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=cfg.training.distributed_timeout_minutes))
     pstate = ParallelState.from_env(cfg.parallel)
-    model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank)
+    model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, pstate.seq_rank)
     return pstate
 
 
 def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_config: dict) -> torch.nn.Module:
     # ZeRO-3 partitions each parameter as soon as its module is built, so a model larger than one
     # device's memory never exists whole (every data-parallel replica builds the same init: same seed).
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate):
+    # Partitioned over seq x dp (= dp without a sequence split): the group DeepSpeed's engine shards ZeRO over.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate,
+                             data_parallel_group=pstate.seq_dp_group):
         if pstate.pp_size > 1:
             model = GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
                                       partition_method=cfg.parallel.pipeline_partition_method, lora=cfg.lora)
@@ -152,6 +154,8 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
                                        betas=tuple(params["betas"]), eps=params["eps"],
                                        weight_decay=params["weight_decay"], fused=torch.cuda.is_available() or None)
     if pstate.pp_size > 1:
+        # The pipeline engine counts the seq ranks as data-parallel replicas (ParallelState.pipeline_topology).
+        ds_config["train_batch_size"] = ds_config["train_batch_size"] * pstate.seq_size
         if pstate.sequence_parallel:  # activations differ across TP ranks: send them whole
             ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,

@@ -2,7 +2,8 @@
 
 Per iteration: set the lr from (iteration, consumed tokens); run one global batch (accumulation
 inside: engine.backward/step per micro-batch, or PipelineEngine.train_batch); all-reduce the loss
-over data-parallel ranks; count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
+over data-parallel ranks (under a sequence split each rank's loss is its tokens' share of the
+micro-batch mean: DeepSpeed sums gradients over the seq axis and averages them over dp); count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
 step with non-finite gradients, see megaclm.training.engine) and stop after
 `--max-consecutive-nan-steps` in a row; log; evaluate every `--eval-interval`; save every
 `--save-interval` (with `--async-save` in the background: the per-iteration all-reduce below also
@@ -145,12 +146,17 @@ class Trainer:
         losses = self.engine(batch["tokens"], position_ids=batch["position_ids"],
                              document_ids=batch.get("document_ids"), labels=batch["labels"])  # (B, T) fp32
         mask = batch["loss_mask"]
-        return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        count = mask.sum()
+        if self.pstate.seq_size > 1:  # this rank holds T/n tokens: divide by the whole micro-batch's count
+            count = count.detach().clone()
+            dist.all_reduce(count, group=self.pstate.seq_group)
+        return (losses.float() * mask).sum() / count.clamp(min=1.0)
 
     def _dp_mean(self, value: torch.Tensor) -> float | list[float]:
+        """Mean over dp of the sum over seq (the parts of one micro-batch's loss)."""
         value = value.detach().float().clone()
-        if self.pstate.dp_size > 1:
-            dist.all_reduce(value, group=self.pstate.dp_group)
+        if self.pstate.dp_size * self.pstate.seq_size > 1:
+            dist.all_reduce(value, group=self.pstate.seq_dp_group)
             value /= self.pstate.dp_size
         return value.item() if value.dim() == 0 else value.tolist()
 

@@ -26,7 +26,8 @@ from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.logging import get_logger
-from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters
+from megaclm.model.flops import (MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters,
+                                 seq_split_summary)
 from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
@@ -103,6 +104,23 @@ def _check_data(cfg: Any, fingerprint: dict) -> None:
     check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
 
 
+def layout_line(cfg: Any, derived: Any) -> str:
+    """e.g. "world 8 = tp 2 x ulysses 2 x dp 2 x pp 1 (rank order: tp fastest, then ulysses, dp, pp); each rank
+    holds 8192 of 32768 tokens per sample (contiguous)"."""
+    p = cfg.parallel
+    kind = "ulysses" if p.ds_sequence_parallel_size > 1 else "cp" if p.context_parallel_size > 1 else None
+    axes = [("tp", derived.tensor_model_parallel_size)] + ([(kind, derived.seq_split_size)] if kind else []) + [
+        ("dp", derived.data_parallel_size), ("pp", derived.pipeline_model_parallel_size)]
+    line = (f"world {derived.world_size} = {' x '.join(f'{a} {n}' for a, n in axes)} (rank order: tp fastest, then "
+            f"{', '.join(a for a, _ in axes[1:])})")
+    if kind:
+        how = ("contiguous; DeepSpeed-Ulysses all-to-all of heads <-> sequence in attention" if kind == "ulysses"
+               else "2 load-balanced chunks i, 2N-1-i; ring attention")
+        line += (f"; each rank holds {derived.seq_length // derived.seq_split_size} of {derived.seq_length} tokens "
+                 f"per sample ({how})")
+    return line
+
+
 def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
@@ -113,7 +131,8 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.training.offload_optimizer,
                         offload_param=cfg.training.offload_param,
                         flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
-                        lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names)
+                        lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
+                        seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1)
     memory = estimate_memory(cfg.model, model_vocab, setup)
     lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
@@ -130,7 +149,10 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
         adapters = cfg.model.num_layers * lora_layer_parameters(cfg.model, cfg.lora.lora_rank, cfg.lora.target_names)
         lines.append(f"trainable parameters: {adapters:,} LoRA adapters ({100 * adapters / params.total:.2f}%)")
     lines += [f"flops_per_token: {flops_per_token(cfg.model, model_vocab, cfg.data.seq_length):.4g}",
-              "", "# features", *features(cfg, lora),
+              "", "# layout", layout_line(cfg, derived)]
+    if derived.seq_split_size > 1:
+        lines.append(seq_split_summary(cfg.model, setup))
+    lines += ["", "# features", *features(cfg, lora),
               "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
     return "\n".join(lines)
@@ -178,7 +200,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     set_thread_count()
     pstate = init_distributed(cfg)
     if pstate.rank == 0:
-        log.info(f"world {pstate.world_size} = tp {pstate.tp_size} x pp {pstate.pp_size} x dp {pstate.dp_size}; "
+        log.info(f"{layout_line(cfg, derived)}; "
                  f"global batch {derived.global_batch_size} = micro {derived.micro_batch_size} x dp x "
                  f"{derived.grad_accum_steps} accumulation steps; vocab {tokenizer.vocab_size} -> {model_vocab} "
                  f"({vocab_source}); {count_parameters(cfg.model, model_vocab).total:,} parameters"
@@ -204,7 +226,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         data.load_state_dict(state["data"])
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
                               cfg.training.train_tokens, derived.global_batch_size)
-    writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
+    writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.seq_rank == 0
     metrics_file = cfg.logging.metrics_file or (os.path.join(c.save, "metrics.jsonl") if c.save else None)
     metrics = MetricsLogger(cfg.logging, writer=writer, metrics_file=metrics_file, total_iters=derived.train_iters,
                             start_iter=progress.iteration, run_config=cfg.to_dict(),

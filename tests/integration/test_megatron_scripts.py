@@ -170,7 +170,7 @@ SCRIPT_EXPECTATIONS = {
                         ("tokenizer", "tokenizer_type"): "SentencePieceTokenizer"}),
     "mds_gpt_125m": ({}, {("model", "recompute_granularity"): "full", ("training", "zero_stage"): 1,
                           ("tokenizer", "tokenizer_type"): "GPT2BPETokenizer", ("training", "train_tokens"): 300e9}),
-    "mds_ulysses_1.3b_32k": ({}, {("kernels", "attention_backend"): "flash",
+    "mds_ulysses_1.3b_32k": ({}, {("kernels", "attention_backend"): "flash", ("parallel", "ds_sequence_parallel_size"): 4,
                                   ("parallel", "pipeline_model_parallel_size"): 1}),
 }
 

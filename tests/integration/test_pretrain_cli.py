@@ -4,6 +4,7 @@ config and derived values; the example launch scripts resolve, and the Llama she
 YAML twin resolve to the same config."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,14 @@ def good(prefix: str) -> list[str]:
     (["--global-batch-size", "7"], {"WORLD_SIZE": "2"}, "global_batch_size=7 is not divisible"),
     (["--data-path", "/nowhere/x"], {}, "/nowhere/x.bin and /nowhere/x.idx not found"),
     (["--hidden-size", "sixty"], {}, "model.hidden_size expects an integer, got 'sixty'"),
+    (["--ds-sequence-parallel-size", "2"], {"WORLD_SIZE": "3"}, "world size 3 is not divisible"),
+    (["--ds-sequence-parallel-size", "8"], {"WORLD_SIZE": "8"}, "4 heads per tensor-parallel rank are not divisible"),
+    (["--context-parallel-size", "2", "--position-embedding-type", "alibi"], {"WORLD_SIZE": "2"}, "not ALiBi"),
+    (["--context-parallel-size", "2", "--ds-sequence-parallel-size", "2"], {"WORLD_SIZE": "4"}, "not both"),
+    (["--context-parallel-size", "2", "--seq-length", "62"], {"WORLD_SIZE": "2"},
+     "data.seq_length=62 is not divisible by 4"),
+    (["--ds-sequence-parallel-size", "2", "--curriculum-seqlen-start", "8", "--curriculum-seqlen-steps", "4",
+      "--curriculum-seqlen-multiple", "9"], {"WORLD_SIZE": "2"}, "must be multiples of 2"),
 ])
 def test_config_errors_exit_with_one_line(prefix, extra, env, message):
     r = cli(good(prefix) + extra, env)
@@ -74,6 +83,17 @@ def test_tokenizer_vocab_larger_than_checkpoint_model(prefix, tmp_path):
 def _resolved(stdout: str) -> dict:
     """The YAML block of --validate-only (DeepSpeed may print its own log lines before it)."""
     return yaml.safe_load(stdout.split("# resolved config")[1].split("# derived")[0])
+
+
+def test_validate_only_shows_the_sequence_split(prefix):
+    r = cli(good(prefix) + ["--validate-only", "--world-size", "8", "--tensor-model-parallel-size", "2",
+                            "--context-parallel-size", "2", "--attention-dropout", "0"])
+    assert r.returncode == 0, r.stderr
+    assert ("world 8 = tp 2 x cp 2 x dp 2 x pp 1 (rank order: tp fastest, then cp, dp, pp); each rank holds 32 of 64 "
+            "tokens per sample") in r.stdout, r.stdout
+    assert "seq_split_size: 2" in r.stdout and "grad_accum_steps: 2" in r.stdout
+    assert re.search(r"activations per layer \(attention included\) [\d.]+ GiB, unsplit [\d.]+ GiB \(0\.\d+x\)", r.stdout)
+    assert _resolved(r.stdout)["parallel"]["context_parallel_size"] == 2
 
 
 def test_validate_only_prints_config_and_derived(prefix):

@@ -219,7 +219,14 @@ def test_generated_deepspeed_json(base):
     assert ds["bf16"] == {"enabled": False, "check_grad_overflow": True} and ds["gradient_clipping"] == 0.5
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0 and z["offload_optimizer"]["device"] == "cpu"
-    assert "scheduler" not in ds
+    assert "scheduler" not in ds and "reduce_scatter" not in z
+
+
+@pytest.mark.parametrize("flag", ["--ds-sequence-parallel-size", "--context-parallel-size"])
+def test_sequence_split_derives_dp_and_takes_zero3_all_reduce_path(base, flag):
+    cfg, d = parse(base + [flag, "2", "--zero-stage", "3", "--attention-dropout", "0"], world_size=4)
+    assert (d.seq_split_size, d.data_parallel_size, d.grad_accum_steps) == (2, 2, 2)
+    assert deepspeed_config(cfg, d, cuda=False)["zero_optimization"]["reduce_scatter"] is False
 
 
 @pytest.mark.parametrize("user, msg", [
