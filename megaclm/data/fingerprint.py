@@ -52,10 +52,10 @@ def _file_entry(prefix: str) -> dict:
 def data_fingerprint(cfg: DataConfig, seed: int) -> dict:
     """The fingerprint of the datasets `cfg` names (each file read only in small blocks)."""
     splits = {}
-    for split, (weights, prefixes, use_split) in blend_sources(cfg).items():
+    for split, (weights, prefixes, use_split) in ({} if cfg.mock_data else blend_sources(cfg)).items():
         splits[split] = {"weights": weights, "use_split": use_split, "files": [_file_entry(p) for p in prefixes]}
     return {"splits": splits, "split": cfg.split, "seq_length": cfg.seq_length, "seed": seed,
-            "data_mixing_schedule": list(cfg.data_mixing_schedule)}
+            "data_mixing_schedule": list(cfg.data_mixing_schedule), "mock_data": cfg.mock_data}
 
 
 _HINT = ("resume with the original data, or pass --override-data-fingerprint to continue on the changed data "
@@ -67,8 +67,8 @@ def check_fingerprint(saved: dict | None, current: dict, source: str) -> None:
     if saved is None:  # a checkpoint from before fingerprints, or an HF import: nothing to compare
         return
     for key, flag in (("seed", "--seed"), ("seq_length", "--seq-length"), ("split", "--split"),
-                      ("data_mixing_schedule", "--data-mixing-schedule")):
-        if saved.get(key) != current[key]:
+                      ("data_mixing_schedule", "--data-mixing-schedule"), ("mock_data", "--mock-data")):
+        if saved.get(key, False if key == "mock_data" else None) != current[key]:
             raise UserError(f"{source} was trained with {flag} {saved.get(key)} but this run has {current[key]}; "
                             f"{_HINT}")
     if set(saved["splits"]) != set(current["splits"]):
