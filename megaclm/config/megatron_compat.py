@@ -225,6 +225,7 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
     native: list[tuple[str, list[str]]] = []
     aliased: list[tuple[str, list[str], str]] = []  # (native flag, values, the Megatron flag it came from)
     weak: list[tuple[str, list[str], str]] = []
+    required: list[CompatFlag] = []  # aliases that need a native flag beside them
     notes: list[str] = []
     refused: list[str] = []
     given = set()
@@ -250,6 +251,8 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             aliased += _expand(c.to, mine, flag)
             weak += _expand(c.weak, mine, flag)
+            if c.requires:
+                required.append(c)
     if refused:
         raise UserError("; ".join(refused))
     out = list(native)
@@ -264,8 +267,8 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
         out.append((flag, values))
     set_flags = given | {f for f, _, _ in aliased}
     out += [(flag, values) for flag, values, _ in weak if flag not in set_flags]
-    for c in (_BY_FLAG[f] for f, _ in _split(argv) if f in _BY_FLAG):
-        if c.requires and c.requires not in set_flags:
+    for c in required:
+        if c.requires not in set_flags:
             raise UserError(f"{c.flag} needs {c.requires} N (the number of key/value heads)")
     return [tok for flag, values in out for tok in ([flag] if flag else []) + values], notes
 

@@ -61,3 +61,23 @@ class SchedulerConfig:
         if self.lr_decay_style != "WSD" and (self.lr_wsd_decay_iters or self.lr_wsd_decay_tokens):
             raise UserError(f"scheduler.lr_wsd_decay_iters/tokens need scheduler.lr_decay_style=WSD, "
                             f"got {self.lr_decay_style!r}; pass --lr-decay-style WSD")
+
+    @property
+    def by_tokens(self) -> bool:
+        return any(v is not None for v in (self.lr_warmup_tokens, self.lr_decay_tokens, self.lr_wsd_decay_tokens))
+
+    def lengths(self, train_iters: int, tokens_per_step: int, train_tokens: int | None,
+                global_batch_size: int) -> tuple[str, float, float, float | None]:
+        """(unit, warmup, decay, wsd) as given: in tokens when any token length is set, else in iterations (a
+        sample count is iterations x the global batch, exact: the batch is constant); decay defaults to the
+        whole run. --lr-warmup-fraction and WSD's default length are the schedule's (training.schedules)."""
+        if self.by_tokens:
+            decay = self.lr_decay_tokens or train_tokens or train_iters * tokens_per_step
+            return "tokens", self.lr_warmup_tokens or 0, decay, self.lr_wsd_decay_tokens
+
+        def iters(samples, n):
+            return n if samples is None else samples / global_batch_size
+
+        decay = iters(self.lr_decay_samples, self.lr_decay_iters) or train_iters
+        return "iters", iters(self.lr_warmup_samples, self.lr_warmup_iters), decay, self.lr_wsd_decay_iters
+

@@ -78,21 +78,14 @@ def _run_length(cfg: Any) -> None:
 
 def _schedule(cfg: Any, derived: Derived | None) -> None:
     s = cfg.scheduler
-    by_tokens = any(v is not None for v in (s.lr_warmup_tokens, s.lr_decay_tokens, s.lr_wsd_decay_tokens))
-    if by_tokens and (s.lr_warmup_iters or s.lr_decay_iters is not None or s.lr_wsd_decay_iters is not None
+    if s.by_tokens and (s.lr_warmup_iters or s.lr_decay_iters is not None or s.lr_wsd_decay_iters is not None
                       or s.lr_warmup_samples is not None or s.lr_decay_samples is not None):
         raise UserError("scheduler: warmup/decay lengths mix iterations and tokens (or samples and tokens); give them all in tokens "
                         "(--lr-warmup-tokens, --lr-decay-tokens, --lr-wsd-decay-tokens) or all in iterations")
     if derived is None or derived.train_iters is None:
         return
-    if by_tokens:
-        decay = s.lr_decay_tokens or cfg.training.train_tokens or derived.train_iters * derived.tokens_per_step
-        warmup, wsd, unit = s.lr_warmup_tokens or 0, s.lr_wsd_decay_tokens, "tokens"
-    else:
-        gbs = derived.global_batch_size  # samples count whole global batches
-        decay = (s.lr_decay_samples / gbs if s.lr_decay_samples is not None else s.lr_decay_iters) or derived.train_iters
-        warmup = s.lr_warmup_samples / gbs if s.lr_warmup_samples is not None else s.lr_warmup_iters
-        wsd, unit = s.lr_wsd_decay_iters, "iters"
+    unit, warmup, decay, wsd = s.lengths(derived.train_iters, derived.tokens_per_step, cfg.training.train_tokens,
+                                         derived.global_batch_size)
     if s.lr_decay_style in ("linear", "cosine", "WSD") and warmup > decay:
         raise UserError(f"scheduler.lr_warmup_{unit}={warmup} is longer than the decay length {decay} {unit}; "
                         f"shorten the warmup or lengthen --lr-decay-{unit}")

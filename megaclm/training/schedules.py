@@ -77,21 +77,9 @@ class LRSchedule:
 
 def build_schedule(opt: OptimizerConfig, sched: SchedulerConfig, train_iters: int, tokens_per_step: int,
                    train_tokens: int | None = None, global_batch_size: int = 1) -> LRSchedule:
-    """Resolve the config's lengths (defaults: decay over the whole run, warmup fraction of it).
-    Sample counts become iterations (samples / global batch: exact, the batch size is constant)."""
-    unit = "tokens" if (sched.lr_warmup_tokens is not None or sched.lr_decay_tokens is not None
-                        or sched.lr_wsd_decay_tokens is not None) else "iters"
-    if unit == "tokens":
-        decay = sched.lr_decay_tokens or train_tokens or train_iters * tokens_per_step
-        warmup = sched.lr_warmup_tokens or 0
-        wsd = sched.lr_wsd_decay_tokens
-    else:
-        def iters(samples, n):
-            return n if samples is None else samples / global_batch_size
-
-        decay = iters(sched.lr_decay_samples, sched.lr_decay_iters) or train_iters
-        warmup = iters(sched.lr_warmup_samples, sched.lr_warmup_iters)
-        wsd = sched.lr_wsd_decay_iters
+    """Resolve the config's lengths (SchedulerConfig.lengths), then the warmup fraction of the decay and WSD's
+    default final decay (10% of it)."""
+    unit, warmup, decay, wsd = sched.lengths(train_iters, tokens_per_step, train_tokens, global_batch_size)
     if sched.lr_warmup_fraction is not None:
         warmup = sched.lr_warmup_fraction * decay
     if wsd is None:
