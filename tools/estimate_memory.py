@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         sequence_parallel=par.sequence_parallel and tp > 1, grad_accum_steps=grad_accum_steps(args, dp),
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), seq_split=split,
-        ring=par.context_parallel_size > 1)
+        ring=par.context_parallel_size > 1, expert_parallel=par.expert_model_parallel_size)
     est = estimate_memory(model, padded, setup)
     count = count_parameters(model, padded)
     fpt = flops_per_token(model, padded, args.seq_length)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if model.num_experts is not None:
         print(f"experts      {model.num_experts} x {model.num_moe_layers} layers, top-{model.moe_router_topk}: "
               f"{count.experts / 1e6:,.1f}M expert parameters, {count.active / 1e6:,.1f}M active per token "
-              f"(expert weights are whole on every GPU: EP splits their compute, ZeRO their optimizer states)")
+              f"(each GPU holds 1/{setup.expert_parallel} of them: --expert-model-parallel-size)")
     print(f"FLOPs/token  {fpt / 1e9:,.3f} GFLOP (6N + 12*L*d*T at T={args.seq_length})")
     kind = "ulysses" if par.ds_sequence_parallel_size > 1 else "cp (ring)" if par.context_parallel_size > 1 else None
     layout = f"tp {tp} x {kind} {split} x pp {pp} x dp {dp}" if kind else f"tp {tp} x pp {pp} x dp {dp}"

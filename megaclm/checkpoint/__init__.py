@@ -12,6 +12,10 @@ On-disk layout of `--save DIR` (every file written atomically; `latest` last):
         layer_{L:02d}-model_{TP:02d}-model_states.pt   DeepSpeed, pipeline runs: one file per layer
         *zero_pp_rank_{DP}_mp_rank_{TP:02d}_optim_states.pt   DeepSpeed: fp32 master weights + Adam
                                                    moments, partitioned over data-parallel ranks
+        layer_{L}_expert_{E}_mp_rank_{TP:02d}_model_states.pt   DeepSpeed, MoE: routed expert E of the
+                                                   L-th MoE layer (its global id; the module file then
+                                                   holds the rest), and with ZeRO-0 one optimizer file
+                                                   per EP rank, expp_rank_{EP}_mp_rank_{TP:02d}_optim_states.pt
         megaclm/config.json          the resolved config tree (MegaclmConfig.to_dict())
         megaclm/meta.json            iteration, consumed samples/tokens, tp/pp/dp/world sizes,
                                      padded and tokenizer vocab sizes, zero stage, precision;
@@ -19,7 +23,9 @@ On-disk layout of `--save DIR` (every file written atomically; `latest` last):
         megaclm/rng/rank_{R:05d}.pt  python/numpy/torch/cuda RNG + DeepSpeed's RNG tracker, per rank
         megaclm/model/tp{TP:02d}_pp{PP:03d}.pt   fp32 parameters of one model-parallel rank (the
                                      optimizer's master copy), with tp/pp ranks and sizes
-                                     (megaclm.checkpoint.shards)
+                                     (megaclm.checkpoint.shards); with expert parallelism, EP rank r > 0
+                                     adds its routed experts in tp{TP:02d}_pp{PP:03d}_ep{r:03d}.pt
+        megaclm/optim/...            the same files for the full Adam moments (megaclm.checkpoint.universal)
 
 Full fp32 weights of any TP/PP layout, with GPTModel's state-dict keys (megaclm.model.gpt):
     ckpt = megaclm.checkpoint.shards.load_full_state_dict("DIR")       # tag default: `latest`

@@ -163,15 +163,30 @@ def resolve_lora_base(load_dir: str | None, ckpt_step: int | None, finetune: boo
     return base, True
 
 
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size", "zero_stage",
+               "expert_model_parallel_size")
+
+
+def run_layout(pstate: Any, zero_stage: int) -> tuple[int, ...]:
+    """The layout a run saves and loads DeepSpeed's own files in, as `LAYOUT_KEYS` of meta.json."""
+    return pstate.tp_size, pstate.pp_size, pstate.dp_size, zero_stage, pstate.ep_size
+
+
+def _layout_text(layout: tuple[int, ...], other: tuple[int, ...]) -> str:
+    """e.g. "TP x PP x DP = 2 x 1 x 1, ZeRO-1", with ", EP 2" when either layout splits experts."""
+    text = f"TP x PP x DP = {layout[0]} x {layout[1]} x {layout[2]}, ZeRO-{layout[3]}"
+    return text + (f", EP {layout[4]}" if max(layout[4], other[4]) > 1 else "")
+
+
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    layout: tuple[int, int, int, int] | None = None, exit_on_missing: bool = False,
+                    layout: tuple[int, ...] | None = None, exit_on_missing: bool = False,
                     adapters: bool = False) -> dict | None:
     """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
     states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
     `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
 
-    `layout` is the run's (tp, pp, dp, zero stage). The same layout loads DeepSpeed's own files
+    `layout` is the run's `run_layout` (tp, pp, dp, zero stage, ep). The same layout loads DeepSpeed's own files
     (bit-exact resume); another one, or a checkpoint written offline (tools/checkpoint/reshard.py),
     loads megaclm's layout-independent files (megaclm.checkpoint.universal: weights, Adam moments
     and step, progress, data position; no RNG states).
@@ -199,15 +214,13 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only"
                      + ("; an HF import: training starts at iteration 0)" if hf_import else ")"))
         return None
-    saved = tuple(meta.get(k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                        "data_parallel_size", "zero_stage"))
+    saved = tuple(meta.get(k, 1 if k == "expert_model_parallel_size" else None) for k in LAYOUT_KEYS)
     if (layout is not None and saved != tuple(layout)) or meta.get("written_by") == "offline":
         state = load_resharded(engine, load_dir, tag, load_optim=load_optim)
         if _rank() == 0:
-            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} saved as TP x PP x DP = {saved[0]} x {saved[1]} x "
-                     f"{saved[2]}, ZeRO-{saved[3]} into TP x PP x DP = {layout[0]} x {layout[1]} x {layout[2]}, "
-                     f"ZeRO-{layout[3]} ({'weights, Adam state' if load_optim else 'weights'}, progress, data "
-                     "position; RNG states start fresh)")
+            log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} saved as {_layout_text(saved, layout)} into "
+                     f"{_layout_text(layout, saved)} ({'weights, Adam state' if load_optim else 'weights'}, progress, "
+                     "data position; RNG states start fresh)")
         return state
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
                                           load_lr_scheduler_states=False, load_module_strict=not adapters)

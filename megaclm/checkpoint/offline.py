@@ -7,6 +7,8 @@
     OUT/<tag>/mp_rank_{MP:02d}_model_states.pt         DeepSpeed: the TP shard as `module` (pp = 1), or
                                                        module=None with one file per model-parallel rank (pp > 1)
     OUT/<tag>/layer_{L:02d}-model_{TP:02d}-model_states.pt   pp > 1: DeepSpeed's per-layer files
+    OUT/<tag>/layer_{M}_expert_{E}_mp_rank_{TP:02d}_model_states.pt   MoE: DeepSpeed's per-expert files (routed
+                                                       expert E of the M-th MoE layer), left out of `module`
     OUT/<tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}.pt   megaclm's fp32 shards (megaclm.checkpoint.shards)
     OUT/<tag>/megaclm/config.json, meta.json
 
@@ -37,7 +39,7 @@ from megaclm.checkpoint.universal import MOMENTS
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.pipe import plain_to_pipe_key
-from megaclm.model.sharding import shard_state_dict
+from megaclm.model.sharding import expert_id, shard_state_dict
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import temp_path_for
 
@@ -79,6 +81,21 @@ def _deepspeed_states(module: Any, mp_world_size: int, iteration: int, client_st
     if client_state is not None:
         state[CLIENT_KEY] = client_state
     return state
+
+
+def _save_experts(ckpt: str, shard: Mapping[str, torch.Tensor], model_cfg: ModelConfig, tp_rank: int,
+                  states: dict) -> None:
+    """MoE: DeepSpeed's per-expert files for TP rank `tp_rank`, and its MoE keys in `states` (whose module
+    keeps the other tensors), as its engine saves an MoE model (megaclm.model.moe)."""
+    moe_layers = [i for i in range(model_cfg.num_layers) if model_cfg.is_moe_layer(i)]
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in shard if expert_id(k) is not None]:
+        layer = moe_layers.index(int(key.split(".")[1]))  # keys: layers.{i}.mlp.deepspeed_moe...
+        name = f"layer_{layer}_expert_{expert_id(key)}_mp_rank_{tp_rank:02d}_model_states.pt"
+        files.setdefault(name, {})[key] = states["module"].pop(key)
+    for name, tensors in files.items():
+        torch.save(tensors, os.path.join(ckpt, name))
+    states["num_experts"] = [model_cfg.num_experts] * len(moe_layers)
 
 
 def _stages(shard: Mapping[str, torch.Tensor], model_cfg: ModelConfig, pp: int) -> list[dict[str, torch.Tensor]]:
@@ -125,8 +142,10 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
             if optimizer_state is not None:
                 _save_optimizer_shards(ckpt, optimizer_state, model_cfg, r, tp, pp)
             if pp == 1:
-                torch.save(_deepspeed_states(shard, tp, iteration, client_state),
-                           os.path.join(ckpt, f"mp_rank_{r:02d}_model_states.pt"))
+                states = _deepspeed_states(dict(shard), tp, iteration, client_state)
+                if model_cfg.num_experts is not None:
+                    _save_experts(ckpt, shard, model_cfg, r, states)
+                torch.save(states, os.path.join(ckpt, f"mp_rank_{r:02d}_model_states.pt"))
                 _save_shard(ckpt, shard, r, tp, 0, 1)
                 continue
             layers: dict[int, dict[str, torch.Tensor]] = {}

@@ -7,7 +7,12 @@ rank, its parameters as fp32 (the optimizer's master copy when there is one) und
 names:
 
     <tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}.pt = {"tensors": {name: fp32 tensor},
-        "tp_rank", "tp_size", "pp_rank", "pp_size", "pipeline": bool}
+        "tp_rank", "tp_size", "pp_rank", "pp_size", "pipeline": bool, "ep_rank", "ep_size"}
+    <tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}_ep{EP:03d}.pt   expert parallel, EP rank > 0: its routed experts only
+
+Routed experts are saved under their global ids (megaclm.model.sharding.globalize_experts) by the first
+data-parallel rank holding them (expert-data-parallel rank 0): the files of one (tp, pp) rank together
+hold every expert once, whatever the EP size.
 
 `load_full_state_dict(ckpt_dir)` maps pipeline names back to GPTModel's (megaclm.model.pipe),
 merges tensor-parallel shards (megaclm.model.sharding) and returns GPTModel's full state dict with
@@ -30,31 +35,45 @@ from deepspeed.utils import safe_get_full_fp32_param
 from megaclm.checkpoint.layout import read_latest, read_meta
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
-from megaclm.model.sharding import unshard_state_dicts
+from megaclm.model.sharding import expert_id, globalize_experts, unshard_state_dicts
 from megaclm.utils.errors import UserError
 
 
-def shard_name(tp_rank: int, pp_rank: int) -> str:
-    return f"tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
+def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:03d}" + (f"_ep{ep_rank:03d}" if ep_rank else "") + ".pt"
+
+
+def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: torch.nn.Module, pstate: Any,
+               **extra: Any) -> tuple[str, dict] | None:
+    """(path, payload) of this rank's per-(tp, pp, ep) file in `folder`, or None where another rank writes it.
+
+    `fields` {payload field: {module name: tensor}} (model: "tensors"; optim: "exp_avg", "exp_avg_sq") are
+    written with global expert ids: by data-parallel rank 0 whole, by the first replica of each other EP
+    rank (expert-data-parallel rank 0) its experts only. `extra` joins the payload (e.g. Adam's step)."""
+    if pstate.edp_rank != 0:
+        return None
+    payload = dict(extra, tp_rank=pstate.tp_rank, tp_size=pstate.tp_size, pp_rank=pstate.pp_rank,
+                   pp_size=pstate.pp_size, pipeline=pstate.pp_size > 1, ep_rank=pstate.ep_rank, ep_size=pstate.ep_size)
+    for field, tensors in fields.items():
+        tensors = globalize_experts(tensors, module.config.num_experts, pstate.ep_size, pstate.ep_rank)
+        payload[field] = {k: v for k, v in tensors.items() if pstate.ep_rank == 0 or expert_id(k) is not None}
+    return os.path.join(folder, shard_name(pstate.tp_rank, pstate.pp_rank, pstate.ep_rank)), payload
 
 
 def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: Any,
                      trainable_only: bool = False) -> tuple[str, dict] | None:
     """Collective over the data-parallel group (ZeRO gathers fp32 partitions): (path, payload) of this
-    rank's fp32 shard on data-parallel rank 0, None on the others. The tensors are on the CPU and may
-    be the live fp32 parameters themselves: save them before the next optimizer step, or copy them.
-    `trainable_only` (LoRA): the adapters, not the frozen base the checkpoint refers to."""
+    rank's fp32 shard on data-parallel rank 0 (and the other EP ranks' first replicas), None on the
+    others. The tensors are on the CPU and may be the live fp32 parameters themselves: save them before
+    the next optimizer step, or copy them. `trainable_only` (LoRA): the adapters, not the frozen base the
+    checkpoint refers to."""
     tensors = {}
     for name, param in module.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
         tensors[name] = (param.detach() if full is None else full).float().cpu()
-    if pstate.dp_rank != 0:
-        return None
-    payload = {"tensors": tensors, "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,
-               "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size, "pipeline": pstate.pp_size > 1}
-    return os.path.join(out_dir, "model", shard_name(pstate.tp_rank, pstate.pp_rank)), payload
+    return shard_file(os.path.join(out_dir, "model"), {"tensors": tensors}, module, pstate)
 
 
 class FullCheckpoint(NamedTuple):
@@ -79,14 +98,16 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, kind: str = "
     files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, "tp*_pp*.pt")))
     shards = [torch.load(p, map_location="cpu", weights_only=False) for p in files]
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
-    if len(shards) != tp * pp:
+    ep = meta.get("expert_model_parallel_size", 1)
+    if len(shards) != tp * pp * ep:
         raise UserError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {len(shards)} {kind} shards, expected "
-                        f"tp {tp} x pp {pp}; it is incomplete")
+                        f"tp {tp} x pp {pp} x ep {ep}; it is incomplete")
     per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for shard in shards:
         for name, tensor in shard[field].items():
             key = pipe_to_plain_key(name, model_cfg) if shard["pipeline"] else name
-            # A tied embedding lives on the first and the last stage; both copies are equal.
+            # A tied embedding lives on the first and the last stage; both copies are equal. Expert-parallel
+            # ranks' files hold disjoint experts (global ids).
             per_tp[shard["tp_rank"]].setdefault(key, tensor)
     return FullCheckpoint(tree, meta, unshard_state_dicts(per_tp, model_cfg))
 

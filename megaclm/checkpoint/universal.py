@@ -5,8 +5,9 @@ size and its TP ranks know nothing of megaclm's fused qkv layout. So every save 
 data-parallel rank 0 of each (tp, pp) rank, the full (unpartitioned) Adam moments of its parameters,
 keyed like megaclm's fp32 model shards (megaclm.checkpoint.shards):
 
-    <tag>/megaclm/optim/tp{TP:02d}_pp{PP:03d}.pt = {"exp_avg": {name: fp32}, "exp_avg_sq": {name: fp32},
-        "step": Adam's step count, "tp_rank", "tp_size", "pp_rank", "pp_size", "pipeline"}
+    <tag>/megaclm/optim/tp{TP:02d}_pp{PP:03d}[_ep{EP:03d}].pt = {"exp_avg": {name: fp32},
+        "exp_avg_sq": {name: fp32}, "step": Adam's step count, "tp_rank", "tp_size", "pp_rank", "pp_size",
+        "pipeline", "ep_rank", "ep_size"}   (routed experts by global id, as the model shards)
 
 Moments have their parameter's shape, so the same merge/split rules move them to any TP/PP layout
 (megaclm.model.sharding, megaclm.checkpoint.weights.shard_for, tools/checkpoint/reshard.py). They
@@ -39,7 +40,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
 from megaclm.checkpoint.layout import read_meta
-from megaclm.checkpoint.shards import shard_name
+from megaclm.checkpoint.shards import shard_file
 from megaclm.checkpoint.weights import load_weights, shard_for
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.utils.errors import UserError
@@ -96,8 +97,9 @@ def adam_step(engine: Any) -> int:
 
 def optimizer_shard_file(engine: Any, out_dir: str, pstate: Any) -> tuple[str, dict] | None:
     """Collective over the data-parallel group (ZeRO gathers each state): (path, payload) of this rank's
-    full Adam moments on data-parallel rank 0, None elsewhere. The tensors are on the CPU and may be the
-    optimizer's live states (ZeRO-0): save them before the next step, or copy them."""
+    full Adam moments on data-parallel rank 0 (and the other EP ranks' first replicas: their experts'),
+    None elsewhere. The tensors are on the CPU and may be the optimizer's live states (ZeRO-0): save
+    them before the next step, or copy them."""
     moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in MOMENTS}
     _ensure_adam_state(engine)
     state, keys = _torch_optimizer(engine).state, _state_keys(engine)
@@ -109,11 +111,7 @@ def optimizer_shard_file(engine: Any, out_dir: str, pstate: Any) -> tuple[str, d
             value = (safe_get_full_optimizer_state(param, key) if _partitioned(param)
                      else state[keys[id(param)]][key])
             moments[key][name] = value.detach().float().cpu()
-    if pstate.dp_rank != 0:
-        return None
-    payload = {**moments, "step": adam_step(engine), "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size,
-               "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size, "pipeline": pstate.pp_size > 1}
-    return os.path.join(out_dir, "optim", shard_name(pstate.tp_rank, pstate.pp_rank)), payload
+    return shard_file(os.path.join(out_dir, "optim"), moments, engine.module, pstate, step=adam_step(engine))
 
 
 def _set_moments(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:

@@ -6,7 +6,8 @@ does not have. megaclm's fp32 shards (<tag>/megaclm/model/, megaclm.checkpoint.s
 checkpoint, so this reads those instead:
 
     1. this rank's tensor-parallel shard: the saved shards of the same TP rank when the TP size is
-       unchanged (never the whole model in memory), else the full model merged and split again;
+       unchanged (never the whole model in memory), else the full model merged and split again; of the
+       routed experts, this expert-parallel rank's (any saved EP size: the files hold global expert ids);
     2. the vocabulary re-padded if the run's padded size differs (padding rows hold no token);
     3. loaded into the module (pipeline stages take their own keys), gathered under ZeRO-3;
     4. the optimizer's fp32 master copies refreshed from the loaded weights.
@@ -25,12 +26,12 @@ from megaclm.checkpoint.layout import read_meta
 from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
 from megaclm.checkpoint.shards import load_full_state_dict
 from megaclm.model.pipe import load_plain_state_dict, pipe_to_plain_key
-from megaclm.model.sharding import shard_state_dict
+from megaclm.model.sharding import localize_experts, shard_state_dict
 from megaclm.utils.errors import UserError
 
 
 def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any, kind: str, field: str) -> dict[str, torch.Tensor]:
-    """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages."""
+    """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages and expert-parallel ranks."""
     out: dict[str, torch.Tensor] = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, f"tp{tp_rank:02d}_pp*.pt"))):
         shard = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -44,6 +45,7 @@ def shard_for(module: Any, ckpt_dir: str, tag: str, kind: str = "model", field: 
     weights (model/tensors), or an optimizer state (optim/exp_avg, megaclm.checkpoint.universal)."""
     pstate, config = module.pstate, module.config
     tp, rank = (pstate.tp_size, pstate.tp_rank) if pstate is not None else (1, 0)
+    ep, ep_rank = (pstate.ep_size, pstate.ep_rank) if pstate is not None else (1, 0)
     meta = read_meta(ckpt_dir, tag)
     # GPTModel knows its padded vocabulary; a pipeline stage was built with the checkpoint's (pretrain_gpt.py).
     padded_vocab = getattr(module, "vocab_size", None) or meta["padded_vocab_size"]
@@ -52,12 +54,13 @@ def shard_for(module: Any, ckpt_dir: str, tag: str, kind: str = "model", field: 
                         f"written by this megaclm, so its {'weights' if kind == 'model' else 'optimizer state'} "
                         "cannot be read into another layout")
     if meta["tensor_model_parallel_size"] == tp and meta["padded_vocab_size"] == padded_vocab:
-        return _own_tp_shard(ckpt_dir, tag, rank, config, kind, field)
+        return localize_experts(_own_tp_shard(ckpt_dir, tag, rank, config, kind, field), config.num_experts, ep,
+                                ep_rank)
     full = load_full_state_dict(ckpt_dir, tag, kind=kind, field=field).state_dict
     rows = vocab_rows(full) if "embedding.word_embeddings.weight" in full else padded_vocab  # LoRA: adapters only
     if rows != padded_vocab:  # another TP size pads differently; real rows are unchanged
         full = pad_vocab(unpad_vocab(full, min(rows, padded_vocab)), padded_vocab)
-    return shard_state_dict(full, config, tp, rank)
+    return shard_state_dict(full, config, tp, rank, ep, ep_rank)
 
 
 def load_weights(engine: Any, ckpt_dir: str, tag: str, select: Callable[[str], bool] | None = None) -> None:

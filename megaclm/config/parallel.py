@@ -21,8 +21,9 @@ class ParallelConfig:
         "help": "Megatron sequence parallelism: split norms/dropout activations along the sequence across "
                 "the tensor-parallel ranks (no effect when tensor_model_parallel_size=1)."})
     expert_model_parallel_size: int = field(default=1, metadata={
-        "help": "Data-parallel ranks that split the routed experts of each MoE layer between them (tokens travel "
-                "to their experts by all-to-all). Must divide the data-parallel size and model.num_experts."})
+        "help": "Data-parallel ranks that split the routed experts of each MoE layer between them: each holds and "
+                "trains 1/size of them, and tokens travel to their experts by all-to-all. Must divide the "
+                "data-parallel size and model.num_experts."})
     ds_sequence_parallel_size: int = field(default=1, metadata={
         "help": "DeepSpeed-Ulysses: ranks that split each sample's sequence; attention exchanges heads for "
                 "sequence with two all-to-alls (query and key/value heads per TP rank must divide by it)."})

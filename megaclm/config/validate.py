@@ -27,6 +27,13 @@ def _pipeline_zero(cfg: Any) -> None:
                         "pass --zero-stage 1 (or --pipeline-model-parallel-size 1 to use ZeRO-2/3)")
 
 
+def _moe_zero(cfg: Any) -> None:
+    if cfg.model.num_experts is not None and cfg.training.zero_stage == 3:
+        raise UserError(f"model.num_experts={cfg.model.num_experts} with training.zero_stage=3: DeepSpeed's engine "
+                        "does not partition MoE layers' parameters under ZeRO-3; use --zero-stage 1 or 2 (expert "
+                        "parallelism, --expert-model-parallel-size, already splits the experts' weights)")
+
+
 def _seq_length(cfg: Any) -> None:
     seq, maxpos = cfg.data.seq_length, cfg.model.max_position_embeddings
     if seq > maxpos:
@@ -135,6 +142,7 @@ def _spike_guard(cfg: Any) -> None:
 CHECKS = [
     (_model_parallel, {"model", "parallel"}),
     (_pipeline_zero, {"parallel", "training"}),
+    (_moe_zero, {"model", "training"}),
     (_seq_length, {"data", "model"}),
     (_shared_fields, {"model", "tokenizer"}),
     (_tokenizer, {"tokenizer"}),

@@ -51,6 +51,8 @@ activation element, t = tensor-parallel size, masks take one byte:
         MLP: GeLU keeps its input and output, 2*s*b*f*e; SwiGLU keeps gate+up and their product, 3*s*b*f*e
         attention core: SDPA flash/cuDNN keeps only the fp32 log-sum-exp, 4*a*s*b; materialised scores
             keep softmax 2*a*s^2*b [+ mask a*s^2*b + dropout output 2*a*s^2*b with attention_dropout]
+  Routed experts (MoE): each GPU holds 1/ep of them (expert parallel), and ZeRO partitions their states
+  over the dp/ep ranks holding the same experts, so they count P_e/ep above with N = dp/ep.
   MoE layers count as a dense MLP of f = k * (expert size) + (shared size): balanced, dropless routing,
   and every layer treated as MoE (an upper bound with moe_layer_freq > 1); the router's fp32 logits
   and the dispatched token copies (k*s*b*h*e) are not counted.
@@ -147,12 +149,13 @@ class _LayerShapes:
     fc1: tuple[int, int]
     fc2: tuple[int, int]
     norms: tuple[int, int]
-    experts: tuple[int, int] = (0, 0)  # MoE: the routed experts, whole on every rank (not split by TP or EP)
+    experts: tuple[int, int] = (0, 0)  # MoE: the routed experts (not split by TP; split by EP in on_rank)
     router: tuple[int, int] = (0, 0)  # MoE: router and shared-expert gate
 
-    def on_rank(self, tp: int) -> int:
-        return sum(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, self.norms, self.experts,
-                                            self.router))
+    def on_rank(self, tp: int, ep: int = 1) -> int:
+        """Parameters on one GPU: a TP shard, and 1/ep of the routed experts."""
+        return sum(s // tp + r for s, r in (self.qkv, self.proj, self.fc1, self.fc2, self.norms, self.router)) + \
+            self.experts[1] // ep
 
     def largest_module(self, tp: int) -> int:
         """Largest single module on one TP rank (what ZeRO-3 gathers at once; a norm is its own module)."""
@@ -264,12 +267,15 @@ class MemorySetup:
     lora_targets: tuple[str, ...] = ()
     seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
     ring: bool = False  # the split is ring attention (context parallel), else DeepSpeed-Ulysses
+    expert_parallel: int = 1  # MoE: data-parallel ranks splitting the routed experts (--expert-model-parallel-size)
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
-                     "data_parallel", "grad_accum_steps", "seq_split"):
+                     "data_parallel", "grad_accum_steps", "seq_split", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.data_parallel % self.expert_parallel:
+            raise UserError(f"expert_parallel={self.expert_parallel} must divide data_parallel={self.data_parallel}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.precision not in PRECISIONS:
@@ -366,10 +372,12 @@ def _stage_layers(num_layers: int, stages: int) -> list[int]:
     return [q + (i < r) for i in range(stages)]
 
 
-def _stage_model_states(p: float, largest: int, setup: MemorySetup, trainable: float | None = None) -> tuple[dict, dict]:
+def _stage_model_states(p: float, largest: int, setup: MemorySetup, trainable: float | None = None,
+                        shards: int | None = None) -> tuple[dict, dict]:
     """(gpu, cpu) bytes of weights, gradients and optimizer states for `p` parameters on one GPU, of
-    which `trainable` (default: all) have gradients and optimizer states (the others are frozen: LoRA)."""
-    z, n = setup.zero_stage, setup.data_parallel * setup.seq_split  # ZeRO shards over seq x dp
+    which `trainable` (default: all) have gradients and optimizer states (the others are frozen: LoRA),
+    partitioned by ZeRO over `shards` ranks (default seq x dp; routed experts: the dp/ep replicas)."""
+    z, n = setup.zero_stage, shards or setup.data_parallel * setup.seq_split
     mixed = setup.precision != "fp32"
     lp = 2 if mixed else 4
     weights = lp * p / n if z == 3 else lp * p
@@ -404,14 +412,15 @@ class StageParams:
     layers: int  # transformer layers on the stage
     params: int
     largest_module: int  # the largest single module (ZeRO-3 gathers it whole)
+    experts: int = 0  # of `params`, this expert-parallel rank's routed experts (ZeRO shards them over dp/ep)
 
 
 def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int = 1,
-                     pipeline_parallel: int = 1) -> list[StageParams]:
+                     pipeline_parallel: int = 1, expert_parallel: int = 1) -> list[StageParams]:
     """Per pipeline stage: the first holds the embeddings, the last the final norm and the output
     layer (a tied model's last stage keeps its own copy of the word embeddings, as DeepSpeed's
-    TiedLayerSpec does); layers are spread evenly."""
-    t = tensor_parallel
+    TiedLayerSpec does); layers are spread evenly. Each GPU holds 1/expert_parallel of the routed experts."""
+    t, ep = tensor_parallel, expert_parallel
     for name, n in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", model.num_kv_heads),
                     ("ffn_hidden_size", model.ffn_size), ("vocab_size", vocab_size),
                     ("moe_shared_expert_intermediate_size", model.moe_shared_expert_intermediate_size or 0)):
@@ -425,7 +434,8 @@ def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int =
         first, last = i == 0, i == pipeline_parallel - 1
         shapes = [_layer_shapes(model, model.is_moe_layer(j)) for j in range(start, start + n_layers)]
         start += n_layers
-        params, largest = sum(x.on_rank(t) for x in shapes), max(x.largest_module(t) for x in shapes)
+        params, largest = sum(x.on_rank(t, ep) for x in shapes), max(x.largest_module(t) for x in shapes)
+        experts = sum(x.experts[1] // ep for x in shapes)
         if first:
             params += emb_rank + count.position_embeddings
             largest = max(largest, emb_rank, count.position_embeddings)
@@ -434,7 +444,7 @@ def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int =
             if count.output_layer or not first:  # an untied head, or the tied copy on the last stage
                 params += emb_rank
                 largest = max(largest, emb_rank)
-        stages.append(StageParams(layers=n_layers, params=params, largest_module=largest))
+        stages.append(StageParams(layers=n_layers, params=params, largest_module=largest, experts=experts))
     return stages
 
 
@@ -444,8 +454,13 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
     Returns the pipeline stage with the largest GPU total; activation checkpointing follows
     model.recompute_granularity / recompute_method / recompute_num_layers.
     """
-    t, pp = setup.tensor_parallel, setup.pipeline_parallel
-    stages = stage_parameters(model, vocab_size, t, pp)
+    t, pp, ep = setup.tensor_parallel, setup.pipeline_parallel, setup.expert_parallel
+    if model.num_experts is not None and (setup.zero_stage == 3 or model.num_experts % ep):
+        raise UserError(f"an MoE model needs zero_stage 0-2 (got {setup.zero_stage}) and expert_parallel={ep} "
+                        f"dividing num_experts={model.num_experts}")
+    if model.num_experts is None and ep > 1:
+        raise UserError(f"expert_parallel={ep} needs an MoE model (model.num_experts)")
+    stages = stage_parameters(model, vocab_size, t, pp, ep)
     s, b, h, e = setup.seq_length // setup.seq_split, setup.micro_batch_size, model.hidden_size, setup.activation_bytes
     sp = t if setup.sequence_parallel else 1
     per_layer = layer_activation_bytes(model, setup)
@@ -453,8 +468,12 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
     for i, stage in enumerate(stages):
         first, last = i == 0, i == pp - 1
         adapters = stage.layers * lora_layer_parameters(model, setup.lora_rank, setup.lora_targets, t)
-        gpu, cpu = _stage_model_states(stage.params + adapters, stage.largest_module, setup,
+        gpu, cpu = _stage_model_states(stage.params - stage.experts + adapters, stage.largest_module, setup,
                                        trainable=adapters if setup.lora_rank else None)
+        if stage.experts:  # ZeRO partitions them over their dp/ep replicas; LoRA freezes them
+            egpu, ecpu = _stage_model_states(stage.experts, 0, setup, trainable=0 if setup.lora_rank else None,
+                                             shards=setup.data_parallel // ep)
+            gpu, cpu = ({k: a[k] + b[k] for k in a} for a, b in ((gpu, egpu), (cpu, ecpu)))
         in_flight = min(pp - i, setup.grad_accum_steps)
         if model.recompute_full and model.recompute_method == "uniform":
             k = min(model.recompute_num_layers, stage.layers)

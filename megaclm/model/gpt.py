@@ -22,7 +22,9 @@ State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.
     layers.{i}.post_attention_norm.weight / .bias (H,)
     layers.{i}.mlp.fc1.weight / .bias           (F, H), SwiGLU (2F, H) rows [gate; up]   tp: each block dim 0
     layers.{i}.mlp.fc2.weight / .bias           (H, F) / (H,)           tp: weight dim 1
-    layers.{i}.mlp.router.weight, .experts.*    MoE layers instead of fc1/fc2 (megaclm.model.moe)
+    layers.{i}.mlp.router.weight, .deepspeed_moe.experts.deepspeed_experts.{e}.fc1/.fc2, .shared*
+                                                MoE layers instead of fc1/fc2 (megaclm.model.moe): routed
+                                                expert e (global id; split by EP, not TP)
     layers.{i}.*.{qkv,proj,fc1,fc2}.lora_a / .lora_b   LoRA only (megaclm.model.lora): A (r, in), B (out, r);
                                                 the factor on the base weight's split axis is split like it
     final_norm.weight / .bias                   (H,)

@@ -1,10 +1,11 @@
 """Mixture-of-Experts MLP (Switch, Mixtral, Qwen2-MoE): a router, top-k routed experts, an optional shared expert.
 
-Why megaclm's own layer and not `deepspeed.moe.layer.MoE`: DeepSpeed's gate renormalises top-2/top-k
-weights always (Qwen2-MoE does not), has no router z-loss, no shared expert with a sigmoid gate (its
-"residual" MoE mixes by a softmax coefficient), and its engine recognises MoE only by that class, then
-saves experts in per-expert files under its own module names. Here routing is a pure function
-(`route`), and the token exchange is one autograd all-to-all over `ParallelState.ep_group`.
+Why megaclm's own routing and experts rather than those of DeepSpeed's MoE layer: DeepSpeed's gate always
+renormalises top-k weights (Qwen2-MoE does not), has no router z-loss and no gated shared expert (its
+"residual" MoE mixes by a softmax coefficient), and it dispatches through dense (tokens, experts,
+capacity) masks padded to the capacity. Here routing is a pure function (`route`) and the token exchange
+is one variable-size autograd all-to-all each way over `ParallelState.ep_group`, dropless without
+padding. To DeepSpeed's engine the layer still is a DeepSpeed MoE layer (see Parallelism).
 
 Shapes: N = B*T tokens, H hidden, E experts, El = E/ep on this expert-parallel rank, k experts per
 token, F expert inner size, M = kept (token, expert) assignments.
@@ -23,17 +24,26 @@ of this rank's micro-batch, by router weight ('probs') or earliest token ('posit
 assignment contributes 0 (the residual stream carries the token on).
 
 Parallelism. Tensor parallel: the routed experts are not split; each TP rank runs them on the whole
-sequence (gathered from SP first), so routing is identical across TP ranks. Expert parallel: EP rank
-r runs experts [r El, (r+1) El) on the tokens every rank of its EP group routed there. The expert
-weights are kept whole on every rank (not sharded by EP) so DeepSpeed's plain data-parallel
-gradient average is exact: a rank's gradient for experts it does not run is 0, so the sum over the
-data-parallel group is each expert's gradient over all tokens. EP therefore splits the expert
-compute and activations, not the expert weights (ZeRO-1/2 still shard their optimizer states).
+sequence (gathered from SP first), so routing is identical across TP ranks. Expert parallel: EP rank r
+holds experts [r El, (r+1) El) only, and runs them on the tokens every rank of its EP group routed there
+(one all-to-all each way). Expert weights are therefore sharded by EP, and the layer is a DeepSpeed MoE
+layer to DeepSpeed's engine (a subclass of `deepspeed.moe.layer.MoE`, the class its engine recognises
+MoE by): expert parameters carry `allreduce=False` and `group_name`, so the engine reduces their
+gradients over the expert-data-parallel group (the dp/ep ranks holding the same experts; divided by the
+whole dp size, as for every other gradient), ZeRO-1/2 partitions their states over that group, and
+checkpoints hold one file per expert (DeepSpeed's `layer_{L}_expert_{e}_mp_rank_{tp}_model_states.pt`,
+by global expert id), found by the module names DeepSpeed's MoE uses. The process groups are DeepSpeed's
+own (megaclm.parallel.state creates them in DeepSpeed's registry).
 
-State-dict keys under `layers.{i}.mlp.` (replicated across TP and EP ranks):
-    router.weight          (E, H)
-    experts.fc1            (E, 2F, H) SwiGLU rows [gate; up], else (E, F, H)
-    experts.fc2            (E, H, F)
+Initialisation does not depend on the layout: every rank draws one seed per MoE layer from the default
+generator (the same on all ranks), and expert e is drawn from its own generator seeded (seed + e), so a
+rank builds only its experts and EP=1 and EP=2 start from the same weights.
+
+State-dict keys under `layers.{i}.mlp.` (replicated across TP ranks; e is the global expert id in full
+state dicts, the local one 0..El-1 in a rank's module: megaclm.model.sharding renumbers them):
+    router.weight                                      (E, H)
+    deepspeed_moe.experts.deepspeed_experts.{e}.fc1    (2F, H) SwiGLU rows [gate; up], else (F, H)
+    deepspeed_moe.experts.deepspeed_experts.{e}.fc2    (H, F)
     shared.fc1/fc2.*       the shared expert: megaclm.model.gpt.MLP of the shared size (TP-split as it)
     shared_gate.weight     (1, H)
 """
@@ -42,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.utils import groups as ds_groups
 
 from megaclm.config.model import ModelConfig
 from megaclm.ops import Ops
@@ -87,43 +99,64 @@ def route(logits: torch.Tensor, k: int, pre_softmax: bool = False, capacity_fact
     return Routing(token=token, weight=gates[token, expert], counts=kept.sum(dim=0), aux_loss=aux, z_loss=z)
 
 
-class Experts(nn.Module):
-    """E expert MLPs as two stacked weights; runs experts [first, first + El) on their rows."""
+EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's MoE module names (its checkpoints)
 
-    def __init__(self, config: ModelConfig, ops: Ops):
+
+class Expert(nn.Module):
+    """One routed expert: (m, H) -> (m, H), fc1 then GeLU or SwiGLU then fc2, no biases."""
+
+    def __init__(self, config: ModelConfig, ops: Ops, generator: torch.Generator):
         super().__init__()
-        E, H, F_ = config.num_experts, config.hidden_size, config.moe_ffn_size
+        H, F_ = config.hidden_size, config.moe_ffn_size
         self.ops, self.swiglu = ops, config.swiglu
-        fc1 = torch.empty(E, 2 * F_ if config.swiglu else F_, H)
-        fc2 = torch.empty(E, H, F_)
-        normal_init(config.init_method_std)(fc1)  # initialised before they become parameters (zero.Init)
-        scaled_normal_init(config.init_method_std, config.num_layers)(fc2)
+        fc1, fc2 = torch.empty(2 * F_ if config.swiglu else F_, H), torch.empty(H, F_)
+        normal_init(config.init_method_std, generator)(fc1)
+        scaled_normal_init(config.init_method_std, config.num_layers, generator)(fc2)
         self.fc1, self.fc2 = nn.Parameter(fc1), nn.Parameter(fc2)
 
-    def forward(self, x: torch.Tensor, rows_per_expert: list[int], first: int) -> torch.Tensor:
-        """x (M, H) rows grouped by expert, `rows_per_expert[i]` for expert first + i -> (M, H)."""
-        outs = []
-        for i, rows in enumerate(x.split(rows_per_expert)):
-            h = rows @ self.fc1[first + i].t()  # (m, 2F) or (m, F)
-            h = self.ops.swiglu(h) if self.swiglu else self.ops.bias_gelu(h, None)
-            outs.append(h @ self.fc2[first + i].t())  # (m, H)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.fc1.t()  # (m, 2F) or (m, F)
+        h = self.ops.swiglu(h) if self.swiglu else self.ops.bias_gelu(h, None)
+        return h @ self.fc2.t()
+
+
+class Experts(nn.Module):
+    """This rank's experts: `deepspeed_experts[i]` is global expert first + i, drawn from its own seed."""
+
+    def __init__(self, config: ModelConfig, ops: Ops, first: int, count: int, seed: int, group_name: str):
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(
+            Expert(config, ops, torch.Generator().manual_seed(seed + e)) for e in range(first, first + count))
+        for p in self.parameters():  # what DeepSpeed's engine and ZeRO treat as expert parameters
+            p.allreduce, p.group_name = False, group_name
+
+    def forward(self, x: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
+        """x (M, H) rows grouped by local expert, `rows_per_expert[i]` for expert i -> (M, H)."""
+        outs = [expert(rows) for expert, rows in zip(self.deepspeed_experts, x.split(rows_per_expert))]
         return torch.cat(outs) if outs else x[:0]
 
 
-class MoE(nn.Module):
+class MoE(DeepSpeedMoE):
     """(B, S, H) -> ((B, S, H), router loss ()): the loss is coefficient-weighted, 0 outside training."""
 
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, shared: nn.Module | None):
-        super().__init__()
+        # Not DeepSpeedMoE.__init__: it builds DeepSpeed's gate and expert copies. What its engine reads of
+        # an MoE layer is set here: num_experts, ep_size, num_local_experts, expert_group_name.
+        nn.Module.__init__(self)
         self.config, self.pstate = config, pstate
-        self.ep = pstate.ep_size if pstate is not None else 1
-        self.ep_rank = pstate.ep_rank if pstate is not None else 0
-        self.local = config.num_experts // self.ep
+        self.num_experts = config.num_experts
+        self.ep_size = pstate.ep_size if pstate is not None else 1
+        ep_rank = pstate.ep_rank if pstate is not None else 0
+        self.num_local_experts = config.num_experts // self.ep_size
+        self.expert_group_name = f"ep_size_{self.ep_size}"
         router = torch.empty(config.num_experts, config.hidden_size)
         normal_init(config.init_method_std)(router)
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.router.weight = nn.Parameter(router)
-        self.experts = Experts(config, ops)
+        seed = int(torch.randint(2**62, (1,), device="cpu"))  # the same on every rank: one draw, any EP size
+        self.deepspeed_moe = nn.Module()  # a container only, for DeepSpeed's names of the experts
+        self.deepspeed_moe.experts = Experts(config, ops, ep_rank * self.num_local_experts,
+                                             self.num_local_experts, seed, self.expert_group_name)
         self.shared = shared
         self.shared_gate = None
         if config.moe_shared_expert_gate:
@@ -131,6 +164,14 @@ class MoE(nn.Module):
             normal_init(config.init_method_std)(self.shared_gate.weight.data)
             sequence_parallel_grad_hook(self.shared_gate.weight, pstate)  # it sees this rank's SP chunk only
         self.stats: dict[str, torch.Tensor] = {}  # the last forward's unweighted router losses, for logging
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's engine asks its MoE layers for their groups: megaclm.parallel.state made them already."""
+        if use_data_before_expert_parallel_:
+            raise ValueError("use_data_before_expert_parallel_ is not megaclm's expert layout; leave it unset")
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"no DeepSpeed expert groups {self.expert_group_name!r}: build the model with "
+                               "ParallelState(..., experts=True) after its init_process_groups()")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, sp = self.config, tp_info(self.pstate)[2]
@@ -156,19 +197,19 @@ class MoE(nn.Module):
     def _dispatch(self, flat: torch.Tensor, r: Routing) -> torch.Tensor:
         """Send each kept assignment's token to its expert's EP rank, run it, bring it back, combine. (N, H)."""
         xs = flat[r.token]  # (M, H) grouped by expert
-        if self.ep == 1:
-            out = self.experts(xs, r.counts.tolist(), 0)
+        experts, ep, local = self.deepspeed_moe.experts, self.ep_size, self.num_local_experts
+        if ep == 1:
+            out = experts(xs, r.counts.tolist())
         else:
             group = self.pstate.ep_group
             # counts[src, i]: rows rank src sends me for my local expert i.
-            counts = all_to_all(r.counts, group, [self.local] * self.ep, [self.local] * self.ep).view(self.ep, -1)
-            send = r.counts.view(self.ep, self.local).sum(dim=1).tolist()
+            counts = all_to_all(r.counts, group, [local] * ep, [local] * ep).view(ep, -1)
+            send = r.counts.view(ep, local).sum(dim=1).tolist()
             recv = counts.sum(dim=1).tolist()
             xs = all_to_all(xs, group, recv, send)  # (M', H) ordered by (source rank, local expert, token)
-            local_expert = torch.repeat_interleave(torch.arange(self.local, device=xs.device).repeat(self.ep),
-                                                   counts.flatten())
+            local_expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(ep), counts.flatten())
             order = torch.argsort(local_expert, stable=True)  # regroup by local expert
-            out = self.experts(xs[order], counts.sum(dim=0).tolist(), self.ep_rank * self.local)
+            out = experts(xs[order], counts.sum(dim=0).tolist())
             out = all_to_all(out[torch.argsort(order)], group, send, recv)  # back in the sender's order
         out = out * r.weight[:, None].to(out.dtype)
         return torch.zeros_like(flat).index_add(0, r.token, out)

@@ -1,12 +1,16 @@
-"""Full (unsharded) GPTModel state dicts <-> tensor-parallel shards.
+"""Full (unsharded) GPTModel state dicts <-> tensor- and expert-parallel shards.
 
-`shard_state_dict(full, config, tp, rank)` gives what `GPTModel(config, V, pstate)` of tensor rank
-`rank` loads with `load_state_dict`; `unshard_state_dicts([shard_0, ..., shard_tp-1], config)` is its
-inverse. The rule for each key (see megaclm.model.gpt's docstring) is matched on the key's suffix, so
-the same functions work on the keys of one pipeline stage (megaclm.model.pipe). Replicated tensors
-(norms, row-parallel biases, position embeddings, MoE routers and routed experts) are copied; unshard
-takes rank 0's copy. An MoE layer's shared expert is split like the dense MLP.
+`shard_state_dict(full, config, tp, rank, ep, ep_rank)` gives what `GPTModel(config, V, pstate)` of
+tensor rank `rank` and expert-parallel rank `ep_rank` loads with `load_state_dict`;
+`unshard_state_dicts([shard_0, ..., shard_tp-1], config)` is its inverse over TP (the shards with global
+expert ids: `globalize_experts` of each EP rank's, merged). The rule for each key (see megaclm.model.gpt's
+docstring) is matched on the key's suffix, so the same functions work on the keys of one pipeline stage
+(megaclm.model.pipe). Replicated tensors (norms, row-parallel biases, position embeddings, MoE routers and
+routed experts) are copied; unshard takes rank 0's copy. An MoE layer's shared expert is split like the
+dense MLP. Routed experts are split by EP instead: EP rank r holds experts [r E/ep, (r+1) E/ep), numbered
+from 0 in its module (megaclm.model.moe).
 """
+import re
 from typing import Mapping, Sequence
 
 import torch
@@ -33,10 +37,43 @@ def tp_partition(key: str, config: ModelConfig, shape: torch.Size) -> tuple[int,
     return None
 
 
-def shard_state_dict(full: Mapping[str, torch.Tensor], config: ModelConfig, tp_size: int,
-                     tp_rank: int) -> dict[str, torch.Tensor]:
+_EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)?$")
+
+
+def expert_id(key: str) -> int | None:
+    """The expert number in a routed expert's key (global or local, as the dict holds it), else None."""
+    m = _EXPERT_KEY.match(key)
+    return None if m is None else int(m.group(2))
+
+
+def _renumber(key: str, offset: int) -> str:
+    m = _EXPERT_KEY.match(key)
+    return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3) or ''}"
+
+
+def localize_experts(sd: Mapping[str, torch.Tensor], num_experts: int | None, ep_size: int,
+                     ep_rank: int) -> dict[str, torch.Tensor]:
+    """Global expert ids -> EP rank `ep_rank`'s: its experts renumbered from 0, the other ranks' dropped."""
+    if num_experts is None or ep_size == 1:
+        return dict(sd)
+    local = num_experts // ep_size
+    first = ep_rank * local
+    return {(key if e is None else _renumber(key, -first)): value for key, value in sd.items()
+            if (e := expert_id(key)) is None or first <= e < first + local}
+
+
+def globalize_experts(sd: Mapping, num_experts: int | None, ep_size: int, ep_rank: int) -> dict:
+    """EP rank `ep_rank`'s local expert ids -> global ones (the inverse of localize_experts on its keys)."""
+    if num_experts is None or ep_size == 1:
+        return dict(sd)
+    first = ep_rank * (num_experts // ep_size)
+    return {(key if expert_id(key) is None else _renumber(key, first)): value for key, value in sd.items()}
+
+
+def shard_state_dict(full: Mapping[str, torch.Tensor], config: ModelConfig, tp_size: int, tp_rank: int,
+                     ep_size: int = 1, ep_rank: int = 0) -> dict[str, torch.Tensor]:
     out = {}
-    for key, value in full.items():
+    for key, value in localize_experts(full, config.num_experts, ep_size, ep_rank).items():
         part = tp_partition(key, config, value.shape)
         out[key] = value.clone() if part is None else shard_blocks(value, part[0], part[1], tp_size, tp_rank).clone()
     return out

@@ -238,10 +238,10 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, tp_group(self.pstate)) if reduce else out
 
 
-def normal_init(std: float) -> InitMethod:
-    return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+def normal_init(std: float, generator: torch.Generator | None = None) -> InitMethod:
+    return lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator)
 
 
-def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
+def scaled_normal_init(std: float, num_layers: int, generator: torch.Generator | None = None) -> InitMethod:
     """Megatron's init for the output projection of each residual branch: std / sqrt(2 * num_layers)."""
-    return normal_init(std / math.sqrt(2.0 * num_layers))
+    return normal_init(std / math.sqrt(2.0 * num_layers), generator)

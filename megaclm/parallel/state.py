@@ -18,8 +18,14 @@ World 8, tp 2, seq 2 (dp 2): tp [0,1] [2,3] [4,5] [6,7]; seq [0,2] [1,3] [4,6] [
 summed over seq and averaged over dp) [0,2,4,6] [1,3,5,7].
 
 Expert parallelism (EP, Mixture of Experts) splits each data-parallel group into consecutive blocks of
-`ep` ranks that exchange tokens by all-to-all: ep_rank = dp_rank % ep. e.g. world 8, tp 2, ep 2 (dp 4):
-dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7].
+`ep` ranks that exchange tokens by all-to-all and hold different experts: ep_rank = dp_rank % ep. The
+ranks of a dp group with the same ep_rank hold the same experts: their "expert data parallel" group
+(edp, dp/ep ranks) is where expert gradients are reduced and ZeRO partitions expert states. e.g. world
+8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups
+[0,4] [2,6] [1,5] [3,7]. This is DeepSpeed's own layout (deepspeed.utils.groups, "E + M + D"), and
+the expert groups are DeepSpeed's: `init_process_groups` creates them with DeepSpeed's
+`_create_expert_data_and_model_parallel` (for a model with experts) and checks they are these, since
+DeepSpeed's engine reduces expert gradients over the groups it finds there under "ep_size_{ep}".
 
 A `ParallelState` computes all of that without processes; `init_process_groups()` then creates the
 torch.distributed groups (every rank must call it, in the same order). The `get_*` methods are
@@ -27,8 +33,10 @@ DeepSpeed's `mpu` protocol (deepspeed.initialize(mpu=...)); "model parallel" the
 ranks (tp x pp), as in DeepSpeed's own PipelineParallelGrid; `get_sequence_parallel_*` and
 `get_sequence_data_parallel_*` tell DeepSpeed's engine and ZeRO to reduce gradients over seq x dp.
 """
+import deepspeed.comm
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, ProcessTopology
+from deepspeed.utils import groups as ds_groups
 
 from megaclm.config.parallel import ParallelConfig
 from megaclm.utils.errors import UserError
@@ -37,7 +45,8 @@ from megaclm.utils.errors import UserError
 class ParallelState:
     def __init__(self, world_size: int, rank: int, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  sequence_parallel: bool = False, ulysses_size: int = 1, context_parallel_size: int = 1,
-                 expert_parallel_size: int = 1):
+                 expert_parallel_size: int = 1, experts: bool = False):
+        """`experts`: the model has Mixture-of-Experts layers (init_process_groups then creates the expert groups)."""
         tp, pp, ep = tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
         if min(tp, pp, ulysses_size, context_parallel_size) < 1:
             raise UserError(f"parallel.tensor_model_parallel_size={tp}, parallel.pipeline_model_parallel_size={pp}, "
@@ -79,28 +88,28 @@ class ParallelState:
         if ep < 1 or self.dp_size % ep:
             raise UserError(f"parallel.expert_model_parallel_size={ep} must be >= 1 and divide the data-parallel "
                             f"size {self.dp_size}")
-        self.ep_size, self.ep_rank = ep, self.dp_rank % ep
-        self.ep_group_ranks = self._ep_lists(self.dp_group_ranks)[self.dp_rank // ep]
+        self.ep_size, self.ep_rank, self.edp_rank = ep, self.dp_rank % ep, self.dp_rank // ep
+        self.has_experts = experts
+        self.ep_group_ranks = self.dp_group_ranks[self.edp_rank * ep:(self.edp_rank + 1) * ep]
+        self.edp_group_ranks = self.dp_group_ranks[self.ep_rank::ep]
         self._groups: dict[str, object] | None = None
 
     def __deepcopy__(self, memo):
         return self  # shared run-wide state (holds process groups), not part of a model's value
 
     @classmethod
-    def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int) -> "ParallelState":
+    def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int, experts: bool = False) -> "ParallelState":
         return cls(world_size, rank, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                    parallel.sequence_parallel, parallel.ds_sequence_parallel_size, parallel.context_parallel_size,
-                   parallel.expert_model_parallel_size)
+                   parallel.expert_model_parallel_size, experts)
 
     @classmethod
-    def from_env(cls, parallel: ParallelConfig) -> "ParallelState":
+    def from_env(cls, parallel: ParallelConfig, experts: bool = False) -> "ParallelState":
         """From the initialised default process group; creates the groups too."""
-        state = cls.from_config(parallel, dist.get_world_size(), dist.get_rank())
+        state = cls.from_config(parallel, dist.get_world_size(), dist.get_rank(), experts)
         state.init_process_groups()
         return state
 
-    def _ep_lists(self, dp_ranks: list[int]) -> list[list[int]]:
-        return [dp_ranks[i:i + self.ep_size] for i in range(0, len(dp_ranks), self.ep_size)]
     def _replica_coords(self, rank: int) -> dict[str, int]:
         """The coordinates naming `rank`'s model replica (tp x pp): its data and sequence ranks."""
         coord = self.topology.get_coord(rank)
@@ -129,8 +138,8 @@ class ParallelState:
 
     # ---- process groups -------------------------------------------------------------------------------------
     def init_process_groups(self) -> None:
-        """Create every tp/dp/pp/ep/seq/seq-dp/model-parallel group.
-        Collective over the world: all ranks call it in order."""
+        """Create every tp/dp/pp/seq/seq-dp/model-parallel group, and DeepSpeed's expert groups for a model with
+        experts. Collective over the world: all ranks call it in order."""
         if self._groups is not None:
             return
         if not dist.is_initialized():
@@ -147,13 +156,41 @@ class ParallelState:
             lists["seq"] = self.topology.get_axis_comm_lists("seq")
             lists["seq_dp"] = sorted({tuple(sorted(self.topology.filter_match(pipe=p, model=t)))
                                       for p in range(self.pp_size) for t in range(self.tp_size)})
-        lists["ep"] = [ranks for dp in lists["dp"] for ranks in self._ep_lists(dp)]
         for name, all_ranks in lists.items():
             for ranks in all_ranks:
                 group = dist.new_group(ranks=list(ranks))
                 if self.rank in ranks:
                     groups[name] = group
         self._groups = groups
+        if self.has_experts:
+            self._init_expert_groups()
+
+    @property
+    def expert_group_name(self) -> str:
+        """DeepSpeed's key for the expert groups of this EP size (and of expert parameters: `group_name`)."""
+        return f"ep_size_{self.ep_size}"
+
+    def _init_expert_groups(self) -> None:
+        """DeepSpeed's expert-parallel and expert-data-parallel groups, in DeepSpeed's registry (module globals
+        keyed by `expert_group_name`, read by its engine and ZeRO). Groups of that name left there by an earlier
+        layout in this process (tests build several) are replaced; all ranks see the same registry, so all
+        replace them alike."""
+        name = self.expert_group_name
+        if name in ds_groups._EXPERT_PARALLEL_GROUP and (
+                list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name]) != self.ep_group_ranks
+                or list(ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]) != self.edp_group_ranks):
+            for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                             ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+                registry.pop(name, None)
+        if not deepspeed.comm.is_initialized():  # DeepSpeed's groups go through deepspeed.comm (wraps torch's group)
+            deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        ds_groups.mpu = self  # DeepSpeed sizes the data-parallel axis through its mpu (the engine sets the same)
+        ds_groups._create_expert_data_and_model_parallel(self.ep_size, mpu=self)
+        made = (list(ds_groups._get_expert_parallel_group_ranks(name)),
+                list(ds_groups._get_expert_data_parallel_group_ranks(name)))
+        if made != (self.ep_group_ranks, self.edp_group_ranks):
+            raise RuntimeError(f"DeepSpeed made expert groups (ep, edp) {made} for rank {self.rank}, megaclm's layout "
+                               f"says {(self.ep_group_ranks, self.edp_group_ranks)}: the two rank orders disagree")
 
     def _group(self, name: str):
         if self._groups is None:
@@ -172,9 +209,21 @@ class ParallelState:
     def pp_group(self):
         return self._group("pp")
 
+    def _expert_groups_ready(self) -> str:
+        if not self.has_experts:
+            raise RuntimeError("expert groups exist only for a model with experts: ParallelState(..., experts=True)")
+        self._group("tp")  # a clear error before init_process_groups
+        return self.expert_group_name
+
     @property
     def ep_group(self):
-        return self._group("ep")
+        """The ranks exchanging tokens for this rank's experts (DeepSpeed's expert-parallel group)."""
+        return ds_groups._get_expert_parallel_group(self._expert_groups_ready())
+
+    @property
+    def edp_group(self):
+        """The ranks holding this rank's experts (DeepSpeed's expert-data-parallel group)."""
+        return ds_groups._get_expert_data_parallel_group(self._expert_groups_ready())
 
     @property
     def seq_group(self):

@@ -21,6 +21,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
 from megaclm.logging import get_logger
 from megaclm.model.fp8 import convert_to_fp8
@@ -56,7 +57,7 @@ def init_distributed(cfg: Any) -> ParallelState:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=cfg.training.distributed_timeout_minutes))
-    pstate = ParallelState.from_env(cfg.parallel)
+    pstate = ParallelState.from_env(cfg.parallel, experts=cfg.model.num_experts is not None)
     model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, pstate.seq_rank)
     return pstate
 
@@ -82,7 +83,8 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
 def param_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: bool = False) -> list[dict]:
     """Weight matrices decay, norms and biases do not; with `decoupled_lr` the input embedding and output
     layer (parameters marked `embedding_or_output` by megaclm.model) get a third group of their own, its
-    lr set by the trainer from --decoupled-lr."""
+    lr set by the trainer from --decoupled-lr. Routed experts (megaclm.model.moe) go into groups of their
+    own marked `moe` (DeepSpeed's split): ZeRO partitions those over the expert-data-parallel group."""
     decay, no_decay, decoupled = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -93,9 +95,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: bool
             decoupled.append(p)
         else:
             (decay if ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     if decoupled:
-        groups.append({"params": decoupled, "weight_decay": weight_decay, "decoupled_lr": True})
+        groups.append({"name": "decoupled", "params": decoupled, "weight_decay": weight_decay, "decoupled_lr": True})
+    if any(is_moe_param(p) for g in groups for p in g["params"]):
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
     return groups
 
 
@@ -106,8 +111,9 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     nor report a norm. The norm is Megatron's: parameters replicated across tensor-parallel ranks
     count once (tp rank 0), tied pipeline copies once (DeepSpeed marks the others
     `ds_pipe_replicated`), then a sum over the model-parallel group (tp x pp); data-parallel ranks
-    already hold identical, reduced gradients. DeepSpeed reads `overflow` (step skipped) and
-    `_global_grad_norm`.
+    already hold identical, reduced gradients, except for routed experts, which each expert-parallel
+    rank holds its own of (summed over the expert-parallel group first). DeepSpeed reads `overflow`
+    (step skipped) and `_global_grad_norm`.
     """
 
     def __init__(self, params, *, clip_grad: float, pstate: ParallelState, **kwargs):
@@ -116,12 +122,19 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         self.overflow, self._global_grad_norm = False, None
 
     def _grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        sq = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else "cpu")
+        device = params[0].grad.device if params else "cpu"
+        sq, expert_sq = torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), device=device)
         for p in params:
             replicated = not getattr(p, "tensor_model_parallel", False)
             if (replicated and self.pstate.tp_rank != 0) or getattr(p, "ds_pipe_replicated", False):
                 continue
-            sq += p.grad.detach().float().pow(2).sum()
+            if is_moe_param(p):
+                expert_sq += p.grad.detach().float().pow(2).sum()
+            else:
+                sq += p.grad.detach().float().pow(2).sum()
+        if self.pstate.ep_size > 1:  # each expert-parallel rank holds other experts
+            dist.all_reduce(expert_sq, group=self.pstate.ep_group)
+        sq += expert_sq
         if self.pstate.tp_size * self.pstate.pp_size > 1:
             dist.all_reduce(sq, group=self.pstate.get_model_parallel_group())
         return sq.sqrt()

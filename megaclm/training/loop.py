@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
-from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, save_checkpoint
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, run_layout, save_checkpoint
 from megaclm.checkpoint.layout import iteration_of, read_latest, tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
@@ -287,8 +287,7 @@ class Trainer:
                                    "Look at their batches with tools/inspect_batch.py --first-sample")
         rollbacks = p.rollbacks + 1
         state = load_checkpoint(self.engine, c.save, ckpt_step=iteration_of(tag),
-                                layout=(self.pstate.tp_size, self.pstate.pp_size, self.pstate.dp_size,
-                                        t.zero_stage))
+                                layout=run_layout(self.pstate, t.zero_stage))
         for key, value in state["progress"].items():
             setattr(p, key, value)
         p.rollbacks = rollbacks

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng
+from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng, run_layout
 from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
@@ -132,7 +132,8 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
                         offload_param=cfg.training.offload_param,
                         flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
-                        seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1)
+                        seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1,
+                        expert_parallel=cfg.parallel.expert_model_parallel_size)
     memory = estimate_memory(cfg.model, model_vocab, setup)
     lines = ["# resolved config", arguments.dump_yaml(cfg.to_dict()).rstrip(), "", "# derived"]
     lines += [f"{k}: {v}" for k, v in derived.to_dict().items()]
@@ -196,6 +197,12 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
+    if (cfg.model.num_experts is not None and cfg.training.zero_stage == 0 and cfg.training.precision != "fp32"
+            and not torch.cuda.is_available()):
+        # DeepSpeed's unfused 16-bit optimizer (no FusedAdam without CUDA) leaves expert gradients out of its norm.
+        raise UserError(f"model.num_experts with training.zero_stage=0 and {cfg.training.precision} on CPU: "
+                        f"DeepSpeed's unfused {cfg.training.precision} optimizer would clip without the experts' "
+                        "gradients; use --zero-stage 1 or 2, or fp32")
     check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)
@@ -217,7 +224,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     if c.load is not None and (lora_base is None or adapters):
         state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=(pstate.tp_size, pstate.pp_size, pstate.dp_size, cfg.training.zero_stage),
+                                layout=run_layout(pstate, cfg.training.zero_stage),
                                 exit_on_missing=c.exit_on_missing_checkpoint, adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
@@ -232,7 +239,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
                             start_iter=progress.iteration, run_config=cfg.to_dict(),
                             default_wandb_dir=os.path.join(c.save, "wandb") if c.save else None)
     meta = {"tensor_model_parallel_size": pstate.tp_size, "pipeline_model_parallel_size": pstate.pp_size,
-            "data_parallel_size": pstate.dp_size, "world_size": pstate.world_size,
+            "data_parallel_size": pstate.dp_size, "expert_model_parallel_size": pstate.ep_size,
+            "world_size": pstate.world_size,
             "padded_vocab_size": model_vocab, "tokenizer_vocab_size": tokenizer.vocab_size,
             "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision,
             "data_fingerprint": fingerprint}

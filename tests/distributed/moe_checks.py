@@ -2,14 +2,23 @@
 
 Each compares a parallel MoE model with the same weights in a simpler layout: EP=2 against EP=1 (each
 rank its own batch; gradients summed over the ranks, as data parallelism does), TP=2 with SP against
-the unsharded model, and DeepSpeed engines (ZeRO 0/1/2) trained for a few steps at EP=2 and EP=1.
+the unsharded model, and DeepSpeed engines (ZeRO 0/1/2, built by megaclm's build_engine) trained for a
+few steps at EP=2 and EP=1. At EP=2 each rank holds only its half of the experts.
 """
+import dataclasses
+import os
+import shutil
+import tempfile
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
 
 from megaclm.config.model import ModelConfig
 from megaclm.model.gpt import GPTModel
-from megaclm.model.sharding import shard_state_dict, unshard_state_dicts
+from megaclm.model.sharding import (expert_id, globalize_experts, localize_experts, shard_state_dict,
+                                    unshard_state_dicts)
 from megaclm.parallel.state import ParallelState
 from parallel_checks import B, T, VOCAB, batch, gather_shards, grads, max_diff
 
@@ -22,9 +31,15 @@ MOE = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, max_posit
                   moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True)
 
 
-def _model(pstate):
-    torch.manual_seed(1234)
-    return GPTModel(MOE, VOCAB, pstate)
+def _model(pstate, config: ModelConfig = MOE):
+    torch.manual_seed(1234)  # the same weights at any EP size: experts are drawn per expert id
+    return GPTModel(config, VOCAB, pstate)
+
+
+def _state(world_size: int, rank: int, **sizes) -> ParallelState:
+    pstate = ParallelState(world_size, rank, experts=True, **sizes)
+    pstate.init_process_groups()
+    return pstate
 
 
 def _summed(g: dict) -> dict:
@@ -33,24 +48,32 @@ def _summed(g: dict) -> dict:
     return g
 
 
-def check_ep2_equals_ep1(world_size: int, rank: int) -> dict:
+def _global(tensors: dict, pstate: ParallelState) -> dict:
+    return globalize_experts(tensors, MOE.num_experts, pstate.ep_size, pstate.ep_rank)
+
+
+def check_ep2_equals_ep1(world_size: int, rank: int, recompute: bool = False) -> dict:
+    """`recompute`: the EP model recomputes every layer in backward (its all-to-alls run again)."""
     ids, labels, weights, _, _ = batch(seed=10 + rank)  # data parallel: every rank its own tokens
     ref = _model(None)
     ref_loss = (ref(ids, labels=labels) * weights).sum()
     ref_loss.backward()
-    pstate = ParallelState(world_size, rank, expert_parallel_size=world_size)
-    pstate.init_process_groups()
-    model = _model(pstate)
+    want = _summed(grads(ref))  # what data parallelism reduces to: the sum over both ranks' tokens
+    pstate = _state(world_size, rank, expert_parallel_size=world_size)
+    model = _model(pstate, dataclasses.replace(MOE, recompute_granularity="full") if recompute else MOE)
     loss = (model(ids, labels=labels) * weights).sum()
     loss.backward()
     mine = grads(model)
-    # This rank ran only its own experts (on both ranks' tokens): its gradient for the others is 0.
-    local = MOE.num_experts // world_size
-    others = [e for e in range(MOE.num_experts) if e // local != pstate.ep_rank]
-    foreign = max(mine[f"layers.0.mlp.experts.{w}"][others].abs().max().item() for w in ("fc1", "fc2"))
-    own = min(mine[f"layers.0.mlp.experts.{w}"][pstate.ep_rank * local:].abs().max().item() for w in ("fc1", "fc2"))
-    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "grads": max_diff(_summed(mine), _summed(grads(ref))),
-            "foreign_grad": foreign, "own_grad": own, "keys": len(mine)}
+    # Expert gradients are complete on their own rank (the all-to-all brought every rank's tokens to it);
+    # the rest is summed over the ranks as DeepSpeed's data-parallel reduction does.
+    dense = _summed({k: g for k, g in mine.items() if expert_id(k) is None})
+    experts = _global({k: g for k, g in mine.items() if expert_id(k) is not None}, pstate)
+    held = sorted({expert_id(k) for k in experts})
+    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "grads": max_diff({**dense, **experts},
+                                                                                 {k: want[k] for k in {**dense, **experts}}),
+            "keys": len(mine), "ref_keys": len(want), "held_experts": held,
+            "expert_params": sum(p.numel() for p in model.parameters() if is_moe_param(p)),
+            "ref_expert_params": sum(p.numel() for p in ref.parameters() if is_moe_param(p))}
 
 
 def check_tp2_sp(world_size: int, rank: int) -> dict:
@@ -58,8 +81,7 @@ def check_tp2_sp(world_size: int, rank: int) -> dict:
     ref = _model(None)
     ref_loss = (ref(ids, labels=labels) * weights).sum()
     ref_loss.backward()
-    pstate = ParallelState(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=True)
-    pstate.init_process_groups()
+    pstate = _state(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=True)
     model = _model(pstate)
     model.load_state_dict(shard_state_dict(ref.state_dict(), MOE, pstate.tp_size, pstate.tp_rank))
     loss = (model(ids, labels=labels) * weights).sum()
@@ -68,16 +90,24 @@ def check_tp2_sp(world_size: int, rank: int) -> dict:
     return {"loss": abs(loss.item() - ref_loss.item()), "grads": max_diff(full, grads(ref))}
 
 
-def _train(pstate, zero_stage: int, steps: int, rank: int) -> tuple[list[float], dict]:
-    import deepspeed
+def _engine(pstate, zero_stage: int):
+    from megaclm.training.engine import build_engine
 
     model = _model(pstate)
+    cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
+                          training=SimpleNamespace(zero_stage=zero_stage, precision="fp32"))
+    # Clipping at 0.5 binds (the norms are ~1): the norm must count every expert once, on every rank.
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2,
-              "train_batch_size": B * 2 * pstate.dp_size, "steps_per_print": 10**9, "gradient_clipping": 1.0,
-              "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": zero_stage}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                           config=config, mpu=pstate)
-    losses = []
+              "train_batch_size": B * 2 * pstate.dp_size, "steps_per_print": 10**9, "gradient_clipping": 0.5,
+              "zero_optimization": {"stage": zero_stage},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                        "weight_decay": 0.01, "torch_adam": True}}}
+    return build_engine(cfg, model, pstate, config)
+
+
+def _train(pstate, zero_stage: int, steps: int, rank: int) -> tuple[list[float], list[float], dict]:
+    engine = _engine(pstate, zero_stage)
+    losses, norms = [], []
     for step in range(steps):
         for micro in range(2):
             ids, labels, weights, _, _ = batch(seed=10 * micro + rank)  # the same batches: the loss must fall
@@ -85,7 +115,8 @@ def _train(pstate, zero_stage: int, steps: int, rank: int) -> tuple[list[float],
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-    return losses, {k: p.detach().clone() for k, p in engine.module.named_parameters()}
+        norms.append(float(engine.get_global_grad_norm()))
+    return losses, norms, _global({k: p.detach().clone() for k, p in engine.module.named_parameters()}, pstate)
 
 
 def check_engines(world_size: int, rank: int) -> dict:
@@ -95,16 +126,71 @@ def check_engines(world_size: int, rank: int) -> dict:
         deepspeed.init_distributed(dist_backend="gloo")
     out = {}
     for stage in (0, 1, 2):
-        results = {}
-        for ep in (1, world_size):
-            pstate = ParallelState(world_size, rank, expert_parallel_size=ep)
-            pstate.init_process_groups()
-            results[ep] = _train(pstate, stage, steps=3, rank=rank)
-        (loss1, p1), (loss2, p2) = results[1], results[world_size]
-        out[stage] = {"losses_ep1": loss1, "losses_ep2": loss2, "params": max_diff(p1, p2)}
+        results = {ep: _train(_state(world_size, rank, expert_parallel_size=ep), stage, steps=3, rank=rank)
+                   for ep in (1, world_size)}
+        (loss1, norm1, p1), (loss2, norm2, p2) = results[1], results[world_size]
+        out[stage] = {"losses_ep1": loss1, "losses_ep2": loss2, "norms_ep1": norm1, "norms_ep2": norm2,
+                      "params": max_diff({k: p1[k] for k in p2}, p2), "held": len(p2), "all": len(p1)}
     return out
+
+
+def check_offline_checkpoint_loads_in_deepspeed(world_size: int, rank: int) -> dict:
+    """megaclm.checkpoint.offline writes an MoE model in DeepSpeed's MoE layout: DeepSpeed's own loader reads
+    it into an EP=2 engine, each rank getting its experts."""
+    from megaclm.checkpoint.offline import write_checkpoint
+
+    torch.manual_seed(99)  # other weights than the engine's own init
+    full = GPTModel(MOE, VOCAB).state_dict()
+    box = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(box)
+    out = os.path.join(box[0], "ckpt")
+    if rank == 0:
+        write_checkpoint(out, {"model": dataclasses.asdict(MOE)}, full, tp=1, pp=1)
+    dist.barrier()
+    pstate = _state(world_size, rank, expert_parallel_size=world_size)
+    engine = _engine(pstate, zero_stage=1)
+    path, _ = engine.load_checkpoint(out, tag="iter_0000000", load_module_only=True, load_optimizer_states=False)
+    want = localize_experts(full, MOE.num_experts, pstate.ep_size, pstate.ep_rank)
+    got = engine.module.state_dict()
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(box[0])
+    return {"loaded": path is not None, "keys_equal": got.keys() == want.keys(),
+            "max_diff": max((got[k] - want[k]).abs().max().item() for k in want)}
 
 
 def moe_world2_checks(rank: int, world_size: int) -> dict:
     return {"ep": check_ep2_equals_ep1(world_size, rank), "tp_sp": check_tp2_sp(world_size, rank),
-            "engines": check_engines(world_size, rank)}
+            "ep_recompute": check_ep2_equals_ep1(world_size, rank, recompute=True),
+            "engines": check_engines(world_size, rank),
+            "offline": check_offline_checkpoint_loads_in_deepspeed(world_size, rank)}
+
+
+def check_tp2_ep2(world_size: int, rank: int) -> dict:
+    """4 ranks, TP=2 with SP x EP=2 (dp 2): each dp rank its own batch; against the unsharded model."""
+    pstate = _state(world_size, rank, tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2)
+    ids, labels, weights, _, _ = batch(seed=10 + pstate.dp_rank)
+    ref = _model(None)
+    ref_loss = (ref(ids, labels=labels) * weights).sum()
+    ref_loss.backward()
+    want = grads(ref)
+    for g in want.values():
+        dist.all_reduce(g, group=pstate.dp_group)
+    model = _model(pstate)
+    model.load_state_dict(shard_state_dict(ref.state_dict(), MOE, 2, pstate.tp_rank, 2, pstate.ep_rank))
+    loss = (model(ids, labels=labels) * weights).sum()
+    loss.backward()
+    mine = grads(model)
+    dense = {k: g for k, g in mine.items() if expert_id(k) is None}
+    for g in dense.values():
+        dist.all_reduce(g, group=pstate.dp_group)
+    full = unshard_state_dicts(gather_shards(dense, pstate), MOE)
+    experts = _global({k: g for k, g in mine.items() if expert_id(k) is not None}, pstate)
+    return {"loss": abs(loss.item() - ref_loss.item()), "grads": max_diff({**full, **experts},
+                                                                          {k: want[k] for k in {**full, **experts}}),
+            "held_experts": sorted({expert_id(k) for k in experts}), "ep_rank": pstate.ep_rank,
+            "ep_group": pstate.ep_group_ranks, "edp_group": pstate.edp_group_ranks}
+
+
+def moe_world4_checks(rank: int, world_size: int) -> dict:
+    return {"tp_ep": check_tp2_ep2(world_size, rank)}

@@ -1,5 +1,6 @@
-"""2 gloo ranks, one spawn: expert parallelism (EP=2 vs EP=1), MoE under TP=2 + SP, and DeepSpeed ZeRO 0/1/2
-engines trained at EP=2 and EP=1 (moe_checks.py)."""
+"""2 gloo ranks, one spawn: expert parallelism (EP=2 vs EP=1, also with full recomputation), MoE under TP=2 + SP,
+DeepSpeed ZeRO 0/1/2 engines (megaclm's build_engine) trained at EP=2 and EP=1, an offline MoE checkpoint read
+by DeepSpeed's own MoE loader at EP=2; then 4 ranks, TP=2 x EP=2 (moe_checks.py)."""
 import os
 
 import pytest
@@ -22,9 +23,17 @@ def test_ep2_loss_and_gradients_equal_ep1(ranks):
         r = result["ep"]
         assert abs(r["loss"] - r["ref_loss"]) < TOL, (rank, r)
         assert r["grads"] < TOL, (rank, r)
-        assert r["keys"] == 29, r  # every parameter got a gradient (router, experts, shared expert and its gate)
-        # Each rank ran only its own experts: tokens really travelled between the ranks.
-        assert r["foreign_grad"] == 0.0 and r["own_grad"] > 0, (rank, r)
+        # Each rank holds (and so trains) only its own 2 of the 4 experts of each MoE layer: 2 layers x 2
+        # experts x (fc1, fc2) fewer parameters than the 41 of the whole model (16 of them experts').
+        assert r["held_experts"] == [2 * rank, 2 * rank + 1], (rank, r)
+        assert r["ref_keys"] == 41 and r["keys"] == 41 - 8, (rank, r)
+        assert 2 * r["expert_params"] == r["ref_expert_params"] > 0, (rank, r)
+
+
+def test_ep2_with_full_recomputation_equals_ep1(ranks):
+    for rank, result in enumerate(ranks):
+        r = result["ep_recompute"]
+        assert abs(r["loss"] - r["ref_loss"]) < TOL and r["grads"] < TOL, (rank, r)
 
 
 def test_moe_under_tensor_and_sequence_parallel_equals_unsharded(ranks):
@@ -37,5 +46,25 @@ def test_zero_engines_train_identically_at_ep2_and_ep1(ranks, stage):
     for rank, result in enumerate(ranks):
         r = result["engines"][stage]
         assert max(abs(a - b) for a, b in zip(r["losses_ep1"], r["losses_ep2"])) < 1e-5, (rank, r)
+        # The clipping norm counts every expert once although each rank holds half of them (and binds: > 0.5).
+        assert max(abs(a - b) for a, b in zip(r["norms_ep1"], r["norms_ep2"])) < 1e-5, (rank, r)
+        assert min(r["norms_ep1"]) > 0.5, r
         assert r["params"] < 5e-5, (rank, r)  # 3 AdamW steps at lr 1e-2 of ~1e-7 gradient differences: ~8e-6 seen
+        assert r["held"] == r["all"] - 8, (rank, r)  # the EP=2 engine trained half the experts on each rank
         assert r["losses_ep1"][-2] < r["losses_ep1"][0], r  # it trains (micro-batch 0 of the last vs the first step)
+
+
+def test_offline_moe_checkpoint_loads_with_deepspeeds_moe_loader(ranks):
+    for rank, result in enumerate(ranks):
+        r = result["offline"]
+        assert r["loaded"] and r["keys_equal"] and r["max_diff"] == 0.0, (rank, r)
+
+
+def test_tensor_and_expert_parallel_together_equal_unsharded():
+    """4 ranks: TP=2 (SP) x EP=2, DeepSpeed's expert groups for that layout ([0,2] [1,3] exchange tokens)."""
+    results = run_ranks(4, moe_checks.moe_world4_checks, timeout=400)
+    for rank, result in enumerate(results):
+        r = result["tp_ep"]
+        assert r["loss"] < TOL and r["grads"] < TOL, (rank, r)
+        assert r["ep_group"] == [rank % 2, rank % 2 + 2] and r["edp_group"] == [rank], (rank, r)
+        assert r["held_experts"] == [2 * r["ep_rank"], 2 * r["ep_rank"] + 1], (rank, r)

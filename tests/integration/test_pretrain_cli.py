@@ -144,12 +144,22 @@ def test_validate_only_says_what_moe_does(prefix):
     active = int(r.stdout.split("active_parameters_per_token: ")[1].split("\n")[0].replace(",", ""))
     experts = int(r.stdout.split("expert_parameters: ")[1].split("\n")[0].replace(",", ""))
     assert total - active == experts // 2  # top-2 of 4 experts
+    # The memory table's weights row (4 bytes per fp32 parameter a GPU holds) drops by half the experts at EP=2.
+    weights = {ep: float(cli(good(prefix) + ["--validate-only", "--world-size", "2", "--num-experts", "4",
+                                             "--expert-model-parallel-size", ep]).stdout.split("\nweights")[1].split()[0])
+               for ep in ("1", "2")}
+    assert weights["1"] - weights["2"] == pytest.approx(4 * experts / 2 / 2**30, abs=0.006)
     for bad, message in ((["--expert-model-parallel-size", "4"], "does not divide the data-parallel size 2"),
                          (["--mlp-type", "residual"], "--mlp-type residual is not supported"),
-                         (["--pipeline-model-parallel-size", "2"], "cannot be pipelined")):
+                         (["--pipeline-model-parallel-size", "2"], "cannot be pipelined"),
+                         (["--zero-stage", "3"], "does not partition MoE layers' parameters under ZeRO-3")):
         r = cli(good(prefix) + ["--validate-only", "--world-size", "2", "--num-experts", "4", *bad])
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+    # Checked at start (it depends on the device): DeepSpeed's CPU bf16 optimizer at ZeRO-0 ignores experts' norms.
+    r = cli(good(prefix) + ["--num-experts", "4", "--zero-stage", "0", "--bf16"])
+    assert r.returncode == 2 and "clip without the experts' gradients" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 def test_validate_only_says_which_features_are_on(prefix):
     r = cli(good(prefix) + ["--validate-only", "--bf16", "--torch-compile", "--fp8-format", "hybrid",
                             "--fp8-recipe", "rowwise"])

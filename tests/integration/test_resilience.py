@@ -16,6 +16,10 @@
             the Adam moments, step count and data position carried over, the losses equal an
             uninterrupted DP=2 run's (fp32, no dropout: up to float reduction order); a control resumed
             with --no-load-optim does not.
+  moe       an MoE model at expert parallel 2 (ZeRO-2, --async-save): its checkpoint holds each expert once
+            (DeepSpeed's per-expert files; megaclm's shards split by EP rank); reshard.py turns iteration 4 into TP=2
+            (EP=1), which resumes to 6; a plain --load of that into DP=2 at EP=2 (ZeRO-1) resumes to 8, and
+            the losses equal the uninterrupted EP=2 run's.
 """
 import json
 import signal
@@ -23,6 +27,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megaclm.checkpoint.layout import read_latest
 from megaclm.config import MegaclmConfig
@@ -146,3 +151,39 @@ def test_reshard_with_optimizer_continues_with_equal_losses(corpus, tmp_path):
     drift = train_losses(tmp_path / "d")
     # (iteration 5's loss is the loaded weights' own; the moments shape the update after it)
     assert abs(drift[6] - full[6]) > 100 * max(abs(got[6] - full[6]), 1e-6), (drift[6], got[6], full[6])
+
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
+       "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "1000", "--eval-iters", "0",
+       "--train-iters", "8"]
+
+
+def test_moe_checkpoint_splits_experts_by_ep_rank_and_reshards(corpus, tmp_path):
+    ref = tmp_path / "ep2"
+    run(corpus, ref, MOE + ["--expert-model-parallel-size", "2", "--zero-stage", "2", "--save-interval", "4",
+                            "--async-save"])
+    ckpt = ref / "iter_0000004"
+    # DeepSpeed's MoE layout: one file per (MoE layer, global expert), written by the rank holding it.
+    assert sorted(p.name for p in ckpt.glob("layer_*_expert_*")) == sorted(
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4))
+    # megaclm's fp32 shards: EP rank 0's file has everything it holds, EP rank 1's only its experts 2 and 3.
+    ep0, ep1 = (torch.load(ckpt / "megaclm/model" / name, weights_only=False)["tensors"]
+                for name in ("tp00_pp000.pt", "tp00_pp000_ep001.pt"))
+    ids = [sorted({int(k.split("deepspeed_experts.")[1].split(".")[0]) for k in t if "deepspeed_experts" in k})
+           for t in (ep0, ep1)]
+    assert ids == [[0, 1], [2, 3]] and all("deepspeed_experts" in k for k in ep1)
+    assert json.loads((ckpt / "megaclm/meta.json").read_text())["expert_model_parallel_size"] == 2
+    r = subprocess.run([sys.executable, "tools/checkpoint/reshard.py", "--load", str(ref), "--ckpt-step", "4",
+                        "--out", str(tmp_path / "tp2_ckpt"), "--tensor-model-parallel-size", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "with the Adam moments and step" in r.stderr, r.stderr
+    tp2 = run(corpus, tmp_path / "tp2", MOE + ["--tensor-model-parallel-size", "2", "--zero-stage", "1", "--load",
+                                               str(tmp_path / "tp2_ckpt"), "--exit-interval", "6"])
+    back = run(corpus, tmp_path / "back", MOE + ["--expert-model-parallel-size", "2", "--zero-stage", "1", "--load",
+                                                 str(tmp_path / "tp2")])
+    assert "saved as TP x PP x DP = 2 x 1 x 1, ZeRO-1, EP 1 into TP x PP x DP = 1 x 1 x 2, ZeRO-1, EP 2" in back.text()
+    full = train_losses(ref)
+    got = {**train_losses(tmp_path / "tp2"), **train_losses(tmp_path / "back")}
+    assert sorted(got) == list(range(5, 9))
+    for it in range(5, 9):
+        assert got[it] == pytest.approx(full[it], rel=1e-5, abs=1e-5), (it, got[it], full[it])

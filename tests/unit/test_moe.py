@@ -81,7 +81,9 @@ def test_layer_equals_a_per_token_reference(k, pre_softmax, capacity):
                              moe_expert_capacity_factor=capacity)
     x = torch.randn(2, 5, config.hidden_size)
     y, _ = moe(x)
-    flat, w1, w2 = x.reshape(-1, config.hidden_size), moe.experts.fc1, moe.experts.fc2
+    flat = x.reshape(-1, config.hidden_size)
+    w1 = [e.fc1 for e in moe.deepspeed_moe.experts.deepspeed_experts]
+    w2 = [e.fc2 for e in moe.deepspeed_moe.experts.deepspeed_experts]
     r = route(flat @ moe.router.weight.t(), k, pre_softmax, capacity)
     want = torch.zeros_like(flat)
     for token, weight, e in zip(r.token.tolist(), r.weight,
@@ -152,6 +154,46 @@ def test_expert_parallel_groups_split_each_data_parallel_group():
     groups = {r: ParallelState(8, r, tensor_parallel_size=2, expert_parallel_size=2).ep_group_ranks for r in range(8)}
     assert groups == {0: [0, 2], 2: [0, 2], 4: [4, 6], 6: [4, 6], 1: [1, 3], 3: [1, 3], 5: [5, 7], 7: [5, 7]}
     assert [ParallelState(8, r, 2, expert_parallel_size=2).ep_rank for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    # ...and the ranks holding the same experts: [0,4] [2,6] [1,5] [3,7]
+    assert [ParallelState(8, r, 2, expert_parallel_size=2).edp_group_ranks for r in (0, 2, 1, 3)] == [
+        [0, 4], [2, 6], [1, 5], [3, 7]]
+
+
+@pytest.mark.parametrize("world,tp,pp,ep", [(8, 2, 1, 2), (8, 1, 1, 4), (16, 2, 2, 2), (16, 1, 2, 8), (12, 3, 1, 2),
+                                            (32, 2, 2, 4), (6, 1, 1, 1), (24, 2, 3, 4)])
+def test_expert_groups_are_deepspeeds_layout(world, tp, pp, ep):
+    """DeepSpeed's engine reduces expert gradients over its own groups: megaclm's rank math must give them."""
+    from deepspeed.utils.groups import _get_expert_parallel_ranks
+
+    ds_ep, ds_edp = _get_expert_parallel_ranks(world, tp, ep, pp)
+    for r in range(world):
+        state = ParallelState(world, r, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep)
+        assert state.ep_group_ranks == next(g for g in ds_ep if r in g), r
+        assert state.edp_group_ranks == next(g for g in ds_edp if r in g), r
+        assert state.ep_group_ranks.index(r) == state.ep_rank and state.edp_group_ranks.index(r) == state.edp_rank
+
+
+def test_expert_ids_renumber_per_expert_parallel_rank():
+    from megaclm.model.sharding import globalize_experts, localize_experts, shard_state_dict
+
+    config = ModelConfig(**MOE)
+    torch.manual_seed(0)
+    full = GPTModel(config, 128).state_dict()
+    for ep in (2, 4):
+        merged = {}
+        for rank in range(ep):
+            local = shard_state_dict(full, config, 1, 0, ep, rank)
+            torch.manual_seed(0)
+            module = GPTModel(config, 128, ParallelState(ep, rank, expert_parallel_size=ep))
+            assert local.keys() == module.state_dict().keys()  # what that rank's module loads
+            assert localize_experts(full, 4, ep, rank).keys() == local.keys()
+            merged.update(globalize_experts(local, 4, ep, rank))
+            # Initialised per expert, whatever the EP size: the rank's module already holds these weights.
+            for key, value in module.state_dict().items():
+                torch.testing.assert_close(value, local[key], rtol=0, atol=0)
+        assert merged.keys() == full.keys()
+        for key in full:
+            torch.testing.assert_close(merged[key], full[key], rtol=0, atol=0)
 
 
 # Published: Mixtral-8x7B 46.7B total / 12.9B active; Qwen1.5-MoE-A2.7B 14.3B total / 2.7B active (model cards).
@@ -194,3 +236,34 @@ def test_moe_counts_equal_the_built_model_with_layer_freq_and_tp():
     state = ParallelState(2, 0, tensor_parallel_size=2)
     sharded = GPTModel(config, 128, state)
     assert stage_parameters(config, 128, tensor_parallel=2)[0].params == sum(p.numel() for p in sharded.parameters())
+
+
+def test_memory_estimate_splits_experts_by_expert_parallel():
+    from megaclm.model.flops import MemorySetup, estimate_memory, stage_parameters
+
+    config = ModelConfig(**{**MOE, "num_layers": 3, "moe_layer_freq": 2})
+    experts = sum(p.numel() for n, p in GPTModel(config, 128).named_parameters() if "deepspeed_experts" in n)
+    for ep in (1, 2, 4):
+        held = sum(p.numel() for p in GPTModel(config, 128, ParallelState(4, 0, expert_parallel_size=ep)).parameters())
+        stage = stage_parameters(config, 128, expert_parallel=ep)[0]
+        assert stage.params == held and stage.experts == experts // ep
+    # fp32 ZeRO-1 over dp 4: weights and gradients are what a GPU holds; ZeRO shards the dense states over
+    # the 4 dp ranks, the experts' over the 4/ep ranks holding them: the same 12 bytes per parameter / 4.
+    one, two = (estimate_memory(config, 128, MemorySetup(seq_length=16, data_parallel=4, zero_stage=1,
+                                                         precision="fp32", expert_parallel=ep)) for ep in (1, 2))
+    assert one.gpu["weights"] - two.gpu["weights"] == 4 * experts // 2
+    assert one.gpu["Adam moments"] == two.gpu["Adam moments"] == 8 * stage_parameters(config, 128)[0].params / 4
+    with pytest.raises(UserError, match="zero_stage 0-2"):
+        estimate_memory(config, 128, MemorySetup(seq_length=16, zero_stage=3))
+    with pytest.raises(UserError, match="must divide data_parallel"):
+        MemorySetup(seq_length=16, data_parallel=2, expert_parallel=4)
+
+
+def test_moe_with_zero3_is_refused_before_start():
+    from megaclm.config import parse_args
+
+    with pytest.raises(UserError, match="does not partition MoE layers' parameters under ZeRO-3"):
+        parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                    "--max-position-embeddings", "16", "--num-experts", "4", "--zero-stage", "3", "--mock-data",
+                    "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "1",
+                    "--micro-batch-size", "1"], world_size=1)

@@ -183,10 +183,10 @@ def test_resume_into_another_layout_needs_layout_independent_state(tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "latest").write_text(tag_for(5))
     with pytest.raises(UserError, match="records no progress in meta.json .* pass --finetune"):
-        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1))
+        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1, 1))
     (d / "meta.json").write_text(json.dumps({**meta, "client": {"progress": {}}}))
     with pytest.raises(UserError, match="no layout-independent optimizer state .* --no-load-optim"):
-        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1))
+        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1, 1))
 
 
 def test_exit_on_missing_checkpoint(tmp_path):

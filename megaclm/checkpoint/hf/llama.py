@@ -12,8 +12,9 @@ megaclm's), separate q/k/v projections, grouped-query attention. They differ in 
                with `norm_topk_prob` (else megaclm's --moe-router-pre-softmax), a shared expert with a
                sigmoid gate; dense layers only via decoder_sparse_step/mlp_only_layers (refused)
 megaclm fuses q/k/v into `attention.qkv` as [q heads; k heads; v heads] and gate/up into `mlp.fc1` as
-[gate; up], so conversion is concatenation and splitting, no permutation. transformers 5 stores the
-experts fused in memory as megaclm does (`mlp.experts.gate_up_proj` (E, 2F, H) rows [gate; up],
+[gate; up], so conversion is concatenation and splitting, no permutation. megaclm keeps one fc1 [gate; up]
+and fc2 per expert (`mlp.deepspeed_moe.experts.deepspeed_experts.{j}.fc1/fc2`, megaclm.model.moe);
+transformers 5 stores the experts fused in memory (`mlp.experts.gate_up_proj` (E, 2F, H) rows [gate; up],
 `mlp.experts.down_proj` (E, H, F)), but the published files (and save_pretrained) keep one tensor per
 expert: mixtral `block_sparse_moe.experts.{j}.w1/w3/w2` (gate/up/down) and `block_sparse_moe.gate`,
 qwen2_moe `mlp.experts.{j}.gate_proj/up_proj/down_proj` and `mlp.gate`. Import reads either; export
@@ -28,6 +29,7 @@ import torch
 
 from megaclm.checkpoint.hf.common import Config, Keys, rope_parameters
 from megaclm.config.model import ModelConfig
+from megaclm.model.moe import EXPERTS_PREFIX
 from megaclm.utils.errors import UserError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -173,15 +175,17 @@ def _moe_from_hf(keys: Keys, layer: str, m: str, mc: ModelConfig) -> dict[str, t
     block, gate, up, down = _EXPERT_NAMES[keys.model_type]
     if keys.has(layer + "mlp.experts.gate_up_proj"):
         block = "mlp."
-        fc1 = keys.take(layer + "mlp.experts.gate_up_proj", (E, 2 * Fe, H))
-        fc2 = keys.take(layer + "mlp.experts.down_proj", (E, H, Fe))
+        fc1 = keys.take(layer + "mlp.experts.gate_up_proj", (E, 2 * Fe, H)).unbind()
+        fc2 = keys.take(layer + "mlp.experts.down_proj", (E, H, Fe)).unbind()
     else:
         e = layer + block + "experts."
-        fc1 = torch.stack([torch.cat([keys.take(f"{e}{j}.{gate}.weight", (Fe, H)),
-                                      keys.take(f"{e}{j}.{up}.weight", (Fe, H))]) for j in range(E)])
-        fc2 = torch.stack([keys.take(f"{e}{j}.{down}.weight", (H, Fe)) for j in range(E)])
+        fc1 = [torch.cat([keys.take(f"{e}{j}.{gate}.weight", (Fe, H)), keys.take(f"{e}{j}.{up}.weight", (Fe, H))])
+               for j in range(E)]
+        fc2 = [keys.take(f"{e}{j}.{down}.weight", (H, Fe)) for j in range(E)]
     f = layer + block
-    out = {m + "router.weight": keys.take(f + "gate.weight", (E, H)), m + "experts.fc1": fc1, m + "experts.fc2": fc2}
+    out = {m + "router.weight": keys.take(f + "gate.weight", (E, H))}
+    for j in range(E):
+        out.update({f"{m}{EXPERTS_PREFIX}{j}.fc1": fc1[j].clone(), f"{m}{EXPERTS_PREFIX}{j}.fc2": fc2[j].clone()})
     if mc.moe_shared_expert_intermediate_size:
         S = mc.moe_shared_expert_intermediate_size
         out[m + "shared.fc1.weight"] = torch.cat([keys.take(f + "shared_expert.gate_proj.weight", (S, H)),
@@ -198,9 +202,9 @@ def _moe_to_hf(sd: Mapping[str, torch.Tensor], m: str, layer: str, mc: ModelConf
     f = layer + block
     out = {f + "gate.weight": sd[m + "router.weight"]}
     for j in range(mc.num_experts):
-        g, u = sd[m + "experts.fc1"][j].chunk(2)
+        g, u = sd[f"{m}{EXPERTS_PREFIX}{j}.fc1"].chunk(2)
         out.update({f"{f}experts.{j}.{gate}.weight": g, f"{f}experts.{j}.{up}.weight": u,
-                    f"{f}experts.{j}.{down}.weight": sd[m + "experts.fc2"][j]})
+                    f"{f}experts.{j}.{down}.weight": sd[f"{m}{EXPERTS_PREFIX}{j}.fc2"]})
     if mc.moe_shared_expert_intermediate_size:
         g, u = sd[m + "shared.fc1.weight"].chunk(2)
         out.update({f + "shared_expert.gate_proj.weight": g, f + "shared_expert.up_proj.weight": u,
