@@ -1,6 +1,6 @@
 """bench/throughput.py --quick: the whole benchmark (HF eager, HF + torch.compile, HF + DeepSpeed
 ZeRO-2, megaclm's pretrain_gpt.py with torch ops and with --kernels fused, the micro-batch search) on
-tiny shapes on the CPU."""
+tiny shapes on the CPU; bench/moe.py --quick (EP=1 vs EP=2 engines) likewise."""
 import importlib.util
 import json
 import os
@@ -110,3 +110,21 @@ def test_kernel_bench_bad_flags_are_one_line_errors(args, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_moe_bench_measures_what_the_memory_estimate_says():
+    """bench/moe.py --quick: real ZeRO-1 engines at EP=1 and EP=2 on 2 ranks hold the bytes the estimate gives."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    proc = subprocess.run([sys.executable, "bench/moe.py", "--quick", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    for ranks in data["cases"].values():
+        for r in ranks:
+            assert r["weights"] + r["optimizer"] == pytest.approx(r["estimate"], rel=0.01), r
+            assert r["tokens_per_s"] > 0
+    # EP=2 holds half the experts; ZeRO-1 over dp 2 already split their optimizer states (now over the 1 rank
+    # holding each half), so only the weights shrink.
+    assert data["ratios"]["weights"] < 0.8 and data["ratios"]["optimizer"] == pytest.approx(1.0, abs=0.01)
+    assert "EP=2 / EP=1: weights" in proc.stdout
