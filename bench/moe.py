@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.layers, args.hidden, args.experts, args.ffn, args.seq, args.steps, args.warmup = 2, 64, 4, 128, 32, 2, 1
     cases = {ep: run_case(args, ep) for ep in (1, 2)}
-    print(f"{'':6s}{'weights MiB':>13s}{'optimizer MiB':>15s}{'estimate MiB':>14s}{'tokens/s':>11s}   (rank 0; 2 ranks)")
+    print(f"{'':6s}{'weights MiB':>13s}{'optimizer MiB':>15s}{'estimate MiB':>14s}{'tokens/s':>11s}"
+          "   (rank 0 of 2)")
     for ep, ranks in cases.items():
         r = ranks[0]
         print(f"EP={ep:<3d}{r['weights']:13.2f}{r['optimizer']:15.2f}{r['estimate']:14.2f}{r['tokens_per_s']:11.1f}")

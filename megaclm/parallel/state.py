@@ -98,7 +98,8 @@ class ParallelState:
         return self  # shared run-wide state (holds process groups), not part of a model's value
 
     @classmethod
-    def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int, experts: bool = False) -> "ParallelState":
+    def from_config(cls, parallel: ParallelConfig, world_size: int, rank: int,
+                    experts: bool = False) -> "ParallelState":
         return cls(world_size, rank, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                    parallel.sequence_parallel, parallel.ds_sequence_parallel_size, parallel.context_parallel_size,
                    parallel.expert_model_parallel_size, experts)
