@@ -172,10 +172,21 @@ def run_layout(pstate: Any, zero_stage: int) -> tuple[int, ...]:
     return pstate.tp_size, pstate.pp_size, pstate.dp_size, zero_stage, pstate.ep_size
 
 
+def saved_layout(load_dir: str, tag: str, meta: dict) -> tuple[int | None, ...]:
+    """The layout (`LAYOUT_KEYS`) checkpoint `tag` was saved in. Without an EP size it was written before experts
+    were sharded: a dense one is EP 1 (DeepSpeed's files load as ever); an MoE one has no per-expert DeepSpeed
+    files, so its EP is None, which no run's layout equals: it loads from megaclm's files (converted on reading)."""
+    legacy_moe = ("expert_model_parallel_size" not in meta and os.path.isfile(os.path.join(load_dir, tag, CONFIG))
+                  and read_config(load_dir, tag).get("model", {}).get("num_experts") is not None)
+    return tuple(meta.get(k, None if legacy_moe else 1) if k == "expert_model_parallel_size" else meta.get(k)
+                 for k in LAYOUT_KEYS)
+
+
 def _layout_text(layout: tuple[int, ...], other: tuple[int, ...]) -> str:
-    """e.g. "TP x PP x DP = 2 x 1 x 1, ZeRO-1", with ", EP 2" when either layout splits experts."""
+    """e.g. "TP x PP x DP = 2 x 1 x 1, ZeRO-1", with ", EP 2" when either layout splits experts (None: an
+    older MoE checkpoint, whose experts were whole on every rank)."""
     text = f"TP x PP x DP = {layout[0]} x {layout[1]} x {layout[2]}, ZeRO-{layout[3]}"
-    return text + (f", EP {layout[4]}" if max(layout[4], other[4]) > 1 else "")
+    return text + (f", EP {layout[4] or 1}" if max(layout[4] or 1, other[4] or 1) > 1 else "")
 
 
 def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
@@ -214,7 +225,7 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
             log.info(f"loaded checkpoint {os.path.join(load_dir, tag)} (weights only"
                      + ("; an HF import: training starts at iteration 0)" if hf_import else ")"))
         return None
-    saved = tuple(meta.get(k, 1 if k == "expert_model_parallel_size" else None) for k in LAYOUT_KEYS)
+    saved = saved_layout(load_dir, tag, meta)
     if (layout is not None and saved != tuple(layout)) or meta.get("written_by") == "offline":
         state = load_resharded(engine, load_dir, tag, load_optim=load_optim)
         if _rank() == 0:

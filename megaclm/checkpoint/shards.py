@@ -35,7 +35,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from megaclm.checkpoint.layout import read_latest, read_meta
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
-from megaclm.model.sharding import expert_id, globalize_experts, unshard_state_dicts
+from megaclm.model.sharding import expert_id, globalize_experts, split_stacked_experts, unshard_state_dicts
 from megaclm.utils.errors import UserError
 
 
@@ -76,6 +76,15 @@ def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: Any,
     return shard_file(os.path.join(out_dir, "model"), {"tensors": tensors}, module, pstate)
 
 
+def shard_tensors(shard: dict, field: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """One shard file's `field` tensors under GPTModel's keys (pipeline names mapped back; the stacked experts
+    of checkpoints written before expert-parallel sharding split per expert)."""
+    tensors = shard[field]
+    if shard["pipeline"]:
+        tensors = {pipe_to_plain_key(name, config): t for name, t in tensors.items()}
+    return split_stacked_experts(tensors) if config.num_experts is not None else tensors
+
+
 class FullCheckpoint(NamedTuple):
     config: dict  # the resolved config tree (MegaclmConfig.to_dict())
     meta: dict  # megaclm/meta.json: iteration, sizes, padded_vocab_size, ...
@@ -104,8 +113,7 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, kind: str = "
                         f"tp {tp} x pp {pp} x ep {ep}; it is incomplete")
     per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for shard in shards:
-        for name, tensor in shard[field].items():
-            key = pipe_to_plain_key(name, model_cfg) if shard["pipeline"] else name
+        for key, tensor in shard_tensors(shard, field, model_cfg).items():
             # A tied embedding lives on the first and the last stage; both copies are equal. Expert-parallel
             # ranks' files hold disjoint experts (global ids).
             per_tp[shard["tp_rank"]].setdefault(key, tensor)

@@ -24,8 +24,8 @@ from deepspeed.pipe import PipelineModule
 
 from megaclm.checkpoint.layout import read_meta
 from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
-from megaclm.checkpoint.shards import load_full_state_dict
-from megaclm.model.pipe import load_plain_state_dict, pipe_to_plain_key
+from megaclm.checkpoint.shards import load_full_state_dict, shard_tensors
+from megaclm.model.pipe import load_plain_state_dict
 from megaclm.model.sharding import localize_experts, shard_state_dict
 from megaclm.utils.errors import UserError
 
@@ -35,8 +35,8 @@ def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any, kind: str,
     out: dict[str, torch.Tensor] = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, f"tp{tp_rank:02d}_pp*.pt"))):
         shard = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        for name, tensor in shard[field].items():
-            out.setdefault(pipe_to_plain_key(name, config) if shard["pipeline"] else name, tensor)
+        for key, tensor in shard_tensors(shard, field, config).items():
+            out.setdefault(key, tensor)
     return out
 
 

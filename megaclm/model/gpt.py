@@ -45,7 +45,7 @@ from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.attention import AttentionInputs, AttentionMasker, core_attention
-from megaclm.model.moe import MoE
+from megaclm.model.moe import ExpertParallelMoE, MoE
 from megaclm.model.compiled import compile_blocks
 from megaclm.model.lora import freeze_base
 from megaclm.model.positions import rope_inv_freq
@@ -263,7 +263,8 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = Norm(config, pstate, ops)
         if config.is_moe_layer(index):
             shared = config.moe_shared_expert_intermediate_size
-            self.mlp = MoE(config, pstate, ops, shared=MLP(config, pstate, ops, lora, ffn=shared) if shared else None)
+            moe = MoE if lora is not None else ExpertParallelMoE  # LoRA freezes the experts (megaclm.model.moe)
+            self.mlp = moe(config, pstate, ops, shared=MLP(config, pstate, ops, lora, ffn=shared) if shared else None)
         else:
             self.mlp = MLP(config, pstate, ops, lora)
         self.dropout = nn.Dropout(config.hidden_dropout)

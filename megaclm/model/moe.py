@@ -26,14 +26,16 @@ assignment contributes 0 (the residual stream carries the token on).
 Parallelism. Tensor parallel: the routed experts are not split; each TP rank runs them on the whole
 sequence (gathered from SP first), so routing is identical across TP ranks. Expert parallel: EP rank r
 holds experts [r El, (r+1) El) only, and runs them on the tokens every rank of its EP group routed there
-(one all-to-all each way). Expert weights are therefore sharded by EP, and the layer is a DeepSpeed MoE
-layer to DeepSpeed's engine (a subclass of `deepspeed.moe.layer.MoE`, the class its engine recognises
-MoE by): expert parameters carry `allreduce=False` and `group_name`, so the engine reduces their
-gradients over the expert-data-parallel group (the dp/ep ranks holding the same experts; divided by the
-whole dp size, as for every other gradient), ZeRO-1/2 partitions their states over that group, and
-checkpoints hold one file per expert (DeepSpeed's `layer_{L}_expert_{e}_mp_rank_{tp}_model_states.pt`,
-by global expert id), found by the module names DeepSpeed's MoE uses. The process groups are DeepSpeed's
-own (megaclm.parallel.state creates them in DeepSpeed's registry).
+(one all-to-all each way). Expert weights are therefore sharded by EP, and a layer whose experts train
+is a DeepSpeed MoE layer to DeepSpeed's engine (`ExpertParallelMoE`, a subclass of
+`deepspeed.moe.layer.MoE`, the class its engine recognises MoE by): expert parameters carry
+`allreduce=False` and `group_name`, so the engine reduces their gradients over the expert-data-parallel
+group (the dp/ep ranks holding the same experts; divided by the whole dp size, as for every other
+gradient), ZeRO-1/2 partitions their states over that group, and checkpoints hold one file per expert
+(DeepSpeed's `layer_{L}_expert_{e}_mp_rank_{tp}_model_states.pt`, by global expert id), found by the
+module names DeepSpeed's MoE uses. The process groups are DeepSpeed's own (megaclm.parallel.state
+creates them in DeepSpeed's registry). Frozen experts (LoRA) need none of that, and the engine broadcasts
+them within the expert-data-parallel group by their `allreduce=False` mark alone.
 
 Initialisation does not depend on the layout: every rank draws one seed per MoE layer from the default
 generator (the same on all ranks), and expert e is drawn from its own generator seeded (seed + e), so a
@@ -136,12 +138,17 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else x[:0]
 
 
-class MoE(DeepSpeedMoE):
-    """(B, S, H) -> ((B, S, H), router loss ()): the loss is coefficient-weighted, 0 outside training."""
+class MoE(nn.Module):
+    """(B, S, H) -> ((B, S, H), router loss ()): the loss is coefficient-weighted, 0 outside training.
+
+    A layer whose experts train is an `ExpertParallelMoE` (below); this base class serves frozen experts
+    (LoRA adapts attention only), which DeepSpeed's engine must not see as MoE: its ZeRO optimizers refuse
+    MoE layers without trainable expert parameters."""
 
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, shared: nn.Module | None):
-        # Not DeepSpeedMoE.__init__: it builds DeepSpeed's gate and expert copies. What its engine reads of
-        # an MoE layer is set here: num_experts, ep_size, num_local_experts, expert_group_name.
+        # nn.Module's, not the next class's in ExpertParallelMoE's order (DeepSpeedMoE.__init__ builds
+        # DeepSpeed's gate and expert copies). What DeepSpeed's engine reads of an MoE layer is set here:
+        # num_experts, ep_size, num_local_experts, expert_group_name.
         nn.Module.__init__(self)
         self.config, self.pstate = config, pstate
         self.num_experts = config.num_experts
@@ -164,14 +171,6 @@ class MoE(DeepSpeedMoE):
             normal_init(config.init_method_std)(self.shared_gate.weight.data)
             sequence_parallel_grad_hook(self.shared_gate.weight, pstate)  # it sees this rank's SP chunk only
         self.stats: dict[str, torch.Tensor] = {}  # the last forward's unweighted router losses, for logging
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """DeepSpeed's engine asks its MoE layers for their groups: megaclm.parallel.state made them already."""
-        if use_data_before_expert_parallel_:
-            raise ValueError("use_data_before_expert_parallel_ is not megaclm's expert layout; leave it unset")
-        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-            raise RuntimeError(f"no DeepSpeed expert groups {self.expert_group_name!r}: build the model with "
-                               "ParallelState(..., experts=True) after its init_process_groups()")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, sp = self.config, tp_info(self.pstate)[2]
@@ -213,3 +212,16 @@ class MoE(DeepSpeedMoE):
             out = all_to_all(out[torch.argsort(order)], group, send, recv)  # back in the sender's order
         out = out * r.weight[:, None].to(out.dtype)
         return torch.zeros_like(flat).index_add(0, r.token, out)
+
+
+class ExpertParallelMoE(MoE, DeepSpeedMoE):
+    """An MoE layer whose experts train, as DeepSpeed's engine must see it: a `deepspeed.moe.layer.MoE` (the
+    class its engine recognises MoE layers by; then it reduces, partitions and saves the experts as above)."""
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's engine asks its MoE layers for their groups: megaclm.parallel.state made them already."""
+        if use_data_before_expert_parallel_:
+            raise ValueError("use_data_before_expert_parallel_ is not megaclm's expert layout; leave it unset")
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"no DeepSpeed expert groups {self.expert_group_name!r}: build the model with "
+                               "ParallelState(..., experts=True) after its init_process_groups()")

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from megaclm.config.model import ModelConfig
+from megaclm.model.moe import EXPERTS_PREFIX
 from megaclm.parallel.layers import shard_blocks, unshard_blocks
 
 
@@ -49,6 +50,19 @@ def expert_id(key: str) -> int | None:
 def _renumber(key: str, offset: int) -> str:
     m = _EXPERT_KEY.match(key)
     return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3) or ''}"
+
+
+def split_stacked_experts(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints of megaclm before expert-parallel sharding stacked each MoE layer's experts as
+    `mlp.experts.fc1` (E, 2F, H) and `mlp.experts.fc2` (E, H, F): those as today's per-expert keys."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith((".mlp.experts.fc1", ".mlp.experts.fc2")):
+            prefix, name = key[:-len("experts.fc1")], key[-3:]
+            out.update({f"{prefix}{EXPERTS_PREFIX}{e}.{name}": w.clone() for e, w in enumerate(value.unbind())})
+        else:
+            out[key] = value
+    return out
 
 
 def localize_experts(sd: Mapping[str, torch.Tensor], num_experts: int | None, ep_size: int,

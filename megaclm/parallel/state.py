@@ -173,20 +173,21 @@ class ParallelState:
 
     def _init_expert_groups(self) -> None:
         """DeepSpeed's expert-parallel and expert-data-parallel groups, in DeepSpeed's registry (module globals
-        keyed by `expert_group_name`, read by its engine and ZeRO). Groups of that name left there by an earlier
-        layout in this process (tests build several) are replaced; all ranks see the same registry, so all
-        replace them alike."""
-        name = self.expert_group_name
-        if name in ds_groups._EXPERT_PARALLEL_GROUP and (
-                list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name]) != self.ep_group_ranks
-                or list(ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]) != self.edp_group_ranks):
-            for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
-                             ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-                registry.pop(name, None)
+        keyed by `expert_group_name`, read by its engine and ZeRO). The registry is emptied first: DeepSpeed
+        names its MoE checkpoint files after the largest EP size registered, and a process building several
+        layouts (tests) would otherwise keep stale groups; every rank does the same, so the collective
+        group creation stays in step."""
+        for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                         ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            registry.clear()
         if not deepspeed.comm.is_initialized():  # DeepSpeed's groups go through deepspeed.comm (wraps torch's group)
             deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         ds_groups.mpu = self  # DeepSpeed sizes the data-parallel axis through its mpu (the engine sets the same)
         ds_groups._create_expert_data_and_model_parallel(self.ep_size, mpu=self)
+        # That call also declares the experts split across the TP ranks; megaclm's are whole on each TP rank, so
+        # DeepSpeed's norms (bf16/fp16 optimizers) must not sum their expert part over the model-parallel group.
+        ds_groups.expert_tensor_parallel_world_size = 1
+        name = self.expert_group_name
         made = (list(ds_groups._get_expert_parallel_group_ranks(name)),
                 list(ds_groups._get_expert_data_parallel_group_ranks(name)))
         if made != (self.ep_group_ranks, self.edp_group_ranks):

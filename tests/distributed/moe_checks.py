@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
+from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig
 from megaclm.model.gpt import GPTModel
 from megaclm.model.sharding import (expert_id, globalize_experts, localize_experts, shard_state_dict,
@@ -31,9 +32,9 @@ MOE = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, max_posit
                   moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True)
 
 
-def _model(pstate, config: ModelConfig = MOE):
+def _model(pstate, config: ModelConfig = MOE, lora: LoraConfig | None = None):
     torch.manual_seed(1234)  # the same weights at any EP size: experts are drawn per expert id
-    return GPTModel(config, VOCAB, pstate)
+    return GPTModel(config, VOCAB, pstate, lora=lora)
 
 
 def _state(world_size: int, rank: int, **sizes) -> ParallelState:
@@ -90,23 +91,24 @@ def check_tp2_sp(world_size: int, rank: int) -> dict:
     return {"loss": abs(loss.item() - ref_loss.item()), "grads": max_diff(full, grads(ref))}
 
 
-def _engine(pstate, zero_stage: int):
+def _engine(pstate, zero_stage: int, precision: str = "fp32", lora: LoraConfig | None = None):
     from megaclm.training.engine import build_engine
 
-    model = _model(pstate)
+    model = _model(pstate, lora=lora)
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
-                          training=SimpleNamespace(zero_stage=zero_stage, precision="fp32"))
+                          training=SimpleNamespace(zero_stage=zero_stage, precision=precision))
     # Clipping at 0.5 binds (the norms are ~1): the norm must count every expert once, on every rank.
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2,
               "train_batch_size": B * 2 * pstate.dp_size, "steps_per_print": 10**9, "gradient_clipping": 0.5,
-              "zero_optimization": {"stage": zero_stage},
+              "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": precision == "bf16"},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
                                                         "weight_decay": 0.01, "torch_adam": True}}}
     return build_engine(cfg, model, pstate, config)
 
 
-def _train(pstate, zero_stage: int, steps: int, rank: int) -> tuple[list[float], list[float], dict]:
-    engine = _engine(pstate, zero_stage)
+def _train(pstate, zero_stage: int, steps: int, rank: int, precision: str = "fp32"):
+    """-> (micro-batch losses, grad norm per step, parameters by global name) of a few steps."""
+    engine = _engine(pstate, zero_stage, precision)
     losses, norms = [], []
     for step in range(steps):
         for micro in range(2):
@@ -125,12 +127,36 @@ def check_engines(world_size: int, rank: int) -> dict:
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
     out = {}
-    for stage in (0, 1, 2):
-        results = {ep: _train(_state(world_size, rank, expert_parallel_size=ep), stage, steps=3, rank=rank)
+    # bf16: ZeRO-1 is DeepSpeed's BF16_Optimizer, ZeRO-2 its ZeRO optimizer in bf16 (each with its own norm).
+    for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")):
+        results = {ep: _train(_state(world_size, rank, expert_parallel_size=ep), stage, 3, rank, precision)
                    for ep in (1, world_size)}
         (loss1, norm1, p1), (loss2, norm2, p2) = results[1], results[world_size]
-        out[stage] = {"losses_ep1": loss1, "losses_ep2": loss2, "norms_ep1": norm1, "norms_ep2": norm2,
-                      "params": max_diff({k: p1[k] for k in p2}, p2), "held": len(p2), "all": len(p1)}
+        out[stage, precision] = {"losses_ep1": loss1, "losses_ep2": loss2, "norms_ep1": norm1, "norms_ep2": norm2,
+                                 "params": max_diff({k: p1[k].float() for k in p2}, {k: v.float() for k, v in p2.items()}),
+                                 "held": len(p2), "all": len(p1)}
+    return out
+
+
+def check_lora_engine(world_size: int, rank: int) -> dict:
+    """LoRA on an MoE model at EP=2 (ZeRO-1 and 2): only the attention adapters train; each rank keeps its own
+    frozen experts (the engine broadcasts them within the ranks holding the same ones)."""
+    lora = LoraConfig(lora_rank=4, lora_target="qkv,proj")
+    out = {}
+    for stage in (1, 2):
+        pstate = _state(world_size, rank, expert_parallel_size=world_size)
+        engine = _engine(pstate, stage, lora=lora)
+        before = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
+        for micro in range(4):
+            ids, labels, weights, _, _ = batch(seed=10 * micro + rank)
+            engine.backward((engine(ids, labels=labels) * weights).mean())
+            engine.step()
+        after = dict(engine.module.named_parameters())
+        init = _global(_model(pstate, lora=lora).state_dict(), pstate)  # this rank's module, before the engine
+        changed = sorted(k for k in before if not torch.equal(before[k], after[k].detach()))
+        experts = _global({k: p.detach() for k, p in after.items() if expert_id(k) is not None}, pstate)
+        out[stage] = {"changed": changed, "moe_layers": engine.has_moe_layers,
+                      "experts_are_own": all(torch.equal(v, init[k]) for k, v in experts.items()) and len(experts) > 0}
     return out
 
 
@@ -162,7 +188,7 @@ def check_offline_checkpoint_loads_in_deepspeed(world_size: int, rank: int) -> d
 def moe_world2_checks(rank: int, world_size: int) -> dict:
     return {"ep": check_ep2_equals_ep1(world_size, rank), "tp_sp": check_tp2_sp(world_size, rank),
             "ep_recompute": check_ep2_equals_ep1(world_size, rank, recompute=True),
-            "engines": check_engines(world_size, rank),
+            "engines": check_engines(world_size, rank), "lora": check_lora_engine(world_size, rank),
             "offline": check_offline_checkpoint_loads_in_deepspeed(world_size, rank)}
 
 
@@ -186,8 +212,15 @@ def check_tp2_ep2(world_size: int, rank: int) -> dict:
         dist.all_reduce(g, group=pstate.dp_group)
     full = unshard_state_dicts(gather_shards(dense, pstate), MOE)
     experts = _global({k: g for k, g in mine.items() if expert_id(k) is not None}, pstate)
+    # DeepSpeed's norm of MoE gradients (its bf16/fp16 optimizers clip by it): every expert once, although each
+    # is on both TP ranks of its EP rank.
+    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+    ds_norm = get_global_norm_of_tensors(list(experts.values()), mpu=pstate, moe_ep_group=pstate.ep_group)
+    true_norm = sum(g.pow(2).sum() for k, g in want.items() if expert_id(k) is not None).sqrt()
     return {"loss": abs(loss.item() - ref_loss.item()), "grads": max_diff({**full, **experts},
                                                                           {k: want[k] for k in {**full, **experts}}),
+            "expert_norm": float(ds_norm), "true_expert_norm": float(true_norm),
             "held_experts": sorted({expert_id(k) for k in experts}), "ep_rank": pstate.ep_rank,
             "ep_group": pstate.ep_group_ranks, "edp_group": pstate.edp_group_ranks}
 

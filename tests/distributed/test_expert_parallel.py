@@ -44,7 +44,7 @@ def test_moe_under_tensor_and_sequence_parallel_equals_unsharded(ranks):
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_engines_train_identically_at_ep2_and_ep1(ranks, stage):
     for rank, result in enumerate(ranks):
-        r = result["engines"][stage]
+        r = result["engines"][stage, "fp32"]
         assert max(abs(a - b) for a, b in zip(r["losses_ep1"], r["losses_ep2"])) < 1e-5, (rank, r)
         # The clipping norm counts every expert once although each rank holds half of them (and binds: > 0.5).
         assert max(abs(a - b) for a, b in zip(r["norms_ep1"], r["norms_ep2"])) < 1e-5, (rank, r)
@@ -52,6 +52,26 @@ def test_zero_engines_train_identically_at_ep2_and_ep1(ranks, stage):
         assert r["params"] < 5e-5, (rank, r)  # 3 AdamW steps at lr 1e-2 of ~1e-7 gradient differences: ~8e-6 seen
         assert r["held"] == r["all"] - 8, (rank, r)  # the EP=2 engine trained half the experts on each rank
         assert r["losses_ep1"][-2] < r["losses_ep1"][0], r  # it trains (micro-batch 0 of the last vs the first step)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_engines_clip_by_the_same_norm_at_ep2_and_ep1(ranks, stage):
+    """bf16: DeepSpeed's BF16_Optimizer (ZeRO-1) and bf16 ZeRO-2, each with its own MoE norm."""
+    for rank, result in enumerate(ranks):
+        r = result["engines"][stage, "bf16"]
+        assert max(abs(a - b) / abs(a) for a, b in zip(r["norms_ep1"], r["norms_ep2"])) < 2e-2, (rank, r)
+        assert max(abs(a - b) for a, b in zip(r["losses_ep1"], r["losses_ep2"])) < 2e-2, (rank, r)
+        assert r["held"] == r["all"] - 8 and r["losses_ep1"][-2] < r["losses_ep1"][0], (rank, r)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lora_on_an_moe_model_trains_adapters_only_at_ep2(ranks, stage):
+    for rank, result in enumerate(ranks):
+        r = result["lora"][stage]
+        assert r["changed"] and all(k.endswith((".lora_a", ".lora_b")) for k in r["changed"]), (rank, r)
+        # Frozen experts are not DeepSpeed MoE parameters to train (its ZeRO would refuse the layer), and each
+        # rank still holds its own experts after the engine's start-up broadcast.
+        assert r["moe_layers"] is False and r["experts_are_own"], (rank, r)
 
 
 def test_offline_moe_checkpoint_loads_with_deepspeeds_moe_loader(ranks):
@@ -66,5 +86,6 @@ def test_tensor_and_expert_parallel_together_equal_unsharded():
     for rank, result in enumerate(results):
         r = result["tp_ep"]
         assert r["loss"] < TOL and r["grads"] < TOL, (rank, r)
+        assert r["expert_norm"] == pytest.approx(r["true_expert_norm"], rel=1e-5), (rank, r)
         assert r["ep_group"] == [rank % 2, rank % 2 + 2] and r["edp_group"] == [rank], (rank, r)
         assert r["held_experts"] == [2 * r["ep_rank"], 2 * r["ep_rank"] + 1], (rank, r)

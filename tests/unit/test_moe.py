@@ -267,3 +267,46 @@ def test_moe_with_zero3_is_refused_before_start():
                     "--max-position-embeddings", "16", "--num-experts", "4", "--zero-stage", "3", "--mock-data",
                     "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "1",
                     "--micro-batch-size", "1"], world_size=1)
+
+
+def test_checkpoints_with_stacked_experts_still_load(tmp_path):
+    """megaclm before expert-parallel sharding saved each MoE layer's experts stacked (mlp.experts.fc1 (E, 2F, H))
+    and no EP size: its files read as today's per-expert keys, and a resume takes megaclm's files."""
+    import dataclasses
+    import json
+
+    from megaclm.checkpoint.deepspeed_ckpt import saved_layout
+    from megaclm.checkpoint.offline import write_checkpoint
+    from megaclm.checkpoint.shards import load_full_state_dict
+    from megaclm.checkpoint.weights import shard_for
+    from megaclm.model.sharding import expert_id
+
+    config = ModelConfig(**MOE)
+    torch.manual_seed(0)
+    full = GPTModel(config, 128).state_dict()
+    out = tmp_path / "old"
+    tag = write_checkpoint(str(out), {"model": dataclasses.asdict(config)}, full, tp=1, pp=1)
+    path = out / tag / "megaclm" / "model" / "tp00_pp000.pt"
+    shard = torch.load(path, weights_only=False)
+    legacy = {k: v for k, v in shard["tensors"].items() if expert_id(k) is None}
+    for layer in range(config.num_layers):
+        for w in ("fc1", "fc2"):
+            legacy[f"layers.{layer}.mlp.experts.{w}"] = torch.stack(
+                [full[f"layers.{layer}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{w}"] for e in range(4)])
+    torch.save({k: v for k, v in {**shard, "tensors": legacy}.items() if k not in ("ep_rank", "ep_size")}, path)
+    meta = json.loads((out / tag / "megaclm" / "meta.json").read_text())
+    assert "expert_model_parallel_size" not in meta
+    back = load_full_state_dict(str(out)).state_dict
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+    module = GPTModel(config, 128, ParallelState(2, 1, expert_parallel_size=2))
+    local = shard_for(module, str(out), tag)
+    assert local.keys() == module.state_dict().keys()
+    assert torch.equal(local["layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.0.fc2"],
+                       full["layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.2.fc2"])
+    # Its EP size is unknown, so it never passes for the run's own layout (whose DeepSpeed files it lacks).
+    assert saved_layout(str(out), tag, meta)[4] is None
+    dense = dataclasses.replace(config, num_experts=None)
+    dense_dir = tmp_path / "dense"
+    tag = write_checkpoint(str(dense_dir), {"model": dataclasses.asdict(dense)}, GPTModel(dense, 128).state_dict(),
+                           tp=1, pp=1)
+    assert saved_layout(str(dense_dir), tag, {})[4] == 1
