@@ -6,7 +6,7 @@ One launch per configuration, shared by every assertion about it (module fixture
   zero2   ZeRO-2; --save-total-limit 2 + --save-best; --exit-interval stops early with a save
   zero3   ZeRO-3 with stage3_param_persistence_threshold 0 (every parameter partitioned)
   tp2/pp2/moe_ep2
-          TP=2 / PP=2 / a MoE model (4 experts, top-2, dropless) at expert parallel 2: an
+          TP=2 / PP=2 / a MoE model (4 experts, top-2, dropless) at expert parallel 2 in bf16: an
           uninterrupted run; a run killed with SIGKILL while saving its second checkpoint
           (MEGACLM_TEST_SAVE_PAUSE_S holds the save open); its resume from the previous
           checkpoint, whose losses must equal the uninterrupted run's bit for bit. The PP=2 runs
@@ -308,9 +308,10 @@ CURRICULUM = ["--curriculum-seqlen-start", "32", "--curriculum-seqlen-steps", "6
               "0:0.8,0.2", "3000:0.3,0.7"]
 
 
-# MoE: both ranks are one expert-parallel group, each runs 2 of the 4 experts on tokens of both ranks.
+# MoE: both ranks are one expert-parallel group, each holds and runs 2 of the 4 experts on tokens of both ranks;
+# bf16 at ZeRO-1 is DeepSpeed's BF16_Optimizer, with its MoE parameter groups and per-expert checkpoint files.
 MOE_EP2 = ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
-           "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001"]
+           "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001", "--bf16"]
 
 
 @pytest.fixture(scope="module", params=["tp2", "pp2", "moe_ep2"])
