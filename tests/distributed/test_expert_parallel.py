@@ -59,8 +59,10 @@ def test_bf16_engines_clip_by_the_same_norm_at_ep2_and_ep1(ranks, stage):
     """bf16: DeepSpeed's BF16_Optimizer (ZeRO-1) and bf16 ZeRO-2, each with its own MoE norm."""
     for rank, result in enumerate(ranks):
         r = result["engines"][stage, "bf16"]
-        assert max(abs(a - b) / abs(a) for a, b in zip(r["norms_ep1"], r["norms_ep2"])) < 2e-2, (rank, r)
-        assert max(abs(a - b) for a, b in zip(r["losses_ep1"], r["losses_ep2"])) < 2e-2, (rank, r)
+        # bf16 rounding differs with the row sets each expert sees (~7e-4 relative seen); a lost or doubled expert
+        # share would move the norm by far more.
+        assert max(abs(a - b) / abs(a) for a, b in zip(r["norms_ep1"], r["norms_ep2"])) < 5e-3, (rank, r)
+        assert max(abs(a - b) for a, b in zip(r["losses_ep1"], r["losses_ep2"])) < 2e-3, (rank, r)
         assert r["held"] == r["all"] - 8 and r["losses_ep1"][-2] < r["losses_ep1"][0], (rank, r)
 
 
