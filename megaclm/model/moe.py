@@ -61,7 +61,7 @@ from megaclm.config.model import ModelConfig
 from megaclm.ops import Ops
 from megaclm.parallel.layers import normal_init, scaled_normal_init, sequence_parallel_grad_hook, tp_group, tp_info
 from megaclm.parallel.mappings import all_to_all, gather_from_sp, scatter_to_sp
-from megaclm.parallel.state import ParallelState
+from megaclm.parallel.state import ParallelState, expert_group_name
 
 
 @dataclass
@@ -155,7 +155,7 @@ class MoE(nn.Module):
         self.ep_size = pstate.ep_size if pstate is not None else 1
         ep_rank = pstate.ep_rank if pstate is not None else 0
         self.num_local_experts = config.num_experts // self.ep_size
-        self.expert_group_name = f"ep_size_{self.ep_size}"
+        self.expert_group_name = expert_group_name(self.ep_size)
         router = torch.empty(config.num_experts, config.hidden_size)
         normal_init(config.init_method_std)(router)
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)

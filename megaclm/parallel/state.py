@@ -42,6 +42,11 @@ from megaclm.config.parallel import ParallelConfig
 from megaclm.utils.errors import UserError
 
 
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's key for the expert groups of an EP size, and the `group_name` of expert parameters."""
+    return f"ep_size_{ep_size}"
+
+
 class ParallelState:
     def __init__(self, world_size: int, rank: int, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  sequence_parallel: bool = False, ulysses_size: int = 1, context_parallel_size: int = 1,
@@ -168,8 +173,7 @@ class ParallelState:
 
     @property
     def expert_group_name(self) -> str:
-        """DeepSpeed's key for the expert groups of this EP size (and of expert parameters: `group_name`)."""
-        return f"ep_size_{self.ep_size}"
+        return expert_group_name(self.ep_size)
 
     def _init_expert_groups(self) -> None:
         """DeepSpeed's expert-parallel and expert-data-parallel groups, in DeepSpeed's registry (module globals

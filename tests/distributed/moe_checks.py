@@ -69,10 +69,9 @@ def check_ep2_equals_ep1(world_size: int, rank: int, recompute: bool = False) ->
     # the rest is summed over the ranks as DeepSpeed's data-parallel reduction does.
     dense = _summed({k: g for k, g in mine.items() if expert_id(k) is None})
     experts = _global({k: g for k, g in mine.items() if expert_id(k) is not None}, pstate)
-    held = sorted({expert_id(k) for k in experts})
-    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "grads": max_diff({**dense, **experts},
-                                                                                 {k: want[k] for k in {**dense, **experts}}),
-            "keys": len(mine), "ref_keys": len(want), "held_experts": held,
+    got = {**dense, **experts}
+    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "grads": max_diff(got, {k: want[k] for k in got}),
+            "keys": len(mine), "ref_keys": len(want), "held_experts": sorted({expert_id(k) for k in experts}),
             "expert_params": sum(p.numel() for p in model.parameters() if is_moe_param(p)),
             "ref_expert_params": sum(p.numel() for p in ref.parameters() if is_moe_param(p))}
 
@@ -133,7 +132,8 @@ def check_engines(world_size: int, rank: int) -> dict:
                    for ep in (1, world_size)}
         (loss1, norm1, p1), (loss2, norm2, p2) = results[1], results[world_size]
         out[stage, precision] = {"losses_ep1": loss1, "losses_ep2": loss2, "norms_ep1": norm1, "norms_ep2": norm2,
-                                 "params": max_diff({k: p1[k].float() for k in p2}, {k: v.float() for k, v in p2.items()}),
+                                 "params": max_diff({k: p1[k].float() for k in p2},
+                                                    {k: v.float() for k, v in p2.items()}),
                                  "held": len(p2), "all": len(p1)}
     return out
 
@@ -218,8 +218,8 @@ def check_tp2_ep2(world_size: int, rank: int) -> dict:
 
     ds_norm = get_global_norm_of_tensors(list(experts.values()), mpu=pstate, moe_ep_group=pstate.ep_group)
     true_norm = sum(g.pow(2).sum() for k, g in want.items() if expert_id(k) is not None).sqrt()
-    return {"loss": abs(loss.item() - ref_loss.item()), "grads": max_diff({**full, **experts},
-                                                                          {k: want[k] for k in {**full, **experts}}),
+    got = {**full, **experts}
+    return {"loss": abs(loss.item() - ref_loss.item()), "grads": max_diff(got, {k: want[k] for k in got}),
             "expert_norm": float(ds_norm), "true_expert_norm": float(true_norm),
             "held_experts": sorted({expert_id(k) for k in experts}), "ep_rank": pstate.ep_rank,
             "ep_group": pstate.ep_group_ranks, "edp_group": pstate.edp_group_ranks}
