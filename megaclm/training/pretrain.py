@@ -36,6 +36,7 @@ from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
+from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
 
 log = get_logger("megaclm.train")
@@ -257,9 +258,14 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         reason = trainer.train()
     except TrainingDiverged as e:
         log.error(str(e))
-        return 1
+        return exitcodes.FAILED
     finally:
         metrics.close()
+    if reason != "finished":  # saved and stopped early: a batch script requeues on this status
+        if pstate.rank == 0:
+            log.info(f"stopped at iteration {progress.iteration} ({reason}), not finished; exit status "
+                     f"{exitcodes.STOPPED}")
+        return exitcodes.STOPPED
     if pstate.rank == 0:
         log.info(f"done at iteration {progress.iteration} ({reason})")
-    return 0
+    return exitcodes.FINISHED

@@ -28,10 +28,11 @@ import threading
 import time
 
 from megaclm.logging import get_logger
+from megaclm.utils import exitcodes
 
 log = get_logger("megaclm.train")
 
-HANG_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
+HANG_EXIT_CODE = exitcodes.HUNG
 POLL_S = 1.0  # at most; shorter for short timeouts
 GRACE_S = 3 * POLL_S  # > the spread of the ranks' firing times (one poll) plus the time to write a dump
 

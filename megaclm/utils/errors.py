@@ -6,6 +6,8 @@ with `error: <what and what to do>` on stderr and exit status 2 - never a traceb
 import sys
 from typing import Callable, NoReturn
 
+from megaclm.utils import exitcodes
+
 
 class UserError(Exception):
     """Bad input from the user: the message names the input and says what to do."""
@@ -21,8 +23,8 @@ def cli_main(main: Callable[[], int | None]) -> NoReturn:
         code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(exitcodes.BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(exitcodes.INTERRUPTED)
     sys.exit(code or 0)

@@ -2,8 +2,8 @@
 
 One launch per configuration, shared by every assertion about it (module fixtures):
   zero0   ZeRO-0 fp32; a NaN loss injected at iteration 3 is skipped and counted
-  zero1   ZeRO-1 bf16; SIGUSR1 to one rank mid-run -> both save at the same iteration, exit status 0
-  zero2   ZeRO-2; --save-total-limit 2 + --save-best; --exit-interval stops early with a save
+  zero1   ZeRO-1 bf16; SIGUSR1 to one rank mid-run -> both save at the same iteration, exit status 76 (stopped)
+  zero2   ZeRO-2; --save-total-limit 2 + --save-best; --exit-interval stops early with a save (exit status 76)
   zero3   ZeRO-3 with stage3_param_persistence_threshold 0 (every parameter partitioned)
   tp2/pp2/moe_ep2
           TP=2 / PP=2 / a MoE model (4 experts, top-2, dropless) at expert parallel 2 in bf16: an
@@ -36,6 +36,7 @@ from megaclm.data.builder import build_train_valid_test
 from megaclm.data.indexed_dataset import IndexedDatasetBuilder
 from megaclm.model.gpt import GPTModel
 from megaclm.tokenizer import build_tokenizer
+from megaclm.utils import exitcodes
 
 pytestmark = pytest.mark.slow
 
@@ -137,10 +138,12 @@ class Launch:
             time.sleep(0.1)
 
 
-def run(corpus: str, save: Path, extra: list[str], env: dict | None = None) -> Launch:
+def run(corpus: str, save: Path, extra: list[str], env: dict | None = None, rc: int | None = None) -> Launch:
+    """Launch and wait; the exit status must be `rc` (default: 76, stopped, with --exit-interval; else 0)."""
     launch = Launch(corpus, save, extra, env)
-    rc = launch.wait()
-    assert rc == 0, launch.text()[-5000:]
+    got = launch.wait()
+    expected = rc if rc is not None else exitcodes.STOPPED if "--exit-interval" in extra else exitcodes.FINISHED
+    assert got == expected, launch.text()[-5000:]
     return launch
 
 
@@ -210,7 +213,7 @@ def zero1_bf16_preempted(corpus, tmp_path_factory):
     # SLURM's --signal=USR1@T warning; here it reaches rank 0 only: the ranks must still agree to stop.
     launch.signal_rank(0, signal.SIGUSR1)
     rc = launch.wait()
-    assert rc == 0, launch.text()[-5000:]
+    assert rc == exitcodes.STOPPED, launch.text()[-5000:]
     return launch
 
 
