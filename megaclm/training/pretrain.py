@@ -233,7 +233,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     if c.load is not None:
         verified = verify_checksums(c.load, choice, c.ckpt_step, c.verify_checkpoint_checksums)
         if verified.tag != choice.tag:  # fell back: the older tag must fit what was built from the newer one
-            vocab, _, lora = _checks_on(cfg, verified.tag, tokenizer, derived.padded_vocab_size, fingerprint)
+            vocab, vocab_source, lora = _checks_on(cfg, verified.tag, tokenizer, derived.padded_vocab_size,
+                                                   fingerprint)
             if vocab != model_vocab:
                 raise UserError(f"--load {c.load}: the fallback checkpoint {verified.tag} has a vocabulary of {vocab}, "
                                 f"not {model_vocab} as {choice.tag}; pass --ckpt-step to choose the checkpoint")
