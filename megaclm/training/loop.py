@@ -261,7 +261,8 @@ class Trainer:
     def _weights_finite(self) -> bool:
         """Whether every rank's weights are finite (its ZeRO-3 partition, else its module parameters)."""
         local = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
-        finite = all(torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).tolist())
+        checks = [torch.isfinite(t).all() for t in local if t.numel()]
+        finite = not checks or bool(torch.stack(checks).all())  # one device sync
         flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
