@@ -4,7 +4,7 @@
   vocab      GPT-2-sized ids (up to 1499) in data for the 1000-piece tokenizer: refused at start-up at TP=1
              (was: IndexError) and TP=2 (was: trained on silently masked ids), exit status 2; ids in the
              embedding's padding rows (1000..1023) are refused too (one process, --validate-only).
-  saved      one ZeRO-1 run saving iterations 2, 4 and 6, copied (shutil.copytree) and damaged by each test:
+  saved      one ZeRO-1 run saving iterations 2, 4 and 6 (--async-save), copied (shutil.copytree) and damaged by each test:
     flipped    64 KiB of random bytes in iter 6's optimizer file: the resume names the file, falls back to
                iter 4 (WARNING naming both tags) and trains on; with --ckpt-step 6 it is refused (exit 2)
     truncated  iter 6's model file cut in half: named, fallback to iter 4
@@ -108,7 +108,8 @@ def test_ids_in_the_padding_rows_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def saved(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("saved") / "ckpt"
-    run(corpus, save, ["--zero-stage", "1", "--train-iters", "6", "--save-interval", "2", "--eval-interval", "1000"])
+    run(corpus, save, ["--zero-stage", "1", "--train-iters", "6", "--save-interval", "2", "--eval-interval", "1000",
+                       "--async-save"])  # the resumes save synchronously: both paths write manifests
     assert intact(save) == TAGS and read_latest(str(save)) == TAGS[-1]
     return save
 
