@@ -40,7 +40,7 @@ from megaclm.checkpoint.async_save import (AsyncCheckpointWriter, WritingCheckpo
                                            cpu_copy, deepspeed_save, write_files)
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, is_complete, iteration_of,
                                       read_best, read_config, read_latest, read_meta, tag_for, tags_on_disk)
-from megaclm.checkpoint.manifest import (Choice, check_checksums, choose_tag, read_manifest,
+from megaclm.checkpoint.manifest import (Choice, check_checksums, choose_tag, read_file, read_manifest,
                                          share_of, write_manifest)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.checkpoint.shards import model_shard_file
@@ -273,15 +273,6 @@ class _NamingCheckpointEngine(CheckpointEngine):
 
     def commit(self, info):
         return self.inner.commit(info)
-
-
-def read_file(path: str, read: Callable[[], Any]) -> Any:
-    """`read()`, with a failure reported as a UserError naming `path`."""
-    try:
-        return read()
-    except Exception as e:  # torch/pickle/zip errors of a damaged file, OSError of a missing one
-        raise UserError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); it is damaged or "
-                        "truncated: restore it, or load an older checkpoint (--ckpt-step)") from e
 
 
 def load_checkpoint(engine: Any, load_dir: str, tag: str | None, *, finetune: bool = False,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any, Callable
 
 import xxhash
 
@@ -42,6 +42,15 @@ log = get_logger("megaclm.checkpoint")
 
 ALGORITHM = "xxh3_64"
 _CHUNK = 16 << 20
+
+
+def read_file(path: str, read: Callable[[], Any]) -> Any:
+    """`read()`, with a failure reported as a UserError naming `path`."""
+    try:
+        return read()
+    except Exception as e:  # torch/pickle/zip errors of a damaged file, OSError of a missing one
+        raise UserError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); it is damaged or "
+                        "truncated: restore it, or load an older checkpoint (--ckpt-step)") from e
 
 
 class HashingFile:
