@@ -13,8 +13,8 @@ normally (exit status 0). Signals and the clock are agreed on by all ranks with 
 iteration, so every rank stops at the same iteration.
 
 No checkpoint is written while a guard counts bad steps (a NaN/inf loss, a loss spike): a periodic
-save waits for the next healthy step, the final or stop save is skipped (exit status 1: the end
-state was not saved) and nothing is pruned, so `latest` and the newest healthy checkpoint survive a
+save waits for the next healthy step, the final or stop save is skipped (after the last step the
+run exits with status 1: its end state was not saved) and nothing is pruned, so `latest` and the newest healthy checkpoint survive a
 divergence; before every save the weights themselves must be finite (DeepSpeed's bf16 optimizer
 without ZeRO applies non-finite gradients on the CPU).
 
@@ -277,13 +277,14 @@ class Trainer:
             return None
         it, bad = self.progress.iteration, self.bad_steps()
         if bad:
+            if final or not self.save_deferred:  # once per deferral, not at every bad step after it
+                healthy = self.last_healthy()  # collective with --async-save: every rank asks
+                if self.pstate.rank == 0:
+                    log.warning(f"iteration {it}: not saving during a streak of bad steps (NaN/inf loss or loss "
+                                f"spike; {bad} so far); " + ("the run ends without saving its last steps" if final else
+                                              "saving at the next healthy step instead")
+                                + f"; the last healthy checkpoint is {healthy}")
             self.save_deferred, self.end_unsaved = not final, final
-            healthy = self.last_healthy()  # collective with --async-save: every rank asks
-            if self.pstate.rank == 0:
-                log.warning(f"iteration {it}: not saving, the last {bad} steps were bad (NaN/inf loss or loss spike); "
-                            + ("the run ends without saving its last steps" if final else
-                               "saving at the next healthy step instead")
-                            + f"; the last healthy checkpoint is {healthy}")
             return None
         if not self._weights_finite():
             raise TrainingDiverged(f"iteration {it}: the model's weights are not finite; not saving them. Resume from "
