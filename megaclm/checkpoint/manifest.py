@@ -32,8 +32,8 @@ from typing import IO, Any, Callable
 
 import xxhash
 
-from megaclm.checkpoint.layout import LATEST, MANIFEST, META, is_complete, iteration_of, read_latest, tag_for, \
-    tags_on_disk
+from megaclm.checkpoint.layout import (LATEST, MANIFEST, META, is_complete, iteration_of, read_latest, tag_for,
+                                      tags_on_disk)
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write
