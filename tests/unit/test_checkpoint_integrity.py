@@ -158,6 +158,9 @@ def test_token_range_is_scanned_once_and_cached(tmp_path, monkeypatch):
         token_range(prefix, cache)
     monkeypatch.setattr("megaclm.data.token_range.scan_token_range", real_scan)
     assert token_range(prefix, cache) == (2, 1200)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # a cache directory that cannot be created (as under a read-only dataset directory)
+    assert token_range(prefix, str(blocked / "cache")) == (2, 1200)  # node-local fallback (megaclm.data.cache)
 
 
 def test_ids_past_the_vocabulary_are_refused_naming_dataset_split_and_tokenizer(tmp_path):
