@@ -12,6 +12,12 @@ agrees on when every rank's write is done, and only then does `latest` move). St
 normally (exit status 0). Signals and the clock are agreed on by all ranks with one all-reduce per
 iteration, so every rank stops at the same iteration.
 
+No checkpoint is written while a guard counts bad steps (a NaN/inf loss, a loss spike): a periodic
+save waits for the next healthy step, the final or stop save is skipped (after the last step the
+run exits with status 1: its end state was not saved) and nothing is pruned, so `latest` and the newest healthy checkpoint survive a
+divergence; before every save the weights themselves must be finite (DeepSpeed's bf16 optimizer
+without ZeRO applies non-finite gradients on the CPU).
+
 Optional guards: the loss-spike guard (`--spike-zscore`, megaclm.training.spike) judges each step's
 loss before its update and may skip it or roll the run back; the hang watchdog (`--hang-timeout-s`,
 megaclm.training.watchdog) hears a beat after every step, evaluation and save. Every log line
@@ -31,7 +37,7 @@ import torch.distributed as dist
 
 from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, run_layout, save_checkpoint
-from megaclm.checkpoint.layout import iteration_of, read_latest, tag_for
+from megaclm.checkpoint.layout import read_latest, tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
 from megaclm.training.metrics import MetricsLogger, memory_gb
@@ -53,7 +59,7 @@ def _new_window() -> dict:
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses."""
+    """Too many consecutive non-finite losses, or non-finite weights at a save."""
 
 
 @dataclass
@@ -115,6 +121,8 @@ class Trainer:
         self.start_time = time.time()
         self.consecutive_nan = 0
         self.last_saved = None
+        self.save_deferred = False  # a periodic save fell in a streak of bad steps: save at the next healthy one
+        self.end_unsaved = False  # the final/stop save was skipped (the run ended in a streak of bad steps)
         self.writer = AsyncCheckpointWriter() if cfg.checkpoint.async_save else None
         self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
@@ -237,12 +245,52 @@ class Trainer:
         return loss
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
-    def save(self, on_complete: Callable[[], None] | None = None) -> str | None:
+    def bad_steps(self) -> int:
+        """How many bad steps in a row the guards are counting now (NaN/inf losses, loss spikes)."""
+        return max(self.consecutive_nan, self.guard.consecutive if self.guard is not None else 0)
+
+    def last_healthy(self) -> str:
+        """The newest complete checkpoint in --save, for messages (every one megaclm saves is healthy).
+        Collective with --async-save (a pending save is finished first): call it on every rank."""
+        if self.writer is not None:
+            self.writer.wait()
+        save = self.cfg.checkpoint.save
+        tag = read_latest(save) if save else None
+        return os.path.join(save, tag) if tag else "none (no checkpoint saved yet in --save)"
+
+    def _weights_finite(self) -> bool:
+        """Whether every rank's weights are finite (its ZeRO-3 partition, else its module parameters)."""
+        local = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        checks = [torch.isfinite(t).all() for t in local if t.numel()]
+        finite = not checks or bool(torch.stack(checks).all())  # one device sync
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def save(self, on_complete: Callable[[], None] | None = None, final: bool = False) -> str | None:
         """Save now (sync), or start an asynchronous save after the previous one finished (--async-save);
-        `on_complete` runs on rank 0 once the checkpoint is complete and `latest`."""
+        `on_complete` runs on rank 0 once the checkpoint is complete and `latest`. During a streak of bad
+        steps nothing is saved: a periodic save is deferred to the next healthy step, a `final` one skipped."""
         c = self.cfg.checkpoint
         if c.save is None or self.last_saved == self.progress.iteration:
             return None
+        it, bad = self.progress.iteration, self.bad_steps()
+        if bad:
+            if final or not self.save_deferred:  # once per deferral, not at every bad step after it
+                healthy = self.last_healthy()  # collective with --async-save: every rank asks
+                if self.pstate.rank == 0:
+                    log.warning(f"iteration {it}: not saving during a streak of bad steps (NaN/inf loss or loss "
+                                f"spike; {bad} so far); " + ("the run ends without saving its last steps" if final else
+                                              "saving at the next healthy step instead")
+                                + f"; the last healthy checkpoint is {healthy}")
+            self.save_deferred, self.end_unsaved = not final, final
+            return None
+        if not self._weights_finite():
+            raise TrainingDiverged(f"iteration {it}: the model's weights are not finite; not saving them. Resume from "
+                                   f"the last healthy checkpoint, {self.last_healthy()}, with a lower --lr, more "
+                                   "warmup or --clip-grad")
+        self.save_deferred = False
         if self.writer is not None:
             self.writer.wait()
         client = {"progress": self.progress.state_dict(), "data": self.data.state_dict(),
@@ -256,8 +304,8 @@ class Trainer:
 
     def _after_eval(self, val_loss: float | None) -> None:
         c = self.cfg.checkpoint
-        if val_loss is None or not c.save_best or not math.isfinite(val_loss):
-            return
+        if val_loss is None or not c.save_best or not math.isfinite(val_loss) or self.bad_steps():
+            return  # during bad steps nothing is saved, so nothing can be marked best
         if self.progress.best_val_loss is None or val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
             tag = tag_for(self.progress.iteration)
@@ -286,8 +334,7 @@ class Trainer:
             raise TrainingDiverged(f"{len(offending)} loss spikes in a row (iterations {seen}) and {why}; stopping. "
                                    "Look at their batches with tools/inspect_batch.py --first-sample")
         rollbacks = p.rollbacks + 1
-        state = load_checkpoint(self.engine, c.save, ckpt_step=iteration_of(tag),
-                                layout=run_layout(self.pstate, t.zero_stage))
+        state = load_checkpoint(self.engine, c.save, tag, layout=run_layout(self.pstate, t.zero_stage))
         for key, value in state["progress"].items():
             setattr(p, key, value)
         p.rollbacks = rollbacks
@@ -377,7 +424,8 @@ class Trainer:
                         raise TrainingDiverged(
                             f"{self.consecutive_nan} consecutive iterations (up to {p.iteration}) had a NaN/inf "
                             f"loss (--max-consecutive-nan-steps {t.max_consecutive_nan_steps}); stopping. Resume "
-                            "from the last checkpoint with a lower --lr, more warmup or --clip-grad")
+                            f"from the last healthy checkpoint, {self.last_healthy()}, with a lower --lr, more warmup "
+                            "or --clip-grad")
                 window["time"] += step_time
                 window["tokens"] += step_tokens
                 # FLOPs per step at the step's own length: exact across the seqlen warmup.
@@ -399,7 +447,8 @@ class Trainer:
                 if p.iteration % t.eval_interval == 0 and not self._done():
                     self._after_eval(self.evaluate("valid"))
                     self._beat()
-                if self.cfg.checkpoint.save_interval and p.iteration % self.cfg.checkpoint.save_interval == 0:
+                interval = self.cfg.checkpoint.save_interval
+                if (interval and p.iteration % interval == 0) or self.save_deferred:
                     self.save()
                     self._beat()
                 stop = self._should_stop(signals)
@@ -410,7 +459,7 @@ class Trainer:
             if reason == "finished":
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
-            self.save()
+            self.save(final=True)
             if self.writer is not None:
                 self.writer.wait()
         finally:
