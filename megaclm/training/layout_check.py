@@ -177,8 +177,11 @@ class Plan:
 
 
 def make_plan(argv: list[str], world_size: int, max_ranks: int, steps: int) -> Plan:
+    # The run's --load (its base model or resume directory) need not exist here: the check trains from its own
+    # initial weights, with --finetune (so LoRA runs validate as they would with their base).
     cfg, derived, _ = parse_args(argv, prog="check_layout.py", world_size=world_size,
-                                 overrides={"data": DATA, "tokenizer": TOKENIZER})
+                                 overrides={"data": DATA, "tokenizer": TOKENIZER,
+                                            "checkpoint": {"load": "<the check's initial weights>", "finetune": True}})
     check_parallel_shapes(cfg.model, cfg.parallel, derived.padded_vocab_size)  # as pretrain_gpt.py, at the run's size
     axes, notes = scale_axes(run_axes(cfg, derived), max_ranks)
     tree = cfg.to_dict()

@@ -10,24 +10,32 @@ import random
 MAX_RANKS = 4
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--seq-length", "64", "--max-position-embeddings", "64",
         "--train-iters", "10", "--lr", "1e-3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
-        "200"]
+        "200", "--hidden-dropout", "0", "--attention-dropout", "0"]
 
 
 def sample(rng: random.Random) -> tuple[dict, list[str]]:
+    """Mostly combinations the validator accepts (so that they run and are compared); one draw in ten ignores
+    the known refusals (MoE with PP, PP with ZeRO-2/3, query groups per TP rank) to test them too."""
     a: dict = {}
+    free = rng.random() < 0.1
     a["moe"] = rng.random() < 0.25
     a["tp"] = rng.choice([1, 2])
     a["sp"] = a["tp"] == 2 and rng.random() < 0.5
-    a["pp"] = rng.choice([1, 2])
+    a["pp"] = rng.choice([1, 2]) if free or not a["moe"] else 1
     a["split"] = rng.choice(["none", "none", "ulysses", "ring"])
+    if a["tp"] * a["pp"] * (1 if a["split"] == "none" else 2) > MAX_RANKS:
+        a["split"] = "none"
     seq = 1 if a["split"] == "none" else 2
-    a["dp"] = rng.choice([d for d in (1, 2, 4) if a["tp"] * a["pp"] * seq * d <= MAX_RANKS] or [1])
+    a["dp"] = rng.choice([d for d in (1, 2, 4) if a["tp"] * a["pp"] * seq * d <= MAX_RANKS])
     a["ep"] = 2 if a["moe"] and a["dp"] >= 2 and rng.random() < 0.6 else 1
-    a["zero"] = rng.choice([0, 1, 2, 3])
+    a["zero"] = rng.choice([0, 1, 2, 3] if free or a["pp"] == 1 else [0, 1])
     a["offload"] = a["zero"] >= 1 and rng.random() < 0.2
     a["recompute"] = rng.choice(["none", "selective", "full-uniform", "full-block"])
     a["lora"] = rng.random() < 0.2
-    a["groups"] = rng.choice([4, 2, 1])
+    if a["lora"]:  # an MoE model's MLPs are experts, which take no adapters
+        a["lora_target"] = rng.choice(["qkv,proj"] if a["moe"] and not free else ["qkv,fc2", "qkv,proj", "qkv,proj,fc1,fc2"])
+    split = a["tp"] * (2 if a["split"] == "ulysses" else 1)  # whole key/value heads per rank
+    a["groups"] = rng.choice([g for g in (4, 2, 1) if free or g % split == 0])
     a["untied"] = rng.random() < 0.5
     a["positions"] = rng.choice(["rope", "rope", "alibi", "learned_absolute"])
     a["window"] = rng.random() < 0.2
@@ -61,7 +69,7 @@ def argv(a: dict) -> list[str]:
         granularity, _, method = a["recompute"].partition("-")
         out += ["--recompute-granularity", granularity] + (["--recompute-method", method] if method else [])
     if a["lora"]:
-        out += ["--lora-rank", "4", "--lora-target", "qkv,fc2"]
+        out += ["--lora-rank", "4", "--lora-target", a["lora_target"]]
     out += ["--untie-embeddings-and-output-weights"] if a["untied"] else []
     out += ["--window-size", "16"] if a["window"] else []
     out += ["--reset-attention-mask", "--reset-position-ids"] if a["documents"] else []
