@@ -115,12 +115,15 @@ def world_size_from_env(default: int | None = None) -> int:
 def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None = None,
                add_arguments: Callable[[Any], None] | None = None, prog: str | None = None,
                description: str | None = None, world_size: int | None = None,
-               stored_config: Callable[[str, int | None], dict | None] | None = None) -> ParsedArgs:
+               stored_config: Callable[[str, int | None], dict | None] | None = None,
+               overrides: dict[str, dict[str, Any]] | None = None) -> ParsedArgs:
     """Flags (+ optional --config YAML) -> validated config, derived values and the raw namespace.
 
     Megatron-LM / Megatron-DeepSpeed flags that are not megaclm's own are translated first
     (megaclm.config.megatron_compat; each ignored one is logged once, on rank 0). `stored_config(load_dir,
     ckpt_step)` reads the config tree of the checkpoint the run will load, for --use-checkpoint-args.
+    `overrides` {section: {field: value}} win over the YAML and the flags (tools/check_layout.py replaces the
+    data and tokenizer this way, before their files are checked).
     """
     from megaclm.config.validate import validate  # validate imports this module's siblings only
 
@@ -149,6 +152,7 @@ def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None 
         layers.append(_checkpoint_model_layer(checkpoint.get("load"), checkpoint.get("ckpt_step"),
                                               flags.get("model", {}), stored_config))
     layers.append(flags)
+    layers.append(overrides or {})
     cfg = MegaclmConfig(**arguments.build_sections(arguments.merge(*layers), chosen))
     derived = None
     if {"training", "data"} <= set(chosen):

@@ -1,9 +1,10 @@
 """The training loop: step, log, evaluate, checkpoint, and stop cleanly.
 
-Per iteration: set the lr from (iteration, consumed tokens); run one global batch (accumulation
-inside: engine.backward/step per micro-batch, or PipelineEngine.train_batch); all-reduce the loss
-over data-parallel ranks (under a sequence split each rank's loss is its tokens' share of the
-micro-batch mean: DeepSpeed sums gradients over the seq axis and averages them over dp); count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
+Per iteration: set the lr from (iteration, consumed tokens); read the global batch's micro-batches and
+scale their loss masks for a per-token loss over the whole global batch (megaclm.training.loss: one
+all-reduce of the loss-token count); run them (accumulation inside: engine.backward/step per
+micro-batch, or PipelineEngine.train_batch); all-reduce the loss over data-parallel ranks (the
+mean over micro-batches and ranks of the scaled sums is the per-token loss); count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
 step with non-finite gradients, see megaclm.training.engine) and stop after
 `--max-consecutive-nan-steps` in a row; log; evaluate every `--eval-interval`; save every
 `--save-interval` (with `--async-save` in the background: the per-iteration all-reduce below also
@@ -30,7 +31,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,7 @@ from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restor
 from megaclm.checkpoint.layout import read_latest, tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
+from megaclm.training.loss import normalise_loss_masks
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.schedules import LRSchedule
 from megaclm.training.spike import SpikeGuard
@@ -151,14 +153,15 @@ class Trainer:
         return lr
 
     def _micro_loss(self, batch: dict) -> torch.Tensor:
+        """sum(loss x mask) with the mask scaled by normalise_loss_masks: the engines' averaging makes the
+        step's sum of these the per-token loss of the global batch (megaclm.training.loss)."""
         losses = self.engine(batch["tokens"], position_ids=batch["position_ids"],
                              document_ids=batch.get("document_ids"), labels=batch["labels"])  # (B, T) fp32
-        mask = batch["loss_mask"]
-        count = mask.sum()
-        if self.pstate.seq_size > 1:  # this rank holds T/n tokens: divide by the whole micro-batch's count
-            count = count.detach().clone()
-            dist.all_reduce(count, group=self.pstate.seq_group)
-        return (losses.float() * mask).sum() / count.clamp(min=1.0)
+        return (losses.float() * batch["loss_mask"]).sum()
+
+    def _normalised(self, micro: Iterator) -> tuple[list, torch.Tensor]:
+        """The global batch's micro-batches, loss masks scaled for the per-token loss, and its loss-token count."""
+        return normalise_loss_masks(list(micro), self.pstate, self.derived.grad_accum_steps, self.pipeline)
 
     def _dp_mean(self, value: torch.Tensor) -> float | list[float]:
         """Mean over dp of the sum over seq (the parts of one micro-batch's loss)."""
@@ -180,19 +183,22 @@ class Trainer:
         """One global batch: (its loss, averaged over micro-batches and dp ranks; whether the spike guard
         refused its update)."""
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
+        if not self.pipeline or self.pstate.is_first_stage or self.pstate.is_last_stage:  # middle stages read none
+            micro, _ = self._normalised(micro)
         nan = (self.progress.iteration + 1) in self.inject_nan
         poison = POISON_SCALE if self.progress.consumed_samples in self.poison else 1.0
         if self.pipeline:
             if nan or poison != 1.0:
                 raise ValueError("MEGACLM_TEST_NAN_ITERS/POISON_SAMPLES are not supported with pipeline parallelism")
             self._pipe_shape(seq_length)
-            return self.engine.train_batch(data_iter=micro).item(), False  # averaged over micro and dp by DeepSpeed
+            # DeepSpeed averages over micro-batches and dp x seq: the per-token loss (megaclm.training.loss)
+            return self.engine.train_batch(data_iter=iter(micro)).item(), False
         accum = self.derived.grad_accum_steps
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         moe = torch.zeros(len(MOE_STATS), dtype=torch.float32, device=self.device)
         spike, step_loss = False, None
-        for a in range(accum):
-            loss = self._micro_loss(next(micro)) * poison
+        for a, batch in enumerate(micro):
+            loss = self._micro_loss(batch) * poison
             if nan:
                 loss = loss * float("nan")
             if a == accum - 1 and self.guard is not None:
@@ -204,8 +210,12 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-            if self.moe:  # what the router losses added to this micro-batch's loss, and their raw values
-                moe += torch.stack([self.engine.module.moe_stats[k].float() for k in MOE_STATS]).to(moe.device)
+            if self.moe:  # what the router losses added to this micro-batch's loss (every loss token carries
+                # them: weighted by its scaled mask), and their raw values
+                stats = self.engine.module.moe_stats
+                weight = batch["loss_mask"].sum()
+                moe += torch.stack([stats["router_loss"].float() * weight,
+                                    *(stats[k].float() for k in MOE_STATS[1:])]).to(moe.device)
         if spike and self.engine.was_step_applied():
             raise RuntimeError("the spike guard could not skip the update: the optimizer applied a step with "
                                "non-finite gradients")
@@ -230,17 +240,19 @@ class Trainer:
             return None
         self.engine.eval()
         seq = self.cfg.data.seq_length
-        losses = []
+        weighted, tokens = 0.0, 0.0  # per token over every evaluated batch: sum of (batch loss x its tokens)
         for i in range(self.cfg.training.eval_iters):
-            micro = self.data.eval_micro_batches(split, i, seq)
+            # every stage reads the (small) evaluation batch: all ranks need its count to weight it alike
+            micro, count = self._normalised(self.data.eval_micro_batches(split, i, seq))
             if self.pipeline:
                 self._pipe_shape(seq)
-                losses.append(self.engine.eval_batch(data_iter=micro).item())
+                loss = self.engine.eval_batch(data_iter=iter(micro)).item()
             else:
-                total = sum(self._micro_loss(next(micro)).float() for _ in range(self.derived.grad_accum_steps))
-                losses.append(self._dp_mean(total / self.derived.grad_accum_steps))
+                total = sum(self._micro_loss(batch) for batch in micro)
+                loss = self._dp_mean(total / self.derived.grad_accum_steps)
+            weighted, tokens = weighted + loss * count.item(), tokens + count.item()
         self.engine.train()
-        loss = sum(losses) / len(losses)
+        loss = weighted / max(tokens, 1.0)
         self.metrics.evaluation(self.progress.iteration, "val" if split == "valid" else split, loss)
         return loss
 
