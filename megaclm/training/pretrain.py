@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng, run_layout
+from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
@@ -33,7 +34,7 @@ from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.engine import build_engine, build_model, init_distributed
-from megaclm.training.loop import Progress, Trainer, TrainingDiverged
+from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agreed
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.utils import exitcodes
@@ -207,6 +208,50 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)
+    # Rank 0 takes the --save lock before anything writes there; every rank follows its decision.
+    lock = refusal = None
+    if pstate.rank == 0 and cfg.checkpoint.save is not None:
+        try:
+            lock = SaveDirLock.acquire(cfg.checkpoint.save)
+        except UserError as e:
+            refusal = e
+    try:
+        if _any_rank(refusal is not None):
+            if refusal is not None:
+                raise refusal
+            return exitcodes.BAD_INPUT  # rank 0 names the holder, in one line
+        if _stopped_at_start_up(pstate):
+            return exitcodes.STOPPED
+        return _train(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, pstate)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _device() -> torch.device | None:
+    """Where collectives' tensors live (NCCL takes CUDA tensors only)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([float(flag)], device=_device())
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _stopped_at_start_up(pstate: Any) -> bool:
+    """A stop request (megaclm.utils.signals) before the first step: nothing trained since the loaded checkpoint,
+    so nothing to save; agreed by all ranks."""
+    reason = stop_agreed(_device())
+    if reason is not None and pstate.rank == 0:
+        log.info(f"stopping during start-up ({reason}), before the first step: nothing new to save; exit status "
+                 f"{exitcodes.STOPPED}")
+    return reason is not None
+
+
+def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
+           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any) -> int:
     if pstate.rank == 0:
         log.info(f"{layout_line(cfg, derived)}; "
                  f"global batch {derived.global_batch_size} = micro {derived.micro_batch_size} x dp x "
@@ -254,6 +299,9 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     if state is not None and trainer.guard is not None and state.get("spike"):
         trainer.guard.load_state_dict(state["spike"])
     restore_rng(state)  # last: dataset building above may draw random numbers
+    if _stopped_at_start_up(pstate):
+        metrics.close()
+        return exitcodes.STOPPED
     try:
         reason = trainer.train()
     except TrainingDiverged as e:
