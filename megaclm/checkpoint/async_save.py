@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from megaclm.utils.fileio import atomic_write
+from megaclm.checkpoint.save_errors import agree_saved, describe, write_file
 
 DONE, BUSY, FAILED = 0, 1, 2  # ordered: MAX over the ranks is the worst
 
@@ -97,9 +97,7 @@ def capture_deepspeed_files(engine: Any, save_dir: str, tag: str, client_state: 
 def write_files(files: list[tuple[str, Any]]) -> None:
     """torch.save each object atomically (temp name, fsync, rename), then fsync the directories."""
     for path, obj in files:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_write(path) as f:
-            torch.save(obj, f)
+        write_file(path, obj)
     for d in sorted({os.path.dirname(p) for p, _ in files}):
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -116,6 +114,7 @@ class AsyncCheckpointWriter:
         self._finalize: Callable[[], None] | None = None
         self._error: BaseException | None = None
         self.tag: str | None = None
+        self.save_dir: str | None = None
         self.staging: dict[str, torch.Tensor] = {}  # CPU buffers reused by every save (capture_deepspeed_files)
 
     @property
@@ -128,9 +127,10 @@ class AsyncCheckpointWriter:
             return BUSY
         return FAILED if self._error is not None else DONE
 
-    def submit(self, tag: str, files: list[tuple[str, Any]], finalize: Callable[[], None], pause_s: float = 0.0):
+    def submit(self, tag: str, files: list[tuple[str, Any]], finalize: Callable[[], None], pause_s: float = 0.0,
+               save_dir: str | None = None):
         assert not self.pending, f"a save of {self.tag} is still pending; wait() for it first"
-        self.tag, self._finalize, self._error = tag, finalize, None
+        self.tag, self._finalize, self._error, self.save_dir = tag, finalize, None, save_dir
         self._thread = threading.Thread(target=self._write, args=(files, pause_s), name="megaclm-async-save",
                                         daemon=True)
         self._thread.start()
@@ -147,10 +147,8 @@ class AsyncCheckpointWriter:
         assert agreed_status != BUSY and self.pending
         self._thread.join()
         tag, finalize, self._finalize = self.tag, self._finalize, None
-        if agreed_status == FAILED:
-            raise RuntimeError(f"asynchronous save of {tag} failed on "
-                               f"{'this rank: ' + repr(self._error) if self._error else 'another rank'}; "
-                               "`latest` still names the previous checkpoint")
+        if agreed_status == FAILED:  # raises CheckpointSaveError on every rank, naming the first failure
+            agree_saved(describe(self._error) if self._error else None, self.save_dir, tag)
         finalize()
 
     def wait(self) -> None:

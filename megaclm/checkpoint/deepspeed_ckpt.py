@@ -33,6 +33,7 @@ from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspe
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
                                       read_config, read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
+from megaclm.checkpoint.save_errors import AtomicCheckpointEngine, agree_saved, describe
 from megaclm.checkpoint.shards import model_shard_file
 from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
 from megaclm.checkpoint.weights import load_weights
@@ -91,17 +92,32 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
             if shard is not None:  # its tensors may be the live parameters / optimizer states
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
-        writer.submit(tag, files, finalize, pause_s=pause)
+        writer.submit(tag, files, finalize, pause_s=pause, save_dir=save_dir)
         return tag
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=adapters_only)
+    # A failed write (a full disk) is recorded, not raised, so that every rank reaches DeepSpeed's barriers and
+    # agree_saved, which fails the save on all ranks in one line (megaclm.checkpoint.save_errors).
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = atomic = AtomicCheckpointEngine(original)
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=adapters_only)
+    finally:
+        engine.checkpoint_engine = original
+    error = atomic.error
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
     optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)
-    write_files([rng_file] + [f for f in (shard, optim) if f is not None])
+    if error is None:
+        try:
+            write_files([rng_file] + [f for f in (shard, optim) if f is not None])
+        except OSError as e:
+            error = describe(e)
     time.sleep(pause)
-    _barrier()
-    finalize()
-    _barrier()
+    agree_saved(error, save_dir, tag)
+    try:
+        finalize()
+    except OSError as e:  # rank 0's config.json, meta.json, `latest`
+        error = describe(e)
+    agree_saved(error, save_dir, tag)
     return tag
 
 

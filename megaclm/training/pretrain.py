@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng, run_layout
 from megaclm.checkpoint.lock import SaveDirLock
+from megaclm.checkpoint.save_errors import CheckpointSaveError
 from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
@@ -306,6 +308,10 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         reason = trainer.train()
     except TrainingDiverged as e:
         log.error(str(e))
+        return exitcodes.FAILED
+    except CheckpointSaveError as e:  # every rank raises it; one line is enough
+        if pstate.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return exitcodes.FAILED
     finally:
         metrics.close()
