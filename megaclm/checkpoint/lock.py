@@ -63,14 +63,19 @@ class SaveDirLock:
     @classmethod
     def acquire(cls, directory: str, what: str = "--save") -> "SaveDirLock":
         """`what` names the directory's flag in the refusal (e.g. "--save", "--out")."""
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, LOCK)
         now = time.time()
         record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID") or None, "started": now, "heartbeat": now,
                   "token": uuid.uuid4().hex}
         for _ in range(3):  # a lock that vanishes or is taken over under our feet: look again
-            if _create(path, record):
+            try:
+                os.makedirs(directory, exist_ok=True)
+                created = _create(path, record)
+            except OSError as e:
+                raise UserError(f"{what} {directory}: cannot create the lock file there ({e}); pass a writable "
+                                "directory") from None
+            if created:
                 return cls(path, record)
             holder = _read(path)
             if holder is None:

@@ -112,3 +112,10 @@ def test_release_leaves_a_lock_another_run_has_taken(tmp_path):
     plant(tmp_path, token="someone-else")  # e.g. removed by hand, then taken by another run
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "someone-else"
+
+
+def test_an_unwritable_directory_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"^--save \S+/file/save: cannot create the lock file there \(.*\); pass a "
+                                        "writable directory"):
+        SaveDirLock.acquire(str(tmp_path / "file" / "save"))
