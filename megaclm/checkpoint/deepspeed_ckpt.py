@@ -33,7 +33,7 @@ from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspe
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
                                       read_config, read_latest, read_meta, tag_for)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
-from megaclm.checkpoint.save_errors import AtomicCheckpointEngine, agree_saved, describe
+from megaclm.checkpoint.save_errors import agree_saved, describe, recorded_write_errors
 from megaclm.checkpoint.shards import model_shard_file
 from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
 from megaclm.checkpoint.weights import load_weights
@@ -96,13 +96,9 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         return tag
     # A failed write (a full disk) is recorded, not raised, so that every rank reaches DeepSpeed's barriers and
     # agree_saved, which fails the save on all ranks in one line (megaclm.checkpoint.save_errors).
-    original = engine.checkpoint_engine
-    engine.checkpoint_engine = atomic = AtomicCheckpointEngine(original)
-    try:
+    with recorded_write_errors(engine) as atomic:
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=adapters_only)
-    finally:
-        engine.checkpoint_engine = original
     error = atomic.error
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
     optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)

@@ -2,8 +2,8 @@
 
 A full disk (or a quota, or a file system gone read-only) shows on one rank, somewhere inside DeepSpeed's
 save, which has barriers of its own: a rank that raised there would leave its peers waiting in them. So
-during a save every file is written through `AtomicCheckpointEngine` (as DeepSpeed's checkpoint engine)
-or `write_files`, which write under a temporary name and rename (a truncated file never appears under
+during a save every file is written through `AtomicCheckpointEngine` (as DeepSpeed's checkpoint engine,
+`recorded_write_errors`) or `write_files`, which write under a temporary name and rename (a truncated file never appears under
 its final name); a rank whose write failed records the error, skips its remaining writes and goes on
 through the same collectives. Then `agree_saved` (collective) compares notes: if any rank failed, rank 0
 removes the partial `iter_*` directory (never the one `latest` names) and every rank raises
@@ -15,16 +15,20 @@ removes the partial `iter_*` directory (never the one `latest` names) and every 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from megaclm.checkpoint.layout import read_latest
-from megaclm.utils.fileio import atomic_write
+from megaclm.utils.fileio import atomic_write, remove_quietly
+
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed 0.19 copies into every save directory
 
 
 class CheckpointSaveError(RuntimeError):
@@ -36,7 +40,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError):
         what = ("no space left on device (ENOSPC)" if error.errno == errno.ENOSPC
                 else error.strerror or type(error).__name__)
-        return f"{what} writing {error.filename}" if error.filename else what
+        path = error.filename2 or error.filename  # shutil.copyfile names the source first, the target second
+        return f"{what} writing {path}" if path else what
     return f"{type(error).__name__}: {error}"
 
 
@@ -57,6 +62,20 @@ def write_file(path: str, obj) -> None:
         raise OSError(cause.errno, cause.strerror, path) from e
 
 
+@contextlib.contextmanager
+def recorded_write_errors(engine: Any) -> Iterator["AtomicCheckpointEngine"]:
+    """Within, `engine.save_checkpoint` writes every file through an AtomicCheckpointEngine (yielded: its `error`
+    is the first failed write), including the recovery scripts rank 0 copies into the save directory."""
+    atomic = AtomicCheckpointEngine(engine.checkpoint_engine)
+    original, copy = engine.checkpoint_engine, engine._copy_recovery_script
+    engine.checkpoint_engine, engine._copy_recovery_script = atomic, atomic.guarded_copy(copy)
+    try:
+        yield atomic
+    finally:
+        engine.checkpoint_engine = original
+        del engine._copy_recovery_script  # the class's method again
+
+
 class AtomicCheckpointEngine(CheckpointEngine):
     """DeepSpeed's file writes, each atomic; the first failure is kept in `error` and later writes are skipped."""
 
@@ -74,6 +93,19 @@ class AtomicCheckpointEngine(CheckpointEngine):
             write_file(path, state_dict)
         except OSError as e:
             self.error = describe(e)
+
+    def guarded_copy(self, copy: Callable[[str], None]) -> Callable[[str], None]:
+        """DeepSpeed's `_copy_recovery_script(save_dir)` (zero_to_fp32.py, ...: shutil.copyfile to the final
+        names), with a failure recorded and its partial copies removed (the next save copies them again)."""
+        def guarded(save_dir: str) -> None:
+            if self.error is not None:
+                return
+            try:
+                copy(save_dir)
+            except OSError as e:
+                self.error = describe(e)
+                remove_quietly(*(os.path.join(save_dir, name) for name in RECOVERY_SCRIPTS))
+        return guarded
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location)
