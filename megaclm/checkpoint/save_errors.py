@@ -113,6 +113,12 @@ class AtomicCheckpointEngine(CheckpointEngine):
     def commit(self, info):
         return self.inner.commit(info)
 
+    def is_data_parallel_writer(self, dp_rank):
+        return self.inner.is_data_parallel_writer(dp_rank)
+
+    def preserves_storage_sharing(self):
+        return self.inner.preserves_storage_sharing()  # torch.save, as the inner engine's
+
 
 def agree_saved(error: str | None, save_dir: str, tag: str) -> None:
     """Collective: return if every rank's writes of `tag` succeeded; else remove the partial checkpoint (rank 0)
