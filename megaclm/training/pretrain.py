@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng, run_layout
+from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
 from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.save_errors import CheckpointSaveError
-from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
@@ -300,6 +300,10 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
                       peak_tflops=peak, checkpoint_meta=meta)
     if state is not None and trainer.guard is not None and state.get("spike"):
         trainer.guard.load_state_dict(state["spike"])
+    if state is not None and c.save is not None and os.path.realpath(c.save) == os.path.realpath(c.load):
+        # Resumed from --save itself: this iteration's checkpoint is there, complete. Saving it again (a run
+        # stopped during its final evaluation, requeued) would first unmark the very checkpoint `latest` names.
+        trainer.last_saved = progress.iteration
     restore_rng(state)  # last: dataset building above may draw random numbers
     if _stopped_at_start_up(pstate):
         metrics.close()
