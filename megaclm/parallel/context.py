@@ -25,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megaclm.parallel.mappings import _all_gather, gather_from_sp
+from megaclm.parallel.mappings import all_gather, gather_from_sp
 
 # Masked scores: a finite floor, not -inf, so a block row with no allowed key has a finite log-sum-exp;
 # the merge then gives it weight exp(floor - lse) = 0 against any real block (every query sees itself).
@@ -60,7 +60,7 @@ def gather_sequence(x: torch.Tensor, group, load_balanced: bool) -> torch.Tensor
     n = 1 if group is None else dist.get_world_size(group)
     if n == 1:
         return x
-    gathered = _all_gather(x, 1, group)  # rank-major: rank 0's tokens, rank 1's, ...
+    gathered = all_gather(x, 1, group)  # rank-major: rank 0's tokens, rank 1's, ...
     if not load_balanced:
         return gathered
     T = gathered.size(1)

@@ -22,11 +22,13 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
 from megaclm.logging import get_logger
 from megaclm.model.fp8 import convert_to_fp8
 from megaclm.model.gpt import GPTModel
 from megaclm.model.pipe import GPTPipelineModule
+from megaclm.parallel.layers import all_reduce_sequence_parallel_grads
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
 
@@ -176,5 +178,34 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config, mpu=pstate)
+    defer_sequence_parallel_grads(engine, pstate, cfg.training.zero_stage)
     return engine
 
+
+def defer_sequence_parallel_grads(engine: Any, pstate: ParallelState, zero_stage: int) -> bool:
+    """Sum the SP-replicated gradients (norms, row-parallel biases, LoRA factors) over the TP group once per
+    optimizer step, in one all-reduce of them all, instead of one hook per parameter per micro-batch.
+
+    Where DeepSpeed keeps the accumulated gradients in `param.grad` until the accumulation boundary (ZeRO 0
+    with an fp32/fp16 optimizer, ZeRO-1 without overlap_comm; both engines), the sum runs there, just before
+    DeepSpeed's own data-parallel reduction (`allreduce_gradients`, which the pipeline engine calls too) and
+    so before clipping. ZeRO 2/3 reduce and partition each gradient during backward, and BF16_Optimizer
+    moves it to its fp32 buffer after each micro-batch: those keep the per-micro-batch hook (returns False).
+    """
+    params = [p for p in engine.module.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
+    opt = engine.optimizer
+    grads_wait = ((zero_stage == 0 and not isinstance(opt, BF16_Optimizer))
+                  or (zero_stage == 1 and not getattr(opt, "overlap_comm", True)))
+    if not params or not grads_wait:
+        return False
+    for p in params:
+        p.sequence_parallel_deferred = True
+    reduce, group = engine.allreduce_gradients, pstate.tp_group
+
+    def allreduce_gradients(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            all_reduce_sequence_parallel_grads(params, group)
+        return reduce(*args, **kwargs)
+
+    engine.allreduce_gradients = allreduce_gradients
+    return True
