@@ -25,56 +25,75 @@ What is measured, per rank (rank 0 is shown; the FLOPs are summed over the ranks
   syncs   host synchronisations in the step: calls of Tensor.item/.tolist/.cpu/.nonzero/__bool__/__float__/
           __int__ and torch.nonzero, each attributed to the source line that made it.
 
-Ideal values (b micro-batch, s sequence, h hidden, L layers, m micro-batches per step, P parameters on the
-rank, e bytes per element, t = 2 ranks):
-  activations (ratio to tp1), from megaclm.model.flops.layer_activation_bytes (Korthikanti et al. 2022):
-    tp2         the norm/QKV/MLP inputs stay whole, the rest is split: (whole + split/t) / (whole + split)
-    tp2-sp      1/t                          tp2-sp-sel   1/t of tp1 without the core-attention saves
-    recompute   the layer input only: s*b*h*e / tp1     ulysses, ring   1/t (ring: + the gathered K/V)
-    pp2, zero1/2/3, lora, ep2-moe    1 (ep2: the MoE layer's own; each rank runs k experts per token)
-  collectives per optimizer step:
-    tp1, recompute, lora    DP all-reduce of the gradients (of the trainable P), in buckets
-    tp2      per layer and micro-batch: 2 all-reduces of (b, s, h) forward, 2 backward; + the embedding's
-             forward all-reduce and the input's backward one; then the DP-replicated gradients: none (dp 1)
-    tp2-sp   per layer and micro-batch: 2 all-gathers + 2 reduce-scatters of (b, s, h) forward, the same
-             backward (the SP-replicated gradients: one coalesced all-reduce per step)
-    ulysses  per layer and micro-batch: 4 all-to-alls forward (q, k, v, out), 4 backward; + DP all-reduce
-    ring     per layer and micro-batch: 1 all-gather of K and V forward, 1 reduce-scatter backward
-    zero1/2  one reduce-scatter of the gradients (P*e) and one all-gather of the parameters (P*e) per step
-    zero3    + the parameter all-gathers forward and backward (2 x P*e per micro-batch)
-    pp2      per micro-batch one send/recv of (b, s, h) each way at the boundary (+ the tied embedding's
-             all-reduce, DeepSpeed's loss broadcast)
-    ep2-moe  per MoE layer and micro-batch 2 all-to-alls forward, 2 backward; + DP all-reduce
-  flops     1.0; selective recompute 1 + the core attention's forward; full recompute 1 + the layers'
-            forward (8/6 of the layers' share)
-  syncs     what logging needs: the step's loss, once
+Ideal values (b = 1 micro-batch, s sequence, h hidden, L layers, a/g query/kv heads of d dims, m = 2
+micro-batches per step, P the rank's trainable parameters, e = 4 bytes, t = n = 2 ranks):
+  activations (ratio to tp1): megaclm.model.flops.layer_activation_bytes with reference_ops (the
+    estimate's --estimate-for cpu) for the layout over the same for tp1 (Korthikanti et al. 2022):
+    tp2         norm inputs and the QKV/MLP inputs stay whole, the rest is split: (whole + split/t) / (whole + split)
+    tp2-sp      1/t                          tp2-sp-sel   1/t, less the core attention's own saves
+    recompute   the layer input only, s*b*h*e / tp1's     ulysses2   1/n
+    ring2       1/n + the all-gathered keys/values        ep2-moe    the MoE layer's (k experts per token)
+    pp2, zero1/2/3, lora    1
+  collectives per optimizer step (calls, bytes; X = b*s*h*e, the vocab-parallel loss's 3 fp32 per token):
+    tp1, recompute, lora  one all-reduce of the (trainable) gradients, P*e
+    tp2       per layer and micro-batch 2 all-reduces of X forward, 2 backward; the embedding's forward and the
+              output layer's backward ones; + the loss, the grad norm
+    tp2-sp    per layer and micro-batch: forward 2 all-gathers + 2 reduce-scatters of X; backward 2 re-gathers
+              of the kept local inputs + 2 all-gathers + 2 reduce-scatters (Megatron's count); the embedding's
+              reduce-scatter and all-gather, the output layer's 2 all-gathers and reduce-scatter; once per step
+              one all-reduce of the SP-replicated gradients, (2L+1)*h*e
+    ulysses2  per layer and micro-batch 4 all-to-alls (q, k, v, out) forward, 4 backward, of my s/n tokens;
+              + DP gradients, the position ids' all-gather and the loss's token count
+    ring2     per layer and micro-batch: all-gather K and V forward, reduce-scatter their gradients backward
+    pp2       rank 0: m sends of X forward, m receives of its gradient (+ the loss broadcast, the grad norm,
+              the activation shape DeepSpeed resends each step)
+    zero1     one reduce-scatter of the gradients and one all-gather of the parameters per parameter group
+    zero2     a reduce-scatter per micro-batch (ZeRO-2 reduces gradients as backward makes them) + the all-gather
+    zero3     a reduce-scatter per micro-batch + the parameters all-gathered forward and backward per micro-batch
+              (an upper bound: DeepSpeed keeps them gathered for backward within stage3_max_live_parameters)
+    ep2-moe   per MoE layer and micro-batch 5 all-to-alls (counts, dispatch, combine; both backward) of k*X;
+              ZeRO-1 of the dense parameters (the experts are not data-parallel at EP = DP = 2)
+  flops   model FLOPs plus what the kernels redo: flash attention's backward recomputes QK^T (+2 a d s per layer
+          and token), the fused output-layer cross-entropy at TP=1 recomputes the logits (+2 V h); selective
+          recompute + the core attention's forward, full recompute + the layers' forward; LoRA - the frozen
+          weights' gradients (and the first QKV's input gradient) + the adapters'; ring skips blocks wholly in the future (a (2n+1)/4n share)
+  syncs   the loss and the grad norm (+ DeepSpeed's overflow check)
 
-Budgets (asserted with --quick, the CI audit): act <= 1.05 x ideal; collective bytes <= 1.1 x analytic;
-calls <= analytic + COLL_SLACK; FLOPs within 2% of expected; syncs <= SYNC_BUDGET per step.
+Budgets (asserted with --quick, the CI audit; exit status 1 when one is exceeded): activations <= 1.05 x
+ideal; collective bytes <= 1.1 x analytic; calls <= analytic + COLL_SLACK; FLOPs within 2% of expected; host
+syncs <= SYNC_BUDGET per step. KNOWN excesses, allowed and listed in the README until fixed:
+  ring2    its blocks use explicit scores, not flash: activations up to 1.75 x ideal; 2 host syncs per block
+           (the `ki[0] > qi[-1]` skip test and `bool(allowed.all())` in megaclm.parallel.context)
+  ep2-moe  activations up to 1.1 x (the mock batch at init routes unevenly; the ideal assumes balance);
+           4 host syncs per MoE layer and micro-batch (the dropless all-to-all's split sizes: nonzero, tolist)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import socket
 import sys
 import traceback
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from efficiency_probes import CPU_SDPA_FLOPS, CollectiveCounter, HostSyncCounter, SavedActivations  # noqa: E402
+
 VOCAB = 1024
 MICRO = 2  # micro-batches per optimizer step
 ACT_BUDGET, BYTES_BUDGET, FLOPS_TOLERANCE = 1.05, 1.1, 0.02
 COLL_SLACK = 4  # calls DeepSpeed adds per step besides the analytic ones (e.g. its overflow / norm checks)
-SYNC_BUDGET = 6  # host syncs per step (see the README's performance section for where they come from)
+SYNC_BUDGET = 5  # host syncs per step: the loss, the grad norm and DeepSpeed's overflow checks
+KNOWN_ACT_EXCESS = {"ep2-moe": 1.1}  # see KNOWN in the module docstring
 
+LORA_RANK = 8
 # name -> flags on top of the shape's (every layout runs on 2 ranks)
 LAYOUTS = {
     "tp1": ["--zero-stage", "0"],
@@ -91,7 +110,7 @@ LAYOUTS = {
     "zero2": ["--zero-stage", "2"],
     "zero3": ["--zero-stage", "3", "--zero-param-persistence-threshold", "0"],
     "ep2-moe": ["--zero-stage", "1", "--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2"],
-    "lora": ["--zero-stage", "0", "--lora-rank", "8"],
+    "lora": ["--zero-stage", "0", "--lora-rank", str(LORA_RANK)],
 }
 
 
@@ -104,207 +123,6 @@ def shape_argv(args) -> list[str]:
             "rope", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--untie-embeddings-and-output-weights", "--seed", "1234", "--lr", "1e-4", "--log-interval", "1000",
             "--num-workers", "0"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Instruments
-
-
-class SavedActivations:
-    """Bytes autograd keeps during the model's forward (not a recompute in backward), per forward call, split
-    into the transformer layers' share and the rest (embedding, final norm and loss)."""
-
-    def __init__(self, module: torch.nn.Module, embedding: torch.nn.Module | None, head: torch.nn.Module | None):
-        self.weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        self.seen: set[int] = set()
-        self.calls: list[Counter] = []
-        self.phase = None  # None outside the forward
-        self.handles = [module.register_forward_pre_hook(lambda *a: self._set("layers", new_call=True)),
-                        module.register_forward_hook(lambda *a: self._set(None))]
-        if embedding is not None:
-            self.handles += [embedding.register_forward_pre_hook(lambda *a: self._set("other")),
-                             embedding.register_forward_hook(lambda *a: self._set("layers"))]
-        if head is not None:
-            self.handles.append(head.register_forward_pre_hook(lambda *a: self._set("other")))
-
-    def _set(self, phase, new_call=False):
-        if new_call:
-            self.calls.append(Counter())
-        self.phase = phase
-
-    def pack(self, t: torch.Tensor):
-        if self.phase is not None:
-            s = t.untyped_storage()
-            key = s.data_ptr()
-            if key not in self.weights and key not in self.seen and s.nbytes() > 0:
-                self.seen.add(key)
-                self.calls[-1][self.phase] += s.nbytes()
-        return t
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Saved-tensor hooks, plus DeepSpeed's activation checkpoint, which keeps its inputs on its ctx
-        without save_for_backward (deepspeed.checkpointing.CheckpointFunction)."""
-        import deepspeed
-
-        checkpoint = deepspeed.checkpointing.checkpoint
-
-        def kept(function, *args):
-            for a in args:
-                if torch.is_tensor(a):
-                    self.pack(a)
-            return checkpoint(function, *args)
-
-        deepspeed.checkpointing.checkpoint = kept
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
-                yield self
-        finally:
-            deepspeed.checkpointing.checkpoint = checkpoint
-
-
-COLLECTIVES = {  # torch.distributed function -> (kind, the positional argument whose bytes count)
-    "all_reduce": ("all-reduce", 0), "all_gather": ("all-gather", 0),
-    "all_gather_into_tensor": ("all-gather", 0), "_all_gather_base": ("all-gather", 0),
-    "reduce_scatter": ("reduce-scatter", 1), "reduce_scatter_tensor": ("reduce-scatter", 1),
-    "_reduce_scatter_base": ("reduce-scatter", 1), "broadcast": ("broadcast", 0),
-    "send": ("send", 0), "recv": ("recv", 0), "isend": ("send", 0), "irecv": ("recv", 0),
-    "all_to_all_single": ("all-to-all", 1), "all_to_all": ("all-to-all", 1), "reduce": ("reduce", 0),
-    "barrier": ("barrier", None), "all_gather_object": ("all-gather-object", None),
-}
-
-
-def _nbytes(x) -> int:
-    if torch.is_tensor(x):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
-class CollectiveCounter:
-    """Counts torch.distributed collectives by (kind, group name): calls and bytes. Calls made inside a
-    counted one (megaclm's gloo reduce-scatter, which is an all-reduce) are not counted again, nor calls on
-    a group of one rank (no traffic)."""
-
-    def __init__(self, group_names: dict):
-        self.group_names = group_names
-        self.calls, self.bytes = Counter(), Counter()
-        self.depth = 0
-        self.active = False
-
-    def _group(self, group) -> str:
-        import torch.distributed as dist
-
-        if group is None or group is dist.group.WORLD:
-            return "world"
-        for name, g in self.group_names.items():
-            if g is group:
-                return name
-        return "ranks" + ",".join(map(str, dist.get_process_group_ranks(group)))
-
-    def wrap(self, fn, kind: str, arg: int | None):
-        import torch.distributed as dist
-
-        def counted(*a, **kw):
-            if self.active and self.depth == 0:
-                group = kw.get("group", next((x for x in a if isinstance(x, dist.ProcessGroup)), None))
-                if dist.get_world_size(group) > 1:
-                    key = (kind, self._group(group))
-                    self.calls[key] += 1
-                    if arg is not None:  # by position, else the first tensor (list) passed by keyword
-                        x = a[arg] if len(a) > arg else next(
-                            (v for v in kw.values() if torch.is_tensor(v) or isinstance(v, list)), None)
-                        self.bytes[key] += _nbytes(x)
-            self.depth += 1
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.depth -= 1
-
-        return counted
-
-    @contextlib.contextmanager
-    def installed(self):
-        import torch.distributed as dist
-
-        from megaclm.parallel import mappings
-
-        saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
-        for name, fn in saved.items():
-            setattr(dist, name, self.wrap(fn, *COLLECTIVES[name]))
-        # gloo has no reduce-scatter: megaclm runs it as an all-reduce (named _reduce_scatter before issue 24)
-        name = "reduce_scatter" if hasattr(mappings, "reduce_scatter") else "_reduce_scatter"
-        reduce_scatter = getattr(mappings, name)
-        setattr(mappings, name, self.wrap(reduce_scatter, "reduce-scatter", 0))
-        try:
-            yield self
-        finally:
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
-            setattr(mappings, name, reduce_scatter)
-
-
-SYNC_METHODS = ("item", "tolist", "cpu", "nonzero", "__bool__", "__float__", "__int__")
-
-
-class HostSyncCounter:
-    """Counts the Tensor methods that wait for the device (on a GPU), by the source line calling them."""
-
-    def __init__(self):
-        self.lines = Counter()
-        self.active = False
-
-    def _where(self) -> str | None:
-        frame = sys._getframe(2)
-        path = os.path.abspath(frame.f_code.co_filename)
-        if os.sep.join(("torch", "optim", "")) in path:
-            return None  # torch AdamW's CPU step counters: on a GPU DeepSpeed runs FusedAdam, without them
-        for prefix in (ROOT + os.sep, os.path.dirname(os.path.dirname(torch.__file__)) + os.sep):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-        return f"{path}:{frame.f_lineno}"
-
-    def wrap(self, fn):
-        def counted(*a, **kw):
-            where = self._where() if self.active else None
-            if where is not None:
-                self.lines[where] += 1
-            return fn(*a, **kw)
-
-        return counted
-
-    @contextlib.contextmanager
-    def installed(self):
-        saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
-        nonzero = torch.nonzero
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, self.wrap(fn))
-        torch.nonzero = self.wrap(nonzero)
-        try:
-            yield self
-        finally:
-            for name, fn in saved.items():
-                setattr(torch.Tensor, name, fn)
-            torch.nonzero = nonzero
-
-
-def _cpu_sdpa_flops():
-    """torch.utils.flop_counter counts the CUDA attention kernels only; the CPU flash kernel does the same work."""
-    from torch.utils import flop_counter as fc
-
-    aten = torch.ops.aten
-    return {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw:
-            fc.sdpa_flop_count(q, k, v),
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw:
-            fc.sdpa_backward_flop_count(g, q, k, v)}
-
-
-CPU_SDPA_FLOPS = _cpu_sdpa_flops()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +169,12 @@ def measure(rank: int, args, name: str) -> dict:
     from megaclm.training.metrics import MetricsLogger
 
     argv = shape_argv(args) + LAYOUTS[name] + ["--global-batch-size", str(MICRO * _dp_size(name))]
+    lora = "--lora-rank" in argv  # LoRA needs a base checkpoint to train from: adapters on the random init here
+    if lora:
+        argv = argv[:argv.index("--lora-rank")] + argv[argv.index("--lora-rank") + 2:]
     cfg, _, _ = parse_args(argv, world_size=2)
+    if lora:
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_rank=LORA_RANK))
     derived = compute_derived(cfg, 2, vocab_size=VOCAB)  # NullTokenizer: VOCAB - 1 ids + eod
     ds_config = deepspeed_config(cfg, derived, cuda=False)
     pstate = init_distributed(cfg)
@@ -388,12 +211,17 @@ def measure(rank: int, args, name: str) -> dict:
     saved.close()
     metrics.close()
     first = saved.calls[0]
-    return {"layout": name, "rank": rank, "loss": loss, "layers": n_layers,
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    fpt = flops_per_token(cfg.model, vocab, cfg.data.seq_length)
+    return {"layout": name, "rank": rank, "loss": loss, "layers": n_layers, "model": dataclasses.asdict(cfg.model),
+            "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            "expert_params": sum(getattr(p, "ds_numel", p.numel()) for p in params if not getattr(p, "allreduce", True)),
+            "param_modules": sum(1 for m in engine.module.modules() if any(True for _ in m.parameters(recurse=False))),
             "act_per_layer": first["layers"] / n_layers, "act_other": first["other"],
             "collectives": [{"kind": k, "group": g, "calls": colls.calls[(k, g)], "bytes": colls.bytes[(k, g)]}
                             for k, g in sorted(colls.calls)],
-            "flops": flops.get_total_flops(), "model_flops": flops_per_token(cfg.model, vocab, cfg.data.seq_length)
-            * cfg.data.seq_length * derived.global_batch_size,
+            "flops": flops.get_total_flops(), "model_flops_per_token": fpt,
+            "model_flops": fpt * cfg.data.seq_length * derived.global_batch_size,
             "syncs": dict(syncs.lines)}
 
 
@@ -435,25 +263,219 @@ def run_layouts(args, names) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Analytic minimum (the module docstring's formulas), from rank 0's view
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    ffn: int
+    seq: int
+    heads: int = 8
+    kv_heads: int = 4
+    micro: int = MICRO  # micro-batches per optimizer step and rank
+    e: int = 4  # fp32
+    topk: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def model(self, fields: dict, **overrides):
+        """The ModelConfig a worker reported (as a dict), with `overrides`."""
+        from megaclm.config.model import ModelConfig
+
+        return ModelConfig(**{**fields, **overrides})
+
+
+def ideal_activation_ratio(name: str, sh: Shape, fields: dict) -> float:
+    """Per-layer activation bytes of `name` over tp1's, from megaclm.model.flops.layer_activation_bytes
+    (for the reference ops this bench runs, --estimate-for cpu)."""
+    from megaclm.model.flops import MemorySetup, layer_activation_bytes
+
+    def per_layer(model=None, **setup):
+        return layer_activation_bytes(model or sh.model(fields), MemorySetup(seq_length=sh.seq, precision="fp32",
+                                                                       reference_ops=True, **setup))
+
+    tp1 = per_layer()
+    if name == "tp2":
+        return per_layer(tensor_parallel=2) / tp1
+    if name == "tp2-sp":
+        return per_layer(tensor_parallel=2, sequence_parallel=True) / tp1
+    if name == "tp2-sp-sel":
+        return per_layer(sh.model(fields, recompute_granularity="selective"), tensor_parallel=2, sequence_parallel=True) / tp1
+    if name == "recompute":
+        return sh.seq * sh.hidden * sh.e / tp1
+    if name in ("ulysses2", "ring2"):
+        return per_layer(seq_split=2, ring=name == "ring2") / tp1
+    if name == "ep2-moe":
+        return per_layer(sh.model(fields, num_experts=4, moe_router_topk=sh.topk)) / tp1
+    return 1.0
+
+
+def analytic_collectives(name: str, sh: Shape, r: dict) -> tuple[int, int]:
+    """(calls, bytes) one optimizer step needs on rank 0 (groups of one rank excluded)."""
+    L, m, e, s, h = sh.layers, sh.micro, sh.e, sh.seq, sh.hidden
+    X = s * h * e  # one (b, s, h) activation of the whole sequence, b = 1
+    P = r["trainable"] * e
+    ce = 3 * s * 4  # vocab-parallel cross-entropy: max, sum of exp, target logit (fp32, per token)
+    if name in ("tp1", "recompute", "lora"):
+        return 1, P  # the data-parallel all-reduce of the gradients
+    if name == "tp2":  # per layer 2 all-reduces forward, 2 backward; embedding forward, output layer backward
+        return m * (4 * L + 2 + 3) + 1, m * ((4 * L + 2) * X + ce) + 4  # + the grad norm over tp
+    if name in ("tp2-sp", "tp2-sp-sel"):
+        # per layer: forward 2 all-gathers + 2 reduce-scatters; backward 2 re-gathers of the kept local inputs,
+        # 2 all-gathers + 2 reduce-scatters; embedding reduce-scatter / all-gather; output layer 2 all-gathers
+        # + 1 reduce-scatter; then one all-reduce of the SP-replicated gradients and the grad norm
+        sp_grads = (2 * L + 1) * h * e
+        return m * (10 * L + 5 + 3) + 2, m * ((10 * L + 5) * X + ce) + sp_grads + 4
+    if name == "ulysses2":  # per layer 4 all-to-alls (q, k, v, out) forward and 4 backward, each of my T/2 tokens
+        n, a, g, d = 2, sh.heads, sh.kv_heads, sh.head_dim
+        a2a = 2 * (2 * a + 2 * g) * d * (s // n) * e
+        # + per micro-batch the position ids' all-gather and the loss's token count; the DP gradients
+        return m * (8 * L + 2) + 1, m * (L * a2a + s * 8 + 4) + P
+    if name == "ring2":  # per layer all-gather K and V forward, reduce-scatter their gradients backward
+        kv = sh.kv_heads * sh.head_dim * s * e
+        return m * (4 * L + 1) + 1, m * (4 * L * kv + 4) + P
+    if name == "pp2":  # rank 0 = stage 0: sends (b, s, h) forward, receives its gradient; loss broadcast, norm;
+        return 2 * m + 2 + 2, 2 * m * X + 8 + 4 + 2 * 512  # DeepSpeed resends the activation's shape every step
+    groups = 2  # optimizer parameter groups (decay, no decay): ZeRO communicates each on its own
+    if name == "zero1":  # reduce-scatter the gradients, all-gather the updated parameters, once per step
+        return 2 * groups, 2 * P
+    if name == "zero2":  # ZeRO-2 reduce-scatters each micro-batch's gradients as backward makes them (its point)
+        return m + groups, m * P + P
+    if name == "zero3":  # + the parameters all-gathered forward and backward in every micro-batch
+        return 3 * m, m * P + 2 * m * P
+    if name == "ep2-moe":  # per MoE layer: all-to-all of the counts, dispatch and combine forward, both backward
+        dense = P - r["expert_params"] * e
+        return 5 * L * m + 2 * groups, 4 * L * m * s * sh.topk * h * e + 2 * dense
+    raise KeyError(name)
+
+
+def expected_flops_ratio(name: str, sh: Shape, r: dict) -> float:
+    """Executed over model FLOPs. Beyond the model's 6N + 12 L a d T per token: flash attention's backward
+    recomputes the scores (+ 2 a d T per layer); the fused output-layer cross-entropy (TP=1) recomputes the
+    logits in backward (+ 2 V h); selective recompute adds the core attention's forward (+ 4 a d T per layer),
+    full recompute the layers' forward (+ 2 N_layer + 4 a d T per layer); LoRA computes no gradient for the
+    frozen weights (- 2 N) and trains the adapters (+ 6 N_adapters)."""
+    from megaclm.model.flops import count_parameters
+
+    count = count_parameters(sh.model(r["model"]), VOCAB)
+    attn = sh.heads * sh.head_dim * sh.seq
+    extra = 2 * attn * sh.layers
+    if name == "ring2":  # explicit-score blocks (no flash recompute), those wholly in the future skipped
+        n = 2
+        extra = -12 * attn * sh.layers * (1 - (2 * n + 1) / (4 * n))
+    if not name.startswith(("tp2", "pp2")):
+        extra += 2 * VOCAB * sh.hidden
+    if name == "tp2-sp-sel":
+        extra += 4 * attn * sh.layers
+    if name == "recompute":
+        extra += 2 * count.layer * sh.layers + 4 * attn * sh.layers
+    if name == "lora":  # and the first layer's QKV input (the frozen embedding's output) needs no gradient
+        qkv = sh.hidden * (sh.heads + 2 * sh.kv_heads) * sh.head_dim
+        extra += 6 * r["trainable"] - 2 * count.flops_params - 2 * qkv
+    return 1 + extra / r["model_flops_per_token"]
+
+
+def audit(name: str, sh: Shape, ranks: dict, tp1_model: dict) -> dict:
+    r = ranks[0]
+    calls = sum(c["calls"] for c in r["collectives"])
+    nbytes = sum(c["bytes"] for c in r["collectives"])
+    a_calls, a_bytes = analytic_collectives(name, sh, r)
+    return {"layout": name, "act_per_layer": r["act_per_layer"], "ideal_act_ratio": ideal_activation_ratio(name, sh, tp1_model),
+            "calls": calls, "analytic_calls": a_calls, "bytes": nbytes, "analytic_bytes": a_bytes,
+            "flops_ratio": sum(x["flops"] for x in ranks.values()) / r["model_flops"],
+            "expected_flops_ratio": expected_flops_ratio(name, sh, r),
+            "syncs": sum(r["syncs"].values()), "sync_lines": r["syncs"], "collectives": r["collectives"]}
+
+
+def table(rows: list[dict]) -> str:
+    tp1 = next(r for r in rows if r["layout"] == "tp1")["act_per_layer"]
+    lines = [f"{'layout':12s}{'act/tp1':>9s}{'ideal':>7s}{'x':>6s}{'calls':>7s}{'ideal':>7s}{'MB':>8s}{'ideal':>8s}"
+             f"{'x':>6s}{'flops':>7s}{'expect':>8s}{'syncs':>7s}"]
+    for r in rows:
+        ratio = r["act_per_layer"] / tp1
+        r["act_ratio"], r["act_excess"] = ratio, ratio / r["ideal_act_ratio"]
+        r["bytes_excess"] = r["bytes"] / max(r["analytic_bytes"], 1)
+        lines.append(f"{r['layout']:12s}{ratio:9.3f}{r['ideal_act_ratio']:7.3f}{r['act_excess']:6.2f}{r['calls']:7d}"
+                     f"{r['analytic_calls']:7d}{r['bytes'] / 1e6:8.3f}{r['analytic_bytes'] / 1e6:8.3f}"
+                     f"{r['bytes_excess']:6.2f}{r['flops_ratio']:7.3f}{r['expected_flops_ratio']:8.3f}{r['syncs']:7d}")
+    return "\n".join(lines)
+
+
+def sync_allowance(name: str, sh: Shape) -> int:
+    """Host syncs a layout needs beyond SYNC_BUDGET, per step (KNOWN in the module docstring)."""
+    if name == "ep2-moe":
+        return 4 * sh.layers * sh.micro
+    if name == "ring2":
+        return 2 * 2 * 4 * sh.layers * sh.micro
+    return 0
+
+
+def budget_failures(rows: list[dict], sh: Shape) -> list[str]:
+    """The CI guards of the module docstring."""
+    bad = []
+    for r in rows:
+        n = r["layout"]
+        if r["act_excess"] > KNOWN_ACT_EXCESS.get(n, ACT_BUDGET):
+            bad.append(f"{n}: activations {r['act_ratio']:.3f} of tp1's > {ACT_BUDGET} x ideal {r['ideal_act_ratio']:.3f}")
+        if r["bytes"] > BYTES_BUDGET * r["analytic_bytes"]:
+            bad.append(f"{n}: collective bytes {r['bytes']} > {BYTES_BUDGET} x analytic {r['analytic_bytes']}")
+        if r["calls"] > r["analytic_calls"] + COLL_SLACK:
+            bad.append(f"{n}: {r['calls']} collective calls > analytic {r['analytic_calls']} + {COLL_SLACK}")
+        if abs(r["flops_ratio"] / r["expected_flops_ratio"] - 1) > FLOPS_TOLERANCE:
+            bad.append(f"{n}: FLOPs ratio {r['flops_ratio']:.3f}, expected {r['expected_flops_ratio']:.3f}")
+        if r["syncs"] > SYNC_BUDGET + sync_allowance(n, sh):
+            bad.append(f"{n}: {r['syncs']} host syncs per step > {SYNC_BUDGET + sync_allowance(n, sh)}: "
+                       f"{r['sync_lines']}")
+    return bad
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=704)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--layouts", default=",".join(LAYOUTS))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="Comma-separated subset (tp1 is always run).")
+    p.add_argument("--threads", type=int, default=1, help="Torch threads per rank.")
+    p.add_argument("--timeout", type=float, default=900.0, help="Seconds to wait for one layout.")
+    p.add_argument("--quick", action="store_true", help="2 layers, hidden 64, seq 64; exit 1 if a budget is exceeded.")
+    p.add_argument("--json", default=None, help="Write every number to this file.")
+    p.add_argument("--audit", default=None, metavar="JSON", help="Audit the measurements saved by --json instead.")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.ffn, args.seq = 2, 64, 176, 64
-    names = args.layouts.split(",")
-    results = run_layouts(args, names)
-    for name in names:
-        print(name, json.dumps(results[name][0]))
-    return 0
+    names = ["tp1"] + [n for n in args.layouts.split(",") if n != "tp1"]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        p.error(f"--layouts: unknown {','.join(unknown)}; layouts are {','.join(LAYOUTS)}")
+    sh = Shape(args.layers, args.hidden, args.ffn, args.seq)
+    if args.audit:  # measured by an earlier run (e.g. of another checkout), audited by this one
+        with open(args.audit) as f:
+            saved = json.load(f)
+        sh, results = Shape(**saved["shape"]), {n: {int(k): v for k, v in r.items()} for n, r in saved["ranks"].items()}
+        names = [n for n in names if n in results]
+    else:
+        results = run_layouts(args, names)
+    if args.json:  # the raw measurements first: --audit re-reads them
+        with open(args.json, "w") as f:
+            json.dump({"shape": dataclasses.asdict(sh), "ranks": results}, f)
+    rows = [audit(n, sh, results[n], results["tp1"][0]["model"]) for n in names]
+    print(table(rows))
+    for r in rows:
+        if r["syncs"]:
+            print(f"{r['layout']:12s}syncs: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["sync_lines"].items())))
+    bad = budget_failures(rows, sh)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": dataclasses.asdict(sh), "ranks": results, "rows": rows, "over_budget": bad}, f, indent=1)
+    for line in bad:
+        print(f"over budget: {line}")
+    return 1 if bad and args.quick else 0
 
 
 if __name__ == "__main__":
