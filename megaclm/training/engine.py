@@ -15,6 +15,7 @@ through the attributes DeepSpeed's engine reads (`overflow` -> engine.was_step_a
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Any
 
@@ -144,9 +145,8 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = self._grad_norm(params)
-        self._global_grad_norm = norm.item()
-        self.overflow = not torch.isfinite(norm).item()
+        self._global_grad_norm = self._grad_norm(params).item()  # the step's one host sync
+        self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             self.zero_grad(set_to_none=True)
             return None

@@ -319,6 +319,10 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
                  "zero_optimization": {"stage": 0},
                  "pipeline": {"pipe_partitioned": not sequence_parallel, "grad_partitioned": not sequence_parallel}}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=recorder, config=ds_config)
+    if sequence_parallel:  # as build_engine does: the SP-replicated gradients summed once, at the step's end
+        from megaclm.training.engine import defer_sequence_parallel_grads
+
+        assert defer_sequence_parallel_grads(engine, pstate, zero_stage=0)
     mine = micro[2 * pstate.dp_rank: 2 * pstate.dp_rank + 2]
     # Weights act as the loss mask: the pipe loss is sum(loss * mask) / sum(mask) per micro-batch.
     data = [((ids, pos if pos is not None else torch.arange(T).expand(B, T), *(() if doc is None else (doc,))),
