@@ -18,12 +18,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "throughput.py"
 
 
+def _load_bench(name: str, path: pathlib.Path):
+    if name not in sys.modules:  # dataclasses look their module up in sys.modules
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def _bench_module():
-    if "bench_throughput" not in sys.modules:  # dataclasses look their module up in sys.modules
-        spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-        sys.modules["bench_throughput"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_throughput"])
-    return sys.modules["bench_throughput"]
+    return _load_bench("bench_throughput", SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +137,9 @@ def test_moe_bench_measures_what_the_memory_estimate_says():
 
 
 def _efficiency_module():
-    if "bench_efficiency" not in sys.modules:
-        sys.path.insert(0, str(ROOT / "bench"))  # its probes module sits beside it
-        spec = importlib.util.spec_from_file_location("bench_efficiency", ROOT / "bench" / "efficiency.py")
-        sys.modules["bench_efficiency"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_efficiency"])
-    return sys.modules["bench_efficiency"]
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.append(str(ROOT / "bench"))  # its probes module sits beside it
+    return _load_bench("bench_efficiency", ROOT / "bench" / "efficiency.py")
 
 
 @pytest.fixture(scope="module")
