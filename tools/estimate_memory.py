@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402
-from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,  # noqa: E402
-                                 seq_split_summary)
+from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory,  # noqa: E402
+                                 flops_per_token, seq_split_summary)
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 GPT2_VOCAB_SIZE = 50257

@@ -75,7 +75,8 @@ activation element, t = tensor-parallel size, masks take one byte:
   the ring also keeps the all-gathered keys/values of the whole sequence for backward, 2*s*b*g*d*e
   (minus its own share). The ring's core attention computes explicit-score blocks of c = s/2n tokens (not
   flash): each rank attends 2n+1 of them (the chunk pairs not wholly in the future) and keeps per block the
-  fp32 scores and probabilities and its fp32 output with the online-softmax merge's copy, 8*a*b*c*(c + d). ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
+  fp32 scores and probabilities and its fp32 output with the online-softmax merge's copy, 8*a*b*c*(c + d).
+  ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
 Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
 CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
 """

@@ -26,8 +26,8 @@ from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.logging import get_logger
-from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters,
-                                 seq_split_summary)
+from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,
+                                 lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
     _check_data(cfg, fingerprint)
     if args.validate_only:
-        print(_summary(cfg, derived, model_vocab, ds_config, lora, reference_ops=args.estimate_for == "cpu"), flush=True)
+        print(_summary(cfg, derived, model_vocab, ds_config, lora, reference_ops=args.estimate_for == "cpu"),
+              flush=True)
         return 0
     try:
         return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint)

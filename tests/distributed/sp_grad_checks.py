@@ -19,7 +19,8 @@ def _step(pstate, zero_stage: int, precision: str, defer: bool) -> dict:
 
     model_parallel_seed(1, pstate.tp_rank, 0)
     torch.manual_seed(1)
-    model = GPTModel(family_config("gpt2", hidden_dropout=0.0, attention_dropout=0.0), VOCAB, pstate)  # LayerNorm: weight + bias
+    # gpt2: LayerNorms with weight and bias, biased linears (the row-parallel biases are SP-replicated)
+    model = GPTModel(family_config("gpt2", hidden_dropout=0.0, attention_dropout=0.0), VOCAB, pstate)
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
                           training=SimpleNamespace(zero_stage=zero_stage, precision=precision))
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2, "train_batch_size": B * 2,
