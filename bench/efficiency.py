@@ -169,8 +169,8 @@ def measure(rank: int, args, name: str) -> dict:
     from megaclm.training.batch import build_batch_source
     from megaclm.training.engine import build_engine, build_model, init_distributed
     from megaclm.training.loop import Progress, StopSignals, Trainer
-    from megaclm.training.schedules import build_schedule
     from megaclm.training.metrics import MetricsLogger
+    from megaclm.training.schedules import build_schedule
 
     argv = shape_argv(args) + LAYOUTS[name] + ["--global-batch-size", str(MICRO * _dp_size(name))]
     lora = "--lora-rank" in argv  # LoRA needs a base checkpoint to train from: adapters on the random init here
@@ -204,7 +204,7 @@ def measure(rank: int, args, name: str) -> dict:
         trainer._should_stop(signals)
         return loss
 
-    step()  # warm-up: DeepSpeed's lazy buffers, the data loader's workers
+    step()  # warm-up: DeepSpeed's lazily built buffers and groups
     embedding, head, n_layers = _parts(engine, pstate)
     saved = SavedActivations(engine.module, embedding, head)
     colls = CollectiveCounter(_group_names(pstate))
@@ -225,7 +225,6 @@ def measure(rank: int, args, name: str) -> dict:
             "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in params),
             "expert_params": sum(getattr(p, "ds_numel", p.numel()) for p in params
                                  if not getattr(p, "allreduce", True)),
-            "param_modules": sum(1 for m in engine.module.modules() if any(True for _ in m.parameters(recurse=False))),
             "act_per_layer": first["layers"] / n_layers, "act_other": first["other"],
             "collectives": [{"kind": k, "group": g, "calls": colls.calls[(k, g)], "bytes": colls.bytes[(k, g)]}
                             for k, g in sorted(colls.calls)],

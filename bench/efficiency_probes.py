@@ -158,7 +158,10 @@ SYNC_METHODS = ("item", "tolist", "cpu", "nonzero", "__bool__", "__float__", "__
 
 
 class HostSyncCounter:
-    """Counts the Tensor methods that wait for the device (on a GPU), by the source line calling them."""
+    """Counts the Tensor methods that wait for the device (on a GPU), by the source line calling them.
+
+    Python-level calls only: a sync inside an ATen op (repeat_interleave with tensor repeats, boolean-mask
+    indexing) is not seen."""
 
     def __init__(self):
         self.lines = Counter()
