@@ -67,8 +67,8 @@ syncs <= SYNC_BUDGET per step (+ KNOWN). KNOWN excesses, allowed and listed in t
   ring2    1 host sync per layer and micro-batch (megaclm.parallel.context fetches its chunk bounds; it made 2
            per block before issue 24); its explicit-score blocks are in the ideal (the estimate counts them)
   ep2-moe  activations up to 1.1 x (the mock batch at init routes unevenly; the ideal assumes balance);
-           4 host syncs per MoE layer and micro-batch (the dropless all-to-all's split sizes: nonzero, tolist),
-           + 1 (DeepSpeed's overflow check of the expert group)
+           2 host syncs per MoE layer and micro-batch (the dropless routing's nonzero, the all-to-all's split
+           sizes; 4 before issue 24), + 1 (DeepSpeed's overflow check of the expert group)
 """
 from __future__ import annotations
 
@@ -418,8 +418,8 @@ def table(rows: list[dict]) -> str:
 
 def sync_allowance(name: str, sh: Shape) -> int:
     """Host syncs a layout needs beyond SYNC_BUDGET, per step (KNOWN in the module docstring)."""
-    if name == "ep2-moe":  # + DeepSpeed's overflow check of the expert group
-        return 4 * sh.layers * sh.micro + 1
+    if name == "ep2-moe":  # routing's nonzero, the split sizes; + DeepSpeed's overflow check of the expert group
+        return 2 * sh.layers * sh.micro + 1
     if name == "ring2":  # the chunk bounds, once per layer and micro-batch
         return sh.layers * sh.micro
     return 0
