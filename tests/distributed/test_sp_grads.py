@@ -18,7 +18,8 @@ def ranks():
     return run_ranks(2, checks.sp_grad_checks, timeout=400)
 
 
-@pytest.mark.parametrize("zero_stage,precision,tol", [(0, "fp32", 1e-6), (1, "fp32", 1e-6), (1, "bf16", None)],
+# bf16: measured 1.7e-4 relative on the norm and 2.4e-4 on the parameters (the sums round differently)
+@pytest.mark.parametrize("zero_stage,precision,tol", [(0, "fp32", 1e-6), (1, "fp32", 1e-6), (1, "bf16", 2e-3)],
                          ids=["zero0", "zero1", "zero1-bf16"])
 def test_once_per_step_equals_per_micro_batch(ranks, zero_stage, precision, tol):
     for rank, result in enumerate(ranks):
@@ -28,9 +29,9 @@ def test_once_per_step_equals_per_micro_batch(ranks, zero_stage, precision, tol)
         # the hooks: one all-reduce per SP parameter per micro-batch; deferred: one per step, all of them
         assert len(per_micro) - len(per_step) == 2 * SP_PARAMS - 1, (per_micro, per_step)
         norm_micro, norm_step = r["norm"]
-        assert norm_step == pytest.approx(norm_micro, rel=1e-5 if tol else 2e-2)
+        assert norm_step == pytest.approx(norm_micro, rel=max(tol, 1e-5))
         assert norm_step > 0.05, "clipping at 0.05 must bind for the norm to matter"
-        assert r["params"] < (tol or 2e-2), (rank, r["params"])
+        assert r["params"] < tol, (rank, r["params"])
 
 
 def test_zero2_keeps_the_per_micro_batch_hooks(ranks):
