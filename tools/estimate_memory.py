@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402
-from megaclm.model.flops import (MemorySetup, count_parameters, estimate_memory, flops_per_token,  # noqa: E402
-                                 seq_split_summary)
+from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory,  # noqa: E402
+                                 flops_per_token, seq_split_summary)
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 GPT2_VOCAB_SIZE = 50257
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
         sequence_parallel=par.sequence_parallel and tp > 1, grad_accum_steps=grad_accum_steps(args, dp),
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), seq_split=split,
+        reference_ops=args.estimate_for == "cpu",
         ring=par.context_parallel_size > 1, expert_parallel=par.expert_model_parallel_size)
     est = estimate_memory(model, padded, setup)
     count = count_parameters(model, padded)
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     if kind:
         print(f"sequence     {seq_split_summary(model, setup)}")
     print(f"per GPU      stage {est.stage} of {pp}: {est.params / 1e6:,.1f}M parameters on one GPU before ZeRO")
+    print(f"kernels      {KERNELS_ASSUMED[setup.reference_ops]}")
     print(est.table())
     return 0
 

@@ -31,7 +31,7 @@ import yaml
 from megaclm.utils.errors import UserError
 
 # Flags every entry point accepts besides the sections' fields.
-META_DESTS = ("config", "validate_only", "world_size", "local_rank", "deepspeed")
+META_DESTS = ("config", "validate_only", "world_size", "local_rank", "deepspeed", "estimate_for")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,6 +219,9 @@ def build_parser(sections: dict[str, type], prog: str | None = None, description
                       help="YAML file with the same tree as the flags ({section: {field: value}}); flags override it.")
     meta.add_argument("--validate-only", dest="validate_only", action="store_true",
                       help="Print the resolved config and derived values, then exit without training.")
+    meta.add_argument("--estimate-for", dest="estimate_for", choices=("gpu", "cpu"), default="gpu",
+                      help="Kernels the memory estimate assumes: 'gpu' the fused CUDA ops and flash attention "
+                           "(whatever host prints it), 'cpu' the PyTorch reference ops a CPU run executes.")
     meta.add_argument("--world-size", dest="world_size", type=int, default=None,
                       help="World size assumed by --validate-only outside a launcher (a launcher's WORLD_SIZE wins).")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.

@@ -51,11 +51,16 @@ activation element, t = tensor-parallel size, masks take one byte:
         MLP: GeLU keeps its input and output, 2*s*b*f*e; SwiGLU keeps gate+up and their product, 3*s*b*f*e
         attention core: SDPA flash/cuDNN keeps only the fp32 log-sum-exp, 4*a*s*b; materialised scores
             keep softmax 2*a*s^2*b [+ mask a*s^2*b + dropout output 2*a*s^2*b with attention_dropout]
+        RoPE: the rotated Q and K, s*b*(a+g)*d*e, beside the QKV output (V stays a view of it)
+  These are the fused CUDA ops' and flash attention's saves, whatever host runs the estimate. The PyTorch
+  reference ops (`reference_ops`, --estimate-for cpu: what a CPU run executes) keep more: each norm its
+  input in fp32 and RMSNorm the normalised fp32 x, 2*s*b*h*(8-e) + 2*4*s*b (LayerNorm 2*s*b*h*(4-e)), and
+  SwiGLU also silu(gate), s*b*f*e. bench/efficiency.py measures these per layout (within 10%).
   Routed experts (MoE): each GPU holds 1/ep of them (expert parallel), and ZeRO partitions their states
   over the dp/ep ranks holding the same experts, so they count P_e/ep above with N = dp/ep.
   MoE layers count as a dense MLP of f = k * (expert size) + (shared size): balanced, dropless routing,
-  and every layer treated as MoE (an upper bound with moe_layer_freq > 1); the router's fp32 logits
-  and the dispatched token copies (k*s*b*h*e) are not counted.
+  and every layer treated as MoE (an upper bound with moe_layer_freq > 1); plus the routed token copies
+  the experts keep (their inputs and outputs, 2*k*s*b*h*e) and the router's fp32 probabilities (4*s*b*E).
   For GPT with dropout, materialised scores and e=2 this is the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)).
   The first stage also keeps the embedding dropout mask (s*b*h), the last the final norm's input and
   output (2*s*b*h*e) and what the cross-entropy saves: the fp32 logits (4*s*b*V/t), or with tp=1
@@ -68,7 +73,10 @@ activation element, t = tensor-parallel size, masks take one byte:
   above with s becomes s/n, and the attention core's s^2 becomes (s/n)*s (Ulysses: all s queries of a/n
   heads; ring: s/n queries against s keys, an upper bound, as the blocks wholly in the future are skipped);
   the ring also keeps the all-gathered keys/values of the whole sequence for backward, 2*s*b*g*d*e
-  (minus its own share). ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
+  (minus its own share). The ring's core attention computes explicit-score blocks of c = s/2n tokens (not
+  flash): each rank attends 2n+1 of them (the chunk pairs not wholly in the future) and keeps per block the
+  fp32 scores and probabilities and its fp32 output with the online-softmax merge's copy, 8*a*b*c*(c + d).
+  ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
 Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
 CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
 """
@@ -83,6 +91,9 @@ GiB = 2 ** 30
 # Dense bf16 tensor-core peak of one H100 SXM, the MFU denominator of issue 9.
 H100_BF16_PEAK_FLOPS = 989.4e12
 PRECISIONS = ("bf16", "fp16", "fp32")
+# What the activation estimate assumes, by MemorySetup.reference_ops (--estimate-for gpu / cpu).
+KERNELS_ASSUMED = {False: "activations for the fused CUDA ops and flash attention (--estimate-for gpu)",
+                   True: "activations for the PyTorch reference ops of a CPU run (--estimate-for cpu)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +274,7 @@ class MemorySetup:
     offload_optimizer: bool = False
     offload_param: bool = False
     flash_attention: bool = True  # SDPA's fused kernels (GPU); False: materialised attention scores
+    reference_ops: bool = False  # megaclm.ops' PyTorch references (--estimate-for cpu), not the fused CUDA kernels
     lora_rank: int = 0  # > 0: only LoRA adapters on `lora_targets` train; the base has no grads or optimizer states
     lora_targets: tuple[str, ...] = ()
     seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
@@ -342,9 +354,20 @@ def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
         f = model.moe_router_topk * model.moe_ffn_size + (model.moe_shared_expert_intermediate_size or 0)
     sbh = s * b * h
     whole = 4 * sbh * e + (2 * sbh if model.hidden_dropout > 0 else 0)
-    split = s * b * (a + 2 * model.num_kv_heads) * d * e + s * b * a * d * e
+    g = model.num_kv_heads
+    split = s * b * (a + 2 * g) * d * e + s * b * a * d * e
+    if model.position_embedding_type == "rope":
+        split += s * b * (a + g) * d * e  # the rotated q, k, kept beside the QKV output (v is a view of it)
     split += (3 if model.swiglu else 2) * s * b * f * e
-    if model.recompute_core_attention:
+    if model.num_experts is not None:  # expert inputs and outputs of the k routed copies, router probabilities
+        split += 2 * model.moe_router_topk * sbh * e + 4 * s * b * model.num_experts
+    if setup.reference_ops:  # statistics in fp32: the norm keeps its input in fp32 (and RMSNorm the normalised x)
+        whole += 2 * sbh * ((8 if model.normalization == "RMSNorm" else 4) - e) + 2 * s * b * 4
+        split += s * b * f * e if model.swiglu else 0  # silu(gate), beside gate, up and their product
+    if setup.ring:  # megaclm.parallel.context: explicit-score blocks of c = s_total/2n tokens, 2n+1 per rank
+        c = setup.seq_length // (2 * n)
+        split += (2 * n + 1) * 8 * a * b * c * (c + d)
+    elif model.recompute_core_attention:
         pass  # selective recomputation: the core attention is recomputed from the Q, K, V kept above
     elif setup.flash_attention:
         split += 4 * a * s * b

@@ -55,7 +55,7 @@ from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      column_parallel_linear, normal_init, scaled_normal_init,
                                      sequence_parallel_grad_hook, tp_group, tp_info)
-from megaclm.parallel.mappings import scatter_to_sp
+from megaclm.parallel.mappings import reduce_scatter_to_sp, scatter_to_sp
 from megaclm.parallel.random import tp_rng_fork
 from megaclm.parallel.state import ParallelState
 
@@ -159,11 +159,13 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids, position_ids):
-        x = self.word_embeddings(input_ids)  # (B, T, H), summed over the vocab shards
-        if self.position_embeddings is not None:
-            x = x + self.position_embeddings(position_ids)
+        # (B, T, H) partial sums over the vocab shards: all-reduced, or under SP reduce-scattered to (B, T/tp, H)
+        x = self.word_embeddings(input_ids, reduce=not self.sp)
         if self.sp:
-            x = scatter_to_sp(x, tp_group(self.pstate))  # (B, T/tp, H)
+            x = reduce_scatter_to_sp(x, tp_group(self.pstate))
+        if self.position_embeddings is not None:
+            pos = self.position_embeddings(position_ids)  # (B, T, H), replicated
+            x = x + (scatter_to_sp(pos, tp_group(self.pstate)) if self.sp else pos)
         return sp_dropout(self.dropout, x, splits_tokens(self.pstate))
 
 

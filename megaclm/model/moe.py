@@ -203,12 +203,16 @@ class MoE(nn.Module):
             group = self.pstate.ep_group
             # counts[src, i]: rows rank src sends me for my local expert i.
             counts = all_to_all(r.counts, group, [local] * ep, [local] * ep).view(ep, -1)
-            send = r.counts.view(ep, local).sum(dim=1).tolist()
-            recv = counts.sum(dim=1).tolist()
+            # Both count tables on the host in one transfer (the all-to-alls' split sizes): one sync per layer.
+            host = torch.cat([r.counts, counts.flatten()]).tolist()
+            mine, theirs = host[:ep * local], host[ep * local:]
+            send = [sum(mine[j * local:(j + 1) * local]) for j in range(ep)]
+            recv = [sum(theirs[j * local:(j + 1) * local]) for j in range(ep)]
             xs = all_to_all(xs, group, recv, send)  # (M', H) ordered by (source rank, local expert, token)
-            local_expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(ep), counts.flatten())
+            local_expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(ep), counts.flatten(),
+                                                   output_size=sum(recv))
             order = torch.argsort(local_expert, stable=True)  # regroup by local expert
-            out = experts(xs[order], counts.sum(dim=0).tolist())
+            out = experts(xs[order], [sum(theirs[i::local]) for i in range(local)])
             out = all_to_all(out[torch.argsort(order)], group, send, recv)  # back in the sender's order
         out = out * r.weight[:, None].to(out.dtype)
         return torch.zeros_like(flat).index_add(0, r.token, out)

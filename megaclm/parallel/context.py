@@ -25,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megaclm.parallel.mappings import _all_gather, gather_from_sp
+from megaclm.parallel.mappings import all_gather, gather_from_sp
 
 # Masked scores: a finite floor, not -inf, so a block row with no allowed key has a finite log-sum-exp;
 # the merge then gives it weight exp(floor - lse) = 0 against any real block (every query sees itself).
@@ -60,7 +60,7 @@ def gather_sequence(x: torch.Tensor, group, load_balanced: bool) -> torch.Tensor
     n = 1 if group is None else dist.get_world_size(group)
     if n == 1:
         return x
-    gathered = _all_gather(x, 1, group)  # rank-major: rank 0's tokens, rank 1's, ...
+    gathered = all_gather(x, 1, group)  # rank-major: rank 0's tokens, rank 1's, ...
     if not load_balanced:
         return gathered
     T = gathered.size(1)
@@ -91,7 +91,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, 
 
     q (B, Tl, nh, hd), k and v (B, Tl, nkv, hd): this rank's 2 load-balanced chunks (Tl = 2c).
     token_index (Tl,): their global indices; key_index (n Tl,): the global indices of the all-gathered
-    keys (rank-major); document_ids (B, Tl) / key_document_ids (B, n Tl) or None; window: sliding window.
+    keys (rank-major), both made of ascending runs of c consecutive indices (sequence_index's chunks);
+    document_ids (B, Tl) / key_document_ids (B, n Tl) or None; window: sliding window.
     Returns (B, Tl, nh, hd) in q's dtype.
     """
     B, Tl, nh, hd = q.shape
@@ -100,19 +101,23 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, 
     k_all = gather_from_sp(k, group).transpose(1, 2)[:, :, None]  # (B, nkv, 1, n Tl, hd); bwd: reduce-scatter
     v_all = gather_from_sp(v, group).transpose(1, 2)[:, :, None]
     qg = q.transpose(1, 2).reshape(B, nkv, rep, Tl, hd)  # query head j uses key/value head j // rep
+    # Each chunk's first and last index, on the host in one transfer: which blocks to skip or leave unmasked
+    # is decided without a host sync per block.
+    bounds = torch.cat([token_index.view(2, c), key_index.view(-1, c)])[:, [0, -1]].tolist()
+    q_bounds, k_bounds = bounds[:2], bounds[2:]
     outs = []
     for a in range(2):  # each local query chunk
         qa, qi = qg[..., a * c:(a + 1) * c, :], token_index[a * c:(a + 1) * c]
-        out = lse = None
-        for b in range(key_index.numel() // c):  # each key chunk of the gathered sequence
-            ki = key_index[b * c:(b + 1) * c]
-            if ki[0] > qi[-1] or (window is not None and qi[0] - ki[-1] >= window):
+        (q_first, q_last), out, lse = q_bounds[a], None, None
+        for b, (k_first, k_last) in enumerate(k_bounds):  # each key chunk of the gathered sequence
+            if k_first > q_last or (window is not None and q_first - k_last >= window):
                 continue  # wholly in the future, or wholly outside the window: nothing to attend
-            rel = qi[:, None] - ki[None, :]  # (c, c)
-            allowed = rel >= 0
-            if window is not None:
-                allowed = allowed & (rel < window)
-            allowed = None if bool(allowed.all()) else allowed
+            allowed = None  # wholly in the past and within the window: every pair attends
+            if k_last > q_first or (window is not None and q_last - k_first >= window):
+                rel = qi[:, None] - key_index[None, b * c:(b + 1) * c]  # (c, c)
+                allowed = rel >= 0
+                if window is not None:
+                    allowed = allowed & (rel < window)
             if document_ids is not None:
                 same = (document_ids[:, a * c:(a + 1) * c, None] == key_document_ids[:, None, b * c:(b + 1) * c])
                 allowed = same if allowed is None else same & allowed  # (B, c, c)

@@ -7,9 +7,11 @@ them once per shard and replicated ones once per group.
 
 Sequence parallel (`pstate.sequence_parallel`): activations outside the column->row pairs are split
 along the sequence (dim 1), so ColumnParallelLinear all-gathers its input and RowParallelLinear
-reduce-scatters its output instead of all-reducing it. Replicated parameters that then see only a
-sequence chunk (norms, the row-parallel bias) get `sequence_parallel_grad_hook`, which sums their
-gradient over the group before any optimizer (or DeepSpeed ZeRO hook) sees it.
+reduce-scatters its output instead of all-reducing it. The column-parallel matmul keeps only the local
+(B, T/tp, in) input for backward and all-gathers it again there (`_SequenceParallelLinear`). Replicated
+parameters that then see only a sequence chunk (norms, the row-parallel bias, LoRA factors) get
+`sequence_parallel_grad_hook`: their gradients are summed over the group before any optimizer sees them,
+per micro-batch, or once per step in one all-reduce where the trainer defers it (ZeRO 0/1, pipeline).
 
 LoRA (`lora=LoraConfig`): y = W x + (alpha / r) B A dropout(x), with the factor that touches W's split
 axis split the same way, so that the adapted TP=t model equals the adapted TP=1 model:
@@ -27,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaclm.config.lora import LoraConfig
+from megaclm.parallel import mappings
 from megaclm.parallel.mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
                                        reduce_scatter_to_sp)
 from megaclm.parallel.random import tp_rng_fork
@@ -74,17 +77,35 @@ def _mark(param: nn.Parameter, dim: int) -> None:
 
 
 def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | None) -> None:
-    """Under SP, sum `param`'s gradient over the TP group (it saw only this rank's sequence chunk)."""
+    """Under SP, sum `param`'s gradient over the TP group (it saw only this rank's sequence chunk).
+
+    Marks it `sequence_parallel`; a hook sums each micro-batch's gradient, unless the trainer set
+    `sequence_parallel_deferred` on it to sum the accumulated gradients of all such parameters once per
+    optimizer step, in one all-reduce (`all_reduce_sequence_parallel_grads`, megaclm.training.engine).
+    """
     if not tp_info(pstate)[2]:
         return
     param.sequence_parallel = True
 
     def all_reduce(grad):
+        if getattr(param, "sequence_parallel_deferred", False):
+            return grad
         grad = grad.clone()
         dist.all_reduce(grad, group=tp_group(pstate))
         return grad
 
     param.register_hook(all_reduce)
+
+
+def all_reduce_sequence_parallel_grads(params: Sequence[nn.Parameter], group) -> None:
+    """Sum the gradients of `params` over `group` in place: one all-reduce of them all, flattened."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
 
 
 def _init_shard(shape_full: tuple, dim: int, block_sizes: Sequence[int], init_method: InitMethod, tp: int, rank: int):
@@ -160,9 +181,39 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
     Also the tied output layer, which multiplies by the vocab-parallel embedding table.
     """
+    if sequence_parallel and group is not None and linear is F.linear:
+        return _SequenceParallelLinear.apply(x, weight, bias, group)
     # SP gathers the sequence (backward reduce-scatters the partial grads); TP copies (backward all-reduces).
     x = gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
     return linear(x, weight, bias)
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    """all-gather(x) W^T + b that keeps the LOCAL (B, T/tp, in) input for backward, not the gathered one
+    (Megatron's LinearWithGradAccumulationAndAsyncCommunication): 1/tp of the bytes F.linear would save.
+
+    backward: all-gather x again, overlapped with the input-gradient matmul dy W; reduce-scatter dx along T
+    (each rank holds the part of dx from its output rows); dW = dy^T x with the gathered x.
+    A float8 `linear` (megaclm.model.fp8) keeps the plain gather + linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(mappings.all_gather(x, 1, group), weight, bias)  # (B, T, out/tp)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        gathered = mappings.all_gather_async(x, 1, ctx.group)
+        dx = dy.matmul(weight) if ctx.needs_input_grad[0] else None  # (B, T, in), overlaps the gather
+        x = gathered()  # (B, T, in)
+        if dx is not None:
+            dx = mappings.reduce_scatter(dx, 1, ctx.group)  # (B, T/tp, in)
+        dw = dy.flatten(0, -2).t().matmul(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
+        db = dy.sum(dim=tuple(range(dy.dim() - 1))) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
 
 
 class RowParallelLinear(_LoraMixin, nn.Module):

@@ -11,6 +11,8 @@ sequence-parallel ("SP") split on dim 1. Every function is the identity when the
     gather_from_sp      fwd: all-gather seq           bwd: reduce-scatter seq (grad_is_partial) or keep my chunk
     reduce_scatter_to_sp fwd: reduce-scatter seq      bwd: all-gather seq
     all_to_all          fwd: rows to their ranks      bwd: the rows back (splits swapped)   (any group: EP)
+
+Plain (no autograd) helpers for hand-written backwards: all_gather, all_gather_async, reduce_scatter.
 """
 import torch
 import torch.distributed as dist
@@ -33,13 +35,25 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def all_gather_async(x: torch.Tensor, dim: int, group):
+    """Start an all-gather along `dim`; returns wait() -> the gathered tensor (work in between overlaps it)."""
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    handle = dist.all_gather(parts, x.contiguous(), group=group, async_op=True)
+
+    def wait() -> torch.Tensor:
+        handle.wait()
+        return torch.cat(parts, dim=dim)
+
+    return wait
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     n = _size(group)
     if x.size(dim) % n:
         raise RuntimeError(f"cannot reduce-scatter dim {dim} of size {x.size(dim)} over {n} ranks")
@@ -80,14 +94,14 @@ class _ScatterToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, -1, ctx.group), None
+        return all_gather(g, -1, ctx.group), None
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, -1, group)
+        return all_gather(x, -1, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -102,19 +116,19 @@ class _ScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, 1, ctx.group), None
+        return all_gather(g, 1, ctx.group), None
 
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, grad_is_partial):
         ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return _all_gather(x, 1, group)
+        return all_gather(x, 1, group)
 
     @staticmethod
     def backward(ctx, g):
         if ctx.grad_is_partial:  # the consumer was tensor-parallel: each rank holds part of the gradient
-            return _reduce_scatter(g, 1, ctx.group), None, None
+            return reduce_scatter(g, 1, ctx.group), None, None
         return _split(g, 1, ctx.group), None, None
 
 
@@ -122,11 +136,11 @@ class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter(x, 1, group)
+        return reduce_scatter(x, 1, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, 1, ctx.group), None
+        return all_gather(g, 1, ctx.group), None
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:

@@ -15,6 +15,7 @@ through the attributes DeepSpeed's engine reads (`overflow` -> engine.was_step_a
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Any
 
@@ -22,12 +23,14 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
 from megaclm.logging import get_logger
 from megaclm.model.fp8 import convert_to_fp8
 from megaclm.model.gpt import GPTModel
 from megaclm.model.lora import init_adapters
 from megaclm.model.pipe import GPTPipelineModule, pipe_to_plain_key
+from megaclm.parallel.layers import all_reduce_sequence_parallel_grads
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
 
@@ -148,9 +151,8 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = self._grad_norm(params)
-        self._global_grad_norm = norm.item()
-        self.overflow = not torch.isfinite(norm).item()
+        self._global_grad_norm = self._grad_norm(params).item()  # the step's one host sync
+        self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             self.zero_grad(set_to_none=True)
             return None
@@ -182,5 +184,34 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config, mpu=pstate)
+    defer_sequence_parallel_grads(engine, pstate, cfg.training.zero_stage)
     return engine
 
+
+def defer_sequence_parallel_grads(engine: Any, pstate: ParallelState, zero_stage: int) -> bool:
+    """Sum the SP-replicated gradients (norms, row-parallel biases, LoRA factors) over the TP group once per
+    optimizer step, in one all-reduce of them all, instead of one hook per parameter per micro-batch.
+
+    Where DeepSpeed keeps the accumulated gradients in `param.grad` until the accumulation boundary (ZeRO 0
+    with an fp32/fp16 optimizer, ZeRO-1 without overlap_comm; both engines), the sum runs there, just before
+    DeepSpeed's own data-parallel reduction (`allreduce_gradients`, which the pipeline engine calls too) and
+    so before clipping. ZeRO 2/3 reduce and partition each gradient during backward, and BF16_Optimizer
+    moves it to its fp32 buffer after each micro-batch: those keep the per-micro-batch hook (returns False).
+    """
+    params = [p for p in engine.module.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
+    opt = engine.optimizer
+    grads_wait = ((zero_stage == 0 and not isinstance(opt, BF16_Optimizer))
+                  or (zero_stage == 1 and not getattr(opt, "overlap_comm", True)))
+    if not params or not grads_wait:
+        return False
+    for p in params:
+        p.sequence_parallel_deferred = True
+    reduce, group = engine.allreduce_gradients, pstate.tp_group
+
+    def allreduce_gradients(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            all_reduce_sequence_parallel_grads(params, group)
+        return reduce(*args, **kwargs)
+
+    engine.allreduce_gradients = allreduce_gradients
+    return True

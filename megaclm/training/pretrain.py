@@ -32,8 +32,8 @@ from megaclm.data.curriculum import Curriculum
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.data.token_range import check_token_ids
 from megaclm.logging import get_logger
-from megaclm.model.flops import (MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters,
-                                 seq_split_summary)
+from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,
+                                 lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
@@ -135,7 +135,8 @@ def layout_line(cfg: Any, derived: Any) -> str:
     return line
 
 
-def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None) -> str:
+def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None,
+             reference_ops: bool = False) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
                         tensor_parallel=derived.tensor_model_parallel_size,
@@ -144,7 +145,7 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
                         precision=cfg.training.precision, sequence_parallel=cfg.parallel.sequence_parallel,
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.training.offload_optimizer,
                         offload_param=cfg.training.offload_param,
-                        flash_attention=torch.cuda.is_available() and cfg.kernels.attention_backend in ("sdpa", "flash"),
+                        flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), reference_ops=reference_ops,
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
                         seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1,
                         expert_parallel=cfg.parallel.expert_model_parallel_size)
@@ -168,7 +169,8 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
     if derived.seq_split_size > 1:
         lines.append(seq_split_summary(cfg.model, setup))
     lines += ["", "# features", *features(cfg, lora),
-              "", "# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py)",
+              "", f"# memory per GPU (megaclm.model.flops.estimate_memory; tools/estimate_memory.py), "
+              f"{KERNELS_ASSUMED[reference_ops]}",
               memory.table(), "", "# deepspeed config", json.dumps(ds_config, indent=1)]
     return "\n".join(lines)
 
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
     if args.validate_only:
-        print(_summary(cfg, derived, model_vocab, ds_config, lora), flush=True)
+        print(_summary(cfg, derived, model_vocab, ds_config, lora, reference_ops=args.estimate_for == "cpu"),
+              flush=True)
         return 0
     try:
         return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, choice)

@@ -318,6 +318,10 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
                  "zero_optimization": {"stage": 0},
                  "pipeline": {"pipe_partitioned": not sequence_parallel, "grad_partitioned": not sequence_parallel}}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=recorder, config=ds_config)
+    if sequence_parallel:  # as build_engine does: the SP-replicated gradients summed once, at the step's end
+        from megaclm.training.engine import defer_sequence_parallel_grads
+
+        assert defer_sequence_parallel_grads(engine, pstate, zero_stage=0)
     mine = micro[2 * pstate.dp_rank: 2 * pstate.dp_rank + 2]
     # Weights act as the loss mask, scaled by the trainer's per-token normalisation over the global batch.
     data = [((ids, pos if pos is not None else torch.arange(T).expand(B, T), *(() if doc is None else (doc,))),

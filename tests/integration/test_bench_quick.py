@@ -1,10 +1,12 @@
 """bench/throughput.py --quick: the whole benchmark (HF eager, HF + torch.compile, HF + DeepSpeed
 ZeRO-2, megaclm's pretrain_gpt.py with torch ops and with --kernels fused, the micro-batch search) on
-tiny shapes on the CPU; bench/moe.py --quick (EP=1 vs EP=2 engines) likewise."""
+tiny shapes on the CPU; bench/moe.py --quick (EP=1 vs EP=2 engines) likewise; bench/efficiency.py --quick,
+the efficiency audit of every parallel layout against its budgets (issue 24)."""
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,12 +18,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "throughput.py"
 
 
+def _load_bench(name: str, path: pathlib.Path):
+    if name not in sys.modules:  # dataclasses look their module up in sys.modules
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def _bench_module():
-    if "bench_throughput" not in sys.modules:  # dataclasses look their module up in sys.modules
-        spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-        sys.modules["bench_throughput"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_throughput"])
-    return sys.modules["bench_throughput"]
+    return _load_bench("bench_throughput", SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +134,62 @@ def test_moe_bench_measures_what_the_memory_estimate_says():
     # holding each half), so only the weights shrink.
     assert data["ratios"]["weights"] < 0.8 and data["ratios"]["optimizer"] == pytest.approx(1.0, abs=0.01)
     assert "EP=2 / EP=1: weights" in proc.stdout
+
+
+def _efficiency_module():
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.append(str(ROOT / "bench"))  # its probes module sits beside it
+    return _load_bench("bench_efficiency", ROOT / "bench" / "efficiency.py")
+
+
+@pytest.fixture(scope="module")
+def efficiency_audit(tmp_path_factory):
+    """bench/efficiency.py --quick: every layout's real training step on 2 gloo ranks, audited (issue 24)."""
+    out = tmp_path_factory.mktemp("efficiency") / "audit.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    proc = subprocess.run([sys.executable, "bench/efficiency.py", "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_efficiency_audit_is_within_its_budgets(efficiency_audit):
+    proc, data = efficiency_audit
+    assert proc.returncode == 0 and data["over_budget"] == [], proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["layout"]: r for r in data["rows"]}
+    assert set(rows) == set(_efficiency_module().LAYOUTS)
+    for name in rows:
+        assert f"\n{name} " in proc.stdout  # one table row per layout
+    sp = rows["tp2-sp"]
+    # The SP column-parallel linears keep their local (B, T/2, H) input: 1/tp of tp1's bytes, within 5%.
+    assert sp["act_ratio"] < 0.5 * 1.05
+    # The SP-replicated gradients: one all-reduce per step, beside the vocab-parallel loss's 3 per micro-batch.
+    tp_all_reduces = sum(c["calls"] for c in sp["collectives"] if c["kind"] == "all-reduce" and c["group"] == "tp")
+    assert tp_all_reduces == 3 * 2 + 1, sp["collectives"]
+    # Host syncs are attributed to the line that makes them, e.g. the trainer's loss (megaclm/training/loop.py).
+    lines = rows["tp1"]["sync_lines"]
+    assert all(re.fullmatch(r"[\w/.-]+\.py:\d+", k) for k in lines), lines
+    assert any(k.startswith("megaclm/training/loop.py:") for k in lines), lines
+
+
+def test_memory_estimate_predicts_the_measured_activations(efficiency_audit):
+    """megaclm.model.flops (with the reference ops this CPU run executes) within 10% of every layout's
+    measured per-layer activation bytes."""
+    _, data = efficiency_audit
+    for r in data["rows"]:
+        assert r["act_per_layer"] == pytest.approx(r["estimate_act_per_layer"], rel=0.10), r["layout"]
+
+
+def test_efficiency_guards_catch_regressions():
+    """Each budget flags a row just past it (the guards CI relies on)."""
+    bench = _efficiency_module()
+    sh = bench.Shape(2, 64, 176, 64)
+    ok = {"layout": "tp2-sp", "act_ratio": 0.5, "act_excess": 1.0, "ideal_act_ratio": 0.5, "bytes": 100,
+          "analytic_bytes": 100, "calls": 10, "analytic_calls": 10, "flops_ratio": 1.0, "expected_flops_ratio": 1.0,
+          "syncs": bench.SYNC_BUDGET, "sync_lines": {}}
+    assert bench.budget_failures([ok], sh) == []
+    for change, message in [({"act_excess": 1.06}, "activations"), ({"bytes": 111}, "collective bytes"),
+                            ({"calls": 11 + bench.COLL_SLACK}, "collective calls"), ({"flops_ratio": 1.03}, "FLOPs"),
+                            ({"syncs": bench.SYNC_BUDGET + 1}, "host syncs")]:
+        failures = bench.budget_failures([{**ok, **change}], sh)
+        assert len(failures) == 1 and message in failures[0], (change, failures)

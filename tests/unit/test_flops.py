@@ -449,3 +449,35 @@ if __name__ == "__main__":  # the engine_bytes_per_param fixture's worker proces
     import json
     import sys
     print(json.dumps(_deepspeed_engine_bytes_per_param(int(sys.argv[1]), [0, 1, 2, 3])))
+
+
+def _activations(out: str) -> float:
+    return _table(out)["activations"]
+
+
+def test_validate_only_and_the_tool_estimate_the_same_on_any_host(tool, capsys, monkeypatch):
+    """Issue 24: --validate-only once assumed unfused attention on a host without CUDA (3.3x the tool's
+    activations for the same 1.3B flags). Both now assume the fused kernels and flash attention, with or
+    without CUDA, and say so; --estimate-for cpu counts the reference ops' extra fp32 saves."""
+    import megaclm.training.pretrain as pretrain
+
+    shape = ["--model-preset", "gpt2-1.3b", "--tensor-model-parallel-size", "2", "--zero-stage", "1",
+             "--micro-batch-size", "4", "--seq-length", "2048", "--bf16"]
+    train = ["--world-size", "8", "--global-batch-size", "16", "--train-iters", "10", "--mock-data",
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", "50256", "--validate-only"]
+    tool_argv = shape + ["--num-gpus", "8", "--vocab-size", "50257"]
+    assert tool.main(tool_argv) == 0
+    tool_out = capsys.readouterr().out
+    assert "kernels      activations for the fused CUDA ops and flash attention" in tool_out
+    seen = []
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert pretrain.main(shape + train) == 0
+        out = capsys.readouterr().out
+        assert "activations for the fused CUDA ops and flash attention (--estimate-for gpu)" in out
+        seen.append(_activations(out))
+    assert seen[0] == seen[1] == _activations(tool_out)
+    assert tool.main(tool_argv + ["--estimate-for", "cpu"]) == 0
+    cpu_out = capsys.readouterr().out
+    assert "reference ops of a CPU run (--estimate-for cpu)" in cpu_out
+    assert 1.05 < _activations(cpu_out) / _activations(tool_out) < 2.0
