@@ -168,7 +168,7 @@ def measure(rank: int, args, name: str) -> dict:
     from megaclm.model.flops import flops_per_token
     from megaclm.training.batch import build_batch_source
     from megaclm.training.engine import build_engine, build_model, init_distributed
-    from megaclm.training.loop import Progress, StopSignals, Trainer
+    from megaclm.training.loop import Progress, Trainer
     from megaclm.training.metrics import MetricsLogger
     from megaclm.training.schedules import build_schedule
 
@@ -194,14 +194,12 @@ def measure(rank: int, args, name: str) -> dict:
                       flops_per_token=lambda seq: flops_per_token(cfg.model, vocab, seq), peak_tflops=None,
                       checkpoint_meta={})
 
-    signals = StopSignals()
-
     def step():  # what Trainer.train does every iteration, without logging, evaluation and saving
         trainer._set_lr()
         loss, _ = trainer.train_step(cfg.data.seq_length)
         data.advance()
         progress.iteration += 1
-        trainer._should_stop(signals)
+        trainer._should_stop()
         return loss
 
     step()  # warm-up: DeepSpeed's lazily built buffers and groups
@@ -216,7 +214,6 @@ def measure(rank: int, args, name: str) -> dict:
             loss = step()
         colls.active = syncs.active = False
     saved.close()
-    signals.restore()
     metrics.close()
     first = saved.calls[0]
     params = [p for p in engine.module.parameters() if p.requires_grad]

@@ -380,11 +380,12 @@ class Trainer:
                               float(self.writer.status()) if writing else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if writing and int(flags[2]) != BUSY:  # every rank's asynchronous write is done: `latest` may move
-            self.writer.finish(int(flags[2]))
-        if flags[0]:
+        stop, over_time, status = flags.tolist()  # one host transfer
+        if writing and int(status) != BUSY:  # every rank's asynchronous write is done: `latest` may move
+            self.writer.finish(int(status))
+        if stop:
             return requested or "another rank was asked to stop"
-        if flags[1]:
+        if over_time:
             return f"--exit-duration-in-mins {t.exit_duration_in_mins}"
         if t.exit_interval and self.progress.iteration % t.exit_interval == 0:
             return f"--exit-interval {t.exit_interval}"
