@@ -4,9 +4,12 @@ A reader (or a crashed writer's successor) therefore sees either no file or a co
 never a truncated file under its final name. rename() is atomic on POSIX within one filesystem.
 """
 import contextlib
+import errno
 import os
 import tempfile
 from typing import IO, Iterator
+
+from megaclm.utils.errors import UserError
 
 
 def temp_path_for(path: str) -> str:
@@ -52,3 +55,17 @@ def remove_quietly(*paths: str) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: str) -> Iterator[None]:
+    """A write to `path` that runs out of space (or quota) -> one UserError naming the path, instead of
+    a bare OSError traceback deep in numpy or io (the caller removes its temporary files as usual)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(os.path.abspath(path))
+        raise UserError(f"no space left on device writing {path} ({e.strerror}); free space in {where} "
+                        "or write elsewhere") from e
