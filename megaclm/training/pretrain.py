@@ -32,6 +32,7 @@ from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
+from megaclm.training.batch_change import check_batch_change, saved_global_batch
 from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
@@ -105,6 +106,20 @@ def _check_data(cfg: Any, fingerprint: dict) -> None:
     check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
 
 
+def _check_batch_change(cfg: Any, derived: Any) -> None:
+    """Resuming with another --global-batch-size: say what continues, or refuse (megaclm.training.batch_change)."""
+    tag = _resume_tag(cfg)
+    if tag is None:
+        return
+    meta = read_meta(cfg.checkpoint.load, tag)
+    if meta.get("hf_model_type") is not None and "client" not in meta:
+        return  # an HF import: weights only, training starts at iteration 0
+    saved = saved_global_batch(read_config(cfg.checkpoint.load, tag), meta)
+    note = check_batch_change(cfg, derived, saved, meta["iteration"], f"--load {cfg.checkpoint.load}/{tag}")
+    if note and os.environ.get("RANK", "0") == "0":
+        log.info(note)
+
+
 def layout_line(cfg: Any, derived: Any) -> str:
     """e.g. "world 8 = tp 2 x ulysses 2 x dp 2 x pp 1 (rank order: tp fastest, then ulysses, dp, pp); each rank
     holds 8192 of 32768 tokens per sample (contiguous)"."""
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     lora = resolve_lora_base(c.load, c.ckpt_step, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
     fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
     _check_data(cfg, fingerprint)
+    _check_batch_change(cfg, derived)
     if args.validate_only:
         print(_summary(cfg, derived, model_vocab, ds_config, lora), flush=True)
         return 0
@@ -229,7 +245,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
                                 exit_on_missing=c.exit_on_missing_checkpoint, adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
-    data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
+    data = build_batch_source(cfg, derived, tokenizer.eod, pstate, resumed=state)
     if state is not None:
         data.load_state_dict(state["data"])
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
