@@ -23,16 +23,20 @@ from megaclm.config.derived import train_iters_for
 from megaclm.utils.errors import UserError
 
 
-def saved_global_batch(config_tree: dict, meta: dict) -> int:
-    """The checkpoint's global batch: its --global-batch-size, or the default micro batch x dp."""
-    training = config_tree.get("training", {})
-    return training.get("global_batch_size") or training["micro_batch_size"] * meta["data_parallel_size"]
+def saved_global_batch(config_tree: dict | None, meta: dict) -> int | None:
+    """The checkpoint's global batch: its --global-batch-size, or the default micro batch x dp (None: unknown)."""
+    training = (config_tree or {}).get("training", {})
+    if training.get("global_batch_size"):
+        return training["global_batch_size"]
+    if training.get("micro_batch_size") and meta.get("data_parallel_size"):
+        return training["micro_batch_size"] * meta["data_parallel_size"]
+    return None
 
 
-def check_batch_change(cfg: Any, derived: Any, saved: int, iteration: int, where: str) -> str | None:
-    """None if the global batch is unchanged; the info line saying what continues; or UserError."""
+def check_batch_change(cfg: Any, derived: Any, saved: int | None, iteration: int, where: str) -> str | None:
+    """None if the global batch is unchanged (or unknown); the info line saying what continues; or UserError."""
     new = derived.global_batch_size
-    if saved == new:
+    if saved is None or saved == new:
         return None
     change = f"--global-batch-size {new} differs from the checkpoint's {saved} ({where})"
     keep = f"resume with --global-batch-size {saved}"

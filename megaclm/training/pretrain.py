@@ -115,7 +115,7 @@ def _check_batch_change(cfg: Any, derived: Any) -> None:
     if meta.get("hf_model_type") is not None and "client" not in meta:
         return  # an HF import: weights only, training starts at iteration 0
     saved = saved_global_batch(read_config(cfg.checkpoint.load, tag), meta)
-    note = check_batch_change(cfg, derived, saved, meta["iteration"], f"--load {cfg.checkpoint.load}/{tag}")
+    note = check_batch_change(cfg, derived, saved, meta.get("iteration", 0), f"--load {cfg.checkpoint.load}/{tag}")
     if note and os.environ.get("RANK", "0") == "0":
         log.info(note)
 
