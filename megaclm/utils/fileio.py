@@ -66,6 +66,6 @@ def disk_full_is_an_error(path: str) -> Iterator[None]:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        where = os.path.dirname(os.path.abspath(path))
-        raise UserError(f"no space left on device writing {path} ({e.strerror}); free space in {where} "
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        raise UserError(f"{what} writing {path}; free space in {os.path.dirname(os.path.abspath(path))} "
                         "or write elsewhere") from e
