@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit data bench gpu-wheels gpu-check clean
+.PHONY: install demo test test-unit fuzz data bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,13 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
+
+# The layout fuzzer (README "Prove a layout"): N random layouts through tools/check_layout.py, then the
+# pinned regression cases; `make test` runs a fixed-seed sample of it.
+N    ?= 300
+SEED ?= 1
+fuzz: install
+	$(BIN)/python tests/fuzz/fuzz.py --n $(N) --seed $(SEED) --regressions
 
 # Full corpora for the benchmarks (not needed by tests or the demo).
 data: install

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, tier by tier: unit (one process), distributed (gloo, spawned ranks compared with
-# unsharded references), integration (the real deepspeed launcher, tiny models), gpu (skip without CUDA).
+# unsharded references), integration (the real deepspeed launcher, tiny models), fuzz (a fixed-seed sample
+# of the layout fuzzer through tools/check_layout.py), gpu (skip without CUDA).
 # The launcher's ranks leave 66 MiB /dev/shm buffers behind: remove the ones this run created.
 set -uo pipefail
 PY=${1:-python}
@@ -12,4 +13,4 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/distributed tests/integration tests/gpu
+"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/distributed tests/integration tests/fuzz tests/gpu
