@@ -50,6 +50,7 @@ def check_batch_change(cfg: Any, derived: Any, saved: int | None, iteration: int
         return s.lengths(train_iters_for(t, gbs, seq), gbs * seq, t.train_tokens, gbs)
 
     (unit, *before), (_, *after) = lengths(saved), lengths(new)
+    unit = "iterations" if unit == "iters" else unit
     if before != after:
         names = ("warmup", "decay", "WSD decay")
         moved = ", ".join(f"{n} {a:g} -> {b:g} {unit}" for n, a, b in zip(names, before, after) if a != b)

@@ -50,7 +50,7 @@ def test_resume_with_a_larger_global_batch_continues(corpus, saved_at_16):
 
 @pytest.mark.parametrize("extra, message", [
     (["--lr-decay-iters", "0", "--lr-decay-samples", "160"],  # 10 iterations of 16 samples, 5 of 32
-     "the lr schedule counts iters but its lengths are given in samples or tokens (decay 10 -> 5 iters)"),
+     "the lr schedule counts iterations but its lengths are given in samples or tokens (decay 10 -> 5 iterations)"),
     (["--curriculum-seqlen-start", "16", "--curriculum-seqlen-steps", "4"],
      "the sequence-length warmup and data-mixing phases are placed at steps of 16 samples"),
 ])

@@ -40,8 +40,8 @@ def test_allowed_when_the_lr_lengths_do_not_depend_on_the_batch(base, extra, lr)
 
 
 @pytest.mark.parametrize("extra, moved", [
-    (["--train-samples", "3200"], "decay 200 -> 100 iters"),  # the decay defaults to the run: iterations of G
-    (["--train-iters", "100", "--lr-warmup-samples", "320"], "warmup 20 -> 10 iters"),
+    (["--train-samples", "3200"], "decay 200 -> 100 iterations"),  # the decay defaults to the run: iterations of G
+    (["--train-iters", "100", "--lr-warmup-samples", "320"], "warmup 20 -> 10 iterations"),
     (["--train-iters", "100", "--lr-warmup-tokens", "6400"], "decay 102400 -> 204800 tokens"),
 ])
 def test_refused_when_the_lr_would_jump(base, extra, moved):
