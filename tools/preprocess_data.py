@@ -15,11 +15,13 @@ import sys
 import time
 
 from megaclm.config.megatron_compat import native_value
+from megaclm.data.indexed_dataset import data_file_path, index_file_path
 from megaclm.data.preprocess import EMPTY_DOC_RULE, Options, preprocess_partitioned
 from megaclm.data.readers import expand_inputs
 from megaclm.data.sentences import language_code
 from megaclm.logging import get_logger
 from megaclm.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError, cli_main
 
 log = get_logger("megaclm.preprocess")
@@ -36,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Files, globs or directories (searched recursively): .jsonl/.json (one JSON object per "
                         "line), optionally .gz/.zst compressed; .txt (whole file = one document); .csv and "
                         ".parquet (--json-keys name columns).")
-    g.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="Keys (columns) to tokenize; one dataset per key (default: text).")
+    g.add_argument("--json-keys", "--json-key", nargs="+", default=["text"],
+                   help="Keys (columns) to tokenize; one dataset per key (default: text). --json-key "
+                        "(train_tokenizer.py's spelling) is accepted too.")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="Skip (and count) malformed lines instead of stopping: bad JSON, missing key, "
                         "non-string value, invalid UTF-8.")
@@ -59,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
                    help="Writes {prefix}_{key}_document.bin/.idx; the directory must exist.")
+    g.add_argument("--overwrite", action="store_true",
+                   help="Replace existing datasets under --output-prefix (refused without it). The old files "
+                        "stay until the new ones are complete.")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="Tokenizing processes (default: the usable cores); 1 tokenizes in this process.")
@@ -112,15 +118,25 @@ class Progress:
             self.bar.close()
 
 
+def check_outputs_absent(prefixes: dict[str, str], overwrite: bool) -> None:
+    """Refuse to replace a dataset silently: it may be what a running training reads."""
+    existing = [p for prefix in prefixes.values() for p in (data_file_path(prefix), index_file_path(prefix))
+                if os.path.exists(p)]
+    if existing and not overwrite:
+        raise UserError(f"--output-prefix: {', '.join(existing)} already exist; pass --overwrite to replace them "
+                        "or choose another --output-prefix")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    level = "sentence" if args.split_sentences else "document"
+    prefixes = {k: f"{args.output_prefix}_{k}_{level}" for k in args.json_keys}
+    check_outputs_absent(prefixes, args.overwrite)
     files = expand_inputs(args.input)
     make_tokenizer = functools.partial(
         build_tokenizer, args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
         tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
     )
-    level = "sentence" if args.split_sentences else "document"
-    prefixes = {k: f"{args.output_prefix}_{k}_{level}" for k in args.json_keys}
     log.info(f"{len(files)} input file(s), {args.tokenizer_type}, {args.workers} worker(s), keys {args.json_keys}")
     opts = Options(keys=tuple(args.json_keys), append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
                    chunk_bytes=args.chunk_bytes, split_sentences=args.split_sentences, lang=args.lang,
@@ -129,6 +145,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         stats = preprocess_partitioned(files, prefixes, make_tokenizer, opts, args.workers, args.partitions, progress)
+    except KeyboardInterrupt:
+        # Stopped cleanly: workers ended, temporary files removed. Leave now: the interpreter's exit would
+        # join the process pool's threads, which a killed worker can leave blocked (preprocess._kill_workers).
+        progress.close()
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exitcodes.INTERRUPTED)
     finally:
         progress.close()
     dt = max(1e-9, time.perf_counter() - start)

@@ -72,7 +72,9 @@ def train_unigram(docs: Iterator[str], vocab_size: int, max_sentences: int, out_
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="Files, globs or directories (as preprocess_data.py).")
-    p.add_argument("--json-key", default="text", help="Key (column) holding the text (default: text).")
+    p.add_argument("--json-key", "--json-keys", default="text",
+                   help="Key (column) holding the text (default: text); --json-keys, preprocess_data.py's spelling, "
+                        "is accepted too.")
     p.add_argument("--type", choices=["bpe", "unigram"], default="bpe",
                    help="bpe: byte-level BPE with HF tokenizers; unigram: sentencepiece unigram.")
     p.add_argument("--vocab-size", type=int, required=True)

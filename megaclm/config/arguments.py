@@ -21,7 +21,9 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 import types
 import typing
 from typing import Any, Iterable
@@ -39,6 +41,34 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's floats with an exponent and no dot or no exponent sign.
+
+    PyYAML follows YAML 1.1, where `1e-3`, `3e-4`, `1E5`, `6e+2` and `1.0e5` are strings; YAML 1.2
+    (and every config in the wild) reads them as numbers. Quoted values stay strings.
+    """
+
+
+class _Yaml12Dumper(yaml.SafeDumper):
+    """The matching dumper: a string such as "1e-3" is written quoted, so it reads back as a string."""
+
+
+for _cls in (_Yaml12Loader, _Yaml12Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+
+
+def yaml_load(text_or_stream: Any) -> Any:
+    """yaml.safe_load with YAML 1.2 floats (`lr: 1e-3` is the number 0.001)."""
+    return yaml.load(text_or_stream, Loader=_Yaml12Loader)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +125,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if inner is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        return finite(float(value), path)
     if inner is str:
         # Numbers are accepted as strings: blend weights in `data_path: [0.3, A, 0.7, B]`.
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -119,13 +149,23 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def finite(value: float, path: str) -> float:
+    """Every float field of the config is a finite quantity (a rate, a coefficient, a length, a timeout):
+    inf and nan have no meaning for any of them, and would train on nan or never stop. Absent is null."""
+    if not math.isfinite(value):
+        raise UserError(f"{path}={value} is not a finite number; give a finite value")
+    return value
+
+
 def _scalar_converter(tp: Any, path: str):
     """argparse `type=` for one flag value, with an error naming the config path."""
 
     def convert(text: str):
         if tp in (int, float):
             try:
-                return tp(text) if tp is float else int(text)
+                return finite(float(text), path) if tp is float else int(text)
+            except UserError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
             except ValueError:
                 try:  # --train-tokens 1e11
                     f = float(text)
@@ -137,7 +177,7 @@ def _scalar_converter(tp: Any, path: str):
         if tp is str:
             return text
         try:  # nested structure on the command line: a YAML/JSON literal
-            return coerce(yaml.safe_load(text), tp, path)
+            return coerce(yaml_load(text), tp, path)
         except yaml.YAMLError as e:
             raise argparse.ArgumentTypeError(f"{path} expects {_type_name(tp)} as YAML/JSON, got {text!r}: {e}")
 
@@ -252,7 +292,7 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"--config {path}: no such file; pass the path of a YAML config file")
     try:
         with open(path, encoding="utf-8") as fh:
-            tree = yaml.safe_load(fh)
+            tree = yaml_load(fh)
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML: {e}")
     if tree is None:
@@ -337,4 +377,4 @@ def section_to_dict(obj: Any) -> dict[str, Any]:
 
 def dump_yaml(tree: dict) -> str:
     """YAML text of a {section: {field: value}} tree, readable back by --config."""
-    return yaml.safe_dump(json.loads(json.dumps(tree, default=list)), sort_keys=False)
+    return yaml.dump(json.loads(json.dumps(tree, default=list)), Dumper=_Yaml12Dumper, sort_keys=False)

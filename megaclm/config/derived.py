@@ -43,6 +43,15 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def train_iters_for(training: Any, global_batch_size: int, seq_length: int) -> int | None:
+    """The run's length in iterations at this global batch (None: no length given). Megatron-DeepSpeed's
+    --train-tokens may cap --train-iters/--train-samples: the first limit reached stops."""
+    t, gbs = training, global_batch_size
+    limits = [n for n in (t.train_iters, None if t.train_samples is None else -(-t.train_samples // gbs),
+                          None if t.train_tokens is None else -(-t.train_tokens // (gbs * seq_length))) if n is not None]
+    return min(limits) if limits else None
+
+
 def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) -> Derived:
     """`cfg` is a MegaclmConfig (or any object with parallel/training/data sections)."""
     tp = cfg.parallel.tensor_model_parallel_size
@@ -80,10 +89,7 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
                         "every warmup length is split across the sequence ranks; pass "
                         f"--curriculum-seqlen-multiple {chunks * max(1, d.curriculum_seqlen_multiple // chunks)}")
     tokens_per_step = gbs * seq
-    # Megatron-DeepSpeed's --train-tokens may cap --train-iters/--train-samples: the first limit reached stops.
-    limits = [n for n in (t.train_iters, None if t.train_samples is None else -(-t.train_samples // gbs),
-                          None if t.train_tokens is None else -(-t.train_tokens // tokens_per_step)) if n is not None]
-    iters = min(limits) if limits else None
+    iters = train_iters_for(t, gbs, seq)
     padded = None
     if vocab_size is not None:
         padded = pad_vocab_size(vocab_size, cfg.tokenizer.make_vocab_size_divisible_by, tp)

@@ -171,9 +171,9 @@ class Curriculum:
         return {"iteration": self.iteration, "consumed_tokens": self.consumed_tokens, "seqlen": self.seqlen,
                 "phase": self.phase}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, check_tokens: bool = True) -> None:
         self.iteration = int(state["iteration"])
-        if int(state["consumed_tokens"]) != self.consumed_tokens:
+        if check_tokens and int(state["consumed_tokens"]) != self.consumed_tokens:
             log.warning(f"curriculum: the checkpoint consumed {state['consumed_tokens']} tokens in "
                         f"{self.iteration} steps but this schedule gives {self.consumed_tokens}; the curriculum "
                         "flags changed since it was saved, continuing with the new schedule")

@@ -30,6 +30,7 @@ Worked example - two documents, tokens [5, 6, 7] and [8, 9], uint16:
     .bin = 05 00 06 00 07 00 08 00 09 00                       (10 bytes)
     .idx = magic | 01 00.. | 08 | 02 00.. | 03 00.. | sizes [3, 2] | pointers [0, 6] | doc_idx [0, 1, 2]
 """
+import contextlib
 import os
 import struct
 from typing import Iterable
@@ -37,7 +38,7 @@ from typing import Iterable
 import numpy as np
 
 from megaclm.utils.errors import UserError
-from megaclm.utils.fileio import remove_quietly, temp_path_for
+from megaclm.utils.fileio import disk_full_is_an_error, remove_quietly, temp_path_for
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -228,7 +229,7 @@ class IndexedDatasetBuilder:
         lens = np.asarray([arr.size] if lengths is None else lengths, dtype=np.int32)
         if int(lens.sum()) != arr.size:
             raise ValueError(f"lengths sum to {int(lens.sum())} but the document has {arr.size} tokens")
-        self._bin.write(arr.tobytes(order="C"))
+        self._write(arr)
         self._sizes.append(lens)
         self._n_seq += len(lens)
         self._doc_starts.append(np.array([self._n_seq], np.int64))
@@ -246,7 +247,7 @@ class IndexedDatasetBuilder:
             np.asarray(sequences_per_document, np.int64)
         if int(per_doc.sum()) != len(lens):
             raise ValueError(f"sequences_per_document sums to {int(per_doc.sum())} but {len(lens)} lengths were given")
-        self._bin.write(arr.tobytes(order="C"))
+        self._write(arr)
         self._sizes.append(lens)
         self._doc_starts.append(self._n_seq + np.cumsum(per_doc))
         self._n_seq += len(lens)
@@ -264,15 +265,21 @@ class IndexedDatasetBuilder:
         self._n_seq += len(other)
         with open(data_file_path(prefix), "rb") as src:
             while chunk := src.read(1 << 24):
-                self._bin.write(chunk)
+                self._write(chunk)
+
+    def _write(self, data: np.ndarray | bytes) -> None:
+        with disk_full_is_an_error(data_file_path(self.prefix)):
+            self._bin.write(data.tobytes(order="C") if isinstance(data, np.ndarray) else data)
 
     def finalize(self) -> None:
         """Close the data file and write the index; both appear atomically, `.idx` last."""
-        self._bin.close()
+        with disk_full_is_an_error(data_file_path(self.prefix)):
+            self._bin.close()  # flushes the last buffered tokens
         idx_tmp = temp_path_for(index_file_path(self.prefix))
         try:
             sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
-            write_index(idx_tmp, self.dtype, sizes, np.concatenate(self._doc_starts))
+            with disk_full_is_an_error(index_file_path(self.prefix)):
+                write_index(idx_tmp, self.dtype, sizes, np.concatenate(self._doc_starts))
             # .idx last: a reader that finds the .idx also finds the matching .bin.
             remove_quietly(index_file_path(self.prefix))
             os.replace(self._bin_tmp, data_file_path(self.prefix))
@@ -284,6 +291,6 @@ class IndexedDatasetBuilder:
 
     def abort(self) -> None:
         """Drop everything written so far; nothing appears under the final names."""
-        if not self._bin.closed:
+        with contextlib.suppress(OSError):  # flushing the buffer may fail again (a full disk): dropped anyway
             self._bin.close()
         remove_quietly(self._bin_tmp)

@@ -19,6 +19,7 @@ import queue
 import shutil
 import signal
 import tempfile
+import threading
 import traceback
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +32,7 @@ import numpy as np
 from megaclm.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
 from megaclm.data.readers import Chunk, file_format, iter_chunks, parse_chunk
 from megaclm.data.sentences import split_sentences
+from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
 
 EMPTY_DOC_RULE = (
@@ -185,11 +187,47 @@ def _encoded_in_order(chunks: Iterator[Chunk], make_tokenizer, tokenizer, opts, 
 
     try:
         yield ordered()
-    except BrokenProcessPool as e:
-        raise RuntimeError("a preprocessing worker died (out of memory? killed?); see the messages above") from e
-    finally:
+    except KeyboardInterrupt:
+        _kill_workers(pool)
+        raise
+    except BaseException as e:
         # Drop queued chunks; running ones finish (each is ~1 MiB, well under a second).
         pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(e, BrokenProcessPool):
+            raise RuntimeError("a preprocessing worker died (out of memory? killed?); see the messages above") from e
+        raise
+    pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Ctrl-C: end the workers now instead of waiting for the chunks in flight (a second Ctrl-C during that
+    wait used to leave the main process stuck in the executor's exit-time join, the workers alive).
+
+    Python 3.11's executor has no public way to end its workers (3.14 adds kill_workers()), hence
+    `_processes`. A worker killed while sending a result leaves the executor's manager thread blocked on
+    the half-written message, and Python's exit joins that thread: after a KeyboardInterrupt from here the
+    process must leave with os._exit (tools/preprocess_data.py and _partition_main do)."""
+    workers = list((pool._processes or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for w in workers:
+        w.kill()
+    for w in workers:
+        w.join(timeout=5)
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM during a short cleanup, so that a second Ctrl-C cannot cut it half-way (leaving
+    temporary files or live workers); the first signal is already on its way up as KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def preprocess(
@@ -199,10 +237,12 @@ def preprocess(
     opts: Options,
     workers: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
+    require_documents: bool = True,
 ) -> Stats:
     """Tokenize `files` into one dataset per key at `prefixes[key]`; returns the counts.
 
-    Nothing appears under the final names unless every dataset is complete.
+    Nothing appears under the final names unless every dataset is complete, and (`require_documents`)
+    holds at least one document: an empty result is a UserError saying why.
     """
     if len(opts.keys) > 1 and any(file_format(f)[0] == "txt" for f in files):
         raise UserError("a .txt input is one document with no keys; use a single --json-keys with .txt files")
@@ -212,7 +252,8 @@ def preprocess(
         tokenizer.eod  # noqa: B018 - fail now, not in a worker, when the tokenizer has no eod
     stats = Stats(keys={k: KeyStats() for k in opts.keys})
     chunks = (c for f in files for c in iter_chunks(f, list(opts.keys), opts.chunk_bytes))
-    with contextlib.ExitStack() as stack:
+    stack = contextlib.ExitStack()
+    try:
         builders = [stack.enter_context(IndexedDatasetBuilder(prefixes[k], dtype)) for k in opts.keys]
         encoded = stack.enter_context(_encoded_in_order(chunks, make_tokenizer, tokenizer, opts, dtype, workers))
         for r in encoded:
@@ -228,9 +269,33 @@ def preprocess(
             stats.bytes += r.nbytes
             if on_progress:
                 on_progress(r.documents, r.nbytes)
+        if require_documents:
+            check_documents_written(stats, files)
         for b in builders:
             b.finalize()
+    except BaseException as e:
+        with uninterruptible():  # workers stopped and temporary files removed, even on a second Ctrl-C
+            stack.__exit__(type(e), e, e.__traceback__)
+        raise
+    stack.close()
     return stats
+
+
+def check_documents_written(stats: Stats, files: list[str]) -> None:
+    """An empty dataset is never what the user wanted: refuse it, saying why it is empty."""
+    empty_keys = [k for k, s in stats.keys.items() if s.documents == 0]
+    if not empty_keys:
+        return
+    named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if stats.documents == 0 and stats.bad_lines:
+        why = f"all {stats.bad_lines} lines were skipped as bad (--skip-bad-lines) in {named}; fix the input"
+    elif stats.documents == 0:
+        why = f"the input holds no document (empty, or blank lines only): {named}"
+    else:
+        k = empty_keys[0]
+        why = (f"every one of the {stats.documents} documents' {k!r} tokenized to nothing (in {named}); "
+               "pass --append-eod to keep empty documents as a single eod")
+    raise UserError(f"0 documents written: {why}; nothing was written")
 
 
 def split_files(files: list[str], parts: int) -> list[list[str]]:
@@ -251,13 +316,15 @@ def split_files(files: list[str], parts: int) -> list[list[str]]:
 def _partition_main(index: int, files, prefixes, make_tokenizer, opts, workers, q) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt -> abort
     try:
+        # One empty partition is fine: the parent checks the whole.
         stats = preprocess(files, prefixes, make_tokenizer, opts, workers,
-                           on_progress=lambda docs, nbytes: q.put(("progress", docs, nbytes)))
+                           on_progress=lambda docs, nbytes: q.put(("progress", docs, nbytes)),
+                           require_documents=False)
         q.put(("done", index, stats))
     except UserError as e:
         q.put(("error", index, str(e), True))
     except KeyboardInterrupt:
-        pass
+        os._exit(exitcodes.INTERRUPTED)  # workers killed, files removed; see _kill_workers
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         q.put(("error", index, traceback.format_exc(), False))
 
@@ -310,6 +377,7 @@ def preprocess_partitioned(
                 raise UserError(msg[2]) if msg[3] else RuntimeError(f"partition {msg[1]} failed:\n{msg[2]}")
         for p in procs:
             p.join()
+        check_documents_written(stats, files)
         for k in opts.keys:
             with IndexedDatasetBuilder(prefixes[k], dtype) as b:
                 for pp in part_prefixes:
@@ -317,8 +385,14 @@ def preprocess_partitioned(
                 b.finalize()
         return stats
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
-        shutil.rmtree(tmp, ignore_errors=True)
+        with uninterruptible():
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()  # SIGTERM: the partition stops its own workers and exits
+            for p in procs:
+                if p.pid is not None:
+                    p.join(timeout=5)
+                    if p.is_alive():
+                        p.kill()
+                        p.join()
+            shutil.rmtree(tmp, ignore_errors=True)

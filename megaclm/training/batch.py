@@ -30,6 +30,7 @@ from megaclm.data.builder import build_train_valid_test
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.sampler import PretrainingSampler
 from megaclm.parallel.context import shard_sequence
+from megaclm.training.batch_change import samples_needed
 from megaclm.training.spike import extra_train_batches
 
 
@@ -53,7 +54,10 @@ class BatchSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.curriculum.load_state_dict(state["curriculum"])
+        # Saved at another global batch (allowed without a curriculum: training.batch_change), the schedule's
+        # token count differs by design, not because the curriculum flags changed.
+        same_batch = state["sampler"]["global_batch_size"] == self.derived.global_batch_size
+        self.curriculum.load_state_dict(state["curriculum"], check_tokens=same_batch)
         self._train_iter = None
 
     def seq_length_at(self, progress: Any) -> int:
@@ -119,11 +123,19 @@ class BatchSource:
             yield self._finish(_collate([dataset[i] for i in b]), seqlen)
 
 
-def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any) -> BatchSource:
-    """Datasets sized for the run (Megatron's counts; evaluation reuses its first eval_iters batches)."""
+def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any,
+                       resumed: dict | None = None) -> BatchSource:
+    """Datasets sized for the run (Megatron's counts; evaluation reuses its first eval_iters batches).
+    `resumed`: the checkpoint's state, when it was saved at another global batch (the samples it consumed
+    are not train_iters x the new batch; megaclm.training.batch_change)."""
     gbs = derived.global_batch_size
     eval_samples = cfg.training.eval_iters * gbs
-    train_samples = (derived.train_iters + extra_train_batches(cfg.training)) * gbs  # + room for skipped batches
+    extra = extra_train_batches(cfg.training)  # room for the batches spike rollbacks skip
+    train_samples = (derived.train_iters + extra) * gbs
+    if resumed is not None and resumed["data"]["sampler"]["global_batch_size"] != gbs:
+        p = resumed["progress"]
+        train_samples = max(train_samples, extra * gbs + samples_needed(
+            cfg.training, gbs, derived.seq_length, p["iteration"], p["consumed_samples"], p["consumed_tokens"]))
     datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=train_samples,
                                       valid_samples=eval_samples, test_samples=eval_samples, eod_id=eod_id,
                                       global_batch_size=gbs, vocab_size=derived.vocab_size)

@@ -38,6 +38,7 @@ from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
+from megaclm.training.batch_change import check_batch_change, saved_global_batch
 from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agreed
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
@@ -68,14 +69,15 @@ def _tokenizer_text(t: Any) -> str:
     return " ".join([f"--tokenizer-type {t.tokenizer_type}", *files])
 
 
-def _checks_on(cfg: Any, tag: str | None, tokenizer: Any, padded: int, fingerprint: dict) -> tuple[int, str, Any]:
+def _checks_on(cfg: Any, derived: Any, tag: str | None, tokenizer: Any, fingerprint: dict) -> tuple[int, str, Any]:
     """Everything checked against the checkpoint `tag` a run loads (None: none): (model vocabulary, where it comes
     from, resolve_lora_base's answer or None without LoRA). Run once in `main` and again if the tag changes."""
     c = cfg.checkpoint
-    model_vocab, vocab_source = _model_vocab(cfg, tag, tokenizer.vocab_size, padded)
+    model_vocab, vocab_source = _model_vocab(cfg, tag, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
     lora = resolve_lora_base(c.load, tag, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
     _check_data(cfg, None if c.finetune else tag, fingerprint)
+    _check_batch_change(cfg, derived, None if c.finetune else tag)
     return model_vocab, vocab_source, lora
 
 
@@ -116,6 +118,20 @@ def _check_data(cfg: Any, tag: str | None, fingerprint: dict) -> None:
         log.warning(f"--override-data-fingerprint: not comparing the data with {cfg.checkpoint.load}/{tag}'s")
         return
     check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
+
+
+def _check_batch_change(cfg: Any, derived: Any, tag: str | None) -> None:
+    """Resuming (from `tag`; None: a fresh start or a weights-only load) with another --global-batch-size: say what
+    continues, or refuse (megaclm.training.batch_change)."""
+    if tag is None:
+        return
+    meta = read_meta(cfg.checkpoint.load, tag)
+    if meta.get("hf_model_type") is not None and "client" not in meta:
+        return  # an HF import: weights only, training starts at iteration 0
+    saved = saved_global_batch(read_config(cfg.checkpoint.load, tag), meta)
+    note = check_batch_change(cfg, derived, saved, meta.get("iteration", 0), f"--load {cfg.checkpoint.load}/{tag}")
+    if note and os.environ.get("RANK", "0") == "0":
+        log.info(note)
 
 
 def layout_line(cfg: Any, derived: Any) -> str:
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
     derived = derive(cfg, world, model_vocab_size(cfg.tokenizer, tokenizer))
     fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
-    model_vocab, vocab_source, lora = _checks_on(cfg, choice.tag, tokenizer, derived.padded_vocab_size, fingerprint)
+    model_vocab, vocab_source, lora = _checks_on(cfg, derived, choice.tag, tokenizer, fingerprint)
     check_token_ids(cfg.data, tokenizer.vocab_size, model_vocab, _tokenizer_text(cfg.tokenizer), vocab_source)
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
@@ -253,8 +269,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         if c.load is not None:
             verified = verify_checksums(c.load, choice, c.ckpt_step, c.verify_checkpoint_checksums)
             if verified.tag != choice.tag:  # fell back: the older tag must fit what was built from the newer one
-                vocab, vocab_source, lora = _checks_on(cfg, verified.tag, tokenizer, derived.padded_vocab_size,
-                                                       fingerprint)
+                vocab, vocab_source, lora = _checks_on(cfg, derived, verified.tag, tokenizer, fingerprint)
                 if vocab != model_vocab:
                     raise UserError(f"--load {c.load}: the fallback checkpoint {verified.tag} has a vocabulary of "
                                     f"{vocab}, not {model_vocab} as {choice.tag}; pass --ckpt-step to choose the "
@@ -312,7 +327,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
                                 layout=run_layout(pstate, cfg.training.zero_stage), adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
-    data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
+    data = build_batch_source(cfg, derived, tokenizer.eod, pstate, resumed=state)
     if state is not None:
         data.load_state_dict(state["data"])
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,

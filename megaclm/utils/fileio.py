@@ -4,9 +4,12 @@ A reader (or a crashed writer's successor) therefore sees either no file or a co
 never a truncated file under its final name. rename() is atomic on POSIX within one filesystem.
 """
 import contextlib
+import errno
 import os
 import tempfile
 from typing import IO, Iterator
+
+from megaclm.utils.errors import UserError
 
 
 def temp_path_for(path: str) -> str:
@@ -54,3 +57,17 @@ def remove_quietly(*paths: str) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: str) -> Iterator[None]:
+    """A write to `path` that runs out of space (or quota) -> one UserError naming the path, instead of
+    a bare OSError traceback deep in numpy or io (the caller removes its temporary files as usual)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        raise UserError(f"{what} writing {path}; free space in {os.path.dirname(os.path.abspath(path))} "
+                        "or write elsewhere") from e

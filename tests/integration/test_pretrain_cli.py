@@ -60,6 +60,8 @@ def good(prefix: str) -> list[str]:
      "data.seq_length=62 is not divisible by 4"),
     (["--ds-sequence-parallel-size", "2", "--curriculum-seqlen-start", "8", "--curriculum-seqlen-steps", "4",
       "--curriculum-seqlen-multiple", "9"], {"WORLD_SIZE": "2"}, "must be multiples of 2"),
+    (["--lr", "inf"], {}, "argument --lr: optimizer.lr=inf is not a finite number"),
+    (["--adam-eps", "nan"], {}, "argument --adam-eps: optimizer.adam_eps=nan is not a finite number"),
 ])
 def test_config_errors_exit_with_one_line(prefix, extra, env, message):
     r = cli(good(prefix) + extra, env)
@@ -107,6 +109,21 @@ def test_validate_only_prints_config_and_derived(prefix):
     assert tree["model"]["hidden_size"] == 64 and tree["training"]["bf16"] is True
     ds = json.loads(out.split("# deepspeed config")[1])
     assert ds["train_batch_size"] == 8 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
+
+
+def test_yaml_numbers_with_an_exponent_are_floats(prefix, tmp_path):
+    """YAML 1.2 floats (PyYAML's YAML 1.1 reads `1e-3` as a string); a quoted value stays a string."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  lr: 1e-3\n  min_lr: 3e-4\n  clip_grad: 6e+2\n"
+                    "model:\n  init_method_std: .5\nlogging:\n  wandb_project: \"1e-3\"\n")
+    r = cli(good(prefix) + ["--validate-only", "--config", str(path)])
+    assert r.returncode == 0, r.stderr
+    tree = _resolved(r.stdout)
+    assert (tree["optimizer"]["lr"], tree["optimizer"]["min_lr"], tree["optimizer"]["clip_grad"]) == (1e-3, 3e-4, 600.0)
+    assert tree["model"]["init_method_std"] == 0.5 and tree["logging"]["wandb_project"] == "1e-3"
+    path.write_text("optimizer:\n  lr: .inf\n")
+    r = cli(good(prefix) + ["--validate-only", "--config", str(path)])
+    assert r.returncode == 2 and "error: optimizer.lr=inf is not a finite number" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("script", ["pretrain_gpt2_125m.sh", "pretrain_gpt_1.3b.sh"])

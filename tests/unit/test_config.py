@@ -3,6 +3,7 @@ derived values, the DeepSpeed JSON and its consistency checks, and lr schedules 
 import dataclasses
 import json
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -183,6 +184,39 @@ def test_config_errors(base, extra, world, msg):
 def test_hang_watchdog_is_on_by_default_and_0_turns_it_off(base):
     assert parse(base)[0].training.hang_timeout_s == 1800.0
     assert parse(base + ["--hang-timeout-s", "0"])[0].training.hang_timeout_s == 0.0
+
+
+def _float_fields():
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if arguments._strip_optional(hints[f.name])[0] is float and f.metadata.get("cli", True):
+                yield section, f
+
+
+def test_every_float_field_refuses_inf_and_nan(base, tmp_path):
+    """One generic check: no float of the config means anything as inf or nan (lr, betas, eps, std, timeouts)."""
+    fields = list(_float_fields())
+    assert {"optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.clip_grad", "optimizer.adam_beta1",
+            "optimizer.adam_eps", "model.init_method_std"} <= {f"{s}.{f.name}" for s, f in fields}
+    for section, f in fields:
+        flag = arguments.flag_names(f)[0]
+        for text in ("inf", "nan", "1e999"):
+            with pytest.raises(UserError, match=rf"argument {flag}: {section}\.{f.name}=(inf|nan) is not a finite"):
+                parse(base + [flag, text])
+        for value in (float("-inf"), float("nan")):
+            with pytest.raises(UserError, match=rf"^{section}\.{f.name}=-?(inf|nan) is not a finite number"):
+                parse(base + ["--config", write_yaml(tmp_path, {section: {f.name: value}})])
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3e-4", 3e-4), ("1E5", 1e5), ("-2e-5", -2e-5), (".5", 0.5),
+                                         ("6e+2", 600.0), ("1.0e5", 1e5), ("1_000", 1000), ('"1e-3"', "1e-3"),
+                                         ("'6e+2'", "6e+2"), ("1e", "1e"), ("e5", "e5")])
+def test_yaml_reads_yaml_1_2_floats(text, value):
+    got = arguments.yaml_load(f"x: {text}")["x"]
+    assert got == value and type(got) is type(value)
+    # and a string that looks like one is written quoted, so it reads back as a string
+    assert arguments.yaml_load(arguments.dump_yaml({"x": str(value)}))["x"] == str(value)
 
 
 def test_run_length_is_required(base):

@@ -1,5 +1,6 @@
 """tools/preprocess_data.py: formats, keys, workers/partitions equivalence, empty documents, and
 every bad input (errors name file and line; nothing is left under a final name)."""
+import contextlib
 import csv
 import gzip
 import importlib.util
@@ -118,6 +119,13 @@ def test_several_keys_each_get_a_finalized_dataset(tool, capsys, tmp_path, gpt2)
     assert "o_title_document: 6 documents" in out
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o_text_document.bin", "o_text_document.idx",
                                             "o_title_document.bin", "o_title_document.idx"]
+
+
+def test_json_key_spelling_of_train_tokenizer_is_accepted(tool, capsys, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"body": "1 2"}], blank_line=False)
+    run(tool, capsys, "--input", tmp_path / "in.jsonl", "--json-key", "body", "--output-prefix", tmp_path / "o",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", 10, "--workers", 1)
+    assert read_docs(tmp_path / "o_body_document") == [[1, 2]]
 
 
 def test_inputs_as_glob_and_directory_keep_order(tool, capsys, tmp_path):
@@ -288,6 +296,80 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, bad_lines):
     assert "Traceback" not in proc.stderr
 
 
+def cli(*argv, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *map(str, argv)], capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def test_empty_or_all_bad_input_writes_nothing(tmp_path):
+    """0 documents is never a dataset: rc 2 saying why, and no file under the output prefix."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n{"title": "x"}\nnot json\n')
+    null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", 100, "--output-prefix", out / "o"]
+    err = one_error_line(cli("--input", tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", *null, "--workers", 1))
+    assert err == (f"error: 0 documents written: the input holds no document (empty, or blank lines only): "
+                   f"{tmp_path / 'empty.jsonl'}, {tmp_path / 'blank.jsonl'}; nothing was written")
+    err = one_error_line(cli("--input", tmp_path / "bad.jsonl", *null, "--skip-bad-lines", "--workers", 2))
+    assert err == (f"error: 0 documents written: all 3 lines were skipped as bad (--skip-bad-lines) in "
+                   f"{tmp_path / 'bad.jsonl'}; fix the input; nothing was written")
+    assert os.listdir(out) == []
+
+
+def test_partitions_refuse_only_an_empty_whole(tool, capsys, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "1 2"}\n')
+    (tmp_path / "b.jsonl").write_text("\n")  # one empty partition is fine
+    argv = ["--tokenizer-type", "NullTokenizer", "--vocab-size", 100, "--workers", 2, "--partitions", 2]
+    run(tool, capsys, "--input", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--output-prefix", tmp_path / "ok", *argv)
+    assert read_docs(tmp_path / "ok_text_document") == [[1, 2]]
+    expect_error(tool, tmp_path, "0 documents written: the input holds no document", "--input", tmp_path / "b.jsonl",
+                 tmp_path / "b.jsonl", *argv)
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"text": "1 2"}\n{"text": "3"}\n')
+    argv = ["--tokenizer-type", "NullTokenizer", "--vocab-size", 100, "--workers", 1, "--output-prefix", tmp_path / "o"]
+    assert cli("--input", tmp_path / "in.jsonl", *argv).returncode == 0
+    before = files_of(tmp_path / "o_text_document")
+    # Refused before any work: the input is not even read (a missing file would be the other error).
+    err = one_error_line(cli("--input", tmp_path / "missing.jsonl", *argv))
+    prefix = tmp_path / "o_text_document"
+    assert err == (f"error: --output-prefix: {prefix}.bin, {prefix}.idx already exist; pass --overwrite to replace "
+                   "them or choose another --output-prefix")
+    assert files_of(prefix) == before
+    (tmp_path / "in.jsonl").write_text('{"text": "4"}\n')
+    assert cli("--input", tmp_path / "in.jsonl", *argv, "--overwrite").returncode == 0
+    assert read_docs(prefix) == [[4]]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only: CI and the dev machine run as root), unmounted afterwards."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_disk_full_is_one_line_naming_the_file(tmp_path, tmpfs):
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"text": "{" ".join(["7"] * 500)}"}}\n' for _ in range(2000)))
+    proc = cli("--input", tmp_path / "in.jsonl", "--output-prefix", tmpfs / "o", "--tokenizer-type", "NullTokenizer",
+               "--vocab-size", 100, "--workers", 2)  # 1M tokens x 2 bytes: twice the space there is
+    err = one_error_line(proc)
+    assert err == f"error: no space left on device writing {tmpfs / 'o_text_document.bin'}; free space in {tmpfs} or write elsewhere"
+    assert os.listdir(tmpfs) == []  # neither a final name nor a temporary file
+
+
 @pytest.fixture(scope="module")
 def big_input(tmp_path_factory):
     """~8 MB of Wikipedia lines, and a vocab.json with new bytes (same ids) so the slower HF
@@ -299,8 +381,10 @@ def big_input(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig):
+@pytest.mark.parametrize("sig, twice", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)])
+def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig, twice):
+    """SIGTERM, Ctrl-C, and Ctrl-C twice (which used to hang in the executor's exit-time join, workers left
+    behind): exit 130 within 2 s, every worker gone, no file left."""
     out = tmp_path / "out"
     out.mkdir()
     cmd = [sys.executable, str(TOOL), "--input", str(big_input / "big.jsonl"), "--output-prefix", str(out / "o"),
@@ -316,12 +400,22 @@ def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig):
     assert len(family) >= 3  # main, forkserver, workers
     assert [n for n in os.listdir(out) if n.endswith(".tmp")]  # mid-run: data under temp names
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, rest
-    assert "interrupted" in rest and "Traceback" not in rest, rest
-    assert os.listdir(out) == []  # neither final names nor temp files
+    if twice:
+        time.sleep(0.05)  # within the first one's clean-up
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    try:
+        code = proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        code = "still running 2 s after the signal"
     time.sleep(0.5)
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    for pid in alive:  # a failed run must not leave processes behind
+        os.kill(pid, signal.SIGKILL)
+    rest = proc.stderr.read()
+    assert code == 130, (code, rest)
+    assert "interrupted" in rest and "Traceback" not in rest, rest
+    assert os.listdir(out) == []  # neither final names nor temp files
     assert alive == []
 
 

@@ -59,3 +59,11 @@ def test_errors(tool, tmp_path):
     assert not (tmp_path / "y" / "tokenizer.model").exists()
     with pytest.raises(UserError, match="no such file"):
         tool.main(["--input", str(tmp_path / "none.jsonl"), "--vocab-size", "300", "--output-dir", str(tmp_path / "z")])
+
+
+def test_json_keys_spelling_of_preprocess_data_is_accepted(tool, tmp_path):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"body": f"line {i} of text"}) + "\n" for i in range(50)))
+    assert tool.main(["--input", str(tmp_path / "in.jsonl"), "--json-keys", "body", "--vocab-size", "300",
+                      "--output-dir", str(tmp_path / "t")]) == 0
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "t"))
+    assert len(tok.tokenize(" of text")) < len(" of text")  # merges learned from the "body" values
