@@ -252,6 +252,17 @@ class MLP(nn.Module):
         return self.fc2(h)  # (B, S, H)
 
 
+def recompute(function, *args):
+    """Run `function(*args)` under DeepSpeed's activation checkpoint (it replays the RNG tracker, so dropout
+    matches): the reentrant one when an input requires grad, else the non-reentrant one. Under LoRA the frozen
+    embedding feeds the first layers an input without grad, and the reentrant checkpoint would then give the
+    adapters inside no gradient at all (the loss would not even have a grad_fn)."""
+    needs_grad = any(torch.is_tensor(a) and a.requires_grad for a in args)
+    checkpoint = (deepspeed.checkpointing.checkpoint if needs_grad
+                  else deepspeed.checkpointing.non_reentrant_checkpoint)
+    return checkpoint(function, *args)
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm block: h + drop(attn(norm(h))), then + drop(mlp(norm(.))).
     (B, S, H) -> ((B, S, H), router loss ()): the MoE router losses of this layer, 0 for a dense MLP."""
@@ -389,7 +400,9 @@ class GPTModel(nn.Module):
                     total = total + loss
                 return x, total
 
-            recompute = c.recompute_method == "uniform" or n < k
-            h, loss = deepspeed.checkpointing.checkpoint(run, h, position_ids) if recompute else run(h, position_ids)
+            if c.recompute_method == "uniform" or n < k:
+                h, loss = recompute(run, h, position_ids)
+            else:
+                h, loss = run(h, position_ids)
             router_loss = router_loss + loss
         return h, router_loss

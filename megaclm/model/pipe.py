@@ -37,7 +37,7 @@ from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.compiled import compile_blocks
-from megaclm.model.gpt import Embedding, LayerInputs, Norm, TransformerLayer, output_logits
+from megaclm.model.gpt import Embedding, LayerInputs, Norm, TransformerLayer, output_logits, recompute
 from megaclm.model.lora import freeze_base
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -70,8 +70,7 @@ class TransformerLayerPipe(TransformerLayer):
         h, position_ids, *document_ids = inputs
         attn, ring = self.layer_inputs(position_ids, document_ids[0] if document_ids else None, h.dtype, self.training)
         if self.recompute_self and torch.is_grad_enabled():
-            h = deepspeed.checkpointing.checkpoint(
-                lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring)[0], h, position_ids)
+            h = recompute(lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring)[0], h, position_ids)
         else:
             h, _ = super().forward(h, position_ids, attn, ring)  # dense layers only: MoE is refused with pp > 1
         return (h, position_ids, *document_ids)
@@ -144,7 +143,7 @@ class GPTPipelineModule(PipelineModule):
             partition_method="parameters" if partition_method == "parameters" else "type:TransformerLayerPipe",
             activation_checkpoint_interval=(config.recompute_num_layers if config.recompute_full
                                             and config.recompute_method == "uniform" else 0),
-            activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
+            activation_checkpoint_func=recompute,
             checkpointable_layers=["TransformerLayerPipe"])
         self.config, self.pstate = config, pstate
         if config.recompute_full and config.recompute_method == "block":

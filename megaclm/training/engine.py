@@ -181,6 +181,11 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
             ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config)
+        # Under its bf16 optimizer DeepSpeed's tied-gradient all-reduce reads `_hp_grad` of every tied weight, which
+        # that optimizer gives to trainable weights only: a frozen tied embedding (LoRA) has no gradient to reduce.
+        for weight, _ in engine.module.get_tied_weights_and_groups():
+            if not weight.requires_grad and not hasattr(weight, "_hp_grad"):
+                weight._hp_grad = None
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config, mpu=pstate)

@@ -13,7 +13,7 @@ from cases import MAX_RANKS, sample
 from fuzz import groups, pinned
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_SEED, SAMPLE_N = 7, 6
+SAMPLE_SEED, SAMPLE_N = 7, 4
 
 
 def test_sampler_covers_every_axis_value_within_the_rank_limit():
