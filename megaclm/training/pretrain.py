@@ -38,6 +38,7 @@ from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
+from megaclm.utils.launch_env import rank_env_from_slurm
 
 log = get_logger("megaclm.train")
 
@@ -161,6 +162,9 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopted = rank_env_from_slurm()  # srun without a launcher (MODE=deepspeed): before anything reads RANK
+    if adopted and os.environ["RANK"] == "0":
+        log.info(adopted)
     cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION, stored_config=read_config)
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
