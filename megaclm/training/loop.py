@@ -72,20 +72,20 @@ class Progress:
 
 
 class StopSignals:
-    """Remember SIGTERM / SIGUSR1 instead of dying, so the loop can save and exit at a step boundary."""
+    """Remember SIGTERM / SIGUSR1 instead of dying, so the loop can save and exit at a step boundary.
+
+    Never uninstalled: a signal after the loop (srun --kill-on-bad-exit sends SIGTERM to the other ranks once
+    the first has exited, and a rank whose peer died may be raising) must not turn the rank's exit status into
+    143; pretrain.main ignores both signals from the end of the run on.
+    """
 
     def __init__(self):
         self.received: int | None = None
-        self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signum
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _to_float(x: Any) -> float | None:
@@ -414,7 +414,6 @@ class Trainer:
             if self.writer is not None:
                 self.writer.wait()
         finally:
-            signals.restore()
             if self.watchdog is not None:
                 self.watchdog.close()
         return reason

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 from typing import Any
 
 import torch
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint)
     finally:
+        # The run is over (finished, stopped or failed): a stop request has nothing left to stop. Once the
+        # first rank has exited, srun --kill-on-bad-exit sends SIGTERM to the others, which must not turn
+        # their exit status (76, 75, 1) into 143; Python's handlers are gone during interpreter shutdown.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,11 +48,12 @@ def free_ports(n: int) -> list[int]:
 
 
 def _alive(pid_file: Path, name: str) -> int | None:
-    """The pid in pid_file if that process is still a `name`, else None."""
+    """The pid in pid_file if that process is still a running `name` (not a zombie), else None."""
     try:
         pid = int(pid_file.read_text())
-        return pid if Path(f"/proc/{pid}/comm").read_text().strip() == name else None
-    except (OSError, ValueError):
+        comm, state = re.match(r"\d+ \((.*)\) (\S)", Path(f"/proc/{pid}/stat").read_text()).groups()
+        return pid if comm == name and state != "Z" else None
+    except (OSError, ValueError, AttributeError):
         return None
 
 
@@ -63,13 +65,17 @@ class LocalSlurm:
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         # Node names: the host itself, or n1, n2 (a NodeName equal to the host name is refused with 2 slurmd)
         self.node_names = [self.host] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
+        # munged wants every folder above its socket open to all (x), and a socket path is short (108 bytes):
+        # pytest's tmp folders are neither, so the socket lives in a folder of its own under /tmp.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="megaclm-munge-"))
+        self.socket_dir.chmod(0o755)
+        self.socket = self.socket_dir / "munge.socket"
 
     # ---- daemons ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         for d in ("munge", "state", "spool", "log", "run"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        (self.root / "munge").chmod(0o755)  # munge clients (slurm) must reach the socket
         key = self.root / "munge/munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
@@ -80,10 +86,6 @@ class LocalSlurm:
         for name in self.node_names:
             self._run(["slurmd", "-f", str(self.conf)] + (["-N", name] if self.nodes > 1 else []))
         self._wait_idle()
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "munge/munge.socket.2"
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = free_ports(1 + self.nodes)
@@ -152,6 +154,7 @@ class LocalSlurm:
                 time.sleep(0.2)
             if _alive(f, name):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def logs(self, tail: int = 30) -> str:
         out = []
@@ -171,6 +174,10 @@ class LocalSlurm:
         r = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=self.env, capture_output=True,
                            text=True, check=True)
         return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+    def signal_batch_shell(self, job_id: int, sig: str) -> None:
+        """What `#SBATCH --signal=B:<sig>@<seconds>` sends before the time limit: the batch script's shell only."""
+        subprocess.run(["scancel", "--batch", f"--signal={sig}", str(job_id)], env=self.env, check=True, timeout=30)
 
     def scontrol(self, *args: str) -> None:
         subprocess.run(["scontrol", *args], env=self.env, check=True, capture_output=True, timeout=30)
