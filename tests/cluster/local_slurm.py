@@ -22,6 +22,7 @@ from pathlib import Path
 PACKAGES = "slurmctld slurmd slurm-client munge"
 INSTALL_HINT = (f"the SLURM tests need Debian's {PACKAGES} and root: run `make test-slurm` (installs them with "
                 f"apt-get, then runs tests/cluster), or `apt-get install --no-install-recommends {PACKAGES}`")
+REQUEUE_WAIT_S = 10
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 
 
@@ -102,7 +103,8 @@ class LocalSlurm:
             "# a test cluster: loopback only, no accounting, no cgroups, no GRES",
             f"ClusterName=megaclmtest", f"SlurmctldHost={self.host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={self.socket}", f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
+            # cred_expire: a requeued job waits this long (default 120 s) before it runs again
+            f"AuthInfo=socket={self.socket},cred_expire={REQUEUE_WAIT_S}", f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
             f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd-%n.log",
             f"PlugStackConfig={r}/plugstack.conf",
@@ -178,6 +180,3 @@ class LocalSlurm:
     def signal_batch_shell(self, job_id: int, sig: str) -> None:
         """What `#SBATCH --signal=B:<sig>@<seconds>` sends before the time limit: the batch script's shell only."""
         subprocess.run(["scancel", "--batch", f"--signal={sig}", str(job_id)], env=self.env, check=True, timeout=30)
-
-    def scontrol(self, *args: str) -> None:
-        subprocess.run(["scontrol", *args], env=self.env, check=True, capture_output=True, timeout=30)

@@ -10,7 +10,7 @@ tests/cluster/local_slurm.py), in test mode (CPU_ONLY=1), on a tiny GPT (2 layer
       limit or a preemption) -> every rank saves and exits 76 -> the script requeues -> the job resumes from the
       checkpoint; then rank 1 is SIGSTOPped -> rank 0's hang watchdog exits 75 -> requeue -> resume -> the job
       finishes (COMPLETED after 2 restarts). Every loss the job logged, in every run, equals the reference's.
-A requeued job waits ~2 minutes (BeginTime); the test moves its start to now.
+A requeued job waits cred_expire (SLURM's default 120 s, 10 s in the test's slurm.conf) before it runs again.
 """
 from __future__ import annotations
 
@@ -94,11 +94,9 @@ class Job:
             return self.losses_logged() >= count
         self.wait_for(logged, f"{count} losses logged")
 
-    def restart_when_requeued(self, restarts: int) -> None:
-        """Wait for the script's requeue, then start the job now instead of after SLURM's ~2 min BeginTime."""
-        self.wait_for(lambda: self.info()["Restarts"] == str(restarts) and self.info()["JobState"] == "PENDING",
-                      f"requeue {restarts}")
-        self.cluster.scontrol("update", f"JobId={self.id}", "StartTime=now")
+    def wait_requeued(self, restarts: int) -> None:
+        """Wait for the script's requeue (the job runs again REQUEUE_WAIT_S later, local_slurm's cred_expire)."""
+        self.wait_for(lambda: self.info()["Restarts"] == str(restarts), f"requeue {restarts}")
 
     def wait_done(self) -> dict[str, str]:
         done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
@@ -153,11 +151,11 @@ def preempt_then_stall(cluster: LocalSlurm, corpus: str, save: Path, mode: str) 
     job = Job(cluster, save, corpus, mode, nodes=2, ranks_per_node=1, MASTER_ADDR="127.0.0.1")
     job.wait_until_logged(3)
     cluster.signal_batch_shell(job.id, "USR1")
-    job.restart_when_requeued(1)
+    job.wait_requeued(1)
     first_run = job.losses_logged()
     job.wait_until_logged(first_run + 5)  # past a checkpoint (--save-interval 4)
     job.rank_process(1).send_signal(signal.SIGSTOP)
-    job.restart_when_requeued(2)
+    job.wait_requeued(2)
     second_run = job.losses_logged()
     return job, job.wait_done(), [first_run, second_run]
 
