@@ -110,7 +110,8 @@ class LocalSlurm:
             f"PlugStackConfig={r}/plugstack.conf",
             # task/none: two slurmd on one host would otherwise pin both nodes' tasks to the same core
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none", "SwitchType=switch/none",
-            "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",  # a requeued job starts soon after cred_expire "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "ReturnToService=2", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "JobCompType=jobcomp/none",
             "MinJobAge=3600",  # keep finished jobs visible to `scontrol show job` (no accounting here)

@@ -34,6 +34,7 @@ from test_pretrain import REPO, base_args, corpus, records, remove_shm_buffers  
 pytestmark = pytest.mark.slow
 
 ITERS = 24
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def flags(corpus: str) -> list[str]:
@@ -89,7 +90,7 @@ class Job:
 
     def wait_until_logged(self, count: int) -> None:
         def logged() -> bool:
-            if self.info()["JobState"] not in ("RUNNING", "PENDING", "CONFIGURING"):
+            if self.info()["JobState"] in ENDED:
                 self.fail(f"ended before {count} losses were logged")
             return self.losses_logged() >= count
         self.wait_for(logged, f"{count} losses logged")
@@ -99,8 +100,7 @@ class Job:
         self.wait_for(lambda: self.info()["Restarts"] == str(restarts), f"requeue {restarts}")
 
     def wait_done(self) -> dict[str, str]:
-        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-        self.wait_for(lambda: self.info()["JobState"] in done, "the end")
+        self.wait_for(lambda: self.info()["JobState"] in ENDED, "the end")
         return self.info()
 
     def rank_process(self, rank: int) -> psutil.Process:
