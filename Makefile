@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-slurm slurm-install data bench gpu-wheels gpu-check clean
+.PHONY: install demo test test-unit test-slurm slurm-install fuzz data bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ slurm-install:
 
 test-slurm: install slurm-install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
+
+# The layout fuzzer (README "Prove a layout"): N random layouts through tools/check_layout.py, then the
+# pinned regression cases; `make test` runs a fixed-seed sample of it.
+N    ?= 300
+SEED ?= 1
+fuzz: install
+	$(BIN)/python tests/fuzz/fuzz.py --n $(N) --seed $(SEED) --regressions
 
 # Full corpora for the benchmarks (not needed by tests or the demo).
 data: install

@@ -17,6 +17,8 @@ On-disk layout of `--save DIR` (every file written atomically; `latest` last):
                                                    holds the rest), and with ZeRO-0 one optimizer file
                                                    per EP rank, expp_rank_{EP}_mp_rank_{TP:02d}_optim_states.pt
         megaclm/config.json          the resolved config tree (MegaclmConfig.to_dict())
+        megaclm/manifest.json        every file of the tag (meta.json included) with its size and xxh3 checksum,
+                                     written before meta.json; checked at load (megaclm.checkpoint.manifest)
         megaclm/meta.json            iteration, consumed samples/tokens, tp/pp/dp/world sizes,
                                      padded and tokenizer vocab sizes, zero stage, precision;
                                      written last: a tag without it is incomplete

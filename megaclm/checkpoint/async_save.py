@@ -12,7 +12,9 @@ fp32 model shard: tensors are copied to CPU buffers (the optimizer updates its s
 after) that stay allocated and are reused by the next save, so `--async-save` costs one host-memory
 copy of the rank's checkpoint for the whole run (pinned, on GPU, for fast device-to-host copies). A background thread writes
 each file under a temporary name, fsyncs it and renames it (megaclm.utils.fileio.atomic_write), then
-fsyncs the directories.
+fsyncs the directories; each file is checksummed as it is written (`write_files` returns the
+manifest entries, megaclm.checkpoint.manifest). A synchronous save writes DeepSpeed's files the same
+way, through `WritingCheckpointEngine`.
 
 Completion is agreed on before anything points to the new tag: `latest` moves only after every
 rank's thread has written and fsynced its files (MAX over the ranks' status), so a crash at any
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
+from megaclm.checkpoint.manifest import HashingFile
 from megaclm.utils.fileio import atomic_write
 
 DONE, BUSY, FAILED = 0, 1, 2  # ordered: MAX over the ranks is the worst
@@ -54,6 +57,26 @@ def cpu_copy(obj: Any, staging: dict[str, torch.Tensor], key: str) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v, staging, f"{key}/{i}") for i, v in enumerate(obj))
     return obj
+
+
+class WritingCheckpointEngine(CheckpointEngine):
+    """DeepSpeed's files written as megaclm writes its own: atomically, fsynced, checksummed on the way."""
+
+    def __init__(self, inner: CheckpointEngine):
+        super().__init__()
+        self.inner, self.entries = inner, {}
+
+    def create(self, info):
+        pass
+
+    def save(self, state_dict, path: str):
+        self.entries.update(write_files([(path, state_dict)]))
+
+    def load(self, path: str, map_location=None):
+        return self.inner.load(path, map_location)
+
+    def commit(self, info):
+        return True
 
 
 class CapturingCheckpointEngine(CheckpointEngine):
@@ -80,32 +103,44 @@ class CapturingCheckpointEngine(CheckpointEngine):
         return False  # cpu_copy already gives every tensor its own storage
 
 
-def capture_deepspeed_files(engine: Any, save_dir: str, tag: str, client_state: dict,
-                            staging: dict[str, torch.Tensor],
-                            exclude_frozen_parameters: bool = False) -> list[tuple[str, Any]]:
-    """Run DeepSpeed's save (collective, as usual) with the capturing engine; returns (path, object) pairs."""
+def deepspeed_save(engine: Any, checkpoint_engine: CheckpointEngine, save_dir: str, tag: str, client_state: dict,
+                   exclude_frozen_parameters: bool = False) -> CheckpointEngine:
+    """Run DeepSpeed's save (collective, as usual) through `checkpoint_engine`; returns it."""
     original = engine.checkpoint_engine
-    engine.checkpoint_engine = CapturingCheckpointEngine(original, staging)
+    engine.checkpoint_engine = checkpoint_engine
     try:
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=exclude_frozen_parameters)
-        return engine.checkpoint_engine.files
+        return checkpoint_engine
     finally:
         engine.checkpoint_engine = original
 
 
-def write_files(files: list[tuple[str, Any]]) -> None:
-    """torch.save each object atomically (temp name, fsync, rename), then fsync the directories."""
+def capture_deepspeed_files(engine: Any, save_dir: str, tag: str, client_state: dict,
+                            staging: dict[str, torch.Tensor],
+                            exclude_frozen_parameters: bool = False) -> list[tuple[str, Any]]:
+    """Run DeepSpeed's save with the capturing engine; returns (path, object) pairs."""
+    capturing = CapturingCheckpointEngine(engine.checkpoint_engine, staging)
+    return deepspeed_save(engine, capturing, save_dir, tag, client_state, exclude_frozen_parameters).files
+
+
+def write_files(files: list[tuple[str, Any]]) -> dict[str, dict]:
+    """torch.save each object atomically (temp name, fsync, rename), then fsync the directories; returns
+    {path: manifest entry (size, checksum)}, computed from the bytes as they were written."""
+    entries = {}
     for path, obj in files:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_write(path) as f:
-            torch.save(obj, f)
+            hashed = HashingFile(f)
+            torch.save(obj, hashed)
+        entries[path] = hashed.entry()
     for d in sorted({os.path.dirname(p) for p, _ in files}):
         fd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(fd)  # the renames themselves
         finally:
             os.close(fd)
+    return entries
 
 
 class AsyncCheckpointWriter:
@@ -113,8 +148,9 @@ class AsyncCheckpointWriter:
 
     def __init__(self):
         self._thread: threading.Thread | None = None
-        self._finalize: Callable[[], None] | None = None
+        self._finalize: Callable[[dict[str, dict]], None] | None = None
         self._error: BaseException | None = None
+        self._entries: dict[str, dict] = {}  # manifest entries of the files this rank wrote
         self.tag: str | None = None
         self.staging: dict[str, torch.Tensor] = {}  # CPU buffers reused by every save (capture_deepspeed_files)
 
@@ -128,7 +164,9 @@ class AsyncCheckpointWriter:
             return BUSY
         return FAILED if self._error is not None else DONE
 
-    def submit(self, tag: str, files: list[tuple[str, Any]], finalize: Callable[[], None], pause_s: float = 0.0):
+    def submit(self, tag: str, files: list[tuple[str, Any]], finalize: Callable[[dict[str, dict]], None],
+               pause_s: float = 0.0):
+        """Write `files` in the background; `finalize(entries)` runs on every rank once all are written."""
         assert not self.pending, f"a save of {self.tag} is still pending; wait() for it first"
         self.tag, self._finalize, self._error = tag, finalize, None
         self._thread = threading.Thread(target=self._write, args=(files, pause_s), name="megaclm-async-save",
@@ -137,7 +175,7 @@ class AsyncCheckpointWriter:
 
     def _write(self, files: list[tuple[str, Any]], pause_s: float) -> None:
         try:
-            write_files(files)
+            self._entries = write_files(files)
             time.sleep(pause_s)  # test hook (MEGACLM_TEST_SAVE_PAUSE_S): hold the write open
         except BaseException as e:  # reported to every rank through status()
             self._error = e
@@ -151,7 +189,7 @@ class AsyncCheckpointWriter:
             raise RuntimeError(f"asynchronous save of {tag} failed on "
                                f"{'this rank: ' + repr(self._error) if self._error else 'another rank'}; "
                                "`latest` still names the previous checkpoint")
-        finalize()
+        finalize(self._entries)
 
     def wait(self) -> None:
         """Collective: block until every rank's pending write is done, then finish it."""

@@ -2,16 +2,21 @@
 
 Collective: every rank calls `save_checkpoint` / `load_checkpoint` (layout: megaclm.checkpoint).
 Order of a save, so that a crash at any point leaves the previous checkpoint loadable:
-    1. rank 0 removes a stale `megaclm/meta.json` of the same tag (a save of this tag that died)
-    2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`)
+    1. rank 0 removes the directories of saves that never finished (no meta.json), and a stale
+       `megaclm/meta.json` + manifest of the same tag (a save of this tag that died)
+    2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`), through
+       megaclm's checkpoint engine: atomically, each file checksummed as it is written
     3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard and its full Adam
-       moments (megaclm.checkpoint.universal), atomically
-    4. barrier; rank 0 writes config.json + meta.json, then `latest` (atomic rename)
+       moments (megaclm.checkpoint.universal), atomically, checksummed
+    4. barrier; rank 0 gathers every rank's (file, size, checksum) and writes config.json, the manifest,
+       meta.json, then `latest` (atomic renames)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
 With `--async-save` steps 2-3 write CPU copies in a background thread and step 4's barrier is the
 ranks' agreement that every thread finished (megaclm.checkpoint.async_save).
 `latest` therefore only ever names a tag whose meta.json exists, and a tag without meta.json is
-incomplete.
+incomplete. Loading verifies the tag against its manifest first (`verify_checksums`: sizes always,
+checksums spread over the ranks unless --no-verify-checkpoint-checksums) and falls back to the
+previous intact tag (megaclm.checkpoint.manifest.choose_tag).
 
 LoRA (meta.json has "lora_base": {"dir", "tag"}): DeepSpeed's files and megaclm's shards hold the
 trainable adapters only (`exclude_frozen_parameters`); the frozen base is read from the named base
@@ -29,9 +34,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
-from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, META, is_complete, iteration_of, read_best,
-                                      read_config, read_latest, read_meta, tag_for)
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from megaclm.checkpoint.async_save import (AsyncCheckpointWriter, WritingCheckpointEngine, capture_deepspeed_files,
+                                           cpu_copy, deepspeed_save, write_files)
+from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, is_complete, iteration_of,
+                                      read_best, read_config, read_latest, read_meta, tag_for, tags_on_disk)
+from megaclm.checkpoint.manifest import (Choice, check_checksums, choose_tag, read_file, read_manifest,
+                                         share_of, write_manifest)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
 from megaclm.checkpoint.shards import model_shard_file
 from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
@@ -68,8 +78,9 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     tag = tag_for(iteration)
     ckpt = os.path.join(save_dir, tag)
     if _rank() == 0:
+        remove_partial_tags(save_dir)
         os.makedirs(os.path.join(ckpt, "megaclm"), exist_ok=True)
-        remove_quietly(os.path.join(ckpt, META))
+        remove_quietly(os.path.join(ckpt, META), os.path.join(ckpt, MANIFEST))
     _barrier()
     client_state = {CLIENT_KEY: client_state}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
@@ -77,9 +88,13 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     # Test hook: widen the window between the data files and `latest` so a test can kill the run mid-save.
     pause = float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0"))
 
-    def finalize() -> None:
+    def finalize(entries: dict[str, dict]) -> None:  # collective
+        gathered = [None] * dist.get_world_size() if dist.is_initialized() and _rank() == 0 else None
+        if dist.is_initialized():
+            dist.gather_object(entries, gathered, dst=0)
         if _rank() == 0:
-            _complete(save_dir, tag, config_tree, {**meta, "tag": tag, "iteration": iteration}, total_limit)
+            every = {os.path.relpath(path, ckpt): entry for part in gathered or [entries] for path, entry in part.items()}
+            _complete(save_dir, tag, config_tree, {**meta, "tag": tag, "iteration": iteration}, every, total_limit)
             if on_complete is not None:
                 on_complete()
 
@@ -93,23 +108,26 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
         writer.submit(tag, files, finalize, pause_s=pause)
         return tag
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=adapters_only)
+    entries = deepspeed_save(engine, WritingCheckpointEngine(engine.checkpoint_engine), save_dir, tag, client_state,
+                             adapters_only).entries
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
     optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)
-    write_files([rng_file] + [f for f in (shard, optim) if f is not None])
+    entries.update(write_files([rng_file] + [f for f in (shard, optim) if f is not None]))
     time.sleep(pause)
     _barrier()
-    finalize()
+    finalize(entries)
     _barrier()
     return tag
 
 
-def _complete(save_dir: str, tag: str, config_tree: dict, meta: dict, total_limit: int | None) -> None:
-    """Rank 0, once every rank's files are written: config.json, meta.json, then `latest`; prune."""
+def _complete(save_dir: str, tag: str, config_tree: dict, meta: dict, entries: dict[str, dict],
+              total_limit: int | None) -> None:
+    """Rank 0, once every rank's files are written: config.json, the manifest, meta.json, then `latest`; prune."""
     ckpt = os.path.join(save_dir, tag)
     _write_text(os.path.join(ckpt, CONFIG), json.dumps(config_tree, indent=1))
-    _write_text(os.path.join(ckpt, META), json.dumps(meta, indent=1))
+    meta_text = json.dumps(meta, indent=1)
+    write_manifest(ckpt, entries, {META: meta_text.encode()})
+    _write_text(os.path.join(ckpt, META), meta_text)
     _write_text(os.path.join(save_dir, LATEST), tag)
     if total_limit is not None:
         prune(save_dir, total_limit)
@@ -122,9 +140,22 @@ def mark_best(save_dir: str, tag: str, val_loss: float) -> None:
         _write_text(os.path.join(save_dir, BEST), json.dumps({"tag": tag, "val_loss": val_loss}))
 
 
+def remove_partial_tags(save_dir: str) -> list[str]:
+    """Rank 0, at the start of a save: delete the tags whose save never finished (no meta.json), except the
+    one `latest` names (never expected; left for a person to look at). Only a save calls it: the run holds
+    --save by then, and an asynchronous save in flight has been waited for."""
+    latest = read_latest(save_dir)
+    doomed = [t for t in tags_on_disk(save_dir) if not is_complete(save_dir, t) and t != latest]
+    for t in doomed:
+        shutil.rmtree(os.path.join(save_dir, t), ignore_errors=True)
+    if doomed:
+        log.info(f"removed {', '.join(doomed)} from {save_dir}: saves that did not finish (no {META})")
+    return doomed
+
+
 def prune(save_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` tags; the `latest` and `best` ones always stay."""
-    tags = sorted((t for t in os.listdir(save_dir) if iteration_of(t) is not None), key=iteration_of)
+    """Delete all but the newest `keep` complete tags; the `latest` and `best` ones always stay."""
+    tags = sorted((t for t in tags_on_disk(save_dir) if is_complete(save_dir, t)), key=iteration_of)
     kept = set(tags[-keep:]) | {read_latest(save_dir), (read_best(save_dir) or {}).get("tag")}
     doomed = [t for t in tags if t not in kept]
     for t in doomed:
@@ -134,13 +165,12 @@ def prune(save_dir: str, keep: int) -> list[str]:
     return doomed
 
 
-def resolve_lora_base(load_dir: str | None, ckpt_step: int | None, finetune: bool, lora: dict) -> tuple[dict, bool]:
+def resolve_lora_base(load_dir: str | None, tag: str | None, finetune: bool, lora: dict) -> tuple[dict, bool]:
     """LoRA run: ({"dir", "tag"} of the checkpoint with the frozen base, whether --load is a LoRA checkpoint).
 
     --load is either a full checkpoint (the base itself; --finetune: the adapters start fresh) or a LoRA
-    run's checkpoint, whose base it names and whose adapter settings (`lora`: the lora config section)
-    must be this run's."""
-    tag = None if load_dir is None else tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+    run's checkpoint (`tag`: the one this run loads, choose_tag's), whose base it names and whose adapter
+    settings (`lora`: the lora config section) must be this run's."""
     if tag is None:
         raise UserError(f"--lora-rank {lora['lora_rank']} needs --load BASE: a megaclm checkpoint (pretrain_gpt.py "
                         f"--save, or tools/checkpoint/convert_hf.py import) whose frozen weights the adapters train "
@@ -189,25 +219,76 @@ def _layout_text(layout: tuple[int, ...], other: tuple[int, ...]) -> str:
     return text + (f", EP {layout[4] or 1}" if max(layout[4] or 1, other[4] or 1) > 1 else "")
 
 
-def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None, finetune: bool = False,
+def resolve_load(load_dir: str, ckpt_step: int | None, exit_on_missing: bool = False) -> Choice:
+    """The checkpoint a run loads from --load (megaclm.checkpoint.manifest.choose_tag: names and sizes, no
+    process group needed); tag None: a fresh start."""
+    choice = choose_tag(load_dir, ckpt_step)
+    if choice.tag is None and exit_on_missing:
+        raise UserError(f"--load {load_dir}: no checkpoint there (no `latest`) and --exit-on-missing-checkpoint "
+                        "is set; pass the directory a run saved into, or drop the flag to start from scratch")
+    return choice
+
+
+def verify_checksums(load_dir: str, choice: Choice, ckpt_step: int | None, checksums: bool = True) -> Choice:
+    """Collective: compare the chosen tag's files with its manifest's checksums, each rank a share of the
+    files; a mismatch rejects the tag and asks `choose_tag` for the next intact one (a pinned --ckpt-step is
+    refused). Logs the outcome on rank 0 (loudly when it fell back); returns the final choice."""
+    while checksums and choice.tag is not None:
+        ckpt = os.path.join(load_dir, choice.tag)
+        entries = read_manifest(ckpt)
+        if entries is None:
+            break
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = check_checksums(ckpt, share_of(entries, _rank(), world), entries)
+        problems = [mine]
+        if dist.is_initialized():
+            problems = [None] * world
+            dist.all_gather_object(problems, mine)
+        problem = next((p for p in problems if p is not None), None)
+        if problem is None:
+            break
+        choice = choose_tag(load_dir, ckpt_step, {**choice.rejected, choice.tag: problem})
+    if _rank() == 0:
+        for level, line in choice.report(load_dir):
+            getattr(log, level)(line)
+    return choice
+
+
+class _NamingCheckpointEngine(CheckpointEngine):
+    """DeepSpeed's reads through its own engine, with the file named when one fails (torch's errors, such as
+    "failed finding central directory", do not name it)."""
+
+    def __init__(self, inner: CheckpointEngine):
+        super().__init__()
+        self.inner = inner
+
+    def create(self, info):
+        self.inner.create(info)
+
+    def save(self, state_dict, path: str):
+        self.inner.save(state_dict, path)
+
+    def load(self, path: str, map_location=None):
+        return read_file(path, lambda: self.inner.load(path, map_location))
+
+    def commit(self, info):
+        return self.inner.commit(info)
+
+
+def load_checkpoint(engine: Any, load_dir: str, tag: str | None, *, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    layout: tuple[int, ...] | None = None, exit_on_missing: bool = False,
-                    adapters: bool = False) -> dict | None:
-    """Load the tagged checkpoint into `engine`; returns megaclm's client state (plus this rank's RNG
-    states under "rng", to apply with `restore_rng`), or None if there is nothing to load (no
-    `latest`: a fresh start) or when `finetune` (weights only: progress restarts).
+                    layout: tuple[int, ...] | None = None, adapters: bool = False) -> dict | None:
+    """Load checkpoint `tag` (resolve_load + verify_checksums's) into `engine`; returns megaclm's client state
+    (plus this rank's RNG states under "rng", to apply with `restore_rng`), or None if there is nothing to
+    load (tag None: a fresh start) or when `finetune` (weights only: progress restarts).
 
     `layout` is the run's `run_layout` (tp, pp, dp, zero stage, ep). The same layout loads DeepSpeed's own files
     (bit-exact resume); another one, or a checkpoint written offline (tools/checkpoint/reshard.py),
     loads megaclm's layout-independent files (megaclm.checkpoint.universal: weights, Adam moments
     and step, progress, data position; no RNG states).
     `adapters`: --load is a LoRA checkpoint (resolve_lora_base) and the base weights are loaded already."""
-    tag = tag_for(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
-        if exit_on_missing:
-            raise UserError(f"--load {load_dir}: no checkpoint there (no `latest`) and --exit-on-missing-checkpoint "
-                            "is set; pass the directory a run saved into, or drop the flag to start from scratch")
-        log.warning(f"--load {load_dir}: no `latest` checkpoint there; starting from scratch")
+        log.warning(f"--load {load_dir}: no checkpoint there; starting from scratch")
         return None
     if not is_complete(load_dir, tag):
         raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "
@@ -233,8 +314,13 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
                      f"{_layout_text(layout, saved)} ({'weights, Adam state' if load_optim else 'weights'}, progress, "
                      "data position; RNG states start fresh)")
         return state
-    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
-                                          load_lr_scheduler_states=False, load_module_strict=not adapters)
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = _NamingCheckpointEngine(original)
+    try:
+        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
+                                              load_lr_scheduler_states=False, load_module_strict=not adapters)
+    finally:
+        engine.checkpoint_engine = original
     if path is None:
         raise UserError(f"--load {load_dir}: DeepSpeed could not load {tag}")
     if not load_optim and not engine.zero_optimization():
@@ -252,7 +338,7 @@ def load_checkpoint(engine: Any, load_dir: str, *, ckpt_step: int | None = None,
         rng_file = os.path.join(load_dir, tag, "megaclm", "rng", f"rank_{_rank():05d}.pt")
         world = dist.get_world_size() if dist.is_initialized() else 1
         if state.get("world_size") == world and os.path.isfile(rng_file):
-            state["rng"] = torch.load(rng_file, weights_only=False)
+            state["rng"] = read_file(rng_file, lambda: torch.load(rng_file, weights_only=False))
         else:
             log.warning(f"RNG states not restored (saved with world size {state.get('world_size')}, now {world}); "
                         "the run continues but is not bit-identical to an uninterrupted one")

@@ -2,10 +2,11 @@
 
 `--save DIR` holds one folder per tag (`iter_0000100`, Megatron's 7-digit naming), megaclm's own
 `latest` (the newest complete tag) and `best`; a tag is complete once its `megaclm/meta.json` exists
-(written last by megaclm.checkpoint.deepspeed_ckpt.save_checkpoint). Everything else in the package
-imports these names from here, so the package reads top-down:
+(written last by megaclm.checkpoint.deepspeed_ckpt.save_checkpoint, right after `megaclm/manifest.json`,
+the list of every file with its size and checksum: megaclm.checkpoint.manifest). Everything else in the
+package imports these names from here, so the package reads top-down:
 
-    layout  <-  shards  <-  weights  <-  deepspeed_ckpt        (offline: layout, shards)
+    layout  <-  manifest  <-  shards  <-  weights  <-  deepspeed_ckpt        (offline: layout, manifest, shards)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ LATEST = "latest"
 BEST = "best"
 META = os.path.join("megaclm", "meta.json")
 CONFIG = os.path.join("megaclm", "config.json")
+MANIFEST = os.path.join("megaclm", "manifest.json")
 CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which also holds DeepSpeed's keys)
 _TAG = re.compile(r"^iter_(\d{7,})$")
 
@@ -46,6 +48,14 @@ def read_best(ckpt_dir: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def tags_on_disk(ckpt_dir: str) -> list[str]:
+    """Every `iter_*` directory in `ckpt_dir`, newest first (complete or not)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if iteration_of(t) is not None and os.path.isdir(os.path.join(ckpt_dir, t))]
+    return sorted(tags, key=iteration_of, reverse=True)
 
 
 def is_complete(ckpt_dir: str, tag: str) -> bool:

@@ -10,7 +10,7 @@
     OUT/<tag>/layer_{M}_expert_{E}_mp_rank_{TP:02d}_model_states.pt   MoE: DeepSpeed's per-expert files (routed
                                                        expert E of the M-th MoE layer), left out of `module`
     OUT/<tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}.pt   megaclm's fp32 shards (megaclm.checkpoint.shards)
-    OUT/<tag>/megaclm/config.json, meta.json
+    OUT/<tag>/megaclm/config.json, manifest.json (every file's size and checksum), meta.json
 
 No optimizer files: a run continues from it with --finetune (weights only, read from megaclm's shards
 by megaclm.checkpoint.weights, for any layout and ZeRO stage) or, when `client_state` carries megaclm's
@@ -34,6 +34,7 @@ import deepspeed
 import torch
 
 from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, tag_for
+from megaclm.checkpoint.manifest import write_manifest
 from megaclm.checkpoint.shards import shard_name
 from megaclm.checkpoint.universal import MOMENTS
 from megaclm.config.model import ModelConfig, check_parallel_shapes
@@ -164,10 +165,12 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
                  "world_size": tp * pp, "padded_vocab_size": padded_vocab, "precision": "fp32"}
         with open(os.path.join(ckpt, CONFIG), "w") as f:
             json.dump(tree, f, indent=1)
+        # written_by: `--load` takes megaclm's layout-independent files, not DeepSpeed's (module-only) ones.
+        meta_text = json.dumps({**(meta or {}), **sizes, "tag": tag, "iteration": iteration, "written_by": "offline"},
+                               indent=1)
+        write_manifest(ckpt, {}, {META: meta_text.encode()})  # every file hashed from disk: no ranks to share it
         with open(os.path.join(ckpt, META), "w") as f:
-            # written_by: `--load` takes megaclm's layout-independent files, not DeepSpeed's (module-only) ones.
-            json.dump({**(meta or {}), **sizes, "tag": tag, "iteration": iteration, "written_by": "offline"}, f,
-                      indent=1)
+            f.write(meta_text)
         for rel, src in (extra_files or {}).items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             shutil.copyfile(src, os.path.join(tmp, rel))

@@ -33,11 +33,17 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from megaclm.checkpoint.layout import read_latest, read_meta
+from megaclm.checkpoint.manifest import read_file
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.model.sharding import expert_id, globalize_experts, split_stacked_experts, unshard_state_dicts
 from megaclm.utils.errors import UserError
 
+
+
+def torch_load(path: str, mmap: bool = False) -> Any:
+    """torch.load of a checkpoint file onto the CPU; a damaged file is a UserError naming it."""
+    return read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=False, mmap=mmap))
 
 def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:03d}" + (f"_ep{ep_rank:03d}" if ep_rank else "") + ".pt"
@@ -105,7 +111,7 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, kind: str = "
         tree = json.load(f)
     model_cfg = ModelConfig(**tree["model"])
     files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, "tp*_pp*.pt")))
-    shards = [torch.load(p, map_location="cpu", weights_only=False) for p in files]
+    shards = [torch_load(p) for p in files]
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     ep = meta.get("expert_model_parallel_size", 1)
     if len(shards) != tp * pp * ep:

@@ -40,7 +40,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
 from megaclm.checkpoint.layout import read_meta
-from megaclm.checkpoint.shards import shard_file
+from megaclm.checkpoint.shards import shard_file, torch_load
 from megaclm.checkpoint.weights import load_weights, shard_for
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.utils.errors import UserError
@@ -136,8 +136,7 @@ def _set_moments(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step:
 
 def saved_adam_step(ckpt_dir: str, tag: str) -> int:
     folder = os.path.join(ckpt_dir, tag, "megaclm", "optim")
-    return max(torch.load(os.path.join(folder, f), map_location="cpu", weights_only=False, mmap=True)["step"]
-               for f in os.listdir(folder))
+    return max(torch_load(os.path.join(folder, f), mmap=True)["step"] for f in os.listdir(folder))
 
 
 def has_optimizer_shards(ckpt_dir: str, tag: str) -> bool:

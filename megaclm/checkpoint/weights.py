@@ -24,7 +24,7 @@ from deepspeed.pipe import PipelineModule
 
 from megaclm.checkpoint.layout import read_meta
 from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
-from megaclm.checkpoint.shards import load_full_state_dict, shard_tensors
+from megaclm.checkpoint.shards import load_full_state_dict, shard_tensors, torch_load
 from megaclm.model.pipe import load_plain_state_dict
 from megaclm.model.sharding import localize_experts, shard_state_dict
 from megaclm.utils.errors import UserError
@@ -34,7 +34,7 @@ def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any, kind: str,
     """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages and expert-parallel ranks."""
     out: dict[str, torch.Tensor] = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, f"tp{tp_rank:02d}_pp*.pt"))):
-        shard = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        shard = torch_load(path, mmap=True)
         for key, tensor in shard_tensors(shard, field, config).items():
             out.setdefault(key, tensor)
     return out

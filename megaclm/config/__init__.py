@@ -115,12 +115,15 @@ def world_size_from_env(default: int | None = None) -> int:
 def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None = None,
                add_arguments: Callable[[Any], None] | None = None, prog: str | None = None,
                description: str | None = None, world_size: int | None = None,
-               stored_config: Callable[[str], dict | None] | None = None) -> ParsedArgs:
+               stored_config: Callable[[str, int | None], dict | None] | None = None,
+               overrides: dict[str, dict[str, Any]] | None = None) -> ParsedArgs:
     """Flags (+ optional --config YAML) -> validated config, derived values and the raw namespace.
 
     Megatron-LM / Megatron-DeepSpeed flags that are not megaclm's own are translated first
-    (megaclm.config.megatron_compat; each ignored one is logged once, on rank 0). `stored_config(load_dir)`
-    reads a checkpoint's config tree, for --use-checkpoint-args (megaclm.checkpoint.layout.read_config).
+    (megaclm.config.megatron_compat; each ignored one is logged once, on rank 0). `stored_config(load_dir,
+    ckpt_step)` reads the config tree of the checkpoint the run will load, for --use-checkpoint-args.
+    `overrides` {section: {field: value}} win over the YAML and the flags (tools/check_layout.py replaces the
+    data and tokenizer this way, before their files are checked).
     """
     from megaclm.config.validate import validate  # validate imports this module's siblings only
 
@@ -146,8 +149,10 @@ def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None 
     flags = arguments.flag_values(ns, chosen, parser.shared_dests)
     checkpoint = arguments.merge(*layers, flags).get("checkpoint", {})
     if checkpoint.get("use_checkpoint_args") and "model" in chosen:
-        layers.append(_checkpoint_model_layer(checkpoint.get("load"), flags.get("model", {}), stored_config))
+        layers.append(_checkpoint_model_layer(checkpoint.get("load"), checkpoint.get("ckpt_step"),
+                                              flags.get("model", {}), stored_config))
     layers.append(flags)
+    layers.append(overrides or {})
     cfg = MegaclmConfig(**arguments.build_sections(arguments.merge(*layers), chosen))
     derived = None
     if {"training", "data"} <= set(chosen):
@@ -164,13 +169,13 @@ _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_
                  "normalization", "position_embedding_type")
 
 
-def _checkpoint_model_layer(load: str | None, flags: dict[str, Any],
-                            stored_config: Callable[[str], dict | None] | None) -> dict[str, dict[str, Any]]:
+def _checkpoint_model_layer(load: str | None, ckpt_step: int | None, flags: dict[str, Any],
+                            stored_config: Callable[[str, int | None], dict | None] | None) -> dict[str, dict[str, Any]]:
     """--use-checkpoint-args: the model section stored with the --load checkpoint, under the model flags given."""
     if load is None or stored_config is None:
         raise UserError("--use-checkpoint-args needs --load DIR (a megaclm checkpoint, or an HF import) to take "
                         "the model shape from")
-    tree = stored_config(load)
+    tree = stored_config(load, ckpt_step)
     if tree is None:
         raise UserError(f"--use-checkpoint-args: no checkpoint in --load {load} to take the model shape from; "
                         "pass the directory a run saved into (or an HF import), or give the model flags instead")

@@ -32,6 +32,10 @@ class CheckpointConfig:
     use_checkpoint_args: bool = field(default=False, metadata={
         "help": "Take the model shape (the model section) from the --load checkpoint's stored config; model flags "
                 "that are also given must agree with it."})
+    verify_checkpoint_checksums: bool = field(default=True, metadata={
+        "help": "Compare every file of the checkpoint to load with its manifest's checksum (xxh3, spread over the "
+                "ranks); a damaged one makes the run fall back to the previous intact checkpoint. Sizes are always "
+                "checked; --no-verify-checkpoint-checksums skips the checksums (reading every file once)."})
     override_data_fingerprint: bool = field(default=False, metadata={
         "help": "Resume even though the data files or their order settings differ from the checkpoint's "
                 "fingerprint (a deliberate data change; megaclm.data.fingerprint)."})

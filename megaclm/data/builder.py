@@ -91,6 +91,11 @@ def blend_sources(cfg: DataConfig) -> dict[str, tuple[list[float] | None, list[s
     return {name: (*parse_blend(items, f"data.{name}_data_path"), False) for name, items in paths.items() if items}
 
 
+def cache_dir_for(cfg: DataConfig, prefix: str) -> str:
+    """Where the caches of dataset `prefix` live: --data-cache-path, else `cache/` beside the dataset."""
+    return cfg.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
+
+
 class _Builder:
     def __init__(self, cfg: DataConfig, spec: SampleSpec, impl: str | None, cache_wait_s: float):
         self.cfg = cfg
@@ -112,8 +117,7 @@ class _Builder:
         return self._indexed[prefix]
 
     def cache_for(self, prefix: str) -> IndexCache:
-        directory = self.cfg.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
-        return IndexCache(directory, wait_s=self.cache_wait_s)
+        return IndexCache(cache_dir_for(self.cfg, prefix), wait_s=self.cache_wait_s)
 
     def sequence_ranges(self, prefixes: list[str], split: str, use_split: bool) -> list[tuple[int, int]]:
         out = []

@@ -39,7 +39,8 @@ def _hash_blocks(path: str, blocks: list[tuple[int, int]]) -> str:
     return h.hexdigest()[:32]
 
 
-def _file_entry(prefix: str) -> dict:
+def file_entry(prefix: str) -> dict:
+    """Sizes, cheap content hashes and mtime of one dataset's .idx and .bin."""
     idx, bin_ = index_file_path(prefix), data_file_path(prefix)
     idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
     idx_blocks = [(0, idx_size)] if idx_size <= _IDX_WHOLE else [(0, _IDX_EDGE), (idx_size - _IDX_EDGE, _IDX_EDGE)]
@@ -53,7 +54,7 @@ def data_fingerprint(cfg: DataConfig, seed: int) -> dict:
     """The fingerprint of the datasets `cfg` names (each file read only in small blocks)."""
     splits = {}
     for split, (weights, prefixes, use_split) in ({} if cfg.mock_data else blend_sources(cfg)).items():
-        splits[split] = {"weights": weights, "use_split": use_split, "files": [_file_entry(p) for p in prefixes]}
+        splits[split] = {"weights": weights, "use_split": use_split, "files": [file_entry(p) for p in prefixes]}
     return {"splits": splits, "split": cfg.split, "seq_length": cfg.seq_length, "seed": seed,
             "data_mixing_schedule": list(cfg.data_mixing_schedule), "mock_data": cfg.mock_data}
 

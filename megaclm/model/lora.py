@@ -7,7 +7,9 @@ fp32 master copy are the adapters' alone). A LoRA checkpoint keeps the adapters 
 
 Merging is W' = W + (alpha / r) B A on full (unsharded) state dicts: `merge_lora_state_dict(sd, scale)`.
 """
-from typing import Mapping
+import math
+import zlib
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -26,6 +28,31 @@ def freeze_base(module: nn.Module) -> int:
         p.requires_grad_(is_lora_key(name))
         trainable += p.numel() if p.requires_grad else 0
     return trainable
+
+
+def init_adapters(module: nn.Module, seed: int, tp_size: int, tp_rank: int,
+                  plain_name: Callable[[str], str] = lambda k: k) -> int:
+    """Redraw every adapter's A whole from a generator of its own (the run's seed and the adapter's GPTModel
+    name, `plain_name` maps pipeline names), then keep this rank's shard; returns how many were drawn.
+
+    The linears draw A from the default generator while the model is built, where it stands wherever the
+    layers built before left it: pipeline stages build only their own layers, so the adapters would start
+    differently at PP=2 than at PP=1. Drawn per name they start the same at any TP/PP layout (B is zero), as
+    the base weights do when loaded from one checkpoint (tools/check_layout.py compares layouts this way)."""
+    drawn = 0
+    for name, param in module.named_parameters():
+        if not name.endswith(".lora_a"):
+            continue
+        split = getattr(param, "tensor_model_parallel", False)  # a row-parallel linear's A: split along its input
+        full = torch.empty(param.shape[0], param.shape[1] * (tp_size if split else 1))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(plain_name(name).encode()))
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)  # PEFT's init (lora_a_init)
+        if split:
+            full = full.chunk(tp_size, dim=1)[tp_rank]
+        with torch.no_grad():
+            param.copy_(full)
+        drawn += 1
+    return drawn
 
 
 def adapter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ Batch format (what the trainer's data iterator yields per micro-batch):
     ((input_ids (B, T) int64, position_ids (B, T) int64[, document_ids (B, T) int64]),
      (labels (B, T) int64, loss_mask (B, T) float))
 Between stages the tuple (hidden (B, S, H), position_ids[, document_ids]) travels. The last stage
-returns logits (B, T, V/tp); `loss_fn` is the vocab-parallel cross-entropy averaged over the
-micro-batch's tokens with loss_mask == 1.
+returns logits (B, T, V/tp); `loss_fn` is the vocab-parallel cross-entropy summed with the loss_mask, which
+the trainer scales for a per-token loss over the global batch (megaclm.training.loss).
 
 State-dict keys are GPTModel's (megaclm.model.gpt) renamed by DeepSpeed's layer numbering:
 `embedding.*` -> `tied_modules.embed.*` (tied) or `0.*`; `layers.{i}.*` -> `{i+1}.*`;
@@ -95,12 +95,9 @@ def _embedding_head(module: EmbeddingPipe, h):
 
 
 class GPTPipeLoss:
-    """Mean per-token cross-entropy over the micro-batch's tokens with loss_mask == 1.
-
-    Under a sequence split (n ranks, T/n tokens each) the count is the whole micro-batch's and the loss is
-    multiplied by n: the pipeline engine averages gradients (and the reported loss) over its data-parallel
-    group, which holds the seq ranks too (ParallelState.pipeline_topology), where a sum over them is right.
-    """
+    """sum(loss x loss_mask) of the micro-batch, the mask scaled by the trainer for a per-token loss over the
+    global batch (megaclm.training.loss: the pipeline engine's averaging over micro-batches and its dp x seq
+    group turns the sum into the global batch's per-token loss)."""
 
     def __init__(self, pstate: ParallelState):
         self.pstate = pstate
@@ -108,13 +105,7 @@ class GPTPipeLoss:
     def __call__(self, logits, labels_and_mask):
         labels, loss_mask = labels_and_mask
         losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))  # (B, T) fp32
-        loss_mask = loss_mask.float()
-        count = loss_mask.sum()
-        n = self.pstate.seq_size
-        if n > 1:
-            count = count.detach().clone()
-            torch.distributed.all_reduce(count, group=self.pstate.seq_group)
-        return (losses * loss_mask).sum() * n / count.clamp(min=1.0)
+        return (losses * loss_mask.float()).sum()
 
 
 def build_layer_specs(config: ModelConfig, padded_vocab_size: int, pstate: ParallelState, ops: Ops,

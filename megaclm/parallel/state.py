@@ -81,7 +81,8 @@ class ParallelState:
         self.seq_rank = coord.seq if seq > 1 else 0
         # DeepSpeed's pipeline engine knows pipe/data/model only: it sees the seq ranks as data-parallel
         # replicas (same rank order, data rank = dp_rank * seq + seq_rank) and averages gradients over them,
-        # which GPTPipeLoss compensates for (x seq: a sum over the sequence's parts).
+        # which the per-token loss normalisation compensates for (megaclm.training.loss: x seq, a sum over the
+        # sequence's parts).
         self.pipeline_topology = (self.topology if seq == 1 else
                                   PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=self.dp_size * seq))
         self.tp_group_ranks = self._my_list("model")

@@ -26,7 +26,8 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from megaclm.logging import get_logger
 from megaclm.model.fp8 import convert_to_fp8
 from megaclm.model.gpt import GPTModel
-from megaclm.model.pipe import GPTPipelineModule
+from megaclm.model.lora import init_adapters
+from megaclm.model.pipe import GPTPipelineModule, pipe_to_plain_key
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
 
@@ -73,6 +74,11 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
                                       partition_method=cfg.parallel.pipeline_partition_method, lora=cfg.lora)
         else:
             model = GPTModel(cfg.model, padded_vocab_size, pstate, cfg.kernels, lora=cfg.lora)
+    # Adapters drawn per name: the same at any TP/PP layout. (ZeRO-3 holds partitions only; it never runs
+    # pipelined, and without stages every layout builds - and draws - the layers in the same order.)
+    if cfg.lora.enabled and cfg.training.zero_stage < 3:
+        plain = (lambda name: pipe_to_plain_key(name, cfg.model)) if pstate.pp_size > 1 else (lambda name: name)
+        init_adapters(model, cfg.training.seed, pstate.tp_size, pstate.tp_rank, plain)
     if cfg.training.fp8_format is not None:  # checked by check_fp8 at start-up
         converted = convert_to_fp8(model, cfg.training.fp8_format, cfg.training.fp8_recipe)
         if pstate.rank == 0:

@@ -1,9 +1,10 @@
 """The training loop: step, log, evaluate, checkpoint, and stop cleanly.
 
-Per iteration: set the lr from (iteration, consumed tokens); run one global batch (accumulation
-inside: engine.backward/step per micro-batch, or PipelineEngine.train_batch); all-reduce the loss
-over data-parallel ranks (under a sequence split each rank's loss is its tokens' share of the
-micro-batch mean: DeepSpeed sums gradients over the seq axis and averages them over dp); count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
+Per iteration: set the lr from (iteration, consumed tokens); read the global batch's micro-batches and
+scale their loss masks for a per-token loss over the whole global batch (megaclm.training.loss: one
+all-reduce of the loss-token count); run them (accumulation inside: engine.backward/step per
+micro-batch, or PipelineEngine.train_batch); all-reduce the loss over data-parallel ranks (the
+mean over micro-batches and ranks of the scaled sums is the per-token loss); count a non-finite loss as a skipped step (DeepSpeed's optimizers skip a
 step with non-finite gradients, see megaclm.training.engine) and stop after
 `--max-consecutive-nan-steps` in a row; log; evaluate every `--eval-interval`; save every
 `--save-interval` (with `--async-save` in the background: the per-iteration all-reduce below also
@@ -11,6 +12,12 @@ agrees on when every rank's write is done, and only then does `latest` move). St
 `--exit-duration-in-mins`, or on SIGTERM/SIGUSR1 (SLURM preemption), saving first and returning
 normally (exit status 0). Signals and the clock are agreed on by all ranks with one all-reduce per
 iteration, so every rank stops at the same iteration.
+
+No checkpoint is written while a guard counts bad steps (a NaN/inf loss, a loss spike): a periodic
+save waits for the next healthy step, the final or stop save is skipped (after the last step the
+run exits with status 1: its end state was not saved) and nothing is pruned, so `latest` and the newest healthy checkpoint survive a
+divergence; before every save the weights themselves must be finite (DeepSpeed's bf16 optimizer
+without ZeRO applies non-finite gradients on the CPU).
 
 Optional guards: the loss-spike guard (`--spike-zscore`, megaclm.training.spike) judges each step's
 loss before its update and may skip it or roll the run back; the hang watchdog (`--hang-timeout-s`,
@@ -24,16 +31,17 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, run_layout, save_checkpoint
-from megaclm.checkpoint.layout import iteration_of, read_latest, tag_for
+from megaclm.checkpoint.layout import read_latest, tag_for
 from megaclm.logging import get_logger
 from megaclm.training.batch import BatchSource
+from megaclm.training.loss import normalise_loss_masks
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.schedules import LRSchedule
 from megaclm.training.spike import SpikeGuard
@@ -53,7 +61,7 @@ def _new_window() -> dict:
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses."""
+    """Too many consecutive non-finite losses, or non-finite weights at a save."""
 
 
 @dataclass
@@ -115,6 +123,8 @@ class Trainer:
         self.start_time = time.time()
         self.consecutive_nan = 0
         self.last_saved = None
+        self.save_deferred = False  # a periodic save fell in a streak of bad steps: save at the next healthy one
+        self.end_unsaved = False  # the final/stop save was skipped (the run ended in a streak of bad steps)
         self.writer = AsyncCheckpointWriter() if cfg.checkpoint.async_save else None
         self._pipe_seq_length = None
         # Test hook: iterations (1-based) whose loss is replaced by NaN, to exercise the skip logic.
@@ -143,14 +153,15 @@ class Trainer:
         return lr
 
     def _micro_loss(self, batch: dict) -> torch.Tensor:
+        """sum(loss x mask) with the mask scaled by normalise_loss_masks: the engines' averaging makes the
+        step's sum of these the per-token loss of the global batch (megaclm.training.loss)."""
         losses = self.engine(batch["tokens"], position_ids=batch["position_ids"],
                              document_ids=batch.get("document_ids"), labels=batch["labels"])  # (B, T) fp32
-        mask = batch["loss_mask"]
-        count = mask.sum()
-        if self.pstate.seq_size > 1:  # this rank holds T/n tokens: divide by the whole micro-batch's count
-            count = count.detach().clone()
-            dist.all_reduce(count, group=self.pstate.seq_group)
-        return (losses.float() * mask).sum() / count.clamp(min=1.0)
+        return (losses.float() * batch["loss_mask"]).sum()
+
+    def _normalised(self, micro: Iterator) -> tuple[list, torch.Tensor]:
+        """The global batch's micro-batches, loss masks scaled for the per-token loss, and its loss-token count."""
+        return normalise_loss_masks(list(micro), self.pstate, self.derived.grad_accum_steps, self.pipeline)
 
     def _dp_mean(self, value: torch.Tensor) -> float | list[float]:
         """Mean over dp of the sum over seq (the parts of one micro-batch's loss)."""
@@ -172,19 +183,22 @@ class Trainer:
         """One global batch: (its loss, averaged over micro-batches and dp ranks; whether the spike guard
         refused its update)."""
         micro = self.data.micro_batches(self.progress.consumed_samples, seq_length)
+        if not self.pipeline or self.pstate.is_first_stage or self.pstate.is_last_stage:  # middle stages read none
+            micro, _ = self._normalised(micro)
         nan = (self.progress.iteration + 1) in self.inject_nan
         poison = POISON_SCALE if self.progress.consumed_samples in self.poison else 1.0
         if self.pipeline:
             if nan or poison != 1.0:
                 raise ValueError("MEGACLM_TEST_NAN_ITERS/POISON_SAMPLES are not supported with pipeline parallelism")
             self._pipe_shape(seq_length)
-            return self.engine.train_batch(data_iter=micro).item(), False  # averaged over micro and dp by DeepSpeed
+            # DeepSpeed averages over micro-batches and dp x seq: the per-token loss (megaclm.training.loss)
+            return self.engine.train_batch(data_iter=iter(micro)).item(), False
         accum = self.derived.grad_accum_steps
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         moe = torch.zeros(len(MOE_STATS), dtype=torch.float32, device=self.device)
         spike, step_loss = False, None
-        for a in range(accum):
-            loss = self._micro_loss(next(micro)) * poison
+        for a, batch in enumerate(micro):
+            loss = self._micro_loss(batch) * poison
             if nan:
                 loss = loss * float("nan")
             if a == accum - 1 and self.guard is not None:
@@ -196,8 +210,12 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-            if self.moe:  # what the router losses added to this micro-batch's loss, and their raw values
-                moe += torch.stack([self.engine.module.moe_stats[k].float() for k in MOE_STATS]).to(moe.device)
+            if self.moe:  # what the router losses added to this micro-batch's loss (every loss token carries
+                # them: weighted by its scaled mask), and their raw values
+                stats = self.engine.module.moe_stats
+                weight = batch["loss_mask"].sum()
+                moe += torch.stack([stats["router_loss"].float() * weight,
+                                    *(stats[k].float() for k in MOE_STATS[1:])]).to(moe.device)
         if spike and self.engine.was_step_applied():
             raise RuntimeError("the spike guard could not skip the update: the optimizer applied a step with "
                                "non-finite gradients")
@@ -222,27 +240,69 @@ class Trainer:
             return None
         self.engine.eval()
         seq = self.cfg.data.seq_length
-        losses = []
+        weighted, tokens = 0.0, 0.0  # per token over every evaluated batch: sum of (batch loss x its tokens)
         for i in range(self.cfg.training.eval_iters):
-            micro = self.data.eval_micro_batches(split, i, seq)
+            # every stage reads the (small) evaluation batch: all ranks need its count to weight it alike
+            micro, count = self._normalised(self.data.eval_micro_batches(split, i, seq))
             if self.pipeline:
                 self._pipe_shape(seq)
-                losses.append(self.engine.eval_batch(data_iter=micro).item())
+                loss = self.engine.eval_batch(data_iter=iter(micro)).item()
             else:
-                total = sum(self._micro_loss(next(micro)).float() for _ in range(self.derived.grad_accum_steps))
-                losses.append(self._dp_mean(total / self.derived.grad_accum_steps))
+                total = sum(self._micro_loss(batch) for batch in micro)
+                loss = self._dp_mean(total / self.derived.grad_accum_steps)
+            weighted, tokens = weighted + loss * count.item(), tokens + count.item()
         self.engine.train()
-        loss = sum(losses) / len(losses)
+        loss = weighted / max(tokens, 1.0)
         self.metrics.evaluation(self.progress.iteration, "val" if split == "valid" else split, loss)
         return loss
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
-    def save(self, on_complete: Callable[[], None] | None = None) -> str | None:
+    def bad_steps(self) -> int:
+        """How many bad steps in a row the guards are counting now (NaN/inf losses, loss spikes)."""
+        return max(self.consecutive_nan, self.guard.consecutive if self.guard is not None else 0)
+
+    def last_healthy(self) -> str:
+        """The newest complete checkpoint in --save, for messages (every one megaclm saves is healthy).
+        Collective with --async-save (a pending save is finished first): call it on every rank."""
+        if self.writer is not None:
+            self.writer.wait()
+        save = self.cfg.checkpoint.save
+        tag = read_latest(save) if save else None
+        return os.path.join(save, tag) if tag else "none (no checkpoint saved yet in --save)"
+
+    def _weights_finite(self) -> bool:
+        """Whether every rank's weights are finite (its ZeRO-3 partition, else its module parameters)."""
+        local = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        checks = [torch.isfinite(t).all() for t in local if t.numel()]
+        finite = not checks or bool(torch.stack(checks).all())  # one device sync
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def save(self, on_complete: Callable[[], None] | None = None, final: bool = False) -> str | None:
         """Save now (sync), or start an asynchronous save after the previous one finished (--async-save);
-        `on_complete` runs on rank 0 once the checkpoint is complete and `latest`."""
+        `on_complete` runs on rank 0 once the checkpoint is complete and `latest`. During a streak of bad
+        steps nothing is saved: a periodic save is deferred to the next healthy step, a `final` one skipped."""
         c = self.cfg.checkpoint
         if c.save is None or self.last_saved == self.progress.iteration:
             return None
+        it, bad = self.progress.iteration, self.bad_steps()
+        if bad:
+            if final or not self.save_deferred:  # once per deferral, not at every bad step after it
+                healthy = self.last_healthy()  # collective with --async-save: every rank asks
+                if self.pstate.rank == 0:
+                    log.warning(f"iteration {it}: not saving during a streak of bad steps (NaN/inf loss or loss "
+                                f"spike; {bad} so far); " + ("the run ends without saving its last steps" if final else
+                                              "saving at the next healthy step instead")
+                                + f"; the last healthy checkpoint is {healthy}")
+            self.save_deferred, self.end_unsaved = not final, final
+            return None
+        if not self._weights_finite():
+            raise TrainingDiverged(f"iteration {it}: the model's weights are not finite; not saving them. Resume from "
+                                   f"the last healthy checkpoint, {self.last_healthy()}, with a lower --lr, more "
+                                   "warmup or --clip-grad")
+        self.save_deferred = False
         if self.writer is not None:
             self.writer.wait()
         client = {"progress": self.progress.state_dict(), "data": self.data.state_dict(),
@@ -256,8 +316,8 @@ class Trainer:
 
     def _after_eval(self, val_loss: float | None) -> None:
         c = self.cfg.checkpoint
-        if val_loss is None or not c.save_best or not math.isfinite(val_loss):
-            return
+        if val_loss is None or not c.save_best or not math.isfinite(val_loss) or self.bad_steps():
+            return  # during bad steps nothing is saved, so nothing can be marked best
         if self.progress.best_val_loss is None or val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
             tag = tag_for(self.progress.iteration)
@@ -286,8 +346,7 @@ class Trainer:
             raise TrainingDiverged(f"{len(offending)} loss spikes in a row (iterations {seen}) and {why}; stopping. "
                                    "Look at their batches with tools/inspect_batch.py --first-sample")
         rollbacks = p.rollbacks + 1
-        state = load_checkpoint(self.engine, c.save, ckpt_step=iteration_of(tag),
-                                layout=run_layout(self.pstate, t.zero_stage))
+        state = load_checkpoint(self.engine, c.save, tag, layout=run_layout(self.pstate, t.zero_stage))
         for key, value in state["progress"].items():
             setattr(p, key, value)
         p.rollbacks = rollbacks
@@ -377,7 +436,8 @@ class Trainer:
                         raise TrainingDiverged(
                             f"{self.consecutive_nan} consecutive iterations (up to {p.iteration}) had a NaN/inf "
                             f"loss (--max-consecutive-nan-steps {t.max_consecutive_nan_steps}); stopping. Resume "
-                            "from the last checkpoint with a lower --lr, more warmup or --clip-grad")
+                            f"from the last healthy checkpoint, {self.last_healthy()}, with a lower --lr, more warmup "
+                            "or --clip-grad")
                 window["time"] += step_time
                 window["tokens"] += step_tokens
                 # FLOPs per step at the step's own length: exact across the seqlen warmup.
@@ -399,7 +459,8 @@ class Trainer:
                 if p.iteration % t.eval_interval == 0 and not self._done():
                     self._after_eval(self.evaluate("valid"))
                     self._beat()
-                if self.cfg.checkpoint.save_interval and p.iteration % self.cfg.checkpoint.save_interval == 0:
+                interval = self.cfg.checkpoint.save_interval
+                if (interval and p.iteration % interval == 0) or self.save_deferred:
                     self.save()
                     self._beat()
                 stop = self._should_stop(signals)
@@ -410,7 +471,7 @@ class Trainer:
             if reason == "finished":
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
-            self.save()
+            self.save(final=True)
             if self.writer is not None:
                 self.writer.wait()
         finally:

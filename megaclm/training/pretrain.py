@@ -17,8 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, resolve_lora_base, restore_rng, run_layout
-from megaclm.checkpoint.layout import read_config, read_latest, read_meta, tag_for
+from megaclm.checkpoint.deepspeed_ckpt import (load_checkpoint, resolve_lora_base, restore_rng, run_layout,
+                                              verify_checksums)
+from megaclm.checkpoint.layout import read_config, read_meta
+from megaclm.checkpoint.manifest import Choice, choose_tag
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
@@ -26,6 +28,7 @@ from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
+from megaclm.data.token_range import check_token_ids
 from megaclm.logging import get_logger
 from megaclm.model.flops import (MemorySetup, count_parameters, estimate_memory, flops_per_token, lora_layer_parameters,
                                  seq_split_summary)
@@ -47,17 +50,32 @@ DESCRIPTION = ("Pretrain a GPT-family model with DeepSpeed (ZeRO 0-3, tensor/seq
                "Launch with `deepspeed --num_gpus N pretrain_gpt.py ...`, torchrun, or srun.")
 
 
-def _model_vocab(cfg: Any, tokenizer_vocab: int, padded: int) -> tuple[int, str]:
-    """The embedding size to build: the checkpoint's when resuming/fine-tuning, else the padded tokenizer's."""
+def _model_vocab(cfg: Any, tag: str | None, tokenizer_vocab: int, padded: int) -> tuple[int, str]:
+    """The embedding size to build: checkpoint `tag`'s when resuming/fine-tuning, else the padded tokenizer's."""
     c = cfg.checkpoint
-    if c.load is not None:
-        tag = tag_for(c.ckpt_step) if c.ckpt_step is not None else read_latest(c.load)
-        if tag is not None:
-            meta = read_meta(c.load, tag)
-            vocab = meta["padded_vocab_size"]
-            check_vocab(tokenizer_vocab, vocab, f"--load {c.load}/{tag}")
-            return vocab, f"--load {c.load}/{tag}"
+    if tag is not None:
+        vocab = read_meta(c.load, tag)["padded_vocab_size"]
+        check_vocab(tokenizer_vocab, vocab, f"--load {c.load}/{tag}")
+        return vocab, f"--load {c.load}/{tag}"
     return padded, "the tokenizer, padded"
+
+
+def _tokenizer_text(t: Any) -> str:
+    """e.g. "--tokenizer-type GPT2BPETokenizer --vocab-file v.json", for messages."""
+    files = [f"--{k.replace('_', '-')} {getattr(t, k)}" for k in ("tokenizer_model", "vocab_file")
+             if getattr(t, k, None)]
+    return " ".join([f"--tokenizer-type {t.tokenizer_type}", *files])
+
+
+def _checks_on(cfg: Any, tag: str | None, tokenizer: Any, padded: int, fingerprint: dict) -> tuple[int, str, Any]:
+    """Everything checked against the checkpoint `tag` a run loads (None: none): (model vocabulary, where it comes
+    from, resolve_lora_base's answer or None without LoRA). Run once in `main` and again if the tag changes."""
+    c = cfg.checkpoint
+    model_vocab, vocab_source = _model_vocab(cfg, tag, tokenizer.vocab_size, padded)
+    check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
+    lora = resolve_lora_base(c.load, tag, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
+    _check_data(cfg, None if c.finetune else tag, fingerprint)
+    return model_vocab, vocab_source, lora
 
 
 def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
@@ -87,17 +105,9 @@ def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
     return derived
 
 
-def _resume_tag(cfg: Any) -> str | None:
-    """The tag a full resume (not --finetune) would load, or None for a fresh start or weights-only load."""
-    c = cfg.checkpoint
-    if c.load is None or c.finetune:
-        return None
-    return tag_for(c.ckpt_step) if c.ckpt_step is not None else read_latest(c.load)
-
-
-def _check_data(cfg: Any, fingerprint: dict) -> None:
-    """Refuse to resume on data that differs from the checkpoint's (unless --override-data-fingerprint)."""
-    tag = _resume_tag(cfg)
+def _check_data(cfg: Any, tag: str | None, fingerprint: dict) -> None:
+    """Refuse to resume (from `tag`; None: a fresh start or a weights-only load) on data that differs from the
+    checkpoint's (unless --override-data-fingerprint)."""
     if tag is None:
         return
     saved = read_meta(cfg.checkpoint.load, tag).get("data_fingerprint")
@@ -166,24 +176,35 @@ def main(argv: list[str] | None = None) -> int:
     adopted = rank_env_from_slurm()  # srun without a launcher (MODE=deepspeed): before anything reads RANK
     if adopted and os.environ["RANK"] == "0":
         log.info(adopted)
-    cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION, stored_config=read_config)
+    choices: dict[tuple[str, int | None], Choice] = {}
+
+    def choose(load: str, ckpt_step: int | None) -> Choice:
+        """The one resolution of which checkpoint this run loads, shared by every caller."""
+        if (load, ckpt_step) not in choices:
+            choices[load, ckpt_step] = choose_tag(load, ckpt_step)
+        return choices[load, ckpt_step]
+
+    cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION,
+                              stored_config=lambda load, step: read_config(load, choose(load, step).tag))
+    c = cfg.checkpoint
+    choice = choose(c.load, c.ckpt_step) if c.load is not None else Choice(None)
+    if choice.tag is None and c.exit_on_missing_checkpoint:
+        raise UserError(f"--load {c.load}: no checkpoint there and --exit-on-missing-checkpoint is set; pass the "
+                        "directory a run saved into, or drop the flag to start from scratch")
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
     derived = derive(cfg, world, model_vocab_size(cfg.tokenizer, tokenizer))
-    model_vocab, vocab_source = _model_vocab(cfg, tokenizer.vocab_size, derived.padded_vocab_size)
-    check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
+    fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
+    model_vocab, vocab_source, lora = _checks_on(cfg, choice.tag, tokenizer, derived.padded_vocab_size, fingerprint)
+    check_token_ids(cfg.data, tokenizer.vocab_size, model_vocab, _tokenizer_text(cfg.tokenizer), vocab_source)
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
-    c = cfg.checkpoint
-    lora = resolve_lora_base(c.load, c.ckpt_step, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
-    fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
-    _check_data(cfg, fingerprint)
     if args.validate_only:
         print(_summary(cfg, derived, model_vocab, ds_config, lora), flush=True)
         return 0
     try:
-        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint)
+        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, choice)
     finally:
         # The run is over (finished, stopped or failed): a stop request has nothing left to stop. Once the
         # first rank has exited, srun --kill-on-bad-exit sends SIGTERM to the others, which must not turn
@@ -204,8 +225,9 @@ def set_thread_count() -> None:
 
 
 def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-         lora: tuple[dict, bool] | None, fingerprint: dict) -> int:
-    """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA."""
+         lora: tuple[dict, bool] | None, fingerprint: dict, choice: Choice) -> int:
+    """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA; `choice`: the
+    checkpoint to load (its checksums are verified here, by all ranks)."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     if (cfg.model.num_experts is not None and cfg.training.zero_stage == 0 and cfg.training.precision != "fp32"
@@ -217,6 +239,16 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)
+    c = cfg.checkpoint
+    if c.load is not None:
+        verified = verify_checksums(c.load, choice, c.ckpt_step, c.verify_checkpoint_checksums)
+        if verified.tag != choice.tag:  # fell back: the older tag must fit what was built from the newer one
+            vocab, vocab_source, lora = _checks_on(cfg, verified.tag, tokenizer, derived.padded_vocab_size,
+                                                   fingerprint)
+            if vocab != model_vocab:
+                raise UserError(f"--load {c.load}: the fallback checkpoint {verified.tag} has a vocabulary of {vocab}, "
+                                f"not {model_vocab} as {choice.tag}; pass --ckpt-step to choose the checkpoint")
+        choice = verified
     if pstate.rank == 0:
         log.info(f"{layout_line(cfg, derived)}; "
                  f"global batch {derived.global_batch_size} = micro {derived.micro_batch_size} x dp x "
@@ -226,17 +258,15 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     model = build_model(cfg, model_vocab, pstate, ds_config)
     engine = build_engine(cfg, model, pstate, ds_config)
     progress, state = Progress(), None
-    c = cfg.checkpoint
     lora_base, adapters = lora if lora is not None else (None, False)
     if lora_base is not None:  # the frozen base first; then the adapters, if --load is a LoRA checkpoint
         load_weights(engine, lora_base["dir"], lora_base["tag"], select=lambda key: not is_lora_key(key))
         if pstate.rank == 0:
             log.info(f"LoRA: frozen base from {lora_base['dir']}/{lora_base['tag']}")
     if c.load is not None and (lora_base is None or adapters):
-        state = load_checkpoint(engine, c.load, ckpt_step=c.ckpt_step, finetune=c.finetune,
+        state = load_checkpoint(engine, c.load, choice.tag, finetune=c.finetune,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=run_layout(pstate, cfg.training.zero_stage),
-                                exit_on_missing=c.exit_on_missing_checkpoint, adapters=adapters)
+                                layout=run_layout(pstate, cfg.training.zero_stage), adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate)
@@ -271,6 +301,10 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         return exitcodes.FAILED
     finally:
         metrics.close()
+    if trainer.end_unsaved and reason == "finished":
+        log.error(f"training ended at iteration {progress.iteration} in a streak of bad steps, which were not saved; "
+                  f"the last healthy checkpoint is {trainer.last_healthy()}")
+        return exitcodes.FAILED
     if reason != "finished":  # saved and stopped early: a batch script requeues on this status
         if pstate.rank == 0:
             log.info(f"stopped at iteration {progress.iteration} ({reason}), not finished; exit status "

@@ -17,6 +17,7 @@ from megaclm.parallel.context import gather_sequence, shard_sequence
 from megaclm.parallel.mappings import gather_from_tp
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
+from megaclm.training.loss import normalise_loss_masks
 
 from parallel_checks import (B, T, VOCAB, GradRecorder, batch, family_config, forward_backward, gather_shards,
                              grads, max_diff, reference)
@@ -135,7 +136,8 @@ def check_pipeline_split(world_size: int, rank: int, kind: str, n: int) -> dict:
     pstate_pp = _state(world_size, rank, kind, n, 1, pp=2)
     micro = [batch(seed=20 + i, documents=True) for i in range(2)]
     ref = reference(config)
-    ref_loss = sum((ref(ids, pos, doc, labels=labels) * w).sum() / w.sum() for ids, labels, w, pos, doc in micro) / 2
+    ref_loss = (sum((ref(ids, pos, doc, labels=labels) * w).sum() for ids, labels, w, pos, doc in micro)
+                / sum(m[2].sum() for m in micro))  # per token over the global batch (megaclm.training.loss)
     ref_loss.backward()
     ref_grads = grads(ref)
 
@@ -151,6 +153,7 @@ def check_pipeline_split(world_size: int, rank: int, kind: str, n: int) -> dict:
     for m in micro:
         ids, labels, w, pos, doc = _local(pstate_pp, *m)
         data.append(((ids, pos, doc), (labels, w)))
+    data, _ = normalise_loss_masks(data, pstate_pp, accum=2, pipeline=True)
     loss = engine.train_batch(data_iter=iter(data))
     recorded = {pipe_to_plain_key(k, config): g for k, g in recorder.recorded.items()}
     if not pstate_pp.is_first_stage:

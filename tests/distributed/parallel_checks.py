@@ -19,6 +19,7 @@ from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.mappings import gather_from_tp
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
+from megaclm.training.loss import normalise_loss_masks
 
 VOCAB, B, T = 128, 2, 8
 _SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=32,
@@ -301,12 +302,10 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
     pstate.init_process_groups()
     micro = [batch(seed=10 + i, documents=family in WITH_DOC_MASK) for i in range(2 * pstate.dp_size)]
 
-    def mean_loss(model, ids, labels, weights, pos, doc):
-        loss = model(ids, pos, doc, labels=labels)
-        return (loss * weights).sum() / weights.sum()
-
     ref = reference(config)
-    ref_loss = sum(mean_loss(ref, *m) for m in micro) / len(micro)
+    # The per-token loss of the global batch (megaclm.training.loss): the weights differ across micro-batches.
+    ref_loss = (sum((ref(ids, pos, doc, labels=labels) * w).sum() for ids, labels, w, pos, doc in micro)
+                / sum(m[2].sum() for m in micro))
     ref_loss.backward()
     ref_grads = shard_state_dict(grads(ref), config, tp, pstate.tp_rank)
 
@@ -320,9 +319,10 @@ def check_pipeline(world_size: int, rank: int, family: str, tp: int, pp: int, se
                  "pipeline": {"pipe_partitioned": not sequence_parallel, "grad_partitioned": not sequence_parallel}}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=recorder, config=ds_config)
     mine = micro[2 * pstate.dp_rank: 2 * pstate.dp_rank + 2]
-    # Weights act as the loss mask: the pipe loss is sum(loss * mask) / sum(mask) per micro-batch.
+    # Weights act as the loss mask, scaled by the trainer's per-token normalisation over the global batch.
     data = [((ids, pos if pos is not None else torch.arange(T).expand(B, T), *(() if doc is None else (doc,))),
              (labels, weights)) for ids, labels, weights, pos, doc in mine]
+    data, _ = normalise_loss_masks(data, pstate, accum=2, pipeline=True)
     loss = engine.train_batch(data_iter=iter(data))
 
     diffs = {pipe_to_plain_key(k, config): (g - ref_grads[pipe_to_plain_key(k, config)]).abs().max().item()

@@ -184,16 +184,16 @@ def valid_loss_from_checkpoint(save: Path) -> float:
     gbs, eval_iters = cfg.training.global_batch_size, cfg.training.eval_iters
     _, valid, _ = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=1,
                                          valid_samples=eval_iters * gbs, eod_id=2, global_batch_size=gbs)
-    mbs, losses = cfg.training.micro_batch_size, []
+    mbs, total, count = cfg.training.micro_batch_size, 0.0, 0.0
     with torch.no_grad():
-        for start in range(0, eval_iters * gbs, mbs):  # the per-micro-batch means the trainer averages
+        for start in range(0, eval_iters * gbs, mbs):  # per token over every evaluated sample
             batch = [valid[i] for i in range(start, start + mbs)]
             tokens = torch.from_numpy(np.stack([b["tokens"] for b in batch]))
             labels = torch.from_numpy(np.stack([b["labels"] for b in batch]))
             mask = torch.from_numpy(np.stack([b["loss_mask"] for b in batch]))
-            loss = model(tokens, labels=labels)
-            losses.append(((loss * mask).sum() / mask.sum()).item())
-    return sum(losses) / len(losses)
+            total += (model(tokens, labels=labels) * mask).sum().item()
+            count += mask.sum().item()
+    return total / count
 
 
 # ---- ZeRO stages -----------------------------------------------------------------------------------------

@@ -147,24 +147,24 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
     load = ["--load", str(tmp_path)]
     shape = ["--num-attention-heads", "4", "--max-position-embeddings", "64"] + RUN + ["--train-iters", "4"]
     args = shape + load + ["--use-checkpoint-args"]
-    cfg, _, _ = parse_args(args, stored_config=lambda d: stored)
+    cfg, _, _ = parse_args(args, stored_config=lambda d, step: stored)
     assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 32 and cfg.model.normalization == "RMSNorm"
     cfg, _, _ = parse_args(args + ["--num-layers", "3", "--recompute-granularity", "full"],
-                           stored_config=lambda d: stored)
+                           stored_config=lambda d, step: stored)
     assert cfg.model.recompute_granularity == "full"  # a run choice, not the checkpoint's shape
     with pytest.raises(UserError, match=r"change the parameter shapes .*--num-layers 4 \(checkpoint: 3\)"):
-        parse_args(args + ["--num-layers", "4"], stored_config=lambda d: stored)
+        parse_args(args + ["--num-layers", "4"], stored_config=lambda d, step: stored)
     # not a shape of the checkpoint (learned positions are not in it): the flag wins, as in Megatron-LM
     rope = dict(stored, model=dict(stored["model"], position_embedding_type="rope", max_position_embeddings=32))
-    cfg, _, _ = parse_args(args, stored_config=lambda d: rope)
+    cfg, _, _ = parse_args(args, stored_config=lambda d, step: rope)
     assert (cfg.model.position_embedding_type, cfg.model.max_position_embeddings) == ("rope", 64)
     with pytest.raises(UserError, match=r"--max-position-embeddings 64 \(checkpoint: 32\)"):
-        parse_args(args, stored_config=lambda d: dict(rope, model=dict(rope["model"],
+        parse_args(args, stored_config=lambda d, step: dict(rope, model=dict(rope["model"],
                                                                       position_embedding_type="learned_absolute")))
     with pytest.raises(UserError, match="no checkpoint in --load"):
-        parse_args(args, stored_config=lambda d: None)
+        parse_args(args, stored_config=lambda d, step: None)
     with pytest.raises(UserError, match="needs checkpoint.load|needs --load DIR"):
-        parse_args(shape + ["--use-checkpoint-args"], stored_config=lambda d: stored)
+        parse_args(shape + ["--use-checkpoint-args"], stored_config=lambda d, step: stored)
 
 
 def test_train_tokens_caps_train_iters_and_samples():

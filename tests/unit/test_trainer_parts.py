@@ -183,14 +183,19 @@ def test_resume_into_another_layout_needs_layout_independent_state(tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "latest").write_text(tag_for(5))
     with pytest.raises(UserError, match="records no progress in meta.json .* pass --finetune"):
-        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1, 1))
+        load_checkpoint(None, str(tmp_path), tag_for(5), layout=(1, 2, 1, 1, 1))
     (d / "meta.json").write_text(json.dumps({**meta, "client": {"progress": {}}}))
     with pytest.raises(UserError, match="no layout-independent optimizer state .* --no-load-optim"):
-        load_checkpoint(None, str(tmp_path), layout=(1, 2, 1, 1, 1))
+        load_checkpoint(None, str(tmp_path), tag_for(5), layout=(1, 2, 1, 1, 1))
 
 
 def test_exit_on_missing_checkpoint(tmp_path):
-    assert load_checkpoint(None, str(tmp_path)) is None  # nothing there: a fresh start
-    with pytest.raises(UserError, match="no checkpoint there .* --exit-on-missing-checkpoint"):
-        load_checkpoint(None, str(tmp_path), exit_on_missing=True)
+    from megaclm.training import pretrain
+
+    assert load_checkpoint(None, str(tmp_path), None) is None  # nothing there: a fresh start
+    with pytest.raises(UserError, match="no checkpoint there and --exit-on-missing-checkpoint"):
+        pretrain.main(["--load", str(tmp_path), "--exit-on-missing-checkpoint", "--validate-only", "--mock-data",
+                       "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+                       "--max-position-embeddings", "64", "--micro-batch-size", "1", "--train-iters", "4",
+                       "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"])
 
