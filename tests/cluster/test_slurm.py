@@ -4,7 +4,8 @@ tests/cluster/local_slurm.py), in test mode (CPU_ONLY=1), on a tiny GPT (2 layer
   one node (the host, 2 ranks) MODE=deepspeed: DeepSpeed's slurm launcher runs `srun -n 2 python -u
       pretrain_gpt.py`; the tasks form one world of 2 from SLURM's variables (the rendezvous at the node's own
       name, a free port) and train to the end: the reference losses, job COMPLETED. A bare `srun -n 2
-      pretrain_gpt.py` without MASTER_ADDR/MASTER_PORT is refused by every task (exit 2), nothing trained.
+      pretrain_gpt.py` without MASTER_ADDR/MASTER_PORT is refused by every task (exit 2), nothing trained; a
+      python the batch script runs itself (SLURM_NTASKS=2 but no job step) is a world of one.
   two emulated nodes n1, n2 (two slurmd on this host, one rank each, MASTER_ADDR=127.0.0.1), MODE=srun and
       MODE=deepspeed, one job each: SIGUSR1 to the batch shell (what `--signal=B:USR1@300` sends before the time
       limit or a preemption) -> every rank saves and exits 76 -> the script requeues -> the job resumes from the
@@ -121,7 +122,7 @@ def losses(save: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def one_node(requirements, corpus, tmp_path_factory):
+def one_node(requirements, corpus, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("slurm1")
     cluster = LocalSlurm(root / "cluster", nodes=1)
     cluster.start()
@@ -133,7 +134,13 @@ def one_node(requirements, corpus, tmp_path_factory):
         bare = subprocess.run(["srun", "-n", "2", "--kill-on-bad-exit=0", sys.executable, "pretrain_gpt.py",
                                *flags(corpus), "--save", str(root / "bare"), "--load", str(root / "bare")],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-        yield job, info, bare, root / "bare"
+        # python run by a batch script itself in a 2-task allocation (SLURM_NTASKS=2, no job step): one process
+        out = root / "batch_python.out"
+        cmd = f"{sys.executable} pretrain_gpt.py --validate-only {' '.join(flags(corpus))} --save {root / 'batch'}"
+        batch = subprocess.run(["sbatch", "--wait", "--ntasks=2", f"--output={out}", "--wrap", cmd], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=180)
+        yield {"job": job, "info": info, "bare": bare, "bare_save": root / "bare", "batch": batch,
+               "batch_text": out.read_text()}
     finally:
         cluster.stop()
 
@@ -171,7 +178,7 @@ def deepspeed_job(two_nodes, corpus, tmp_path_factory):
 
 
 def test_deepspeed_mode_one_node_trains_as_one_world(one_node):
-    job, info, _, _ = one_node
+    job, info = one_node["job"], one_node["info"]
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), job.text()[-3000:]
     text = job.text()
     assert "cmd = srun -n 2 --kill-on-bad-exit=1" in text  # DeepSpeed's slurm launcher, no ssh check
@@ -181,12 +188,19 @@ def test_deepspeed_mode_one_node_trains_as_one_world(one_node):
 
 
 def test_bare_srun_tasks_without_rendezvous_are_refused(one_node):
-    _, _, bare, save = one_node
+    bare = one_node["bare"]
     assert bare.returncode == exitcodes.BAD_INPUT, bare.stderr[-3000:]
     refusals = [line for line in bare.stderr.splitlines() if line.startswith("error: this process is task")]
     assert sorted(line.split()[5] for line in refusals) == ["0", "1"], bare.stderr[-3000:]
     assert "MASTER_ADDR and MASTER_PORT are not set, so the 2 tasks would train as 2 independent runs" in refusals[0]
-    assert not save.exists()
+    assert not one_node["bare_save"].exists()
+
+
+def test_python_in_the_batch_script_itself_is_a_world_of_one(one_node):
+    """The allocation's SLURM_NTASKS=2 reaches it, but it is no task of a job step: neither refused nor rank 0 of 2."""
+    batch, text = one_node["batch"], one_node["batch_text"]
+    assert batch.returncode == 0, batch.stderr + text[-3000:]
+    assert "world 1 = tp 1 x dp 1" in text and "error:" not in text
 
 
 @pytest.mark.parametrize("mode", ["srun", "deepspeed"])
@@ -205,7 +219,7 @@ def test_preemption_and_hang_requeue_and_resume_with_equal_losses(mode, one_node
     resumed = losses(job.save)[second_run][0] - 1  # run 3 starts after the checkpoint it loaded
     assert resumed > stopped and f"loaded checkpoint {job.save}/iter_{resumed:07d}" in text
     # every loss of every run equals the uninterrupted one-node run's, and the job reached the end
-    reference = dict(losses(one_node[0].save))
+    reference = dict(losses(one_node["job"].save))
     logged = losses(job.save)
     assert {i for i, _ in logged} == set(range(1, ITERS + 1))
     assert [(i, loss) for i, loss in logged if loss != reference[i]] == []
