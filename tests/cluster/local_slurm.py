@@ -1,8 +1,9 @@
 """A throw-away SLURM cluster on this machine for tests: Debian's slurm-wlm (22.05) + munge.
 
-Everything (config, munge key and socket, state, spool, logs, pid files) lives under one directory; the
-daemons listen on 127.0.0.1 only, on free ports picked at start (never SLURM's defaults, so a real
-cluster or another test run on the host is left alone), and are stopped by the pid files they wrote.
+Everything (config, munge key, state, spool, logs, pid files) lives under one directory, munge's socket in a
+folder of its own under /tmp (removed by stop()); the daemons listen on 127.0.0.1 only, on free ports picked
+at start (never SLURM's defaults, so a real cluster or another test run on the host is left alone), and are
+stopped by the pid files they wrote.
 `nodes=2` emulates two nodes n1, n2 with two slurmd on this host (`slurmd -N n1`, a port each).
 
 Needs root (slurmd starts job steps as their user) and the packages; `make test-slurm` installs them.
@@ -66,27 +67,32 @@ class LocalSlurm:
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         # Node names: the host itself, or n1, n2 (a NodeName equal to the host name is refused with 2 slurmd)
         self.node_names = [self.host] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
-        # munged wants every folder above its socket open to all (x), and a socket path is short (108 bytes):
-        # pytest's tmp folders are neither, so the socket lives in a folder of its own under /tmp.
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="megaclm-munge-"))
-        self.socket_dir.chmod(0o755)
-        self.socket = self.socket_dir / "munge.socket"
+        self.socket_dir: Path | None = None  # made by start()
 
     # ---- daemons ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        # munged wants every folder above its socket open to all (x), and a socket path is short (108 bytes):
+        # pytest's tmp folders are neither, so the socket lives in a folder of its own under /tmp.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="megaclm-munge-"))
+        self.socket_dir.chmod(0o755)
         for d in ("munge", "state", "spool", "log", "run"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         key = self.root / "munge/munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self._write_conf()
-        self._run(["munged", f"--key-file={key}", f"--socket={self.socket}", f"--pid-file={self.root}/run/munged.pid",
+        self._run(["munged", f"--key-file={key}", f"--socket={self.munge_socket}",
+                   f"--pid-file={self.root}/run/munged.pid",
                    f"--log-file={self.root}/log/munged.log", f"--seed-file={self.root}/munge/munged.seed"])
         self._run(["slurmctld", "-f", str(self.conf)])
         for name in self.node_names:
             self._run(["slurmd", "-f", str(self.conf)] + (["-N", name] if self.nodes > 1 else []))
         self._wait_idle()
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.socket_dir / "munge.socket"
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = free_ports(1 + self.nodes)
@@ -104,14 +110,16 @@ class LocalSlurm:
             f"ClusterName=megaclmtest", f"SlurmctldHost={self.host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
             # cred_expire: a requeued job waits this long (default 120 s) before it runs again
-            f"AuthInfo=socket={self.socket},cred_expire={REQUEUE_WAIT_S}", f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
+            f"AuthInfo=socket={self.munge_socket},cred_expire={REQUEUE_WAIT_S}",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
             f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd-%n.log",
             f"PlugStackConfig={r}/plugstack.conf",
             # task/none: two slurmd on one host would otherwise pin both nodes' tasks to the same core
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none", "SwitchType=switch/none",
             "SchedulerType=sched/backfill",
-            "SchedulerParameters=sched_interval=2,bf_interval=2",  # a requeued job starts soon after cred_expire "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",  # a requeued job starts soon after cred_expire
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "ReturnToService=2", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "JobCompType=jobcomp/none",
             "MinJobAge=3600",  # keep finished jobs visible to `scontrol show job` (no accounting here)
@@ -157,7 +165,8 @@ class LocalSlurm:
                 time.sleep(0.2)
             if _alive(f, name):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def logs(self, tail: int = 30) -> str:
         out = []
