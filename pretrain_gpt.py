@@ -6,8 +6,13 @@
 
 Flags and YAML: megaclm.config; the run itself: megaclm.training.pretrain.
 """
-from megaclm.training.pretrain import main
-from megaclm.utils.errors import cli_main
+from megaclm.utils import signals
+
+# Before torch and DeepSpeed load (seconds): from here on SIGTERM/SIGUSR1 stop the run at a safe point.
+signals.install()
+
+from megaclm.training.pretrain import main  # noqa: E402
+from megaclm.utils.errors import cli_main  # noqa: E402
 
 if __name__ == "__main__":
     cli_main(main)

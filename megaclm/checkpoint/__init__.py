@@ -6,6 +6,8 @@ On-disk layout of `--save DIR` (every file written atomically; `latest` last):
                                      written by rank 0 after a barrier: it never names a partial save)
     DIR/best                         JSON {"tag", "val_loss"} of the lowest validation loss (--save-best)
     DIR/metrics.jsonl                training/eval metrics, one JSON object per line (default location)
+    DIR/megaclm.lock                 JSON: the run writing here (host, pid, SLURM job, heartbeat), while it
+                                     runs (megaclm.checkpoint.lock: one writer per directory)
     DIR/iter_0000100/                one tag = one iteration (Megatron's 7-digit naming)
         mp_rank_{TP:02d}_model_states.pt           DeepSpeed: module weights (16-bit under bf16/fp16),
                                                    client_state {"megaclm": {"progress", "data", ...}}

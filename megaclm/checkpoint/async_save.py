@@ -14,7 +14,7 @@ copy of the rank's checkpoint for the whole run (pinned, on GPU, for fast device
 each file under a temporary name, fsyncs it and renames it (megaclm.utils.fileio.atomic_write), then
 fsyncs the directories; each file is checksummed as it is written (`write_files` returns the
 manifest entries, megaclm.checkpoint.manifest). A synchronous save writes DeepSpeed's files the same
-way, through `WritingCheckpointEngine`.
+way, through megaclm.checkpoint.save_errors.AtomicCheckpointEngine.
 
 Completion is agreed on before anything points to the new tag: `latest` moves only after every
 rank's thread has written and fsynced its files (MAX over the ranks' status), so a crash at any
@@ -33,8 +33,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from megaclm.checkpoint.manifest import HashingFile
-from megaclm.utils.fileio import atomic_write
+from megaclm.checkpoint.save_errors import agree_saved, describe, write_file
 
 DONE, BUSY, FAILED = 0, 1, 2  # ordered: MAX over the ranks is the worst
 
@@ -57,26 +56,6 @@ def cpu_copy(obj: Any, staging: dict[str, torch.Tensor], key: str) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v, staging, f"{key}/{i}") for i, v in enumerate(obj))
     return obj
-
-
-class WritingCheckpointEngine(CheckpointEngine):
-    """DeepSpeed's files written as megaclm writes its own: atomically, fsynced, checksummed on the way."""
-
-    def __init__(self, inner: CheckpointEngine):
-        super().__init__()
-        self.inner, self.entries = inner, {}
-
-    def create(self, info):
-        pass
-
-    def save(self, state_dict, path: str):
-        self.entries.update(write_files([(path, state_dict)]))
-
-    def load(self, path: str, map_location=None):
-        return self.inner.load(path, map_location)
-
-    def commit(self, info):
-        return True
 
 
 class CapturingCheckpointEngine(CheckpointEngine):
@@ -103,25 +82,18 @@ class CapturingCheckpointEngine(CheckpointEngine):
         return False  # cpu_copy already gives every tensor its own storage
 
 
-def deepspeed_save(engine: Any, checkpoint_engine: CheckpointEngine, save_dir: str, tag: str, client_state: dict,
-                   exclude_frozen_parameters: bool = False) -> CheckpointEngine:
-    """Run DeepSpeed's save (collective, as usual) through `checkpoint_engine`; returns it."""
-    original = engine.checkpoint_engine
-    engine.checkpoint_engine = checkpoint_engine
-    try:
-        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=exclude_frozen_parameters)
-        return checkpoint_engine
-    finally:
-        engine.checkpoint_engine = original
-
-
 def capture_deepspeed_files(engine: Any, save_dir: str, tag: str, client_state: dict,
                             staging: dict[str, torch.Tensor],
                             exclude_frozen_parameters: bool = False) -> list[tuple[str, Any]]:
-    """Run DeepSpeed's save with the capturing engine; returns (path, object) pairs."""
-    capturing = CapturingCheckpointEngine(engine.checkpoint_engine, staging)
-    return deepspeed_save(engine, capturing, save_dir, tag, client_state, exclude_frozen_parameters).files
+    """Run DeepSpeed's save (collective, as usual) with the capturing engine; returns (path, object) pairs."""
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = CapturingCheckpointEngine(original, staging)
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+        return engine.checkpoint_engine.files
+    finally:
+        engine.checkpoint_engine = original
 
 
 def write_files(files: list[tuple[str, Any]]) -> dict[str, dict]:
@@ -129,11 +101,7 @@ def write_files(files: list[tuple[str, Any]]) -> dict[str, dict]:
     {path: manifest entry (size, checksum)}, computed from the bytes as they were written."""
     entries = {}
     for path, obj in files:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_write(path) as f:
-            hashed = HashingFile(f)
-            torch.save(obj, hashed)
-        entries[path] = hashed.entry()
+        entries[path] = write_file(path, obj)
     for d in sorted({os.path.dirname(p) for p, _ in files}):
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -152,6 +120,7 @@ class AsyncCheckpointWriter:
         self._error: BaseException | None = None
         self._entries: dict[str, dict] = {}  # manifest entries of the files this rank wrote
         self.tag: str | None = None
+        self.save_dir: str | None = None
         self.staging: dict[str, torch.Tensor] = {}  # CPU buffers reused by every save (capture_deepspeed_files)
 
     @property
@@ -165,10 +134,10 @@ class AsyncCheckpointWriter:
         return FAILED if self._error is not None else DONE
 
     def submit(self, tag: str, files: list[tuple[str, Any]], finalize: Callable[[dict[str, dict]], None],
-               pause_s: float = 0.0):
+               pause_s: float = 0.0, save_dir: str | None = None):
         """Write `files` in the background; `finalize(entries)` runs on every rank once all are written."""
         assert not self.pending, f"a save of {self.tag} is still pending; wait() for it first"
-        self.tag, self._finalize, self._error = tag, finalize, None
+        self.tag, self._finalize, self._error, self.save_dir = tag, finalize, None, save_dir
         self._thread = threading.Thread(target=self._write, args=(files, pause_s), name="megaclm-async-save",
                                         daemon=True)
         self._thread.start()
@@ -185,10 +154,8 @@ class AsyncCheckpointWriter:
         assert agreed_status != BUSY and self.pending
         self._thread.join()
         tag, finalize, self._finalize = self.tag, self._finalize, None
-        if agreed_status == FAILED:
-            raise RuntimeError(f"asynchronous save of {tag} failed on "
-                               f"{'this rank: ' + repr(self._error) if self._error else 'another rank'}; "
-                               "`latest` still names the previous checkpoint")
+        if agreed_status == FAILED:  # raises CheckpointSaveError on every rank, naming the first failure
+            agree_saved(describe(self._error) if self._error else None, self.save_dir, tag)
         finalize(self._entries)
 
     def wait(self) -> None:

@@ -8,8 +8,9 @@ Order of a save, so that a crash at any point leaves the previous checkpoint loa
        megaclm's checkpoint engine: atomically, each file checksummed as it is written
     3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard and its full Adam
        moments (megaclm.checkpoint.universal), atomically, checksummed
-    4. barrier; rank 0 gathers every rank's (file, size, checksum) and writes config.json, the manifest,
-       meta.json, then `latest` (atomic renames)
+    4. the ranks agree that every write succeeded (else the save fails on all of them in one line and its
+       partial directory is removed: megaclm.checkpoint.save_errors); rank 0 gathers every rank's (file,
+       size, checksum) and writes config.json, the manifest, meta.json, then `latest` (atomic renames)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
 With `--async-save` steps 2-3 write CPU copies in a background thread and step 4's barrier is the
 ranks' agreement that every thread finished (megaclm.checkpoint.async_save).
@@ -36,13 +37,13 @@ import torch.distributed as dist
 
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from megaclm.checkpoint.async_save import (AsyncCheckpointWriter, WritingCheckpointEngine, capture_deepspeed_files,
-                                           cpu_copy, deepspeed_save, write_files)
+from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, is_complete, iteration_of,
                                       read_best, read_config, read_latest, read_meta, tag_for, tags_on_disk)
 from megaclm.checkpoint.manifest import (Choice, check_checksums, choose_tag, read_file, read_manifest,
                                          share_of, write_manifest)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
+from megaclm.checkpoint.save_errors import agree_saved, describe, recorded_write_errors
 from megaclm.checkpoint.shards import model_shard_file
 from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
 from megaclm.checkpoint.weights import load_weights
@@ -106,17 +107,28 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
             if shard is not None:  # its tensors may be the live parameters / optimizer states
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
-        writer.submit(tag, files, finalize, pause_s=pause)
+        writer.submit(tag, files, finalize, pause_s=pause, save_dir=save_dir)
         return tag
-    entries = deepspeed_save(engine, WritingCheckpointEngine(engine.checkpoint_engine), save_dir, tag, client_state,
-                             adapters_only).entries
+    # A failed write (a full disk) is recorded, not raised, so that every rank reaches DeepSpeed's barriers and
+    # agree_saved, which fails the save on all ranks in one line (megaclm.checkpoint.save_errors).
+    with recorded_write_errors(engine) as atomic:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=adapters_only)
+    error, entries = atomic.error, dict(atomic.entries)
     shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
     optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)
-    entries.update(write_files([rng_file] + [f for f in (shard, optim) if f is not None]))
+    if error is None:
+        try:
+            entries.update(write_files([rng_file] + [f for f in (shard, optim) if f is not None]))
+        except OSError as e:
+            error = describe(e)
     time.sleep(pause)
-    _barrier()
-    finalize(entries)
-    _barrier()
+    agree_saved(error, save_dir, tag)
+    try:
+        finalize(entries)  # gathers every rank's entries, then rank 0 writes config.json, the manifest, meta.json
+    except OSError as e:  # rank 0's config.json, manifest, meta.json, `latest`
+        error = describe(e)
+    agree_saved(error, save_dir, tag)
     return tag
 
 

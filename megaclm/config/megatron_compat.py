@@ -141,6 +141,8 @@ TABLE: tuple[CompatFlag, ...] = (
              "megaclm always builds the lr schedule from the flags; a checkpoint only holds the step", source=(MLM,)),
     _ignored("--use-checkpoint-opt_param-scheduler",
              "megaclm always builds the lr schedule from the flags; a checkpoint only holds the step", source=(MDS,)),
+    _alias("--exit-signal-handler", why="on SIGTERM/SIGUSR1 save at the next step (or evaluation batch) and exit 76: "
+           "megaclm always does, with handlers installed at process start"),
     _ignored("--calculate-per-token-loss",
              "megaclm always averages the loss over every loss token of the global batch", source=(MLM,)),
     # --- precision ----------------------------------------------------------------------------------------

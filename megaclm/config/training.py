@@ -67,10 +67,11 @@ class TrainingConfig:
     spike_max_rollbacks: int = field(default=3, metadata={
         "help": "Spike guard, rollback: stop the run (exit 1) instead of rolling back more often than this; the "
                 "training dataset holds rollback_after x max_rollbacks extra global batches for the skipped ones."})
-    hang_timeout_s: float | None = field(default=None, metadata={
-        "help": "Hang watchdog: a rank on which no step finished for this many seconds writes every thread's "
-                "stack to <save>/hang/rank<R>.txt and exits with status 75 (to be requeued). An evaluation or a "
-                "synchronous save counts once it finished: choose more than the longest one. Unset: off."})
+    hang_timeout_s: float | None = field(default=1800.0, metadata={
+        "help": "Hang watchdog: a rank on which no training step, evaluation batch or save finished for this many "
+                "seconds writes every thread's stack to <save>/hang/rank<R>.txt and exits with status 75 (to be "
+                "requeued). Choose more than the slowest of these (the first step may compile; a synchronous save "
+                "of a large model to a shared file system takes minutes). 0 (or null): off."})
     distributed_backend: str | None = field(default=None, metadata={
         "help": "torch.distributed backend; default nccl with CUDA, gloo without (nccl without CUDA falls back to "
                 "gloo with a warning).", "choices": ["nccl", "gloo"]})
@@ -122,8 +123,8 @@ class TrainingConfig:
             raise UserError(f"training.spike_window={self.spike_window} must be >= 2 (a standard deviation needs two)")
         if self.spike_rollback_after < 1 or self.spike_max_rollbacks < 1:
             raise UserError("training.spike_rollback_after and training.spike_max_rollbacks must be >= 1")
-        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
-            raise UserError(f"training.hang_timeout_s={self.hang_timeout_s} must be > 0 (omit it to disable the watchdog)")
+        if self.hang_timeout_s is not None and not self.hang_timeout_s >= 0:  # NaN too
+            raise UserError(f"training.hang_timeout_s={self.hang_timeout_s} must be >= 0 (0 turns the watchdog off)")
         if self.zero_param_persistence_threshold < 0:
             raise UserError("training.zero_param_persistence_threshold must be >= 0")
 

@@ -9,9 +9,11 @@ step with non-finite gradients, see megaclm.training.engine) and stop after
 `--max-consecutive-nan-steps` in a row; log; evaluate every `--eval-interval`; save every
 `--save-interval` (with `--async-save` in the background: the per-iteration all-reduce below also
 agrees on when every rank's write is done, and only then does `latest` move). Stops at the end of training, at `--exit-interval`, after
-`--exit-duration-in-mins`, or on SIGTERM/SIGUSR1 (SLURM preemption), saving first and returning
-normally (exit status 0). Signals and the clock are agreed on by all ranks with one all-reduce per
-iteration, so every rank stops at the same iteration.
+`--exit-duration-in-mins`, on SIGTERM/SIGUSR1 (SLURM preemption) or when the `deepspeed` launcher is
+gone (megaclm.utils.signals records both from process start), saving first and returning why (exit
+status 76). Stop requests and the clock are agreed on by all ranks with one all-reduce per iteration,
+so every rank stops at the same iteration; an evaluation checks for a stop request before each of its
+batches (one all-reduce each) and is abandoned on one.
 
 No checkpoint is written while a guard counts bad steps (a NaN/inf loss, a loss spike): a periodic
 save waits for the next healthy step, the final or stop save is skipped (after the last step the
@@ -21,14 +23,13 @@ without ZeRO applies non-finite gradients on the CPU).
 
 Optional guards: the loss-spike guard (`--spike-zscore`, megaclm.training.spike) judges each step's
 loss before its update and may skip it or roll the run back; the hang watchdog (`--hang-timeout-s`,
-megaclm.training.watchdog) hears a beat after every step, evaluation and save. Every log line
+megaclm.training.watchdog; on by default) hears a beat after every step, evaluation batch and save. Every log line
 all-gathers the ranks' step times (`rank_step_time`, `slowest_rank`).
 """
 from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -46,6 +47,7 @@ from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.schedules import LRSchedule
 from megaclm.training.spike import SpikeGuard
 from megaclm.training.watchdog import HangWatchdog
+from megaclm.utils import signals
 
 log = get_logger("megaclm.train")
 POISON_SCALE = 10.0  # MEGACLM_TEST_POISON_SAMPLES
@@ -79,21 +81,14 @@ class Progress:
         return asdict(self)
 
 
-class StopSignals:
-    """Remember SIGTERM / SIGUSR1 instead of dying, so the loop can save and exit at a step boundary.
-
-    Never uninstalled: a signal after the loop (srun --kill-on-bad-exit sends SIGTERM to the other ranks once
-    the first has exited, and a rank whose peer died may be raising) must not turn the rank's exit status into
-    143; pretrain.main ignores both signals from the end of the run on.
-    """
-
-    def __init__(self):
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signum
+def stop_agreed(device: Any) -> str | None:
+    """Collective: why to stop if any rank was asked to (megaclm.utils.signals), else None; every rank gets
+    the same answer."""
+    reason = signals.stop_reason()
+    flag = torch.tensor([float(reason is not None)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (reason or "another rank was asked to stop") if flag.item() else None
 
 
 def _to_float(x: Any) -> float | None:
@@ -136,6 +131,7 @@ class Trainer:
         self.sleep_at = int(os.environ.get("MEGACLM_TEST_SLEEP_AT_ITER", "0"))
         self.sleep_rank = int(os.environ.get("MEGACLM_TEST_SLEEP_RANK", "0"))
         self.watchdog: HangWatchdog | None = None
+        self.eval_interrupted: str | None = None  # why the last evaluation stopped early (a stop request)
         t = cfg.training
         self.guard = SpikeGuard(t.spike_zscore, t.spike_window) if t.spike_zscore is not None else None
         # Test hook: a "poisoned" global batch - the one starting at one of these samples - has its loss
@@ -242,6 +238,13 @@ class Trainer:
         seq = self.cfg.data.seq_length
         weighted, tokens = 0.0, 0.0  # per token over every evaluated batch: sum of (batch loss x its tokens)
         for i in range(self.cfg.training.eval_iters):
+            # A long evaluation must not outlast the scheduler's grace period before the final save.
+            self.eval_interrupted = stop_agreed(self.device)
+            if self.eval_interrupted is not None:
+                log.info(f"iteration {self.progress.iteration}: {split} evaluation interrupted after {i} of "
+                         f"{self.cfg.training.eval_iters} batches ({self.eval_interrupted})")
+                self.engine.train()
+                return None
             # every stage reads the (small) evaluation batch: all ranks need its count to weight it alike
             micro, count = self._normalised(self.data.eval_micro_batches(split, i, seq))
             if self.pipeline:
@@ -251,6 +254,7 @@ class Trainer:
                 total = sum(self._micro_loss(batch) for batch in micro)
                 loss = self._dp_mean(total / self.derived.grad_accum_steps)
             weighted, tokens = weighted + loss * count.item(), tokens + count.item()
+            self._beat()  # per batch: the watchdog's limit need not cover a whole evaluation
         self.engine.train()
         loss = weighted / max(tokens, 1.0)
         self.metrics.evaluation(self.progress.iteration, "val" if split == "valid" else split, loss)
@@ -366,11 +370,12 @@ class Trainer:
                            + ", ".join(f"{a}..{b}" for a, b in (s["samples"] for s in skipped)))
 
     # ---- stopping -------------------------------------------------------------------------------------------
-    def _should_stop(self, signals: StopSignals) -> str | None:
+    def _should_stop(self) -> str | None:
         t = self.cfg.training
         elapsed_min = (time.time() - self.start_time) / 60
         writing = self.writer is not None and self.writer.pending
-        flags = torch.tensor([float(signals.received is not None),
+        requested = signals.stop_reason()
+        flags = torch.tensor([float(requested is not None),
                               float(t.exit_duration_in_mins is not None and elapsed_min > t.exit_duration_in_mins),
                               float(self.writer.status()) if writing else 0.0], device=self.device)
         if dist.is_initialized():
@@ -378,7 +383,7 @@ class Trainer:
         if writing and int(flags[2]) != BUSY:  # every rank's asynchronous write is done: `latest` may move
             self.writer.finish(int(flags[2]))
         if flags[0]:
-            return "signal"
+            return requested or "another rank was asked to stop"
         if flags[1]:
             return f"--exit-duration-in-mins {t.exit_duration_in_mins}"
         if t.exit_interval and self.progress.iteration % t.exit_interval == 0:
@@ -397,10 +402,10 @@ class Trainer:
     def train(self) -> str:
         """Train until done or told to stop; returns why it stopped."""
         t, lg = self.cfg.training, self.cfg.logging
-        signals = StopSignals()
+        signals.install()  # pretrain_gpt.py did at start-up; other callers get the handlers here
         window = _new_window()
         reason = "finished"
-        if t.hang_timeout_s is not None:
+        if t.hang_timeout_s:
             save = self.cfg.checkpoint.save
             self.watchdog = HangWatchdog(t.hang_timeout_s, os.path.join(save, "hang") if save else None,
                                          self.pstate.rank)
@@ -463,7 +468,7 @@ class Trainer:
                 if (interval and p.iteration % interval == 0) or self.save_deferred:
                     self.save()
                     self._beat()
-                stop = self._should_stop(signals)
+                stop = self._should_stop()
                 if stop is not None:
                     reason = stop
                     log.info(f"stopping at iteration {p.iteration}: {stop}; saving a checkpoint")
@@ -471,6 +476,8 @@ class Trainer:
             if reason == "finished":
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
+                if self.eval_interrupted is not None:  # a requeue resumes here and evaluates again
+                    reason = self.eval_interrupted
             self.save(final=True)
             if self.writer is not None:
                 self.writer.wait()

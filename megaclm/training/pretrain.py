@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 from typing import Any
 
 import torch
@@ -20,7 +21,9 @@ import torch.distributed as dist
 from megaclm.checkpoint.deepspeed_ckpt import (load_checkpoint, resolve_lora_base, restore_rng, run_layout,
                                               verify_checksums)
 from megaclm.checkpoint.layout import read_config, read_meta
+from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.manifest import Choice, choose_tag
+from megaclm.checkpoint.save_errors import CheckpointSaveError
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
@@ -37,7 +40,7 @@ from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.engine import build_engine, build_model, init_distributed
-from megaclm.training.loop import Progress, Trainer, TrainingDiverged
+from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agreed
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.utils import exitcodes
@@ -239,16 +242,63 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)
+    # Rank 0 takes the --save lock before anything writes there; every rank follows its decision.
+    lock = refusal = None
+    if pstate.rank == 0 and cfg.checkpoint.save is not None:
+        try:
+            lock = SaveDirLock.acquire(cfg.checkpoint.save)
+        except UserError as e:
+            refusal = e
+    try:
+        if _any_rank(refusal is not None):
+            if refusal is not None:
+                raise refusal
+            return exitcodes.BAD_INPUT  # rank 0 names the holder, in one line
+        if _stopped_at_start_up(pstate):
+            return exitcodes.STOPPED
+        c = cfg.checkpoint
+        if c.load is not None:
+            verified = verify_checksums(c.load, choice, c.ckpt_step, c.verify_checkpoint_checksums)
+            if verified.tag != choice.tag:  # fell back: the older tag must fit what was built from the newer one
+                vocab, vocab_source, lora = _checks_on(cfg, verified.tag, tokenizer, derived.padded_vocab_size,
+                                                       fingerprint)
+                if vocab != model_vocab:
+                    raise UserError(f"--load {c.load}: the fallback checkpoint {verified.tag} has a vocabulary of "
+                                    f"{vocab}, not {model_vocab} as {choice.tag}; pass --ckpt-step to choose the "
+                                    "checkpoint")
+            choice = verified
+        return _train(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, pstate,
+                      choice)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _device() -> torch.device | None:
+    """Where collectives' tensors live (NCCL takes CUDA tensors only)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([float(flag)], device=_device())
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _stopped_at_start_up(pstate: Any) -> bool:
+    """A stop request (megaclm.utils.signals) before the first step: nothing trained since the loaded checkpoint,
+    so nothing to save; agreed by all ranks."""
+    reason = stop_agreed(_device())
+    if reason is not None and pstate.rank == 0:
+        log.info(f"stopping during start-up ({reason}), before the first step: nothing new to save; exit status "
+                 f"{exitcodes.STOPPED}")
+    return reason is not None
+
+
+def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
+           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any, choice: Choice) -> int:
     c = cfg.checkpoint
-    if c.load is not None:
-        verified = verify_checksums(c.load, choice, c.ckpt_step, c.verify_checkpoint_checksums)
-        if verified.tag != choice.tag:  # fell back: the older tag must fit what was built from the newer one
-            vocab, vocab_source, lora = _checks_on(cfg, verified.tag, tokenizer, derived.padded_vocab_size,
-                                                   fingerprint)
-            if vocab != model_vocab:
-                raise UserError(f"--load {c.load}: the fallback checkpoint {verified.tag} has a vocabulary of {vocab}, "
-                                f"not {model_vocab} as {choice.tag}; pass --ckpt-step to choose the checkpoint")
-        choice = verified
     if pstate.rank == 0:
         log.info(f"{layout_line(cfg, derived)}; "
                  f"global batch {derived.global_batch_size} = micro {derived.micro_batch_size} x dp x "
@@ -293,11 +343,22 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
                       peak_tflops=peak, checkpoint_meta=meta)
     if state is not None and trainer.guard is not None and state.get("spike"):
         trainer.guard.load_state_dict(state["spike"])
+    if state is not None and c.save is not None and os.path.realpath(c.save) == os.path.realpath(c.load):
+        # Resumed from --save itself: this iteration's checkpoint is there, complete. Saving it again (a run
+        # stopped during its final evaluation, requeued) would first unmark the very checkpoint `latest` names.
+        trainer.last_saved = progress.iteration
     restore_rng(state)  # last: dataset building above may draw random numbers
+    if _stopped_at_start_up(pstate):
+        metrics.close()
+        return exitcodes.STOPPED
     try:
         reason = trainer.train()
     except TrainingDiverged as e:
         log.error(str(e))
+        return exitcodes.FAILED
+    except CheckpointSaveError as e:  # every rank raises it; one line is enough
+        if pstate.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return exitcodes.FAILED
     finally:
         metrics.close()

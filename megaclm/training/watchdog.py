@@ -1,7 +1,7 @@
 """Hang detection: a thread per rank that dumps every thread's stack and exits when no step finishes in time.
 
     dog = HangWatchdog(timeout_s=600, out_dir="<save>/hang", rank=rank)   # starts the thread
-    after every step (and every evaluation / save):  dog.beat(iteration)
+    after every step, evaluation batch and save:    dog.beat(iteration)
     at the end:                                       dog.close()
 
 A rank stuck in a collective (a peer died, NCCL wedged) or in I/O never raises: the job just sits

@@ -4,8 +4,10 @@
     1   failed: an error during training (a traceback, or the NaN/spike guard gave up)
     2   bad input: one `error:` line names it (megaclm.utils.errors.cli_main)
     75  hung: a rank's watchdog fired (--hang-timeout-s); stacks in <save>/hang/. Requeue: it resumes.
-    76  stopped, not finished: a signal (SIGTERM/SIGUSR1), --exit-duration-in-mins or --exit-interval
-        stopped the run after its checkpoint was saved. Requeue: it resumes where it stopped.
+    76  stopped, not finished: a signal (SIGTERM/SIGUSR1, or the `deepspeed` launcher gone),
+        --exit-duration-in-mins or --exit-interval stopped the run after its checkpoint was saved (a
+        signal during start-up: before the first step, with no new checkpoint: none is due).
+        Requeue: it resumes where it stopped.
     130 interrupted by Ctrl-C
 
 slurm/pretrain_multinode.sbatch requeues on 75 and 76 and on nothing else.

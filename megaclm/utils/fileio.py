@@ -42,9 +42,11 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):  # name the caller's file
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 

@@ -172,12 +172,17 @@ def test_subset_of_sections_for_tools(prefix):
     (["--spike-zscore", "3", "--spike-window", "1"], 2, r"training\.spike_window=1 must be >= 2"),
     (["--spike-zscore", "3", "--spike-action", "rollback"], 2, r"spike_action=rollback needs checkpoint\.save"),
     (["--spike-zscore", "3", "--pipeline-model-parallel-size", "2"], 2, r"needs parallel\.pipeline_model_parallel_size=1"),
-    (["--hang-timeout-s", "0"], 2, r"training\.hang_timeout_s=0\.0 must be > 0"),
+    (["--hang-timeout-s=-1"], 2, r"training\.hang_timeout_s=-1\.0 must be >= 0 \(0 turns the watchdog off\)"),
     (["--async-save"], 2, r"async_save need checkpoint\.save"),
 ])
 def test_config_errors(base, extra, world, msg):
     with pytest.raises(UserError, match=msg):
         parse(base + extra, world_size=world)
+
+
+def test_hang_watchdog_is_on_by_default_and_0_turns_it_off(base):
+    assert parse(base)[0].training.hang_timeout_s == 1800.0
+    assert parse(base + ["--hang-timeout-s", "0"])[0].training.hang_timeout_s == 0.0
 
 
 def test_run_length_is_required(base):

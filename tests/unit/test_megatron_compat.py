@@ -38,6 +38,7 @@ ALIASES = {
     ("--use-distributed-optimizer", "--zero-stage", "2"): ["--zero-stage", "2"],
     ("--no-pipeline-parallel",): ["--pipeline-model-parallel-size", "1"],
     ("--cpu-optimizer",): ["--offload-optimizer"],
+    ("--exit-signal-handler",): [],  # always on: the config is the default one
     ("--num-experts", "4", "--topk", "2"): ["--num-experts", "4", "--moe-router-topk", "2"],
     ("--num-experts", "4", "--moe-loss-coeff", "0.1"): ["--num-experts", "4", "--moe-aux-loss-coeff", "0.1"],
     ("--num-experts", "4", "--moe-train-capacity-factor", "1.5"): ["--num-experts", "4",
