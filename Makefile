@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit fuzz data bench gpu-wheels gpu-check clean
+.PHONY: install demo test test-unit test-slurm slurm-install fuzz data bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,17 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
+
+# tests/cluster runs slurm/ under a real SLURM on this machine (Debian's slurm-wlm 22.05 + munge, as root);
+# `make test` includes it, this runs it alone. slurm-install: the packages, when missing (.ci/run calls it).
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-install:
+	@if ! (command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged) >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        $(SLURM_PACKAGES); fi
+
+test-slurm: install slurm-install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
 
 # The layout fuzzer (README "Prove a layout"): N random layouts through tools/check_layout.py, then the
 # pinned regression cases; `make test` runs a fixed-seed sample of it.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, tier by tier: unit (one process), distributed (gloo, spawned ranks compared with
 # unsharded references), integration (the real deepspeed launcher, tiny models), fuzz (a fixed-seed sample
-# of the layout fuzzer through tools/check_layout.py), gpu (skip without CUDA).
+# of the layout fuzzer through tools/check_layout.py), cluster (slurm/ under a real SLURM on this machine;
+# needs root and Debian's slurm-wlm + munge: `make slurm-install`), gpu (skip without CUDA).
 # The launcher's ranks leave 66 MiB /dev/shm buffers behind: remove the ones this run created.
 set -uo pipefail
 PY=${1:-python}
@@ -13,4 +14,4 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/distributed tests/integration tests/fuzz tests/gpu
+"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/distributed tests/integration tests/fuzz tests/cluster tests/gpu

@@ -46,6 +46,7 @@ from megaclm.parallel.state import ParallelState  # noqa: E402
 from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 from megaclm.utils.fileio import atomic_write  # noqa: E402
+from megaclm.utils.launch_env import rank_env_from_slurm  # noqa: E402
 
 
 def read_documents(path: str, key: str):
@@ -82,6 +83,7 @@ def make_windows(token_docs, eod: int, seq_length: int, max_windows: int | None 
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
+    rank_env_from_slurm()  # tasks of a bare `srun -n N` job step
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cpu")
     if torch.cuda.is_available():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -45,6 +46,7 @@ from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
+from megaclm.utils.launch_env import rank_env_from_slurm
 
 log = get_logger("megaclm.train")
 
@@ -192,6 +194,9 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopted = rank_env_from_slurm()  # srun without a launcher (MODE=deepspeed): before anything reads RANK
+    if adopted and os.environ["RANK"] == "0":
+        log.info(adopted)
     choices: dict[tuple[str, int | None], Choice] = {}
 
     def choose(load: str, ckpt_step: int | None) -> Choice:
@@ -223,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, choice)
     finally:
+        # The run is over (finished, stopped or failed): a stop request has nothing left to stop. Once the
+        # first rank has exited, srun --kill-on-bad-exit sends SIGTERM to the others, which must not turn
+        # their exit status (76, 75, 1) into 143; Python's handlers are gone during interpreter shutdown.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if dist.is_initialized():
             dist.destroy_process_group()
 
