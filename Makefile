@@ -27,14 +27,14 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cp
 demo: install
 	bash examples/demo.sh $(BIN)
 
-test: install
+test: install slurm-install
 	bash tests/run_all.sh $(BIN)/python
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
 # tests/cluster runs slurm/ under a real SLURM on this machine (Debian's slurm-wlm 22.05 + munge, as root);
-# `make test` includes it, this runs it alone. slurm-install: the packages, when missing (.ci/run calls it).
+# `make test` includes it, this runs it alone. slurm-install: the packages, when missing (apt-get, as root).
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 slurm-install:
 	@if ! (command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged) >/dev/null; then \
