@@ -280,7 +280,11 @@ def run_world(tree: dict, world: int, workdir: str, name: str, init: str, timeou
     if failed is not None:
         rank = 0 if failed == "timeout" else failed
         with open(os.path.join(workdir, f"{name}.rank{rank}.log")) as f:
-            tail = "".join(f.readlines()[-25:])
+            lines = f.readlines()
+        errors = [line for line in lines if line.startswith("error: ")]
+        if failed != "timeout" and procs[rank].returncode == 2 and len(errors) == 1:
+            raise UserError(errors[0][len("error: "):].strip())  # refused where it runs (e.g. a CPU-only limit)
+        tail = "".join(lines[-25:])
         what = f"did not finish in {timeout:.0f} s" if failed == "timeout" else f"rank {rank} exited {procs[rank].returncode}"
         raise RunFailed(f"the {name} run {what}; its log ({workdir}/{name}.rank{rank}.log) ends:\n{tail}")
     return save
