@@ -37,15 +37,20 @@ from megaclm.parallel.state import ParallelState
 log = get_logger("megaclm.train")
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous on this host)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _single_process_env() -> None:
     """`python pretrain_gpt.py ...` without a launcher: a world of one on this host."""
     if "WORLD_SIZE" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
 
 
 def init_distributed(cfg: Any) -> ParallelState:

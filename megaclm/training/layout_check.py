@@ -58,6 +58,7 @@ from megaclm.config.derived import pad_vocab_size
 from megaclm.config.model import check_parallel_shapes
 from megaclm.model.gpt import GPTModel
 from megaclm.tokenizer import build_tokenizer_from_config
+from megaclm.training.engine import free_port
 from megaclm.utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -238,14 +239,6 @@ def write_init(plan: Plan, out: str) -> None:
     torch.manual_seed(cfg.training.seed)
     model = GPTModel(cfg.model, plan.padded_vocab)
     write_checkpoint(out, plan.reference, model.state_dict(), tp=1, pp=1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_world(tree: dict, world: int, workdir: str, name: str, init: str, timeout: float) -> str:
