@@ -10,7 +10,8 @@ JSON (FusedAdam on GPU, torch AdamW on CPU via "torch_adam") and wraps it in its
 optimizer, each of which skips a step whose gradients are not finite. The one path without such a
 wrapper - ZeRO-0 in fp32 - gets `SkipNonFiniteAdamW`, which clips and skips itself and reports both
 through the attributes DeepSpeed's engine reads (`overflow` -> engine.was_step_applied(),
-`_global_grad_norm` -> engine.get_global_grad_norm()).
+`_global_grad_norm` -> engine.get_global_grad_norm()). ZeRO-0 in 16-bit without CUDA (DeepSpeed's unfused
+optimizer) gets the same norm, `model_grad_norm`, through `correct_unfused_grad_norm`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.utils import is_invalid_grad_norm
 
 from megaclm.logging import get_logger
 from megaclm.model.fp8 import convert_to_fp8
@@ -118,16 +121,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: bool
     return groups
 
 
+def model_grad_norm(params: list[torch.nn.Parameter], pstate: ParallelState) -> torch.Tensor:
+    """The global L2 norm of the gradients of `params` (each with a .grad), as Megatron counts it: parameters
+    replicated across tensor-parallel ranks once (tp rank 0), tied pipeline copies once (DeepSpeed marks the
+    others `ds_pipe_replicated`), then a sum over the model-parallel group (tp x pp). Data-parallel ranks
+    already hold identical, reduced gradients, except for routed experts, which each expert-parallel rank holds
+    its own of (summed over the expert-parallel group first)."""
+    device = params[0].grad.device if params else "cpu"
+    sq, expert_sq = torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), device=device)
+    for p in params:
+        replicated = not getattr(p, "tensor_model_parallel", False)
+        if (replicated and pstate.tp_rank != 0) or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if is_moe_param(p):
+            expert_sq += p.grad.detach().float().pow(2).sum()
+        else:
+            sq += p.grad.detach().float().pow(2).sum()
+    if pstate.ep_size > 1:  # each expert-parallel rank holds other experts
+        dist.all_reduce(expert_sq, group=pstate.ep_group)
+    sq += expert_sq
+    if pstate.tp_size * pstate.pp_size > 1:
+        dist.all_reduce(sq, group=pstate.get_model_parallel_group())
+    return sq.sqrt()
+
+
 class SkipNonFiniteAdamW(torch.optim.AdamW):
     """AdamW that clips by the global gradient norm and skips a step whose norm is NaN/inf.
 
     Used only for ZeRO-0 fp32, where DeepSpeed calls the optimizer directly and would neither skip
-    nor report a norm. The norm is Megatron's: parameters replicated across tensor-parallel ranks
-    count once (tp rank 0), tied pipeline copies once (DeepSpeed marks the others
-    `ds_pipe_replicated`), then a sum over the model-parallel group (tp x pp); data-parallel ranks
-    already hold identical, reduced gradients, except for routed experts, which each expert-parallel
-    rank holds its own of (summed over the expert-parallel group first). DeepSpeed reads `overflow`
-    (step skipped) and `_global_grad_norm`.
+    nor report a norm. The norm is `model_grad_norm`. DeepSpeed reads `overflow` (step skipped) and
+    `_global_grad_norm`.
     """
 
     def __init__(self, params, *, clip_grad: float, pstate: ParallelState, **kwargs):
@@ -135,28 +158,10 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         self.clip_grad, self.pstate = clip_grad, pstate
         self.overflow, self._global_grad_norm = False, None
 
-    def _grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        device = params[0].grad.device if params else "cpu"
-        sq, expert_sq = torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), device=device)
-        for p in params:
-            replicated = not getattr(p, "tensor_model_parallel", False)
-            if (replicated and self.pstate.tp_rank != 0) or getattr(p, "ds_pipe_replicated", False):
-                continue
-            if is_moe_param(p):
-                expert_sq += p.grad.detach().float().pow(2).sum()
-            else:
-                sq += p.grad.detach().float().pow(2).sum()
-        if self.pstate.ep_size > 1:  # each expert-parallel rank holds other experts
-            dist.all_reduce(expert_sq, group=self.pstate.ep_group)
-        sq += expert_sq
-        if self.pstate.tp_size * self.pstate.pp_size > 1:
-            dist.all_reduce(sq, group=self.pstate.get_model_parallel_group())
-        return sq.sqrt()
-
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._global_grad_norm = self._grad_norm(params).item()  # the step's one host sync
+        self._global_grad_norm = model_grad_norm(params, self.pstate).item()  # the step's one host sync
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             self.zero_grad(set_to_none=True)
@@ -195,7 +200,42 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config, mpu=pstate)
     defer_sequence_parallel_grads(engine, pstate, cfg.training.zero_stage)
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        correct_unfused_grad_norm(engine.optimizer, pstate)
     return engine
+
+
+def correct_unfused_grad_norm(opt: FP16_UnfusedOptimizer, pstate: ParallelState) -> None:
+    """Give DeepSpeed's unfused 16-bit optimizer (ZeRO-0 bf16/fp16 without FusedAdam, i.e. on CPU) the right
+    clip norm. Its own step reads the tensor-parallel marks off the gradients, which carry none, so TP ranks > 0
+    add nothing (15-22% low at TP=2, found by tools/check_layout.py), and it leaves routed experts' gradients
+    out. This step is DeepSpeed's (overflow check, fp32 master copy, loss scale, clip, update, copy back) with
+    `model_grad_norm` in place of that sum; `_global_grad_norm` is the unscaled norm, as its fused optimizer
+    reports it."""
+    def step(closure=None):
+        opt.overflow = opt.overflow_checker.check()
+        if opt.overflow:
+            return opt._skip_invalid_grad_norm()
+        params = [p for group in opt.fp16_groups for p in group if p.grad is not None]
+        scaled_norm = model_grad_norm(params, pstate).item()  # the step's one host sync
+        for fp32_group, group in zip(opt.fp32_groups, opt.fp16_groups):
+            for fp32_param, param in zip(fp32_group, group):
+                fp32_param.grad = (torch.zeros_like(fp32_param) if param.grad is None
+                                   else param.grad.to(fp32_param.dtype))
+        if is_invalid_grad_norm(scaled_norm):
+            return opt._skip_invalid_grad_norm()
+        opt._global_grad_norm = scaled_norm / opt.loss_scale_config.cur_scale
+        opt._update_scale(False)
+        opt.unscale_and_clip_grads(scaled_norm)
+        opt.optimizer.step()
+        for fp32_group, group in zip(opt.fp32_groups, opt.fp16_groups):
+            for fp32_param, param in zip(fp32_group, group):
+                fp32_param.grad = None
+                param.data.copy_(fp32_param.data)
+        return opt.overflow
+
+    assert not opt.fused_lamb_legacy, "megaclm's optimizer is AdamW"
+    opt.step = step
 
 
 def defer_sequence_parallel_grads(engine: Any, pstate: ParallelState, zero_stage: int) -> bool:

@@ -18,8 +18,8 @@ What it does, in order:
    8 CPU processes): data parallel first (to 2, to 1 if still too many), then sequence split, pipeline and
    tensor parallel to 2 each; every change is printed.
 4. Writes one random initial checkpoint (tp 1, the vocabulary padded for the layout's tp) and trains from it
-   (--finetune) twice with the real `pretrain_gpt.py`, one process per rank (env:// on 127.0.0.1, gloo on
-   CPU): the layout, and the reference on one rank (tp = pp = 1, no sequence split or experts split, ZeRO-0
+   (--finetune) twice with pretrain_gpt.py's `main`, one process per rank (forked from a server that
+   imported megaclm once; env:// on 127.0.0.1, gloo on CPU): the layout, and the reference on one rank (tp = pp = 1, no sequence split or experts split, ZeRO-0
    in fp32 / ZeRO-1 in 16-bit, no recomputation, no --torch-compile, no offload). The same weights, global
    batch, data order and per-token loss (megaclm.training.loss) make their numbers comparable.
 5. Compares per step the loss, grad norm and lr (metrics.jsonl of both), and after the last step the full
@@ -41,8 +41,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +61,6 @@ from megaclm.tokenizer import build_tokenizer_from_config
 from megaclm.training.engine import free_port
 from megaclm.utils.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEAD_DIM = 16
 SEQ = 64
 VOCAB = 1000
@@ -241,6 +240,37 @@ def write_init(plan: Plan, out: str) -> None:
     write_checkpoint(out, plan.reference, model.state_dict(), tp=1, pp=1)
 
 
+def _rank_main(env: dict, config: str, log_path: str) -> None:
+    """One rank of a check run: pretrain_gpt.py's `main` (the same two calls as the script) in a child of
+    the forkserver, which imported torch, DeepSpeed and megaclm once: a rank starts in milliseconds instead
+    of the seconds of a fresh interpreter, which is most of a small check's time on a few cores."""
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    from megaclm.training.pretrain import main
+    from megaclm.utils import signals
+    from megaclm.utils.errors import cli_main
+
+    signals.install()
+    cli_main(lambda: main(["--config", config]))
+
+
+_FORKSERVER: list = []
+
+
+def _forkserver() -> Any:
+    """The forkserver context, its server preloading pretrain (started once per checker process)."""
+    if not _FORKSERVER:
+        os.environ["OMP_NUM_THREADS"] = "1"  # read by torch's import in the server: one thread per rank
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["megaclm.training.pretrain"])
+        _FORKSERVER.append(ctx)
+    return _FORKSERVER[0]
+
+
 def run_world(tree: dict, world: int, workdir: str, name: str, init: str, timeout: float) -> str:
     """`pretrain_gpt.py --config <tree>` on `world` local processes (env:// rendezvous); returns its save dir."""
     save = os.path.join(workdir, name)
@@ -249,36 +279,35 @@ def run_world(tree: dict, world: int, workdir: str, name: str, init: str, timeou
     config = os.path.join(workdir, f"{name}.yaml")
     with open(config, "w") as f:
         f.write(dump_yaml(tree))
-    port, procs, logs = free_port(), [], []
+    ctx, port = _forkserver(), free_port()
+    procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        log = open(os.path.join(workdir, f"{name}.rank{rank}.log"), "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--config", config],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        log = os.path.join(workdir, f"{name}.rank{rank}.log")
+        procs.append(ctx.Process(target=_rank_main, args=(env, config, log)))
+        procs[-1].start()
     deadline, failed = time.monotonic() + timeout, None
-    while any(p.poll() is None for p in procs) and failed is None:
-        failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+    while any(p.exitcode is None for p in procs) and failed is None:
+        failed = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)), None)
         if time.monotonic() > deadline:
             failed = "timeout"
         time.sleep(0.2)
     for p in procs:
-        if p.poll() is None:
+        if p.exitcode is None:
             p.kill()
-        p.wait()
-    for log in logs:
-        log.close()
-    failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode != 0), None)
+        p.join()
+    failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.exitcode != 0), None)
     if failed is not None:
         rank = 0 if failed == "timeout" else failed
         with open(os.path.join(workdir, f"{name}.rank{rank}.log")) as f:
             lines = f.readlines()
         errors = [line for line in lines if line.startswith("error: ")]
-        if failed != "timeout" and procs[rank].returncode == 2 and len(errors) == 1:
+        if failed != "timeout" and procs[rank].exitcode == 2 and len(errors) == 1:
             raise UserError(errors[0][len("error: "):].strip())  # refused where it runs (e.g. a CPU-only limit)
         tail = "".join(lines[-25:])
-        what = f"did not finish in {timeout:.0f} s" if failed == "timeout" else f"rank {rank} exited {procs[rank].returncode}"
+        what = (f"did not finish in {timeout:.0f} s" if failed == "timeout"
+                else f"rank {rank} exited {procs[rank].exitcode}")
         raise RunFailed(f"the {name} run {what}; its log ({workdir}/{name}.rank{rank}.log) ends:\n{tail}")
     return save
 

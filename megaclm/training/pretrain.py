@@ -252,19 +252,6 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
     checkpoint to load (its checksums are verified here, by all ranks)."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
-    if cfg.training.zero_stage == 0 and cfg.training.precision != "fp32" and not torch.cuda.is_available():
-        # DeepSpeed's unfused 16-bit optimizer (no FusedAdam without CUDA) leaves expert gradients out of its norm,
-        # and reads the tensor-parallel marks off the gradients (which carry none), so that TP ranks > 0 add nothing.
-        unfused = f"DeepSpeed's unfused {cfg.training.precision} optimizer (ZeRO-0 without CUDA)"
-        if cfg.model.num_experts is not None:
-            raise UserError(f"model.num_experts with training.zero_stage=0 and {cfg.training.precision} on CPU: "
-                            f"{unfused} would clip without the experts' gradients; use --zero-stage 1 or 2, or fp32")
-        if cfg.parallel.tensor_model_parallel_size > 1 and os.environ.get("RANK", "0") == "0":
-            # Warned, not refused: Megatron-DeepSpeed's own Llama-2 example (TP=2, ZeRO-0, bf16) rehearses this way.
-            log.warning(f"parallel.tensor_model_parallel_size={cfg.parallel.tensor_model_parallel_size} with "
-                        f"training.zero_stage=0 and {cfg.training.precision} on CPU: {unfused} computes the grad "
-                        "norm (and so clipping) from tensor-parallel rank 0's gradients only (15-22% low at TP=2, "
-                        "found by tools/check_layout.py); use --zero-stage 1, or fp32, for the right norm")
     check_fp8(cfg.training.fp8_format)
     set_thread_count()
     pstate = init_distributed(cfg)

@@ -179,10 +179,6 @@ def test_validate_only_says_what_moe_does(prefix):
         r = cli(good(prefix) + ["--validate-only", "--world-size", "2", "--num-experts", "4", *bad])
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
-    # Checked at start (it depends on the device): DeepSpeed's CPU bf16 optimizer at ZeRO-0 ignores experts' norms.
-    r = cli(good(prefix) + ["--num-experts", "4", "--zero-stage", "0", "--bf16"])
-    assert r.returncode == 2 and "clip without the experts' gradients" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
 def test_validate_only_says_which_features_are_on(prefix):
     r = cli(good(prefix) + ["--validate-only", "--bf16", "--torch-compile", "--fp8-format", "hybrid",
                             "--fp8-recipe", "rowwise"])
