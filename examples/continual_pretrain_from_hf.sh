@@ -8,6 +8,7 @@
 # HF_MODEL is a local directory as save_pretrained writes it (config.json, *.safetensors, tokenizer.json):
 # GPT-2, Llama (incl. Llama 3.x), Mistral or Qwen2. Without HF_MODEL the script runs offline on the CPU
 # with a tiny random Llama and the shipped Wikipedia summaries (a smoke run of the whole workflow).
+# LAUNCHER="python tools/check_layout.py --world-size 8" proves step 3's layout instead (README) and stops there.
 # Results: $WORK/import (megaclm checkpoint), $WORK/run (training), $WORK/hf (the trained model for transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,10 @@ $LAUNCHER pretrain_gpt.py \
     --weight-decay 0.1 --clip-grad 1.0 --zero-stage 1 \
     --save-interval "$TRAIN_ITERS" --eval-interval "$TRAIN_ITERS" --eval-iters 2 --log-interval 5 \
     "$@"
+
+case "$LAUNCHER" in  # LAUNCHER="python tools/check_layout.py ...": step 3 checked the layout, nothing trained
+    *check_layout*) echo "== layout checked; no run to export (steps 4-5 skipped)"; exit 0 ;;
+esac
 
 echo "== 4. export: megaclm checkpoint (any TP/PP) -> HF directory"
 rm -rf "$WORK/hf"

@@ -1,7 +1,8 @@
 """tools/check_layout.py as a user runs it (a subprocess): the README's example, a Llama-2-7B script with
 TP=2 PP=2 ZeRO-1 bf16 given through the example script's LAUNCHER, passes on a shrunk model (data parallel
 scaled 2 -> 1 to fit 4 ranks); the comparison fails on a perturbed loss and on perturbed weights of one family;
-a layout pretrain_gpt.py would refuse is refused with its message."""
+a layout pretrain_gpt.py would refuse is refused with its message; the other example scripts pass too (the
+continual-pretraining one checks its training step and stops before the export)."""
 import json
 import os
 import shutil
@@ -90,3 +91,30 @@ def test_a_layout_the_trainer_refuses_is_refused_with_its_message():
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: model.num_attention_heads=3 is not divisible by parallel.tensor_model_parallel_size=2; "
                       "choose a tensor-parallel size that divides the number of heads"], r.stderr
+
+
+@pytest.mark.parametrize("script, flags, layout", [
+    ("pretrain_gpt2_125m.sh", [], "TP 1 x PP 1 x DP 2 = 2 ranks"),
+    ("pretrain_gpt_1.3b.sh", ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+     "TP 2 x PP 1 x DP 2 = 4 ranks"),
+])
+def test_every_example_script_passes(script, flags, layout):
+    """The other pretraining scripts, as their users launch them (8 GPUs, shrunk to 4 CPU ranks)."""
+    launcher = f"{sys.executable} tools/check_layout.py --check-max-ranks 4 --world-size 8"
+    r = subprocess.run(["bash", f"examples/{script}", *flags], cwd=REPO, env=dict(check_env(), LAUNCHER=launcher),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.rstrip().splitlines()[-1].startswith(f"PASS: {layout} matches"), r.stdout[-2000:]
+
+
+def test_continual_pretraining_example_checks_its_training_step(tmp_path):
+    """examples/continual_pretrain_from_hf.sh under the checker: import a tiny Llama at TP=2, check step 3's
+    layout, and stop there (nothing trained, nothing to export)."""
+    launcher = f"{sys.executable} tools/check_layout.py --check-max-ranks 4 --world-size 2"
+    r = subprocess.run(["bash", "examples/continual_pretrain_from_hf.sh"], cwd=REPO, timeout=900,
+                       env=dict(check_env(), LAUNCHER=launcher, PY=sys.executable, WORK=str(tmp_path / "work")),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "PASS: TP 2 x PP 1 x DP 1 = 2 ranks matches" in r.stdout
+    assert r.stdout.rstrip().endswith("== layout checked; no run to export (steps 4-5 skipped)")
+    assert not (tmp_path / "work" / "hf").exists()
