@@ -97,9 +97,9 @@ def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | Non
     param.register_hook(all_reduce)
 
 
-def all_reduce_sequence_parallel_grads(params: Sequence[nn.Parameter], group) -> None:
-    """Sum the gradients of `params` over `group` in place: one all-reduce of them all, flattened."""
-    grads = [p.grad for p in params if p.grad is not None]
+def all_reduce_sequence_parallel_grads(grads: Sequence[torch.Tensor], group) -> None:
+    """Sum `grads` (the accumulated gradients of SP-replicated parameters) over `group` in place: one
+    all-reduce of them all, flattened."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

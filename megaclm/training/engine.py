@@ -242,26 +242,39 @@ def defer_sequence_parallel_grads(engine: Any, pstate: ParallelState, zero_stage
     """Sum the SP-replicated gradients (norms, row-parallel biases, LoRA factors) over the TP group once per
     optimizer step, in one all-reduce of them all, instead of one hook per parameter per micro-batch.
 
-    Where DeepSpeed keeps the accumulated gradients in `param.grad` until the accumulation boundary (ZeRO 0
-    with an fp32/fp16 optimizer, ZeRO-1 without overlap_comm; both engines), the sum runs there, just before
-    DeepSpeed's own data-parallel reduction (`allreduce_gradients`, which the pipeline engine calls too) and
-    so before clipping. ZeRO 2/3 reduce and partition each gradient during backward, and BF16_Optimizer
-    moves it to its fp32 buffer after each micro-batch: those keep the per-micro-batch hook (returns False).
+    The sum is linear, so it can run on the accumulated gradients wherever DeepSpeed keeps them whole until
+    the accumulation boundary, just before its own data-parallel reduction (and so before clipping):
+    - in `param.grad` (ZeRO 0 with an fp32/fp16 optimizer, ZeRO-1 without overlap_comm; both engines),
+      before `allreduce_gradients`, which the pipeline engine calls too;
+    - in BF16_Optimizer's fp32 buffers (`param._hp_grad`, the pipeline engine's bf16 at ZeRO-0), before the
+      pipeline engine's `_bf16_reduce_grads`.
+    ZeRO 2/3 reduce-scatter each gradient during backward into partitions: those keep the per-micro-batch
+    hook (returns False).
     """
     params = [p for p in engine.module.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
     opt = engine.optimizer
-    grads_wait = ((zero_stage == 0 and not isinstance(opt, BF16_Optimizer))
-                  or (zero_stage == 1 and not getattr(opt, "overlap_comm", True)))
+    if isinstance(opt, BF16_Optimizer):
+        where = "_bf16_reduce_grads"
+        grads_wait = hasattr(engine, where) and not opt.immediate_grad_update
+
+        def accumulated():
+            return [p._hp_grad for p in params if getattr(p, "_hp_grad", None) is not None]
+    else:
+        where = "allreduce_gradients"
+        grads_wait = zero_stage == 0 or (zero_stage == 1 and not getattr(opt, "overlap_comm", True))
+
+        def accumulated():
+            return [p.grad for p in params if p.grad is not None]
     if not params or not grads_wait:
         return False
     for p in params:
         p.sequence_parallel_deferred = True
-    reduce, group = engine.allreduce_gradients, pstate.tp_group
+    reduce, group = getattr(engine, where), pstate.tp_group
 
-    def allreduce_gradients(*args, **kwargs):
+    def reduce_with_sequence_parallel(*args, **kwargs):
         if engine.is_gradient_accumulation_boundary():
-            all_reduce_sequence_parallel_grads(params, group)
+            all_reduce_sequence_parallel_grads(accumulated(), group)
         return reduce(*args, **kwargs)
 
-    engine.allreduce_gradients = allreduce_gradients
+    setattr(engine, where, reduce_with_sequence_parallel)
     return True

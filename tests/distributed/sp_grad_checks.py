@@ -1,12 +1,15 @@
 """Workers for test_sp_grads.py: the SP-replicated gradients summed once per optimizer step (one coalesced
 all-reduce, megaclm.training.engine.defer_sequence_parallel_grads) against the per-micro-batch hooks, through
-megaclm's build_engine on TP=2 + SP, 2 micro-batches per step, clipping that binds."""
+megaclm's build_engine on TP=2 + SP, 2 micro-batches per step, clipping that binds; the plain engine at ZeRO 0/1/2
+and the pipeline engine (one stage) in bf16, whose BF16_Optimizer accumulates in fp32 buffers."""
 from types import SimpleNamespace
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 from megaclm.model.gpt import GPTModel
+from megaclm.model.pipe import GPTPipelineModule
 from megaclm.parallel.random import model_parallel_seed
 from megaclm.parallel.state import ParallelState
 from parallel_checks import VOCAB, family_config
@@ -14,25 +17,31 @@ from parallel_checks import VOCAB, family_config
 B, T = 2, 16
 
 
-def _step(pstate, zero_stage: int, precision: str, defer: bool) -> dict:
+def _step(pstate, zero_stage: int, precision: str, defer: bool, pipeline: bool = False) -> dict:
     import megaclm.training.engine as engine_module
 
     model_parallel_seed(1, pstate.tp_rank, 0)
     torch.manual_seed(1)
     # gpt2: LayerNorms with weight and bias, biased linears (the row-parallel biases are SP-replicated)
-    model = GPTModel(family_config("gpt2", hidden_dropout=0.0, attention_dropout=0.0), VOCAB, pstate)
+    config = family_config("gpt2", hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTPipelineModule(config, VOCAB, pstate) if pipeline else GPTModel(config, VOCAB, pstate)
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
                           training=SimpleNamespace(zero_stage=zero_stage, precision=precision))
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2, "train_batch_size": B * 2,
               "steps_per_print": 10**9, "gradient_clipping": 0.05, "zero_optimization": {"stage": zero_stage},
               "bf16": {"enabled": precision == "bf16"},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                        "weight_decay": 0.01, "torch_adam": True}}}
+                                                        "weight_decay": 0.01, "torch_adam": True}},
+              "pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     defer_fn = engine_module.defer_sequence_parallel_grads
     if not defer:  # the per-micro-batch hooks alone
         engine_module.defer_sequence_parallel_grads = lambda *a, **k: False
     try:
-        engine = engine_module.build_engine(cfg, model, pstate, config)
+        if pipeline:  # one stage: build_engine takes the pipeline path for pp > 1 only
+            engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
+            engine_module.defer_sequence_parallel_grads(engine, pstate, zero_stage)
+        else:
+            engine = engine_module.build_engine(cfg, model, pstate, config)
     finally:
         engine_module.defer_sequence_parallel_grads = defer_fn
     calls = []
@@ -44,9 +53,12 @@ def _step(pstate, zero_stage: int, precision: str, defer: bool) -> dict:
 
     dist.all_reduce = counted
     try:
-        for i in range(2):
-            g = torch.Generator().manual_seed(100 + i)  # same tokens on both TP ranks
-            ids = torch.randint(0, VOCAB, (B, T), generator=g)
+        batches = [torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(100 + i))
+                   for i in range(2)]  # the same tokens on both TP ranks
+        if pipeline:
+            pos, mask = torch.arange(T).expand(B, T), torch.full((B, T), 1.0 / (B * T))
+            engine.train_batch(data_iter=iter([((ids, pos), (ids, mask)) for ids in batches]))
+        for ids in batches if not pipeline else ():
             engine.backward(engine(ids, labels=ids).mean())
             engine.step()
     finally:
@@ -61,10 +73,11 @@ def sp_grad_checks(rank: int, world_size: int) -> dict:
     pstate = ParallelState(world_size, rank, tensor_parallel_size=2, sequence_parallel=True)
     pstate.init_process_groups()
     out = {}
-    for zero_stage, precision in ((0, "fp32"), (1, "fp32"), (1, "bf16"), (2, "fp32")):
-        per_micro = _step(pstate, zero_stage, precision, defer=False)
-        per_step = _step(pstate, zero_stage, precision, defer=True)
-        out[(zero_stage, precision)] = {
+    for zero_stage, precision, pipeline in ((0, "fp32", False), (1, "fp32", False), (1, "bf16", False),
+                                            (2, "fp32", False), (0, "bf16", True)):
+        per_micro = _step(pstate, zero_stage, precision, defer=False, pipeline=pipeline)
+        per_step = _step(pstate, zero_stage, precision, defer=True, pipeline=pipeline)
+        out[(zero_stage, precision, pipeline)] = {
             "norm": (per_micro["norm"], per_step["norm"]), "deferred": per_step["deferred"],
             "all_reduces": (per_micro["all_reduces"], per_step["all_reduces"]),
             "params": max((per_micro["params"][k] - v).abs().max().item() for k, v in per_step["params"].items())}

@@ -1,6 +1,7 @@
 """2 gloo ranks, TP=2 + sequence parallel through build_engine: the SP-replicated gradients (norm weights and
 biases, row-parallel biases) summed once per optimizer step in one all-reduce give the same clipped step as the
-per-parameter, per-micro-batch hooks; ZeRO-2 (gradients partitioned during backward) keeps the hooks."""
+per-parameter, per-micro-batch hooks, on the plain engine (ZeRO 0/1, fp32 and bf16) and on the pipeline engine
+in bf16 (BF16_Optimizer's fp32 buffers); ZeRO-2 (gradients partitioned during backward) keeps the hooks."""
 import os
 
 import pytest
@@ -19,11 +20,12 @@ def ranks():
 
 
 # bf16: measured 1.7e-4 relative on the norm and 2.4e-4 on the parameters (the sums round differently)
-@pytest.mark.parametrize("zero_stage,precision,tol", [(0, "fp32", 1e-6), (1, "fp32", 1e-6), (1, "bf16", 2e-3)],
-                         ids=["zero0", "zero1", "zero1-bf16"])
-def test_once_per_step_equals_per_micro_batch(ranks, zero_stage, precision, tol):
+@pytest.mark.parametrize("zero_stage,precision,pipeline,tol", [
+    (0, "fp32", False, 1e-6), (1, "fp32", False, 1e-6), (1, "bf16", False, 2e-3), (0, "bf16", True, 2e-3)],
+    ids=["zero0", "zero1", "zero1-bf16", "pipeline-bf16"])
+def test_once_per_step_equals_per_micro_batch(ranks, zero_stage, precision, pipeline, tol):
     for rank, result in enumerate(ranks):
-        r = result[(zero_stage, precision)]
+        r = result[(zero_stage, precision, pipeline)]
         assert r["deferred"] == SP_PARAMS, r["deferred"]
         per_micro, per_step = r["all_reduces"]
         # the hooks: one all-reduce per SP parameter per micro-batch; deferred: one per step, all of them
@@ -36,6 +38,6 @@ def test_once_per_step_equals_per_micro_batch(ranks, zero_stage, precision, tol)
 
 def test_zero2_keeps_the_per_micro_batch_hooks(ranks):
     for result in ranks:
-        r = result[(2, "fp32")]
+        r = result[(2, "fp32", False)]
         assert r["deferred"] == 0
         assert r["norm"][0] == r["norm"][1] and r["params"] == 0.0
