@@ -11,6 +11,7 @@ import math
 import zlib
 from typing import Callable, Mapping
 
+import deepspeed
 import torch
 import torch.nn as nn
 
@@ -36,23 +37,23 @@ def init_adapters(module: nn.Module, seed: int, tp_size: int, tp_rank: int,
     name, `plain_name` maps pipeline names), then keep this rank's shard; returns how many were drawn.
 
     The linears draw A from the default generator while the model is built, where it stands wherever the
-    layers built before left it: pipeline stages build only their own layers, so the adapters would start
-    differently at PP=2 than at PP=1. Drawn per name they start the same at any TP/PP layout (B is zero), as
-    the base weights do when loaded from one checkpoint (tools/check_layout.py compares layouts this way)."""
-    drawn = 0
-    for name, param in module.named_parameters():
-        if not name.endswith(".lora_a"):
-            continue
-        split = getattr(param, "tensor_model_parallel", False)  # a row-parallel linear's A: split along its input
-        full = torch.empty(param.shape[0], param.shape[1] * (tp_size if split else 1))
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(plain_name(name).encode()))
-        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)  # PEFT's init (lora_a_init)
-        if split:
-            full = full.chunk(tp_size, dim=1)[tp_rank]
-        with torch.no_grad():
-            param.copy_(full)
-        drawn += 1
-    return drawn
+    layers built before left it: pipeline stages build only their own layers, and ZeRO-3 builds them
+    partitioned, so the adapters would start differently at PP=2 or ZeRO-3 than at PP=1 and ZeRO 0-2. Drawn
+    per name they start the same at any layout (B is zero), as the base weights do when loaded from one
+    checkpoint (tools/check_layout.py compares layouts this way). Collective under ZeRO-3: every rank gathers
+    the A matrices (all ranks draw the same; the first rank's copy is kept)."""
+    adapters = [(name, param) for name, param in module.named_parameters() if name.endswith(".lora_a")]
+    with deepspeed.zero.GatheredParameters([param for _, param in adapters], modifier_rank=0):
+        for name, param in adapters:
+            split = getattr(param, "tensor_model_parallel", False)  # a row-parallel linear's A: split along its input
+            full = torch.empty(param.shape[0], param.shape[1] * (tp_size if split else 1))
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(plain_name(name).encode()))
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)  # PEFT's init (lora_a_init)
+            if split:
+                full = full.chunk(tp_size, dim=1)[tp_rank]
+            with torch.no_grad():
+                param.copy_(full)
+    return len(adapters)
 
 
 def adapter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -126,8 +126,9 @@ def check_engines(world_size: int, rank: int) -> dict:
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
     out = {}
-    # bf16: ZeRO-1 is DeepSpeed's BF16_Optimizer, ZeRO-2 its ZeRO optimizer in bf16 (each with its own norm).
-    for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")):
+    # bf16: ZeRO-0 is DeepSpeed's unfused 16-bit optimizer on CPU (with megaclm's norm), ZeRO-1 its
+    # BF16_Optimizer, ZeRO-2 its ZeRO optimizer in bf16 (each with its own norm).
+    for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16")):
         results = {ep: _train(_state(world_size, rank, expert_parallel_size=ep), stage, 3, rank, precision)
                    for ep in (1, world_size)}
         (loss1, norm1, p1), (loss2, norm2, p2) = results[1], results[world_size]
