@@ -83,6 +83,15 @@ class SeqSplit:
     order: torch.Tensor  # (n * N,) int64: row i of the ranks' concatenated tokens is token order[i] of the
     #                      unsplit micro-batch (b * T + t), T the whole sequence
 
+    @classmethod
+    def of(cls, group, rank: int, ring: bool, B: int, T: int, device: torch.device | None = None) -> "SeqSplit":
+        """Rank `rank` of `group` holding (B, T) tokens of each sample: a contiguous slice (Ulysses) or the
+        ring's two load-balanced chunks (megaclm.parallel.context.sequence_index)."""
+        n = dist.get_world_size(group)
+        positions = torch.stack([sequence_index(T * n, n, r, ring, device) for r in range(n)])  # (n, T) global
+        order = torch.arange(B, device=device)[None, :, None] * (T * n) + positions[:, None, :]  # (n, B, T)
+        return cls(group, rank, order.flatten())
+
 
 def route(logits: torch.Tensor, k: int, pre_softmax: bool = False, capacity_factor: float | None = None,
           drop_policy: str = "probs", split: SeqSplit | None = None) -> Routing:
@@ -230,14 +239,10 @@ class MoE(nn.Module):
         return y, loss
 
     def _seq_split(self, B: int, T: int, device: torch.device) -> SeqSplit | None:
-        """This rank's place in a sequence split of (B, T) local tokens, or None without one."""
         p = self.pstate
         if p is None or p.seq_size == 1:
             return None
-        n, ring = p.seq_size, p.seq_kind == "ring"
-        positions = torch.stack([sequence_index(T * n, n, r, ring, device) for r in range(n)])  # (n, T) global
-        order = torch.arange(B, device=device)[None, :, None] * (T * n) + positions[:, None, :]  # (n, B, T)
-        return SeqSplit(p.seq_group, p.seq_rank, order.flatten())
+        return SeqSplit.of(p.seq_group, p.seq_rank, p.seq_kind == "ring", B, T, device)
 
     def _dispatch(self, flat: torch.Tensor, r: Routing) -> torch.Tensor:
         """Send each kept assignment's token to its expert's EP rank, run it, bring it back, combine. (N, H)."""
