@@ -22,6 +22,11 @@ Router losses (Megatron-LM's definitions; added to the training loss, each layer
 Capacity (`moe_expert_capacity_factor` c): expert e keeps at most ceil(c N k / E) of the assignments
 of this rank's micro-batch, by router weight ('probs') or earliest token ('position'); a dropped
 assignment contributes 0 (the residual stream carries the token on).
+Under a sequence split (Ulysses or ring: each rank of the seq group holds part of every sample) N is the
+whole micro-batch's tokens: the losses' statistics (count_e, the probabilities' sums, the sum of
+logsumexp^2) are summed over the seq group before the losses are formed (an all-reduce whose backward is
+an all-reduce too: every rank's loss uses the sums), and capacity is decided on every rank's (chosen,
+weight) table gathered in the unsplit token order, so routing equals the unsplit micro-batch's.
 
 Parallelism. Tensor parallel: the routed experts are not split; each TP rank runs them on the whole
 sequence (gathered from SP first), so routing is identical across TP ranks. Expert parallel: EP rank r
@@ -30,8 +35,9 @@ holds experts [r El, (r+1) El) only, and runs them on the tokens every rank of i
 is a DeepSpeed MoE layer to DeepSpeed's engine (`ExpertParallelMoE`, a subclass of
 `deepspeed.moe.layer.MoE`, the class its engine recognises MoE by): expert parameters carry
 `allreduce=False` and `group_name`, so the engine reduces their gradients over the expert-data-parallel
-group (the dp/ep ranks holding the same experts; divided by the whole dp size, as for every other
-gradient), ZeRO-1/2 partitions their states over that group, and checkpoints hold one file per expert
+group (the dp x seq / ep ranks holding the same experts: sequence ranks are data-parallel ranks to the
+experts, megaclm.parallel.state; divided by the dp size, as every other gradient), ZeRO-1/2 partitions
+their states over that group, and checkpoints hold one file per expert
 (DeepSpeed's `layer_{L}_expert_{e}_mp_rank_{tp}_model_states.pt`, by global expert id), found by the
 module names DeepSpeed's MoE uses. The process groups are DeepSpeed's own (megaclm.parallel.state
 creates them in DeepSpeed's registry). Frozen experts (LoRA) need none of that, and the engine broadcasts
