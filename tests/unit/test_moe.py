@@ -267,9 +267,13 @@ def test_memory_estimate_splits_experts_by_expert_parallel():
                                                          precision="fp32", expert_parallel=ep)) for ep in (1, 2))
     assert one.gpu["weights"] - two.gpu["weights"] == 4 * experts // 2
     assert one.gpu["Adam moments"] == two.gpu["Adam moments"] == 8 * stage_parameters(config, 128)[0].params / 4
+    # dp 2 x Ulysses 2: the same 4 replicas of the dense weights, 2 of each expert (EP over seq x dp ranks)
+    split = estimate_memory(config, 128, MemorySetup(seq_length=16, data_parallel=2, seq_split=2, zero_stage=1,
+                                                     precision="fp32", expert_parallel=2))
+    assert split.gpu["Adam moments"] == two.gpu["Adam moments"] and split.gpu["weights"] == two.gpu["weights"]
     with pytest.raises(UserError, match="zero_stage 0-2"):
         estimate_memory(config, 128, MemorySetup(seq_length=16, zero_stage=3))
-    with pytest.raises(UserError, match="must divide data_parallel"):
+    with pytest.raises(UserError, match="must divide data_parallel=2 x seq_split=1"):
         MemorySetup(seq_length=16, data_parallel=2, expert_parallel=4)
 
 
