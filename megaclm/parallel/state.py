@@ -195,7 +195,7 @@ class ParallelState:
             registry.clear()
         if not deepspeed.comm.is_initialized():  # DeepSpeed's groups go through deepspeed.comm (wraps torch's group)
             deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-        ds_groups.mpu = self  # as the engine sets it
+        ds_groups.mpu = self  # DeepSpeed's group helpers size the data-parallel axis through it (as the engine sets)
         ds_groups.expert_tensor_parallel_world_size = 1
         name = self.expert_group_name
         ep_lists, edp_lists = ds_groups._get_expert_parallel_ranks(self.world_size, self.tp_size, self.ep_size,
