@@ -64,10 +64,11 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
                         f"{tp * pp * split} processes")
     dp = world_size // (tp * pp * split)
     ep = cfg.parallel.expert_model_parallel_size
-    if dp % ep:
-        raise UserError(f"parallel.expert_model_parallel_size={ep} does not divide the data-parallel size {dp} "
-                        f"(world {world_size} / tp {tp} / pp {pp} / sequence split {split}); expert-parallel ranks "
-                        f"are data-parallel ranks, so launch a multiple of {tp * pp * split * ep} processes")
+    if (dp * split) % ep:
+        raise UserError(f"parallel.expert_model_parallel_size={ep} does not divide the data-parallel size {dp} x "
+                        f"the sequence split {split} (world {world_size} / tp {tp} / pp {pp}); expert-parallel "
+                        f"ranks are data-parallel or sequence ranks, so launch a multiple of {tp * pp * ep} "
+                        f"processes with a multiple of {ep} data-parallel x sequence ranks")
     t = cfg.training
     mbs = t.micro_batch_size
     gbs = t.global_batch_size if t.global_batch_size is not None else mbs * dp

@@ -262,10 +262,6 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
     if parallel.context_parallel_size > 1 and model.attention_dropout > 0:
         raise UserError(f"parallel.context_parallel_size > 1 with model.attention_dropout={model.attention_dropout}: "
                         "ring attention has no attention dropout (as Megatron-LM's); pass --attention-dropout 0")
-    if model.num_experts is not None and parallel.ds_sequence_parallel_size * parallel.context_parallel_size > 1:
-        raise UserError("Mixture-of-Experts models do not combine with a sequence split yet (the experts' token "
-                        "exchange runs over data-parallel ranks); drop --ds-sequence-parallel-size / "
-                        "--context-parallel-size or --num-experts")
     stages = f"parallel.pipeline_model_parallel_size={pp}"
     if model.num_layers < pp:
         raise UserError(f"model.num_layers={model.num_layers} cannot be split across {stages} stages; "

@@ -279,15 +279,16 @@ class MemorySetup:
     lora_targets: tuple[str, ...] = ()
     seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
     ring: bool = False  # the split is ring attention (context parallel), else DeepSpeed-Ulysses
-    expert_parallel: int = 1  # MoE: data-parallel ranks splitting the routed experts (--expert-model-parallel-size)
+    expert_parallel: int = 1  # MoE: dp or seq-split ranks splitting the routed experts (--expert-model-parallel-size)
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
                      "data_parallel", "grad_accum_steps", "seq_split", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.data_parallel % self.expert_parallel:
-            raise UserError(f"expert_parallel={self.expert_parallel} must divide data_parallel={self.data_parallel}")
+        if (self.data_parallel * self.seq_split) % self.expert_parallel:
+            raise UserError(f"expert_parallel={self.expert_parallel} must divide data_parallel={self.data_parallel} "
+                            f"x seq_split={self.seq_split}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.precision not in PRECISIONS:
@@ -381,7 +382,7 @@ def layer_activation_bytes(model: ModelConfig, setup: MemorySetup) -> float:
 def seq_split_summary(model: ModelConfig, setup: MemorySetup) -> str:
     """One line: the tokens per rank and one layer's activations against the unsplit run's."""
     mine = layer_activation_bytes(model, setup)
-    whole = layer_activation_bytes(model, replace(setup, seq_split=1, ring=False))
+    whole = layer_activation_bytes(model, replace(setup, seq_split=1, ring=False, expert_parallel=1))
     return (f"{setup.seq_length // setup.seq_split} of {setup.seq_length} tokens per sample on each GPU; activations "
             f"per layer (attention included) {mine / GiB:.3f} GiB, unsplit {whole / GiB:.3f} GiB ({mine / whole:.3f}x)")
 
@@ -399,7 +400,7 @@ def _stage_model_states(p: float, largest: int, setup: MemorySetup, trainable: f
                         shards: int | None = None) -> tuple[dict, dict]:
     """(gpu, cpu) bytes of weights, gradients and optimizer states for `p` parameters on one GPU, of
     which `trainable` (default: all) have gradients and optimizer states (the others are frozen: LoRA),
-    partitioned by ZeRO over `shards` ranks (default seq x dp; routed experts: the dp/ep replicas)."""
+    partitioned by ZeRO over `shards` ranks (default seq x dp; routed experts: the seq x dp / ep replicas)."""
     z, n = setup.zero_stage, shards or setup.data_parallel * setup.seq_split
     mixed = setup.precision != "fp32"
     lp = 2 if mixed else 4
@@ -435,7 +436,7 @@ class StageParams:
     layers: int  # transformer layers on the stage
     params: int
     largest_module: int  # the largest single module (ZeRO-3 gathers it whole)
-    experts: int = 0  # of `params`, this expert-parallel rank's routed experts (ZeRO shards them over dp/ep)
+    experts: int = 0  # of `params`, this expert-parallel rank's routed experts (ZeRO: over seq x dp / ep)
 
 
 def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int = 1,
@@ -493,9 +494,9 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
         adapters = stage.layers * lora_layer_parameters(model, setup.lora_rank, setup.lora_targets, t)
         gpu, cpu = _stage_model_states(stage.params - stage.experts + adapters, stage.largest_module, setup,
                                        trainable=adapters if setup.lora_rank else None)
-        if stage.experts:  # ZeRO partitions them over their dp/ep replicas; LoRA freezes them
+        if stage.experts:  # ZeRO partitions them over their seq x dp / ep replicas; LoRA freezes them
             egpu, ecpu = _stage_model_states(stage.experts, 0, setup, trainable=0 if setup.lora_rank else None,
-                                             shards=setup.data_parallel // ep)
+                                             shards=setup.data_parallel * setup.seq_split // ep)
             gpu, cpu = ({k: a[k] + b[k] for k in a} for a, b in ((gpu, egpu), (cpu, ecpu)))
         in_flight = min(pp - i, setup.grad_accum_steps)
         if model.recompute_full and model.recompute_method == "uniform":

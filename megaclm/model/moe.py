@@ -22,6 +22,11 @@ Router losses (Megatron-LM's definitions; added to the training loss, each layer
 Capacity (`moe_expert_capacity_factor` c): expert e keeps at most ceil(c N k / E) of the assignments
 of this rank's micro-batch, by router weight ('probs') or earliest token ('position'); a dropped
 assignment contributes 0 (the residual stream carries the token on).
+Under a sequence split (Ulysses or ring: each rank of the seq group holds part of every sample) N is the
+whole micro-batch's tokens: the losses' statistics (count_e, the probabilities' sums, the sum of
+logsumexp^2) are summed over the seq group before the losses are formed (an all-reduce whose backward is
+an all-reduce too: every rank's loss uses the sums), and capacity is decided on every rank's (chosen,
+weight) table gathered in the unsplit token order, so routing equals the unsplit micro-batch's.
 
 Parallelism. Tensor parallel: the routed experts are not split; each TP rank runs them on the whole
 sequence (gathered from SP first), so routing is identical across TP ranks. Expert parallel: EP rank r
@@ -30,8 +35,9 @@ holds experts [r El, (r+1) El) only, and runs them on the tokens every rank of i
 is a DeepSpeed MoE layer to DeepSpeed's engine (`ExpertParallelMoE`, a subclass of
 `deepspeed.moe.layer.MoE`, the class its engine recognises MoE by): expert parameters carry
 `allreduce=False` and `group_name`, so the engine reduces their gradients over the expert-data-parallel
-group (the dp/ep ranks holding the same experts; divided by the whole dp size, as for every other
-gradient), ZeRO-1/2 partitions their states over that group, and checkpoints hold one file per expert
+group (the dp x seq / ep ranks holding the same experts: sequence ranks are data-parallel ranks to the
+experts, megaclm.parallel.state; divided by the dp size, as every other gradient), ZeRO-1/2 partitions
+their states over that group, and checkpoints hold one file per expert
 (DeepSpeed's `layer_{L}_expert_{e}_mp_rank_{tp}_model_states.pt`, by global expert id), found by the
 module names DeepSpeed's MoE uses. The process groups are DeepSpeed's own (megaclm.parallel.state
 creates them in DeepSpeed's registry). Frozen experts (LoRA) need none of that, and the engine broadcasts
@@ -53,6 +59,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.utils import groups as ds_groups
@@ -60,7 +67,8 @@ from deepspeed.utils import groups as ds_groups
 from megaclm.config.model import ModelConfig
 from megaclm.ops import Ops
 from megaclm.parallel.layers import normal_init, scaled_normal_init, sequence_parallel_grad_hook, tp_group, tp_info
-from megaclm.parallel.mappings import all_to_all, gather_from_sp, scatter_to_sp
+from megaclm.parallel.context import sequence_index
+from megaclm.parallel.mappings import all_gather, all_reduce_sum, all_to_all, gather_from_sp, scatter_to_sp
 from megaclm.parallel.state import ParallelState, expert_group_name
 
 
@@ -73,9 +81,30 @@ class Routing:
     z_loss: torch.Tensor  # () fp32 router z-loss (unweighted)
 
 
+@dataclass
+class SeqSplit:
+    """The other parts of this rank's samples under a sequence split (Ulysses or ring), for `route`."""
+    group: object  # the sequence-split process group
+    rank: int  # this rank's index in it
+    order: torch.Tensor  # (n * N,) int64: row i of the ranks' concatenated tokens is token order[i] of the
+    #                      unsplit micro-batch (b * T + t), T the whole sequence
+
+    @classmethod
+    def of(cls, group, rank: int, ring: bool, B: int, T: int, device: torch.device | None = None) -> "SeqSplit":
+        """Rank `rank` of `group` holding (B, T) tokens of each sample: a contiguous slice (Ulysses) or the
+        ring's two load-balanced chunks (megaclm.parallel.context.sequence_index)."""
+        n = dist.get_world_size(group)
+        positions = torch.stack([sequence_index(T * n, n, r, ring, device) for r in range(n)])  # (n, T) global
+        order = torch.arange(B, device=device)[None, :, None] * (T * n) + positions[:, None, :]  # (n, B, T)
+        return cls(group, rank, order.flatten())
+
+
 def route(logits: torch.Tensor, k: int, pre_softmax: bool = False, capacity_factor: float | None = None,
-          drop_policy: str = "probs") -> Routing:
-    """(N, E) fp32 router logits -> the kept (token, expert) assignments and the router losses."""
+          drop_policy: str = "probs", split: SeqSplit | None = None) -> Routing:
+    """(N, E) fp32 router logits -> the kept (token, expert) assignments and the router losses.
+
+    With a sequence split (`split`; collective over its group) the router losses and the capacity are those
+    of the whole micro-batch, every rank's tokens together, as without the split."""
     N, E = logits.shape
     probs = logits.softmax(dim=-1)  # (N, E)
     if pre_softmax:
@@ -85,20 +114,42 @@ def route(logits: torch.Tensor, k: int, pre_softmax: bool = False, capacity_fact
         top_w = top_l.softmax(dim=-1)
     chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_e, True)  # (N, E)
     gates = torch.zeros_like(probs).scatter(1, top_e, top_w)  # (N, E), differentiable in top_w
-    counts_before = chosen.sum(dim=0)  # (E,)
-    aux = E / (N * k) * (counts_before.float() * probs.mean(dim=0)).sum()
-    z = logits.logsumexp(dim=-1).square().mean()
+    # The load-balancing loss is not linear in the tokens: sum its statistics (and the z-loss's) over the
+    # sequence split before forming it, as Megatron-LM does over TP x CP. One all-reduce of (2E + 1,).
+    stats = torch.cat([chosen.sum(dim=0).float(), probs.sum(dim=0), logits.logsumexp(dim=-1).square().sum()[None]])
+    n = N
+    if split is not None:
+        stats, n = all_reduce_sum(stats, split.group), N * dist.get_world_size(split.group)
+    counts_before, probs_sum = stats[:E], stats[E:2 * E]  # (E,) tokens that chose e, before capacity dropping
+    aux = E / (n * k) * (counts_before * probs_sum / n).sum()
+    z = stats[2 * E] / n
     kept = chosen
     if capacity_factor is not None:
-        capacity = min(N, math.ceil(capacity_factor * N * k / E))
-        if drop_policy == "probs":
-            score = gates.detach()
-        else:  # earlier tokens first
-            score = -torch.arange(N, device=logits.device, dtype=torch.float32)[:, None].expand(N, E)
-        rows = score.masked_fill(~chosen, -math.inf).topk(capacity, dim=0).indices  # (capacity, E)
-        kept = torch.zeros_like(chosen).scatter_(0, rows, True) & chosen
+        kept = _within_capacity(chosen, gates.detach(), math.ceil(capacity_factor * n * k / E), drop_policy, split)
     expert, token = kept.t().nonzero(as_tuple=True)  # sorted by expert, then token
     return Routing(token=token, weight=gates[token, expert], counts=kept.sum(dim=0), aux_loss=aux, z_loss=z)
+
+
+def _within_capacity(chosen: torch.Tensor, gates: torch.Tensor, capacity: int, drop_policy: str,
+                     split: SeqSplit | None) -> torch.Tensor:
+    """(N, E) chosen, gates -> (N, E) bool: the assignments each expert keeps of the micro-batch's, at most
+    `capacity`, by router weight ('probs') or earliest token ('position'). Under a sequence split the
+    decision is the unsplit micro-batch's: every rank's (chosen, gates) gathered into the token order."""
+    N, E = chosen.shape
+    if split is not None:
+        parts = all_gather(torch.cat([chosen.float(), gates], dim=1), 0, split.group)  # (n N, 2E)
+        whole = torch.empty_like(parts).index_copy_(0, split.order, parts)  # rows in the unsplit token order
+        chosen, gates = whole[:, :E].bool(), whole[:, E:]
+    rows = chosen.size(0)
+    if drop_policy == "probs":
+        score = gates
+    else:  # earlier tokens first
+        score = -torch.arange(rows, device=gates.device, dtype=torch.float32)[:, None].expand(rows, E)
+    top = score.masked_fill(~chosen, -math.inf).topk(min(rows, capacity), dim=0).indices  # (capacity, E)
+    kept = torch.zeros_like(chosen).scatter_(0, top, True) & chosen
+    if split is not None:
+        kept = kept[split.order[split.rank * N:(split.rank + 1) * N]]  # back to this rank's tokens
+    return kept
 
 
 EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's MoE module names (its checkpoints)
@@ -180,7 +231,7 @@ class MoE(nn.Module):
         flat = full.reshape(B * T, H)
         logits = flat.float() @ self.router.weight.float().t()  # (N, E) fp32
         r = route(logits, c.moe_router_topk, c.moe_router_pre_softmax, c.moe_expert_capacity_factor,
-                  c.moe_token_drop_policy)
+                  c.moe_token_drop_policy, self._seq_split(B, T, logits.device))
         y = self._dispatch(flat, r).view(B, T, H)
         if sp:
             y = scatter_to_sp(y, tp_group(self.pstate))  # (B, S, H)
@@ -192,6 +243,12 @@ class MoE(nn.Module):
         if self.training:
             loss = c.moe_aux_loss_coeff * r.aux_loss + c.moe_z_loss_coeff * r.z_loss
         return y, loss
+
+    def _seq_split(self, B: int, T: int, device: torch.device) -> SeqSplit | None:
+        p = self.pstate
+        if p is None or p.seq_size == 1:
+            return None
+        return SeqSplit.of(p.seq_group, p.seq_rank, p.seq_kind == "ring", B, T, device)
 
     def _dispatch(self, flat: torch.Tensor, r: Routing) -> torch.Tensor:
         """Send each kept assignment's token to its expert's EP rank, run it, bring it back, combine. (N, H)."""

@@ -11,6 +11,7 @@ sequence-parallel ("SP") split on dim 1. Every function is the identity when the
     gather_from_sp      fwd: all-gather seq           bwd: reduce-scatter seq (grad_is_partial) or keep my chunk
     reduce_scatter_to_sp fwd: reduce-scatter seq      bwd: all-gather seq
     all_to_all          fwd: rows to their ranks      bwd: the rows back (splits swapped)   (any group: EP)
+    all_reduce_sum      fwd: all-reduce               bwd: all-reduce   (any group: a sum every rank's loss uses)
 
 Plain (no autograd) helpers for hand-written backwards: all_gather, all_gather_async, reduce_scatter.
 """
@@ -188,3 +189,20 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
     """Rows [sum(input_splits[:r]), +input_splits[r]) of x go to rank r; rank r's rows for me arrive in rank order."""
     return x if _size(group) == 1 else _AllToAll.apply(x, group, output_splits, input_splits)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum over `group` of every rank's x, where each rank's loss uses the sum: the gradient of a rank's x
+    is the sum of every rank's gradient of the sum (unlike reduce_from_tp, whose ranks share one loss)."""
+    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)

@@ -17,15 +17,18 @@ World 8, tp 2, seq 2 (dp 2): tp [0,1] [2,3] [4,5] [6,7]; seq [0,2] [1,3] [4,6] [
 [3,7]; seq x dp (DeepSpeed's "sequence data parallel" group, over which ZeRO shards and gradients are
 summed over seq and averaged over dp) [0,2,4,6] [1,3,5,7].
 
-Expert parallelism (EP, Mixture of Experts) splits each data-parallel group into consecutive blocks of
-`ep` ranks that exchange tokens by all-to-all and hold different experts: ep_rank = dp_rank % ep. The
-ranks of a dp group with the same ep_rank hold the same experts: their "expert data parallel" group
-(edp, dp/ep ranks) is where expert gradients are reduced and ZeRO partitions expert states. e.g. world
-8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups
-[0,4] [2,6] [1,5] [3,7]. This is DeepSpeed's own layout (deepspeed.utils.groups, "E + M + D"), and
-the expert groups are DeepSpeed's: `init_process_groups` creates them with DeepSpeed's
-`_create_expert_data_and_model_parallel` (for a model with experts) and checks they are these, since
-DeepSpeed's engine reduces expert gradients over the groups it finds there under "ep_size_{ep}".
+Expert parallelism (EP, Mixture of Experts) splits each seq x dp group (= dp group without a sequence
+split) into consecutive blocks of `ep` ranks that exchange tokens by all-to-all and hold different experts:
+ep_rank = i % ep, i the rank's index in its seq x dp group (dp_rank * seq + seq_rank). The ranks of a seq x dp
+group with the same ep_rank hold the same experts: their "expert data parallel" group (edp, seq*dp/ep ranks)
+is where expert gradients are reduced (summed over seq, averaged over dp, as every other gradient) and ZeRO
+partitions expert states. Sequence ranks hold different tokens of the same samples, so to the experts they
+are data-parallel ranks like any other: with ep = seq the token exchange runs within each sample. e.g.
+world 8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups
+[0,4] [2,6] [1,5] [3,7]. World 4, Ulysses 2, ep 2 (dp 2): seq groups [0,1] [2,3] are the ep groups, edp
+groups [0,2] [1,3]. This is DeepSpeed's own layout (deepspeed.utils.groups `_get_expert_parallel_ranks`,
+"E + M + D", whose data axis is world / (tp x pp), sequence ranks included), and the expert groups are
+DeepSpeed's: `init_process_groups` registers them where its engine and ZeRO look them up, under "ep_size_{ep}".
 
 A `ParallelState` computes all of that without processes; `init_process_groups()` then creates the
 torch.distributed groups (every rank must call it, in the same order). The `get_*` methods are
@@ -91,13 +94,14 @@ class ParallelState:
         self.seq_group_ranks = self._my_list("seq") if seq > 1 else [rank]
         self.seq_dp_group_ranks = sorted(self.topology.filter_match(pipe=self.pp_rank, model=self.tp_rank))
         self.model_parallel_group_ranks = sorted(self.topology.filter_match(**self._replica_coords(rank)))
-        if ep < 1 or self.dp_size % ep:
+        if ep < 1 or (self.dp_size * seq) % ep:
             raise UserError(f"parallel.expert_model_parallel_size={ep} must be >= 1 and divide the data-parallel "
-                            f"size {self.dp_size}")
-        self.ep_size, self.ep_rank, self.edp_rank = ep, self.dp_rank % ep, self.dp_rank // ep
+                            f"size {self.dp_size} x the sequence split {seq}")
+        i = self.seq_dp_group_ranks.index(rank)  # = dp_rank * seq + seq_rank
+        self.ep_size, self.ep_rank, self.edp_rank = ep, i % ep, i // ep
         self.has_experts = experts
-        self.ep_group_ranks = self.dp_group_ranks[self.edp_rank * ep:(self.edp_rank + 1) * ep]
-        self.edp_group_ranks = self.dp_group_ranks[self.ep_rank::ep]
+        self.ep_group_ranks = self.seq_dp_group_ranks[self.edp_rank * ep:(self.edp_rank + 1) * ep]
+        self.edp_group_ranks = self.seq_dp_group_ranks[self.ep_rank::ep]
         self._groups: dict[str, object] | None = None
 
     def __deepcopy__(self, memo):
@@ -178,25 +182,36 @@ class ParallelState:
 
     def _init_expert_groups(self) -> None:
         """DeepSpeed's expert-parallel and expert-data-parallel groups, in DeepSpeed's registry (module globals
-        keyed by `expert_group_name`, read by its engine and ZeRO). The registry is emptied first: DeepSpeed
-        names its MoE checkpoint files after the largest EP size registered, and a process building several
-        layouts (tests) would otherwise keep stale groups; every rank does the same, so the collective
-        group creation stays in step."""
+        keyed by `expert_group_name`, read by its engine and ZeRO). The rank lists are DeepSpeed's
+        (`_get_expert_parallel_ranks`, checked against this layout); the groups are created here rather than
+        by its `_create_expert_data_and_model_parallel`, which asserts that ep divides the mpu's dp size and so
+        refuses an EP group made of sequence ranks (dp 1, seq 2, ep 2), and which declares the experts split
+        across TP ranks (megaclm's are whole on each: DeepSpeed's norms must not sum them over TP). The
+        registry is emptied first: DeepSpeed names its MoE checkpoint files after the largest EP size
+        registered, and a process building several layouts (tests) would otherwise keep stale groups; every
+        rank does the same, so the collective group creation stays in step."""
         for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
                          ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
             registry.clear()
         if not deepspeed.comm.is_initialized():  # DeepSpeed's groups go through deepspeed.comm (wraps torch's group)
             deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-        ds_groups.mpu = self  # DeepSpeed sizes the data-parallel axis through its mpu (the engine sets the same)
-        ds_groups._create_expert_data_and_model_parallel(self.ep_size, mpu=self)
-        # That call also declares the experts split across the TP ranks; megaclm's are whole on each TP rank, so
-        # DeepSpeed's norms (bf16/fp16 optimizers) must not sum their expert part over the model-parallel group.
+        ds_groups.mpu = self  # DeepSpeed's group helpers size the data-parallel axis through it (as the engine sets)
         ds_groups.expert_tensor_parallel_world_size = 1
         name = self.expert_group_name
-        made = (list(ds_groups._get_expert_parallel_group_ranks(name)),
-                list(ds_groups._get_expert_data_parallel_group_ranks(name)))
+        ep_lists, edp_lists = ds_groups._get_expert_parallel_ranks(self.world_size, self.tp_size, self.ep_size,
+                                                                   self.pp_size)
+        for lists, groups, ranks_of in ((ep_lists, ds_groups._EXPERT_PARALLEL_GROUP,
+                                         ds_groups._EXPERT_PARALLEL_GROUP_RANKS),
+                                        (edp_lists, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                                         ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS)):
+            for ranks in lists:
+                group = deepspeed.comm.new_group(ranks)
+                if self.rank in ranks:
+                    groups[name], ranks_of[name] = group, ranks
+        made = (list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name]),
+                list(ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]))
         if made != (self.ep_group_ranks, self.edp_group_ranks):
-            raise RuntimeError(f"DeepSpeed made expert groups (ep, edp) {made} for rank {self.rank}, megaclm's layout "
+            raise RuntimeError(f"DeepSpeed's expert groups (ep, edp) are {made} for rank {self.rank}, megaclm's layout "
                                f"says {(self.ep_group_ranks, self.edp_group_ranks)}: the two rank orders disagree")
 
     def _group(self, name: str):

@@ -116,8 +116,9 @@ def scale_axes(axes: Axes, max_ranks: int) -> tuple[Axes, list[str]]:
     for name in ("dp", "seq", "pp", "tp"):
         if new.world > max_ranks and getattr(new, name) > 2:
             cut(name, 2, f"--max-ranks {max_ranks}")
-    if new.world > max_ranks and new.dp > new.ep:
-        cut("dp", new.ep, f"--max-ranks {max_ranks}")
+    fewest_dp = new.ep // math.gcd(new.ep, new.seq)  # expert-parallel ranks are data-parallel or sequence ranks
+    if new.world > max_ranks and new.dp > fewest_dp:
+        cut("dp", fewest_dp, f"--max-ranks {max_ranks}")
     if new.world > max_ranks:
         raise UserError(f"the layout needs {new.world} ranks at its smallest ({new.text()}) and --max-ranks is "
                         f"{max_ranks}; raise --max-ranks (CPU processes are cheap for the shrunk model)")

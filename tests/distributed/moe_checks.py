@@ -18,8 +18,10 @@ from deepspeed.moe.utils import is_moe_param
 from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig
 from megaclm.model.gpt import GPTModel
+from megaclm.model.moe import SeqSplit, route
 from megaclm.model.sharding import (expert_id, globalize_experts, localize_experts, shard_state_dict,
                                     unshard_state_dicts)
+from megaclm.parallel.context import sequence_index
 from megaclm.parallel.state import ParallelState
 from parallel_checks import B, T, VOCAB, batch, gather_shards, grads, max_diff
 
@@ -186,8 +188,49 @@ def check_offline_checkpoint_loads_in_deepspeed(world_size: int, rank: int) -> d
             "max_diff": max((got[k] - want[k]).abs().max().item() for k in want)}
 
 
+def check_route_over_seq_split(world_size: int, rank: int) -> dict:
+    """`route` on this rank's part of each sample (Ulysses slice or ring chunks) against `route` on the whole
+    micro-batch: the same router losses, kept assignments and logits gradient. The objective is training's:
+    sum_t w_t (sum of t's kept combine weights x v_t + the router losses), w_t unequal across the ranks (as
+    under a loss mask), each rank differentiating its own tokens' part."""
+    group = dist.new_group(list(range(world_size)))
+    out = {}
+    g = torch.Generator().manual_seed(3)
+    Bs, Ts, E = 2, 16, 4
+    for ring in (False, True):
+        for k, pre_softmax, capacity, policy in ((2, False, None, "probs"), (2, True, 1.0, "probs"),
+                                                 (1, False, 0.5, "position"), (1, False, 0.5, "probs")):
+            logits = torch.randn(Bs, Ts, E, generator=g)
+            w, v = torch.rand(Bs, Ts, generator=g), torch.randn(Bs, Ts, generator=g)
+
+            def objective(lg, w, v, split=None):
+                r = route(lg.reshape(-1, E), k, pre_softmax, capacity, policy, split)
+                mixed = torch.zeros(lg.shape[0] * lg.shape[1]).index_add(0, r.token, r.weight)
+                return (w.flatten() * (mixed * v.flatten() + r.aux_loss + r.z_loss)).sum(), r
+
+            full = logits.clone().requires_grad_()
+            ref, ref_r = objective(full, w, v)
+            ref.backward()
+            mine = sequence_index(Ts, world_size, rank, ring)
+            local = logits[:, mine].clone().requires_grad_()
+            split = SeqSplit.of(group, rank, ring, Bs, Ts // world_size)
+            loss, r = objective(local, w[:, mine], v[:, mine], split)
+            loss.backward()
+            global_token = (torch.arange(Bs)[:, None] * Ts + mine).flatten()  # my flat token -> the whole one's
+            kept = sorted(zip(global_token[r.token].tolist(), r.weight.tolist()))
+            ref_kept = [(t, wt) for t, wt in sorted(zip(ref_r.token.tolist(), ref_r.weight.tolist()))
+                        if t in set(global_token.tolist())]
+            out[ring, k, pre_softmax, capacity, policy] = {
+                "aux": abs(r.aux_loss.item() - ref_r.aux_loss.item()), "z": abs(r.z_loss.item() - ref_r.z_loss.item()),
+                "kept_same": [t for t, _ in kept] == [t for t, _ in ref_kept],
+                "dropped": int(ref_r.token.numel() < Bs * Ts * k),
+                "grad": (local.grad - full.grad[:, mine]).abs().max().item()}
+    return out
+
+
 def moe_world2_checks(rank: int, world_size: int) -> dict:
-    return {"ep": check_ep2_equals_ep1(world_size, rank), "tp_sp": check_tp2_sp(world_size, rank),
+    return {"route_seq": check_route_over_seq_split(world_size, rank),
+            "ep": check_ep2_equals_ep1(world_size, rank), "tp_sp": check_tp2_sp(world_size, rank),
             "ep_recompute": check_ep2_equals_ep1(world_size, rank, recompute=True),
             "engines": check_engines(world_size, rank), "lora": check_lora_engine(world_size, rank),
             "offline": check_offline_checkpoint_loads_in_deepspeed(world_size, rank)}

@@ -1,6 +1,7 @@
-"""2 gloo ranks, one spawn: expert parallelism (EP=2 vs EP=1, also with full recomputation), MoE under TP=2 + SP,
-DeepSpeed ZeRO 0/1/2 engines (megaclm's build_engine) trained at EP=2 and EP=1, an offline MoE checkpoint read
-by DeepSpeed's own MoE loader at EP=2; then 4 ranks, TP=2 x EP=2 (moe_checks.py)."""
+"""2 gloo ranks, one spawn: routing over a sequence split (Ulysses, ring) against the whole micro-batch, expert
+parallelism (EP=2 vs EP=1, also with full recomputation), MoE under TP=2 + SP, DeepSpeed ZeRO 0/1/2 engines
+(megaclm's build_engine) trained at EP=2 and EP=1, an offline MoE checkpoint read by DeepSpeed's own MoE loader
+at EP=2; then 4 ranks, TP=2 x EP=2 (moe_checks.py)."""
 import os
 
 import pytest
@@ -16,6 +17,15 @@ TOL = 2e-5  # fp32
 @pytest.fixture(scope="module")
 def ranks():
     return run_ranks(2, moe_checks.moe_world2_checks, timeout=400)
+
+
+def test_routing_over_a_sequence_split_equals_the_whole_micro_batch(ranks):
+    """Ulysses and ring: router losses from the seq group's statistics, capacity from its tokens in order."""
+    for rank, result in enumerate(ranks):
+        cases = result["route_seq"]
+        assert sum(c["dropped"] for c in cases.values()) >= 4, cases  # capacity drops in the capacity cases
+        for case, c in cases.items():
+            assert c["aux"] < 1e-6 and c["z"] < 1e-5 and c["kept_same"] and c["grad"] < 1e-6, (rank, case, c)
 
 
 def test_ep2_loss_and_gradients_equal_ep1(ranks):

@@ -27,7 +27,7 @@ def sample(rng: random.Random) -> tuple[dict, list[str]]:
         a["split"] = "none"
     seq = 1 if a["split"] == "none" else 2
     a["dp"] = rng.choice([d for d in (1, 2, 4) if a["tp"] * a["pp"] * seq * d <= MAX_RANKS])
-    a["ep"] = 2 if a["moe"] and a["dp"] >= 2 and rng.random() < 0.6 else 1
+    a["ep"] = 2 if a["moe"] and a["dp"] * seq >= 2 and rng.random() < 0.6 else 1  # EP ranks: dp or sequence ranks
     a["zero"] = rng.choice([0, 1, 2, 3] if free or a["pp"] == 1 else [0, 1])
     a["offload"] = a["zero"] >= 1 and rng.random() < 0.2
     a["recompute"] = rng.choice(["none", "selective", "full-uniform", "full-block"])
@@ -50,6 +50,7 @@ def sample(rng: random.Random) -> tuple[dict, list[str]]:
         a["topk"] = rng.choice([1, 2])
         a["capacity"] = rng.choice([None, 1.0])
         a["shared_expert"] = rng.random() < 0.4
+        a["router_losses"] = rng.random() < 0.5  # (their statistics are reduced over a sequence split)
     return a, argv(a)
 
 
@@ -81,4 +82,5 @@ def argv(a: dict) -> list[str]:
         out += ["--num-experts", "4", "--moe-router-topk", str(a["topk"]), "--expert-model-parallel-size", str(a["ep"])]
         out += ["--moe-expert-capacity-factor", str(a["capacity"])] if a["capacity"] else []
         out += ["--moe-shared-expert-intermediate-size", "64"] if a["shared_expert"] else []
+        out += ["--moe-aux-loss-coeff", "0.1", "--moe-z-loss-coeff", "0.01"] if a["router_losses"] else []
     return out

@@ -25,13 +25,17 @@ def test_sampler_covers_every_axis_value_within_the_rank_limit():
         assert int(flags["--world-size"][0]) <= MAX_RANKS, argv
         for axis, value in axes.items():
             seen[axis].add(value)
+        if axes["moe"] and axes["split"] != "none":  # MoE with a sequence split, also with EP and capacity
+            seen["moe_split"].add((axes["split"], axes["ep"], axes["capacity"] is not None))
     assert seen["tp"] == {1, 2} and seen["pp"] == {1, 2} and seen["dp"] == {1, 2, 4}
     assert seen["split"] == {"none", "ulysses", "ring"} and seen["ep"] == {1, 2} and seen["zero"] == {0, 1, 2, 3}
     assert seen["recompute"] == {"none", "selective", "full-uniform", "full-block"}
     assert seen["accum"] == {1, 2, 3, 4} and seen["groups"] == {1, 2, 4}
     assert seen["positions"] == {"rope", "alibi", "learned_absolute"}
+    assert seen["moe_split"] == {(split, ep, capacity) for split in ("ulysses", "ring") for ep in (1, 2)
+                                 for capacity in (False, True)}
     for axis in ("sp", "offload", "lora", "untied", "window", "documents", "eod_mask_loss", "bf16", "moe",
-                 "compile", "seqlen_warmup", "shared_expert"):
+                 "compile", "seqlen_warmup", "shared_expert", "router_losses"):
         assert seen[axis] == {False, True}, axis
 
 

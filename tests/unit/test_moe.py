@@ -159,15 +159,29 @@ def test_expert_parallel_groups_split_each_data_parallel_group():
         [0, 4], [2, 6], [1, 5], [3, 7]]
 
 
-@pytest.mark.parametrize("world,tp,pp,ep", [(8, 2, 1, 2), (8, 1, 1, 4), (16, 2, 2, 2), (16, 1, 2, 8), (12, 3, 1, 2),
-                                            (32, 2, 2, 4), (6, 1, 1, 1), (24, 2, 3, 4)])
-def test_expert_groups_are_deepspeeds_layout(world, tp, pp, ep):
-    """DeepSpeed's engine reduces expert gradients over its own groups: megaclm's rank math must give them."""
+def test_sequence_ranks_are_data_parallel_ranks_to_the_experts():
+    # world 4, Ulysses 2, ep 2 (dp 2): seq groups [0,1] [2,3] exchange tokens; [0,2] [1,3] hold the same experts
+    states = [ParallelState(4, r, ulysses_size=2, expert_parallel_size=2) for r in range(4)]
+    assert [s.ep_group_ranks for s in states] == [s.seq_group_ranks for s in states] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [s.edp_group_ranks for s in states] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    # ring 2, dp 1, ep 2 on 2 ranks: the experts split across the two halves of each sample
+    assert [ParallelState(2, r, context_parallel_size=2, expert_parallel_size=2).ep_rank for r in (0, 1)] == [0, 1]
+    with pytest.raises(UserError, match="divide the data-parallel size 1 x the sequence split 2"):
+        ParallelState(4, 0, tensor_parallel_size=2, ulysses_size=2, expert_parallel_size=4)
+
+
+@pytest.mark.parametrize("world,tp,pp,ep,seq", [(8, 2, 1, 2, 1), (8, 1, 1, 4, 1), (16, 2, 2, 2, 1), (16, 1, 2, 8, 1),
+                                                (12, 3, 1, 2, 1), (32, 2, 2, 4, 1), (6, 1, 1, 1, 1), (24, 2, 3, 4, 1),
+                                                (4, 1, 1, 2, 2), (8, 2, 1, 2, 2), (16, 2, 2, 4, 2), (16, 1, 1, 2, 4)])
+def test_expert_groups_are_deepspeeds_layout(world, tp, pp, ep, seq):
+    """DeepSpeed's engine reduces expert gradients over its own groups: megaclm's rank math must give them
+    (its data axis is world / (tp x pp): sequence ranks included)."""
     from deepspeed.utils.groups import _get_expert_parallel_ranks
 
     ds_ep, ds_edp = _get_expert_parallel_ranks(world, tp, ep, pp)
     for r in range(world):
-        state = ParallelState(world, r, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep)
+        state = ParallelState(world, r, tensor_parallel_size=tp, pipeline_parallel_size=pp, ulysses_size=seq,
+                              expert_parallel_size=ep)
         assert state.ep_group_ranks == next(g for g in ds_ep if r in g), r
         assert state.edp_group_ranks == next(g for g in ds_edp if r in g), r
         assert state.ep_group_ranks.index(r) == state.ep_rank and state.edp_group_ranks.index(r) == state.edp_rank
@@ -253,9 +267,13 @@ def test_memory_estimate_splits_experts_by_expert_parallel():
                                                          precision="fp32", expert_parallel=ep)) for ep in (1, 2))
     assert one.gpu["weights"] - two.gpu["weights"] == 4 * experts // 2
     assert one.gpu["Adam moments"] == two.gpu["Adam moments"] == 8 * stage_parameters(config, 128)[0].params / 4
+    # dp 2 x Ulysses 2: the same 4 replicas of the dense weights, 2 of each expert (EP over seq x dp ranks)
+    split = estimate_memory(config, 128, MemorySetup(seq_length=16, data_parallel=2, seq_split=2, zero_stage=1,
+                                                     precision="fp32", expert_parallel=2))
+    assert split.gpu["Adam moments"] == two.gpu["Adam moments"] and split.gpu["weights"] == two.gpu["weights"]
     with pytest.raises(UserError, match="zero_stage 0-2"):
         estimate_memory(config, 128, MemorySetup(seq_length=16, zero_stage=3))
-    with pytest.raises(UserError, match="must divide data_parallel"):
+    with pytest.raises(UserError, match="must divide data_parallel=2 x seq_split=1"):
         MemorySetup(seq_length=16, data_parallel=2, expert_parallel=4)
 
 
