@@ -13,6 +13,20 @@ Between stages the tuple (hidden (B, S, H), position_ids[, document_ids]) travel
 returns logits (B, T, V/tp); `loss_fn` is the vocab-parallel cross-entropy summed with the loss_mask, which
 the trainer scales for a per-token loss over the global batch (megaclm.training.loss).
 
+Mixture of Experts: the router losses of every stage must reach the loss, so the tuple carries one more
+float tensor, router (3,) fp32 = [router loss so far (coefficient-weighted, differentiable), sum of the
+unweighted load-balancing losses, sum of the z-losses], after the hidden state:
+    (hidden, router, position_ids[, document_ids])
+The embedding starts it at 0 (a leaf that requires grad: DeepSpeed backpropagates every float output of
+the first stage), each MoE layer adds its own, the final norm and the head pass it on with their output,
+and `loss_fn` adds router[0] to every token's loss, as GPTModel.forward does. Its gradient (the scaled
+loss-token count) reaches each stage through DeepSpeed's own p2p backward, with its loss scaling and
+accumulation. DeepSpeed partitions only outputs[0] between TP ranks and cannot send a second gradient
+then: the trainer turns "pipe_partitioned" off for MoE models (megaclm.training.engine). `loss_fn` keeps
+the micro-batch's router statistics (GPTModel.moe_stats' keys; router_loss weighted by the scaled mask's
+sum) for `get_additional_losses`, which DeepSpeed's engine sums over micro-batches, averages over
+accumulation and data-parallel ranks and broadcasts to every stage after train_batch.
+
 State-dict keys are GPTModel's (megaclm.model.gpt) renamed by DeepSpeed's layer numbering:
 `embedding.*` -> `tied_modules.embed.*` (tied) or `0.*`; `layers.{i}.*` -> `{i+1}.*`;
 `final_norm.*` -> `{L+1}.*`; `output_layer.weight` -> `{L+2}.weight`. `plain_to_pipe_key` and
@@ -37,23 +51,36 @@ from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.compiled import compile_blocks
-from megaclm.model.gpt import Embedding, LayerInputs, Norm, TransformerLayer, output_logits, recompute
+from megaclm.model.gpt import MOE_STATS, Embedding, LayerInputs, Norm, TransformerLayer, output_logits, recompute
 from megaclm.model.lora import freeze_base
+from megaclm.model.moe import MoE
 from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import ColumnParallelLinear, normal_init, tp_group
 from megaclm.parallel.state import ParallelState
 
 
+def _on_hidden(fn, x):
+    """fn applied to the hidden state of x: (hidden, router) of an MoE model, the router passed on; else hidden."""
+    return (fn(x[0]), x[1]) if isinstance(x, tuple) else fn(x)
+
+
 class EmbeddingPipe(Embedding):
+    def __init__(self, config: ModelConfig, *args):
+        super().__init__(config, *args)
+        self.carries_router = config.num_experts is not None
+
     def forward(self, inputs):
         input_ids, position_ids, *document_ids = inputs
         h = super().forward(input_ids, position_ids)
-        return (h, position_ids, *document_ids)
+        if not self.carries_router:
+            return (h, position_ids, *document_ids)
+        router = torch.zeros(3, dtype=torch.float32, device=h.device, requires_grad=True)
+        return (h, router, position_ids, *document_ids)
 
-    def head(self, h):
-        """The tied output layer: (B, S, H) -> (B, T, V/tp)."""
-        return output_logits(h, self.word_embeddings.weight, self.pstate)
+    def head(self, x):
+        """The tied output layer: (B, S, H) -> (B, T, V/tp), and the router losses of an MoE model."""
+        return _on_hidden(lambda h: output_logits(h, self.word_embeddings.weight, self.pstate), x)
 
 
 class TransformerLayerPipe(TransformerLayer):
@@ -61,50 +88,75 @@ class TransformerLayerPipe(TransformerLayer):
     expect a gradient for it), so each layer turns the transported document ids into its own."""
 
     def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
-                 lora: LoraConfig | None = None):
-        super().__init__(config, pstate, ops, kernels, lora)
+                 lora: LoraConfig | None = None, index: int = 0):
+        super().__init__(config, pstate, ops, kernels, lora, index)
         self.layer_inputs = LayerInputs(config, pstate, kernels)
         self.recompute_self = False  # set for the first layers of a stage under method block
+        self.carries_router = config.num_experts is not None
 
     def forward(self, inputs):
-        h, position_ids, *document_ids = inputs
+        if self.carries_router:
+            h, router, position_ids, *document_ids = inputs
+        else:
+            h, position_ids, *document_ids = inputs
         attn, ring = self.layer_inputs(position_ids, document_ids[0] if document_ids else None, h.dtype, self.training)
         if self.recompute_self and torch.is_grad_enabled():
-            h = recompute(lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring)[0], h, position_ids)
+            # the router loss is an output, so its gradient reaches the recompute
+            h, loss = recompute(lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring), h, position_ids)
         else:
-            h, _ = super().forward(h, position_ids, attn, ring)  # dense layers only: MoE is refused with pp > 1
-        return (h, position_ids, *document_ids)
+            h, loss = super().forward(h, position_ids, attn, ring)
+        if not self.carries_router:
+            return (h, position_ids, *document_ids)
+        if isinstance(self.mlp, MoE):  # its stats are this forward's (a recompute writes the same values)
+            router = router + torch.stack([loss, self.mlp.stats["moe_aux_loss"], self.mlp.stats["moe_z_loss"]])
+        return (h, router, position_ids, *document_ids)
 
 
 class FinalNormPipe(Norm):
+    def __init__(self, config: ModelConfig, *args):
+        super().__init__(config, *args)
+        self.carries_router = config.num_experts is not None
+
     def forward(self, inputs):
-        return super().forward(inputs[0])
+        return _on_hidden(lambda h: Norm.forward(self, h), inputs[:2] if self.carries_router else inputs[0])
 
 
 class OutputLayerPipe(ColumnParallelLinear):
-    """The untied output layer: (B, S, H) -> (B, T, V/tp)."""
+    """The untied output layer: (B, S, H) -> (B, T, V/tp), and the router losses of an MoE model."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.weight.embedding_or_output = True  # its own lr under --decoupled-lr
 
+    def forward(self, x):
+        return _on_hidden(lambda h: ColumnParallelLinear.forward(self, h), x)
 
-def _embedding_head(module: EmbeddingPipe, h):
-    return module.head(h)
+
+def _embedding_head(module: EmbeddingPipe, x):
+    return module.head(x)
 
 
 class GPTPipeLoss:
     """sum(loss x loss_mask) of the micro-batch, the mask scaled by the trainer for a per-token loss over the
     global batch (megaclm.training.loss: the pipeline engine's averaging over micro-batches and its dp x seq
-    group turns the sum into the global batch's per-token loss)."""
+    group turns the sum into the global batch's per-token loss). MoE: every token's loss carries the router
+    losses, as in GPTModel.forward; `moe_stats` holds the micro-batch's statistics (MOE_STATS, detached)."""
 
-    def __init__(self, pstate: ParallelState):
-        self.pstate = pstate
+    def __init__(self, config: ModelConfig, pstate: ParallelState):
+        self.pstate, self.num_moe_layers = pstate, config.num_moe_layers
+        self.moe_stats = {k: torch.zeros(()) for k in MOE_STATS} if config.num_experts is not None else None
 
-    def __call__(self, logits, labels_and_mask):
+    def __call__(self, outputs, labels_and_mask):
         labels, loss_mask = labels_and_mask
+        logits, router = outputs if isinstance(outputs, tuple) else (outputs, None)
         losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))  # (B, T) fp32
-        return (losses * loss_mask.float()).sum()
+        mask = loss_mask.float()
+        if router is not None:
+            losses = losses + router[0]  # 0 outside training (MoE.forward)
+            n = self.num_moe_layers
+            self.moe_stats = {"router_loss": (router[0] * mask.sum()).detach(),  # what the router losses added
+                              "moe_aux_loss": router[1].detach() / n, "moe_z_loss": router[2].detach() / n}
+        return (losses * mask).sum()
 
 
 def build_layer_specs(config: ModelConfig, padded_vocab_size: int, pstate: ParallelState, ops: Ops,
@@ -119,7 +171,8 @@ def build_layer_specs(config: ModelConfig, padded_vocab_size: int, pstate: Paral
         embed = LayerSpec(EmbeddingPipe, config, padded_vocab_size, pstate)
         head = LayerSpec(OutputLayerPipe, config.hidden_size, padded_vocab_size, pstate, bias=False,
                          init_method=normal_init(config.init_method_std))
-    return ([embed] + [LayerSpec(TransformerLayerPipe, config, pstate, ops, kernels, lora) for _ in range(config.num_layers)]
+    return ([embed] + [LayerSpec(TransformerLayerPipe, config, pstate, ops, kernels, lora, index=i)
+                       for i in range(config.num_layers)]
             + [LayerSpec(FinalNormPipe, config, pstate, ops), head])
 
 
@@ -139,7 +192,7 @@ class GPTPipelineModule(PipelineModule):
         lora = lora if lora is not None and lora.enabled else None
         specs = build_layer_specs(config, padded_vocab_size, pstate, build_ops(kernels), kernels, lora)
         super().__init__(
-            layers=specs, topology=pstate.pipeline_topology, loss_fn=GPTPipeLoss(pstate),
+            layers=specs, topology=pstate.pipeline_topology, loss_fn=GPTPipeLoss(config, pstate),
             partition_method="parameters" if partition_method == "parameters" else "type:TransformerLayerPipe",
             activation_checkpoint_interval=(config.recompute_num_layers if config.recompute_full
                                             and config.recompute_method == "uniform" else 0),
@@ -154,6 +207,11 @@ class GPTPipelineModule(PipelineModule):
             freeze_base(self)
         if kernels.torch_compile:
             compile_blocks(f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe))
+
+    def get_additional_losses(self):
+        """DeepSpeed's hook: the last micro-batch's router statistics (MoE; the engine aggregates them). Every
+        stage answers with the same keys: the others size the broadcast from the last stage by them."""
+        return self.loss_fn.moe_stats
 
 
 def plain_to_pipe_key(key: str, config: ModelConfig) -> str:
