@@ -14,18 +14,21 @@ returns logits (B, T, V/tp); `loss_fn` is the vocab-parallel cross-entropy summe
 the trainer scales for a per-token loss over the global batch (megaclm.training.loss).
 
 Mixture of Experts: the router losses of every stage must reach the loss, so the tuple carries one more
-float tensor, router (3,) fp32 = [router loss so far (coefficient-weighted, differentiable), sum of the
-unweighted load-balancing losses, sum of the z-losses], after the hidden state:
-    (hidden, router, position_ids[, document_ids])
-The embedding starts it at 0 (a leaf that requires grad: DeepSpeed backpropagates every float output of
-the first stage), each MoE layer adds its own, the final norm and the head pass it on with their output,
-and `loss_fn` adds router[0] to every token's loss, as GPTModel.forward does. Its gradient (the scaled
-loss-token count) reaches each stage through DeepSpeed's own p2p backward, with its loss scaling and
-accumulation. DeepSpeed partitions only outputs[0] between TP ranks and cannot send a second gradient
-then: the trainer turns "pipe_partitioned" off for MoE models (megaclm.training.engine). `loss_fn` keeps
-the micro-batch's router statistics (GPTModel.moe_stats' keys; router_loss weighted by the scaled mask's
-sum) for `get_additional_losses`, which DeepSpeed's engine sums over micro-batches, averages over
-accumulation and data-parallel ranks and broadcasts to every stage after train_batch.
+float tensor ahead of the hidden state, router (3,) fp32 = [router loss so far (coefficient-weighted,
+differentiable), sum of the unweighted load-balancing losses, sum of the z-losses]:
+    (router, hidden, position_ids[, document_ids])
+The embedding starts it at 0, each MoE layer adds its own, the final norm and the head pass it on, and
+`loss_fn` adds router[0] to every token's loss, as GPTModel.forward does; its gradient (the scaled
+loss-token count, with DeepSpeed's loss scaling) comes back through DeepSpeed's own p2p backward.
+DeepSpeed backpropagates a stage's float outputs one `backward` call each, in tuple order, and its
+reentrant activation checkpoint cannot be traversed twice (nor should a stage's graph be): so a stage
+hands on the router as a fresh leaf, and its hidden output carries `_RouterGradient`, which feeds the
+gradient that the router leaf received first into the stage's router losses within the hidden state's
+backward, one traversal in all (`GPTPipelineModule.forward`). DeepSpeed partitions only outputs[0]
+between TP ranks: the trainer turns "pipe_partitioned" off for MoE models (megaclm.training.engine).
+`loss_fn` keeps the micro-batch's router statistics (GPTModel.moe_stats' keys; router_loss weighted by
+the scaled mask's sum) for `get_additional_losses`, which DeepSpeed's engine sums over micro-batches,
+averages over accumulation and data-parallel ranks and broadcasts to every stage after train_batch.
 
 State-dict keys are GPTModel's (megaclm.model.gpt) renamed by DeepSpeed's layer numbering:
 `embedding.*` -> `tied_modules.embed.*` (tied) or `0.*`; `layers.{i}.*` -> `{i+1}.*`;
@@ -61,8 +64,8 @@ from megaclm.parallel.state import ParallelState
 
 
 def _on_hidden(fn, x):
-    """fn applied to the hidden state of x: (hidden, router) of an MoE model, the router passed on; else hidden."""
-    return (fn(x[0]), x[1]) if isinstance(x, tuple) else fn(x)
+    """fn applied to the hidden state of x: (router, hidden) of an MoE model, the router passed on; else hidden."""
+    return (x[0], fn(x[1])) if isinstance(x, tuple) else fn(x)
 
 
 class EmbeddingPipe(Embedding):
@@ -73,13 +76,11 @@ class EmbeddingPipe(Embedding):
     def forward(self, inputs):
         input_ids, position_ids, *document_ids = inputs
         h = super().forward(input_ids, position_ids)
-        if not self.carries_router:
-            return (h, position_ids, *document_ids)
-        router = torch.zeros(3, dtype=torch.float32, device=h.device, requires_grad=True)
-        return (h, router, position_ids, *document_ids)
+        router = (torch.zeros(3, dtype=torch.float32, device=h.device),) if self.carries_router else ()
+        return (*router, h, position_ids, *document_ids)
 
     def head(self, x):
-        """The tied output layer: (B, S, H) -> (B, T, V/tp), and the router losses of an MoE model."""
+        """The tied output layer: (B, S, H) -> (B, T, V/tp), the router losses of an MoE model ahead."""
         return _on_hidden(lambda h: output_logits(h, self.word_embeddings.weight, self.pstate), x)
 
 
@@ -95,21 +96,16 @@ class TransformerLayerPipe(TransformerLayer):
         self.carries_router = config.num_experts is not None
 
     def forward(self, inputs):
-        if self.carries_router:
-            h, router, position_ids, *document_ids = inputs
-        else:
-            h, position_ids, *document_ids = inputs
+        router, (h, position_ids, *document_ids) = (inputs[0], inputs[1:]) if self.carries_router else (None, inputs)
         attn, ring = self.layer_inputs(position_ids, document_ids[0] if document_ids else None, h.dtype, self.training)
         if self.recompute_self and torch.is_grad_enabled():
             # the router loss is an output, so its gradient reaches the recompute
             h, loss = recompute(lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring), h, position_ids)
         else:
             h, loss = super().forward(h, position_ids, attn, ring)
-        if not self.carries_router:
-            return (h, position_ids, *document_ids)
         if isinstance(self.mlp, MoE):  # its stats are this forward's (a recompute writes the same values)
             router = router + torch.stack([loss, self.mlp.stats["moe_aux_loss"], self.mlp.stats["moe_z_loss"]])
-        return (h, router, position_ids, *document_ids)
+        return (router, h, position_ids, *document_ids) if self.carries_router else (h, position_ids, *document_ids)
 
 
 class FinalNormPipe(Norm):
@@ -122,7 +118,7 @@ class FinalNormPipe(Norm):
 
 
 class OutputLayerPipe(ColumnParallelLinear):
-    """The untied output layer: (B, S, H) -> (B, T, V/tp), and the router losses of an MoE model."""
+    """The untied output layer: (B, S, H) -> (B, T, V/tp), the router losses of an MoE model ahead."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -130,6 +126,23 @@ class OutputLayerPipe(ColumnParallelLinear):
 
     def forward(self, x):
         return _on_hidden(lambda h: ColumnParallelLinear.forward(self, h), x)
+
+
+class _RouterGradient(torch.autograd.Function):
+    """hidden -> hidden; backward also gives `router` the gradient that the leaf `sent` (the router as this
+    stage handed it on) received, which DeepSpeed's backward of the stage's first float output put there."""
+
+    @staticmethod
+    def forward(ctx, hidden, router, sent):
+        ctx.sent = sent
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        if ctx.sent.grad is None:
+            raise RuntimeError("the router losses' gradient had not arrived when the hidden state's did: DeepSpeed's "
+                               "pipeline engine no longer backpropagates a stage's outputs in tuple order")
+        return grad_hidden, ctx.sent.grad, None
 
 
 def _embedding_head(module: EmbeddingPipe, x):
@@ -148,7 +161,7 @@ class GPTPipeLoss:
 
     def __call__(self, outputs, labels_and_mask):
         labels, loss_mask = labels_and_mask
-        logits, router = outputs if isinstance(outputs, tuple) else (outputs, None)
+        router, logits = outputs if isinstance(outputs, tuple) else (None, outputs)
         losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))  # (B, T) fp32
         mask = loss_mask.float()
         if router is not None:
@@ -207,6 +220,14 @@ class GPTPipelineModule(PipelineModule):
             freeze_base(self)
         if kernels.torch_compile:
             compile_blocks(f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe))
+
+    def forward(self, inputs):
+        outputs = super().forward(inputs)
+        if self.config.num_experts is None or self.stage_id == self.num_stages - 1:
+            return outputs
+        router, hidden, *rest = outputs
+        sent = router.detach().requires_grad_()  # DeepSpeed's backward of it only sets its .grad
+        return (sent, _RouterGradient.apply(hidden, router, sent), *rest)
 
     def get_additional_losses(self):
         """DeepSpeed's hook: the last micro-batch's router statistics (MoE; the engine aggregates them). Every
