@@ -61,6 +61,7 @@ from megaclm.ops import Ops, build_ops
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaclm.parallel.layers import ColumnParallelLinear, normal_init, tp_group
 from megaclm.parallel.state import ParallelState
+from megaclm.utils.errors import UserError
 
 
 def _on_hidden(fn, x):
@@ -212,6 +213,11 @@ class GPTPipelineModule(PipelineModule):
             activation_checkpoint_func=recompute,
             checkpointable_layers=["TransformerLayerPipe"])
         self.config, self.pstate = config, pstate
+        if config.num_experts is not None and (empty := stages_without_moe(config, self.parts)):
+            raise UserError(f"model.moe_layer_freq={config.moe_layer_freq} leaves pipeline stage(s) {empty} without an "
+                            "MoE layer; DeepSpeed's ZeRO optimizer all-reduces a grad norm per parameter group across the "
+                            "stages, and that stage has no expert groups (a hang): use a moe_layer_freq that gives every "
+                            "stage one")
         if config.recompute_full and config.recompute_method == "block":
             local = [f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe)]
             for layer in local[:config.recompute_num_layers]:
@@ -233,6 +239,13 @@ class GPTPipelineModule(PipelineModule):
         """DeepSpeed's hook: the last micro-batch's router statistics (MoE; the engine aggregates them). Every
         stage answers with the same keys: the others size the broadcast from the last stage by them."""
         return self.loss_fn.moe_stats
+
+
+def stages_without_moe(config: ModelConfig, parts: list[int]) -> list[int]:
+    """The pipeline stages holding no MoE layer, given DeepSpeed's partition of the LayerSpec list (stage s
+    holds specs parts[s]..parts[s+1]-1; spec i in 1..L is transformer layer i-1)."""
+    return [s for s in range(len(parts) - 1)
+            if not any(config.is_moe_layer(i - 1) for i in range(max(parts[s], 1), min(parts[s + 1], config.num_layers + 1)))]
 
 
 def plain_to_pipe_key(key: str, config: ModelConfig) -> str:
