@@ -10,6 +10,7 @@ from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import GPTModel
 from megaclm.model.moe import MoE, route
+from megaclm.model.pipe import stages_without_moe
 from megaclm.ops import build_ops
 from megaclm.config.kernels import KernelsConfig
 from megaclm.parallel.state import ParallelState
@@ -141,8 +142,7 @@ def test_layout_errors():
     config = ModelConfig(**MOE)
     with pytest.raises(UserError, match="num_experts=4 is not divisible by parallel.expert_model_parallel_size=3"):
         check_parallel_shapes(config, ParallelConfig(expert_model_parallel_size=3))
-    with pytest.raises(UserError, match="cannot be pipelined"):
-        check_parallel_shapes(config, ParallelConfig(pipeline_model_parallel_size=2))
+    check_parallel_shapes(config, ParallelConfig(pipeline_model_parallel_size=2))  # MoE pipelines (megaclm.model.pipe)
     with pytest.raises(UserError, match="needs a Mixture-of-Experts model"):
         check_parallel_shapes(ModelConfig(**{**MOE, "num_experts": None}), ParallelConfig(expert_model_parallel_size=2))
     with pytest.raises(UserError, match="divide the data-parallel size"):
@@ -310,3 +310,13 @@ def test_checkpoints_with_stacked_experts_still_load(tmp_path):
     tag = write_checkpoint(str(dense_dir), {"model": dataclasses.asdict(dense)}, GPTModel(dense, 128).state_dict(),
                            tp=1, pp=1)
     assert saved_layout(str(dense_dir), tag, {})[4] == 1
+
+
+def test_stages_without_moe_follow_deepspeeds_partition():
+    # LayerSpec list: 0 embedding, 1..4 transformer layers 0..3, 5 final norm, 6 head
+    config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 2})  # MoE layers 0 and 2
+    assert stages_without_moe(config, [0, 3, 7]) == []  # layers 0,1 | 2,3
+    assert stages_without_moe(config, [0, 2, 7]) == []  # layer 0 | 1,2,3
+    assert stages_without_moe(config, [0, 4, 7]) == [1]  # layers 0,1,2 | 3
+    config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 4})
+    assert stages_without_moe(config, [0, 3, 7]) == [1]
