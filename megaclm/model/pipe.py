@@ -214,10 +214,10 @@ class GPTPipelineModule(PipelineModule):
             checkpointable_layers=["TransformerLayerPipe"])
         self.config, self.pstate = config, pstate
         if config.num_experts is not None and (empty := stages_without_moe(config, self.parts)):
-            raise UserError(f"model.moe_layer_freq={config.moe_layer_freq} leaves pipeline stage(s) {empty} without an "
-                            "MoE layer; DeepSpeed's ZeRO optimizer all-reduces a grad norm per parameter group across the "
-                            "stages, and that stage has no expert groups (a hang): use a moe_layer_freq that gives every "
-                            "stage one")
+            raise UserError(f"model.moe_layer_freq={config.moe_layer_freq} leaves pipeline stage(s) {empty} without "
+                            "an MoE layer; DeepSpeed's ZeRO optimizer all-reduces a grad norm per parameter group "
+                            "across the stages, and that stage has no expert groups (a hang): use a moe_layer_freq "
+                            "that gives every stage one")
         if config.recompute_full and config.recompute_method == "block":
             local = [f for f in self.forward_funcs if isinstance(f, TransformerLayerPipe)]
             for layer in local[:config.recompute_num_layers]:
@@ -244,8 +244,9 @@ class GPTPipelineModule(PipelineModule):
 def stages_without_moe(config: ModelConfig, parts: list[int]) -> list[int]:
     """The pipeline stages holding no MoE layer, given DeepSpeed's partition of the LayerSpec list (stage s
     holds specs parts[s]..parts[s+1]-1; spec i in 1..L is transformer layer i-1)."""
+    L = config.num_layers
     return [s for s in range(len(parts) - 1)
-            if not any(config.is_moe_layer(i - 1) for i in range(max(parts[s], 1), min(parts[s + 1], config.num_layers + 1)))]
+            if not any(config.is_moe_layer(i - 1) for i in range(max(parts[s], 1), min(parts[s + 1], L + 1)))]
 
 
 def plain_to_pipe_key(key: str, config: ModelConfig) -> str:

@@ -54,9 +54,6 @@ log = get_logger("megaclm.train")
 POISON_SCALE = 10.0  # MEGACLM_TEST_POISON_SAMPLES
 
 
-
-
-
 def _new_window() -> dict:
     """Sums over the steps since the last log line."""
     return {"loss": [], "time": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "moe": []}

@@ -10,7 +10,7 @@ from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import GPTModel
 from megaclm.model.moe import MoE, route
-from megaclm.model.pipe import stages_without_moe
+from megaclm.model.pipe import GPTPipeLoss, _RouterGradient, stages_without_moe
 from megaclm.ops import build_ops
 from megaclm.config.kernels import KernelsConfig
 from megaclm.parallel.state import ParallelState
@@ -320,3 +320,45 @@ def test_stages_without_moe_follow_deepspeeds_partition():
     assert stages_without_moe(config, [0, 4, 7]) == [1]  # layers 0,1,2 | 3
     config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 4})
     assert stages_without_moe(config, [0, 3, 7]) == [1]
+
+
+def test_router_gradient_arrives_in_the_hidden_states_one_backward():
+    """A pipeline stage as DeepSpeed's engine backpropagates it: one backward per float output, in tuple order
+    (router leaf first), gives the stage's weights the gradient of one backward through (hidden, router)."""
+    torch.manual_seed(0)
+    w, x, a = torch.randn(4, requires_grad=True), torch.randn(2, 4), torch.randn(2, 4)
+    coeff = torch.tensor([0.5, 0.0, 0.0])  # d loss / d router: router[0] joins the loss, [1:] are statistics
+
+    def stage():
+        h = torch.tanh(x * w)  # (2, 4) hidden
+        router = torch.stack([(w ** 2).sum(), w.sum().detach(), w.mean().detach()])  # (3,)
+        return h, router
+
+    h, router = stage()
+    ((h * a).sum() + (router * coeff).sum()).backward()
+    expected, w.grad = w.grad.clone(), None
+
+    h, router = stage()
+    sent = router.detach().requires_grad_()
+    out = _RouterGradient.apply(h, router, sent)
+    sent.backward(coeff)  # DeepSpeed: the received gradient of each float output, in order
+    out.backward(a)
+    torch.testing.assert_close(w.grad, expected, rtol=0, atol=0)
+
+    h, router = stage()
+    sent = router.detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="had not arrived"):
+        _RouterGradient.apply(h, router, sent).backward(a)
+
+
+def test_pipe_loss_adds_the_router_loss_to_every_token():
+    config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 2})  # 2 MoE layers
+    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    mask = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
+    router = torch.tensor([0.25, 2.0, 3.0])
+    loss_fn = GPTPipeLoss(config, None)
+    got = loss_fn((router, logits), (labels, mask))
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), reduction="none").view(2, 3)
+    torch.testing.assert_close(got, ((ce + 0.25) * mask).sum())
+    assert {k: v.item() for k, v in loss_fn.moe_stats.items()} == {
+        "router_loss": 0.25 * 5.5, "moe_aux_loss": 1.0, "moe_z_loss": 1.5}
