@@ -22,8 +22,9 @@ Expert parallelism (EP, Mixture of Experts) splits each data-parallel group into
 ranks of a dp group with the same ep_rank hold the same experts: their "expert data parallel" group
 (edp, dp/ep ranks) is where expert gradients are reduced and ZeRO partitions expert states. e.g. world
 8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups
-[0,4] [2,6] [1,5] [3,7]. This is DeepSpeed's own layout (deepspeed.utils.groups, "E + M + D"), and
-the expert groups are DeepSpeed's: `init_process_groups` creates them with DeepSpeed's
+[0,4] [2,6] [1,5] [3,7]. Pipeline stages split nothing further (dp groups never cross stages): world 4,
+pp 2, ep 2 (dp 2) has ep groups [0,1] [2,3], each rank its own edp group. This is DeepSpeed's own layout
+(deepspeed.utils.groups, "E + M + D"), and the expert groups are DeepSpeed's: `init_process_groups` creates them with DeepSpeed's
 `_create_expert_data_and_model_parallel` (for a model with experts) and checks they are these, since
 DeepSpeed's engine reduces expert gradients over the groups it finds there under "ep_size_{ep}".
 

@@ -157,6 +157,9 @@ def test_expert_parallel_groups_split_each_data_parallel_group():
     # ...and the ranks holding the same experts: [0,4] [2,6] [1,5] [3,7]
     assert [ParallelState(8, r, 2, expert_parallel_size=2).edp_group_ranks for r in (0, 2, 1, 3)] == [
         [0, 4], [2, 6], [1, 5], [3, 7]]
+    # pipeline stages: within each stage (world 4, pp 2, ep 2 -> dp 2)
+    assert [ParallelState(4, r, pipeline_parallel_size=2, expert_parallel_size=2).ep_group_ranks for r in range(4)] == [
+        [0, 1], [0, 1], [2, 3], [2, 3]]
 
 
 @pytest.mark.parametrize("world,tp,pp,ep", [(8, 2, 1, 2), (8, 1, 1, 4), (16, 2, 2, 2), (16, 1, 2, 8), (12, 3, 1, 2),
