@@ -24,9 +24,9 @@ ranks of a dp group with the same ep_rank hold the same experts: their "expert d
 8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups
 [0,4] [2,6] [1,5] [3,7]. Pipeline stages split nothing further (dp groups never cross stages): world 4,
 pp 2, ep 2 (dp 2) has ep groups [0,1] [2,3], each rank its own edp group. This is DeepSpeed's own layout
-(deepspeed.utils.groups, "E + M + D"), and the expert groups are DeepSpeed's: `init_process_groups` creates them with DeepSpeed's
-`_create_expert_data_and_model_parallel` (for a model with experts) and checks they are these, since
-DeepSpeed's engine reduces expert gradients over the groups it finds there under "ep_size_{ep}".
+(deepspeed.utils.groups, "E + M + D"), and the expert groups are DeepSpeed's: `init_process_groups` creates
+them with DeepSpeed's `_create_expert_data_and_model_parallel` (for a model with experts) and checks they are
+these, since DeepSpeed's engine reduces expert gradients over the groups it finds there under "ep_size_{ep}".
 
 A `ParallelState` computes all of that without processes; `init_process_groups()` then creates the
 torch.distributed groups (every rank must call it, in the same order). The `get_*` methods are
