@@ -128,6 +128,9 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
     padded_vocab = full_sd["embedding.word_embeddings.weight"].shape[0]
     check_parallel_shapes(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                           padded_vocab)
+    if model_cfg.num_experts is not None and pp > 1:
+        raise UserError(f"an MoE checkpoint is written at pipeline_model_parallel_size 1, not {pp} (DeepSpeed's "
+                        "pipeline engine stores MoE models in other files than these); a run of any PP loads it")
     check_fresh_output(out_dir)
     tree = json.loads(json.dumps(config_tree))
     tree.setdefault("parallel", {}).update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

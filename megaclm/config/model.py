@@ -240,10 +240,6 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
     if model.num_experts is not None and model.num_experts % ep:
         raise UserError(f"model.num_experts={model.num_experts} is not divisible by "
                         f"parallel.expert_model_parallel_size={ep}; every expert-parallel rank needs whole experts")
-    if model.num_experts is not None and pp > 1:
-        raise UserError("Mixture-of-Experts models cannot be pipelined yet (the router losses of every stage would "
-                        "have to reach the last one); use --pipeline-model-parallel-size 1 with tensor, expert and "
-                        "data parallelism")
     ulysses = parallel.ds_sequence_parallel_size
     if ulysses > 1:
         # Ulysses trades sequence for heads: each rank of the group attends with 1/ulysses of this TP rank's heads.

@@ -298,6 +298,9 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState |
     return column_parallel_linear(h, weight, None, tp_group(pstate), tp_info(pstate)[2])
 
 
+MOE_STATS = ("router_loss", "moe_aux_loss", "moe_z_loss")  # GPTModel.moe_stats' keys
+
+
 class GPTModel(nn.Module):
     """forward(input_ids (B, T) int64, position_ids (B, T) | None, document_ids (B, T) int | None,
     labels (B, T) | None) -> logits (B, T, V/tp), or with labels the per-token fp32 loss (B, T).
@@ -375,7 +378,7 @@ class GPTModel(nn.Module):
     def _record_moe_stats(self, router_loss: torch.Tensor) -> None:
         moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
         self.moe_stats = {"router_loss": router_loss.detach(),
-                          **{k: sum(m.stats[k] for m in moe) / len(moe) for k in ("moe_aux_loss", "moe_z_loss")}}
+                          **{k: sum(m.stats[k] for m in moe) / len(moe) for k in MOE_STATS[1:]}}
 
     def _run_layers(self, h, position_ids, inputs, ring=None):
         """-> (hidden (B, S, H), summed router loss ())."""

@@ -26,9 +26,10 @@ partitions expert states. Sequence ranks hold different tokens of the same sampl
 are data-parallel ranks like any other: with ep = seq the token exchange runs within each sample. e.g.
 world 8, tp 2, ep 2 (dp 4): dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups
 [0,4] [2,6] [1,5] [3,7]. World 4, Ulysses 2, ep 2 (dp 2): seq groups [0,1] [2,3] are the ep groups, edp
-groups [0,2] [1,3]. This is DeepSpeed's own layout (deepspeed.utils.groups `_get_expert_parallel_ranks`,
-"E + M + D", whose data axis is world / (tp x pp), sequence ranks included), and the expert groups are
-DeepSpeed's: `init_process_groups` registers them where its engine and ZeRO look them up, under "ep_size_{ep}".
+groups [0,2] [1,3]. Pipeline stages split nothing further (dp groups never cross stages): world 4, pp 2,
+ep 2 (dp 2) has ep groups [0,1] [2,3], each rank its own edp group. This is DeepSpeed's own layout
+(deepspeed.utils.groups `_get_expert_parallel_ranks`, "E + M + D", whose data axis is world / (tp x pp),
+sequence ranks included), and the expert groups are DeepSpeed's: `init_process_groups` registers them where its engine and ZeRO look them up, under "ep_size_{ep}".
 
 A `ParallelState` computes all of that without processes; `init_process_groups()` then creates the
 torch.distributed groups (every rank must call it, in the same order). The `get_*` methods are

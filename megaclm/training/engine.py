@@ -187,7 +187,9 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
     if pstate.pp_size > 1:
         # The pipeline engine counts the seq ranks as data-parallel replicas (ParallelState.pipeline_topology).
         ds_config["train_batch_size"] = ds_config["train_batch_size"] * pstate.seq_size
-        if pstate.sequence_parallel:  # activations differ across TP ranks: send them whole
+        # Send activations whole where they differ across TP ranks (SP), or where a second float tensor needs a
+        # gradient (MoE's router losses, megaclm.model.pipe): DeepSpeed's partitioning handles outputs[0] only.
+        if pstate.sequence_parallel or cfg.model.num_experts is not None:
             ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config)

@@ -41,6 +41,7 @@ from megaclm.checkpoint.async_save import BUSY, AsyncCheckpointWriter
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, run_layout, save_checkpoint
 from megaclm.checkpoint.layout import read_latest, tag_for
 from megaclm.logging import get_logger
+from megaclm.model.gpt import MOE_STATS
 from megaclm.training.batch import BatchSource
 from megaclm.training.loss import normalise_loss_masks
 from megaclm.training.metrics import MetricsLogger, memory_gb
@@ -51,10 +52,6 @@ from megaclm.utils import signals
 
 log = get_logger("megaclm.train")
 POISON_SCALE = 10.0  # MEGACLM_TEST_POISON_SAMPLES
-
-
-
-MOE_STATS = ("router_loss", "moe_aux_loss", "moe_z_loss")  # GPTModel.moe_stats
 
 
 def _new_window() -> dict:
@@ -188,7 +185,14 @@ class Trainer:
                 raise ValueError("MEGACLM_TEST_NAN_ITERS/POISON_SAMPLES are not supported with pipeline parallelism")
             self._pipe_shape(seq_length)
             # DeepSpeed averages over micro-batches and dp x seq: the per-token loss (megaclm.training.loss)
-            return self.engine.train_batch(data_iter=iter(micro)).item(), False
+            loss = self.engine.train_batch(data_iter=iter(micro))
+            if not self.moe:
+                return loss.item(), False
+            # The router statistics, aggregated alike by DeepSpeed (GPTPipelineModule.get_additional_losses);
+            # the logged loss is the LM loss alone, as below.
+            stats = self.engine.get_additional_losses()
+            with_router, *self.last_moe = torch.stack([loss.float(), *(stats[k].float() for k in MOE_STATS)]).tolist()
+            return with_router - self.last_moe[0], False
         accum = self.derived.grad_accum_steps
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         moe = torch.zeros(len(MOE_STATS), dtype=torch.float32, device=self.device)

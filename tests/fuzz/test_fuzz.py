@@ -18,6 +18,7 @@ SAMPLE_SEED, SAMPLE_N = 7, 4
 
 def test_sampler_covers_every_axis_value_within_the_rank_limit():
     seen = collections.defaultdict(set)
+    moe_pipelines = collections.Counter()
     rng = random.Random(0)
     for _ in range(300):
         axes, argv = sample(rng)
@@ -27,6 +28,10 @@ def test_sampler_covers_every_axis_value_within_the_rank_limit():
             seen[axis].add(value)
         if axes["moe"] and axes["split"] != "none":  # MoE with a sequence split, also with EP and capacity
             seen["moe_split"].add((axes["split"], axes["ep"], axes["capacity"] is not None))
+        if axes["moe"] and axes["pp"] == 2:
+            moe_pipelines[axes["ep"]] += 1
+    # MoE pipelines are drawn as accepted cases, not only by the 10% that ignore refusals
+    assert moe_pipelines[1] >= 10 and moe_pipelines[2] >= 1, moe_pipelines
     assert seen["tp"] == {1, 2} and seen["pp"] == {1, 2} and seen["dp"] == {1, 2, 4}
     assert seen["split"] == {"none", "ulysses", "ring"} and seen["ep"] == {1, 2} and seen["zero"] == {0, 1, 2, 3}
     assert seen["recompute"] == {"none", "selective", "full-uniform", "full-block"}

@@ -10,6 +10,7 @@ from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import GPTModel
 from megaclm.model.moe import MoE, route
+from megaclm.model.pipe import GPTPipeLoss, _RouterGradient, stages_without_moe
 from megaclm.ops import build_ops
 from megaclm.config.kernels import KernelsConfig
 from megaclm.parallel.state import ParallelState
@@ -141,8 +142,7 @@ def test_layout_errors():
     config = ModelConfig(**MOE)
     with pytest.raises(UserError, match="num_experts=4 is not divisible by parallel.expert_model_parallel_size=3"):
         check_parallel_shapes(config, ParallelConfig(expert_model_parallel_size=3))
-    with pytest.raises(UserError, match="cannot be pipelined"):
-        check_parallel_shapes(config, ParallelConfig(pipeline_model_parallel_size=2))
+    check_parallel_shapes(config, ParallelConfig(pipeline_model_parallel_size=2))  # MoE pipelines (megaclm.model.pipe)
     with pytest.raises(UserError, match="needs a Mixture-of-Experts model"):
         check_parallel_shapes(ModelConfig(**{**MOE, "num_experts": None}), ParallelConfig(expert_model_parallel_size=2))
     with pytest.raises(UserError, match="divide the data-parallel size"):
@@ -157,6 +157,9 @@ def test_expert_parallel_groups_split_each_data_parallel_group():
     # ...and the ranks holding the same experts: [0,4] [2,6] [1,5] [3,7]
     assert [ParallelState(8, r, 2, expert_parallel_size=2).edp_group_ranks for r in (0, 2, 1, 3)] == [
         [0, 4], [2, 6], [1, 5], [3, 7]]
+    # pipeline stages: within each stage (world 4, pp 2, ep 2 -> dp 2)
+    assert [ParallelState(4, r, pipeline_parallel_size=2, expert_parallel_size=2).ep_group_ranks for r in range(4)] == [
+        [0, 1], [0, 1], [2, 3], [2, 3]]
 
 
 def test_sequence_ranks_are_data_parallel_ranks_to_the_experts():
@@ -328,3 +331,55 @@ def test_checkpoints_with_stacked_experts_still_load(tmp_path):
     tag = write_checkpoint(str(dense_dir), {"model": dataclasses.asdict(dense)}, GPTModel(dense, 128).state_dict(),
                            tp=1, pp=1)
     assert saved_layout(str(dense_dir), tag, {})[4] == 1
+
+
+def test_stages_without_moe_follow_deepspeeds_partition():
+    # LayerSpec list: 0 embedding, 1..4 transformer layers 0..3, 5 final norm, 6 head
+    config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 2})  # MoE layers 0 and 2
+    assert stages_without_moe(config, [0, 3, 7]) == []  # layers 0,1 | 2,3
+    assert stages_without_moe(config, [0, 2, 7]) == []  # layer 0 | 1,2,3
+    assert stages_without_moe(config, [0, 4, 7]) == [1]  # layers 0,1,2 | 3
+    config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 4})
+    assert stages_without_moe(config, [0, 3, 7]) == [1]
+
+
+def test_router_gradient_arrives_in_the_hidden_states_one_backward():
+    """A pipeline stage as DeepSpeed's engine backpropagates it: one backward per float output, in tuple order
+    (router leaf first), gives the stage's weights the gradient of one backward through (hidden, router)."""
+    torch.manual_seed(0)
+    w, x, a = torch.randn(4, requires_grad=True), torch.randn(2, 4), torch.randn(2, 4)
+    coeff = torch.tensor([0.5, 0.0, 0.0])  # d loss / d router: router[0] joins the loss, [1:] are statistics
+
+    def stage():
+        h = torch.tanh(x * w)  # (2, 4) hidden
+        router = torch.stack([(w ** 2).sum(), w.sum().detach(), w.mean().detach()])  # (3,)
+        return h, router
+
+    h, router = stage()
+    ((h * a).sum() + (router * coeff).sum()).backward()
+    expected, w.grad = w.grad.clone(), None
+
+    h, router = stage()
+    sent = router.detach().requires_grad_()
+    out = _RouterGradient.apply(h, router, sent)
+    sent.backward(coeff)  # DeepSpeed: the received gradient of each float output, in order
+    out.backward(a)
+    torch.testing.assert_close(w.grad, expected, rtol=0, atol=0)
+
+    h, router = stage()
+    sent = router.detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="had not arrived"):
+        _RouterGradient.apply(h, router, sent).backward(a)
+
+
+def test_pipe_loss_adds_the_router_loss_to_every_token():
+    config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 2})  # 2 MoE layers
+    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    mask = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
+    router = torch.tensor([0.25, 2.0, 3.0])
+    loss_fn = GPTPipeLoss(config, None)
+    got = loss_fn((router, logits), (labels, mask))
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), reduction="none").view(2, 3)
+    torch.testing.assert_close(got, ((ce + 0.25) * mask).sum())
+    assert {k: v.item() for k, v in loss_fn.moe_stats.items()} == {
+        "router_loss": 0.25 * 5.5, "moe_aux_loss": 1.0, "moe_z_loss": 1.5}
