@@ -50,6 +50,7 @@ class Options:
     split_sentences: bool = False  # one sequence per sentence, grouped into documents (Megatron's _sentence)
     lang: str = "english"
     keep_newlines: bool = False
+    text_mode: str = "file"  # .txt inputs: file, line or paragraph (readers.TEXT_MODES)
 
 
 @dataclass
@@ -116,8 +117,7 @@ def encode_chunk(chunk: Chunk, tokenizer: Any, opts: Options, dtype: type) -> En
         lengths.append(lens)
         sequences.append(None)
         empty.append(n_empty)
-    return Encoded(tokens, lengths, sequences, empty, len(texts[0]) if texts else 0, bad,
-                   len(chunk.data) or chunk.nbytes)
+    return Encoded(tokens, lengths, sequences, empty, len(texts[0]) if texts else 0, bad, chunk.nbytes)
 
 
 def _encode_sentences(docs: list[str], tokenizer: Any, opts: Options, dtype: type):
@@ -251,7 +251,7 @@ def preprocess(
     if opts.append_eod:
         tokenizer.eod  # noqa: B018 - fail now, not in a worker, when the tokenizer has no eod
     stats = Stats(keys={k: KeyStats() for k in opts.keys})
-    chunks = (c for f in files for c in iter_chunks(f, list(opts.keys), opts.chunk_bytes))
+    chunks = (c for f in files for c in iter_chunks(f, list(opts.keys), opts.chunk_bytes, opts.text_mode))
     stack = contextlib.ExitStack()
     try:
         builders = [stack.enter_context(IndexedDatasetBuilder(prefixes[k], dtype)) for k in opts.keys]
