@@ -19,12 +19,7 @@ import pytest
 from megaclm.data.indexed_dataset import IndexedDataset
 from megaclm.tokenizer import build_tokenizer
 from megaclm.utils.errors import UserError
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA = ROOT / "tests" / "data"
-VOCAB, MERGES = str(DATA / "gpt2-vocab.json"), str(DATA / "gpt2-merges.txt")
-GPT2 = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB, "--merge-file", MERGES]
-TOOL = ROOT / "tools" / "preprocess_data.py"
+from preprocess_testutils import DATA, GPT2, MERGES, ROOT, TOOL, VOCAB, cli, files_of, one_error_line, read_docs
 
 DOCS = [
     "Hello world",
@@ -56,16 +51,6 @@ def gpt2():
 def run(tool, capsys, *argv) -> str:
     assert tool.main([str(a) for a in argv]) == 0
     return capsys.readouterr().out
-
-
-def read_docs(prefix) -> list[list[int]]:
-    ds = IndexedDataset(str(prefix))
-    assert ds.document_indices.tolist() == list(range(len(ds) + 1))  # one sequence per document
-    return [ds[i].tolist() for i in range(len(ds))]
-
-
-def files_of(prefix) -> tuple[bytes, bytes]:
-    return tuple(pathlib.Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx"))
 
 
 def write_jsonl(path, rows, blank_line=True):
@@ -294,17 +279,6 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, bad_lines):
     assert errors == [f"error: {bad_lines}:5: malformed JSON (Expecting property name enclosed in double quotes "
                       "at column 18); fix the line or pass --skip-bad-lines"]
     assert "Traceback" not in proc.stderr
-
-
-def cli(*argv, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *map(str, argv)], capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return errors[0]
 
 
 def test_empty_or_all_bad_input_writes_nothing(tmp_path):
