@@ -1,8 +1,7 @@
 """Columnar inputs, read through pyarrow one record batch at a time (memory: about one batch):
 
     .parquet   row groups read lazily (ParquetFile.iter_batches)
-    .arrow     Arrow IPC, the stream format Hugging Face `datasets` writes (the IPC file format too),
-               memory-mapped
+    .arrow     Arrow IPC, the stream format Hugging Face `datasets` writes (the IPC file format too)
     a folder written by `datasets.Dataset.save_to_disk`: state.json lists its .arrow shards in order
     (with dataset_info.json beside them); a DatasetDict's folder (dataset_dict.json) holds one such
     folder per split.
@@ -92,16 +91,18 @@ def _parquet_batches(path: str, keys: list[str], chunk_bytes: int):
 def _arrow_batches(path: str, keys: list[str]):
     import pyarrow as pa
 
-    source = pa.memory_map(path)
-    try:
-        reader = pa.ipc.open_stream(source)
-    except pa.ArrowInvalid:
+    # Read, not memory-mapped: mapped pages would count in the resident memory as the file is read.
+    with pa.OSFile(path) as source:
         try:
-            reader = pa.ipc.open_file(source)
-        except pa.ArrowInvalid as e:
-            raise UserError(f"{path}: not an Arrow IPC file ({e}); .arrow inputs are Arrow IPC streams or files "
-                            "as Hugging Face datasets and pyarrow write them") from e
-    _check_columns(path, reader.schema.names, keys, "Arrow")
-    if isinstance(reader, pa.ipc.RecordBatchStreamReader):
-        return reader
-    return (reader.get_batch(i) for i in range(reader.num_record_batches))
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            try:
+                reader = pa.ipc.open_file(source)
+            except pa.ArrowInvalid as e:
+                raise UserError(f"{path}: not an Arrow IPC file ({e}); .arrow inputs are Arrow IPC streams or "
+                                "files as Hugging Face datasets and pyarrow write them") from e
+        _check_columns(path, reader.schema.names, keys, "Arrow")
+        if isinstance(reader, pa.ipc.RecordBatchStreamReader):
+            yield from reader
+        else:
+            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
