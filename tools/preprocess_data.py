@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Keys (columns) to tokenize; one dataset per key (default: text). --json-key "
                         "(train_tokenizer.py's spelling) is accepted too.")
     g.add_argument("--skip-bad-lines", action="store_true",
-                   help="Skip (and count) malformed lines instead of stopping: bad JSON, missing key, "
-                        "non-string value, invalid UTF-8.")
+                   help="Skip (and count) malformed lines (rows, JSON array elements, .txt lines or paragraphs) "
+                        "instead of stopping: bad JSON, missing key, non-string value, invalid UTF-8.")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, type=lambda v: native_value("--tokenizer-type", v),
                    choices=TOKENIZER_TYPES, help="Megatron's names; GPTSentencePieceTokenizer = SentencePieceTokenizer.")

@@ -245,7 +245,7 @@ def preprocess(
     holds at least one document: an empty result is a UserError saying why.
     """
     if len(opts.keys) > 1 and any(file_format(f)[0] == "txt" for f in files):
-        raise UserError("a .txt input is one document with no keys; use a single --json-keys with .txt files")
+        raise UserError("a .txt input has no keys (its documents are plain text); use a single --json-keys with .txt files")
     tokenizer = make_tokenizer()
     dtype = optimal_dtype(tokenizer.vocab_size)
     if opts.append_eod:
@@ -290,7 +290,7 @@ def check_documents_written(stats: Stats, files: list[str]) -> None:
     if stats.documents == 0 and stats.bad_lines:
         why = f"all {stats.bad_lines} lines were skipped as bad (--skip-bad-lines) in {named}; fix the input"
     elif stats.documents == 0:
-        why = f"the input holds no document (empty, or blank lines only): {named}"
+        why = f"the input holds no document (empty files, blank lines only, an empty JSON array or table): {named}"
     else:
         k = empty_keys[0]
         why = (f"every one of the {stats.documents} documents' {k!r} tokenized to nothing (in {named}); "

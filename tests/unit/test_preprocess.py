@@ -240,7 +240,7 @@ def test_table_and_compressed_errors(tool, tmp_path):
     expect_error(tool, tmp_path, r"l.txt:2: not valid UTF-8 \(byte 0xff at column 6\); convert the file to UTF-8$",
                  "--input", tmp_path / "l.txt", *GPT2, "--workers", 1)
     (tmp_path / "t.txt").write_text("hi")
-    expect_error(tool, tmp_path, "a .txt input is one document", "--input", tmp_path / "t.txt",
+    expect_error(tool, tmp_path, "a .txt input has no keys", "--input", tmp_path / "t.txt",
                  "--json-keys", "text", "title", *GPT2)
 
 
@@ -290,8 +290,8 @@ def test_empty_or_all_bad_input_writes_nothing(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n{"title": "x"}\nnot json\n')
     null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", 100, "--output-prefix", out / "o"]
     err = one_error_line(cli("--input", tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", *null, "--workers", 1))
-    assert err == (f"error: 0 documents written: the input holds no document (empty, or blank lines only): "
-                   f"{tmp_path / 'empty.jsonl'}, {tmp_path / 'blank.jsonl'}; nothing was written")
+    assert err == (f"error: 0 documents written: the input holds no document (empty files, blank lines only, an empty "
+                   f"JSON array or table): {tmp_path / 'empty.jsonl'}, {tmp_path / 'blank.jsonl'}; nothing was written")
     err = one_error_line(cli("--input", tmp_path / "bad.jsonl", *null, "--skip-bad-lines", "--workers", 2))
     assert err == (f"error: 0 documents written: all 3 lines were skipped as bad (--skip-bad-lines) in "
                    f"{tmp_path / 'bad.jsonl'}; fix the input; nothing was written")
