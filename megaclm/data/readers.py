@@ -251,81 +251,73 @@ def parse_chunk(chunk: Chunk, keys: list[str], skip_bad_lines: bool) -> tuple[li
     if chunk.kind == "file":
         return [[_decode(chunk.data, chunk.path, 1, hint="")]], 0  # a whole document: nothing to skip
     if chunk.kind == "rows":
-        return _parse_rows(chunk, keys, skip_bad_lines)
+        return _collect(_row_records(chunk, keys), keys, skip_bad_lines, "row")
     if chunk.kind == "objects":
-        return _parse_objects(chunk, keys, skip_bad_lines)
+        records = (_object_record(obj, keys, where) for obj, where in zip(chunk.rows[0], chunk.where))
+        return _collect(records, keys, skip_bad_lines, "element")
     try:
         lines: list[str | None] = chunk.data.decode("utf-8").split("\n")
     except UnicodeDecodeError:  # rare: find the bad lines one by one, in order with other errors
         lines = [_decode_or_none(raw) for raw in chunk.data.split(b"\n")]
     if chunk.kind != "jsonl":
         return _parse_text(chunk, lines, skip_bad_lines)
+    return _collect(_jsonl_records(chunk, lines, keys, skip_bad_lines), keys, skip_bad_lines, "line")
+
+
+def _collect(records: Iterator[tuple[str, list | None, str | None]], keys: list[str], skip_bad_lines: bool,
+             unit: str) -> tuple[list[list[str]], int]:
+    """Texts per key from (where, the texts of `keys`, None) or (where, None, problem) records, and the
+    number of bad records skipped."""
     texts: list[list[str]] = [[] for _ in keys]
     bad = 0
+    for where, values, problem in records:
+        if problem:
+            if not skip_bad_lines:
+                raise UserError(f"{where}: {problem}; fix the {unit} or pass --skip-bad-lines")
+            bad += 1
+            continue
+        for col, v in zip(texts, values):
+            col.append(v)
+    return texts, bad
+
+
+def _jsonl_records(chunk: Chunk, lines: list[str | None], keys: list[str], skip_bad_lines: bool):
     for i, line in enumerate(lines):
         if line is None:
-            if skip_bad_lines:
-                bad += 1
-                continue
-            _decode(chunk.data.split(b"\n")[i], chunk.path, chunk.first + i)  # raises, naming line and column
+            if not skip_bad_lines:
+                _decode(chunk.data.split(b"\n")[i], chunk.path, chunk.first + i)  # raises, naming line and column
+            yield "", None, "not valid UTF-8"
+            continue
         if not line.strip():
             continue  # blank lines separate nothing and are not documents
         try:
             obj = json.loads(line)
-            problem = _object_problem(obj, keys)
         except json.JSONDecodeError as e:
-            problem = f"malformed JSON ({e.msg} at column {e.colno})"
-        if problem:
-            if skip_bad_lines:
-                bad += 1
-                continue
-            raise UserError(f"{chunk.path}:{chunk.first + i}: {problem}; fix the line or pass --skip-bad-lines")
-        for col, k in zip(texts, keys):
-            col.append(obj[k])
-    return texts, bad
+            yield f"{chunk.path}:{chunk.first + i}", None, f"malformed JSON ({e.msg} at column {e.colno})"
+            continue
+        yield _object_record(obj, keys, f"{chunk.path}:{chunk.first + i}")
 
 
-def _object_problem(obj, keys: list[str]) -> str | None:
-    """What is wrong with a parsed JSON document: it must be an object with a string under each key."""
+def _object_record(obj, keys: list[str], where: str) -> tuple[str, list | None, str | None]:
+    """(where, the texts of `keys`, None) for a JSON document, or (where, None, what is wrong with it): it must be
+    an object with a string under each key."""
     if not isinstance(obj, dict):
-        return f"a JSON {type(obj).__name__}, expected an object"
-    if (k := next((k for k in keys if k not in obj), None)) is not None:
-        return f"key {k!r} missing (the object has keys {sorted(obj)[:8]}); check --json-keys"
-    if (k := next((k for k in keys if not isinstance(obj[k], str)), None)) is not None:
-        return f"key {k!r} is a {type(obj[k]).__name__}, expected a string"
-    return None
+        problem = f"a JSON {type(obj).__name__}, expected an object"
+    elif (k := next((k for k in keys if k not in obj), None)) is not None:
+        problem = f"key {k!r} missing (the object has keys {sorted(obj)[:8]}); check --json-keys"
+    elif (k := next((k for k in keys if not isinstance(obj[k], str)), None)) is not None:
+        problem = f"key {k!r} is a {type(obj[k]).__name__}, expected a string"
+    else:
+        return where, [obj[k] for k in keys], None
+    return where, None, problem
 
 
-def _parse_objects(chunk: Chunk, keys: list[str], skip_bad_lines: bool) -> tuple[list[list[str]], int]:
-    texts: list[list[str]] = [[] for _ in keys]
-    bad = 0
-    for obj, where in zip(chunk.rows[0], chunk.where):
-        if problem := _object_problem(obj, keys):
-            if skip_bad_lines:
-                bad += 1
-                continue
-            raise UserError(f"{where}: {problem}; fix the element or pass --skip-bad-lines")
-        for col, k in zip(texts, keys):
-            col.append(obj[k])
-    return texts, bad
-
-
-def _parse_rows(chunk: Chunk, keys: list[str], skip_bad_lines: bool) -> tuple[list[list[str]], int]:
-    texts: list[list[str]] = [[] for _ in keys]
-    bad = 0
+def _row_records(chunk: Chunk, keys: list[str]):
     for i, where in enumerate(chunk.where):
         values = [col[i] for col in chunk.rows]
-        err = next((k for k, v in zip(keys, values) if not isinstance(v, str)), None)
-        if err is not None:
-            if skip_bad_lines:
-                bad += 1
-                continue
-            v = values[keys.index(err)]
-            raise UserError(f"{where}: column {err!r} is {type(v).__name__}, expected a string; "
-                            "fix the row or pass --skip-bad-lines")
-        for col, v in zip(texts, values):
-            col.append(v)
-    return texts, bad
+        bad = next((j for j, v in enumerate(values) if not isinstance(v, str)), None)
+        yield where, values, None if bad is None else (f"column {keys[bad]!r} is {type(values[bad]).__name__}, "
+                                                       "expected a string")
 
 
 def _parse_text(chunk: Chunk, lines: list[str | None], skip_bad_lines: bool) -> tuple[list[list[str]], int]:
