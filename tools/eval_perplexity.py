@@ -1,13 +1,16 @@
-"""Perplexity of a megaclm checkpoint or a Hugging Face model on a JSONL file, by one exact rule.
+"""Perplexity of a megaclm checkpoint or a Hugging Face model on a text corpus, by one exact rule.
 
     python tools/eval_perplexity.py --load CKPT --input docs.jsonl --json-keys text --seq-length 1024
     python tools/eval_perplexity.py --hf ./hf-model --input docs.jsonl --json-keys text --seq-length 1024
     deepspeed --num_gpus 2 tools/eval_perplexity.py --load CKPT ...   # tensor-parallel over the 2 ranks
 
+--input reads every format tools/preprocess_data.py reads, with the same readers (JSON lines or arrays,
+.txt by --text-mode, .csv, .parquet, .arrow, datasets' save_to_disk folders; files, globs, directories).
+
 The rule (so that two models, or two implementations, are compared on exactly the same tokens):
-  1. each document (the --json-keys field of each line) is tokenized on its own: no BOS, and special-token
-     strings inside the text are plain text; the eod id is appended after each document;
-  2. all documents are concatenated in file order and cut into consecutive non-overlapping windows of
+  1. each document (the --json-keys field or column of each line or row) is tokenized on its own: no BOS,
+     and special-token strings inside the text are plain text; the eod id is appended after each document;
+  2. all documents are concatenated in input order and cut into consecutive non-overlapping windows of
      seq_length + 1 tokens starting at position 0; the incomplete tail is dropped (--max-windows keeps
      the first N windows);
   3. in each window the inputs are tokens[:-1] at positions 0..S-1, attending only within the window,
@@ -39,6 +42,7 @@ from megaclm.checkpoint.layout import tag_for  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.config.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megaclm.data.readers import TEXT_MODE_HELP, TEXT_MODES, check_text_mode, expand_inputs, read_texts  # noqa: E402
 from megaclm.model.gpt import GPTModel  # noqa: E402
 from megaclm.model.sharding import shard_state_dict  # noqa: E402
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
@@ -47,24 +51,6 @@ from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 from megaclm.utils.fileio import atomic_write  # noqa: E402
 from megaclm.utils.launch_env import rank_env_from_slurm  # noqa: E402
-
-
-def read_documents(path: str, key: str):
-    """The `key` field of each JSON line of `path`, in order (blank lines skipped)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--input {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"--input {path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(doc, dict) or key not in doc:
-                raise UserError(f"--input {path}:{lineno}: no key '{key}'; pass the field that holds the text "
-                                "with --json-keys")
-            yield str(doc[key])
 
 
 def make_windows(token_docs, eod: int, seq_length: int, max_windows: int | None = None) -> torch.Tensor:
@@ -150,6 +136,8 @@ def _tokenizer_section(args, default: dict | None) -> dict:
 
 
 def evaluate(args) -> dict:
+    inputs = expand_inputs(args.input)
+    text_mode = check_text_mode(inputs, args.text_mode)
     rank, world, device = _init_distributed()
     if args.hf:
         if world > 1:
@@ -163,7 +151,7 @@ def evaluate(args) -> dict:
         section = _tokenizer_section(args, scorer.config_tree.get("tokenizer"))
         dp, dp_rank = scorer.pstate.dp_size, scorer.pstate.dp_rank
     tokenizer = files.build_from_section(section)
-    docs = (tokenizer.tokenize(text) for text in read_documents(args.input, args.json_keys[0]))
+    docs = (tokenizer.tokenize(text) for text in read_texts(inputs, args.json_keys[0], text_mode, args.skip_bad_lines))
     windows = make_windows(docs, tokenizer.eod, args.seq_length, args.max_windows)
     mine = windows[dp_rank::dp]  # data-parallel ranks take every dp-th window
     total = torch.zeros((), dtype=torch.float64)
@@ -183,8 +171,13 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="megaclm checkpoint directory (any TP/PP layout).")
     src.add_argument("--hf", help="Local Hugging Face model directory.")
-    p.add_argument("--input", required=True, help="JSONL file, one document per line.")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="The field holding each document's text.")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="Files, globs or directories, in any format tools/preprocess_data.py reads.")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="The field (column) holding each document's text.")
+    p.add_argument("--text-mode", choices=TEXT_MODES, default=None, help=TEXT_MODE_HELP)
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="Skip malformed lines (rows) instead of stopping, as preprocess_data.py does.")
     p.add_argument("--seq-length", type=int, required=True, help="Window length S (inputs; windows hold S + 1 tokens).")
     p.add_argument("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
     p.add_argument("--micro-batch-size", type=int, default=4, help="Windows per forward pass.")
@@ -202,8 +195,6 @@ def main() -> None:
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what is used.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if not os.path.isfile(a.input):
-        raise UserError(f"--input {a.input}: no such file")
     if len(a.json_keys) != 1:
         raise UserError(f"--json-keys takes one key for evaluation, got {a.json_keys}")
     for flag, value in (("--seq-length", a.seq_length), ("--micro-batch-size", a.micro_batch_size),

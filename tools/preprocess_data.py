@@ -17,7 +17,7 @@ import time
 from megaclm.config.megatron_compat import native_value
 from megaclm.data.indexed_dataset import data_file_path, index_file_path
 from megaclm.data.preprocess import EMPTY_DOC_RULE, Options, preprocess_partitioned
-from megaclm.data.readers import expand_inputs
+from megaclm.data.readers import TEXT_MODE_HELP, TEXT_MODES, check_text_mode, expand_inputs
 from megaclm.data.sentences import language_code
 from megaclm.logging import get_logger
 from megaclm.tokenizer import TOKENIZER_TYPES, build_tokenizer
@@ -36,14 +36,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True,
                    help="Files, globs or directories (searched recursively): .jsonl/.json (one JSON object per "
-                        "line), optionally .gz/.zst compressed; .txt (whole file = one document); .csv and "
-                        ".parquet (--json-keys name columns).")
+                        "line, or a .json holding one JSON array of objects), optionally .gz/.zst compressed; .txt "
+                        "(see --text-mode); .csv, .parquet and .arrow (--json-keys name columns); a folder written by "
+                        "Hugging Face datasets' save_to_disk (a DatasetDict's: name the split's folder unless it has "
+                        "one split).")
+    g.add_argument("--text-mode", choices=TEXT_MODES, default=None, help=TEXT_MODE_HELP)
     g.add_argument("--json-keys", "--json-key", nargs="+", default=["text"],
                    help="Keys (columns) to tokenize; one dataset per key (default: text). --json-key "
                         "(train_tokenizer.py's spelling) is accepted too.")
     g.add_argument("--skip-bad-lines", action="store_true",
-                   help="Skip (and count) malformed lines instead of stopping: bad JSON, missing key, "
-                        "non-string value, invalid UTF-8.")
+                   help="Skip (and count) malformed lines (rows, JSON array elements, .txt lines or paragraphs) "
+                        "instead of stopping: bad JSON, missing key, non-string value, invalid UTF-8.")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, type=lambda v: native_value("--tokenizer-type", v),
                    choices=TOKENIZER_TYPES, help="Megatron's names; GPTSentencePieceTokenizer = SentencePieceTokenizer.")
@@ -133,6 +136,7 @@ def main(argv=None) -> int:
     prefixes = {k: f"{args.output_prefix}_{k}_{level}" for k in args.json_keys}
     check_outputs_absent(prefixes, args.overwrite)
     files = expand_inputs(args.input)
+    text_mode = check_text_mode(files, args.text_mode)
     make_tokenizer = functools.partial(
         build_tokenizer, args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
         tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
     log.info(f"{len(files)} input file(s), {args.tokenizer_type}, {args.workers} worker(s), keys {args.json_keys}")
     opts = Options(keys=tuple(args.json_keys), append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
                    chunk_bytes=args.chunk_bytes, split_sentences=args.split_sentences, lang=args.lang,
-                   keep_newlines=args.keep_newlines)
+                   keep_newlines=args.keep_newlines, text_mode=text_mode)
     progress = Progress(args.log_interval)
     start = time.perf_counter()
     try:

@@ -14,18 +14,11 @@ import json
 import os
 from typing import Iterator
 
-from megaclm.data.readers import expand_inputs, iter_chunks, parse_chunk
+from megaclm.data.readers import expand_inputs, read_texts
 from megaclm.utils.errors import UserError, cli_main
 from megaclm.utils.fileio import atomic_write
 
 EOD = "<|endoftext|>"
-
-
-def documents(files: list[str], key: str, skip_bad_lines: bool) -> Iterator[str]:
-    for path in files:
-        for chunk in iter_chunks(path, [key]):
-            texts, _ = parse_chunk(chunk, [key], skip_bad_lines)
-            yield from texts[0]
 
 
 def train_bpe(docs: Iterator[str], vocab_size: int, min_frequency: int, out_dir: str) -> int:
@@ -91,7 +84,7 @@ def main(argv=None) -> int:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})") from e
-    docs = documents(files, args.json_key, args.skip_bad_lines)
+    docs = read_texts(files, args.json_key, skip_bad_lines=args.skip_bad_lines)
     if args.type == "bpe":
         n = train_bpe(docs, args.vocab_size, args.min_frequency, args.output_dir)
         use = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {args.output_dir}"

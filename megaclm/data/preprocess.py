@@ -50,6 +50,7 @@ class Options:
     split_sentences: bool = False  # one sequence per sentence, grouped into documents (Megatron's _sentence)
     lang: str = "english"
     keep_newlines: bool = False
+    text_mode: str = "file"  # .txt inputs: file, line or paragraph (readers.TEXT_MODES)
 
 
 @dataclass
@@ -116,8 +117,7 @@ def encode_chunk(chunk: Chunk, tokenizer: Any, opts: Options, dtype: type) -> En
         lengths.append(lens)
         sequences.append(None)
         empty.append(n_empty)
-    return Encoded(tokens, lengths, sequences, empty, len(texts[0]) if texts else 0, bad,
-                   len(chunk.data) or chunk.nbytes)
+    return Encoded(tokens, lengths, sequences, empty, len(texts[0]) if texts else 0, bad, chunk.nbytes)
 
 
 def _encode_sentences(docs: list[str], tokenizer: Any, opts: Options, dtype: type):
@@ -245,13 +245,13 @@ def preprocess(
     holds at least one document: an empty result is a UserError saying why.
     """
     if len(opts.keys) > 1 and any(file_format(f)[0] == "txt" for f in files):
-        raise UserError("a .txt input is one document with no keys; use a single --json-keys with .txt files")
+        raise UserError("a .txt input has no keys (its documents are plain text); use a single --json-keys with .txt files")
     tokenizer = make_tokenizer()
     dtype = optimal_dtype(tokenizer.vocab_size)
     if opts.append_eod:
         tokenizer.eod  # noqa: B018 - fail now, not in a worker, when the tokenizer has no eod
     stats = Stats(keys={k: KeyStats() for k in opts.keys})
-    chunks = (c for f in files for c in iter_chunks(f, list(opts.keys), opts.chunk_bytes))
+    chunks = (c for f in files for c in iter_chunks(f, list(opts.keys), opts.chunk_bytes, opts.text_mode))
     stack = contextlib.ExitStack()
     try:
         builders = [stack.enter_context(IndexedDatasetBuilder(prefixes[k], dtype)) for k in opts.keys]
@@ -290,7 +290,7 @@ def check_documents_written(stats: Stats, files: list[str]) -> None:
     if stats.documents == 0 and stats.bad_lines:
         why = f"all {stats.bad_lines} lines were skipped as bad (--skip-bad-lines) in {named}; fix the input"
     elif stats.documents == 0:
-        why = f"the input holds no document (empty, or blank lines only): {named}"
+        why = f"the input holds no document (empty files, blank lines only, an empty JSON array or table): {named}"
     else:
         k = empty_keys[0]
         why = (f"every one of the {stats.documents} documents' {k!r} tokenized to nothing (in {named}); "

@@ -98,8 +98,9 @@ def eval_ppl_args(**kw):
 
     base = dict(load=None, hf=None, input=None, json_keys=["text"], seq_length=SEQ, max_windows=WINDOWS,
                 micro_batch_size=8, ckpt_step=None, tensor_model_parallel_size=None, vocab_size=None,
-                tokenizer_type=None, vocab_file=None, merge_file=None, tokenizer_model=None, output_json=None)
-    return argparse.Namespace(**{**base, **kw})
+                tokenizer_type=None, vocab_file=None, merge_file=None, tokenizer_model=None, output_json=None,
+                text_mode=None, skip_bad_lines=False)
+    return argparse.Namespace(**{**base, **kw, "input": [kw["input"]]})
 
 
 @pytest.fixture(scope="module")

@@ -180,14 +180,3 @@ def test_windows_follow_the_rule():
     assert eval_ppl.make_windows([[1, 2, 3], [4, 5], [6]], eod=0, seq_length=2, max_windows=1).tolist() == [[1, 2, 3]]
     with pytest.raises(UserError, match="fewer than one window"):
         eval_ppl.make_windows([[1, 2]], eod=0, seq_length=8)
-
-
-def test_read_documents_errors(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a"}\n\n{"text": \n')
-    with pytest.raises(UserError, match=r"bad.jsonl:3: not valid JSON"):
-        list(eval_ppl.read_documents(str(bad), "text"))
-    other = tmp_path / "other.jsonl"
-    other.write_text('{"body": "a"}\n')
-    with pytest.raises(UserError, match=r"other.jsonl:1: no key 'text'"):
-        list(eval_ppl.read_documents(str(other), "text"))

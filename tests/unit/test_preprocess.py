@@ -19,12 +19,7 @@ import pytest
 from megaclm.data.indexed_dataset import IndexedDataset
 from megaclm.tokenizer import build_tokenizer
 from megaclm.utils.errors import UserError
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA = ROOT / "tests" / "data"
-VOCAB, MERGES = str(DATA / "gpt2-vocab.json"), str(DATA / "gpt2-merges.txt")
-GPT2 = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB, "--merge-file", MERGES]
-TOOL = ROOT / "tools" / "preprocess_data.py"
+from preprocess_testutils import DATA, GPT2, MERGES, ROOT, TOOL, VOCAB, cli, files_of, one_error_line, read_docs
 
 DOCS = [
     "Hello world",
@@ -56,16 +51,6 @@ def gpt2():
 def run(tool, capsys, *argv) -> str:
     assert tool.main([str(a) for a in argv]) == 0
     return capsys.readouterr().out
-
-
-def read_docs(prefix) -> list[list[int]]:
-    ds = IndexedDataset(str(prefix))
-    assert ds.document_indices.tolist() == list(range(len(ds) + 1))  # one sequence per document
-    return [ds[i].tolist() for i in range(len(ds))]
-
-
-def files_of(prefix) -> tuple[bytes, bytes]:
-    return tuple(pathlib.Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx"))
 
 
 def write_jsonl(path, rows, blank_line=True):
@@ -255,7 +240,7 @@ def test_table_and_compressed_errors(tool, tmp_path):
     expect_error(tool, tmp_path, r"l.txt:2: not valid UTF-8 \(byte 0xff at column 6\); convert the file to UTF-8$",
                  "--input", tmp_path / "l.txt", *GPT2, "--workers", 1)
     (tmp_path / "t.txt").write_text("hi")
-    expect_error(tool, tmp_path, "a .txt input is one document", "--input", tmp_path / "t.txt",
+    expect_error(tool, tmp_path, "a .txt input has no keys", "--input", tmp_path / "t.txt",
                  "--json-keys", "text", "title", *GPT2)
 
 
@@ -296,17 +281,6 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, bad_lines):
     assert "Traceback" not in proc.stderr
 
 
-def cli(*argv, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *map(str, argv)], capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return errors[0]
-
-
 def test_empty_or_all_bad_input_writes_nothing(tmp_path):
     """0 documents is never a dataset: rc 2 saying why, and no file under the output prefix."""
     out = tmp_path / "out"
@@ -316,8 +290,8 @@ def test_empty_or_all_bad_input_writes_nothing(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n{"title": "x"}\nnot json\n')
     null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", 100, "--output-prefix", out / "o"]
     err = one_error_line(cli("--input", tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", *null, "--workers", 1))
-    assert err == (f"error: 0 documents written: the input holds no document (empty, or blank lines only): "
-                   f"{tmp_path / 'empty.jsonl'}, {tmp_path / 'blank.jsonl'}; nothing was written")
+    assert err == (f"error: 0 documents written: the input holds no document (empty files, blank lines only, an empty "
+                   f"JSON array or table): {tmp_path / 'empty.jsonl'}, {tmp_path / 'blank.jsonl'}; nothing was written")
     err = one_error_line(cli("--input", tmp_path / "bad.jsonl", *null, "--skip-bad-lines", "--workers", 2))
     assert err == (f"error: 0 documents written: all 3 lines were skipped as bad (--skip-bad-lines) in "
                    f"{tmp_path / 'bad.jsonl'}; fix the input; nothing was written")
