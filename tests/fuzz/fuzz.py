@@ -4,7 +4,8 @@
     python tests/fuzz/fuzz.py --regressions               the pinned cases of tests/fuzz/regressions.txt
 
 A case passes when the checker says PASS, or when the configuration is refused with exactly one `error:` line
-(exit 2: the validator's job is to accept a combination and then match, or refuse it with its reason). A
+(exit 2: the validator's job is to accept a combination and then match, or refuse it with its reason); a
+pinned regression case must PASS (a refusal of it would hide the bug it pins). A
 mismatch (exit 1), a crash, a traceback or a hang (timeout) fails: the case is printed as a one-line
 reproducer, then shrunk (flags dropped one group at a time while it still fails) and printed again.
 At the end: counts of pass / refused / fail per axis value.
@@ -99,6 +100,8 @@ def main() -> int:
     for i, (axes, argv) in enumerate(cases):
         t = time.monotonic()
         outcome, detail = run_case(argv, args.timeout)
+        if axes.get("pinned") and outcome == "refused":  # a pinned case was accepted once: it must still run
+            outcome, detail = "fail", f"pinned case refused: {detail}"
         print(f"[{i + 1}/{len(cases)}] {outcome:7} {time.monotonic() - t:5.0f} s  {reproducer(argv)}\n"
               f"        {detail.splitlines()[0] if outcome != 'fail' else detail}", flush=True)
         for axis, value in axes.items():
