@@ -96,14 +96,23 @@ class TransformerLayerPipe(TransformerLayer):
         self.recompute_self = False  # set for the first layers of a stage under method block
         self.carries_router = config.num_experts is not None
 
+    def block(self, h, position_ids, attn, ring):
+        """The transformer block itself: (B, S, H) -> ((B, S, H), router loss ())."""
+        return TransformerLayer.forward(self, h, position_ids, attn, ring)
+
+    def compile(self, *args, **kwargs):
+        """--torch-compile (megaclm.model.compiled): the block, not this stage wrapper around it, whose
+        recomputation (DeepSpeed's checkpoint and its saved-tensor hooks) torch.compile cannot trace."""
+        self.block = torch.compile(self.block, *args, **kwargs)
+
     def forward(self, inputs):
         router, (h, position_ids, *document_ids) = (inputs[0], inputs[1:]) if self.carries_router else (None, inputs)
         attn, ring = self.layer_inputs(position_ids, document_ids[0] if document_ids else None, h.dtype, self.training)
         if self.recompute_self and torch.is_grad_enabled():
             # the router loss is an output, so its gradient reaches the recompute
-            h, loss = recompute(lambda x, pos: TransformerLayer.forward(self, x, pos, attn, ring), h, position_ids)
+            h, loss = recompute(lambda x, pos: self.block(x, pos, attn, ring), h, position_ids)
         else:
-            h, loss = super().forward(h, position_ids, attn, ring)
+            h, loss = self.block(h, position_ids, attn, ring)
         if isinstance(self.mlp, MoE):  # its stats are this forward's (a recompute writes the same values)
             router = router + torch.stack([loss, self.mlp.stats["moe_aux_loss"], self.mlp.stats["moe_z_loss"]])
         return (router, h, position_ids, *document_ids) if self.carries_router else (h, position_ids, *document_ids)
