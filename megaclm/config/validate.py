@@ -34,6 +34,14 @@ def _moe_zero(cfg: Any) -> None:
                         "parallelism, --expert-model-parallel-size, already splits the experts' weights)")
 
 
+def _compile_zero3(cfg: Any) -> None:
+    if cfg.kernels.torch_compile and cfg.training.zero_stage == 3:
+        raise UserError("kernels.torch_compile with training.zero_stage=3: torch.compile of the transformer blocks "
+                        "traces ZeRO-3's partitioned parameters as they are between its gather hooks (empty "
+                        "shards: a shape error at the first step); use --zero-stage 1 or 2 with --torch-compile, or "
+                        "drop --torch-compile")
+
+
 def _seq_length(cfg: Any) -> None:
     seq, maxpos = cfg.data.seq_length, cfg.model.max_position_embeddings
     if seq > maxpos:
@@ -143,6 +151,7 @@ CHECKS = [
     (_model_parallel, {"model", "parallel"}),
     (_pipeline_zero, {"parallel", "training"}),
     (_moe_zero, {"model", "training"}),
+    (_compile_zero3, {"kernels", "training"}),
     (_seq_length, {"data", "model"}),
     (_shared_fields, {"model", "tokenizer"}),
     (_tokenizer, {"tokenizer"}),

@@ -159,6 +159,7 @@ def test_subset_of_sections_for_tools(prefix):
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 4,
      r"pipeline_model_parallel_size=2 needs training\.zero_stage 0 or 1, got 3"),
     (["--seq-length", "128"], 2, r"data\.seq_length=128 is larger than model\.max_position_embeddings=64"),
+    (["--zero-stage", "3", "--torch-compile"], 2, r"kernels\.torch_compile with training\.zero_stage=3"),
     (["--global-batch-size", "6"], 2,
      r"global_batch_size=6 is not divisible by training\.micro_batch_size=2 x data-parallel size 2"),
     (["--data-path"], 2, r"data\.data_path is empty"),
