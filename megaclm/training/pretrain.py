@@ -44,7 +44,7 @@ from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agreed
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
-from megaclm.training.start import Start, check_save, hf_padded_vocab, import_pretrained, remove_import, resolve_start
+from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
 from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
 from megaclm.utils.launch_env import rank_env_from_slurm
@@ -220,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--load {c.load}: no checkpoint there and --exit-on-missing-checkpoint is set; pass the "
                         "directory a run saved into, or drop the flag to start from scratch")
     start = resolve_start(cfg, choice, choose)
-    check_save(cfg, start)
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
     derived = derive(cfg, world, model_vocab_size(cfg.tokenizer, tokenizer))

@@ -56,29 +56,35 @@ class Start(NamedTuple):
 
 
 def resolve_start(cfg: Any, choice: Choice, choose: Callable[[str, int | None], Choice]) -> Start:
-    """The run's Start; `choice` is --load's (choose_tag's), `choose` resolves another directory's."""
+    """The run's Start (a --save it would overwrite refused: `check_save`); `choice` is --load's (choose_tag's),
+    `choose` resolves another directory's. Rank 0 logs the decision."""
     c = cfg.checkpoint
     pretrained = c.pretrained_checkpoint
     if choice.tag is not None or pretrained is None:
+        start = Start(c.load, choice, c.finetune)
+        check_save(cfg, start)
         if choice.tag is not None and pretrained is not None and os.environ.get("RANK", "0") == "0":
             log.info(f"--load {c.load} holds {choice.tag}: resuming from it; --pretrained-checkpoint {pretrained} "
                      "is not used")
-        return Start(c.load, choice, c.finetune)
+        return start
+    if choose(pretrained, None).tag is not None:
+        start = Start(pretrained, choose(pretrained, None), True)
+    elif not os.path.isfile(os.path.join(pretrained, "config.json")):
+        raise UserError(f"--pretrained-checkpoint {pretrained}: neither a megaclm checkpoint (no `latest`, no "
+                        "iter_* checkpoint) nor an HF model directory (no config.json); pass one of those")
+    elif c.save is None:
+        raise UserError(f"--pretrained-checkpoint {pretrained} is an HF model directory, imported at start-up into "
+                        "--save; pass --save DIR")
+    elif cfg.lora.enabled:
+        raise UserError(f"--pretrained-checkpoint {pretrained}: a LoRA run needs its base as a megaclm checkpoint "
+                        "that stays in place; import it once with tools/checkpoint/convert_hf.py import and pass that")
+    else:
+        start = Start(os.path.join(c.save, IMPORT_DIR, "checkpoint"), Choice(tag_for(0)), True, hf=pretrained)
+    check_save(cfg, start)
     if os.environ.get("RANK", "0") == "0":
         log.info(f"{'--load ' + c.load + ' holds no checkpoint: ' if c.load else ''}initialising the weights from "
                  f"--pretrained-checkpoint {pretrained}; iteration 0, fresh optimizer and schedule")
-    if choose(pretrained, None).tag is not None:
-        return Start(pretrained, choose(pretrained, None), True)
-    if not os.path.isfile(os.path.join(pretrained, "config.json")):
-        raise UserError(f"--pretrained-checkpoint {pretrained}: neither a megaclm checkpoint (no `latest`, no "
-                        "iter_* checkpoint) nor an HF model directory (no config.json); pass one of those")
-    if c.save is None:
-        raise UserError(f"--pretrained-checkpoint {pretrained} is an HF model directory, imported at start-up into "
-                        "--save; pass --save DIR")
-    if cfg.lora.enabled:
-        raise UserError(f"--pretrained-checkpoint {pretrained}: a LoRA run needs its base as a megaclm checkpoint "
-                        "that stays in place; import it once with tools/checkpoint/convert_hf.py import and pass that")
-    return Start(os.path.join(c.save, IMPORT_DIR, "checkpoint"), Choice(tag_for(0)), True, hf=pretrained)
+    return start
 
 
 def hf_padded_vocab(cfg: Any, start: Start) -> int:
