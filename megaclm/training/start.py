@@ -21,10 +21,13 @@ from typing import Any, Callable, NamedTuple
 
 import torch.distributed as dist
 
+from megaclm.checkpoint.hf import config_from_hf
 from megaclm.checkpoint.hf import files as hf_files
 from megaclm.checkpoint.hf.importer import import_hf
-from megaclm.checkpoint.layout import is_complete, iteration_of, read_meta, tag_for, tags_on_disk
+from megaclm.checkpoint.layout import is_complete, iteration_of, read_config, read_meta, tag_for, tags_on_disk
 from megaclm.checkpoint.manifest import Choice
+from megaclm.config import shape_fields
+from megaclm.config.arguments import section_to_dict
 from megaclm.logging import get_logger
 from megaclm.tokenizer import pad_vocab_size
 from megaclm.utils.errors import UserError
@@ -81,10 +84,26 @@ def resolve_start(cfg: Any, choice: Choice, choose: Callable[[str, int | None], 
     else:
         start = Start(os.path.join(c.save, IMPORT_DIR, "checkpoint"), Choice(tag_for(0)), True, hf=pretrained)
     check_save(cfg, start)
+    _check_shapes(cfg, start)
     if os.environ.get("RANK", "0") == "0":
         log.info(f"{'--load ' + c.load + ' holds no checkpoint: ' if c.load else ''}initialising the weights from "
                  f"--pretrained-checkpoint {pretrained}; iteration 0, fresh optimizer and schedule")
     return start
+
+
+def _check_shapes(cfg: Any, start: Start) -> None:
+    """The run's model must have the --pretrained-checkpoint's parameter shapes."""
+    if start.hf is not None:
+        theirs = section_to_dict(config_from_hf(hf_files.read_config(start.hf)))
+    else:
+        theirs = read_config(start.dir, start.choice.tag)["model"]
+    mine = section_to_dict(cfg.model)
+    differ = [f"{k}={theirs[k]!r}" for k in shape_fields(theirs) if k in theirs and theirs[k] != mine[k]]
+    if differ:
+        source = start.hf or start.dir
+        raise UserError(f"--pretrained-checkpoint {source} has {', '.join(differ)}, unlike this run's model; pass its "
+                        "model config (`tools/checkpoint/convert_hf.py config --hf DIR` for an HF model, the "
+                        "checkpoint's megaclm/config.json otherwise) or matching model flags")
 
 
 def hf_padded_vocab(cfg: Any, start: Start) -> int:

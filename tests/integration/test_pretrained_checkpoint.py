@@ -8,7 +8,8 @@ on Wikipedia summaries tokenized with its own tokenizer:
              writes its third checkpoint; relaunched with the same command: it resumes from the second,
              leaves the first two untouched, and every loss equals the reference's bit for bit
 Plus, without a launcher (they stop before any process starts): a fresh run into a --save that holds
-another run's checkpoints is refused in one line, and --overwrite-save lets it through.
+another run's checkpoints is refused in one line, and --overwrite-save lets it through; a model of other shapes
+than the --pretrained-checkpoint's is refused.
 """
 import hashlib
 import json
@@ -138,3 +139,6 @@ def test_a_fresh_run_into_another_runs_save_is_refused(reference, setup, tmp_pat
         "--save, or pass --overwrite-save to reuse the directory"], refused.stderr
     allowed = subprocess.run(argv + ["--overwrite-save", "--validate-only"], cwd=REPO, capture_output=True, text=True)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+    other = subprocess.run(argv + ["--overwrite-save", "--num-layers", "3"], cwd=REPO, capture_output=True, text=True)
+    assert other.returncode == 2 and f"error: --pretrained-checkpoint {setup / 'hf'} has num_layers=2, unlike this " \
+        "run's model" in other.stderr, other.stderr[-2000:]
