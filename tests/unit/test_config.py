@@ -50,11 +50,12 @@ def write_yaml(tmp_path, tree, name="run.yaml"):
 # ---- flags -------------------------------------------------------------------------------------------
 
 
-def _bool_fields():
+def _fields_of(tp):
+    """(section, field) of every flag-backed config field of type `tp` (optional or not)."""
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if arguments._strip_optional(hints[f.name])[0] is bool and f.metadata.get("cli", True):
+            if arguments._strip_optional(hints[f.name])[0] is tp and f.metadata.get("cli", True):
                 yield section, f
 
 
@@ -62,7 +63,7 @@ def test_every_boolean_flag_has_its_negation():
     """One generic check: each boolean flag and its `--no-` form (or Megatron's `--no-x` and its `--x`) set the
     field both ways, whatever the YAML said."""
     parser = arguments.build_parser(SECTIONS)
-    fields = list(_bool_fields())
+    fields = list(_fields_of(bool))
     assert {"checkpoint.finetune", "checkpoint.no_load_optim", "model.add_bias_linear",
             "logging.progress_bar"} <= {f"{s}.{f.name}" for s, f in fields}
     for section, f in fields:
@@ -224,17 +225,9 @@ def test_hang_watchdog_is_on_by_default_and_0_turns_it_off(base):
     assert parse(base + ["--hang-timeout-s", "0"])[0].training.hang_timeout_s == 0.0
 
 
-def _float_fields():
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if arguments._strip_optional(hints[f.name])[0] is float and f.metadata.get("cli", True):
-                yield section, f
-
-
 def test_every_float_field_refuses_inf_and_nan(base, tmp_path):
     """One generic check: no float of the config means anything as inf or nan (lr, betas, eps, std, timeouts)."""
-    fields = list(_float_fields())
+    fields = list(_fields_of(float))
     assert {"optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.clip_grad", "optimizer.adam_beta1",
             "optimizer.adam_eps", "model.init_method_std"} <= {f"{s}.{f.name}" for s, f in fields}
     for section, f in fields:
