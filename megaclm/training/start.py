@@ -128,9 +128,10 @@ def check_save(cfg: Any, start: Start) -> None:
         return
     begin, newest = start.iteration(), iteration_of(complete[0])
     if begin == 0 or newest > begin:
+        resume = f"--load {c.save}" + (" --no-finetune" if c.finetune else "")
         raise UserError(f"--save {c.save} already holds checkpoints of another run (newest {complete[0]}) and this "
                         f"run starts at iteration {begin}: its saves would overwrite them; resume that run with "
-                        f"--load {c.save}, pass another --save, or pass --overwrite-save to reuse the directory")
+                        f"{resume}, pass another --save, or pass --overwrite-save to reuse the directory")
 
 
 def import_pretrained(cfg: Any, start: Start, rank: int) -> UserError | None:
