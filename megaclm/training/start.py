@@ -39,16 +39,17 @@ IMPORT_DIR = ".pretrained-import"  # under --save: the on-the-fly import of an H
 
 class Start(NamedTuple):
     """The checkpoint `choice` in `dir` the run loads (Choice(None): none), all of it or `weights_only`;
-    `hf`: the HF directory that rank 0 imports into `dir` first."""
+    `hf`: the HF directory that rank 0 imports into `dir` first; `via`: the flag that named it."""
 
     dir: str | None
     choice: Choice
     weights_only: bool
     hf: str | None = None
+    via: str = "--load"
 
     def flag(self) -> str:
         """How the user named the source, for messages (e.g. "--pretrained-checkpoint hf/llama")."""
-        return f"--pretrained-checkpoint {self.hf}" if self.hf else f"--load {self.dir}"
+        return f"{self.via} {self.hf or self.dir}"
 
     def iteration(self) -> int:
         """The iteration the run continues from."""
@@ -71,7 +72,7 @@ def resolve_start(cfg: Any, choice: Choice, choose: Callable[[str, int | None], 
                      "is not used")
         return start
     if choose(pretrained, None).tag is not None:
-        start = Start(pretrained, choose(pretrained, None), True)
+        start = Start(pretrained, choose(pretrained, None), True, via="--pretrained-checkpoint")
     elif not os.path.isfile(os.path.join(pretrained, "config.json")):
         raise UserError(f"--pretrained-checkpoint {pretrained}: neither a megaclm checkpoint (no `latest`, no "
                         "iter_* checkpoint) nor an HF model directory (no config.json); pass one of those")
@@ -82,7 +83,8 @@ def resolve_start(cfg: Any, choice: Choice, choose: Callable[[str, int | None], 
         raise UserError(f"--pretrained-checkpoint {pretrained}: a LoRA run needs its base as a megaclm checkpoint "
                         "that stays in place; import it once with tools/checkpoint/convert_hf.py import and pass that")
     else:
-        start = Start(os.path.join(c.save, IMPORT_DIR, "checkpoint"), Choice(tag_for(0)), True, hf=pretrained)
+        start = Start(os.path.join(c.save, IMPORT_DIR, "checkpoint"), Choice(tag_for(0)), True, hf=pretrained,
+                      via="--pretrained-checkpoint")
     check_save(cfg, start)
     _check_shapes(cfg, start)
     if os.environ.get("RANK", "0") == "0":
@@ -100,8 +102,7 @@ def _check_shapes(cfg: Any, start: Start) -> None:
     mine = section_to_dict(cfg.model)
     differ = [f"{k}={theirs[k]!r}" for k in shape_fields(theirs) if k in theirs and theirs[k] != mine[k]]
     if differ:
-        source = start.hf or start.dir
-        raise UserError(f"--pretrained-checkpoint {source} has {', '.join(differ)}, unlike this run's model; pass its "
+        raise UserError(f"{start.flag()} has {', '.join(differ)}, unlike this run's model; pass its "
                         "model config (`tools/checkpoint/convert_hf.py config --hf DIR` for an HF model, the "
                         "checkpoint's megaclm/config.json otherwise) or matching model flags")
 
