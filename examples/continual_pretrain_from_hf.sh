@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Continual pretraining of a Hugging Face model with megaclm: import -> pretrain_gpt.py --finetune -> export,
-# with the perplexity before and after (tools/eval_perplexity.py, same rule for both).
+# Continual pretraining of a Hugging Face model with megaclm: pretrain_gpt.py --pretrained-checkpoint HF_MODEL
+# -> export, with the perplexity before and after (tools/eval_perplexity.py, same rule for both).
+# Step 3 is one command for the first launch and every restart: `--save RUN --load RUN --pretrained-checkpoint
+# HF_MODEL` imports the HF weights at start-up while RUN holds no checkpoint, and resumes from RUN once it does
+# (run the script again with RESUME=1 after a crash: step 3 then resumes $WORK/run instead of starting it over).
 #
 #   HF_MODEL=/models/Llama-3.2-1B DATA_JSONL=corpus.jsonl NUM_GPUS=8 TP=2 PP=1 TRAIN_ITERS=2000 \
 #       bash examples/continual_pretrain_from_hf.sh [more pretrain_gpt.py flags]
@@ -9,7 +12,8 @@
 # GPT-2, Llama (incl. Llama 3.x), Mistral or Qwen2. Without HF_MODEL the script runs offline on the CPU
 # with a tiny random Llama and the shipped Wikipedia summaries (a smoke run of the whole workflow).
 # LAUNCHER="python tools/check_layout.py --world-size 8" proves step 3's layout instead (README) and stops there.
-# Results: $WORK/import (megaclm checkpoint), $WORK/run (training), $WORK/hf (the trained model for transformers).
+# Results: $WORK/model_config.yaml (the model's shape and tokenizer), $WORK/run (training), $WORK/hf (the trained
+# model for transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -39,16 +43,16 @@ echo "== 1. tokenize the corpus with the model's own tokenizer"
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_MODEL" \
     --append-eod --workers 2 --output-prefix "$WORK/data"
 
-echo "== 2. import: HF weights -> megaclm checkpoint for TP=$TP x PP=$PP (vocabulary padded)"
-rm -rf "$WORK/import"
-"$PY" tools/checkpoint/convert_hf.py import --hf "$HF_MODEL" --out "$WORK/import" \
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+echo "== 2. the model's shape and tokenizer as a megaclm --config (config.json; no weights read)"
+rm -f "$WORK/model_config.yaml"
+"$PY" tools/checkpoint/convert_hf.py config --hf "$HF_MODEL" --out "$WORK/model_config.yaml"
 
-echo "== 3. continue pretraining: weights only (--finetune), fresh optimizer and schedule"
-rm -rf "$WORK/run"
+echo "== 3. continue pretraining from the HF weights (imported for TP=$TP x PP=$PP at start-up; fresh optimizer and"
+echo "      schedule), or resume $WORK/run where a previous launch saved"
+[ -n "${RESUME:-}" ] || rm -rf "$WORK/run"
 $LAUNCHER pretrain_gpt.py \
-    --config "$WORK/import/model_config.yaml" \
-    --load "$WORK/import" --finetune --save "$WORK/run" \
+    --config "$WORK/model_config.yaml" --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+    --save "$WORK/run" --load "$WORK/run" --pretrained-checkpoint "$HF_MODEL" \
     --data-path "$WORK/data_text_document" --split 98,2,0 \
     --seq-length "$SEQ" --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS" \
     --lr "$LR" --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 2 \

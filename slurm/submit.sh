@@ -8,7 +8,7 @@
 #   CPU_ONLY=1     test mode: no GPUs asked for; the ranks train on CPU (gloo). Tries the script, the cluster
 #                  and a config before a GPU run.
 #   CPUS_PER_TASK  cores per rank (default 12; 1 with CPU_ONLY=1); the ranks' OMP_NUM_THREADS
-# The sbatch script's own variables (MODE, CONFIG, SAVE, PYTHON, MASTER_ADDR, MASTER_PORT) pass through to the
+# The sbatch script's own variables (MODE, CONFIG, SAVE, PRETRAINED, PYTHON, MASTER_ADDR, MASTER_PORT) pass through to the
 # job; other sbatch options through sbatch's variables: SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT,
 # SBATCH_OUTPUT, ... Prints sbatch's "Submitted batch job <id>".
 set -euo pipefail

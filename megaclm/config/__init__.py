@@ -164,9 +164,15 @@ def parse_args(argv: list[str] | None = None, *, sections: Iterable[str] | None 
 # Model fields that fix the checkpoint's parameter shapes: a flag may not change them (the weights would not
 # load). Every other model flag overrides the stored value, as in Megatron-LM (`--max-position-embeddings`
 # of a RoPE model, dropout, recomputation, RoPE scaling).
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "kv_channels", "swiglu", "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights",
                  "normalization", "position_embedding_type")
+
+
+def shape_fields(model: dict[str, Any]) -> tuple[str, ...]:
+    """The fields of a model section (a dict) that fix its parameter shapes."""
+    learned = model.get("position_embedding_type") == "learned_absolute"
+    return SHAPE_FIELDS + (("max_position_embeddings",) if learned else ())
 
 
 def _checkpoint_model_layer(load: str | None, ckpt_step: int | None, flags: dict[str, Any],
@@ -181,8 +187,7 @@ def _checkpoint_model_layer(load: str | None, ckpt_step: int | None, flags: dict
                         "pass the directory a run saved into (or an HF import), or give the model flags instead")
     stored = arguments.yaml_values({"model": tree.get("model", {})}, {"model": ModelConfig},
                                    source=f"the config stored in {load}")["model"]
-    shape = _SHAPE_FIELDS + (("max_position_embeddings",) if stored.get("position_embedding_type")
-                             == "learned_absolute" else ())
+    shape = shape_fields(stored)
     given = {k: v for k, v in flags.items() if k in stored and stored[k] != v}
     differ = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {stored[k]!r})" for k, v in given.items() if k in shape]
     if differ:

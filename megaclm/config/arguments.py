@@ -3,8 +3,9 @@
 Every field of a section dataclass becomes one flag:
     name            `--` + field name with `_` -> `-`  (`num_attention_heads` -> `--num-attention-heads`),
                     or `metadata["flag"]` (a string, or a list whose first entry is the main name)
-    bool, False     store_true;  `metadata["invert"]` makes the flag store False (`--disable-bias-linear`
-                    for `add_bias_linear=True`); a bool defaulting to True also gets `--no-<name>`
+    bool            a switch: the flag stores True (`metadata["invert"]`: False, `--disable-bias-linear` for
+                    `add_bias_linear=True`), its negation the opposite; every flag has one: `--no-<name>`, and
+                    `--<name>` for a flag spelled `--no-<name>` (`--no-load-optim` / `--load-optim`)
     int/float/str   typed value; `metadata["choices"]`, `metadata["nargs"]` ("*", "+") as in argparse
     list/dict       element-typed list (`nargs`), or a YAML/JSON literal for nested structures
     help            `metadata["help"]` (required: the field docstring)
@@ -189,6 +190,25 @@ def _scalar_converter(tp: Any, path: str):
 # Parser
 
 
+def negation(flag: str) -> str:
+    """The flag that undoes a boolean flag: `--finetune` -> `--no-finetune`, `--no-load-optim` -> `--load-optim`."""
+    return "--" + flag[len("--no-"):] if flag.startswith("--no-") else "--no-" + flag[2:]
+
+
+class _Switch(argparse.Action):
+    """A boolean field's flags and their negations (`negation`): each stores `values[option]`."""
+
+    def __init__(self, option_strings, dest, values: dict[str, bool], **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+        self.values = values
+
+    def __call__(self, parser, namespace, _values, option_string=None):
+        setattr(namespace, self.dest, self.values[option_string])
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def flag_names(f: dataclasses.Field) -> list[str]:
     flag = f.metadata.get("flag")
     names = [flag] if isinstance(flag, str) else list(flag or ["--" + f.name.replace("_", "-")])
@@ -231,12 +251,11 @@ def _add_field(group, section: str, f: dataclasses.Field, hints: dict, reg: _Reg
     kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
                               help=(f.metadata["help"] + shown).replace("%", "%%"))
     if tp is bool:
-        if f.metadata.get("invert"):
-            group.add_argument(*names, action="store_false", **kw)
-        elif default is False:
-            group.add_argument(*names, action="store_true", **kw)
-        else:
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        on = not f.metadata.get("invert", False)
+        values = {**{n: on for n in names}, **{negation(n): not on for n in names}}
+        for n in values:
+            reg.owner.setdefault(n, path)
+        group.add_argument(*values, action=_Switch, values=values, **kw)
         return
     origin = typing.get_origin(tp)
     if origin in (list, tuple) and "nargs" in f.metadata:

@@ -13,6 +13,14 @@ class CheckpointConfig:
     save: str | None = field(default=None, metadata={"help": "Directory to save checkpoints (and metrics.jsonl) in."})
     load: str | None = field(default=None, metadata={
         "help": "Checkpoint directory to resume from (its `latest`, or --ckpt-step); nothing there = fresh start."})
+    pretrained_checkpoint: str | None = field(default=None, metadata={
+        "help": "Initialise the weights from this megaclm checkpoint or HF model directory (config.json + "
+                "*.safetensors, imported for the run's layout) and start at iteration 0 (as --finetune), unless "
+                "--load holds a checkpoint: then the run resumes from that and ignores this. `--save X --load X "
+                "--pretrained-checkpoint HF_DIR` serves the first launch and every restart."})
+    overwrite_save: bool = field(default=False, metadata={
+        "help": "Let a run that starts afresh (not resuming from --save) write into a --save directory that holds "
+                "another run's checkpoints (they are overwritten or mixed with this run's)."})
     save_interval: int | None = field(default=None, metadata={"help": "Save every this many iterations (and at the end)."})
     save_total_limit: int | None = field(default=None, metadata={
         "help": "Keep only the newest N checkpoints (plus the best one with --save-best)."})

@@ -44,6 +44,7 @@ from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agreed
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
+from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
 from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
 from megaclm.utils.launch_env import rank_env_from_slurm
@@ -54,14 +55,17 @@ DESCRIPTION = ("Pretrain a GPT-family model with DeepSpeed (ZeRO 0-3, tensor/seq
                "Launch with `deepspeed --num_gpus N pretrain_gpt.py ...`, torchrun, or srun.")
 
 
-def _model_vocab(cfg: Any, tag: str | None, tokenizer_vocab: int, padded: int) -> tuple[int, str]:
-    """The embedding size to build: checkpoint `tag`'s when resuming/fine-tuning, else the padded tokenizer's."""
-    c = cfg.checkpoint
-    if tag is not None:
-        vocab = read_meta(c.load, tag)["padded_vocab_size"]
-        check_vocab(tokenizer_vocab, vocab, f"--load {c.load}/{tag}")
-        return vocab, f"--load {c.load}/{tag}"
-    return padded, "the tokenizer, padded"
+def _model_vocab(cfg: Any, start: Start, tag: str | None, tokenizer_vocab: int, padded: int) -> tuple[int, str]:
+    """The embedding size to build: the loaded checkpoint `tag`'s (an HF --pretrained-checkpoint's, padded for the
+    run), else the padded tokenizer's."""
+    if start.hf is not None:
+        vocab, source = hf_padded_vocab(cfg, start), start.flag()
+    elif tag is not None:
+        vocab, source = read_meta(start.dir, tag)["padded_vocab_size"], f"{start.flag()}/{tag}"
+    else:
+        return padded, "the tokenizer, padded"
+    check_vocab(tokenizer_vocab, vocab, source)
+    return vocab, source
 
 
 def _tokenizer_text(t: Any) -> str:
@@ -71,15 +75,18 @@ def _tokenizer_text(t: Any) -> str:
     return " ".join([f"--tokenizer-type {t.tokenizer_type}", *files])
 
 
-def _checks_on(cfg: Any, derived: Any, tag: str | None, tokenizer: Any, fingerprint: dict) -> tuple[int, str, Any]:
-    """Everything checked against the checkpoint `tag` a run loads (None: none): (model vocabulary, where it comes
-    from, resolve_lora_base's answer or None without LoRA). Run once in `main` and again if the tag changes."""
-    c = cfg.checkpoint
-    model_vocab, vocab_source = _model_vocab(cfg, tag, tokenizer.vocab_size, derived.padded_vocab_size)
+def _checks_on(cfg: Any, derived: Any, start: Start, tag: str | None, tokenizer: Any,
+               fingerprint: dict) -> tuple[int, str, Any]:
+    """Everything checked against the checkpoint `tag` of `start.dir` a run loads (None: none): (model vocabulary,
+    where it comes from, resolve_lora_base's answer or None without LoRA). Run once in `main` and again if the tag
+    changes."""
+    model_vocab, vocab_source = _model_vocab(cfg, start, tag, tokenizer.vocab_size, derived.padded_vocab_size)
     check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
-    lora = resolve_lora_base(c.load, tag, c.finetune, cfg.to_dict()["lora"]) if cfg.lora.enabled else None
-    _check_data(cfg, None if c.finetune else tag, fingerprint)
-    _check_batch_change(cfg, derived, None if c.finetune else tag)
+    lora = (resolve_lora_base(start.dir, tag, start.weights_only, cfg.to_dict()["lora"]) if cfg.lora.enabled
+            else None)
+    resumed = None if start.weights_only else tag
+    _check_data(cfg, resumed, fingerprint)
+    _check_batch_change(cfg, derived, resumed)
     return model_vocab, vocab_source, lora
 
 
@@ -212,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     if choice.tag is None and c.exit_on_missing_checkpoint:
         raise UserError(f"--load {c.load}: no checkpoint there and --exit-on-missing-checkpoint is set; pass the "
                         "directory a run saved into, or drop the flag to start from scratch")
+    start = resolve_start(cfg, choice, choose)
     world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
     derived = derive(cfg, world, model_vocab_size(cfg.tokenizer, tokenizer))
     fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
-    model_vocab, vocab_source, lora = _checks_on(cfg, derived, choice.tag, tokenizer, fingerprint)
+    model_vocab, vocab_source, lora = _checks_on(cfg, derived, start, start.choice.tag, tokenizer, fingerprint)
     check_token_ids(cfg.data, tokenizer.vocab_size, model_vocab, _tokenizer_text(cfg.tokenizer), vocab_source)
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return 0
     try:
-        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, choice)
+        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, start)
     finally:
         # The run is over (finished, stopped or failed): a stop request has nothing left to stop. Once the
         # first rank has exited, srun --kill-on-bad-exit sends SIGTERM to the others, which must not turn
@@ -247,9 +255,9 @@ def set_thread_count() -> None:
 
 
 def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-         lora: tuple[dict, bool] | None, fingerprint: dict, choice: Choice) -> int:
-    """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA; `choice`: the
-    checkpoint to load (its checksums are verified here, by all ranks)."""
+         lora: tuple[dict, bool] | None, fingerprint: dict, start: Start) -> int:
+    """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA; `start`: what the
+    run loads (an HF --pretrained-checkpoint is imported here; the checksums are verified here, by all ranks)."""
     if cfg.training.fp16 and not torch.cuda.is_available():
         raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     check_fp8(cfg.training.fp8_format)
@@ -263,6 +271,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         except UserError as e:
             refusal = e
     try:
+        if refusal is None:
+            refusal = import_pretrained(cfg, start, pstate.rank)
         if _any_rank(refusal is not None):
             if refusal is not None:
                 raise refusal
@@ -270,17 +280,18 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
         if _stopped_at_start_up(pstate):
             return exitcodes.STOPPED
         c = cfg.checkpoint
-        if c.load is not None:
-            verified = verify_checksums(c.load, choice, c.ckpt_step, c.verify_checkpoint_checksums)
-            if verified.tag != choice.tag:  # fell back: the older tag must fit what was built from the newer one
-                vocab, vocab_source, lora = _checks_on(cfg, derived, verified.tag, tokenizer, fingerprint)
+        if start.dir is not None:
+            step = c.ckpt_step if start.dir == c.load else None
+            verified = verify_checksums(start.dir, start.choice, step, c.verify_checkpoint_checksums)
+            if verified.tag != start.choice.tag:  # fell back: the older tag must fit what was built from the newer one
+                vocab, vocab_source, lora = _checks_on(cfg, derived, start, verified.tag, tokenizer, fingerprint)
                 if vocab != model_vocab:
-                    raise UserError(f"--load {c.load}: the fallback checkpoint {verified.tag} has a vocabulary of "
-                                    f"{vocab}, not {model_vocab} as {choice.tag}; pass --ckpt-step to choose the "
-                                    "checkpoint")
-            choice = verified
+                    raise UserError(f"{start.flag()}: the fallback checkpoint {verified.tag} has a vocabulary of "
+                                    f"{vocab}, not {model_vocab} as {start.choice.tag}; pass --ckpt-step to choose "
+                                    "the checkpoint")
+            start = start._replace(choice=verified)
         return _train(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, pstate,
-                      choice)
+                      start)
     finally:
         if lock is not None:
             lock.release()
@@ -309,7 +320,7 @@ def _stopped_at_start_up(pstate: Any) -> bool:
 
 
 def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any, choice: Choice) -> int:
+           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any, start: Start) -> int:
     c = cfg.checkpoint
     if pstate.rank == 0:
         log.info(f"{layout_line(cfg, derived)}; "
@@ -325,12 +336,13 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         load_weights(engine, lora_base["dir"], lora_base["tag"], select=lambda key: not is_lora_key(key))
         if pstate.rank == 0:
             log.info(f"LoRA: frozen base from {lora_base['dir']}/{lora_base['tag']}")
-    if c.load is not None and (lora_base is None or adapters):
-        state = load_checkpoint(engine, c.load, choice.tag, finetune=c.finetune,
+    if start.dir is not None and (lora_base is None or adapters):
+        state = load_checkpoint(engine, start.dir, start.choice.tag, finetune=start.weights_only,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
                                 layout=run_layout(pstate, cfg.training.zero_stage), adapters=adapters)
         if state is not None:
             progress = Progress(**state["progress"])
+        remove_import(cfg, start, pstate.rank)
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate, resumed=state)
     if state is not None:
         data.load_state_dict(state["data"])
@@ -355,7 +367,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
                       peak_tflops=peak, checkpoint_meta=meta)
     if state is not None and trainer.guard is not None and state.get("spike"):
         trainer.guard.load_state_dict(state["spike"])
-    if state is not None and c.save is not None and os.path.realpath(c.save) == os.path.realpath(c.load):
+    if state is not None and c.save is not None and os.path.realpath(c.save) == os.path.realpath(start.dir):
         # Resumed from --save itself: this iteration's checkpoint is there, complete. Saving it again (a run
         # stopped during its final evaluation, requeued) would first unmark the very checkpoint `latest` names.
         trainer.last_saved = progress.iteration

@@ -50,6 +50,45 @@ def write_yaml(tmp_path, tree, name="run.yaml"):
 # ---- flags -------------------------------------------------------------------------------------------
 
 
+def _fields_of(tp):
+    """(section, field) of every flag-backed config field of type `tp` (optional or not)."""
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if arguments._strip_optional(hints[f.name])[0] is tp and f.metadata.get("cli", True):
+                yield section, f
+
+
+def test_every_boolean_flag_has_its_negation():
+    """One generic check: each boolean flag and its `--no-` form (or Megatron's `--no-x` and its `--x`) set the
+    field both ways, whatever the YAML said."""
+    parser = arguments.build_parser(SECTIONS)
+    fields = list(_fields_of(bool))
+    assert {"checkpoint.finetune", "checkpoint.no_load_optim", "model.add_bias_linear",
+            "logging.progress_bar"} <= {f"{s}.{f.name}" for s, f in fields}
+    for section, f in fields:
+        on = not f.metadata.get("invert", False)
+        for flag in arguments.flag_names(f):
+            for option, value in ((flag, on), (arguments.negation(flag), not on)):
+                values = arguments.flag_values(parser.parse_args([option]), SECTIONS, parser.shared_dests)
+                assert values[section][f.name] is value, option
+    assert arguments.negation("--finetune") == "--no-finetune"
+    assert arguments.negation("--no-load-optim") == "--load-optim"
+    assert arguments.negation("--disable-bias-linear") == "--no-disable-bias-linear"
+
+
+def test_a_negated_flag_overrides_the_yaml(base, tmp_path):
+    yaml_path = write_yaml(tmp_path, {"checkpoint": {"load": str(tmp_path), "finetune": True, "no_load_optim": True}})
+    cfg, _ = parse(base + ["--config", yaml_path, "--no-finetune", "--load-optim"])
+    assert (cfg.checkpoint.finetune, cfg.checkpoint.no_load_optim) == (False, False)
+    cfg, _ = parse(base + ["--disable-bias-linear", "--no-verify-checkpoint-checksums", "--no-progress-bar"])
+    assert (cfg.model.add_bias_linear, cfg.checkpoint.verify_checkpoint_checksums, cfg.logging.progress_bar) == (
+        False, False, False)
+    cfg, _ = parse(base + ["--no-disable-bias-linear"])
+    assert cfg.model.add_bias_linear is True
+
+
+
 def test_megatron_flags_fill_every_section(base):
     cfg, d = parse(base + ["--bf16", "--zero-stage", "2", "--lr", "6e-4", "--lr-decay-style", "WSD",
                            "--disable-bias-linear", "--swiglu", "--normalization", "RMSNorm",
@@ -187,17 +226,9 @@ def test_hang_watchdog_is_on_by_default_and_0_turns_it_off(base):
     assert parse(base + ["--hang-timeout-s", "0"])[0].training.hang_timeout_s == 0.0
 
 
-def _float_fields():
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if arguments._strip_optional(hints[f.name])[0] is float and f.metadata.get("cli", True):
-                yield section, f
-
-
 def test_every_float_field_refuses_inf_and_nan(base, tmp_path):
     """One generic check: no float of the config means anything as inf or nan (lr, betas, eps, std, timeouts)."""
-    fields = list(_float_fields())
+    fields = list(_fields_of(float))
     assert {"optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.clip_grad", "optimizer.adam_beta1",
             "optimizer.adam_eps", "model.init_method_std"} <= {f"{s}.{f.name}" for s, f in fields}
     for section, f in fields:

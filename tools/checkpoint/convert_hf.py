@@ -1,10 +1,13 @@
 """Hugging Face <-> megaclm checkpoints.
 
-    # HF directory -> megaclm checkpoint for a TP x PP layout, ready for continual pretraining
+    # continual pretraining straight from the HF directory (imported at start-up; a relaunch resumes)
+    python tools/checkpoint/convert_hf.py config --hf ./Llama-3.2-1B --out llama1b.yaml
+    deepspeed --num_gpus 2 pretrain_gpt.py --config llama1b.yaml --pretrained-checkpoint ./Llama-3.2-1B \\
+        --save ckpt/llama1b-cpt --load ckpt/llama1b-cpt --data-path ... --train-iters ...
+
+    # HF directory -> megaclm checkpoint for a TP x PP layout (then --pretrained-checkpoint ckpt/llama1b)
     python tools/checkpoint/convert_hf.py import --hf ./Llama-3.2-1B --out ckpt/llama1b \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1
-    deepspeed --num_gpus 2 pretrain_gpt.py --config ckpt/llama1b/model_config.yaml \\
-        --load ckpt/llama1b --finetune --save ckpt/llama1b-cpt --data-path ... --train-iters ...
 
     # any megaclm checkpoint (any TP/PP layout) -> HF directory for transformers
     python tools/checkpoint/convert_hf.py export --load ckpt/llama1b-cpt --out ./llama1b-cpt-hf
@@ -15,78 +18,32 @@
     python tools/checkpoint/convert_hf.py export --load ckpt/lora-run --out ./adapter --lora-adapter
     # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./base-hf"), "./adapter")
 
-import writes OUT/model_config.yaml (model, tokenizer and parallel sections: pass it as --config) and
+config writes the model and tokenizer sections of an HF directory as a --config YAML; import also writes
+them, as OUT/model_config.yaml (model, tokenizer and parallel sections: pass it as --config) and
 the HF tokenizer files under OUT/tokenizer. The vocabulary is padded Megatron's way (zero rows up to a
 multiple of --make-vocab-size-divisible-by x TP) and the padding is dropped again on export.
 Families: gpt2, llama (incl. Llama-3 RoPE scaling), mistral, qwen2.
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megaclm.checkpoint.hf import FAMILIES, config_from_hf, from_hf, hf_family, infer_family, pad_vocab, to_hf, vocab_rows  # noqa: E402
+from megaclm.checkpoint.hf import FAMILIES, infer_family, to_hf, vocab_rows  # noqa: E402
 from megaclm.checkpoint.hf import files  # noqa: E402
-from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
+from megaclm.checkpoint.hf.importer import import_hf, model_config_yaml  # noqa: E402
+from megaclm.checkpoint.offline import check_fresh_output  # noqa: E402
 from megaclm.checkpoint.hf.peft import to_peft  # noqa: E402
 from megaclm.checkpoint.layout import read_meta  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint  # noqa: E402
 from megaclm.model.lora import merge_lora_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
-from megaclm.config.arguments import dump_yaml  # noqa: E402
-from megaclm.config.model import check_parallel_shapes  # noqa: E402
-from megaclm.config.parallel import ParallelConfig  # noqa: E402
-from megaclm.config.tokenizer import TokenizerConfig  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
-from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 log = get_logger("megaclm.convert_hf")
-
-
-def import_hf(hf_dir: str, out: str, tp: int = 1, pp: int = 1, divisible_by: int = 128) -> str:
-    """HF directory -> megaclm checkpoint at `out`; returns the tag. Checks cheap things before reading weights."""
-    hf_config = files.read_config(hf_dir)
-    family = hf_family(hf_config)
-    check_fresh_output(out)
-    model_cfg = dataclasses.replace(config_from_hf(hf_config), make_vocab_size_divisible_by=divisible_by)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    check_parallel_shapes(model_cfg, parallel)
-    tok_section = files.tokenizer_section(hf_dir)
-    tokenizer = files.build_from_section(tok_section) if tok_section else None
-    _, sd = from_hf(files.read_weights(hf_dir), hf_config)
-    hf_vocab = vocab_rows(sd)
-    tok_vocab = tokenizer.vocab_size if tokenizer else hf_vocab
-    if tok_vocab > hf_vocab:
-        raise UserError(f"the tokenizer in {hf_dir} has {tok_vocab} tokens but the model's embedding only {hf_vocab}; "
-                        "the directory's tokenizer does not belong to its weights")
-    padded = pad_vocab_size(hf_vocab, divisible_by, tp)
-    extra, tokenizer_cfg = {}, TokenizerConfig(make_vocab_size_divisible_by=divisible_by)
-    if tok_section:  # the checkpoint keeps its own copy: the HF directory may be gone when it is exported
-        extra = {os.path.join("tokenizer", name): os.path.join(hf_dir, name) for name in files.TOKENIZER_FILES
-                 if os.path.isfile(os.path.join(hf_dir, name))}
-        section = files.tokenizer_section(hf_dir, root=os.path.join(os.path.abspath(out), "tokenizer"))
-        tokenizer_cfg = TokenizerConfig(**section, make_vocab_size_divisible_by=divisible_by)
-    else:
-        log.warning(f"{hf_dir} has no tokenizer files; pass the tokenizer flags to pretrain_gpt.py yourself")
-    cfg = MegaclmConfig(model=model_cfg, parallel=parallel, tokenizer=tokenizer_cfg)
-    tree = cfg.to_dict()
-    meta = {"tokenizer_vocab_size": tok_vocab, "hf_vocab_size": hf_vocab, "hf_model_type": family,
-            "consumed_samples": 0, "consumed_tokens": 0}
-    usable = {k: tree[k] for k in ("model", "tokenizer", "parallel")}
-    yaml_text = (f"# written by convert_hf.py import from {os.path.abspath(hf_dir)} ({family}); "
-                 "pass as pretrain_gpt.py --config\n" + dump_yaml(usable))
-    tag = write_checkpoint(out, tree, pad_vocab(sd, padded), tp=tp, pp=pp, meta=meta, extra_files=extra,
-                           extra_texts={"model_config.yaml": yaml_text})
-    n_params = sum(v.numel() for v in sd.values())
-    log.info(f"imported {family} ({n_params:,} parameters, vocab {hf_vocab} padded to {padded}) from {hf_dir} "
-             f"into {out} as tp {tp} x pp {pp}")
-    print(f"continue training with: pretrain_gpt.py --config {os.path.join(out, 'model_config.yaml')} "
-          f"--load {out} --finetune --save NEW_DIR --data-path ... --seq-length ... --train-iters ...")
-    return tag
 
 
 LORA_EXPORTS = ("merge", "adapter")
@@ -161,6 +118,10 @@ def main() -> None:
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    conf = sub.add_parser("config", help="HF directory -> the model and tokenizer sections as --config YAML")
+    conf.add_argument("--hf", required=True, help="Local HF model directory (config.json, tokenizer files).")
+    conf.add_argument("--out", required=True, help="YAML file to write (must not exist).")
+    conf.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     exp = sub.add_parser("export", help="megaclm checkpoint -> HF directory")
     exp.add_argument("--load", required=True, help="megaclm checkpoint directory (pretrain_gpt.py --save, or import).")
     exp.add_argument("--out", required=True, help="New HF model directory (must not exist or be empty).")
@@ -186,6 +147,15 @@ def main() -> None:
             raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
         import_hf(a.hf, a.out, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                   a.make_vocab_size_divisible_by)
+        print(f"continue training with: pretrain_gpt.py --config {os.path.join(a.out, 'model_config.yaml')} "
+              f"--pretrained-checkpoint {a.out} --save RUN --load RUN --data-path ... --train-iters ...")
+    elif a.command == "config":
+        check_fresh_output(a.out)
+        text = model_config_yaml(a.hf, divisible_by=a.make_vocab_size_divisible_by)
+        with open(a.out, "w") as f:
+            f.write(text)
+        print(f"continue training with: pretrain_gpt.py --config {a.out} --pretrained-checkpoint {a.hf} "
+              "--save RUN --load RUN --data-path ... --train-iters ...")
     else:
         cfg = export_hf(a.load, a.out, a.ckpt_step, a.family, a.tokenizer_dir, a.dtype, a.vocab_size,
                         a.max_shard_size_gb, lora=a.lora)
