@@ -253,14 +253,16 @@ class MLP(nn.Module):
 
 
 def recompute(function, *args):
-    """Run `function(*args)` under DeepSpeed's activation checkpoint (it replays the RNG tracker, so dropout
-    matches): the reentrant one when an input requires grad, else the non-reentrant one. Under LoRA the frozen
-    embedding feeds the first layers an input without grad, and the reentrant checkpoint would then give the
-    adapters inside no gradient at all (the loss would not even have a grad_fn)."""
-    needs_grad = any(torch.is_tensor(a) and a.requires_grad for a in args)
-    checkpoint = (deepspeed.checkpointing.checkpoint if needs_grad
-                  else deepspeed.checkpointing.non_reentrant_checkpoint)
-    return checkpoint(function, *args)
+    """Run `function(*args)` under DeepSpeed's (reentrant) activation checkpoint, which replays the RNG tracker
+    so dropout matches. Its backward runs only when its output requires grad, i.e. when an input does: under
+    LoRA the frozen embedding feeds the first layers an input without grad, and the adapters inside would get
+    no gradient at all. A scalar `anchor` that requires grad goes in with the inputs then. (DeepSpeed's
+    non-reentrant checkpoint needs no anchor, but under ZeRO-3 it recomputes with the partitioned, empty
+    parameters: found by the layout fuzzer.)"""
+    if any(torch.is_tensor(a) and a.requires_grad for a in args):
+        return deepspeed.checkpointing.checkpoint(function, *args)
+    anchor = torch.ones((), device=args[0].device, requires_grad=True)
+    return deepspeed.checkpointing.checkpoint(lambda _, *inputs: function(*inputs), anchor, *args)
 
 
 class TransformerLayer(nn.Module):
