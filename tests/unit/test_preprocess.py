@@ -358,7 +358,7 @@ def big_input(tmp_path_factory):
 @pytest.mark.parametrize("sig, twice", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)])
 def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig, twice):
     """SIGTERM, Ctrl-C, and Ctrl-C twice (which used to hang in the executor's exit-time join, workers left
-    behind): exit 130 within 2 s, every worker gone, no file left."""
+    behind): exit 130 promptly (15 s: a hang, not a slow machine), every worker gone, no file left."""
     out = tmp_path / "out"
     out.mkdir()
     cmd = [sys.executable, str(TOOL), "--input", str(big_input / "big.jsonl"), "--output-prefix", str(out / "o"),
@@ -379,9 +379,9 @@ def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig, twice):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
     try:
-        code = proc.wait(timeout=2)
+        code = proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        code = "still running 2 s after the signal"
+        code = "still running 15 s after the signal"
     time.sleep(0.5)
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     for pid in alive:  # a failed run must not leave processes behind
