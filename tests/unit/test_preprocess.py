@@ -365,7 +365,9 @@ def test_signal_mid_run_leaves_no_files(tmp_path, big_input, sig, twice):
            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(big_input / "vocab.json"),
            "--merge-file", MERGES, "--workers", "2", "--chunk-bytes", "65536", "--log-interval", "1"]
     # Own session: SIGINT goes to the whole process group, as Ctrl-C in a terminal does.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    # SIGINT at its default: a suite started in the background (`cmd &`) would pass on bash's SIG_IGN.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     for line in proc.stderr:  # the first progress line: workers are tokenizing now
         if " documents, " in line or time.time() > deadline:
