@@ -27,14 +27,17 @@ What it does, in order:
    family; prints a table and a verdict; exit 0 (pass) or 1 (fail).
 
 Tolerances (TOLERANCES, relative to the reference's value; weights: absolute, in units of lr x steps):
-    fp32: loss 2e-5, grad norm 2e-4, lr 1e-6, weights 0.05 lr x steps
+    fp32: loss 2e-5, grad norm 2e-4, lr 1e-6, weights 0.2 lr x steps
     bf16/fp16: loss 2e-2, grad norm 5e-2, lr 1e-6, weights 2.0 lr x steps
 fp32 differences come from float reduction order only (measured: 1e-7 relative for the loss and grad
 norm, 1e-7 for the weights at TP 2 x DP 2 + SP); 16-bit ones from rounding at different places (measured
 at TP 2 x PP 2 x DP 2 bf16: 1e-5 loss, 1e-3 grad norm, 0.8 lr x steps weights). Adam moves a weight by
 about lr x sign(gradient) per step, so gradients that differ by rounding can at most flip a few signs:
-2 lr x steps bounds that. The check therefore only catches gross weight errors; a wrong gradient scale
-shows in the grad norm, a wrong direction in the losses of the steps after the first.
+2 lr x steps bounds that. In fp32 too, an element whose gradient is about Adam's eps (1e-8: an embedding row
+of a token seen once) moves by a fraction of lr that rounding-level gradient differences change: measured
+0.062 lr x steps for 1 element of 65536 at TP 2 x PP 2 + SP (fuzz seed 3000, case 127), hence 0.2. The check
+therefore only catches gross weight errors (a family not updated is 1 lr x steps off); a wrong gradient
+scale shows in the grad norm, a wrong direction in the losses of the steps after the first.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ from megaclm.utils.errors import UserError
 HEAD_DIM = 16
 SEQ = 64
 VOCAB = 1000
-TOLERANCES = {"fp32": {"loss": 2e-5, "grad_norm": 2e-4, "lr": 1e-6, "weights": 0.05},
+TOLERANCES = {"fp32": {"loss": 2e-5, "grad_norm": 2e-4, "lr": 1e-6, "weights": 0.2},
               "16-bit": {"loss": 2e-2, "grad_norm": 5e-2, "lr": 1e-6, "weights": 2.0}}
 # Replaced for both runs: no files needed, nothing written outside the work directory.
 DATA = {"mock_data": True, "data_path": [], "data_path_file": None, "train_data_path": [], "valid_data_path": [],
