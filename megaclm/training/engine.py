@@ -221,12 +221,17 @@ def forget_initial_step(opt: FP16_Optimizer | FP16_UnfusedOptimizer) -> None:
     for group in opt.optimizer.param_groups:
         group.pop("step", None)  # DeepSpeed's FusedAdam also counts per group
     if isinstance(opt, FP16_UnfusedOptimizer):
-        for fp32_group, group in zip(opt.fp32_groups, opt.fp16_groups):
-            for master, param in zip(fp32_group, group):
-                master.copy_(param.float())
+        for master, param in _unfused_masters(opt):
+            master.copy_(param.float())
     else:
         for master, flat in zip(opt.fp32_groups_flat, opt.fp16_groups_flat):
             master.copy_(flat.float())
+
+
+def _unfused_masters(opt: FP16_UnfusedOptimizer):
+    """(fp32 master, 16-bit parameter) pairs of DeepSpeed's unfused optimizer."""
+    for fp32_group, group in zip(opt.fp32_groups, opt.fp16_groups):
+        yield from zip(fp32_group, group)
 
 
 def correct_unfused_grad_norm(opt: FP16_UnfusedOptimizer, pstate: ParallelState) -> None:
@@ -242,20 +247,17 @@ def correct_unfused_grad_norm(opt: FP16_UnfusedOptimizer, pstate: ParallelState)
             return opt._skip_invalid_grad_norm()
         params = [p for group in opt.fp16_groups for p in group if p.grad is not None]
         scaled_norm = model_grad_norm(params, pstate).item()  # the step's one host sync
-        for fp32_group, group in zip(opt.fp32_groups, opt.fp16_groups):
-            for fp32_param, param in zip(fp32_group, group):
-                fp32_param.grad = (torch.zeros_like(fp32_param) if param.grad is None
-                                   else param.grad.to(fp32_param.dtype))
         if is_invalid_grad_norm(scaled_norm):
             return opt._skip_invalid_grad_norm()
+        for master, param in _unfused_masters(opt):
+            master.grad = torch.zeros_like(master) if param.grad is None else param.grad.to(master.dtype)
         opt._global_grad_norm = scaled_norm / opt.loss_scale_config.cur_scale
         opt._update_scale(False)
         opt.unscale_and_clip_grads(scaled_norm)
         opt.optimizer.step()
-        for fp32_group, group in zip(opt.fp32_groups, opt.fp16_groups):
-            for fp32_param, param in zip(fp32_group, group):
-                fp32_param.grad = None
-                param.data.copy_(fp32_param.data)
+        for master, param in _unfused_masters(opt):
+            master.grad = None
+            param.data.copy_(master.data)
         return opt.overflow
 
     assert not opt.fused_lamb_legacy, "megaclm's optimizer is AdamW"
