@@ -42,6 +42,7 @@ scale shows in the grad norm, a wrong direction in the losses of the steps after
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -262,17 +263,13 @@ def _rank_main(env: dict, config: str, log_path: str) -> None:
     cli_main(lambda: main(["--config", config]))
 
 
-_FORKSERVER: list = []
-
-
+@functools.cache
 def _forkserver() -> Any:
     """The forkserver context, its server preloading pretrain (started once per checker process)."""
-    if not _FORKSERVER:
-        os.environ["OMP_NUM_THREADS"] = "1"  # read by torch's import in the server: one thread per rank
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["megaclm.training.pretrain"])
-        _FORKSERVER.append(ctx)
-    return _FORKSERVER[0]
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch's import in the server: one thread per rank
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["megaclm.training.pretrain"])
+    return ctx
 
 
 def run_world(tree: dict, world: int, workdir: str, name: str, init: str, timeout: float) -> str:
