@@ -11,6 +11,10 @@ from megaclm.utils import signals
 # Before torch and DeepSpeed load (seconds): from here on SIGTERM/SIGUSR1 stop the run at a safe point.
 signals.install()
 
+from megaclm.logging.quiet import deepspeed_accelerator_from_torch  # noqa: E402
+
+deepspeed_accelerator_from_torch()  # before DeepSpeed is imported: it would guess, and warn that it did
+
 from megaclm.training.pretrain import main  # noqa: E402
 from megaclm.utils.errors import cli_main  # noqa: E402
 

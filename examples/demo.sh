@@ -38,12 +38,20 @@ echo "== 3. train a tiny GPT (4 layers, hidden 128, GPT-2 vocabulary) with DeepS
 # JIT-builds its CPU communication op once (~50 s) into TORCH_EXTENSIONS_DIR.
 export OMP_NUM_THREADS=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+# Quiet by default (VERBOSE=1 shows every line): no GPU -> DS_ACCELERATOR=cpu, so no DeepSpeed process warns
+# that it had to guess; the launcher at --log_level error (its INFO lines, and "Unable to find hostfile",
+# which one node does not need; a rank that fails is still reported).
+if "$BIN/python" -c 'import sys, torch; sys.exit(int(torch.cuda.is_available()))'; then  # exit 0: no GPU
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+LAUNCHER_LOG=error VERBOSE_FLAG=
+if [ "${VERBOSE:-0}" = 1 ]; then LAUNCHER_LOG=info VERBOSE_FLAG=--verbose; fi
 rm -rf "$OUT/ckpt"
 START=$(date +%s)
 PORT=${MASTER_PORT:-29517}
-# the launcher's ranks leave 66 MiB each in /dev/shm: remove them however training ends
+# Each rank removes its 66 MiB /dev/shm buffer when it exits; this catches ranks killed outright (SIGKILL).
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$PORT"_*' EXIT
-"$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" pretrain_gpt.py \
+"$BIN/deepspeed" --log_level "$LAUNCHER_LOG" --num_gpus 2 --master_port "$PORT" pretrain_gpt.py $VERBOSE_FLAG \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
     --seq-length 128 --max-position-embeddings 128 \
     --hidden-dropout 0.0 --attention-dropout 0.0 \

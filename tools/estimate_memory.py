@@ -16,6 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megaclm.logging.quiet import entry_point  # noqa: E402
+
+entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
+
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402

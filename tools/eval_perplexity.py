@@ -34,6 +34,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from megaclm.logging.quiet import entry_point  # noqa: E402
+
+entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 

@@ -22,6 +22,10 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megaclm.logging.quiet import entry_point  # noqa: E402
+
+entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
+
 from megaclm.checkpoint.layout import CONFIG, read_latest, read_meta, tag_for  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.data.sampler import PretrainingSampler  # noqa: E402

@@ -21,6 +21,9 @@ class LoggingConfig:
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak TFLOP/s per device for MFU; default by detected GPU (989 for H100 bf16)."})
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm bar when stderr is a terminal."})
+    verbose: bool = field(default=False, metadata={
+        "help": "Show the library lines hidden by default (megaclm.logging.quiet: torch/torchao warnings known "
+                "to be harmless, DeepSpeed's INFO log) and the INFO lines of every rank, not only rank 0's."})
 
     def __post_init__(self):
         if self.log_interval < 1:

@@ -32,7 +32,7 @@ from megaclm.config.validate import check_vocab
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.data.token_range import check_token_ids
-from megaclm.logging import get_logger
+from megaclm.logging import get_logger, quiet
 from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,
                                  lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION,
                               stored_config=lambda load, step: read_config(load, choose(load, step).tag))
+    _quiet(cfg.logging.verbose)
     c = cfg.checkpoint
     choice = choose(c.load, c.ckpt_step) if c.load is not None else Choice(None)
     if choice.tag is None and c.exit_on_missing_checkpoint:
@@ -243,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _quiet(verbose: bool) -> None:
+    """Library lines that alarm without cause hidden, megaclm's INFO from rank 0 (megaclm.logging.quiet)."""
+    if verbose:
+        quiet.show_all()
+    else:
+        quiet.hide_known_noise()
+        quiet.info_from_rank_zero(int(os.environ.get("RANK", "0")))
 
 
 def set_thread_count() -> None:

@@ -31,6 +31,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megaclm.logging.quiet import entry_point  # noqa: E402
+
+entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
+
 from megaclm.checkpoint.hf import FAMILIES, infer_family, to_hf, vocab_rows  # noqa: E402
 from megaclm.checkpoint.hf import files  # noqa: E402
 from megaclm.checkpoint.hf.importer import import_hf, model_config_yaml  # noqa: E402

@@ -25,6 +25,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megaclm.logging.quiet import entry_point  # noqa: E402
+
+entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
+
 import torch  # noqa: E402
 
 from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_for  # noqa: E402
