@@ -300,7 +300,8 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None, *, finetune: bo
     and step, progress, data position; no RNG states).
     `adapters`: --load is a LoRA checkpoint (resolve_lora_base) and the base weights are loaded already."""
     if tag is None:
-        log.warning(f"--load {load_dir}: no checkpoint there; starting from scratch")
+        # The first launch of `--save X --load X` (the restart idiom): nothing is wrong, so no warning.
+        log.info(f"--load {load_dir}: no checkpoint there; starting from scratch")
         return None
     if not is_complete(load_dir, tag):
         raise UserError(f"--load {load_dir}: checkpoint {tag} is incomplete (no {META}); it was interrupted "

@@ -38,14 +38,8 @@ class _DropKnown(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-class _WarningsOnly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
 # One instance each: logging's addFilter ignores a filter already added, so every call is idempotent.
 _DROPS = tuple((logging.getLogger(name), _DropKnown(pattern)) for name, pattern in _RECORDS)
-_RANK_NONZERO = (logging.getLogger("megaclm"), _WarningsOnly())
 
 
 def deepspeed_accelerator_from_torch(env: MutableMapping[str, str] = os.environ) -> None:
@@ -68,16 +62,17 @@ def hide_known_noise() -> None:
 
 def info_from_rank_zero(rank: int) -> None:
     """megaclm's INFO lines from rank 0 only (every rank logs the same start-up facts)."""
-    if rank != 0:
-        _RANK_NONZERO[0].addFilter(_RANK_NONZERO[1])
+    if rank != 0:  # the level of the tree's root: its children (megaclm.data, ...) inherit it
+        logging.getLogger("megaclm").setLevel(logging.WARNING)
 
 
 def show_all() -> None:
     """--verbose: every line as the libraries print it, DeepSpeed's INFO log included."""
     for category, message in _WARNINGS:
         warnings.filterwarnings("default", message=message, category=category)
-    for logger, drop in (*_DROPS, _RANK_NONZERO):
+    for logger, drop in _DROPS:
         logger.removeFilter(drop)
+    logging.getLogger("megaclm").setLevel(logging.INFO)
     deepspeed_log = logging.getLogger("DeepSpeed")
     for target in (deepspeed_log, *deepspeed_log.handlers):
         target.setLevel(logging.INFO)

@@ -45,7 +45,7 @@ from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agre
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
-from megaclm.utils import exitcodes
+from megaclm.utils import exitcodes, shm_buffers
 from megaclm.utils.errors import UserError
 from megaclm.utils.launch_env import rank_env_from_slurm
 
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         if dist.is_initialized():
             dist.destroy_process_group()
+        shm_buffers.remove_mapped()  # DeepSpeed's 66 MiB /dev/shm files of this run (megaclm.utils.shm_buffers)
 
 
 def _quiet(verbose: bool) -> None:

@@ -95,10 +95,11 @@ def base_args(corpus: str, save: Path) -> list[str]:
 class Launch:
     """`deepspeed --num_gpus 2 pretrain_gpt.py ...` in its own session (so it can be SIGKILLed whole)."""
 
-    def __init__(self, corpus: str, save: Path, extra: list[str], env: dict | None = None):
-        self.save, self.log = save, save.parent / f"{save.name}.{time.time_ns()}.log"
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "pretrain_gpt.py",
-               *base_args(corpus, save), *extra]
+    def __init__(self, corpus: str, save: Path, extra: list[str], env: dict | None = None,
+                 launcher_args: tuple[str, ...] = ()):
+        self.save, self.log, self.port = save, save.parent / f"{save.name}.{time.time_ns()}.log", free_port()
+        cmd = [str(BIN / "deepspeed"), *launcher_args, "--num_gpus", "2", "--master_port", str(self.port),
+               "pretrain_gpt.py", *base_args(corpus, save), *extra]
         full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
                         **(env or {}))
