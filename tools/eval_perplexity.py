@@ -43,8 +43,9 @@ import torch.distributed as dist  # noqa: E402
 
 from megaclm.checkpoint.hf import files, pad_vocab, unpad_vocab  # noqa: E402
 from megaclm.checkpoint.layout import tag_for  # noqa: E402
-from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
+from megaclm.checkpoint.shards import FullCheckpoint, load_full_state_dict, load_lora_checkpoint  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config.lora import LoraConfig  # noqa: E402
 from megaclm.config.tokenizer import TOKENIZER_TYPES  # noqa: E402
 from megaclm.data.readers import TEXT_MODE_HELP, TEXT_MODES, check_text_mode, expand_inputs, read_texts  # noqa: E402
 from megaclm.model.gpt import GPTModel  # noqa: E402
@@ -84,12 +85,25 @@ def _init_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def load_for_eval(load: str, tag: str | None) -> tuple[FullCheckpoint, LoraConfig | None]:
+    """The checkpoint's full state dict and, for a LoRA run's checkpoint (adapters only), its LoRA settings with
+    the frozen base it names loaded under the adapters: the model then computes W x + (alpha / r) B A x as
+    the run did (convert_hf.py export --lora-merge folds the same product into W)."""
+    ckpt = load_full_state_dict(load, tag)
+    if "lora_base" not in ckpt.meta:
+        return ckpt, None
+    adapters, base = load_lora_checkpoint(load, tag)
+    # The run's config (tokenizer included) and sizes; the base's for what only an import records (hf_vocab_size).
+    return (FullCheckpoint(adapters.config, {**base.meta, **adapters.meta}, {**base.state_dict, **adapters.state_dict}),
+            LoraConfig(**adapters.config["lora"]))
+
+
 class MegaclmScorer:
     """Per-token losses of a megaclm checkpoint, tensor-parallel over `tp` ranks of the launched world."""
 
     def __init__(self, load: str, ckpt_step: int | None, tp: int | None, vocab_size: int | None,
                  rank: int, world: int, device: torch.device):
-        ckpt = load_full_state_dict(load, None if ckpt_step is None else tag_for(ckpt_step))
+        ckpt, lora = load_for_eval(load, None if ckpt_step is None else tag_for(ckpt_step))
         self.config_tree, meta = ckpt.config, ckpt.meta
         model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
         tp = tp or world
@@ -103,7 +117,7 @@ class MegaclmScorer:
         # Re-pad for this TP size (a checkpoint saved with another TP may have a different padding).
         padded = rows if rows % tp == 0 else pad_vocab_size(self.vocab, model_cfg.make_vocab_size_divisible_by, tp)
         full = pad_vocab(unpad_vocab(ckpt.state_dict, self.vocab), padded) if padded != rows else ckpt.state_dict
-        self.model = GPTModel(model_cfg, padded, self.pstate if tp > 1 else None)
+        self.model = GPTModel(model_cfg, padded, self.pstate if tp > 1 else None, lora=lora)
         self.model.load_state_dict(shard_state_dict(full, model_cfg, tp, self.pstate.tp_rank))
         self.model.to(device).eval()
         self.padded, self.tp, self.device = padded, tp, device

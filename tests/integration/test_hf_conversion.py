@@ -354,6 +354,18 @@ def test_lora_merged_export_equals_adapted_model_and_the_loss_fell(work, lora_ru
     assert after < before - 0.05, (before, after)
 
 
+def test_eval_perplexity_of_a_lora_checkpoint_equals_the_merged_export_in_transformers(work, lora_run, tmp_path):
+    """`eval_perplexity.py --load <LoRA run>`: the base the run names plus its adapters, not a KeyError."""
+    merged = str(tmp_path / "merged")
+    convert.export_hf(lora_run["first"], merged, lora="merge")
+    proc = run([sys.executable, "tools/eval_perplexity.py", "--load", lora_run["first"], "--input", work["jsonl"],
+                "--seq-length", str(SEQ), "--max-windows", str(WINDOWS)])
+    ours, reference = last_json(proc)["loss"], hf_loss(merged, work["jsonl"])
+    print(f"  LoRA eval_perplexity {ours:.7f}  merged export in transformers {reference:.7f}")
+    assert abs(ours - reference) < TOL
+    assert ours < work["families"]["llama"]["ref"] - 0.05  # the adapters are applied: the base alone scores worse
+
+
 def test_lora_peft_adapter_loads_onto_exported_base_with_equal_logits(work, lora_run):
     peft = pytest.importorskip("peft")
     base_hf, adapter = str(work["root"] / "lora-base-hf"), str(work["root"] / "lora-adapter")
