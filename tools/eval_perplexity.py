@@ -191,8 +191,9 @@ def main() -> None:
     src.add_argument("--hf", help="Local Hugging Face model directory.")
     p.add_argument("--input", nargs="+", required=True,
                    help="Files, globs or directories, in any format tools/preprocess_data.py reads.")
-    p.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="The field (column) holding each document's text.")
+    p.add_argument("--json-keys", "--json-key", nargs="+", default=["text"],
+                   help="The field (column) holding each document's text (--json-key, train_tokenizer.py's "
+                        "spelling, is accepted too).")
     p.add_argument("--text-mode", choices=TEXT_MODES, default=None, help=TEXT_MODE_HELP)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="Skip malformed lines (rows) instead of stopping, as preprocess_data.py does.")

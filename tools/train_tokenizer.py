@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--type", choices=["bpe", "unigram"], default="bpe",
                    help="bpe: byte-level BPE with HF tokenizers; unigram: sentencepiece unigram.")
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--output-dir", required=True, help="Created if missing.")
+    p.add_argument("--output-dir", "--out", required=True,
+                   help="Created if missing; --out, the spelling of convert_hf.py and reshard.py, is accepted too.")
     p.add_argument("--min-frequency", type=int, default=2, help="bpe: merges seen fewer times are not learned.")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="unigram: sample at most this many lines (sentencepiece holds them in memory).")

@@ -355,11 +355,12 @@ def test_lora_merged_export_equals_adapted_model_and_the_loss_fell(work, lora_ru
 
 
 def test_eval_perplexity_of_a_lora_checkpoint_equals_the_merged_export_in_transformers(work, lora_run, tmp_path):
-    """`eval_perplexity.py --load <LoRA run>`: the base the run names plus its adapters, not a KeyError."""
+    """`eval_perplexity.py --load <LoRA run>`: the base the run names plus its adapters, not a KeyError (and
+    train_tokenizer.py's spelling --json-key is accepted)."""
     merged = str(tmp_path / "merged")
     convert.export_hf(lora_run["first"], merged, lora="merge")
     proc = run([sys.executable, "tools/eval_perplexity.py", "--load", lora_run["first"], "--input", work["jsonl"],
-                "--seq-length", str(SEQ), "--max-windows", str(WINDOWS)])
+                "--json-key", "text", "--seq-length", str(SEQ), "--max-windows", str(WINDOWS)])
     ours, reference = last_json(proc)["loss"], hf_loss(merged, work["jsonl"])
     print(f"  LoRA eval_perplexity {ours:.7f}  merged export in transformers {reference:.7f}")
     assert abs(ours - reference) < TOL

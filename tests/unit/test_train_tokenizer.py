@@ -67,3 +67,10 @@ def test_json_keys_spelling_of_preprocess_data_is_accepted(tool, tmp_path):
                       "--output-dir", str(tmp_path / "t")]) == 0
     tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "t"))
     assert len(tok.tokenize(" of text")) < len(" of text")  # merges learned from the "body" values
+
+
+def test_out_spelling_of_the_other_tools_is_accepted(tool, tmp_path):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(50)))
+    assert tool.main(["--input", str(tmp_path / "in.jsonl"), "--json-key", "text", "--vocab-size", "300",
+                      "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "tokenizer.json").is_file()
