@@ -13,7 +13,7 @@ echo "== 1. preprocess the shipped corpus (500 Wikipedia summaries + Hamlet) wit
     --json-keys text \
     --tokenizer-type GPT2BPETokenizer \
     --vocab-file "$DATA/gpt2-vocab.json" --merge-file "$DATA/gpt2-merges.txt" \
-    --append-eod --workers 2 \
+    --append-eod --workers 2 --overwrite \
     --output-prefix "$OUT/data/demo"
 
 echo "== 2. dataset stats"
