@@ -76,7 +76,7 @@ class MetricsLogger:
                  start_iter: int, run_config: dict, default_wandb_dir: str | None):
         self.writer, self.cfg = writer, logging_cfg
         self.metrics_file, self.tb, self.wandb, self.bar = None, None, None, None
-        # Without a metrics file, every record of this launch, for the end-of-run summary (with one, it reads the file)
+        # Without a metrics file: every record of this launch, for the end-of-run summary (else it reads the file)
         self.rows: list[dict] = []
         self.path = metrics_file if writer else None
         if not writer:
@@ -109,7 +109,7 @@ class MetricsLogger:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         if self.metrics_file is None:
             self.rows.append(record)
-        if self.metrics_file is not None:
+        else:
             self.metrics_file.write(json.dumps(record) + "\n")
         step = record["iteration"]
         # Scalars only (the per-rank step-time list stays in the JSON lines).
@@ -162,7 +162,7 @@ class MetricsLogger:
             return
         if self.metrics_file is None:
             self.rows.append(record)
-        if self.metrics_file is not None:
+        else:
             self.metrics_file.write(json.dumps(record) + "\n")
         self._print(line)
 

@@ -380,7 +380,8 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     started, status = (progress.iteration, progress.consumed_tokens), "failed"
     try:
         reason = trainer.train()
-        status = reason if reason == "finished" else f"stopped ({reason})"
+        status = (f"stopped ({reason})" if reason != "finished" else
+                  "failed (its last steps, a streak of bad steps, were not saved)" if trainer.end_unsaved else reason)
     except TrainingDiverged as e:
         log.error(str(e))
         return exitcodes.FAILED
