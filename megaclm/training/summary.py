@@ -4,10 +4,10 @@ Written at the end of every run - finished, stopped (--exit-interval, --exit-dur
 failed in the training loop - by the rank that logs metrics (rank 0 unless pipeline parallel: the first rank
 of the last stage). The numbers:
 
-    train loss   the first and last logged train loss of this launch; "whole run" the first row of
-                 metrics.jsonl (every launch of the run since iteration 0) when there is one
-    best val     the lowest validation loss logged (whole run), its iteration, and its checkpoint if one was
-                 kept for it (<save>/best, --save-best)
+    train loss   the first and last logged train loss of this launch; "whole run" from the first row of
+                 metrics.jsonl (every launch of the run since iteration 0), when the run keeps one
+    best val     the lowest validation loss logged (whole run; without a metrics file, this launch), its
+                 iteration, and its checkpoint if one was kept for it (<save>/best, --save-best)
     tokens       tokens seen since iteration 0, and by this launch
     epoch        the last train row's "epoch", when the loop records one
     wall time    this launch, from the end of start-up (model, data and checkpoint loaded)
@@ -45,13 +45,15 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(status: str, this_run: list[dict], whole_run: list[dict], *, iteration: int, consumed_tokens: int,
-              start_iteration: int, start_tokens: int, wall_s: float, save: str | None) -> dict:
+def summarize(status: str, this_run: list[dict], whole_run: list[dict] | None, *, iteration: int,
+              consumed_tokens: int, start_iteration: int, start_tokens: int, wall_s: float, save: str | None) -> dict:
     """The summary's numbers (see the module docstring): `this_run` the rows this launch logged, `whole_run`
-    metrics.jsonl's rows (this launch's if the run keeps no file)."""
+    metrics.jsonl's rows (None if the run keeps no file: then "run_loss" is unknown and the best validation
+    loss is this launch's)."""
     first, last = _first_last(this_run, "loss")
-    run_first, run_last = _first_last(whole_run, "loss")
-    evals = [r for r in last_per_iteration(whole_run, "val_loss") if r["val_loss"] is not None]
+    run_first, run_last = _first_last(whole_run, "loss") if whole_run is not None else (None, None)
+    evals = [r for r in last_per_iteration(this_run if whole_run is None else whole_run, "val_loss")
+             if r["val_loss"] is not None]
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     kept = read_best(save) if save else None
     train_rows = last_per_iteration(this_run, "loss")
@@ -91,7 +93,7 @@ def summary_lines(s: dict) -> list[str]:
         lines.append("best val     none (no validation ran)")
     else:
         where = (f"checkpoint {b['checkpoint']}" if b["checkpoint"] else
-                 "no checkpoint kept for it (--save-best keeps one)")
+                 "no checkpoint kept for it (--save with --save-best keeps one)")
         lines.append(f"best val     {b['loss']:.4f} at iter {b['iteration']}; {where}")
     lines.append(f"tokens       {s['tokens']:,} seen ({s['tokens_this_run']:,} in this launch, from iteration "
                  f"{s['start_iteration']})")
@@ -109,19 +111,19 @@ def write_run_report(status: str, rows: list[dict], metrics_file: str | None, sa
     """Print the summary block; with `save` also write summary.json and report.png there. The rows come from
     `metrics_file` (cut back to this launch's start when it began: megaclm.logging.metrics_file), else `rows`,
     the records this launch logged; `numbers`: the other keyword arguments of `summarize`."""
+    whole_run = None
     if metrics_file and os.path.isfile(metrics_file):
         whole_run = read_rows(metrics_file)
         rows = [r for r in whole_run if r["iteration"] > start_iteration]
-    else:
-        whole_run = rows
     s = summarize(status, rows, whole_run, save=save, start_iteration=start_iteration, **numbers)
     print("\n".join(summary_lines(s)), flush=True)
     if save is not None:
         os.makedirs(save, exist_ok=True)
         with atomic_write(os.path.join(save, SUMMARY_FILE), "w") as f:
             f.write(json.dumps(s, indent=1) + "\n")
-        if any("loss" in r for r in whole_run):
-            plot_runs([(os.path.basename(os.path.normpath(save)), whole_run)], os.path.join(save, REPORT_FILE))
+        drawn = rows if whole_run is None else whole_run
+        if any("loss" in r for r in drawn):
+            plot_runs([(os.path.basename(os.path.normpath(save)), drawn)], os.path.join(save, REPORT_FILE))
     return s
 
 
