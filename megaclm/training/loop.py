@@ -478,6 +478,8 @@ class Trainer:
                     reason = stop
                     log.info(f"stopping at iteration {p.iteration}: {stop}; saving a checkpoint")
                     break
+            if window["steps"]:  # the steps since the last log line: logged, so every trained step is
+                self._log(lr, window)
             if reason == "finished":
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
@@ -519,4 +521,5 @@ class Trainer:
                if window["moe"] else {}),
             "rank_step_time": rank_times, "step_time_max": max(rank_times),
             "slowest_rank": max(range(len(rank_times)), key=rank_times.__getitem__),
+            "window_start": p.iteration - window["steps"] + 1,  # the first iteration the averages cover
         })

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agre
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
+from megaclm.training.summary import end_of_run
 from megaclm.utils import exitcodes
 from megaclm.utils.errors import UserError
 from megaclm.utils.launch_env import rank_env_from_slurm
@@ -375,8 +377,11 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     if _stopped_at_start_up(pstate):
         metrics.close()
         return exitcodes.STOPPED
+    started, status = (progress.iteration, progress.consumed_tokens), "failed"
     try:
         reason = trainer.train()
+        status = (f"stopped ({reason})" if reason != "finished" else
+                  "failed (its last steps, a streak of bad steps, were not saved)" if trainer.end_unsaved else reason)
     except TrainingDiverged as e:
         log.error(str(e))
         return exitcodes.FAILED
@@ -386,6 +391,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         return exitcodes.FAILED
     finally:
         metrics.close()
+        end_of_run(status, metrics, progress, started, time.time() - trainer.start_time, c.save)
     if trainer.end_unsaved and reason == "finished":
         log.error(f"training ended at iteration {progress.iteration} in a streak of bad steps, which were not saved; "
                   f"the last healthy checkpoint is {trainer.last_healthy()}")

@@ -36,10 +36,11 @@ from megaclm.checkpoint.hf import files  # noqa: E402
 from megaclm.checkpoint.hf.importer import import_hf, model_config_yaml  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output  # noqa: E402
 from megaclm.checkpoint.hf.peft import to_peft  # noqa: E402
-from megaclm.checkpoint.layout import read_meta  # noqa: E402
+from megaclm.checkpoint.layout import read_meta, tag_at_step  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint  # noqa: E402
 from megaclm.model.lora import merge_lora_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config.checkpoint import BEST_STEP, parse_ckpt_step  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
@@ -71,7 +72,7 @@ def export_peft(adapters, base, out: str, family: str | None) -> dict:
     return config
 
 
-def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | None = None,
+def export_hf(load: str, out: str, ckpt_step: int | str | None = None, family: str | None = None,
               tokenizer_dir: str | None = None, dtype: str = "fp32", vocab_size: int | None = None,
               max_shard_gb: float = 5.0, lora: str | None = None) -> dict:
     """megaclm checkpoint (any TP/PP) -> HF directory at `out`; returns the written config.json dict.
@@ -81,7 +82,7 @@ def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | N
     check_fresh_output(out)
     if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
         raise UserError(f"--tokenizer-dir {tokenizer_dir}: no such directory")
-    tag = None if ckpt_step is None else f"iter_{ckpt_step:07d}"
+    tag = tag_at_step(load, ckpt_step)
     _check_lora_export(load, tag, lora)
     if lora is None:
         ckpt = load_full_state_dict(load, tag)
@@ -125,7 +126,11 @@ def main() -> None:
     exp = sub.add_parser("export", help="megaclm checkpoint -> HF directory")
     exp.add_argument("--load", required=True, help="megaclm checkpoint directory (pretrain_gpt.py --save, or import).")
     exp.add_argument("--out", required=True, help="New HF model directory (must not exist or be empty).")
-    exp.add_argument("--ckpt-step", type=int, default=None, help="Export iteration N instead of `latest`.")
+    step = exp.add_mutually_exclusive_group()
+    step.add_argument("--ckpt-step", type=parse_ckpt_step, default=None,
+                      help="Export iteration N instead of `latest` (`best`: as --best).")
+    step.add_argument("--best", dest="ckpt_step", action="store_const", const=BEST_STEP,
+                      help="Export the checkpoint with the lowest validation loss (<load>/best, --save-best).")
     exp.add_argument("--family", choices=FAMILIES, default=None,
                      help="HF architecture to write; default: the imported one, else inferred from the model config.")
     exp.add_argument("--tokenizer-dir", default=None,
