@@ -5,7 +5,10 @@ Only the writer rank (first rank of the last pipeline stage, where the loss is) 
 
     {"iteration", "consumed_samples", "consumed_tokens", "loss", "lr", "grad_norm", "loss_scale",
      "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps",
-     "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank"}
+     "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank",
+     "epoch" (consumed samples / samples per epoch, megaclm.data.epochs; null with --mock-data), "phase" (the
+     --data-mixing-schedule phase of the iteration's step, 0 without one), "blend_weights" (the weights in force,
+     one per training dataset; null with --mock-data), "seq_length" (the step's, after any sequence-length warmup)}
 
 plus, for Mixture-of-Experts models, "router_loss" (what the router losses added to the training loss;
 "loss" is the LM loss without it), "moe_aux_loss" and "moe_z_loss" (unweighted, averaged over the MoE
@@ -124,6 +127,7 @@ class MetricsLogger:
         r = record
         self._print(
             f"iter {r['iteration']:>7d} | samples {r['consumed_samples']} | tokens {r['consumed_tokens']} | "
+            f"epoch {_fmt(r.get('epoch'), '.3f')} | "
             f"loss {_fmt(r['loss'], '.4f')} | lr {_fmt(r['lr'], '.3e')} | grad norm {_fmt(r['grad_norm'], '.3f')} | "
             f"loss scale {_fmt(r['loss_scale'], '.0f')} | tok/s {_fmt(r['tokens_per_sec'], '.0f')} | "
             f"TFLOP/s/dev {_fmt(r['tflops'], '.2f')} | MFU {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}% | "
