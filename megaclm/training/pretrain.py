@@ -28,7 +28,7 @@ from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
-from megaclm.config.validate import check_vocab
+from megaclm.config.validate import check_vocab, validate
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.epochs import train_split
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
@@ -118,6 +118,8 @@ def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
             iters = min(iters, compute_derived(dataclasses.replace(
                 cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world_size).train_iters)
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    if cfg.training.train_epochs is not None:  # the lr lengths against the run's, now known (parse_args could not)
+        validate(cfg, derived)
     return derived
 
 
