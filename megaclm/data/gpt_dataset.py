@@ -152,7 +152,7 @@ class GPTDataset:
             "num_sequences": len(indexed), "num_tokens_in_split": tokens,
             "split": split, "sequence_range": [int(start), int(end)],
             "seq_length": spec.seq_length, "num_samples": int(num_samples), "seed": spec.seed,
-            # derived (the key does not need them): how many passes over the split the index holds
+            # follow from the fields above; said for the reader of the cache: how many passes over the split it holds
             "samples_per_epoch": samples_per_epoch(tokens, spec.seq_length),
             "num_epochs": num_epochs_for(tokens, spec.seq_length, int(num_samples)),
         }
