@@ -87,8 +87,15 @@ def _tokenizer(cfg: Any) -> None:
 
 def _run_length(cfg: Any) -> None:
     t = cfg.training
-    if t.train_iters is None and t.train_samples is None and t.train_tokens is None:
-        raise UserError("the training length is not set: pass --train-iters, --train-samples or --train-tokens")
+    if t.train_iters is None and t.train_samples is None and t.train_tokens is None and t.train_epochs is None:
+        raise UserError("the training length is not set: pass --train-iters, --train-samples, --train-tokens or "
+                        "--train-epochs")
+
+
+def _epochs(cfg: Any) -> None:
+    if cfg.training.train_epochs is not None and cfg.data.mock_data:
+        raise UserError("training.train_epochs needs a training dataset to count passes over; --mock-data has no "
+                        "size: give --train-iters or --train-samples instead")
 
 
 def _schedule(cfg: Any, derived: Derived | None) -> None:
@@ -157,6 +164,7 @@ CHECKS = [
     (_tokenizer, {"tokenizer"}),
     (_data_paths, {"data"}),
     (_run_length, {"training"}),
+    (_epochs, {"training", "data"}),
     (_checkpointing, {"checkpoint", "training"}),
     (_lora, {"lora", "checkpoint", "model"}),
     (_spike_guard, {"parallel", "training", "checkpoint"}),

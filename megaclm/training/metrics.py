@@ -6,12 +6,10 @@ Only the writer rank (first rank of the last pipeline stage, where the loss is) 
     {"iteration", "consumed_samples", "consumed_tokens", "loss", "lr", "grad_norm", "loss_scale",
      "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps",
      "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank",
-     "window_start"}
-
-"window_start" is the first iteration the averages (loss, step time, tokens/s) cover: windows end at multiples
-of --log-interval (and at iteration 1, and when the run stops), so the first window after a resume covers
-only the iterations this launch trained. A resumed run first drops the rows past its checkpoint from
-metrics.jsonl (megaclm.logging.metrics_file), so each iteration appears once.
+     "window_start", "epoch" (consumed samples / samples per epoch, megaclm.data.epochs; null with --mock-data),
+     "phase" (the --data-mixing-schedule phase of the iteration's step, 0 without one), "blend_weights" (the
+     weights in force, one per training dataset; null with --mock-data), "seq_length" (the step's, after any
+     sequence-length warmup)}
 
 plus, for Mixture-of-Experts models, "router_loss" (what the router losses added to the training loss;
 "loss" is the LM loss without it), "moe_aux_loss" and "moe_z_loss" (unweighted, averaged over the MoE
@@ -20,6 +18,11 @@ layers: the load-balancing loss is 1 when routing is perfectly balanced).
 and after each evaluation {"iteration", "val_loss", "val_ppl"} (or "test_loss", "test_ppl"). tflops is
 model FLOP/s per device (6N + 12 L d T per token, megaclm.model.flops; no recompute counted), mfu
 = tflops / --peak-tflops (default by detected GPU; null on CPU unless given).
+
+"window_start" is the first iteration the averages (loss, step time, tokens/s) cover: windows end at multiples
+of --log-interval (and at iteration 1, and when the run stops), so the first window after a resume covers
+only the iterations this launch trained. A resumed run first drops the rows past its checkpoint from
+metrics.jsonl (megaclm.logging.metrics_file), so each iteration appears once.
 """
 from __future__ import annotations
 
@@ -140,9 +143,10 @@ class MetricsLogger:
         r = record
         self._print(
             f"iter {r['iteration']:>7d} | samples {r['consumed_samples']} | tokens {r['consumed_tokens']} | "
+            f"epoch {_fmt(r.get('epoch'), '.3f')} | "
             f"loss {_fmt(r['loss'], '.4f')} | lr {_fmt(r['lr'], '.3e')} | grad norm {_fmt(r['grad_norm'], '.3f')} | "
             f"loss scale {_fmt(r['loss_scale'], '.0f')} | tok/s {_fmt(r['tokens_per_sec'], '.0f')} | "
-            f"TFLOP/s/dev {_fmt(r['tflops'], '.2f')} | MFU {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}% | "
+            f"TFLOP/s/dev {_fmt(r['tflops'], '.2f')} | MFU {_fmt(r['mfu'], '.1%')} | "
             f"step {_fmt(r['step_time'], '.3f')}s | mem {_fmt(r['memory_gb'], '.2f')}GB"
             + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
             + self._window_note(r)

@@ -29,8 +29,9 @@ from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
-from megaclm.config.validate import check_vocab
+from megaclm.config.validate import check_vocab, validate
 from megaclm.data.curriculum import Curriculum
+from megaclm.data.epochs import train_split
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.data.token_range import check_token_ids
 from megaclm.logging import get_logger
@@ -107,8 +108,11 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
 
 
 def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
-    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup."""
-    derived = compute_derived(cfg, world_size, vocab_size=vocab_size)
+    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup, with
+    --train-epochs the size of the training data (read from the .idx files: every run logs its epoch)."""
+    split = train_split(cfg.data)
+    derived = compute_derived(cfg, world_size, vocab_size=vocab_size,
+                              samples_per_epoch=None if split is None else split.samples_per_epoch)
     if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
         iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
             cfg.training.train_tokens)
@@ -116,6 +120,8 @@ def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
             iters = min(iters, compute_derived(dataclasses.replace(
                 cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world_size).train_iters)
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    if cfg.training.train_epochs is not None:  # the lr lengths against the run's, now known (parse_args could not)
+        validate(cfg, derived)
     return derived
 
 
@@ -348,6 +354,9 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate, resumed=state)
     if state is not None:
         data.load_state_dict(state["data"])
+    passes = data.passes_line(derived.train_iters * derived.global_batch_size)
+    if passes is not None and pstate.rank == 0:
+        log.info(passes)
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
                               cfg.training.train_tokens, derived.global_batch_size)
     writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.seq_rank == 0
