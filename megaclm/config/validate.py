@@ -133,6 +133,29 @@ def _lora(cfg: Any) -> None:
                         f"LoRA adapters ({', '.join(sorted(mlp))}); use --lora-target qkv,proj")
 
 
+    if cfg.lora.enabled and not cfg.model.swiglu and "gate" in (cfg.lora.block_mask("fc1", ("gate", "up")) or ()):
+        raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: gate_proj names SwiGLU's gate, and this model's "
+                        "MLP has none (model.swiglu is off); use up_proj (or fc1) for its MLP input")
+
+
+def _base_quantization(cfg: Any) -> None:
+    """QLoRA's quantized base: refuse the layouts that would touch it as a trainable Parameter."""
+    method, t = cfg.lora.base_quantization, cfg.training
+    if not cfg.lora.quantized:
+        return
+    if t.zero_stage == 3:
+        raise UserError(f"lora.base_quantization={method} with training.zero_stage=3: ZeRO-3 partitions every "
+                        "parameter, and a quantized weight cannot be split and gathered as one; the base is frozen, "
+                        "so ZeRO-3 saves nothing on it: use --zero-stage 1 or 2")
+    if t.fp8_format is not None:
+        raise UserError(f"lora.base_quantization={method} with training.fp8_format={t.fp8_format}: both replace "
+                        "the block linears' matmul; drop --fp8-format (the frozen base is already quantized)")
+    if cfg.kernels.torch_compile:
+        raise UserError(f"lora.base_quantization={method} with kernels.torch_compile: compiling the blocks would "
+                        "trace torchao's quantized weights through megaclm's dequantizing matmul, an untested "
+                        "path; drop --torch-compile")
+
+
 # (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
 def _spike_guard(cfg: Any) -> None:
     t = cfg.training
@@ -159,6 +182,7 @@ CHECKS = [
     (_run_length, {"training"}),
     (_checkpointing, {"checkpoint", "training"}),
     (_lora, {"lora", "checkpoint", "model"}),
+    (_base_quantization, {"lora", "training", "kernels"}),
     (_spike_guard, {"parallel", "training", "checkpoint"}),
 ]
 

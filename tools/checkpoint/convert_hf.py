@@ -39,6 +39,7 @@ from megaclm.checkpoint.hf.peft import to_peft  # noqa: E402
 from megaclm.checkpoint.layout import read_meta  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint  # noqa: E402
 from megaclm.model.lora import merge_lora_state_dict  # noqa: E402
+from megaclm.model.quantize import fake_quantize  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
@@ -58,6 +59,21 @@ def _check_lora_export(load: str, tag: str | None, lora: str | None) -> None:
                         "folded in) or --lora-adapter (a PEFT adapter for the base exported on its own)")
     if lora is not None and not is_lora:
         raise UserError(f"--load {load} is a full checkpoint without LoRA adapters; drop --lora-{lora}")
+
+
+def qlora_base(adapters, base) -> dict:
+    """The base weights a LoRA run trained against: a QLoRA run's (--base-quantization) quantized and dequantized
+    shard by shard as the run did (its TP size and precision), since its adapters learned to correct that base and
+    not the original (QLoRA merges into the dequantized weights); any other run's as they are."""
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method == "none":
+        return base.state_dict
+    model_cfg = MegaclmConfig.from_dict({"model": base.config["model"]}).model
+    meta = adapters.meta
+    log.info(f"QLoRA: merging into the base as the run saw it ({method}, tp {meta['tensor_model_parallel_size']}, "
+             f"{meta['precision']}), dequantized")
+    return fake_quantize(base.state_dict, model_cfg, method, meta["tensor_model_parallel_size"],
+                         files.DTYPES[meta["precision"]])
 
 
 def export_peft(adapters, base, out: str, family: str | None) -> dict:
@@ -90,7 +106,8 @@ def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | N
         if lora == "adapter":
             return export_peft(adapters, ckpt, out, family)
         scale = adapters.config["lora"]["lora_alpha"] / adapters.config["lora"]["lora_rank"]
-        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**ckpt.state_dict, **adapters.state_dict}, scale))
+        base = qlora_base(adapters, ckpt)
+        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**base, **adapters.state_dict}, scale))
     model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
     section = files.tokenizer_section(tokenizer_dir) if tokenizer_dir else ckpt.config.get("tokenizer", {})
     if tokenizer_dir and section is None:
