@@ -11,6 +11,7 @@ from typing import Any
 
 from megaclm.config.data import parse_blend
 from megaclm.config.derived import Derived
+from megaclm.config.lora import parse_targets
 from megaclm.config.model import check_parallel_shapes
 from megaclm.utils.errors import UserError
 
@@ -133,7 +134,7 @@ def _lora(cfg: Any) -> None:
                         f"LoRA adapters ({', '.join(sorted(mlp))}); use --lora-target qkv,proj")
 
 
-    if cfg.lora.enabled and not cfg.model.swiglu and "gate" in (cfg.lora.block_mask("fc1", ("gate", "up")) or ()):
+    if cfg.lora.enabled and not cfg.model.swiglu and "gate" in (parse_targets(cfg.lora.lora_target).get("fc1") or ()):
         raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: gate_proj names SwiGLU's gate, and this model's "
                         "MLP has none (model.swiglu is off); use up_proj (or fc1) for its MLP input")
 
