@@ -137,5 +137,5 @@ def apply_to(model: nn.Module, method: str, log: Callable[[str], None] | None = 
     """quantize_base with the memory saved in one log line (rank 0 passes `log`)."""
     before, after = quantize_base(model, method)
     if log is not None:
-        log(f"QLoRA: frozen block linears stored in {method}: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB "
+        log(f"QLoRA: frozen block linears stored in {method}: {before / 2**20:.4g} MiB -> {after / 2**20:.4g} MiB "
             "on this rank")

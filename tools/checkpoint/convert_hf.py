@@ -83,6 +83,10 @@ def export_peft(adapters, base, out: str, family: str | None) -> dict:
     config, tensors = to_peft(model_cfg, adapters.state_dict, family, adapters.config["lora"],
                               base_model=adapters.meta["lora_base"]["dir"])
     files.write_peft_dir(out, config, tensors)
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method != "none":
+        log.info(f"QLoRA: these adapters were trained on the {method}-quantized base; on the unquantized one they "
+                 "are off by its rounding (--lora-merge merges into the dequantized base instead)")
     log.info(f"exported the LoRA adapters of {adapters.meta['tag']} as a PEFT adapter ({family}) to {out}")
     return config
 
