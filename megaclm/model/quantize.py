@@ -34,6 +34,7 @@ from megaclm.utils.errors import UserError
 
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's block sizes (torchao's to_nf4 defaults)
+MIN_TORCHAO = "0.18"  # the version these paths were tested with (pyproject's qlora extra)
 
 
 def _torchao() -> Any:
@@ -49,6 +50,8 @@ def _torchao() -> Any:
         from torchao.quantization.granularity import PerRow
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError as e:  # older torchao kept them elsewhere (torchao.dtypes.nf4tensor)
+        raise UserError(f"--base-quantization needs torchao >= {MIN_TORCHAO} ({e}): pip install 'megaclm[qlora]'")
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
