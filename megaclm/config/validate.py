@@ -132,15 +132,13 @@ def _lora(cfg: Any) -> None:
     if cfg.lora.enabled and cfg.model.num_experts is not None and mlp:
         raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: an MoE model's MLPs are experts, which take no "
                         f"LoRA adapters ({', '.join(sorted(mlp))}); use --lora-target qkv,proj")
-
-
     if cfg.lora.enabled and not cfg.model.swiglu and "gate" in (parse_targets(cfg.lora.lora_target).get("fc1") or ()):
         raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: gate_proj names SwiGLU's gate, and this model's "
                         "MLP has none (model.swiglu is off); use up_proj (or fc1) for its MLP input")
 
 
 def _base_quantization(cfg: Any) -> None:
-    """QLoRA's quantized base: refuse the layouts that would touch it as a trainable Parameter."""
+    """QLoRA's quantized base: refuse what cannot work with it, one reason each."""
     method, t = cfg.lora.base_quantization, cfg.training
     if not cfg.lora.quantized:
         return

@@ -165,8 +165,8 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
             self.lora_b = nn.Parameter(torch.zeros(out_features // self.tp, lora.lora_rank))  # (out/tp, r)
             _mark(self.lora_b, 0)
             if lora_blocks is not None:  # this rank's rows of each block, 1 where the block is adapted
-                mask = torch.cat([torch.full((b // self.tp, 1), float(on)) for b, on in zip(blocks, lora_blocks)])
-                self.lora_mask = mask
+                self.lora_mask = torch.cat([torch.full((b // self.tp, 1), float(on))
+                                            for b, on in zip(blocks, lora_blocks)])
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """`add_bias=False` leaves the bias to the caller (to fuse it into the activation)."""

@@ -33,10 +33,10 @@ from megaclm.data.curriculum import Curriculum
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.data.token_range import check_token_ids
 from megaclm.logging import get_logger
+from megaclm.model import quantize
 from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,
                                  lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
-from megaclm.model import quantize
 from megaclm.model.lora import is_lora_key
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source

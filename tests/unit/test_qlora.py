@@ -41,7 +41,8 @@ def test_hf_target_names_map_to_megaclm_linears(target, expected):
 
 
 def test_unknown_target_names_the_choices():
-    with pytest.raises(UserError, match=r"lora.lora_target='q_proj,wq'.*q_proj,k_proj,v_proj,o_proj.*\(wq is neither\)"):
+    with pytest.raises(UserError,
+                       match=r"lora.lora_target='q_proj,wq'.*q_proj,k_proj,v_proj,o_proj.*\(wq is neither\)"):
         LoraConfig(lora_rank=2, lora_target="q_proj,wq")
 
 
@@ -194,7 +195,8 @@ def _args(*extra):
     (["--lora-rank", "0", "--base-quantization", "nf4"],
      "lora.base_quantization=nf4: a quantized base cannot be trained, only adapters on it; pass --lora-rank R"),
     (["--base-quantization", "nf4", "--zero-stage", "3"], "lora.base_quantization=nf4 with training.zero_stage=3"),
-    (["--base-quantization", "int8", "--fp8-format", "e4m3", "--bf16"], "lora.base_quantization=int8 with training.fp8_format"),
+    (["--base-quantization", "int8", "--fp8-format", "e4m3", "--bf16"],
+     "lora.base_quantization=int8 with training.fp8_format"),
     (["--base-quantization", "nf4", "--torch-compile"], "lora.base_quantization=nf4 with kernels.torch_compile"),
     (["--lora-target", "gate_proj"], "gate_proj names SwiGLU's gate, and this model's MLP has none"),
 ])
