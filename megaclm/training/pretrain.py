@@ -35,6 +35,7 @@ from megaclm.data.epochs import train_split
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.data.token_range import check_token_ids
 from megaclm.logging import get_logger
+from megaclm.model import quantize
 from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,
                                  lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
@@ -98,7 +99,8 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
     l, k = cfg.lora, cfg.kernels
     lines = ["lora: off" if lora is None else
              f"lora: rank {l.lora_rank}, alpha {l.lora_alpha:g}, dropout {l.lora_dropout:g} on {l.lora_target}; base "
-             f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")]
+             f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")
+             + (f"; base quantized to {l.base_quantization}" if l.quantized else "")]
     lines.append(f"torch_compile: {'on (each transformer block)' if k.torch_compile else 'off'}; "
                  f"kernels: {k.kernels}")
     t = cfg.training
@@ -180,6 +182,7 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
                         offload_param=cfg.training.offload_param,
                         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), reference_ops=reference_ops,
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
+                        base_quantization=cfg.lora.base_quantization,
                         seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1,
                         expert_parallel=cfg.parallel.expert_model_parallel_size)
     memory = estimate_memory(cfg.model, model_vocab, setup)
@@ -344,6 +347,8 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         load_weights(engine, lora_base["dir"], lora_base["tag"], select=lambda key: not is_lora_key(key))
         if pstate.rank == 0:
             log.info(f"LoRA: frozen base from {lora_base['dir']}/{lora_base['tag']}")
+        if cfg.lora.quantized:  # QLoRA: each rank's shard of the loaded base, before any adapter is loaded
+            quantize.apply_to(engine.module, cfg.lora.base_quantization, log.info if pstate.rank == 0 else None)
     if start.dir is not None and (lora_base is None or adapters):
         state = load_checkpoint(engine, start.dir, start.choice.tag, finetune=start.weights_only,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,

@@ -39,6 +39,7 @@ from megaclm.checkpoint.hf.peft import to_peft  # noqa: E402
 from megaclm.checkpoint.layout import read_meta, tag_at_step  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint  # noqa: E402
 from megaclm.model.lora import merge_lora_state_dict  # noqa: E402
+from megaclm.model.quantize import fake_quantize  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.config.checkpoint import BEST_STEP, parse_ckpt_step  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
@@ -61,6 +62,21 @@ def _check_lora_export(load: str, tag: str | None, lora: str | None) -> None:
         raise UserError(f"--load {load} is a full checkpoint without LoRA adapters; drop --lora-{lora}")
 
 
+def qlora_base(adapters, base) -> dict:
+    """The base weights a LoRA run trained against: a QLoRA run's (--base-quantization) quantized and dequantized
+    shard by shard as the run did (its TP size and precision), since its adapters learned to correct that base and
+    not the original (QLoRA merges into the dequantized weights); any other run's as they are."""
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method == "none":
+        return base.state_dict
+    model_cfg = MegaclmConfig.from_dict({"model": base.config["model"]}).model
+    meta = adapters.meta
+    log.info(f"QLoRA: merging into the base as the run saw it ({method}, tp {meta['tensor_model_parallel_size']}, "
+             f"{meta['precision']}), dequantized")
+    return fake_quantize(base.state_dict, model_cfg, method, meta["tensor_model_parallel_size"],
+                         files.DTYPES[meta["precision"]])
+
+
 def export_peft(adapters, base, out: str, family: str | None) -> dict:
     """The PEFT adapter directory of a LoRA checkpoint; returns adapter_config.json."""
     model_cfg = MegaclmConfig.from_dict({"model": base.config["model"]}).model
@@ -68,6 +84,10 @@ def export_peft(adapters, base, out: str, family: str | None) -> dict:
     config, tensors = to_peft(model_cfg, adapters.state_dict, family, adapters.config["lora"],
                               base_model=adapters.meta["lora_base"]["dir"])
     files.write_peft_dir(out, config, tensors)
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method != "none":
+        log.info(f"QLoRA: these adapters were trained on the {method}-quantized base; on the unquantized one they "
+                 "are off by its rounding (--lora-merge merges into the dequantized base instead)")
     log.info(f"exported the LoRA adapters of {adapters.meta['tag']} as a PEFT adapter ({family}) to {out}")
     return config
 
@@ -91,7 +111,8 @@ def export_hf(load: str, out: str, ckpt_step: int | str | None = None, family: s
         if lora == "adapter":
             return export_peft(adapters, ckpt, out, family)
         scale = adapters.config["lora"]["lora_alpha"] / adapters.config["lora"]["lora_rank"]
-        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**ckpt.state_dict, **adapters.state_dict}, scale))
+        base = qlora_base(adapters, ckpt)
+        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**base, **adapters.state_dict}, scale))
     model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
     section = files.tokenizer_section(tokenizer_dir) if tokenizer_dir else ckpt.config.get("tokenizer", {})
     if tokenizer_dir and section is None:
