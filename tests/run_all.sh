@@ -14,4 +14,4 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/distributed tests/integration tests/fuzz tests/cluster tests/gpu
+"$PY" -m pytest -q -p no:cacheprovider --durations=40 tests/unit tests/distributed tests/integration tests/fuzz tests/cluster tests/gpu

@@ -3,7 +3,7 @@
     python tools/build_data_indices.py <the pretrain_gpt.py flags, or --config run.yaml>
 
 Give it the training command's flags unchanged (--data-path / --data-path-file / --train-data-path ...,
---split, --seq-length, --seed, --train-iters or --train-samples or --train-tokens, --global-batch-size,
+--split, --seq-length, --seed, --train-iters/--train-samples/--train-tokens/--train-epochs, --global-batch-size,
 --eval-interval, --eval-iters, --data-cache-path, --data-mixing-schedule, the tokenizer flags; the
 model flags are accepted and only validated). Without --global-batch-size the global batch is
 micro batch x data-parallel size, with the world size from --world-size (or WORLD_SIZE).
@@ -12,8 +12,9 @@ Run it once per shared cache directory (or per node for node-local caches); conc
 """
 import time
 
-from megaclm.config import parse_args
+from megaclm.config import compute_derived, parse_args
 from megaclm.data.builder import build_train_valid_test, train_valid_test_num_samples
+from megaclm.data.epochs import train_split
 from megaclm.data.helpers import backend
 from megaclm.tokenizer import build_tokenizer_from_config
 from megaclm.training.spike import extra_train_batches
@@ -23,8 +24,11 @@ from megaclm.utils.errors import UserError, cli_main
 def main(argv=None) -> int:
     cfg, derived, _ = parse_args(argv, prog="build_data_indices.py",
                                  description="Build the dataset index caches of a pretrain_gpt.py run.")
+    if cfg.training.train_epochs is not None:  # the run length follows the data's size, as in pretrain_gpt.py
+        derived = compute_derived(cfg, derived.world_size, samples_per_epoch=train_split(cfg.data).samples_per_epoch)
     if derived is None or derived.train_iters is None:
-        raise UserError("the run length is unknown: pass --train-iters, --train-samples or --train-tokens")
+        raise UserError("the run length is unknown: pass --train-iters, --train-samples, --train-tokens or "
+                        "--train-epochs")
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
     gbs = derived.global_batch_size
     samples = train_valid_test_num_samples(derived.train_iters, gbs, cfg.training.eval_interval,

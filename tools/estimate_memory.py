@@ -76,7 +76,7 @@ def grad_accum_steps(args, dp: int) -> int:
 
 
 def main(argv=None) -> int:
-    cfg, _, args = parse_args(argv, sections=("model", "parallel", "kernels"), add_arguments=add_arguments,
+    cfg, _, args = parse_args(argv, sections=("model", "parallel", "kernels", "lora"), add_arguments=add_arguments,
                               prog="estimate_memory.py", description=__doc__.split("\n\n")[0])
     if args.bf16 and args.fp16:
         raise UserError("--bf16 and --fp16 are exclusive; pass one")
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), seq_split=split,
         reference_ops=args.estimate_for == "cpu",
-        ring=par.context_parallel_size > 1, expert_parallel=par.expert_model_parallel_size)
+        ring=par.context_parallel_size > 1, expert_parallel=par.expert_model_parallel_size,
+        lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names, base_quantization=cfg.lora.base_quantization)
     est = estimate_memory(model, padded, setup)
     count = count_parameters(model, padded)
     fpt = flops_per_token(model, padded, args.seq_length)

@@ -42,9 +42,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megaclm.checkpoint.hf import files, pad_vocab, unpad_vocab  # noqa: E402
-from megaclm.checkpoint.layout import tag_for  # noqa: E402
-from megaclm.checkpoint.shards import FullCheckpoint, load_full_state_dict, load_lora_checkpoint  # noqa: E402
+from megaclm.checkpoint.layout import tag_at_step  # noqa: E402
+from megaclm.checkpoint.shards import (FullCheckpoint, load_full_state_dict, load_lora_checkpoint,  # noqa: E402
+                                      lora_trained_base)
 from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
 from megaclm.config.lora import LoraConfig  # noqa: E402
 from megaclm.config.tokenizer import TOKENIZER_TYPES  # noqa: E402
 from megaclm.data.readers import TEXT_MODE_HELP, TEXT_MODES, check_text_mode, expand_inputs, read_texts  # noqa: E402
@@ -93,17 +95,18 @@ def load_for_eval(load: str, tag: str | None) -> tuple[FullCheckpoint, LoraConfi
     if "lora_base" not in ckpt.meta:
         return ckpt, None
     adapters, base = load_lora_checkpoint(load, tag)
+    trained = lora_trained_base(adapters, base)  # a QLoRA run's base quantized and dequantized as the run saw it
     # The run's config (tokenizer included) and sizes; the base's for what only an import records (hf_vocab_size).
-    return (FullCheckpoint(adapters.config, {**base.meta, **adapters.meta}, {**base.state_dict, **adapters.state_dict}),
+    return (FullCheckpoint(adapters.config, {**base.meta, **adapters.meta}, {**trained, **adapters.state_dict}),
             LoraConfig(**adapters.config["lora"]))
 
 
 class MegaclmScorer:
     """Per-token losses of a megaclm checkpoint, tensor-parallel over `tp` ranks of the launched world."""
 
-    def __init__(self, load: str, ckpt_step: int | None, tp: int | None, vocab_size: int | None,
+    def __init__(self, load: str, ckpt_step: int | str | None, tp: int | None, vocab_size: int | None,
                  rank: int, world: int, device: torch.device):
-        ckpt, lora = load_for_eval(load, None if ckpt_step is None else tag_for(ckpt_step))
+        ckpt, lora = load_for_eval(load, tag_at_step(load, ckpt_step))
         self.config_tree, meta = ckpt.config, ckpt.meta
         model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
         tp = tp or world
@@ -202,7 +205,8 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=4, help="Windows per forward pass.")
     p.add_argument("--output-json", default=None, metavar="FILE",
                    help="Also write the result object to FILE (rank 0; written to a temp name, then renamed).")
-    p.add_argument("--ckpt-step", type=int, default=None, help="--load: evaluate iteration N instead of `latest`.")
+    p.add_argument("--ckpt-step", type=parse_ckpt_step, default=None,
+                   help="--load: evaluate iteration N instead of `latest`; `best`: the lowest validation loss's.")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None,
                    help="--load under a launcher: TP size (default: the world size).")
     p.add_argument("--vocab-size", type=int, default=None, help="--load: size of the real vocabulary (see above).")

@@ -26,8 +26,9 @@ from megaclm.logging.quiet import entry_point  # noqa: E402
 
 entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
 
-from megaclm.checkpoint.layout import CONFIG, read_latest, read_meta, tag_for  # noqa: E402
+from megaclm.checkpoint.layout import CONFIG, read_latest, read_meta, tag_at_step  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
 from megaclm.data.sampler import PretrainingSampler  # noqa: E402
 from megaclm.tokenizer import build_tokenizer_from_config  # noqa: E402
 from megaclm.training.batch import build_batch_source  # noqa: E402
@@ -70,11 +71,12 @@ def main() -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--iteration", type=int, help="The training step (1-based) whose global batch to decode.")
     which.add_argument("--first-sample", type=int, help="Decode the global batch that starts at this sample.")
-    p.add_argument("--ckpt-step", type=int, default=None, help="Use checkpoint iteration N instead of `latest`.")
+    p.add_argument("--ckpt-step", type=parse_ckpt_step, default=None,
+                   help="Use checkpoint iteration N instead of `latest`; `best`: the lowest validation loss's.")
     p.add_argument("--tokens", action="store_true", help="Also print the token ids.")
     p.add_argument("--max-chars", type=int, default=None, help="Cut each text to this many characters.")
     a = p.parse_args()
-    tag = None if a.ckpt_step is None else tag_for(a.ckpt_step)
+    tag = tag_at_step(a.load, a.ckpt_step)
     header, samples = batch_of(a.load, tag, a.iteration, a.first_sample)
     print(json.dumps(header))
     for s in samples:

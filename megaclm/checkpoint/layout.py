@@ -50,6 +50,20 @@ def read_best(ckpt_dir: str) -> dict | None:
         return json.load(f)
 
 
+def tag_at_step(ckpt_dir: str, step: int | str | None) -> str | None:
+    """The tag `--ckpt-step step` names in `ckpt_dir`: iter_N, or for `best` the one <dir>/best records;
+    None for None (the caller's default, usually `latest`)."""
+    if step is None:
+        return None
+    if step != BEST:
+        return tag_for(step)
+    best = read_best(ckpt_dir)
+    if best is None:
+        raise UserError(f"--ckpt-step best: {ckpt_dir} has no `{BEST}` record (a run with --save-best writes it at "
+                        "its lowest validation loss); pass --ckpt-step N, or train with --save-best")
+    return best["tag"]
+
+
 def tags_on_disk(ckpt_dir: str) -> list[str]:
     """Every `iter_*` directory in `ckpt_dir`, newest first (complete or not)."""
     if not os.path.isdir(ckpt_dir):

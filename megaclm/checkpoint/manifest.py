@@ -14,7 +14,7 @@ memory): verifying costs ~3% of loading. It guards against damage (bit flips, tr
 of another save), not against an adversary.
 
 Which tag a run loads (`choose_tag`, once per run, before any process group):
-  - `--ckpt-step N`: iter_N, or a UserError naming what is wrong with it;
+  - `--ckpt-step N`: iter_N (`best`: the tag <dir>/best records), or a UserError naming what is wrong with it;
   - else `latest`'s tag, or, without `latest`, the newest tag on disk; if it is incomplete (no
     meta.json: an interrupted save), misses a file or has a file of the wrong size, the next older
     complete tag whose files are all there, with a WARNING naming both. Directories without meta.json
@@ -32,7 +32,7 @@ from typing import IO, Any, Callable
 
 import xxhash
 
-from megaclm.checkpoint.layout import (LATEST, MANIFEST, META, is_complete, iteration_of, read_latest, tag_for,
+from megaclm.checkpoint.layout import (LATEST, MANIFEST, META, is_complete, iteration_of, read_latest, tag_at_step,
                                       tags_on_disk)
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
@@ -180,12 +180,12 @@ class Choice:
         return lines
 
 
-def choose_tag(load_dir: str, ckpt_step: int | None, rejected: dict[str, str] | None = None) -> Choice:
+def choose_tag(load_dir: str, ckpt_step: int | str | None, rejected: dict[str, str] | None = None) -> Choice:
     """The tag to load from `load_dir` (see the module docstring); `rejected` {tag: why} are tags already
     found damaged (by checksum) that must be passed over. Tag None: nothing to load (a fresh start)."""
     rejected = dict(rejected or {})
     if ckpt_step is not None:
-        tag = tag_for(ckpt_step)
+        tag = tag_at_step(load_dir, ckpt_step)
         why = rejected.get(tag) or _problem(load_dir, tag)
         if why is not None:
             raise UserError(f"--ckpt-step {ckpt_step}: checkpoint {os.path.join(load_dir, tag)} cannot be loaded: "

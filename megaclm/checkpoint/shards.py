@@ -32,10 +32,12 @@ from typing import Any, NamedTuple
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
+from megaclm.checkpoint.hf.files import DTYPES
 from megaclm.checkpoint.layout import read_latest, read_meta
 from megaclm.checkpoint.manifest import read_file
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
+from megaclm.model.quantize import fake_quantize
 from megaclm.model.sharding import expert_id, globalize_experts, split_stacked_experts, unshard_state_dicts
 from megaclm.utils.errors import UserError
 
@@ -134,3 +136,15 @@ def load_lora_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[FullChe
         raise UserError(f"{ckpt_dir}/{adapters.meta['tag']} holds no LoRA adapters (it is a full checkpoint); "
                         "drop the --lora-* export flags")
     return adapters, load_full_state_dict(ref["dir"], ref["tag"])
+
+
+def lora_trained_base(adapters: FullCheckpoint, base: FullCheckpoint) -> dict[str, torch.Tensor]:
+    """The base weights a LoRA run trained against: a QLoRA run's (--base-quantization) quantized and dequantized
+    shard by shard as the run did (its TP size and precision), since its adapters learned to correct that base and
+    not the original (QLoRA merges into the dequantized weights); any other run's as they are."""
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method == "none":
+        return base.state_dict
+    meta = adapters.meta
+    return fake_quantize(base.state_dict, ModelConfig(**base.config["model"]), method,
+                         meta["tensor_model_parallel_size"], DTYPES[meta["precision"]])

@@ -76,20 +76,26 @@ def yaml_load(text_or_stream: Any) -> Any:
 # Types
 
 
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    """`int | None` -> (int, True); `int` -> (int, False)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    """`int | None` -> (int, True); `int` -> (int, False); `int | Literal["best"] | None` ->
+    (int | Literal["best"], True)."""
+    if _is_union(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
+        if len(args) < len(typing.get_args(tp)):
+            return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True
     return tp, False
 
 
 def _type_name(tp: Any) -> str:
     tp, optional = _strip_optional(tp)
     origin = typing.get_origin(tp)
-    if origin in (list, tuple):
+    if _is_union(tp):
+        name = " or ".join(_type_name(a) for a in typing.get_args(tp))
+    elif origin in (list, tuple):
         inner = typing.get_args(tp)
         name = f"a list of {_type_name(inner[0])}s" if inner else "a list"
     elif origin is dict or tp is dict:
@@ -112,6 +118,13 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(inner)
     if inner is Any:
         return value
+    if _is_union(inner):  # the first member that takes the value
+        for member in typing.get_args(inner):
+            try:
+                return coerce(value, member, path)
+            except UserError:
+                pass
+        raise bad
     if inner is bool:
         if not isinstance(value, bool):
             raise bad
@@ -162,6 +175,13 @@ def _scalar_converter(tp: Any, path: str):
     """argparse `type=` for one flag value, with an error naming the config path."""
 
     def convert(text: str):
+        if _is_union(tp):  # the first member that takes the text (`--ckpt-step 100`, `--ckpt-step best`)
+            for member in typing.get_args(tp):
+                try:
+                    return _scalar_converter(member, path)(text)
+                except (argparse.ArgumentTypeError, UserError):
+                    pass
+            raise argparse.ArgumentTypeError(f"{path} expects {_type_name(tp)}, got {text!r}")
         if tp in (int, float):
             try:
                 return finite(float(text), path) if tp is float else int(text)

@@ -1,9 +1,22 @@
 """`checkpoint:` section: where and when to save, what to load (layout: megaclm.checkpoint)."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megaclm.utils.errors import UserError
+
+BEST_STEP = "best"  # --ckpt-step best: the checkpoint <dir>/best records (--save-best)
+
+
+def parse_ckpt_step(text: str) -> int | str:
+    """argparse `type=` of the tools' --ckpt-step: an iteration N >= 0, or `best`."""
+    if text == BEST_STEP:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expects an iteration (an integer >= 0) or {BEST_STEP!r}, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,9 @@ class CheckpointConfig:
     async_save: bool = field(default=False, metadata={
         "help": "Write checkpoints in a background thread from a CPU copy while training goes on; `latest` "
                 "moves once every rank's files are written and fsynced (costs one host-memory copy)."})
-    ckpt_step: int | None = field(default=None, metadata={"help": "Load iteration N (iter_{N:07d}) instead of `latest`."})
+    ckpt_step: int | Literal["best"] | None = field(default=None, metadata={
+        "help": "Load iteration N (iter_{N:07d}) instead of `latest`; `best`: the checkpoint with the lowest "
+                "validation loss, recorded in <load>/best by a run with --save-best."})
     finetune: bool = field(default=False, metadata={
         "help": "Load weights only: iteration, consumed samples, optimizer, scheduler and RNG start fresh."})
     no_load_optim: bool = field(default=False, metadata={
@@ -53,7 +68,7 @@ class CheckpointConfig:
             raise UserError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"checkpoint.save_total_limit={self.save_total_limit} must be >= 1")
-        if self.ckpt_step is not None and self.ckpt_step < 0:
+        if isinstance(self.ckpt_step, int) and self.ckpt_step < 0:
             raise UserError(f"checkpoint.ckpt_step={self.ckpt_step} must be >= 0")
         if (self.finetune or self.no_load_optim or self.ckpt_step is not None or self.exit_on_missing_checkpoint
                 or self.use_checkpoint_args) and self.load is None:

@@ -4,7 +4,12 @@
     grad_accum_steps   = global_batch_size / (micro_batch_size x data_parallel_size)
     tokens_per_step    = global_batch_size x seq_length   (at full sequence length)
     train_iters        = --train-iters, or ceil(--train-samples / global batch),
-                         or ceil(--train-tokens / tokens_per_step)
+                         or ceil(--train-tokens / tokens_per_step),
+                         or ceil(--train-epochs x samples_per_epoch / global batch) (the run covers at
+                         least N epochs, ending at the first global batch that completes them; exact
+                         when the global batch divides N x samples_per_epoch)
+    samples_per_epoch  samples of one pass over the training data at --seq-length (megaclm.data.epochs;
+                         given by the caller, which reads the datasets; None: unknown, e.g. --mock-data)
     padded_vocab_size  = tokenizer vocab rounded up to a multiple of
                          make_vocab_size_divisible_by x tensor size (Megatron's rule)
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 from megaclm.utils.errors import UserError
@@ -33,6 +39,7 @@ class Derived:
     vocab_size: int | None = None
     padded_vocab_size: int | None = None
     seq_split_size: int = 1  # ranks sharing one sample along T (--ds-sequence-parallel-size or --context-parallel-size)
+    samples_per_epoch: int | None = None  # one pass over the training data (megaclm.data.epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,17 +50,31 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def train_iters_for(training: Any, global_batch_size: int, seq_length: int) -> int | None:
-    """The run's length in iterations at this global batch (None: no length given). Megatron-DeepSpeed's
-    --train-tokens may cap --train-iters/--train-samples: the first limit reached stops."""
+def epoch_iters(train_epochs: float, samples_per_epoch: int, global_batch_size: int) -> int:
+    """ceil(epochs x samples_per_epoch / global batch), in exact arithmetic (2.0 x 728 / 16 is 91, not 91.00001)."""
+    if samples_per_epoch < 1:
+        raise UserError(f"training.train_epochs={train_epochs:g}: the training data holds no sample of --seq-length "
+                        "tokens, so an epoch is empty; give the run more data or a shorter --seq-length")
+    return max(1, math.ceil(Fraction(repr(float(train_epochs))) * samples_per_epoch / global_batch_size))
+
+
+def train_iters_for(training: Any, global_batch_size: int, seq_length: int,
+                    samples_per_epoch: int | None = None) -> int | None:
+    """The run's length in iterations at this global batch (None: no length given, or --train-epochs without the
+    epoch's size). Megatron-DeepSpeed's --train-tokens may cap --train-iters/--train-samples: the first limit
+    reached stops."""
     t, gbs = training, global_batch_size
+    if t.train_epochs is not None:  # exclusive with the other lengths (TrainingConfig)
+        return None if samples_per_epoch is None else epoch_iters(t.train_epochs, samples_per_epoch, gbs)
     limits = [n for n in (t.train_iters, None if t.train_samples is None else -(-t.train_samples // gbs),
                           None if t.train_tokens is None else -(-t.train_tokens // (gbs * seq_length))) if n is not None]
     return min(limits) if limits else None
 
 
-def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) -> Derived:
-    """`cfg` is a MegaclmConfig (or any object with parallel/training/data sections)."""
+def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None,
+                    samples_per_epoch: int | None = None) -> Derived:
+    """`cfg` is a MegaclmConfig (or any object with parallel/training/data sections); `samples_per_epoch` (read
+    from the datasets by the caller) sets the length of a --train-epochs run."""
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
     split = cfg.parallel.seq_split_size
@@ -90,7 +111,7 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
                         "every warmup length is split across the sequence ranks; pass "
                         f"--curriculum-seqlen-multiple {chunks * max(1, d.curriculum_seqlen_multiple // chunks)}")
     tokens_per_step = gbs * seq
-    iters = train_iters_for(t, gbs, seq)
+    iters = train_iters_for(t, gbs, seq, samples_per_epoch)
     padded = None
     if vocab_size is not None:
         padded = pad_vocab_size(vocab_size, cfg.tokenizer.make_vocab_size_divisible_by, tp)
@@ -98,4 +119,5 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None) ->
                    data_parallel_size=dp, micro_batch_size=mbs, global_batch_size=gbs,
                    grad_accum_steps=gbs // (mbs * dp), seq_length=seq, tokens_per_step=tokens_per_step,
                    train_iters=iters, train_samples=None if iters is None else iters * gbs,
-                   vocab_size=vocab_size, padded_vocab_size=padded, seq_split_size=split)
+                   vocab_size=vocab_size, padded_vocab_size=padded, seq_split_size=split,
+                   samples_per_epoch=samples_per_epoch)

@@ -21,6 +21,11 @@ class TrainingConfig:
     train_samples: int | None = field(default=None, metadata={"help": "Training length in samples."})
     train_tokens: int | None = field(default=None, metadata={
         "help": "Training length in tokens: the run stops once this many tokens were consumed."})
+    train_epochs: float | None = field(default=None, metadata={
+        "help": "Training length in passes over the training data (fractions allowed): iterations = "
+                "ceil(N x samples per epoch / global batch), samples per epoch = the --seq-length samples of one "
+                "pass over every training dataset's train split, summed over a blend (megaclm.data.epochs). "
+                "Instead of --train-iters/--train-samples/--train-tokens."})
     eval_interval: int = field(default=1000, metadata={"help": "Evaluate on the validation split every this many iterations."})
     eval_iters: int = field(default=100, metadata={
         "help": "Global batches per evaluation (validation, and the test split at the end); 0 disables evaluation."})
@@ -87,6 +92,11 @@ class TrainingConfig:
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise UserError(f"training.global_batch_size={self.global_batch_size} must be >= 1")
         given = [n for n in ("train_iters", "train_samples", "train_tokens") if getattr(self, n) is not None]
+        if self.train_epochs is not None and given:
+            raise UserError(f"training.train_epochs and training.{given[0]} are exclusive; give the run length once "
+                            f"(--train-epochs, or --train-iters/--train-samples/--train-tokens)")
+        if self.train_epochs is not None and not self.train_epochs > 0:
+            raise UserError(f"training.train_epochs={self.train_epochs} must be > 0")
         if self.train_iters is not None and self.train_samples is not None:
             raise UserError("training.train_iters and training.train_samples are exclusive; give the run length "
                             "once (--train-iters or --train-samples; --train-tokens may cap either)")

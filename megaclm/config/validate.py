@@ -11,6 +11,7 @@ from typing import Any
 
 from megaclm.config.data import parse_blend
 from megaclm.config.derived import Derived
+from megaclm.config.lora import parse_targets
 from megaclm.config.model import check_parallel_shapes
 from megaclm.utils.errors import UserError
 
@@ -87,8 +88,15 @@ def _tokenizer(cfg: Any) -> None:
 
 def _run_length(cfg: Any) -> None:
     t = cfg.training
-    if t.train_iters is None and t.train_samples is None and t.train_tokens is None:
-        raise UserError("the training length is not set: pass --train-iters, --train-samples or --train-tokens")
+    if t.train_iters is None and t.train_samples is None and t.train_tokens is None and t.train_epochs is None:
+        raise UserError("the training length is not set: pass --train-iters, --train-samples, --train-tokens or "
+                        "--train-epochs")
+
+
+def _epochs(cfg: Any) -> None:
+    if cfg.training.train_epochs is not None and cfg.data.mock_data:
+        raise UserError("training.train_epochs needs a training dataset to count passes over; --mock-data has no "
+                        "size: give --train-iters or --train-samples instead")
 
 
 def _schedule(cfg: Any, derived: Derived | None) -> None:
@@ -131,6 +139,27 @@ def _lora(cfg: Any) -> None:
     if cfg.lora.enabled and cfg.model.num_experts is not None and mlp:
         raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: an MoE model's MLPs are experts, which take no "
                         f"LoRA adapters ({', '.join(sorted(mlp))}); use --lora-target qkv,proj")
+    if cfg.lora.enabled and not cfg.model.swiglu and "gate" in (parse_targets(cfg.lora.lora_target).get("fc1") or ()):
+        raise UserError(f"lora.lora_target={cfg.lora.lora_target!r}: gate_proj names SwiGLU's gate, and this model's "
+                        "MLP has none (model.swiglu is off); use up_proj (or fc1) for its MLP input")
+
+
+def _base_quantization(cfg: Any) -> None:
+    """QLoRA's quantized base: refuse what cannot work with it, one reason each."""
+    method, t = cfg.lora.base_quantization, cfg.training
+    if not cfg.lora.quantized:
+        return
+    if t.zero_stage == 3:
+        raise UserError(f"lora.base_quantization={method} with training.zero_stage=3: ZeRO-3 partitions every "
+                        "parameter, and a quantized weight cannot be split and gathered as one; the base is frozen, "
+                        "so ZeRO-3 saves nothing on it: use --zero-stage 1 or 2")
+    if t.fp8_format is not None:
+        raise UserError(f"lora.base_quantization={method} with training.fp8_format={t.fp8_format}: both replace "
+                        "the block linears' matmul; drop --fp8-format (the frozen base is already quantized)")
+    if cfg.kernels.torch_compile:
+        raise UserError(f"lora.base_quantization={method} with kernels.torch_compile: compiling the blocks would "
+                        "trace torchao's quantized weights through megaclm's dequantizing matmul, an untested "
+                        "path; drop --torch-compile")
 
 
 # (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
@@ -157,8 +186,10 @@ CHECKS = [
     (_tokenizer, {"tokenizer"}),
     (_data_paths, {"data"}),
     (_run_length, {"training"}),
+    (_epochs, {"training", "data"}),
     (_checkpointing, {"checkpoint", "training"}),
     (_lora, {"lora", "checkpoint", "model"}),
+    (_base_quantization, {"lora", "training", "kernels"}),
     (_spike_guard, {"parallel", "training", "checkpoint"}),
 ]
 

@@ -37,7 +37,7 @@ from megaclm.data.gpt_dataset import GPTDataset, SampleSpec
 from megaclm.data.helpers import backend
 from megaclm.data.indexed_dataset import IndexedDataset, index_file_path
 from megaclm.data.mock_dataset import MockGPTDataset
-from megaclm.data.splits import SPLIT_NAMES, document_ranges, sequence_range
+from megaclm.data.splits import SPLIT_NAMES, split_sequence_range
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
 
@@ -120,15 +120,8 @@ class _Builder:
         return IndexCache(cache_dir_for(self.cfg, prefix), wait_s=self.cache_wait_s)
 
     def sequence_ranges(self, prefixes: list[str], split: str, use_split: bool) -> list[tuple[int, int]]:
-        out = []
-        for p in prefixes:
-            ds = self.indexed(p)
-            docs = len(ds.document_indices) - 1
-            doc_range = (0, docs)
-            if use_split:
-                doc_range = document_ranges(docs, self.cfg.split_fractions)[SPLIT_NAMES.index(split)]
-            out.append(sequence_range(ds.document_indices, doc_range))
-        return out
+        fractions = self.cfg.split_fractions if use_split else None
+        return [split_sequence_range(self.indexed(p).document_indices, split, fractions) for p in prefixes]
 
     def build(self, split: str, weights, prefixes, use_split: bool, num_samples: int,
               phases: list[tuple[int, list[float]]] | None):

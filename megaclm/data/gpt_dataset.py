@@ -72,6 +72,11 @@ class SampleSpec:
                             "end-of-document id; the tokenizer defines none")
 
 
+def samples_per_epoch(tokens_per_epoch: int, seq_length: int) -> int:
+    """Samples of seq_length + 1 tokens (consecutive samples share one) in one pass over the sequences."""
+    return max(0, (tokens_per_epoch - 1) // seq_length)
+
+
 def num_epochs_for(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
     """Fewest epochs whose token stream holds num_samples samples of seq_length + 1 tokens."""
     return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
@@ -84,7 +89,7 @@ def build_gpt_indices(sizes: np.ndarray, sequence_ids: np.ndarray, seq_length: i
     num_epochs = num_epochs_for(tokens_per_epoch, seq_length, num_samples)
     total = (num_epochs * tokens_per_epoch - 1) // seq_length
     before_last = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length if num_epochs > 1 else 0
-    per_epoch = (tokens_per_epoch - 1) // seq_length
+    per_epoch = samples_per_epoch(tokens_per_epoch, seq_length)
     separate_last = num_epochs > 1 and (num_samples - before_last) < int(SEPARATE_LAST_EPOCH_THRESHOLD * per_epoch)
 
     rng = np.random.RandomState(seed)  # RandomState: its streams are frozen across numpy versions
@@ -147,6 +152,9 @@ class GPTDataset:
             "num_sequences": len(indexed), "num_tokens_in_split": tokens,
             "split": split, "sequence_range": [int(start), int(end)],
             "seq_length": spec.seq_length, "num_samples": int(num_samples), "seed": spec.seed,
+            # follow from the fields above; said for the reader of the cache: how many passes over the split it holds
+            "samples_per_epoch": samples_per_epoch(tokens, spec.seq_length),
+            "num_epochs": num_epochs_for(tokens, spec.seq_length, int(num_samples)),
         }
         ids = np.arange(start, end, dtype=np.int32)
         arrays, self.built = cache.get_or_build(

@@ -29,3 +29,12 @@ def document_ranges(num_documents: int, fractions: tuple[float, float, float]) -
 def sequence_range(document_indices: np.ndarray, doc_range: tuple[int, int]) -> tuple[int, int]:
     """Sequences [first of document doc_range[0], first of document doc_range[1])."""
     return int(document_indices[doc_range[0]]), int(document_indices[doc_range[1]])
+
+
+def split_sequence_range(document_indices: np.ndarray, split: str,
+                         fractions: tuple[float, float, float] | None) -> tuple[int, int]:
+    """The sequence range of `split` in one dataset: its `--split` share of the documents, or every sequence
+    when `fractions` is None (a dataset given for that split alone, --train-data-path ...)."""
+    docs = len(document_indices) - 1
+    doc_range = (0, docs) if fractions is None else document_ranges(docs, fractions)[SPLIT_NAMES.index(split)]
+    return sequence_range(document_indices, doc_range)

@@ -213,6 +213,24 @@ def lora_layer_parameters(model: ModelConfig, rank: int, targets: tuple[str, ...
     return sum(per[t] for t in targets)
 
 
+# QLoRA's frozen block linears (megaclm.model.quantize): bytes per element and per output row.
+#   nf4: 4-bit codes, an int8 scale per 64-element block, a float32 factor per 256 blocks; int8: a float32 scale
+#   and an int8 zero point per row.
+QUANTIZED_BYTES = {"nf4": (0.5 + 1 / 64 + 4 / (64 * 256), 0), "int8": (1.0, 5)}
+
+
+def quantized_layer_weights(model: ModelConfig, tp: int, moe: bool = False) -> tuple[int, int]:
+    """(elements, output rows) of one layer's block-linear weights (qkv, proj, fc1, fc2; an MoE layer's fc1/fc2
+    are its shared expert's) on one TP rank: what --base-quantization stores quantized."""
+    h, d = model.hidden_size, model.head_dim
+    f = (model.moe_shared_expert_intermediate_size or 0) if moe else model.ffn_size
+    q, qkv_out, fc1_out = model.num_attention_heads * d, (model.num_attention_heads + 2 * model.num_kv_heads) * d, \
+        f * (2 if model.swiglu else 1)
+    elements = (h * qkv_out + q * h + h * fc1_out + f * h) // tp
+    rows = qkv_out // tp + h + fc1_out // tp + (h if f else 0)
+    return elements, rows
+
+
 def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
     """Parameters of the model with a `vocab_size`-row embedding (pass the padded size)."""
     if vocab_size < 1:
@@ -277,6 +295,7 @@ class MemorySetup:
     reference_ops: bool = False  # megaclm.ops' PyTorch references (--estimate-for cpu), not the fused CUDA kernels
     lora_rank: int = 0  # > 0: only LoRA adapters on `lora_targets` train; the base has no grads or optimizer states
     lora_targets: tuple[str, ...] = ()
+    base_quantization: str = "none"  # QLoRA: the frozen block linears' weights in nf4 / int8 (QUANTIZED_BYTES)
     seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
     ring: bool = False  # the split is ring attention (context parallel), else DeepSpeed-Ulysses
     expert_parallel: int = 1  # MoE: dp or seq-split ranks splitting the routed experts (--expert-model-parallel-size)
@@ -298,6 +317,10 @@ class MemorySetup:
                             "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; use --zero-stage 1")
         if self.seq_length % self.seq_split:
             raise UserError(f"seq_length={self.seq_length} is not divisible by the sequence split {self.seq_split}")
+        if self.base_quantization != "none" and (self.base_quantization not in QUANTIZED_BYTES or not self.lora_rank
+                                                 or self.zero_stage == 3):
+            raise UserError(f"base_quantization={self.base_quantization!r} needs one of {', '.join(QUANTIZED_BYTES)}, "
+                            f"lora_rank > 0 (got {self.lora_rank}) and zero_stage 0-2 (got {self.zero_stage})")
         if self.offload_optimizer and self.zero_stage == 0:
             raise UserError("offload_optimizer needs ZeRO stage 1, 2 or 3")
         if self.offload_param and self.zero_stage != 3:
@@ -437,6 +460,7 @@ class StageParams:
     params: int
     largest_module: int  # the largest single module (ZeRO-3 gathers it whole)
     experts: int = 0  # of `params`, this expert-parallel rank's routed experts (ZeRO: over seq x dp / ep)
+    block_linears: tuple[int, int] = (0, 0)  # (elements, rows) of the block linears' weights (quantized_layer_weights)
 
 
 def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int = 1,
@@ -460,6 +484,7 @@ def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int =
         start += n_layers
         params, largest = sum(x.on_rank(t, ep) for x in shapes), max(x.largest_module(t) for x in shapes)
         experts = sum(x.experts[1] // ep for x in shapes)
+        blocks = [quantized_layer_weights(model, t, model.is_moe_layer(j)) for j in range(start - n_layers, start)]
         if first:
             params += emb_rank + count.position_embeddings
             largest = max(largest, emb_rank, count.position_embeddings)
@@ -468,7 +493,8 @@ def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int =
             if count.output_layer or not first:  # an untied head, or the tied copy on the last stage
                 params += emb_rank
                 largest = max(largest, emb_rank)
-        stages.append(StageParams(layers=n_layers, params=params, largest_module=largest, experts=experts))
+        stages.append(StageParams(layers=n_layers, params=params, largest_module=largest, experts=experts,
+                                  block_linears=(sum(e for e, _ in blocks), sum(r for _, r in blocks))))
     return stages
 
 
@@ -498,6 +524,10 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
             egpu, ecpu = _stage_model_states(stage.experts, 0, setup, trainable=0 if setup.lora_rank else None,
                                              shards=setup.data_parallel * setup.seq_split // ep)
             gpu, cpu = ({k: a[k] + b[k] for k in a} for a, b in ((gpu, egpu), (cpu, ecpu)))
+        if setup.base_quantization != "none":  # QLoRA: the frozen block linears stored quantized
+            (per_element, per_row), (elements, rows) = QUANTIZED_BYTES[setup.base_quantization], stage.block_linears
+            gpu["weights"] -= (2 if setup.precision != "fp32" else 4) * elements - per_element * elements \
+                - per_row * rows
         in_flight = min(pp - i, setup.grad_accum_steps)
         if model.recompute_full and model.recompute_method == "uniform":
             k = min(model.recompute_num_layers, stage.layers)

@@ -173,6 +173,11 @@ def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
     return lora if lora is not None and lora.targets(name) else None
 
 
+def _lora_blocks(lora: LoraConfig | None, name: str, blocks: tuple[str, ...]) -> list[bool] | None:
+    """Which row blocks of the fused linear `name` the adapter covers (--lora-target q_proj,v_proj); None: all."""
+    return lora.block_mask(name, blocks) if _lora_for(lora, name) is not None else None
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None):
@@ -186,7 +191,8 @@ class Attention(nn.Module):
         std = config.init_method_std
         self.qkv = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.qkv_bias,
                                         init_method=normal_init(std), output_blocks=blocks,
-                                        lora=_lora_for(lora, "qkv"))
+                                        lora=_lora_for(lora, "qkv"),
+                                        lora_blocks=_lora_blocks(lora, "qkv", ("q", "k", "v")))
         self.proj = RowParallelLinear(config.num_attention_heads * self.hd, config.hidden_size, pstate,
                                       bias=config.add_bias_linear,
                                       init_method=scaled_normal_init(std, config.num_layers),
@@ -230,6 +236,9 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, T, self.nh * self.hd))  # (B, S, H)
 
 
+MLP_BLOCKS = {True: ("gate", "up"), False: ("up",)}  # fc1's row blocks, by config.swiglu
+
+
 class MLP(nn.Module):
     """The dense MLP; `ffn` overrides config.ffn_size (an MoE layer's shared expert)."""
 
@@ -241,7 +250,8 @@ class MLP(nn.Module):
         std = config.init_method_std
         self.fc1 = ColumnParallelLinear(config.hidden_size, sum(blocks), pstate, bias=config.add_bias_linear,
                                         init_method=normal_init(std), output_blocks=blocks,
-                                        lora=_lora_for(lora, "fc1"))
+                                        lora=_lora_for(lora, "fc1"),
+                                        lora_blocks=_lora_blocks(lora, "fc1", MLP_BLOCKS[self.swiglu]))
         self.fc2 = RowParallelLinear(ffn, config.hidden_size, pstate, bias=config.add_bias_linear,
                                      init_method=scaled_normal_init(std, config.num_layers),
                                      lora=_lora_for(lora, "fc2"))

@@ -15,7 +15,9 @@ per micro-batch, or once per step in one all-reduce where the trainer defers it 
 
 LoRA (`lora=LoraConfig`): y = W x + (alpha / r) B A dropout(x), with the factor that touches W's split
 axis split the same way, so that the adapted TP=t model equals the adapted TP=1 model:
-    column-parallel  A (r, in) replicated, B (out/tp, r) split along out like W's rows ([q; k; v] blocks kept)
+    column-parallel  A (r, in) replicated, B (out/tp, r) split along out like W's rows ([q; k; v] blocks kept);
+                     `lora_blocks` limits the adapter to some of the output blocks (q and v of [q; k; v]): the
+                     other rows of B are multiplied by zero, so they get no gradient and stay at their zero init
     row-parallel     A (r, in/tp) split along in like W's columns, B (out, r) replicated
 The rank-r activation u = A x is what crosses ranks: copied (its gradient all-reduced) or SP-gathered before
 a column B, summed (or SP reduce-scattered) after a row A - r numbers per token instead of `out`.
@@ -124,6 +126,7 @@ class _LoraMixin:
 
     def _init_lora(self, lora: LoraConfig | None) -> None:
         self.lora_a = self.lora_b = None
+        self.register_buffer("lora_mask", None, persistent=False)  # column-parallel: (out/tp, 1), some blocks only
         self.lora_scale = lora.scale if lora is not None else 0.0
         self.lora_dropout = nn.Dropout(lora.lora_dropout if lora is not None else 0.0)
 
@@ -137,7 +140,8 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_, output_blocks: Sequence[int] | None = None,
-                 gather_output: bool = False, lora: LoraConfig | None = None):
+                 gather_output: bool = False, lora: LoraConfig | None = None,
+                 lora_blocks: Sequence[bool] | None = None):
         super().__init__()
         self.pstate = pstate
         self.tp, rank, self.sp = tp_info(pstate)
@@ -160,6 +164,9 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
             sequence_parallel_grad_hook(self.lora_a, pstate)  # under SP it sees this rank's tokens only
             self.lora_b = nn.Parameter(torch.zeros(out_features // self.tp, lora.lora_rank))  # (out/tp, r)
             _mark(self.lora_b, 0)
+            if lora_blocks is not None:  # this rank's rows of each block, 1 where the block is adapted
+                self.lora_mask = torch.cat([torch.full((b // self.tp, 1), float(on))
+                                            for b, on in zip(blocks, lora_blocks)])
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """`add_bias=False` leaves the bias to the caller (to fuse it into the activation)."""
@@ -171,7 +178,8 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
                 x = self.lora_dropout(x)
             u = F.linear(x, self.lora_a)  # (B, S, r)
             u = gather_from_sp(u, group) if self.sp else copy_to_tp(u, group)  # (B, T, r)
-            y = y + self.lora_scale * F.linear(u, self.lora_b)  # (B, T, out/tp)
+            b = self.lora_b if self.lora_mask is None else self.lora_b * self.lora_mask.to(self.lora_b.dtype)
+            y = y + self.lora_scale * F.linear(u, b)  # (B, T, out/tp)
         return gather_from_tp(y, group) if self.gather_output else y
 
 

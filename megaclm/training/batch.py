@@ -17,6 +17,10 @@ or, for the pipeline engine, DeepSpeed's tuple ((tokens, position_ids[, document
 T is the curriculum's length for the step (samples are cut, never re-read). Evaluation always uses
 the first eval_iters global batches of its split, at full length, so every evaluation - and every
 resumed run's - sees the same samples.
+
+What the logs say about the data (`data_fields`, `phase_line`, `passes_line`): the epoch (consumed samples /
+samples per epoch, megaclm.data.epochs), the data-mixing phase, the blend weights in force and the
+sequence length of a step.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from megaclm.data.builder import build_train_valid_test
 from megaclm.data.curriculum import Curriculum
+from megaclm.data.epochs import TrainSplit, drawn_per_dataset, passes_line, train_split
 from megaclm.data.sampler import PretrainingSampler
 from megaclm.parallel.context import shard_sequence
 from megaclm.training.batch_change import samples_needed
@@ -39,8 +44,10 @@ def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 class BatchSource:
-    def __init__(self, cfg: Any, derived: Any, datasets: tuple, curriculum: Curriculum, pstate: Any):
+    def __init__(self, cfg: Any, derived: Any, datasets: tuple, curriculum: Curriculum, pstate: Any,
+                 split: TrainSplit | None = None):
         self.cfg, self.derived, self.pstate = cfg, derived, pstate
+        self.split = split  # the training data's sizes and weights (None: --mock-data)
         self.train, self.valid, self.test = datasets
         self.curriculum = curriculum
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -62,6 +69,38 @@ class BatchSource:
 
     def seq_length_at(self, progress: Any) -> int:
         return self.curriculum.seqlen_at(progress.iteration)
+
+    # ---- what the logs say about the data ---------------------------------------------------------------------
+    def epoch(self, consumed_samples: int) -> float | None:
+        """Epochs of training data consumed (fractional; None with --mock-data)."""
+        return None if self.split is None else self.split.epoch(consumed_samples)
+
+    def blend_weights(self, step: int) -> list[float] | None:
+        """The blend weights in force at step (0-based): its data-mixing phase's, else the blend's."""
+        phases = self.curriculum.mixing_phases
+        if phases:
+            return phases[self.curriculum.phase_at(step)][1]
+        return None if self.split is None else self.split.weights
+
+    def data_fields(self, step: int, consumed_samples: int) -> dict:
+        """The metrics record's data fields for step (0-based), `consumed_samples` after it."""
+        return {"epoch": self.epoch(consumed_samples), "phase": self.curriculum.phase_at(step),
+                "blend_weights": self.blend_weights(step), "seq_length": self.curriculum.seqlen_at(step)}
+
+    def phase_line(self, step: int) -> str:
+        """e.g. "data phase 1 of 2 from iteration 7 (tokens 6144+): blend weights 0.500 A, 0.500 B; seq length 64"."""
+        c, weights = self.curriculum, self.blend_weights(step)
+        if weights is None:
+            blend = "mock data"
+        else:
+            named = [f"{w:.3f} {p}" for w, p in zip(weights, self.split.prefixes)]
+            blend = "blend weights " + ", ".join(named[:8]) + (f" (+{len(named) - 8} more)" if len(named) > 8 else "")
+        return (f"data phase {c.phase_at(step)} of {max(1, len(c.mixing_phases))} from iteration {step + 1} "
+                f"(tokens {c.tokens_before(step)}+): {blend}; seq length {c.seqlen_at(step)}")
+
+    def passes_line(self, num_samples: int) -> str | None:
+        """What the run's first num_samples training samples make of each dataset (None with --mock-data)."""
+        return None if self.split is None else passes_line(self.split, drawn_per_dataset(self.train, num_samples))
 
     # ---- batches --------------------------------------------------------------------------------------------
     def _loader(self, dataset, batch_sampler: PretrainingSampler) -> DataLoader:
@@ -139,4 +178,4 @@ def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any,
     datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=train_samples,
                                       valid_samples=eval_samples, test_samples=eval_samples, eod_id=eod_id,
                                       global_batch_size=gbs, vocab_size=derived.vocab_size)
-    return BatchSource(cfg, derived, datasets, Curriculum.from_config(cfg.data, gbs), pstate)
+    return BatchSource(cfg, derived, datasets, Curriculum.from_config(cfg.data, gbs), pstate, train_split(cfg.data))

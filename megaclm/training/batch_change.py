@@ -13,7 +13,8 @@ per resume, from G (the checkpoint's) to G':
                 another point of its curve, so that change is refused.
     the end     --train-iters, --train-samples or --train-tokens, counted as before
 
-Also refused: a sequence-length warmup or data-mixing schedule (both are placed at steps x G).
+Also refused: a sequence-length warmup or data-mixing schedule (both are placed at steps x G), and a
+--train-epochs run (its iterations are counted in global batches of G).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def check_batch_change(cfg: Any, derived: Any, saved: int | None, iteration: int
     change = f"--global-batch-size {new} differs from the checkpoint's {saved} ({where})"
     keep = f"resume with --global-batch-size {saved}"
     d, s, t = cfg.data, cfg.scheduler, cfg.training
+    if t.train_epochs is not None:
+        raise UserError(f"{change}: --train-epochs fixed the run's end and its lr schedule in iterations of {saved} "
+                        f"samples; {keep}")
     if d.curriculum_seqlen_start is not None or d.mixing_phases:
         raise UserError(f"{change}: the sequence-length warmup and data-mixing phases are placed at steps of {saved} "
                         f"samples and would move; {keep}")

@@ -414,8 +414,10 @@ class Trainer:
             save = self.cfg.checkpoint.save
             self.watchdog = HangWatchdog(t.hang_timeout_s, os.path.join(save, "hang") if save else None,
                                          self.pstate.rank)
+        shown_phase = None  # the data phase last announced on the console
         try:
             while not self._done():
+                shown_phase = self._announce_phase(shown_phase)
                 seq = self.data.seq_length_at(self.progress)
                 lr = self._set_lr()
                 self._test_hang()
@@ -478,6 +480,8 @@ class Trainer:
                     reason = stop
                     log.info(f"stopping at iteration {p.iteration}: {stop}; saving a checkpoint")
                     break
+            if window["steps"]:  # the steps since the last log line: logged, so every trained step is
+                self._log(lr, window)
             if reason == "finished":
                 self._after_eval(self.evaluate("valid"))
                 self.evaluate("test")
@@ -490,6 +494,19 @@ class Trainer:
             if self.watchdog is not None:
                 self.watchdog.close()
         return reason
+
+    def _announce_phase(self, shown: int | None) -> int:
+        """One console line at the start and before the first step of each data-mixing phase: the phase, the
+        blend weights in force and the sequence length (megaclm.training.batch)."""
+        phase = self.data.curriculum.phase_at(self.progress.iteration)
+        if phase != shown and self.pstate.rank == 0:
+            log.info(self.data.phase_line(self.progress.iteration))
+        return phase
+
+    @property
+    def epoch(self) -> float | None:
+        """Epochs of training data consumed so far (fractional; None with --mock-data)."""
+        return self.data.epoch(self.progress.consumed_samples)
 
     def _rank_step_times(self, window: dict) -> list[float]:
         """Every rank's mean step time over the window (one all-gather per log line), to name stragglers."""
@@ -519,4 +536,6 @@ class Trainer:
                if window["moe"] else {}),
             "rank_step_time": rank_times, "step_time_max": max(rank_times),
             "slowest_rank": max(range(len(rank_times)), key=rank_times.__getitem__),
+            "window_start": p.iteration - window["steps"] + 1,  # the first iteration the averages cover
+            **self.data.data_fields(p.iteration - 1, p.consumed_samples),  # epoch, phase, blend weights, seq length
         })

@@ -5,7 +5,11 @@ Only the writer rank (first rank of the last pipeline stage, where the loss is) 
 
     {"iteration", "consumed_samples", "consumed_tokens", "loss", "lr", "grad_norm", "loss_scale",
      "tokens_per_sec", "tflops", "mfu", "step_time", "memory_gb", "skipped_steps",
-     "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank"}
+     "rank_step_time" (every rank's mean step time, by global rank), "step_time_max", "slowest_rank",
+     "window_start", "epoch" (consumed samples / samples per epoch, megaclm.data.epochs; null with --mock-data),
+     "phase" (the --data-mixing-schedule phase of the iteration's step, 0 without one), "blend_weights" (the
+     weights in force, one per training dataset; null with --mock-data), "seq_length" (the step's, after any
+     sequence-length warmup)}
 
 plus, for Mixture-of-Experts models, "router_loss" (what the router losses added to the training loss;
 "loss" is the LM loss without it), "moe_aux_loss" and "moe_z_loss" (unweighted, averaged over the MoE
@@ -14,6 +18,11 @@ layers: the load-balancing loss is 1 when routing is perfectly balanced).
 and after each evaluation {"iteration", "val_loss", "val_ppl"} (or "test_loss", "test_ppl"). tflops is
 model FLOP/s per device (6N + 12 L d T per token, megaclm.model.flops; no recompute counted), mfu
 = tflops / --peak-tflops (default by detected GPU; null on CPU unless given).
+
+"window_start" is the first iteration the averages (loss, step time, tokens/s) cover: windows end at multiples
+of --log-interval (and at iteration 1, and when the run stops), so the first window after a resume covers
+only the iterations this launch trained. A resumed run first drops the rows past its checkpoint from
+metrics.jsonl (megaclm.logging.metrics_file), so each iteration appears once.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from typing import Any
 import torch
 
 from megaclm.logging import get_logger
+from megaclm.logging.metrics_file import drop_rows_after
 
 log = get_logger("megaclm.train")
 
@@ -69,10 +79,17 @@ class MetricsLogger:
                  start_iter: int, run_config: dict, default_wandb_dir: str | None):
         self.writer, self.cfg = writer, logging_cfg
         self.metrics_file, self.tb, self.wandb, self.bar = None, None, None, None
+        # Without a metrics file: every record of this launch, for the end-of-run summary (else it reads the file)
+        self.rows: list[dict] = []
+        self.path = metrics_file if writer else None
         if not writer:
             return
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            dropped = drop_rows_after(metrics_file, start_iter)
+            if dropped:
+                log.info(f"{metrics_file}: dropped {dropped} rows past iteration {start_iter}, where this run "
+                         "starts: it trains those iterations again")
             self.metrics_file = open(metrics_file, "a", buffering=1)
         if logging_cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -93,7 +110,9 @@ class MetricsLogger:
     def _emit(self, record: dict, prefix: str) -> None:
         # JSON has no NaN/inf: a non-finite value (a diverged eval, a NaN grad norm) is recorded as missing.
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        if self.metrics_file is not None:
+        if self.metrics_file is None:
+            self.rows.append(record)
+        else:
             self.metrics_file.write(json.dumps(record) + "\n")
         step = record["iteration"]
         # Scalars only (the per-rank step-time list stays in the JSON lines).
@@ -124,18 +143,30 @@ class MetricsLogger:
         r = record
         self._print(
             f"iter {r['iteration']:>7d} | samples {r['consumed_samples']} | tokens {r['consumed_tokens']} | "
+            f"epoch {_fmt(r.get('epoch'), '.3f')} | "
             f"loss {_fmt(r['loss'], '.4f')} | lr {_fmt(r['lr'], '.3e')} | grad norm {_fmt(r['grad_norm'], '.3f')} | "
             f"loss scale {_fmt(r['loss_scale'], '.0f')} | tok/s {_fmt(r['tokens_per_sec'], '.0f')} | "
-            f"TFLOP/s/dev {_fmt(r['tflops'], '.2f')} | MFU {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}% | "
+            f"TFLOP/s/dev {_fmt(r['tflops'], '.2f')} | MFU {_fmt(r['mfu'], '.1%')} | "
             f"step {_fmt(r['step_time'], '.3f')}s | mem {_fmt(r['memory_gb'], '.2f')}GB"
             + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
+            + self._window_note(r)
             + (f" | moe aux {r['moe_aux_loss']:.4f} z {r['moe_z_loss']:.4f}" if "moe_aux_loss" in r else ""))
+
+    def _window_note(self, r: dict) -> str:
+        """" | avg of iters 26-30" when the averages cover less than a whole --log-interval (after a resume, at
+        a stop); nothing for whole windows and iteration 1."""
+        start, it = r.get("window_start"), r["iteration"]
+        if start is None or it == 1 or start == it - self.cfg.log_interval + 1:
+            return ""
+        return f" | avg of iters {start}-{it}"
 
     def event(self, record: dict, line: str) -> None:
         """A one-off record (e.g. a loss-spike rollback) in metrics.jsonl, and its console line."""
         if not self.writer:
             return
-        if self.metrics_file is not None:
+        if self.metrics_file is None:
+            self.rows.append(record)
+        else:
             self.metrics_file.write(json.dumps(record) + "\n")
         self._print(line)
 

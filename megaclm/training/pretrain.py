@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import torch
@@ -28,11 +29,13 @@ from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
-from megaclm.config.validate import check_vocab
+from megaclm.config.validate import check_vocab, validate
 from megaclm.data.curriculum import Curriculum
+from megaclm.data.epochs import train_split
 from megaclm.data.fingerprint import check_fingerprint, data_fingerprint
 from megaclm.data.token_range import check_token_ids
 from megaclm.logging import get_logger, quiet
+from megaclm.model import quantize
 from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters, estimate_memory, flops_per_token,
                                  lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
@@ -45,6 +48,7 @@ from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agre
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.schedules import build_schedule
 from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
+from megaclm.training.summary import end_of_run
 from megaclm.utils import exitcodes, shm_buffers
 from megaclm.utils.errors import UserError
 from megaclm.utils.launch_env import rank_env_from_slurm
@@ -95,7 +99,8 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
     l, k = cfg.lora, cfg.kernels
     lines = ["lora: off" if lora is None else
              f"lora: rank {l.lora_rank}, alpha {l.lora_alpha:g}, dropout {l.lora_dropout:g} on {l.lora_target}; base "
-             f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")]
+             f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")
+             + (f"; base quantized to {l.base_quantization}" if l.quantized else "")]
     lines.append(f"torch_compile: {'on (each transformer block)' if k.torch_compile else 'off'}; "
                  f"kernels: {k.kernels}")
     t = cfg.training
@@ -105,8 +110,11 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
 
 
 def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
-    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup."""
-    derived = compute_derived(cfg, world_size, vocab_size=vocab_size)
+    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup, with
+    --train-epochs the size of the training data (read from the .idx files: every run logs its epoch)."""
+    split = train_split(cfg.data)
+    derived = compute_derived(cfg, world_size, vocab_size=vocab_size,
+                              samples_per_epoch=None if split is None else split.samples_per_epoch)
     if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
         iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
             cfg.training.train_tokens)
@@ -114,6 +122,8 @@ def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
             iters = min(iters, compute_derived(dataclasses.replace(
                 cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world_size).train_iters)
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    if cfg.training.train_epochs is not None:  # the lr lengths against the run's, now known (parse_args could not)
+        validate(cfg, derived)
     return derived
 
 
@@ -172,6 +182,7 @@ def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tu
                         offload_param=cfg.training.offload_param,
                         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), reference_ops=reference_ops,
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
+                        base_quantization=cfg.lora.base_quantization,
                         seq_split=derived.seq_split_size, ring=cfg.parallel.context_parallel_size > 1,
                         expert_parallel=cfg.parallel.expert_model_parallel_size)
     memory = estimate_memory(cfg.model, model_vocab, setup)
@@ -347,6 +358,8 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         load_weights(engine, lora_base["dir"], lora_base["tag"], select=lambda key: not is_lora_key(key))
         if pstate.rank == 0:
             log.info(f"LoRA: frozen base from {lora_base['dir']}/{lora_base['tag']}")
+        if cfg.lora.quantized:  # QLoRA: each rank's shard of the loaded base, before any adapter is loaded
+            quantize.apply_to(engine.module, cfg.lora.base_quantization, log.info if pstate.rank == 0 else None)
     if start.dir is not None and (lora_base is None or adapters):
         state = load_checkpoint(engine, start.dir, start.choice.tag, finetune=start.weights_only,
                                 load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
@@ -357,6 +370,9 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate, resumed=state)
     if state is not None:
         data.load_state_dict(state["data"])
+    passes = data.passes_line(derived.train_iters * derived.global_batch_size)
+    if passes is not None and pstate.rank == 0:
+        log.info(passes)
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
                               cfg.training.train_tokens, derived.global_batch_size)
     writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.seq_rank == 0
@@ -386,8 +402,11 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     if _stopped_at_start_up(pstate):
         metrics.close()
         return exitcodes.STOPPED
+    started, status = (progress.iteration, progress.consumed_tokens), "failed"
     try:
         reason = trainer.train()
+        status = (f"stopped ({reason})" if reason != "finished" else
+                  "failed (its last steps, a streak of bad steps, were not saved)" if trainer.end_unsaved else reason)
     except TrainingDiverged as e:
         log.error(str(e))
         return exitcodes.FAILED
@@ -397,6 +416,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         return exitcodes.FAILED
     finally:
         metrics.close()
+        end_of_run(status, metrics, progress, started, time.time() - trainer.start_time, c.save)
     if trainer.end_unsaved and reason == "finished":
         log.error(f"training ended at iteration {progress.iteration} in a streak of bad steps, which were not saved; "
                   f"the last healthy checkpoint is {trainer.last_healthy()}")

@@ -53,3 +53,10 @@ def test_samples_needed_follows_the_first_limit(base):
     cfg, _ = parse_config(base + ["--train-iters", "100", "--train-tokens", str(2000 * 64)], world_size=2)
     # 40 steps of 16 = 640 samples consumed; at 32: 43 more steps by --train-tokens, 60 by --train-iters
     assert samples_needed(cfg.training, 32, 64, 40, 640, 640 * 64) == 640 + 43 * 32
+
+
+def test_refused_with_train_epochs(base):
+    """The epoch's end is a count of the checkpoint's global batches: another batch would move it."""
+    with pytest.raises(UserError, match=r"--train-epochs fixed the run's end and its lr schedule in iterations of 16 "
+                                        r"samples; resume with --global-batch-size 16"):
+        note(base, ["--train-epochs", "2"])

@@ -253,7 +253,7 @@ def test_yaml_reads_yaml_1_2_floats(text, value):
 
 def test_run_length_is_required(base):
     argv = [a for a in base if a not in ("--train-iters", "100")]
-    with pytest.raises(UserError, match="--train-iters, --train-samples or --train-tokens"):
+    with pytest.raises(UserError, match="--train-iters, --train-samples, --train-tokens or --train-epochs"):
         parse(argv)
 
 

@@ -40,10 +40,11 @@ from megaclm.checkpoint.hf import files  # noqa: E402
 from megaclm.checkpoint.hf.importer import import_hf, model_config_yaml  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output  # noqa: E402
 from megaclm.checkpoint.hf.peft import to_peft  # noqa: E402
-from megaclm.checkpoint.layout import read_meta  # noqa: E402
-from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint  # noqa: E402
+from megaclm.checkpoint.layout import read_meta, tag_at_step  # noqa: E402
+from megaclm.checkpoint.shards import load_full_state_dict, load_lora_checkpoint, lora_trained_base  # noqa: E402
 from megaclm.model.lora import merge_lora_state_dict  # noqa: E402
 from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config.checkpoint import BEST_STEP, parse_ckpt_step  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
@@ -64,6 +65,16 @@ def _check_lora_export(load: str, tag: str | None, lora: str | None) -> None:
         raise UserError(f"--load {load} is a full checkpoint without LoRA adapters; drop --lora-{lora}")
 
 
+def qlora_base(adapters, base) -> dict:
+    """megaclm.checkpoint.shards.lora_trained_base, saying so for a QLoRA run."""
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method != "none":
+        meta = adapters.meta
+        log.info(f"QLoRA: merging into the base as the run saw it ({method}, tp {meta['tensor_model_parallel_size']}, "
+                 f"{meta['precision']}), dequantized")
+    return lora_trained_base(adapters, base)
+
+
 def export_peft(adapters, base, out: str, family: str | None) -> dict:
     """The PEFT adapter directory of a LoRA checkpoint; returns adapter_config.json."""
     model_cfg = MegaclmConfig.from_dict({"model": base.config["model"]}).model
@@ -71,11 +82,15 @@ def export_peft(adapters, base, out: str, family: str | None) -> dict:
     config, tensors = to_peft(model_cfg, adapters.state_dict, family, adapters.config["lora"],
                               base_model=adapters.meta["lora_base"]["dir"])
     files.write_peft_dir(out, config, tensors)
+    method = adapters.config["lora"].get("base_quantization", "none")
+    if method != "none":
+        log.info(f"QLoRA: these adapters were trained on the {method}-quantized base; on the unquantized one they "
+                 "are off by its rounding (--lora-merge merges into the dequantized base instead)")
     log.info(f"exported the LoRA adapters of {adapters.meta['tag']} as a PEFT adapter ({family}) to {out}")
     return config
 
 
-def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | None = None,
+def export_hf(load: str, out: str, ckpt_step: int | str | None = None, family: str | None = None,
               tokenizer_dir: str | None = None, dtype: str = "fp32", vocab_size: int | None = None,
               max_shard_gb: float = 5.0, lora: str | None = None) -> dict:
     """megaclm checkpoint (any TP/PP) -> HF directory at `out`; returns the written config.json dict.
@@ -85,7 +100,7 @@ def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | N
     check_fresh_output(out)
     if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
         raise UserError(f"--tokenizer-dir {tokenizer_dir}: no such directory")
-    tag = None if ckpt_step is None else f"iter_{ckpt_step:07d}"
+    tag = tag_at_step(load, ckpt_step)
     _check_lora_export(load, tag, lora)
     if lora is None:
         ckpt = load_full_state_dict(load, tag)
@@ -94,7 +109,8 @@ def export_hf(load: str, out: str, ckpt_step: int | None = None, family: str | N
         if lora == "adapter":
             return export_peft(adapters, ckpt, out, family)
         scale = adapters.config["lora"]["lora_alpha"] / adapters.config["lora"]["lora_rank"]
-        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**ckpt.state_dict, **adapters.state_dict}, scale))
+        base = qlora_base(adapters, ckpt)
+        ckpt = ckpt._replace(state_dict=merge_lora_state_dict({**base, **adapters.state_dict}, scale))
     model_cfg = MegaclmConfig.from_dict({"model": ckpt.config["model"]}).model
     section = files.tokenizer_section(tokenizer_dir) if tokenizer_dir else ckpt.config.get("tokenizer", {})
     if tokenizer_dir and section is None:
@@ -129,7 +145,11 @@ def main() -> None:
     exp = sub.add_parser("export", help="megaclm checkpoint -> HF directory")
     exp.add_argument("--load", required=True, help="megaclm checkpoint directory (pretrain_gpt.py --save, or import).")
     exp.add_argument("--out", required=True, help="New HF model directory (must not exist or be empty).")
-    exp.add_argument("--ckpt-step", type=int, default=None, help="Export iteration N instead of `latest`.")
+    step = exp.add_mutually_exclusive_group()
+    step.add_argument("--ckpt-step", type=parse_ckpt_step, default=None,
+                      help="Export iteration N instead of `latest` (`best`: as --best).")
+    step.add_argument("--best", dest="ckpt_step", action="store_const", const=BEST_STEP,
+                      help="Export the checkpoint with the lowest validation loss (<load>/best, --save-best).")
     exp.add_argument("--family", choices=FAMILIES, default=None,
                      help="HF architecture to write; default: the imported one, else inferred from the model config.")
     exp.add_argument("--tokenizer-dir", default=None,

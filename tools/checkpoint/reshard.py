@@ -31,11 +31,12 @@ entry_point()  # before DeepSpeed is imported: it would guess the accelerator, a
 
 import torch  # noqa: E402
 
-from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_for  # noqa: E402
+from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_at_step  # noqa: E402
 from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
 from megaclm.checkpoint.universal import MOMENTS, has_optimizer_shards, saved_adam_step  # noqa: E402
+from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
 from megaclm.config.model import ModelConfig, check_parallel_shapes  # noqa: E402
 from megaclm.config.parallel import ParallelConfig  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
@@ -68,9 +69,9 @@ def _check_layout(load: str, tag: str | None, tp: int, pp: int) -> None:
     check_parallel_shapes(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
 
 
-def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | None = None) -> str:
+def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | str | None = None) -> str:
     check_fresh_output(out)
-    tag = None if ckpt_step is None else tag_for(ckpt_step)
+    tag = tag_at_step(load, ckpt_step)
     _check_layout(load, tag, tp, pp)
     ckpt = load_full_state_dict(load, tag)
     meta, tree = ckpt.meta, ckpt.config
@@ -102,7 +103,8 @@ def main() -> None:
     p.add_argument("--out", required=True, help="New checkpoint directory (must not exist or be empty).")
     p.add_argument("--tensor-model-parallel-size", type=int, required=True)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--ckpt-step", type=int, default=None, help="Reshard iteration N instead of `latest`.")
+    p.add_argument("--ckpt-step", type=parse_ckpt_step, default=None,
+                   help="Reshard iteration N instead of `latest`; `best`: the lowest validation loss's.")
     a = p.parse_args()
     if a.tensor_model_parallel_size < 1 or a.pipeline_model_parallel_size < 1:
         raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
