@@ -27,7 +27,8 @@ LR=${LR:-3e-4}
 MASTER_PORT=${MASTER_PORT:-29517}
 DATA_JSONL=${DATA_JSONL:-tests/data/wiki_summaries_500.jsonl}
 EVAL_JSONL=${EVAL_JSONL:-$DATA_JSONL}
-LAUNCHER=${LAUNCHER:-$(dirname "$PY")/deepspeed --num_gpus $NUM_GPUS --master_port $MASTER_PORT}
+# --log_level error: without the launcher's INFO lines and "Unable to find hostfile" (one node needs none)
+LAUNCHER=${LAUNCHER:-$(dirname "$PY")/deepspeed --log_level error --num_gpus $NUM_GPUS --master_port $MASTER_PORT}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK"
 

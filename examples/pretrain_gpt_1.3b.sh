@@ -12,7 +12,8 @@ DATA=${DATA:-data/my_text_document}
 VOCAB=${VOCAB:-tests/data/gpt2-vocab.json}
 MERGES=${MERGES:-tests/data/gpt2-merges.txt}
 SAVE=${SAVE:-runs/gpt-1.3b}
-LAUNCHER=${LAUNCHER:-deepspeed --num_gpus $NUM_GPUS --master_port $MASTER_PORT}
+# --log_level error: without the launcher's INFO lines and "Unable to find hostfile" (one node needs none)
+LAUNCHER=${LAUNCHER:-deepspeed --log_level error --num_gpus $NUM_GPUS --master_port $MASTER_PORT}
 
 $LAUNCHER pretrain_gpt.py \
     --model-preset gpt2-1.3b \

@@ -13,7 +13,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 DATA=${DATA:-data/my_text_document}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-tokenizer.model}
 SAVE=${SAVE:-runs/llama-7b}
-LAUNCHER=${LAUNCHER:-deepspeed --num_gpus $NUM_GPUS --master_port $MASTER_PORT}
+# --log_level error: without the launcher's INFO lines and "Unable to find hostfile" (one node needs none)
+LAUNCHER=${LAUNCHER:-deepspeed --log_level error --num_gpus $NUM_GPUS --master_port $MASTER_PORT}
 
 $LAUNCHER pretrain_gpt.py \
     --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32 \
