@@ -8,7 +8,8 @@ Each one is named here with why it is harmless (seen on a CPU run of `make demo`
   "FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated"
       torch 2.13 about DeepSpeed 0.19's ZeRO gather, once per rank: filtered by category and message.
   "Failed to load .../torchao/_C_mxfp8...so", "... _C_cutlass_90a.abi3.so"
-      torchao's optional CUDA kernels on import (peft and transformers import it): absent on CPU, unused.
+      torchao's optional compiled kernels (MX-FP8, CUTLASS sm90a) on import (peft and transformers import it),
+      built for another Python or GPU; megaclm uses neither (fp8: torch._scaled_mm; QLoRA: NF4/int8 tensors).
   "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile ..."
       torch's pytree about torchao's register_constant calls on import.
   DeepSpeed's INFO log in the ranks: WARNING and above only (DeepSpeed 0.19's own default; --verbose lowers it).
