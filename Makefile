@@ -16,12 +16,13 @@ export PYTHONUNBUFFERED := 1
 install: $(VENV)/.installed
 
 # torch==2.13.0 first, from the local CPU wheel; every later step is pinned to it by
-# constraints.txt so no dependency pulls a multi-GB CUDA build.
+# constraints.txt so no dependency pulls a multi-GB CUDA build. -qq: errors only (pip's notes on this machine's
+# index configuration and setuptools' editable-install notice are not the user's concern).
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: install
