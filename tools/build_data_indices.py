@@ -12,7 +12,8 @@ Run it once per shared cache directory (or per node for node-local caches); conc
 """
 import time
 
-from megaclm.config import compute_derived, parse_args
+from megaclm.config import parse_args
+from megaclm.config.derived import with_inputs
 from megaclm.data.builder import build_train_valid_test, train_valid_test_num_samples
 from megaclm.data.epochs import train_split
 from megaclm.data.helpers import backend
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     cfg, derived, _ = parse_args(argv, prog="build_data_indices.py",
                                  description="Build the dataset index caches of a pretrain_gpt.py run.")
     if cfg.training.train_epochs is not None:  # the run length follows the data's size, as in pretrain_gpt.py
-        derived = compute_derived(cfg, derived.world_size, samples_per_epoch=train_split(cfg.data).samples_per_epoch)
+        derived = with_inputs(derived, cfg, samples_per_epoch=train_split(cfg.data).samples_per_epoch)
     if derived is None or derived.train_iters is None:
         raise UserError("the run length is unknown: pass --train-iters, --train-samples, --train-tokens or "
                         "--train-epochs")

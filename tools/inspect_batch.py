@@ -27,7 +27,7 @@ from megaclm.logging.quiet import entry_point  # noqa: E402
 entry_point()  # before DeepSpeed is imported: it would guess the accelerator, and warn that it did
 
 from megaclm.checkpoint.layout import CONFIG, read_latest, read_meta, tag_at_step  # noqa: E402
-from megaclm.config import MegaclmConfig  # noqa: E402
+from megaclm.config import MegaclmConfig, compute_derived  # noqa: E402
 from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
 from megaclm.data.sampler import PretrainingSampler  # noqa: E402
 from megaclm.tokenizer import build_tokenizer_from_config  # noqa: E402
@@ -44,7 +44,7 @@ def batch_of(load: str, tag: str | None, iteration: int | None, first_sample: in
     with open(os.path.join(load, tag, CONFIG)) as f:
         cfg = MegaclmConfig.from_dict(json.load(f))
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
-    derived = derive(cfg, meta["world_size"], tokenizer.vocab_size)
+    derived = derive(cfg, compute_derived(cfg, meta["world_size"]), tokenizer.vocab_size)
     gbs = derived.global_batch_size
     one_rank = SimpleNamespace(dp_rank=0, dp_size=1, pp_size=1)  # the whole global batch, read by one reader
     train = build_batch_source(cfg, derived, tokenizer.eod, one_rank).train

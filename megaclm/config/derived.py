@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -58,16 +59,19 @@ def epoch_iters(train_epochs: float, samples_per_epoch: int, global_batch_size: 
     return max(1, math.ceil(Fraction(repr(float(train_epochs))) * samples_per_epoch / global_batch_size))
 
 
-def train_iters_for(training: Any, global_batch_size: int, seq_length: int,
-                    samples_per_epoch: int | None = None) -> int | None:
+def train_iters_for(training: Any, global_batch_size: int, seq_length: int, samples_per_epoch: int | None = None,
+                    tokens_iters: int | None = None) -> int | None:
     """The run's length in iterations at this global batch (None: no length given, or --train-epochs without the
     epoch's size). Megatron-DeepSpeed's --train-tokens may cap --train-iters/--train-samples: the first limit
-    reached stops."""
+    reached stops. `tokens_iters`: the step at which --train-tokens is reached when a sequence-length warmup makes
+    early steps shorter (megaclm.data.curriculum; default: at full length)."""
     t, gbs = training, global_batch_size
     if t.train_epochs is not None:  # exclusive with the other lengths (TrainingConfig)
         return None if samples_per_epoch is None else epoch_iters(t.train_epochs, samples_per_epoch, gbs)
+    if t.train_tokens is not None and tokens_iters is None:
+        tokens_iters = -(-t.train_tokens // (gbs * seq_length))
     limits = [n for n in (t.train_iters, None if t.train_samples is None else -(-t.train_samples // gbs),
-                          None if t.train_tokens is None else -(-t.train_tokens // (gbs * seq_length))) if n is not None]
+                          tokens_iters) if n is not None]
     return min(limits) if limits else None
 
 
@@ -110,14 +114,22 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None,
                         f"data.curriculum_seqlen_start={d.curriculum_seqlen_start} must be multiples of {chunks}: "
                         "every warmup length is split across the sequence ranks; pass "
                         f"--curriculum-seqlen-multiple {chunks * max(1, d.curriculum_seqlen_multiple // chunks)}")
-    tokens_per_step = gbs * seq
-    iters = train_iters_for(t, gbs, seq, samples_per_epoch)
-    padded = None
-    if vocab_size is not None:
-        padded = pad_vocab_size(vocab_size, cfg.tokenizer.make_vocab_size_divisible_by, tp)
-    return Derived(world_size=world_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                   data_parallel_size=dp, micro_batch_size=mbs, global_batch_size=gbs,
-                   grad_accum_steps=gbs // (mbs * dp), seq_length=seq, tokens_per_step=tokens_per_step,
-                   train_iters=iters, train_samples=None if iters is None else iters * gbs,
-                   vocab_size=vocab_size, padded_vocab_size=padded, seq_split_size=split,
-                   samples_per_epoch=samples_per_epoch)
+    layout = Derived(world_size=world_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                     data_parallel_size=dp, micro_batch_size=mbs, global_batch_size=gbs,
+                     grad_accum_steps=gbs // (mbs * dp), seq_length=seq, tokens_per_step=gbs * seq,
+                     train_iters=None, train_samples=None, seq_split_size=split)
+    return with_inputs(layout, cfg, vocab_size, samples_per_epoch)
+
+
+def with_inputs(derived: Derived, cfg: Any, vocab_size: int | None = None, samples_per_epoch: int | None = None,
+                tokens_iters: int | None = None) -> Derived:
+    """`derived` completed with what only a caller that reads files knows (parse_args reads none): the tokenizer's
+    vocabulary, the training data's epoch size, the step at which --train-tokens is reached under a sequence-length
+    warmup. The layout values (checked once, by compute_derived) are kept."""
+    iters = train_iters_for(cfg.training, derived.global_batch_size, derived.seq_length, samples_per_epoch,
+                            tokens_iters)
+    padded = None if vocab_size is None else pad_vocab_size(
+        vocab_size, cfg.tokenizer.make_vocab_size_divisible_by, derived.tensor_model_parallel_size)
+    return dataclasses.replace(derived, train_iters=iters,
+                               train_samples=None if iters is None else iters * derived.global_batch_size,
+                               vocab_size=vocab_size, padded_vocab_size=padded, samples_per_epoch=samples_per_epoch)

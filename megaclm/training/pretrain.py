@@ -8,7 +8,6 @@ parallel layout, the checkpoint's vocabulary against the tokenizer's, the DeepSp
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -26,7 +25,8 @@ from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.manifest import Choice, choose_tag
 from megaclm.checkpoint.save_errors import CheckpointSaveError
 from megaclm.checkpoint.weights import load_weights
-from megaclm.config import arguments, compute_derived, parse_args, world_size_from_env
+from megaclm.config import arguments, parse_args
+from megaclm.config.derived import with_inputs
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab, validate
@@ -109,19 +109,16 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
     return lines
 
 
-def derive(cfg: Any, world_size: int, vocab_size: int) -> Any:
-    """The run's derived values; with --train-tokens the step count follows the sequence-length warmup, with
-    --train-epochs the size of the training data (read from the .idx files: every run logs its epoch)."""
+def derive(cfg: Any, derived: Any, vocab_size: int) -> Any:
+    """parse_args's `derived` (the layout, checked there) completed with the tokenizer's vocabulary; with
+    --train-tokens the step count follows the sequence-length warmup, with --train-epochs the size of the training
+    data (read from the .idx files: every run logs its epoch)."""
     split = train_split(cfg.data)
-    derived = compute_derived(cfg, world_size, vocab_size=vocab_size,
-                              samples_per_epoch=None if split is None else split.samples_per_epoch)
+    tokens_iters = None
     if cfg.training.train_tokens is not None:  # a sequence-length warmup makes early steps shorter
-        iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
+        tokens_iters = Curriculum.from_config(cfg.data, derived.global_batch_size).first_step_after_tokens(
             cfg.training.train_tokens)
-        if cfg.training.train_iters is not None or cfg.training.train_samples is not None:  # the first limit
-            iters = min(iters, compute_derived(dataclasses.replace(
-                cfg, training=dataclasses.replace(cfg.training, train_tokens=None)), world_size).train_iters)
-        derived = dataclasses.replace(derived, train_iters=iters, train_samples=iters * derived.global_batch_size)
+    derived = with_inputs(derived, cfg, vocab_size, None if split is None else split.samples_per_epoch, tokens_iters)
     if cfg.training.train_epochs is not None:  # the lr lengths against the run's, now known (parse_args could not)
         validate(cfg, derived)
     return derived
@@ -223,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             choices[load, ckpt_step] = choose_tag(load, ckpt_step)
         return choices[load, ckpt_step]
 
-    cfg, _, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION,
+    cfg, derived, args = parse_args(argv, prog="pretrain_gpt.py", description=DESCRIPTION,
                               stored_config=lambda load, step: read_config(load, choose(load, step).tag))
     _quiet(cfg.logging.verbose)
     c = cfg.checkpoint
@@ -232,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--load {c.load}: no checkpoint there and --exit-on-missing-checkpoint is set; pass the "
                         "directory a run saved into, or drop the flag to start from scratch")
     start = resolve_start(cfg, choice, choose)
-    world = world_size_from_env(args.world_size)
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, cfg.parallel.tensor_model_parallel_size)
-    derived = derive(cfg, world, model_vocab_size(cfg.tokenizer, tokenizer))
+    derived = derive(cfg, derived, model_vocab_size(cfg.tokenizer, tokenizer))
     fingerprint = data_fingerprint(cfg.data, cfg.training.seed)
     model_vocab, vocab_source, lora = _checks_on(cfg, derived, start, start.choice.tag, tokenizer, fingerprint)
     check_token_ids(cfg.data, tokenizer.vocab_size, model_vocab, _tokenizer_text(cfg.tokenizer), vocab_source)

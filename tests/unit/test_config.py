@@ -275,6 +275,26 @@ def test_derived_values(base):
     assert d.data_parallel_size == 2 and d.grad_accum_steps == 2
 
 
+
+def test_the_run_completes_parse_args_derived_without_a_second_derivation(base, monkeypatch):
+    """pretrain.derive adds the vocabulary and the --train-tokens step under a warmup to parse_args's Derived;
+    compute_derived (the layout checks) runs once, in parse_args."""
+    import megaclm.config
+    from megaclm.config import derived as derived_module
+    from megaclm.training import pretrain
+
+    argv = [a for a in base if a not in ("--train-iters", "100")] + ["--train-iters", "30",
+                                                                     "--train-tokens", str(8 * 64 * 10 + 1)]
+    cfg, d = parse(argv)
+    assert (d.train_iters, d.padded_vocab_size) == (11, None)
+    for module in (megaclm.config, derived_module):  # any second derivation would fail here
+        monkeypatch.setattr(module, "compute_derived", None)
+    full = pretrain.derive(cfg, d, 50257)
+    # 50 + 70 + 90 tokens: 3 samples of 64 per epoch (logged; the length is --train-tokens)
+    assert full == dataclasses.replace(d, vocab_size=50257, padded_vocab_size=50304, samples_per_epoch=3)
+    assert (derived_module.with_inputs(d, cfg, tokens_iters=40).train_iters,  # --train-iters 30 stops first
+            derived_module.with_inputs(d, cfg, tokens_iters=7).train_samples) == (30, 7 * 8)
+
 # ---- DeepSpeed JSON ----------------------------------------------------------------------------------
 
 
