@@ -37,8 +37,9 @@ from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, tag_for
 from megaclm.checkpoint.manifest import write_manifest
 from megaclm.checkpoint.shards import shard_name
 from megaclm.checkpoint.universal import MOMENTS
-from megaclm.config.model import ModelConfig, check_parallel_shapes
+from megaclm.config.model import ModelConfig
 from megaclm.config.parallel import ParallelConfig
+from megaclm.config.validate import validate_layout
 from megaclm.model.pipe import plain_to_pipe_key
 from megaclm.model.sharding import expert_id, shard_state_dict
 from megaclm.utils.errors import UserError
@@ -126,8 +127,8 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
     """
     model_cfg = ModelConfig(**config_tree["model"])
     padded_vocab = full_sd["embedding.word_embeddings.weight"].shape[0]
-    check_parallel_shapes(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                          padded_vocab)
+    validate_layout(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                    padded_vocab, "the state dict's embedding")
     if model_cfg.num_experts is not None and pp > 1:
         raise UserError(f"an MoE checkpoint is written at pipeline_model_parallel_size 1, not {pp} (DeepSpeed's "
                         "pipeline engine stores MoE models in other files than these); a run of any PP loads it")

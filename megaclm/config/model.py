@@ -5,7 +5,7 @@ One config describes GPT-2/3 (learned positions, LayerNorm, GeLU, biases, tied h
 Mixture of Experts (Mixtral, Qwen2-MoE): `num_experts` routed experts replace the MLP of every
 `moe_layer_freq`-th layer (megaclm.model.moe). Named shapes live in `megaclm.config.presets`. Derived sizes (`ffn_size`, `head_dim`, `num_kv_heads`)
 are properties, never written back. `check_parallel_shapes` is the model-vs-parallel check that the
-trainer's validate.py (and GPTModel) run before any process-group work.
+trainer's validate.py runs (once, before any process-group work; tools through validate.validate_layout).
 """
 from dataclasses import dataclass, field
 
@@ -215,8 +215,9 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_percent)
 
 
-def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_vocab_size: int | None = None) -> None:
-    """Raise UserError if `model` cannot be split as `parallel` asks (call before any process-group work)."""
+def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise UserError if `model` cannot be split as `parallel` asks (run by megaclm.config.validate, before any
+    process-group work; tools that change a stored model's layout call validate.validate_layout)."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     what = f"parallel.tensor_model_parallel_size={tp}"
     if model.num_attention_heads % tp:
@@ -230,9 +231,6 @@ def check_parallel_shapes(model: ModelConfig, parallel: ParallelConfig, padded_v
     if (model.moe_shared_expert_intermediate_size or 0) % tp:
         raise UserError(f"model.moe_shared_expert_intermediate_size={model.moe_shared_expert_intermediate_size} is "
                         f"not divisible by {what} (the shared expert is split like the dense MLP)")
-    if padded_vocab_size is not None and padded_vocab_size % tp:
-        raise UserError(f"padded vocabulary size {padded_vocab_size} is not divisible by {what}; "
-                        "pad it to a multiple of make_vocab_size_divisible_by x the tensor-parallel size")
     ep = parallel.expert_model_parallel_size
     if ep > 1 and model.num_experts is None:
         raise UserError(f"parallel.expert_model_parallel_size={ep} needs a Mixture-of-Experts model; set "

@@ -7,6 +7,7 @@ in each section's __post_init__; the model-vs-parallel shape checks in config.mo
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 from megaclm.config.data import parse_blend
@@ -123,11 +124,27 @@ def _checkpointing(cfg: Any) -> None:
         raise UserError("checkpoint.save_best needs validation: set training.eval_iters > 0 (--eval-iters)")
 
 
-def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, source: str) -> None:
-    """The model's (padded) embedding must hold every token id the tokenizer produces."""
+def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, source: str, tensor_size: int = 1) -> None:
+    """The model's (padded) embedding must hold every token id the tokenizer produces, in equal shards."""
     if tokenizer_vocab_size > model_vocab_size:
         raise UserError(f"the tokenizer's vocabulary ({tokenizer_vocab_size} tokens) is larger than the model's "
                         f"({model_vocab_size}, from {source}); use the tokenizer the model was trained with")
+    _vocab_split(model_vocab_size, tensor_size, source)
+
+
+def _vocab_split(padded_vocab_size: int, tensor_size: int, source: str) -> None:
+    if padded_vocab_size % tensor_size:
+        raise UserError(f"padded vocabulary size {padded_vocab_size} (from {source}) is not divisible by "
+                        f"parallel.tensor_model_parallel_size={tensor_size}; pad it to a multiple of "
+                        "make_vocab_size_divisible_by x the tensor-parallel size")
+
+
+def validate_layout(model: Any, parallel: Any, padded_vocab_size: int | None = None, source: str = "") -> None:
+    """`validate`'s model-vs-parallel checks for a tool that lays a stored model out anew (HF import, reshard,
+    the offline writer); `padded_vocab_size` (the embedding's rows, from `source`) must split into equal shards."""
+    validate(SimpleNamespace(model=model, parallel=parallel), None, sections={"model", "parallel"})
+    if padded_vocab_size is not None:
+        _vocab_split(padded_vocab_size, parallel.tensor_model_parallel_size, source)
 
 
 def _lora(cfg: Any) -> None:

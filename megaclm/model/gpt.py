@@ -42,8 +42,7 @@ from deepspeed.sequence.layer import DistributedAttention
 
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.lora import LoraConfig
-from megaclm.config.model import ModelConfig, check_parallel_shapes
-from megaclm.config.parallel import ParallelConfig
+from megaclm.config.model import ModelConfig
 from megaclm.model.attention import AttentionInputs, AttentionMasker, core_attention
 from megaclm.model.moe import ExpertParallelMoE, MoE
 from megaclm.model.compiled import compile_blocks
@@ -323,17 +322,16 @@ class GPTModel(nn.Module):
     forward's values, detached: router_loss (what was added) and the unweighted moe_aux_loss /
     moe_z_loss averaged over the MoE layers.
 
-    `padded_vocab_size` must divide by the tensor-parallel size (config.derived.pad_vocab_size gives it).
+    `config` and `padded_vocab_size` fit the layout: megaclm.config.validate checked them (padded_vocab_size divides
+    by the tensor-parallel size; config.derived.pad_vocab_size gives it).
     With `lora` enabled only the adapters train (megaclm.model.lora.freeze_base).
     """
 
     def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState | None = None,
                  kernels: KernelsConfig | None = None, lora: LoraConfig | None = None):
         super().__init__()
-        tp = pstate.tp_size if pstate else 1
         if pstate is not None and pstate.pp_size > 1:
             raise ValueError("GPTModel is one pipeline stage; build megaclm.model.pipe.GPTPipelineModule for pp > 1")
-        check_parallel_shapes(config, ParallelConfig(tensor_model_parallel_size=tp), padded_vocab_size)
         self.config, self.pstate, self.vocab_size = config, pstate, padded_vocab_size
         self.kernels = kernels or KernelsConfig()
         ops = build_ops(self.kernels)

@@ -51,8 +51,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.lora import LoraConfig
-from megaclm.config.model import ModelConfig, check_parallel_shapes
-from megaclm.config.parallel import ParallelConfig
+from megaclm.config.model import ModelConfig
 from megaclm.model.compiled import compile_blocks
 from megaclm.model.gpt import MOE_STATS, Embedding, LayerInputs, Norm, TransformerLayer, output_logits, recompute
 from megaclm.model.lora import freeze_base
@@ -206,9 +205,6 @@ class GPTPipelineModule(PipelineModule):
     def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState,
                  kernels: KernelsConfig | None = None, partition_method: str = "parameters",
                  lora: LoraConfig | None = None):
-        check_parallel_shapes(config, ParallelConfig(tensor_model_parallel_size=pstate.tp_size,
-                                                     pipeline_model_parallel_size=pstate.pp_size,
-                                                     pipeline_partition_method=partition_method), padded_vocab_size)
         kernels = kernels or KernelsConfig()
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())

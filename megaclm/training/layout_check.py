@@ -59,7 +59,6 @@ from megaclm.checkpoint.shards import load_full_state_dict
 from megaclm.config import MegaclmConfig, parse_args
 from megaclm.config.arguments import dump_yaml
 from megaclm.config.derived import pad_vocab_size
-from megaclm.config.model import check_parallel_shapes
 from megaclm.model.gpt import GPTModel
 from megaclm.tokenizer import build_tokenizer_from_config
 from megaclm.training.engine import free_port
@@ -187,7 +186,6 @@ def make_plan(argv: list[str], world_size: int, max_ranks: int, steps: int) -> P
     cfg, derived, _ = parse_args(argv, prog="check_layout.py", world_size=world_size,
                                  overrides={"data": DATA, "tokenizer": TOKENIZER,
                                             "checkpoint": {"load": "<the check's initial weights>", "finetune": True}})
-    check_parallel_shapes(cfg.model, cfg.parallel, derived.padded_vocab_size)  # as pretrain_gpt.py, at the run's size
     axes, notes = scale_axes(run_axes(cfg, derived), max_ranks)
     tree = cfg.to_dict()
     old = cfg.model

@@ -28,7 +28,6 @@ from megaclm.checkpoint.weights import load_weights
 from megaclm.config import arguments, parse_args
 from megaclm.config.derived import with_inputs
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
-from megaclm.config.model import check_parallel_shapes
 from megaclm.config.validate import check_vocab, validate
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.epochs import train_split
@@ -68,7 +67,7 @@ def _model_vocab(cfg: Any, start: Start, tag: str | None, tokenizer_vocab: int, 
         vocab, source = read_meta(start.dir, tag)["padded_vocab_size"], f"{start.flag()}/{tag}"
     else:
         return padded, "the tokenizer, padded"
-    check_vocab(tokenizer_vocab, vocab, source)
+    check_vocab(tokenizer_vocab, vocab, source, cfg.parallel.tensor_model_parallel_size)
     return vocab, source
 
 
@@ -85,7 +84,6 @@ def _checks_on(cfg: Any, derived: Any, start: Start, tag: str | None, tokenizer:
     where it comes from, resolve_lora_base's answer or None without LoRA). Run once in `main` and again if the tag
     changes."""
     model_vocab, vocab_source = _model_vocab(cfg, start, tag, tokenizer.vocab_size, derived.padded_vocab_size)
-    check_parallel_shapes(cfg.model, cfg.parallel, model_vocab)
     lora = (resolve_lora_base(start.dir, tag, start.weights_only, cfg.to_dict()["lora"]) if cfg.lora.enabled
             else None)
     resumed = None if start.weights_only else tag

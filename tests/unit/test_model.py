@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig, check_parallel_shapes
+from megaclm.config.validate import check_vocab, validate_layout
 from megaclm.config.parallel import ParallelConfig
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE, model_preset
 from megaclm.model import GPTModel, shard_state_dict, unshard_state_dicts
@@ -245,37 +246,44 @@ def test_model_config_errors_name_the_field(kwargs, match):
         ModelConfig(**kwargs)
 
 
-@pytest.mark.parametrize("model_kwargs,tp,pp,method,vocab,match", [
-    (dict(num_attention_heads=12), 5, 1, "parameters", None, "num_attention_heads=12 is not divisible by "
+@pytest.mark.parametrize("model_kwargs,tp,pp,method,match", [
+    (dict(num_attention_heads=12), 5, 1, "parameters", "num_attention_heads=12 is not divisible by "
                                                             "parallel.tensor_model_parallel_size=5"),
-    (dict(num_attention_heads=8, num_query_groups=2), 4, 1, "parameters", None, "model.num_query_groups=2 is not "
+    (dict(num_attention_heads=8, num_query_groups=2), 4, 1, "parameters", "model.num_query_groups=2 is not "
                                                                                "divisible"),
-    (dict(num_attention_heads=12, ffn_hidden_size=1000), 3, 1, "parameters", None, "model.ffn_hidden_size=1000"),
-    (dict(), 2, 1, "parameters", 50257, "padded vocabulary size 50257 is not divisible"),
-    (dict(num_layers=2), 1, 4, "parameters", None, "model.num_layers=2 cannot be split across"),
-    (dict(num_layers=6), 1, 4, "uniform", None, "model.num_layers=6 is not divisible by "
+    (dict(num_attention_heads=12, ffn_hidden_size=1000), 3, 1, "parameters", "model.ffn_hidden_size=1000"),
+    (dict(num_layers=2), 1, 4, "parameters", "model.num_layers=2 cannot be split across"),
+    (dict(num_layers=6), 1, 4, "uniform", "model.num_layers=6 is not divisible by "
                                                  "parallel.pipeline_model_parallel_size=4"),
 ])
-def test_parallel_shape_errors(model_kwargs, tp, pp, method, vocab, match):
+def test_parallel_shape_errors(model_kwargs, tp, pp, method, match):
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               pipeline_partition_method=method)
     with pytest.raises(UserError, match=match):
-        check_parallel_shapes(ModelConfig(**model_kwargs), parallel, vocab)
+        check_parallel_shapes(ModelConfig(**model_kwargs), parallel)
+    with pytest.raises(UserError, match=match):  # what the tools that lay out a stored model run
+        validate_layout(ModelConfig(**model_kwargs), parallel)
+
+
+def test_a_loaded_vocabulary_must_split_into_equal_shards():
+    with pytest.raises(UserError, match=r"padded vocabulary size 50257 \(from ckpt\) is not divisible by "
+                                        "parallel.tensor_model_parallel_size=2"):
+        check_vocab(50257, 50257, "ckpt", 2)
+    with pytest.raises(UserError, match="padded vocabulary size 129 .* not divisible"):
+        validate_layout(ModelConfig(), ParallelConfig(tensor_model_parallel_size=2), 129, "the state dict")
+    check_vocab(50257, 50304, "ckpt", 2)
+    validate_layout(ModelConfig(), ParallelConfig(tensor_model_parallel_size=2), 130, "the state dict")
 
 
 def test_parallel_shapes_that_fit_pass():
     check_parallel_shapes(model_preset("llama-7b"), ParallelConfig(tensor_model_parallel_size=8,
-                                                                   pipeline_model_parallel_size=4), 32000)
+                                                                   pipeline_model_parallel_size=4))
     check_parallel_shapes(ModelConfig(num_layers=6), ParallelConfig(pipeline_model_parallel_size=4))
 
 
-def test_gpt_model_rejects_bad_shapes_before_any_process_group_work():
-    # The states have no process groups: touching one would raise RuntimeError, not UserError.
+def test_gpt_model_is_one_pipeline_stage():
+    # Shapes were checked at validation (megaclm.config.validate); the model refuses only a pipeline layout.
     config = family_config("gpt2", num_attention_heads=4)
-    with pytest.raises(UserError, match="num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"):
-        GPTModel(config, 129, ParallelState(3, 0, tensor_parallel_size=3))
-    with pytest.raises(UserError, match="padded vocabulary size 129"):
-        GPTModel(config, 129, ParallelState(2, 0, tensor_parallel_size=2))
     with pytest.raises(ValueError, match="GPTPipelineModule"):
         GPTModel(config, 128, ParallelState(2, 0, pipeline_parallel_size=2))
 

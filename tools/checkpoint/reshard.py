@@ -37,8 +37,9 @@ from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # n
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
 from megaclm.checkpoint.universal import MOMENTS, has_optimizer_shards, saved_adam_step  # noqa: E402
 from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
-from megaclm.config.model import ModelConfig, check_parallel_shapes  # noqa: E402
+from megaclm.config.model import ModelConfig  # noqa: E402
 from megaclm.config.parallel import ParallelConfig  # noqa: E402
+from megaclm.config.validate import validate_layout  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
 from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
@@ -66,7 +67,7 @@ def _check_layout(load: str, tag: str | None, tp: int, pp: int) -> None:
     read_meta(load, tag)  # a clear error for an incomplete checkpoint
     with open(os.path.join(load, tag, CONFIG)) as f:
         model_cfg = ModelConfig(**json.load(f)["model"])
-    check_parallel_shapes(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    validate_layout(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
 
 
 def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | str | None = None) -> str:

@@ -15,7 +15,7 @@ from megaclm.checkpoint.hf import files
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint
 from megaclm.config import MegaclmConfig
 from megaclm.config.arguments import dump_yaml
-from megaclm.config.model import check_parallel_shapes
+from megaclm.config.validate import validate_layout
 from megaclm.config.parallel import ParallelConfig
 from megaclm.config.tokenizer import TokenizerConfig
 from megaclm.logging import get_logger
@@ -29,7 +29,7 @@ def _config(hf_dir: str, tp: int, pp: int, divisible_by: int, tokenizer_root: st
     """The run config an HF directory describes (cheap: config.json and the tokenizer files' names only)."""
     model_cfg = dataclasses.replace(config_from_hf(files.read_config(hf_dir)), make_vocab_size_divisible_by=divisible_by)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    check_parallel_shapes(model_cfg, parallel)
+    validate_layout(model_cfg, parallel)
     section = files.tokenizer_section(hf_dir, root=tokenizer_root)
     tokenizer = TokenizerConfig(**section, make_vocab_size_divisible_by=divisible_by) if section else \
         TokenizerConfig(make_vocab_size_divisible_by=divisible_by)
