@@ -33,10 +33,6 @@ import yaml
 
 from megaclm.utils.errors import UserError
 
-# Flags every entry point accepts besides the sections' fields.
-META_DESTS = ("config", "validate_only", "world_size", "local_rank", "deepspeed", "estimate_for")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one `error:` line via cli_main) instead of printing usage."""
 

@@ -52,8 +52,3 @@ class ParallelConfig:
     def seq_split_size(self) -> int:
         """Ranks that share one sample, each holding a slice of its sequence (Ulysses or ring; 1 = none)."""
         return self.ds_sequence_parallel_size * self.context_parallel_size
-
-    @property
-    def model_parallel_size(self) -> int:
-        """Ranks holding one replica of the model (tp * pp)."""
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size

@@ -70,10 +70,6 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def dataset_exists(prefix: str) -> bool:
-    return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
-
-
 class _Index:
     """The parsed `.idx` file: numpy views into one memory map, nothing copied."""
 

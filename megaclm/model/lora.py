@@ -56,10 +56,6 @@ def init_adapters(module: nn.Module, seed: int, tp_size: int, tp_rank: int,
     return len(adapters)
 
 
-def adapter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if is_lora_key(k)}
-
-
 def merge_lora_state_dict(sd: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """A full GPTModel state dict with every adapter folded into its weight: `<m>.weight += scale * B @ A`."""
     out = {k: v for k, v in sd.items() if not is_lora_key(k)}

@@ -244,11 +244,6 @@ class ParallelState:
         return ds_groups._get_expert_parallel_group(self._expert_groups_ready())
 
     @property
-    def edp_group(self):
-        """The ranks holding this rank's experts (DeepSpeed's expert-data-parallel group)."""
-        return ds_groups._get_expert_data_parallel_group(self._expert_groups_ready())
-
-    @property
     def seq_group(self):
         """The sequence-split group; None without a split (the collectives then short-circuit)."""
         return self._group("seq") if self.seq_size > 1 else None

@@ -32,7 +32,6 @@ from megaclm.checkpoint.layout import read_latest
 from megaclm.utils import exitcodes
 from test_pretrain import REPO, base_args, corpus, records, remove_shm_buffers  # noqa: F401
 
-pytestmark = pytest.mark.slow
 
 ITERS = 24
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from cases import MAX_RANKS, sample
 from fuzz import groups, pinned
 
@@ -50,7 +48,6 @@ def test_pinned_regressions_parse():
         assert "--world-size" in argv, argv
 
 
-@pytest.mark.slow
 def test_fixed_seed_sample_and_pinned_regressions():
     r = subprocess.run([sys.executable, "tests/fuzz/fuzz.py", "--n", str(SAMPLE_N), "--seed", str(SAMPLE_SEED),
                         "--regressions", "--no-shrink", "--timeout", "600"], cwd=REPO, capture_output=True, text=True,

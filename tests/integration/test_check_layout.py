@@ -15,7 +15,6 @@ import torch
 
 from megaclm.training.layout_check import compare
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 

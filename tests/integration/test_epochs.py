@@ -25,7 +25,6 @@ from megaclm.data.indexed_dataset import IndexedDatasetBuilder
 from megaclm.tokenizer import build_tokenizer
 from megaclm.utils import exitcodes
 
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SP_MODEL = str(REPO / "tests/data/sp_test_model.model")

@@ -30,7 +30,6 @@ from megaclm.data.indexed_dataset import IndexedDatasetBuilder
 from megaclm.utils import exitcodes
 from test_pretrain import REPO, SP_MODEL, base_args, corpus, records, remove_shm_buffers, run  # noqa: F401
 
-pytestmark = pytest.mark.slow
 
 TAGS = [tag_for(i) for i in (2, 4, 6)]
 

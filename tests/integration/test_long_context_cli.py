@@ -6,7 +6,6 @@ import pytest
 
 from test_pretrain import corpus, remove_shm_buffers, run, train_losses  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.slow
 
 LONG = ["--seq-length", "2048", "--max-position-embeddings", "2048", "--micro-batch-size", "1",
         "--global-batch-size", "2", "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",

@@ -38,7 +38,6 @@ from megaclm.model.gpt import GPTModel
 from megaclm.tokenizer import build_tokenizer
 from megaclm.utils import exitcodes
 
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -29,7 +29,6 @@ from megaclm.data.indexed_dataset import IndexedDatasetBuilder
 from megaclm.tokenizer import build_tokenizer
 from test_pretrain import REPO, free_port, train_losses
 
-pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 ITERS = 8

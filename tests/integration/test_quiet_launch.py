@@ -17,7 +17,6 @@ import pytest
 from megaclm.utils import exitcodes
 from test_pretrain import Launch, corpus, last_iteration_logged, remove_shm_buffers  # noqa: F401
 
-pytestmark = pytest.mark.slow
 
 ALARM = re.compile(r"warn|error|unable|fail", re.IGNORECASE)
 DEMO_LAUNCH = dict(env={"DS_ACCELERATOR": "cpu"}, launcher_args=("--log_level", "error"))

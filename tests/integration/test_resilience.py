@@ -36,8 +36,6 @@ from megaclm.tokenizer import build_tokenizer
 from test_pretrain import (REPO, SP_MODEL, Launch, corpus, last_iteration_logged, records,  # noqa: F401
                            remove_shm_buffers, run, train_losses)
 
-pytestmark = pytest.mark.slow
-
 
 def test_hang_watchdog_dumps_every_rank_and_exits(corpus, tmp_path):
     save = tmp_path / "ckpt"

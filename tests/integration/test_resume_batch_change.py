@@ -12,7 +12,6 @@ import pytest
 from megaclm.utils import exitcodes
 from test_pretrain import REPO, base_args, corpus, records, remove_shm_buffers, run  # noqa: F401
 
-pytestmark = pytest.mark.slow
 
 COMMON = ["--zero-stage", "1", "--train-iters", "6", "--lr-decay-style", "cosine", "--lr-decay-iters", "10",
           "--eval-interval", "1000", "--eval-iters", "0"]

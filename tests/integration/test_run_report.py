@@ -21,7 +21,6 @@ from megaclm.checkpoint.layout import read_best
 from megaclm.utils import exitcodes
 from test_pretrain import REPO, base_args, corpus, records, remove_shm_buffers, run  # noqa: F401
 
-pytestmark = pytest.mark.slow
 
 COMMON = ["--zero-stage", "1", "--train-iters", "10", "--log-interval", "3", "--eval-interval", "4",
           "--eval-iters", "1", "--save-best", "--save-interval", "100"]

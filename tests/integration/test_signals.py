@@ -31,7 +31,6 @@ from megaclm.utils import exitcodes
 from megaclm.utils.signals import process_start_time
 from test_pretrain import Launch, corpus, last_iteration_logged, records, remove_shm_buffers  # noqa: F401
 
-pytestmark = pytest.mark.slow
 
 LONG = ["--zero-stage", "1", "--train-iters", "100000", "--eval-interval", "1000"]
 
