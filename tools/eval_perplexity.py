@@ -47,6 +47,7 @@ from megaclm.checkpoint.shards import (FullCheckpoint, load_full_state_dict, loa
                                       lora_trained_base)
 from megaclm.config import MegaclmConfig  # noqa: E402
 from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
+from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.lora import LoraConfig  # noqa: E402
 from megaclm.config.tokenizer import TOKENIZER_TYPES  # noqa: E402
 from megaclm.data.readers import TEXT_MODE_HELP, TEXT_MODES, check_text_mode, expand_inputs, read_texts  # noqa: E402
@@ -54,7 +55,6 @@ from megaclm.model.gpt import GPTModel  # noqa: E402
 from megaclm.model.sharding import shard_state_dict  # noqa: E402
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from megaclm.parallel.state import ParallelState  # noqa: E402
-from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 from megaclm.utils.fileio import atomic_write  # noqa: E402
 from megaclm.utils.launch_env import rank_env_from_slurm  # noqa: E402

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from megaclm.checkpoint.save_errors import agree_saved, describe, write_file
+from megaclm.parallel.device import rank_device
 
 DONE, BUSY, FAILED = 0, 1, 2  # ordered: MAX over the ranks is the worst
 
@@ -163,9 +164,7 @@ class AsyncCheckpointWriter:
         if not self.pending:
             return
         self._thread.join()
-        status = torch.tensor([float(self.status())],
-                              device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                              else None)
+        status = torch.tensor([float(self.status())], device=rank_device())
         if dist.is_initialized():
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
         self.finish(int(status.item()))

@@ -27,6 +27,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 
 from megaclm.checkpoint.layout import read_latest
 from megaclm.checkpoint.manifest import HashingFile
+from megaclm.parallel.device import rank_device
 from megaclm.utils.fileio import atomic_write, remove_quietly
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed 0.19 copies into every save directory
@@ -128,7 +129,7 @@ class AtomicCheckpointEngine(CheckpointEngine):
 def agree_saved(error: str | None, save_dir: str, tag: str) -> None:
     """Collective: return if every rank's writes of `tag` succeeded; else remove the partial checkpoint (rank 0)
     and raise CheckpointSaveError on every rank."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = rank_device()
     failed = torch.tensor([float(error is not None)], device=device)
     world = 1
     if dist.is_initialized():

@@ -46,9 +46,16 @@ class Derived:
         return asdict(self)
 
 
-def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_size: int) -> int:
-    multiple = max(divisible_by, 1) * tensor_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
+def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+    """Megatron's rule: round up to a multiple of divisible_by x TP, so every TP shard of the
+    embedding gets the same number of rows and each shard's row count stays a multiple of
+    divisible_by (a friendly size for the matmul kernels). 50257 -> 50304 for 128 x 1."""
+    if make_vocab_size_divisible_by < 1:
+        raise UserError(f"tokenizer.make_vocab_size_divisible_by={make_vocab_size_divisible_by} must be >= 1")
+    if tensor_model_parallel_size < 1:
+        raise UserError(f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} must be >= 1")
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
 
 
 def epoch_iters(train_epochs: float, samples_per_epoch: int, global_batch_size: int) -> int:

@@ -5,7 +5,7 @@
     tok.eod, tok.vocab_size, tok.padded_vocab_size   # 50256, 50257, 50304
 """
 from megaclm.config.tokenizer import TOKENIZER_TYPES, TokenizerConfig
-from megaclm.tokenizer.base import BaseTokenizer, pad_vocab_size
+from megaclm.tokenizer.base import BaseTokenizer
 from megaclm.utils.errors import UserError
 
 
@@ -90,5 +90,4 @@ def model_vocab_size(cfg: TokenizerConfig, tokenizer: BaseTokenizer) -> int:
     return cfg.vocab_size
 
 
-__all__ = ["BaseTokenizer", "TOKENIZER_TYPES", "build_tokenizer", "build_tokenizer_from_config", "model_vocab_size",
-           "pad_vocab_size"]
+__all__ = ["BaseTokenizer", "TOKENIZER_TYPES", "build_tokenizer", "build_tokenizer_from_config", "model_vocab_size"]

@@ -1,23 +1,12 @@
-"""The interface every megaclm tokenizer implements, and Megatron's vocabulary padding rule."""
+"""The interface every megaclm tokenizer implements (the vocabulary padding rule is megaclm.config.derived's)."""
 import abc
 import os
 from itertools import chain
 
 import numpy as np
 
+from megaclm.config.derived import pad_vocab_size
 from megaclm.utils.errors import UserError
-
-
-def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
-    """Megatron's rule: round up to a multiple of divisible_by x TP, so every TP shard of the
-    embedding gets the same number of rows and each shard's row count stays a multiple of
-    divisible_by (a friendly size for the matmul kernels). 50257 -> 50304 for 128 x 1."""
-    if make_vocab_size_divisible_by < 1:
-        raise UserError(f"tokenizer.make_vocab_size_divisible_by={make_vocab_size_divisible_by} must be >= 1")
-    if tensor_model_parallel_size < 1:
-        raise UserError(f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} must be >= 1")
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def valid_unicode(text: str) -> str:

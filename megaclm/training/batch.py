@@ -35,6 +35,7 @@ from megaclm.data.curriculum import Curriculum
 from megaclm.data.epochs import TrainSplit, drawn_per_dataset, passes_line, train_split
 from megaclm.data.sampler import PretrainingSampler
 from megaclm.parallel.context import shard_sequence
+from megaclm.parallel.device import rank_device
 from megaclm.training.batch_change import samples_needed
 from megaclm.training.spike import extra_train_batches
 
@@ -50,7 +51,7 @@ class BatchSource:
         self.split = split  # the training data's sizes and weights (None: --mock-data)
         self.train, self.valid, self.test = datasets
         self.curriculum = curriculum
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.device = rank_device()
         self.sampler = PretrainingSampler(len(self.train), 0, derived.micro_batch_size, pstate.dp_rank,
                                           pstate.dp_size, derived.global_batch_size)
         self._train_iter: Iterator | None = None

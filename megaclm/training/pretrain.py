@@ -39,6 +39,7 @@ from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters,
                                  lora_layer_parameters, seq_split_summary)
 from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
+from megaclm.parallel.device import rank_device
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.batch_change import check_batch_change, saved_global_batch
@@ -313,13 +314,8 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
             lock.release()
 
 
-def _device() -> torch.device | None:
-    """Where collectives' tensors live (NCCL takes CUDA tensors only)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-
-
 def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([float(flag)], device=_device())
+    value = torch.tensor([float(flag)], device=rank_device())
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
@@ -328,7 +324,7 @@ def _any_rank(flag: bool) -> bool:
 def _stopped_at_start_up(pstate: Any) -> bool:
     """A stop request (megaclm.utils.signals) before the first step: nothing trained since the loaded checkpoint,
     so nothing to save; agreed by all ranks."""
-    reason = stop_agreed(_device())
+    reason = stop_agreed(rank_device())
     if reason is not None and pstate.rank == 0:
         log.info(f"stopping during start-up ({reason}), before the first step: nothing new to save; exit status "
                  f"{exitcodes.STOPPED}")

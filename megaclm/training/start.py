@@ -28,8 +28,8 @@ from megaclm.checkpoint.layout import is_complete, iteration_of, read_config, re
 from megaclm.checkpoint.manifest import Choice
 from megaclm.config import shape_fields
 from megaclm.config.arguments import section_to_dict
+from megaclm.config.derived import pad_vocab_size
 from megaclm.logging import get_logger
-from megaclm.tokenizer import pad_vocab_size
 from megaclm.utils.errors import UserError
 
 log = get_logger("megaclm.train")

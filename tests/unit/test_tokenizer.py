@@ -7,7 +7,8 @@ import pytest
 import sentencepiece as spm
 
 from megaclm.config.tokenizer import TokenizerConfig
-from megaclm.tokenizer import build_tokenizer, build_tokenizer_from_config, pad_vocab_size
+from megaclm.config.derived import pad_vocab_size
+from megaclm.tokenizer import build_tokenizer, build_tokenizer_from_config
 from megaclm.utils.errors import UserError
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"

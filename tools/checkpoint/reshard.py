@@ -37,11 +37,11 @@ from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # n
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
 from megaclm.checkpoint.universal import MOMENTS, has_optimizer_shards, saved_adam_step  # noqa: E402
 from megaclm.config.checkpoint import parse_ckpt_step  # noqa: E402
+from megaclm.config.derived import pad_vocab_size  # noqa: E402
 from megaclm.config.model import ModelConfig  # noqa: E402
 from megaclm.config.parallel import ParallelConfig  # noqa: E402
 from megaclm.config.validate import validate_layout  # noqa: E402
 from megaclm.logging import get_logger  # noqa: E402
-from megaclm.tokenizer import pad_vocab_size  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 
 log = get_logger("megaclm.reshard")

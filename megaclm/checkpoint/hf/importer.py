@@ -15,11 +15,11 @@ from megaclm.checkpoint.hf import files
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint
 from megaclm.config import MegaclmConfig
 from megaclm.config.arguments import dump_yaml
-from megaclm.config.validate import validate_layout
+from megaclm.config.derived import pad_vocab_size
 from megaclm.config.parallel import ParallelConfig
 from megaclm.config.tokenizer import TokenizerConfig
+from megaclm.config.validate import validate_layout
 from megaclm.logging import get_logger
-from megaclm.tokenizer import pad_vocab_size
 from megaclm.utils.errors import UserError
 
 log = get_logger("megaclm.convert_hf")
