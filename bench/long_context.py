@@ -78,13 +78,13 @@ def worker(rank, world, port, args, kind, backend, out_q):
                              num_query_groups=args.heads // 2, ffn_hidden_size=2 * args.hidden,
                              max_position_embeddings=T, position_embedding_type="rope", normalization="RMSNorm",
                              swiglu=True, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
-        model_parallel_seed(1, 0, 0, pstate.seq_rank)
+        model_parallel_seed(1, 0, 0, pstate.cp_rank)
         torch.manual_seed(1)
         model = GPTModel(config, VOCAB, pstate, KernelsConfig(attention_backend=backend)).to(device, dtype)
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, VOCAB, (1, T), generator=g)
         pos = torch.arange(T).expand(1, T)
-        local = [shard_sequence(x, pstate.seq_size, pstate.seq_rank, kind == "ring").to(device) for x in (ids, pos)]
+        local = [shard_sequence(x, pstate.cp_size, pstate.cp_rank, kind == "ring").to(device) for x in (ids, pos)]
         act, times = 0, []
         for step in range(args.warmup + args.steps):
             if cuda:

@@ -9,7 +9,8 @@ Every field of a section dataclass becomes one flag:
     int/float/str   typed value; `metadata["choices"]`, `metadata["nargs"]` ("*", "+") as in argparse
     list/dict       element-typed list (`nargs`), or a YAML/JSON literal for nested structures
     help            `metadata["help"]` (required: the field docstring)
-    `metadata["cli"] = False` keeps a field YAML-only.
+    `metadata["cli"] = False` keeps a field YAML-only; `metadata["yaml_aliases"]`: former field names a YAML
+    file or a stored config may still use (`kernels.kernels` for `kernels.op_backend`).
 
 Sources merge as defaults < YAML (`--config run.yaml`, the same tree: `{section: {field: value}}`)
 < flags. Unknown YAML keys get a difflib "did you mean"; a value of the wrong type is reported with its
@@ -354,12 +355,14 @@ def yaml_values(tree: dict, sections: dict[str, type], source: str = "config") -
         cls = sections[section]
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        former = {old: f.name for f in fields.values() for old in f.metadata.get("yaml_aliases", ())}
         values = out.setdefault(section, {})
         for key, value in body.items():
-            name = str(key).replace("-", "_")
+            written = str(key).replace("-", "_")
+            name = former.get(written, written)
             if name not in fields:
                 raise UserError(f"{source}: unknown key '{section}.{key}'{_did_you_mean(name, fields)}")
-            path = f"{section}.{name}"
+            path = f"{section}.{written}"  # errors name the key as the file spells it
             value = coerce(value, hints[name], path)
             choices = fields[name].metadata.get("choices")
             if choices is not None and value is not None and not isinstance(value, list) and value not in choices:

@@ -19,9 +19,10 @@ ATTENTION_BACKENDS = ("sdpa", "flash", "unfused")
 
 @dataclass(frozen=True)
 class KernelsConfig:
-    kernels: str = field(default="torch", metadata={
+    # Flag and YAML key keep their first name, `kernels` (run scripts and stored configs use it).
+    op_backend: str = field(default="torch", metadata={
         "help": "Implementation of norms, activations, RoPE, softmax and cross-entropy.",
-        "choices": list(KERNEL_BACKENDS)})
+        "choices": list(KERNEL_BACKENDS), "flag": "--kernels", "yaml_aliases": ["kernels"], "metavar": "KERNELS"})
     attention_backend: str = field(default="sdpa", metadata={
         "help": "Attention: torch scaled_dot_product_attention ('sdpa', torch picks the kernel; flash varlen for "
                 "document masks on CUDA), 'flash' (SDPA held to its flash kernel wherever the inputs allow), or "
@@ -35,8 +36,9 @@ class KernelsConfig:
         "help": "Tokens per chunk of the fused output-layer + cross-entropy (bounds the logits kept in memory)."})
 
     def __post_init__(self):
-        if self.kernels not in KERNEL_BACKENDS:
-            raise UserError(f"kernels.kernels={self.kernels!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        if self.op_backend not in KERNEL_BACKENDS:
+            raise UserError(f"kernels.op_backend (--kernels)={self.op_backend!r} is not one of "
+                            f"{', '.join(KERNEL_BACKENDS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise UserError(f"kernels.attention_backend={self.attention_backend!r} is not one of "
                             f"{', '.join(ATTENTION_BACKENDS)}")

@@ -5,7 +5,7 @@ parallel size tp, the Linear/Embedding layers hold 1/tp of their weight and comm
 code here only sees local head counts. Shapes: B batch, T sequence, H hidden, nh/nkv query/key-value
 heads on this rank, hd head dim, V padded vocabulary, S = T/tp under sequence parallelism else T.
 
-Long context (pstate.seq_size = n > 1): each rank of the seq axis holds T/n tokens of every sample from the
+Long context (pstate.cp_size = n > 1): each rank of the seq axis holds T/n tokens of every sample from the
 data loader on (input_ids, position_ids, document_ids and the returned per-token loss are all (B, T/n));
 position ids are the global ones, so RoPE is unchanged. Only the core attention sees other ranks' tokens:
   Ulysses (--ds-sequence-parallel-size)  DeepSpeed's DistributedAttention: all-to-all q/k/v from
@@ -69,7 +69,7 @@ def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, split_tokens: bool) -> torc
 
 def splits_tokens(pstate: ParallelState | None) -> bool:
     """Whether ranks that hold the same weights also hold different tokens of a sample's residual stream."""
-    return pstate is not None and (pstate.sequence_parallel or pstate.seq_size > 1)
+    return pstate is not None and (pstate.sequence_parallel or pstate.cp_size > 1)
 
 
 @dataclass(frozen=True)
@@ -89,17 +89,17 @@ class LayerInputs:
 
     def __init__(self, config: ModelConfig, pstate: ParallelState | None, kernels: KernelsConfig):
         self.config, self.pstate, self.kernels = config, pstate, kernels
-        self.kind = pstate.seq_kind if pstate else None
+        self.kind = pstate.cp_kind if pstate else None
         tp, tp_rank = (pstate.tp_size, pstate.tp_rank) if pstate else (1, 0)
         # Under Ulysses a rank attends with heads [r nh/(tp n), (r+1) nh/(tp n)) of its TP rank's (ALiBi slopes).
-        n, r = (pstate.ulysses_size, pstate.seq_rank) if self.kind == "ulysses" else (1, 0)
+        n, r = (pstate.ulysses_size, pstate.cp_rank) if self.kind == "ulysses" else (1, 0)
         self.masker = AttentionMasker(config, tp * n, tp_rank * n + r)
 
     def __call__(self, position_ids, document_ids, dtype, training: bool):
         if self.kind == "ring":
             return AttentionInputs(), self._ring(position_ids, document_ids)
         if self.kind == "ulysses":  # the core attention sees the whole sequence: so must its mask
-            group = self.pstate.seq_group
+            group = self.pstate.cp_group
             position_ids = gather_sequence(position_ids, group, load_balanced=False)
             document_ids = None if document_ids is None else gather_sequence(document_ids, group, load_balanced=False)
         inputs = self.masker(position_ids, document_ids, dtype, self.config.attention_dropout if training else 0.0,
@@ -109,11 +109,11 @@ class LayerInputs:
     def _ring(self, position_ids, document_ids) -> RingInputs:
         """Global token indices (causality follows them, not the position ids, which restart per document)."""
         p, device, T = self.pstate, position_ids.device, position_ids.size(1)
-        n = p.seq_size
+        n = p.cp_size
         key_index = torch.cat([sequence_index(T * n, n, r, True, device) for r in range(n)])
         # Rank-major like the keys ring_attention gathers (no reordering into global order).
-        key_docs = None if document_ids is None else gather_sequence(document_ids, p.seq_group, load_balanced=False)
-        return RingInputs(token_index=sequence_index(T * n, n, p.seq_rank, True, device), key_index=key_index,
+        key_docs = None if document_ids is None else gather_sequence(document_ids, p.cp_group, load_balanced=False)
+        return RingInputs(token_index=sequence_index(T * n, n, p.cp_rank, True, device), key_index=key_index,
                           document_ids=document_ids, key_document_ids=key_docs, window=self.config.window_size)
 
 
@@ -219,11 +219,11 @@ class Attention(nn.Module):
 
         def attend(q, k, v):
             if ring is not None:
-                return ring_attention(q, k, v, self.pstate.seq_group, token_index=ring.token_index,
+                return ring_attention(q, k, v, self.pstate.cp_group, token_index=ring.token_index,
                                       key_index=ring.key_index, document_ids=ring.document_ids,
                                       key_document_ids=ring.key_document_ids, window=ring.window)
             if ulysses:  # (B, T/n, nh, hd) -> all-to-all -> (B, T, nh/n, hd) -> attention -> back
-                return DistributedAttention(local_attention, self.pstate.seq_group, scatter_idx=2,
+                return DistributedAttention(local_attention, self.pstate.cp_group, scatter_idx=2,
                                             gather_idx=1)(q, k, v, 0)
             return local_attention(q, k, v)
 
@@ -365,9 +365,9 @@ class GPTModel(nn.Module):
         if sp and T % tp:
             raise ValueError(f"sequence length {T} must be divisible by the tensor-parallel size {tp} "
                              "under sequence parallelism")
-        kind = self.pstate.seq_kind if self.pstate else None
+        kind = self.pstate.cp_kind if self.pstate else None
         if position_ids is None:
-            n, r = (self.pstate.seq_size, self.pstate.seq_rank) if kind else (1, 0)
+            n, r = (self.pstate.cp_size, self.pstate.cp_rank) if kind else (1, 0)
             position_ids = sequence_index(T * n, n, r, kind == "ring", input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
         inputs, ring = self.layer_inputs(position_ids, document_ids, h.dtype, self.training)  # shared by all layers

@@ -246,9 +246,9 @@ class MoE(nn.Module):
 
     def _seq_split(self, B: int, T: int, device: torch.device) -> SeqSplit | None:
         p = self.pstate
-        if p is None or p.seq_size == 1:
+        if p is None or p.cp_size == 1:
             return None
-        return SeqSplit.of(p.seq_group, p.seq_rank, p.seq_kind == "ring", B, T, device)
+        return SeqSplit.of(p.cp_group, p.cp_rank, p.cp_kind == "ring", B, T, device)
 
     def _dispatch(self, flat: torch.Tensor, r: Routing) -> torch.Tensor:
         """Send each kept assignment's token to its expert's EP rank, run it, bring it back, combine. (N, H)."""

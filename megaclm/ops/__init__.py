@@ -14,7 +14,7 @@ Signatures (shapes batch-first; "ref" = the pure-PyTorch reference in the named 
     cross_entropy(logits (...,V), labels (...)) -> per-token fp32 loss (...)               cross_entropy.py
     linear_cross_entropy(hidden (...,H), weight (V,H), labels (...), chunk_size) -> (...)  cross_entropy.py
 
-Backends (`KernelsConfig.kernels`), chosen once with `build_ops(...)`, which returns an `Ops` whose
+Backends (`KernelsConfig.op_backend`, flag --kernels), chosen once with `build_ops(...)`, which returns an `Ops` whose
 attributes are the functions above:
 - "torch": the references.
 - "compile": torch.compile of each reference (small graphs, one per op). Whole transformer blocks are
@@ -99,9 +99,9 @@ def compile_unavailable() -> str | None:
 
 def build_ops(kernels: KernelsConfig | str = "torch") -> Ops:
     """The op table for a backend ("torch", "compile" or "fused", or a KernelsConfig)."""
-    backend = kernels.kernels if isinstance(kernels, KernelsConfig) else kernels
+    backend = kernels.op_backend if isinstance(kernels, KernelsConfig) else kernels
     if backend not in KERNEL_BACKENDS:
-        raise UserError(f"kernels.kernels={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        raise UserError(f"kernels.op_backend (--kernels)={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
     if backend == "torch":
         return Ops()
     if backend == "compile":

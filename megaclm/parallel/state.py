@@ -4,12 +4,14 @@ The layout is a DeepSpeed `ProcessTopology` with axes (pipe, data, seq, model), 
 a sequence split it is exactly `PipeModelDataParallelTopology` (axes pipe, data, model), the object DeepSpeed's
 PipelineModule builds its grid from, so megaclm's tensor-parallel groups and DeepSpeed's stages agree:
 
-    rank = pp_rank * (dp * seq * tp) + dp_rank * (seq * tp) + seq_rank * tp + tp_rank
+    rank = pp_rank * (dp * seq * tp) + dp_rank * (seq * tp) + cp_rank * tp + tp_rank
 
-The sequence axis ("seq": DeepSpeed-Ulysses or ring context parallelism, `seq_size` ranks sharing one sample,
+The sequence axis ("seq": DeepSpeed-Ulysses or ring context parallelism, `cp_size` ranks sharing one sample,
 each holding a slice of its tokens) sits between tp and dp, where Megatron-LM puts context parallelism:
 its collectives run in every layer (Ulysses' all-to-alls, the ring's key/value exchange), so after TP's
 they want the nearest ranks (one node); dp's gradient reduction runs once per step and can cross nodes.
+Its members are `cp_*` (context parallel, Ulysses and ring alike; `ulysses_size` / `ring_size` say which split
+runs); `sequence_parallel` is only Megatron's SP, the activations split over the tensor-parallel ranks.
 
 e.g. world 8, tp 2, pp 2 (dp 2): tp groups [0,1] [2,3] [4,5] [6,7]; dp groups [0,2] [1,3] [4,6] [5,7];
 pipelines [0,4] [1,5] [2,6] [3,7]; model-parallel (one replica: tp x pp) groups [0,1,4,5] [2,3,6,7].
@@ -19,7 +21,7 @@ summed over seq and averaged over dp) [0,2,4,6] [1,3,5,7].
 
 Expert parallelism (EP, Mixture of Experts) splits each seq x dp group (= dp group without a sequence
 split) into consecutive blocks of `ep` ranks that exchange tokens by all-to-all and hold different experts:
-ep_rank = i % ep, i the rank's index in its seq x dp group (dp_rank * seq + seq_rank). The ranks of a seq x dp
+ep_rank = i % ep, i the rank's index in its seq x dp group (dp_rank * seq + cp_rank). The ranks of a seq x dp
 group with the same ep_rank hold the same experts: their "expert data parallel" group (edp, seq*dp/ep ranks)
 is where expert gradients are reduced (summed over seq, averaged over dp, as every other gradient) and ZeRO
 partitions expert states. Sequence ranks hold different tokens of the same samples, so to the experts they
@@ -73,7 +75,7 @@ class ParallelState:
             raise UserError(f"rank {rank} is outside the world of {world_size} ranks")
         self.world_size, self.rank = world_size, rank
         self.tp_size, self.pp_size, self.dp_size = tp, pp, world_size // (tp * pp * seq)
-        self.seq_size, self.ulysses_size, self.cp_size = seq, ulysses_size, context_parallel_size
+        self.cp_size, self.ulysses_size, self.ring_size = seq, ulysses_size, context_parallel_size
         # Megatron's SP splits activations across the tensor-parallel ranks; with one rank there is nothing to split.
         self.sequence_parallel = sequence_parallel and tp > 1
         if seq == 1:
@@ -82,9 +84,9 @@ class ParallelState:
             self.topology = ProcessTopology(axes=["pipe", "data", "seq", "model"], dims=[pp, self.dp_size, seq, tp])
         coord = self.topology.get_coord(rank)
         self.tp_rank, self.dp_rank, self.pp_rank = coord.model, coord.data, coord.pipe
-        self.seq_rank = coord.seq if seq > 1 else 0
+        self.cp_rank = coord.seq if seq > 1 else 0
         # DeepSpeed's pipeline engine knows pipe/data/model only: it sees the seq ranks as data-parallel
-        # replicas (same rank order, data rank = dp_rank * seq + seq_rank) and averages gradients over them,
+        # replicas (same rank order, data rank = dp_rank * seq + cp_rank) and averages gradients over them,
         # which the per-token loss normalisation compensates for (megaclm.training.loss: x seq, a sum over the
         # sequence's parts).
         self.pipeline_topology = (self.topology if seq == 1 else
@@ -92,17 +94,17 @@ class ParallelState:
         self.tp_group_ranks = self._my_list("model")
         self.dp_group_ranks = self._my_list("data")
         self.pp_group_ranks = self._my_list("pipe")
-        self.seq_group_ranks = self._my_list("seq") if seq > 1 else [rank]
-        self.seq_dp_group_ranks = sorted(self.topology.filter_match(pipe=self.pp_rank, model=self.tp_rank))
+        self.cp_group_ranks = self._my_list("seq") if seq > 1 else [rank]
+        self.cp_dp_group_ranks = sorted(self.topology.filter_match(pipe=self.pp_rank, model=self.tp_rank))
         self.model_parallel_group_ranks = sorted(self.topology.filter_match(**self._replica_coords(rank)))
         if ep < 1 or (self.dp_size * seq) % ep:
             raise UserError(f"parallel.expert_model_parallel_size={ep} must be >= 1 and divide the data-parallel "
                             f"size {self.dp_size} x the sequence split {seq}")
-        i = self.seq_dp_group_ranks.index(rank)  # = dp_rank * seq + seq_rank
+        i = self.cp_dp_group_ranks.index(rank)  # = dp_rank * seq + cp_rank
         self.ep_size, self.ep_rank, self.edp_rank = ep, i % ep, i // ep
         self.has_experts = experts
-        self.ep_group_ranks = self.seq_dp_group_ranks[self.edp_rank * ep:(self.edp_rank + 1) * ep]
-        self.edp_group_ranks = self.seq_dp_group_ranks[self.ep_rank::ep]
+        self.ep_group_ranks = self.cp_dp_group_ranks[self.edp_rank * ep:(self.edp_rank + 1) * ep]
+        self.edp_group_ranks = self.cp_dp_group_ranks[self.ep_rank::ep]
         self._groups: dict[str, object] | None = None
 
     def __deepcopy__(self, memo):
@@ -125,7 +127,7 @@ class ParallelState:
     def _replica_coords(self, rank: int) -> dict[str, int]:
         """The coordinates naming `rank`'s model replica (tp x pp): its data and sequence ranks."""
         coord = self.topology.get_coord(rank)
-        return {"data": coord.data, **({"seq": coord.seq} if self.seq_size > 1 else {})}
+        return {"data": coord.data, **({"seq": coord.seq} if self.cp_size > 1 else {})}
 
     def _my_list(self, axis: str) -> list[int]:
         return next(ranks for ranks in self.topology.get_axis_comm_lists(axis) if self.rank in ranks)
@@ -141,12 +143,12 @@ class ParallelState:
     def __repr__(self):
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
                 f"dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/{self.pp_size}, ep={self.ep_rank}/{self.ep_size}, "
-                f"sp={self.sequence_parallel}, seq={self.seq_rank}/{self.seq_size} ({self.seq_kind}))")
+                f"sp={self.sequence_parallel}, cp={self.cp_rank}/{self.cp_size} ({self.cp_kind}))")
 
     @property
-    def seq_kind(self) -> str | None:
+    def cp_kind(self) -> str | None:
         """How the sequence is split across the seq axis: "ulysses", "ring" or None."""
-        return "ulysses" if self.ulysses_size > 1 else "ring" if self.cp_size > 1 else None
+        return "ulysses" if self.ulysses_size > 1 else "ring" if self.ring_size > 1 else None
 
     # ---- process groups -------------------------------------------------------------------------------------
     def init_process_groups(self) -> None:
@@ -164,7 +166,7 @@ class ParallelState:
                  "pp": self.topology.get_axis_comm_lists("pipe"),
                  "mp": sorted({tuple(sorted(self.topology.filter_match(**self._replica_coords(r))))
                                for r in range(self.world_size)})}
-        if self.seq_size > 1:
+        if self.cp_size > 1:
             lists["seq"] = self.topology.get_axis_comm_lists("seq")
             lists["seq_dp"] = sorted({tuple(sorted(self.topology.filter_match(pipe=p, model=t)))
                                       for p in range(self.pp_size) for t in range(self.tp_size)})
@@ -244,14 +246,18 @@ class ParallelState:
         return ds_groups._get_expert_parallel_group(self._expert_groups_ready())
 
     @property
-    def seq_group(self):
+    def cp_group(self):
         """The sequence-split group; None without a split (the collectives then short-circuit)."""
-        return self._group("seq") if self.seq_size > 1 else None
+        return self._group("seq") if self.cp_size > 1 else None
 
     @property
-    def seq_dp_group(self):
+    def cp_dp_group(self):
         """seq x dp: the ranks holding the same weights; gradients are summed over seq, averaged over dp."""
-        return self._group("seq_dp") if self.seq_size > 1 else self.dp_group
+        return self._group("seq_dp") if self.cp_size > 1 else self.dp_group
+
+    # The names megaclm/training/loop.py still reads; its rewrite (issue 26 item 1) uses cp_*: delete these then.
+    seq_size = property(lambda self: self.cp_size)
+    seq_dp_group = property(lambda self: self.cp_dp_group)
 
     # ---- DeepSpeed mpu protocol -------------------------------------------------------------------------------
     def get_tensor_model_parallel_rank(self) -> int:
@@ -297,22 +303,22 @@ class ParallelState:
 
     # Ulysses and ring alike: DeepSpeed sums gradients over the sequence ranks and shards ZeRO over seq x dp.
     def get_sequence_parallel_rank(self) -> int:
-        return self.seq_rank
+        return self.cp_rank
 
     def get_sequence_parallel_world_size(self) -> int:
-        return self.seq_size
+        return self.cp_size
 
     def get_sequence_parallel_group(self):
-        return self.seq_group
+        return self.cp_group
 
     def get_sequence_data_parallel_rank(self) -> int:
-        return self.seq_dp_group_ranks.index(self.rank)
+        return self.cp_dp_group_ranks.index(self.rank)
 
     def get_sequence_data_parallel_world_size(self) -> int:
-        return self.seq_size * self.dp_size
+        return self.cp_size * self.dp_size
 
     def get_sequence_data_parallel_group(self):
-        return self.seq_dp_group
+        return self.cp_dp_group
 
     def get_model_parallel_rank(self) -> int:
         return self.model_parallel_group_ranks.index(self.rank)

@@ -115,8 +115,8 @@ class BatchSource:
     def _finish(self, batch: dict[str, torch.Tensor], seqlen: int):
         batch = self.curriculum.truncate(batch, seqlen)
         p = self.pstate
-        if p.seq_size > 1:
-            batch = {k: shard_sequence(v, p.seq_size, p.seq_rank, p.seq_kind == "ring") for k, v in batch.items()}
+        if p.cp_size > 1:
+            batch = {k: shard_sequence(v, p.cp_size, p.cp_rank, p.cp_kind == "ring") for k, v in batch.items()}
         if self.device is not None:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.pstate.pp_size == 1:

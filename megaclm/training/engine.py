@@ -71,7 +71,7 @@ def init_distributed(cfg: Any) -> ParallelState:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=cfg.training.distributed_timeout_minutes))
     pstate = ParallelState.from_env(cfg.parallel, experts=cfg.model.num_experts is not None)
-    model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, pstate.seq_rank)
+    model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, pstate.cp_rank)
     return pstate
 
 
@@ -80,7 +80,7 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
     # device's memory never exists whole (every data-parallel replica builds the same init: same seed).
     # Partitioned over seq x dp (= dp without a sequence split): the group DeepSpeed's engine shards ZeRO over.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate,
-                             data_parallel_group=pstate.seq_dp_group):
+                             data_parallel_group=pstate.cp_dp_group):
         if pstate.pp_size > 1:
             model = GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
                                       partition_method=cfg.parallel.pipeline_partition_method, lora=cfg.lora)
@@ -186,7 +186,7 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
                                        weight_decay=params["weight_decay"], fused=torch.cuda.is_available() or None)
     if pstate.pp_size > 1:
         # The pipeline engine counts the seq ranks as data-parallel replicas (ParallelState.pipeline_topology).
-        ds_config["train_batch_size"] = ds_config["train_batch_size"] * pstate.seq_size
+        ds_config["train_batch_size"] = ds_config["train_batch_size"] * pstate.cp_size
         # Send activations whole where they differ across TP ranks (SP), or where a second float tensor needs a
         # gradient (MoE's router losses, megaclm.model.pipe): DeepSpeed's partitioning handles outputs[0] only.
         if pstate.sequence_parallel or cfg.model.num_experts is not None:

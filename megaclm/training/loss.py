@@ -42,11 +42,11 @@ def _with_mask(micro: Any, mask: torch.Tensor) -> Any:
 def normalise_loss_masks(micro_batches: list, pstate: Any, accum: int, pipeline: bool) -> tuple[list, torch.Tensor]:
     """The step's micro-batches with their loss masks scaled for a per-token loss over the global batch,
     and N, the global batch's loss-token count (a 0-dim tensor on the masks' device: no host sync).
-    Collective over `pstate.seq_dp_group`."""
+    Collective over `pstate.cp_dp_group`."""
     # float64: a global batch may hold more than 2^24 loss tokens, past which float32 counts are inexact
     count = torch.stack([_mask(m).double().sum() for m in micro_batches]).sum()
-    if pstate.seq_size * pstate.dp_size > 1:
-        dist.all_reduce(count, group=pstate.seq_dp_group)
-    replicas = pstate.dp_size * (pstate.seq_size if pipeline else 1)
+    if pstate.cp_size * pstate.dp_size > 1:
+        dist.all_reduce(count, group=pstate.cp_dp_group)
+    replicas = pstate.dp_size * (pstate.cp_size if pipeline else 1)
     scale = (replicas * accum / count.clamp(min=1.0)).float()
     return [_with_mask(m, _mask(m).float() * scale) for m in micro_batches], count

@@ -101,7 +101,7 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
              f"frozen from {lora[0]['dir']}/{lora[0]['tag']}" + ("; adapters resumed from --load" if lora[1] else "")
              + (f"; base quantized to {l.base_quantization}" if l.quantized else "")]
     lines.append(f"torch_compile: {'on (each transformer block)' if k.torch_compile else 'off'}; "
-                 f"kernels: {k.kernels}")
+                 f"kernels: {k.op_backend}")
     t = cfg.training
     lines.append("fp8: off" if t.fp8_format is None else
                  f"fp8: {t.fp8_format} format, {t.fp8_recipe} scaling (torchao.float8) on the transformer blocks' linears")
@@ -365,7 +365,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         log.info(passes)
     schedule = build_schedule(cfg.optimizer, cfg.scheduler, derived.train_iters, derived.tokens_per_step,
                               cfg.training.train_tokens, derived.global_batch_size)
-    writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.seq_rank == 0
+    writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.cp_rank == 0
     metrics_file = cfg.logging.metrics_file or (os.path.join(c.save, "metrics.jsonl") if c.save else None)
     metrics = MetricsLogger(cfg.logging, writer=writer, metrics_file=metrics_file, total_iters=derived.train_iters,
                             start_iter=progress.iteration, run_config=cfg.to_dict(),

@@ -47,11 +47,11 @@ def _state(world_size, rank, kind, n, tp, sequence_parallel=False, pp=1):
 
 
 def _local(pstate, ids, labels, weights, pos, doc):
-    ring = pstate.seq_kind == "ring"
+    ring = pstate.cp_kind == "ring"
     pos = torch.arange(T).expand(B, T) if pos is None else pos  # the loader always carries global positions
 
     def cut(x):
-        return None if x is None else shard_sequence(x, pstate.seq_size, pstate.seq_rank, ring)
+        return None if x is None else shard_sequence(x, pstate.cp_size, pstate.cp_rank, ring)
 
     return cut(ids), cut(labels), cut(weights), cut(pos), cut(doc)
 
@@ -67,7 +67,7 @@ def check_split(world_size: int, rank: int, kind: str, n: int, tp: int, case: st
     ref_grads = grads(ref)
 
     pstate = _state(world_size, rank, kind, n, tp, sequence_parallel)
-    model_parallel_seed(1234, pstate.tp_rank, 0, pstate.seq_rank)
+    model_parallel_seed(1234, pstate.tp_rank, 0, pstate.cp_rank)
     torch.manual_seed(1234)
     model = GPTModel(config, VOCAB, pstate, kernels)
     shards = shard_state_dict(ref.state_dict(), config, tp, pstate.tp_rank)
@@ -76,13 +76,13 @@ def check_split(world_size: int, rank: int, kind: str, n: int, tp: int, case: st
     logits, loss = forward_backward(model, *_local(pstate, *inputs))
     local_grads = grads(model)
     for g in local_grads.values():  # each seq rank's gradient covers its tokens only
-        dist.all_reduce(g, group=pstate.seq_group)
+        dist.all_reduce(g, group=pstate.cp_group)
     full_grads = unshard_state_dicts(gather_shards(local_grads, pstate), config) if tp > 1 else local_grads
     ring = kind == "ring"
-    logits = gather_from_tp(gather_sequence(logits, pstate.seq_group, ring), pstate.tp_group if tp > 1 else None)
+    logits = gather_from_tp(gather_sequence(logits, pstate.cp_group, ring), pstate.tp_group if tp > 1 else None)
     return {"init": init_diff, "local_tokens": loss.shape[1],
             "logits": (logits - ref_logits).abs().max().item(),
-            "loss": (gather_sequence(loss, pstate.seq_group, ring) - ref_loss).abs().max().item(),
+            "loss": (gather_sequence(loss, pstate.cp_group, ring) - ref_loss).abs().max().item(),
             "grads": max_diff(full_grads, ref_grads),
             "grad_scale": max(g.abs().max().item() for g in ref_grads.values())}
 
@@ -106,19 +106,19 @@ def check_engine(world_size: int, rank: int, kind: str, n: int, zero_stage: int 
                                        # as megaclm.config.deepspeed_json sets it under a sequence split
                                        **({"reduce_scatter": False} if zero_stage == 3 else {})}}
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3, mpu=pstate,
-                             data_parallel_group=pstate.seq_dp_group):
+                             data_parallel_group=pstate.cp_dp_group):
         torch.manual_seed(1234)
         model = GPTModel(config, VOCAB, pstate)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                            config=ds_config, mpu=pstate)
     l_ids, l_labels, l_weights, l_pos, l_doc = _local(pstate, ids, labels, weights, pos, doc)
     count = l_weights.sum()
-    dist.all_reduce(count, group=pstate.seq_group)
+    dist.all_reduce(count, group=pstate.cp_group)
     loss = (engine(l_ids, l_pos, l_doc, labels=l_labels) * l_weights).sum() / count
     engine.backward(loss)
     engine.step()
     total = loss.detach().clone()
-    dist.all_reduce(total, group=pstate.seq_group)
+    dist.all_reduce(total, group=pstate.cp_group)
     params = dict(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage == 3):
         steps = {k: ref.state_dict()[k] - p.detach() for k, p in params.items()}
@@ -141,7 +141,7 @@ def check_pipeline_split(world_size: int, rank: int, kind: str, n: int) -> dict:
     ref_loss.backward()
     ref_grads = grads(ref)
 
-    model_parallel_seed(1, 0, pstate_pp.pp_rank, pstate_pp.seq_rank)
+    model_parallel_seed(1, 0, pstate_pp.pp_rank, pstate_pp.cp_rank)
     module = GPTPipelineModule(config, VOCAB, pstate_pp)
     load_plain_state_dict(module, ref.state_dict())
     recorder = GradRecorder(module.named_parameters())

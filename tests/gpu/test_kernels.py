@@ -236,7 +236,7 @@ def test_model_with_fused_kernels_matches_torch_kernels(family):
     results = []
     for backend in ("torch", "fused"):
         torch.manual_seed(0)
-        model = GPTModel(config, 512, kernels=KernelsConfig(kernels=backend, attention_backend="unfused")).cuda()
+        model = GPTModel(config, 512, kernels=KernelsConfig(op_backend=backend, attention_backend="unfused")).cuda()
         assert model.ops.backend == backend
         ids = torch.randint(0, 512, (2, 64), device="cuda")
         loss = model(ids, labels=ids.roll(-1, dims=1))

@@ -170,6 +170,17 @@ def test_yaml_type_errors_name_the_path(tmp_path, base):
         parse(base + ["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_kernels_op_backend_keeps_its_flag_and_former_yaml_key(tmp_path, base):
+    cfg, _ = parse(base + ["--kernels", "compile"])
+    assert cfg.kernels.op_backend == "compile"
+    cfg, _ = parse(base + ["--config", write_yaml(tmp_path, {"kernels": {"kernels": "fused"}})])
+    assert cfg.kernels.op_backend == "fused"  # a YAML file or a checkpoint's stored config of before the rename
+    assert MegaclmConfig.from_dict({"kernels": {"kernels": "compile"}}).kernels.op_backend == "compile"
+    cfg, _ = parse(base + ["--config", write_yaml(tmp_path, {"kernels": {"op_backend": "fused"}})])
+    assert cfg.kernels.op_backend == "fused" and cfg.to_dict()["kernels"]["op_backend"] == "fused"
+    with pytest.raises(UserError, match="kernels.kernels='cuda' is not one of"):
+        parse(base + ["--config", write_yaml(tmp_path, {"kernels": {"kernels": "cuda"}})])
+
 def test_config_round_trips_through_yaml(tmp_path, base):
     cfg, _ = parse(base + ["--bf16", "--swiglu", "--lr", "2e-4"])
     path = tmp_path / "dump.yaml"

@@ -50,7 +50,7 @@ def test_fused_without_extension_uses_references_and_warns_once(warnings_seen):
     assert not _cuda.is_available()
     assert "not built" in _cuda.unavailable_reason() and "MEGACLM_CUDA_EXT=1" in _cuda.unavailable_reason()
     for _ in range(3):
-        for request in ("fused", KernelsConfig(kernels="fused")):
+        for request in ("fused", KernelsConfig(op_backend="fused")):
             ops = build_ops(request)
             assert ops.backend == "torch"
             assert all(getattr(ops, name) is REFERENCES[name] for name in OP_NAMES)

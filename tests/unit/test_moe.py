@@ -165,7 +165,7 @@ def test_expert_parallel_groups_split_each_data_parallel_group():
 def test_sequence_ranks_are_data_parallel_ranks_to_the_experts():
     # world 4, Ulysses 2, ep 2 (dp 2): seq groups [0,1] [2,3] exchange tokens; [0,2] [1,3] hold the same experts
     states = [ParallelState(4, r, ulysses_size=2, expert_parallel_size=2) for r in range(4)]
-    assert [s.ep_group_ranks for s in states] == [s.seq_group_ranks for s in states] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [s.ep_group_ranks for s in states] == [s.cp_group_ranks for s in states] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [s.edp_group_ranks for s in states] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     # ring 2, dp 1, ep 2 on 2 ranks: the experts split across the two halves of each sample
     assert [ParallelState(2, r, context_parallel_size=2, expert_parallel_size=2).ep_rank for r in (0, 1)] == [0, 1]

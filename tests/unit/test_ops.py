@@ -194,7 +194,7 @@ def test_compile_backend_traces_the_references(g, monkeypatch):
 
 
 def test_unknown_backend_is_a_user_error():
-    with pytest.raises(UserError, match="kernels.kernels='cuda'"):
+    with pytest.raises(UserError, match=r"kernels.op_backend \(--kernels\)=\'cuda\'"):
         ops.build_ops("cuda")
     with pytest.raises(UserError, match="kernels.attention_backend"):
         KernelsConfig(attention_backend="triton")

@@ -29,25 +29,25 @@ def test_seq_axis_sits_between_tp_and_dp(world, tp, seq, pp, kind):
     states = [ParallelState(world, r, tp, pp, **sizes) for r in range(world)]
     for tp_r, seq_r, dp_r, pp_r in itertools.product(range(tp), range(seq), range(dp), range(pp)):
         s = states[expected_rank(tp_r, seq_r, dp_r, pp_r, tp, seq, dp)]
-        assert (s.tp_rank, s.seq_rank, s.dp_rank, s.pp_rank) == (tp_r, seq_r, dp_r, pp_r)
-        assert s.seq_kind == kind and (s.seq_size, s.dp_size) == (seq, dp)
+        assert (s.tp_rank, s.cp_rank, s.dp_rank, s.pp_rank) == (tp_r, seq_r, dp_r, pp_r)
+        assert s.cp_kind == kind and (s.cp_size, s.dp_size) == (seq, dp)
         assert s.tp_group_ranks == [expected_rank(t, seq_r, dp_r, pp_r, tp, seq, dp) for t in range(tp)]
-        assert s.seq_group_ranks == [expected_rank(tp_r, q, dp_r, pp_r, tp, seq, dp) for q in range(seq)]
+        assert s.cp_group_ranks == [expected_rank(tp_r, q, dp_r, pp_r, tp, seq, dp) for q in range(seq)]
         assert s.dp_group_ranks == [expected_rank(tp_r, seq_r, d, pp_r, tp, seq, dp) for d in range(dp)]
-        assert s.seq_dp_group_ranks == sorted(expected_rank(tp_r, q, d, pp_r, tp, seq, dp)
+        assert s.cp_dp_group_ranks == sorted(expected_rank(tp_r, q, d, pp_r, tp, seq, dp)
                                               for q in range(seq) for d in range(dp))
         # One replica (tp x pp) excludes the seq ranks: the grad norm must not count their copies twice.
         assert s.model_parallel_group_ranks == sorted(expected_rank(t, seq_r, dp_r, p, tp, seq, dp)
                                                       for t in range(tp) for p in range(pp))
         assert (s.get_sequence_parallel_world_size(), s.get_sequence_data_parallel_world_size(),
                 s.get_data_parallel_world_size()) == (seq, seq * dp, dp)
-        assert s.get_sequence_data_parallel_rank() == s.seq_dp_group_ranks.index(s.rank)
+        assert s.get_sequence_data_parallel_rank() == s.cp_dp_group_ranks.index(s.rank)
 
 
 def test_without_a_split_the_layout_is_unchanged():
     s = ParallelState(8, 5, 2, 2)
-    assert (s.seq_size, s.seq_rank, s.seq_kind, s.seq_group_ranks) == (1, 0, None, [5])
-    assert s.seq_dp_group_ranks == s.dp_group_ranks
+    assert (s.cp_size, s.cp_rank, s.cp_kind, s.cp_group_ranks) == (1, 0, None, [5])
+    assert s.cp_dp_group_ranks == s.dp_group_ranks
 
 
 @pytest.mark.parametrize("n,T", [(1, 8), (2, 8), (2, 16), (4, 16), (8, 64)])
