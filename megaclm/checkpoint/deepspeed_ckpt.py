@@ -49,6 +49,7 @@ from megaclm.checkpoint.universal import load_resharded, optimizer_shard_file
 from megaclm.checkpoint.weights import load_weights
 from megaclm.logging import get_logger
 from megaclm.model.lora import is_lora_key
+from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write, remove_quietly
 
@@ -69,7 +70,7 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: Any,
+def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: ParallelState,
                     config_tree: dict, meta: dict, total_limit: int | None = None,
                     writer: AsyncCheckpointWriter | None = None, on_complete: Callable[[], None] | None = None) -> str:
     """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag.
@@ -209,7 +210,7 @@ LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "da
                "expert_model_parallel_size")
 
 
-def run_layout(pstate: Any, zero_stage: int) -> tuple[int, ...]:
+def run_layout(pstate: ParallelState, zero_stage: int) -> tuple[int, ...]:
     """The layout a run saves and loads DeepSpeed's own files in, as `LAYOUT_KEYS` of meta.json."""
     return pstate.tp_size, pstate.pp_size, pstate.dp_size, zero_stage, pstate.ep_size
 

@@ -39,6 +39,7 @@ from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.model.quantize import fake_quantize
 from megaclm.model.sharding import expert_id, globalize_experts, split_stacked_experts, unshard_state_dicts
+from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 
 
@@ -51,8 +52,8 @@ def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:03d}" + (f"_ep{ep_rank:03d}" if ep_rank else "") + ".pt"
 
 
-def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: torch.nn.Module, pstate: Any,
-               **extra: Any) -> tuple[str, dict] | None:
+def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: torch.nn.Module,
+               pstate: ParallelState, **extra: Any) -> tuple[str, dict] | None:
     """(path, payload) of this rank's per-(tp, pp, ep) file in `folder`, or None where another rank writes it.
 
     `fields` {payload field: {module name: tensor}} (model: "tensors"; optim: "exp_avg", "exp_avg_sq") are
@@ -68,7 +69,7 @@ def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: 
     return os.path.join(folder, shard_name(pstate.tp_rank, pstate.pp_rank, pstate.ep_rank)), payload
 
 
-def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: Any,
+def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: ParallelState,
                      trainable_only: bool = False) -> tuple[str, dict] | None:
     """Collective over the data-parallel group (ZeRO gathers fp32 partitions): (path, payload) of this
     rank's fp32 shard on data-parallel rank 0 (and the other EP ranks' first replicas), None on the

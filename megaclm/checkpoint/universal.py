@@ -43,6 +43,7 @@ from megaclm.checkpoint.layout import read_meta
 from megaclm.checkpoint.shards import shard_file, torch_load
 from megaclm.checkpoint.weights import load_weights, shard_for
 from megaclm.model.pipe import pipe_to_plain_key
+from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -95,7 +96,7 @@ def adam_step(engine: Any) -> int:
     return int(max((float(s) for s in steps), default=0))
 
 
-def optimizer_shard_file(engine: Any, out_dir: str, pstate: Any) -> tuple[str, dict] | None:
+def optimizer_shard_file(engine: Any, out_dir: str, pstate: ParallelState) -> tuple[str, dict] | None:
     """Collective over the data-parallel group (ZeRO gathers each state): (path, payload) of this rank's
     full Adam moments on data-parallel rank 0 (and the other EP ranks' first replicas: their experts'),
     None elsewhere. The tensors are on the CPU and may be the optimizer's live states (ZeRO-0): save

@@ -25,12 +25,14 @@ from deepspeed.pipe import PipelineModule
 from megaclm.checkpoint.layout import read_meta
 from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
 from megaclm.checkpoint.shards import load_full_state_dict, shard_tensors, torch_load
+from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import load_plain_state_dict
 from megaclm.model.sharding import localize_experts, shard_state_dict
 from megaclm.utils.errors import UserError
 
 
-def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: Any, kind: str, field: str) -> dict[str, torch.Tensor]:
+def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: ModelConfig, kind: str,
+                  field: str) -> dict[str, torch.Tensor]:
     """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages and expert-parallel ranks."""
     out: dict[str, torch.Tensor] = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, f"tp{tp_rank:02d}_pp*.pt"))):

@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megaclm.config.derived import Derived
 from megaclm.utils.errors import UserError
 
+if TYPE_CHECKING:  # the package imports this module
+    from megaclm.config import MegaclmConfig
 
-def deepspeed_config(cfg: Any, derived: Derived, cuda: bool) -> dict:
+
+def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
     t, o = cfg.training, cfg.optimizer
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload_optimizer:

@@ -19,9 +19,13 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from megaclm.config.training import TrainingConfig
 from megaclm.utils.errors import UserError
+
+if TYPE_CHECKING:  # the package imports this module
+    from megaclm.config import MegaclmConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class Derived:
         return asdict(self)
 
 
-def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
+                   tensor_model_parallel_size: int = 1) -> int:
     """Megatron's rule: round up to a multiple of divisible_by x TP, so every TP shard of the
     embedding gets the same number of rows and each shard's row count stays a multiple of
     divisible_by (a friendly size for the matmul kernels). 50257 -> 50304 for 128 x 1."""
@@ -66,8 +71,8 @@ def epoch_iters(train_epochs: float, samples_per_epoch: int, global_batch_size: 
     return max(1, math.ceil(Fraction(repr(float(train_epochs))) * samples_per_epoch / global_batch_size))
 
 
-def train_iters_for(training: Any, global_batch_size: int, seq_length: int, samples_per_epoch: int | None = None,
-                    tokens_iters: int | None = None) -> int | None:
+def train_iters_for(training: TrainingConfig, global_batch_size: int, seq_length: int,
+                    samples_per_epoch: int | None = None, tokens_iters: int | None = None) -> int | None:
     """The run's length in iterations at this global batch (None: no length given, or --train-epochs without the
     epoch's size). Megatron-DeepSpeed's --train-tokens may cap --train-iters/--train-samples: the first limit
     reached stops. `tokens_iters`: the step at which --train-tokens is reached when a sequence-length warmup makes
@@ -82,10 +87,9 @@ def train_iters_for(training: Any, global_batch_size: int, seq_length: int, samp
     return min(limits) if limits else None
 
 
-def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None,
+def compute_derived(cfg: MegaclmConfig, world_size: int, vocab_size: int | None = None,
                     samples_per_epoch: int | None = None) -> Derived:
-    """`cfg` is a MegaclmConfig (or any object with parallel/training/data sections); `samples_per_epoch` (read
-    from the datasets by the caller) sets the length of a --train-epochs run."""
+    """`samples_per_epoch` (read from the datasets by the caller) sets the length of a --train-epochs run."""
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
     split = cfg.parallel.seq_split_size
@@ -128,8 +132,8 @@ def compute_derived(cfg: Any, world_size: int, vocab_size: int | None = None,
     return with_inputs(layout, cfg, vocab_size, samples_per_epoch)
 
 
-def with_inputs(derived: Derived, cfg: Any, vocab_size: int | None = None, samples_per_epoch: int | None = None,
-                tokens_iters: int | None = None) -> Derived:
+def with_inputs(derived: Derived, cfg: MegaclmConfig, vocab_size: int | None = None,
+                samples_per_epoch: int | None = None, tokens_iters: int | None = None) -> Derived:
     """`derived` completed with what only a caller that reads files knows (parse_args reads none): the tokenizer's
     vocabulary, the training data's epoch size, the step at which --train-tokens is reached under a sequence-length
     warmup. The layout values (checked once, by compute_derived) are kept."""

@@ -7,21 +7,24 @@ in each section's __post_init__; the model-vs-parallel shape checks in config.mo
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from megaclm.config.data import parse_blend
 from megaclm.config.derived import Derived
 from megaclm.config.lora import parse_targets
-from megaclm.config.model import check_parallel_shapes
+from megaclm.config.model import ModelConfig, check_parallel_shapes
+from megaclm.config.parallel import ParallelConfig
 from megaclm.utils.errors import UserError
 
+if TYPE_CHECKING:  # megaclm.config imports this module (in parse_args)
+    from megaclm.config import MegaclmConfig
 
-def _model_parallel(cfg: Any) -> None:
+
+def _model_parallel(cfg: MegaclmConfig) -> None:
     check_parallel_shapes(cfg.model, cfg.parallel)
 
 
-def _pipeline_zero(cfg: Any) -> None:
+def _pipeline_zero(cfg: MegaclmConfig) -> None:
     pp, stage = cfg.parallel.pipeline_model_parallel_size, cfg.training.zero_stage
     if pp > 1 and stage >= 2:
         raise UserError(f"parallel.pipeline_model_parallel_size={pp} needs training.zero_stage 0 or 1, got {stage}: "
@@ -29,14 +32,14 @@ def _pipeline_zero(cfg: Any) -> None:
                         "pass --zero-stage 1 (or --pipeline-model-parallel-size 1 to use ZeRO-2/3)")
 
 
-def _moe_zero(cfg: Any) -> None:
+def _moe_zero(cfg: MegaclmConfig) -> None:
     if cfg.model.num_experts is not None and cfg.training.zero_stage == 3:
         raise UserError(f"model.num_experts={cfg.model.num_experts} with training.zero_stage=3: DeepSpeed's engine "
                         "does not partition MoE layers' parameters under ZeRO-3; use --zero-stage 1 or 2 (expert "
                         "parallelism, --expert-model-parallel-size, already splits the experts' weights)")
 
 
-def _compile_zero3(cfg: Any) -> None:
+def _compile_zero3(cfg: MegaclmConfig) -> None:
     if cfg.kernels.torch_compile and cfg.training.zero_stage == 3:
         raise UserError("kernels.torch_compile with training.zero_stage=3: torch.compile of the transformer blocks "
                         "traces ZeRO-3's partitioned parameters as they are between its gather hooks (empty "
@@ -44,21 +47,21 @@ def _compile_zero3(cfg: Any) -> None:
                         "drop --torch-compile")
 
 
-def _seq_length(cfg: Any) -> None:
+def _seq_length(cfg: MegaclmConfig) -> None:
     seq, maxpos = cfg.data.seq_length, cfg.model.max_position_embeddings
     if seq > maxpos:
         raise UserError(f"data.seq_length={seq} is larger than model.max_position_embeddings={maxpos}; "
                         f"pass --max-position-embeddings {seq} (or more) or a shorter --seq-length")
 
 
-def _shared_fields(cfg: Any) -> None:
+def _shared_fields(cfg: MegaclmConfig) -> None:
     a, b = cfg.model.make_vocab_size_divisible_by, cfg.tokenizer.make_vocab_size_divisible_by
     if a != b:
         raise UserError(f"model.make_vocab_size_divisible_by={a} differs from tokenizer.make_vocab_size_divisible_by={b}; "
                         "set both to one value (the flag --make-vocab-size-divisible-by sets both)")
 
 
-def _data_paths(cfg: Any) -> None:
+def _data_paths(cfg: MegaclmConfig) -> None:
     d = cfg.data
     if d.mock_data:
         return
@@ -77,7 +80,7 @@ def _data_paths(cfg: Any) -> None:
                                 "tools/preprocess_data.py (without .bin/.idx)")
 
 
-def _tokenizer(cfg: Any) -> None:
+def _tokenizer(cfg: MegaclmConfig) -> None:
     if cfg.tokenizer.tokenizer_type is None:
         raise UserError("tokenizer.tokenizer_type is not set; pass --tokenizer-type (e.g. GPT2BPETokenizer "
                         "with --vocab-file and --merge-file)")
@@ -87,20 +90,20 @@ def _tokenizer(cfg: Any) -> None:
             raise UserError(f"tokenizer.{name}={path!r} does not exist; pass the right --{name.replace('_', '-')}")
 
 
-def _run_length(cfg: Any) -> None:
+def _run_length(cfg: MegaclmConfig) -> None:
     t = cfg.training
     if t.train_iters is None and t.train_samples is None and t.train_tokens is None and t.train_epochs is None:
         raise UserError("the training length is not set: pass --train-iters, --train-samples, --train-tokens or "
                         "--train-epochs")
 
 
-def _epochs(cfg: Any) -> None:
+def _epochs(cfg: MegaclmConfig) -> None:
     if cfg.training.train_epochs is not None and cfg.data.mock_data:
         raise UserError("training.train_epochs needs a training dataset to count passes over; --mock-data has no "
                         "size: give --train-iters or --train-samples instead")
 
 
-def _schedule(cfg: Any, derived: Derived | None) -> None:
+def _schedule(cfg: MegaclmConfig, derived: Derived | None) -> None:
     s = cfg.scheduler
     if s.by_tokens and (s.lr_warmup_iters or s.lr_decay_iters is not None or s.lr_wsd_decay_iters is not None
                       or s.lr_warmup_samples is not None or s.lr_decay_samples is not None):
@@ -118,7 +121,7 @@ def _schedule(cfg: Any, derived: Derived | None) -> None:
                         f"the decay length {decay} {unit}")
 
 
-def _checkpointing(cfg: Any) -> None:
+def _checkpointing(cfg: MegaclmConfig) -> None:
     c = cfg.checkpoint
     if c.save_best and cfg.training.eval_iters == 0:
         raise UserError("checkpoint.save_best needs validation: set training.eval_iters > 0 (--eval-iters)")
@@ -139,15 +142,18 @@ def _vocab_split(padded_vocab_size: int, tensor_size: int, source: str) -> None:
                         "make_vocab_size_divisible_by x the tensor-parallel size")
 
 
-def validate_layout(model: Any, parallel: Any, padded_vocab_size: int | None = None, source: str = "") -> None:
+def validate_layout(model: ModelConfig, parallel: ParallelConfig, padded_vocab_size: int | None = None,
+                    source: str = "") -> None:
     """`validate`'s model-vs-parallel checks for a tool that lays a stored model out anew (HF import, reshard,
     the offline writer); `padded_vocab_size` (the embedding's rows, from `source`) must split into equal shards."""
-    validate(SimpleNamespace(model=model, parallel=parallel), None, sections={"model", "parallel"})
+    from megaclm.config import MegaclmConfig  # the package's own module: imported when called, not at import
+
+    validate(MegaclmConfig(model=model, parallel=parallel), None, sections={"model", "parallel"})
     if padded_vocab_size is not None:
         _vocab_split(padded_vocab_size, parallel.tensor_model_parallel_size, source)
 
 
-def _lora(cfg: Any) -> None:
+def _lora(cfg: MegaclmConfig) -> None:
     if cfg.lora.enabled and cfg.checkpoint.load is None:
         raise UserError(f"lora.lora_rank={cfg.lora.lora_rank} needs a base model: pass --load BASE --finetune (a "
                         "megaclm checkpoint, e.g. from tools/checkpoint/convert_hf.py import); adapters on a random "
@@ -161,7 +167,7 @@ def _lora(cfg: Any) -> None:
                         "MLP has none (model.swiglu is off); use up_proj (or fc1) for its MLP input")
 
 
-def _base_quantization(cfg: Any) -> None:
+def _base_quantization(cfg: MegaclmConfig) -> None:
     """QLoRA's quantized base: refuse what cannot work with it, one reason each."""
     method, t = cfg.lora.base_quantization, cfg.training
     if not cfg.lora.quantized:
@@ -180,7 +186,7 @@ def _base_quantization(cfg: Any) -> None:
 
 
 # (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
-def _spike_guard(cfg: Any) -> None:
+def _spike_guard(cfg: MegaclmConfig) -> None:
     t = cfg.training
     if t.spike_zscore is None:
         return
@@ -211,7 +217,7 @@ CHECKS = [
 ]
 
 
-def validate(cfg: Any, derived: Derived | None, sections: set[str] | None = None) -> None:
+def validate(cfg: MegaclmConfig, derived: Derived | None, sections: set[str] | None = None) -> None:
     """Run every cross-section check whose sections are present; raise the first UserError."""
     have = set(sections) if sections is not None else {"model", "parallel", "kernels", "data", "tokenizer", "optimizer",
                                                           "scheduler", "training", "checkpoint", "logging",

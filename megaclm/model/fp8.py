@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from megaclm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megaclm.utils.errors import UserError
+
+if TYPE_CHECKING:  # torchao is optional: imported where fp8 is used
+    from torchao.float8 import Float8LinearConfig
 
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first with FP8 tensor cores
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
@@ -47,7 +50,7 @@ def check_fp8(fp8_format: str | None) -> None:
         raise UserError(f"--fp8-format {fp8_format}: {reason}; drop the --fp8-* flags and train in --bf16")
 
 
-def float8_config(fp8_format: str, recipe: str, emulate: bool = False) -> Any:
+def float8_config(fp8_format: str, recipe: str, emulate: bool = False) -> Float8LinearConfig:
     """torchao's Float8LinearConfig for a Megatron format name and a scaling recipe."""
     if importlib.util.find_spec("torchao") is None:
         raise UserError("--fp8-format needs torchao: pip install torchao")
@@ -64,7 +67,7 @@ def float8_config(fp8_format: str, recipe: str, emulate: bool = False) -> Any:
 class Float8Matmul(nn.Module):
     """F.linear's signature, (x (..., in), weight (out, in), bias) -> (..., out), with float8 matmuls."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Float8LinearConfig):
         from torchao.float8 import LinearMMConfig, ScaledMMConfig
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
