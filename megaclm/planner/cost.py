@@ -1,0 +1,242 @@
+"""Predicted memory and step time of one parallel layout (pure arithmetic; the model of the README's
+"Choosing a layout" section).
+
+Memory: megaclm.model.flops.estimate_memory, the estimate bench/efficiency.py measures (no second model).
+
+Time of one optimizer step on the slowest pipeline stage, per micro-batch of b samples (s/n tokens on each of
+the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per activation element):
+  compute     matmul FLOPs 6 * (active parameters of the stage's layers [+ the LM head on the last stage]) / t
+              per token, over peak x achievable.matmul; attention 12 * Ls * a*d * s / t per token, over peak x
+              achievable.attention. Recompute adds a forward: full x 4/3 both, selective x 4/3 attention.
+  tensor      X = b*(s/n)*h*e. No SP: 4 all-reduces of X per layer (2 forward, 2 backward), 2(t-1)/t X each on
+              the wire; SP: 10 all-gathers / reduce-scatters of X per layer ((t-1)/t X each: Megatron's count,
+              with backward's re-gathers), the counts bench/efficiency.py audits. On the critical path.
+  sequence    Ulysses: 8 all-to-alls per layer (q, k, v, out; forward and backward) of (2a+2g)*d*b*(s/n)*e/t in
+              all per direction, (n-1)/n of it on the wire. Ring: all-gather K and V forward, reduce-scatter their
+              gradients backward, each g*d*b*s*e/t, (n-1)/n on the wire. On the critical path.
+  expert      MoE layers: 4 all-to-alls (dispatch, combine; forward, backward) of k*X, (ep-1)/ep on the wire.
+  pipeline    2 point-to-point transfers of X (/t with SP) per micro-batch between stages; the 1F1B schedule
+              runs m + p - 1 micro-batch slots for m micro-batches: the bubble (p-1)/(m+p-1) of the step.
+  data        G = 16-bit gradients of the stage's parameters (lp bytes each), over the seq x dp group D (experts
+              over D/ep). ZeRO-0: all-reduce 2(D-1)/D G; ZeRO-1: reduce-scatter (D-1)/D G, both overlapped with the
+              last micro-batch's backward (only what is longer shows); ZeRO-2: a reduce-scatter per micro-batch,
+              each overlapped with that micro-batch's backward. ZeRO-1/2: the updated parameters' all-gather
+              (D-1)/D G after the step, exposed. ZeRO-3: the parameters all-gathered forward and backward every
+              micro-batch, 2(D-1)/D G, prefetched under that micro-batch's compute (what is longer shows).
+  optimizer   Adam on the GPU streams ~36 bytes per local parameter through HBM; offloaded, CPU Adam
+              (cpu_adam_gparams_per_s) plus fp32 gradients down and 16-bit parameters up over PCIe.
+Every collective's bandwidth and latency are those of the link its group crosses: a group of `size` ranks at
+rank `stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp
+fastest, then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
+Not modelled: memory-bound elementwise kernels (in the achievable fractions), the interleaved schedule,
+load imbalance of MoE routing, stragglers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megaclm.config.model import ModelConfig
+from megaclm.model.flops import MemorySetup, count_parameters, estimate_memory, flops_per_token, stage_parameters
+from megaclm.planner.hardware import HardwareProfile, Link
+
+GiB = 2 ** 30
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run: the parallel axes, ZeRO, recomputation and micro-batch size."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    seq: int = 1  # ranks splitting each sequence
+    ring: bool = False  # the split is ring attention (--context-parallel-size), else Ulysses
+    ep: int = 1
+    sp: bool = False  # Megatron sequence parallelism (with tp > 1)
+    zero: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    recompute: str = "none"
+    micro_batch: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp * self.seq
+
+    def text(self) -> str:
+        parts = [f"tp{self.tp}{'+sp' if self.sp else ''}", f"pp{self.pp}", f"dp{self.dp}"]
+        if self.seq > 1:
+            parts.append(f"{'cp' if self.ring else 'ulysses'}{self.seq}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        z = f"zero{self.zero}" + ("+offload" if self.offload_optimizer else "") + ("+param" if self.offload_param else "")
+        return " ".join(parts + [z, f"rc-{self.recompute}", f"mb{self.micro_batch}"])
+
+    def model(self, model: ModelConfig) -> ModelConfig:
+        """The model section with this layout's recomputation."""
+        granularity = None if self.recompute == "none" else self.recompute
+        return dataclasses.replace(model, recompute_granularity=granularity, recompute_method="uniform",
+                                   recompute_num_layers=1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained, and on how many GPUs."""
+
+    model: ModelConfig
+    padded_vocab: int
+    seq_length: int
+    global_batch: int
+    gpus_per_node: int
+    precision: str = "bf16"
+    flash_attention: bool = True
+    reference_ops: bool = False  # the PyTorch reference ops' activations (a CPU run)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: Layout
+    memory_gib: float  # per GPU, the fullest pipeline stage
+    step_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float
+    breakdown: dict  # seconds per step by part (sums to step_s)
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.breakdown, key=self.breakdown.get)
+
+
+def memory_setup(layout: Layout, work: Workload) -> MemorySetup:
+    return MemorySetup(
+        seq_length=work.seq_length, micro_batch_size=layout.micro_batch, tensor_parallel=layout.tp,
+        pipeline_parallel=layout.pp, data_parallel=layout.dp, zero_stage=layout.zero, precision=work.precision,
+        sequence_parallel=layout.sp, grad_accum_steps=accumulation(layout, work),
+        offload_optimizer=layout.offload_optimizer, offload_param=layout.offload_param,
+        flash_attention=work.flash_attention, reference_ops=work.reference_ops, seq_split=layout.seq,
+        ring=layout.ring, expert_parallel=layout.ep)
+
+
+def accumulation(layout: Layout, work: Workload) -> int:
+    return work.global_batch // (layout.micro_batch * layout.dp)
+
+
+def memory_gib(layout: Layout, work: Workload) -> float:
+    return estimate_memory(layout.model(work.model), work.padded_vocab, memory_setup(layout, work)).gpu_total / GiB
+
+
+def link_for(stride: int, size: int, gpus_per_node: int, hw: HardwareProfile) -> Link:
+    """The link a group of `size` ranks `stride` apart crosses (consecutive blocks of ranks fill a node)."""
+    return hw.intra_node if stride * size <= gpus_per_node else hw.inter_node
+
+
+def _layer_matmul_params(model: ModelConfig) -> float:
+    """Parameters one token multiplies in one transformer layer (an MoE layer: its k routed experts)."""
+    count = count_parameters(model, 1)
+    return (count.non_embedding - count.final_norm - count.inactive) / model.num_layers
+
+
+def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float | None = None) -> Prediction:
+    """Step time and throughput of `layout` (memory: pass it when already computed)."""
+    m_cfg = work.model
+    t, p, n, ep = layout.tp, layout.pp, layout.seq, layout.ep
+    D = layout.dp * n  # ZeRO and the gradient reduction span seq x dp
+    G = work.gpus_per_node
+    e = 4 if work.precision == "fp32" else 2
+    b, s, h = layout.micro_batch, work.seq_length, m_cfg.hidden_size
+    a, g, d = m_cfg.num_attention_heads, m_cfg.num_kv_heads, m_cfg.head_dim
+    m = accumulation(layout, work)
+    tokens = b * s / n  # tokens of one micro-batch on one rank
+    peak = hw.peak_flops(work.precision)
+    stages = stage_parameters(m_cfg, work.padded_vocab, t, p, ep)
+    per_layer = _layer_matmul_params(m_cfg)
+    fwd_factor = {"none": 1.0, "selective": 1.0, "full": 4 / 3}[layout.recompute]
+    attn_factor = {"none": 1.0, "selective": 4 / 3, "full": 4 / 3}[layout.recompute]
+
+    X = tokens * h * e
+    tp_link = link_for(1, t, G, hw)
+    seq_link = link_for(t, n, G, hw)
+    ep_link = link_for(t, ep, G, hw)
+    dp_link = link_for(t * n, layout.dp, G, hw)
+    pp_link = link_for(t * n * layout.dp, p, G, hw)
+
+    def stage_parts(i: int, layers: int) -> dict:
+        head = work.padded_vocab * h if i == p - 1 else 0
+        mm = 6 * (per_layer * layers + head) / t * tokens
+        attn = 12 * layers * a * d * s / t * tokens
+        mm_s, attn_s = mm / (peak * hw.achievable["matmul"]), attn / (peak * hw.achievable["attention"])
+        parts = {"matmul": mm_s, "attention": attn_s,
+                 "recompute": mm_s * (fwd_factor - 1) + attn_s * (attn_factor - 1)}
+        if t > 1:
+            calls = (10 if layout.sp else 4) * layers
+            wire = (10 * (t - 1) / t if layout.sp else 4 * 2 * (t - 1) / t) * X * layers
+            parts["tensor comm"] = tp_link.seconds(wire, calls)
+        if n > 1:
+            if layout.ring:
+                wire = 4 * layers * g * d * b * s * e / t * (n - 1) / n
+                parts["sequence comm"] = seq_link.seconds(wire, 4 * layers)
+            else:
+                wire = 2 * layers * (2 * a + 2 * g) * d * tokens * e / t * (n - 1) / n
+                parts["sequence comm"] = seq_link.seconds(wire, 8 * layers)
+        if ep > 1 and m_cfg.num_experts is not None:
+            moe_layers = sum(m_cfg.is_moe_layer(j) for j in range(layers)) if layers else 0
+            wire = 4 * moe_layers * m_cfg.moe_router_topk * X * (ep - 1) / ep
+            parts["expert comm"] = ep_link.seconds(wire, 5 * moe_layers)
+        if p > 1:
+            parts["pipeline p2p"] = pp_link.seconds(2 * X / (t if layout.sp else 1), 2)
+        return parts
+
+    per_stage = [stage_parts(i, st.layers) for i, st in enumerate(stages)]
+    slowest = max(range(p), key=lambda i: sum(per_stage[i].values()))
+    mb = per_stage[slowest]
+    mb_s = sum(mb.values())
+    compute_s = mb["matmul"] + mb["attention"] + mb["recompute"]
+    backward_s = compute_s * 2 / 3  # what a gradient reduction can hide under
+
+    breakdown = {k: m * v for k, v in mb.items()}
+    if p > 1:
+        breakdown["pipeline bubble"] = (p - 1) * mb_s
+
+    # Data-parallel traffic of the fullest stage's parameters (16-bit gradients and parameters).
+    st = max(stages, key=lambda x: x.params)
+    dense, experts = (st.params - st.experts) * e, st.experts * e
+    groups = [(dense, D), (experts, D // ep)]
+
+    def frac(size: int, all_reduce: bool = False) -> float:
+        return (2 if all_reduce else 1) * (size - 1) / size if size > 1 else 0.0
+
+    def dp_seconds(share, all_reduce=False, calls=1):
+        return sum(dp_link.seconds(nbytes * frac(size, all_reduce), calls if size > 1 else 0)
+                   for nbytes, size in groups if nbytes)
+
+    z = layout.zero
+    exposed = 0.0
+    if z in (0, 1):
+        exposed += max(0.0, dp_seconds(1, all_reduce=z == 0) - backward_s)
+    elif z == 2:
+        exposed += m * max(0.0, dp_seconds(1) - backward_s)
+    else:
+        exposed += m * max(0.0, dp_seconds(1) - backward_s)
+        breakdown["zero-3 gathers"] = m * max(0.0, 2 * dp_seconds(1) - compute_s)
+    if z in (1, 2):
+        exposed += dp_seconds(1)
+    breakdown["data comm"] = exposed
+
+    local = st.params / (D if z >= 1 else 1)  # parameters whose Adam update this GPU runs
+    if layout.offload_optimizer:
+        breakdown["optimizer"] = (local / (hw.cpu_adam_gparams_per_s * 1e9)
+                                  + local * (4 + e) / (hw.pcie_gbps * 1e9))
+    else:
+        breakdown["optimizer"] = local * 36 / (hw.hbm_gbps * 1e9)
+    if layout.offload_param:
+        breakdown["param offload"] = 2 * m * st.params / D * e / (hw.pcie_gbps * 1e9)
+
+    step = sum(breakdown.values())
+    world = layout.world
+    step_tokens = work.global_batch * s
+    fpt = flops_per_token(m_cfg, work.padded_vocab, s)
+    mem = memory_gib(layout, work) if memory is None else memory
+    return Prediction(layout=layout, memory_gib=mem, step_s=step, tokens_per_s_per_gpu=step_tokens / step / world,
+                      mfu=fpt * step_tokens / step / (world * peak), breakdown=breakdown)
