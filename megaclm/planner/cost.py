@@ -7,7 +7,9 @@ Time of one optimizer step on the slowest pipeline stage, per micro-batch of b s
 the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per activation element):
   compute     matmul FLOPs 6 * (active parameters of the stage's layers [+ the LM head on the last stage]) / t
               per token, over peak x achievable.matmul; attention 12 * Ls * a*d * s / t per token, over peak x
-              achievable.attention. Recompute adds a forward: full x 4/3 both, selective x 4/3 attention.
+              achievable.attention; the memory-bound kernels' bytes (norms, dropout-residual adds, the MLP
+              activation, a materialised softmax: ELEMENTWISE_H, ...) over HBM bandwidth x achievable.memory.
+              Recompute adds a forward: full x 4/3 all three, selective x 4/3 attention.
   tensor      X = b*(s/n)*h*e. No SP: 4 all-reduces of X per layer (2 forward, 2 backward), 2(t-1)/t X each on
               the wire; SP: 10 all-gathers / reduce-scatters of X per layer ((t-1)/t X each: Megatron's count,
               with backward's re-gathers), the counts bench/efficiency.py audits. On the critical path.
@@ -18,11 +20,12 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
   pipeline    2 point-to-point transfers of X (/t with SP) per micro-batch between stages; the 1F1B schedule
               runs m + p - 1 micro-batch slots for m micro-batches: the bubble (p-1)/(m+p-1) of the step.
   data        G = 16-bit gradients of the stage's parameters (lp bytes each), over the seq x dp group D (experts
-              over D/ep). ZeRO-0: all-reduce 2(D-1)/D G; ZeRO-1: reduce-scatter (D-1)/D G, both overlapped with the
-              last micro-batch's backward (only what is longer shows); ZeRO-2: a reduce-scatter per micro-batch,
-              each overlapped with that micro-batch's backward. ZeRO-1/2: the updated parameters' all-gather
-              (D-1)/D G after the step, exposed. ZeRO-3: the parameters all-gathered forward and backward every
-              micro-batch, 2(D-1)/D G, prefetched under that micro-batch's compute (what is longer shows).
+              over D/ep). megaclm's DeepSpeed config leaves overlap_comm at DeepSpeed's default, on for ZeRO-3
+              only, so below ZeRO-3 the reduction is exposed: ZeRO-0 all-reduces 2(D-1)/D G after the last
+              backward; ZeRO-1 reduce-scatters (D-1)/D G and all-gathers the updated parameters (D-1)/D G;
+              ZeRO-2 reduce-scatters in every micro-batch's backward, m (D-1)/D G, + the all-gather. ZeRO-3
+              reduce-scatters every micro-batch under its backward and all-gathers the parameters forward and
+              backward, 2(D-1)/D G, prefetched under its compute: only what is longer than the compute shows.
   optimizer   Adam on the GPU streams ~36 bytes per local parameter through HBM; offloaded, CPU Adam
               (cpu_adam_gparams_per_s) plus fp32 gradients down and 16-bit parameters up over PCIe.
 Every collective's bandwidth and latency are those of the link its group crosses: a group of `size` ranks at
@@ -128,8 +131,19 @@ def memory_gib(layout: Layout, work: Workload) -> float:
 
 
 def link_for(stride: int, size: int, gpus_per_node: int, hw: HardwareProfile) -> Link:
-    """The link a group of `size` ranks `stride` apart crosses (consecutive blocks of ranks fill a node)."""
-    return hw.intra_node if stride * size <= gpus_per_node else hw.inter_node
+    """The link a group of `size` ranks `stride` apart crosses: every such group stays in a node only when its
+    span (stride x size consecutive ranks) divides the GPUs per node (a tp of 6 on 8-GPU nodes straddles two)."""
+    return hw.intra_node if size == 1 or gpus_per_node % (stride * size) == 0 else hw.inter_node
+
+
+# Bytes the memory-bound kernels move per token and layer, in units of e (forward; backward moves twice
+# that): on h-wide tensors 2 norms (read, write) and 2 dropout-residual adds (read 2, write, mask) = 12h,
+# replicated on the TP ranks unless SP splits them; the MLP activation (read, write its f-wide input and
+# output) = 2f (GeLU) or 3f (SwiGLU's gate and up), split by TP.
+ELEMENTWISE_H, ELEMENTWISE_F = 12, {False: 2, True: 3}
+# Materialised attention (no flash): scale-mask-softmax reads and writes the (a, s) scores of each token,
+# [+ dropout's mask and output], forward; split by TP.
+SOFTMAX_PASSES = 2
 
 
 def _layer_matmul_params(model: ModelConfig) -> float:
@@ -145,7 +159,7 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
     D = layout.dp * n  # ZeRO and the gradient reduction span seq x dp
     G = work.gpus_per_node
     e = 4 if work.precision == "fp32" else 2
-    b, s, h = layout.micro_batch, work.seq_length, m_cfg.hidden_size
+    b, s, h, f = layout.micro_batch, work.seq_length, m_cfg.hidden_size, m_cfg.ffn_size
     a, g, d = m_cfg.num_attention_heads, m_cfg.num_kv_heads, m_cfg.head_dim
     m = accumulation(layout, work)
     tokens = b * s / n  # tokens of one micro-batch on one rank
@@ -167,8 +181,12 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
         mm = 6 * (per_layer * layers + head) / t * tokens
         attn = 12 * layers * a * d * s / t * tokens
         mm_s, attn_s = mm / (peak * hw.achievable["matmul"]), attn / (peak * hw.achievable["attention"])
-        parts = {"matmul": mm_s, "attention": attn_s,
-                 "recompute": mm_s * (fwd_factor - 1) + attn_s * (attn_factor - 1)}
+        ew = (ELEMENTWISE_H * h / (t if layout.sp else 1) + ELEMENTWISE_F[m_cfg.swiglu] * f / t) * e
+        if not work.flash_attention:
+            ew += (SOFTMAX_PASSES + (3 if m_cfg.attention_dropout > 0 else 0)) * a * s * e / t
+        ew_s = 3 * layers * ew * tokens / (hw.hbm_gbps * 1e9 * hw.achievable["memory"])
+        parts = {"matmul": mm_s, "attention": attn_s, "memory-bound": ew_s,
+                 "recompute": (mm_s + ew_s / 3) * (fwd_factor - 1) + attn_s * (attn_factor - 1)}
         if t > 1:
             calls = (10 if layout.sp else 4) * layers
             wire = (10 * (t - 1) / t if layout.sp else 4 * 2 * (t - 1) / t) * X * layers
@@ -192,7 +210,7 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
     slowest = max(range(p), key=lambda i: sum(per_stage[i].values()))
     mb = per_stage[slowest]
     mb_s = sum(mb.values())
-    compute_s = mb["matmul"] + mb["attention"] + mb["recompute"]
+    compute_s = mb["matmul"] + mb["attention"] + mb["memory-bound"] + mb["recompute"]
     backward_s = compute_s * 2 / 3  # what a gradient reduction can hide under
 
     breakdown = {k: m * v for k, v in mb.items()}
@@ -204,25 +222,21 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
     dense, experts = (st.params - st.experts) * e, st.experts * e
     groups = [(dense, D), (experts, D // ep)]
 
-    def frac(size: int, all_reduce: bool = False) -> float:
-        return (2 if all_reduce else 1) * (size - 1) / size if size > 1 else 0.0
-
-    def dp_seconds(share, all_reduce=False, calls=1):
-        return sum(dp_link.seconds(nbytes * frac(size, all_reduce), calls if size > 1 else 0)
-                   for nbytes, size in groups if nbytes)
+    def dp_seconds(all_reduce: bool = False) -> float:
+        """One reduce-scatter (or all-reduce) of the stage's 16-bit gradients over their groups."""
+        return sum(dp_link.seconds(nbytes * (2 if all_reduce else 1) * (size - 1) / size, 1)
+                   for nbytes, size in groups if nbytes and size > 1)
 
     z = layout.zero
-    exposed = 0.0
-    if z in (0, 1):
-        exposed += max(0.0, dp_seconds(1, all_reduce=z == 0) - backward_s)
-    elif z == 2:
-        exposed += m * max(0.0, dp_seconds(1) - backward_s)
-    else:
-        exposed += m * max(0.0, dp_seconds(1) - backward_s)
-        breakdown["zero-3 gathers"] = m * max(0.0, 2 * dp_seconds(1) - compute_s)
-    if z in (1, 2):
-        exposed += dp_seconds(1)
-    breakdown["data comm"] = exposed
+    if z == 0:  # DeepSpeed all-reduces after the last backward (overlap_comm is off below ZeRO-3)
+        breakdown["data comm"] = dp_seconds(all_reduce=True)
+    elif z == 1:  # reduce-scatter at the accumulation boundary, all-gather of the updated parameters
+        breakdown["data comm"] = 2 * dp_seconds()
+    elif z == 2:  # a reduce-scatter in every micro-batch's backward (not overlapped), the all-gather
+        breakdown["data comm"] = (m + 1) * dp_seconds()
+    else:  # overlap_comm and prefetching: only what is longer than the compute beside it shows
+        breakdown["data comm"] = m * max(0.0, dp_seconds() - backward_s)
+        breakdown["zero-3 gathers"] = m * max(0.0, 2 * dp_seconds() - compute_s)
 
     local = st.params / (D if z >= 1 else 1)  # parameters whose Adam update this GPU runs
     if layout.offload_optimizer:

@@ -2,7 +2,8 @@
 
     {"name": "h100-80gb", "hbm_gib": 80,
      "peak_tflops": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},   dense peak per dtype
-     "achievable": {"matmul": 0.7, "attention": 0.4},                 fraction of that peak reached per op class
+     "achievable": {"matmul": 0.7, "attention": 0.4, "memory": 0.8},  fraction of the peak reached per op class
+                                                                      (memory: of hbm_gbps, by memory-bound kernels)
      "hbm_gbps": 3350, "pcie_gbps": 50,                               GB/s (optimizer step; offload transfers)
      "cpu_adam_gparams_per_s": 0.25,                                  offloaded Adam: 1e9 parameters/s per GPU
      "links": {"intra_node": {"gbps": 360, "latency_us": 8},          NCCL bus bandwidth per GPU and per-call
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from megaclm.utils.errors import UserError
 
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
-OP_CLASSES = ("matmul", "attention")
+OP_CLASSES = ("matmul", "attention", "memory")
 LINKS = ("intra_node", "inter_node")
 
 
