@@ -144,6 +144,8 @@ ELEMENTWISE_H, ELEMENTWISE_F = 12, {False: 2, True: 3}
 # Materialised attention (no flash): scale-mask-softmax reads and writes the (a, s) scores of each token,
 # [+ dropout's mask and output], forward; split by TP.
 SOFTMAX_PASSES = 2
+# ZeRO-3 gathers module by module: QKV, out-projection, fc1, fc2 and the two norms of a layer.
+ZERO3_MODULES_PER_LAYER = 6
 
 
 def _layer_matmul_params(model: ModelConfig) -> float:
@@ -222,9 +224,9 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
     dense, experts = (st.params - st.experts) * e, st.experts * e
     groups = [(dense, D), (experts, D // ep)]
 
-    def dp_seconds(all_reduce: bool = False) -> float:
+    def dp_seconds(all_reduce: bool = False, calls: int = 1) -> float:
         """One reduce-scatter (or all-reduce) of the stage's 16-bit gradients over their groups."""
-        return sum(dp_link.seconds(nbytes * (2 if all_reduce else 1) * (size - 1) / size, 1)
+        return sum(dp_link.seconds(nbytes * (2 if all_reduce else 1) * (size - 1) / size, calls)
                    for nbytes, size in groups if nbytes and size > 1)
 
     z = layout.zero
@@ -236,7 +238,8 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
         breakdown["data comm"] = (m + 1) * dp_seconds()
     else:  # overlap_comm and prefetching: only what is longer than the compute beside it shows
         breakdown["data comm"] = m * max(0.0, dp_seconds() - backward_s)
-        breakdown["zero-3 gathers"] = m * max(0.0, 2 * dp_seconds() - compute_s)
+        modules = ZERO3_MODULES_PER_LAYER * stages[slowest].layers + 2  # each gathered on its own, twice
+        breakdown["zero-3 gathers"] = m * max(0.0, 2 * dp_seconds(calls=modules) - compute_s)
 
     local = st.params / (D if z >= 1 else 1)  # parameters whose Adam update this GPU runs
     if layout.offload_optimizer:
