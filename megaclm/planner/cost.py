@@ -188,7 +188,7 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
             ew += (SOFTMAX_PASSES + (3 if m_cfg.attention_dropout > 0 else 0)) * a * s * e / t
         ew_s = 3 * layers * ew * tokens / (hw.hbm_gbps * 1e9 * hw.achievable["memory"])
         parts = {"matmul": mm_s, "attention": attn_s, "memory-bound": ew_s,
-                 "recompute": (mm_s + ew_s / 3) * (fwd_factor - 1) + attn_s * (attn_factor - 1)}
+                 "recompute": (mm_s + ew_s) * (fwd_factor - 1) + attn_s * (attn_factor - 1)}
         if t > 1:
             calls = (10 if layout.sp else 4) * layers
             wire = (10 * (t - 1) / t if layout.sp else 4 * 2 * (t - 1) / t) * X * layers
