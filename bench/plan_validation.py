@@ -13,7 +13,8 @@ steps (the fastest, rank 0: the machine is shared, and other processes only ever
 profile; the two rankings must agree (Spearman >= 0.8). Memory: on every rank, the bytes of every live tensor
 storage when the inner optimizer's step runs (weights, gradients, fp32 copies and Adam moments: what the
 estimate calls model states) plus the activations autograd keeps for one micro-batch (bench/efficiency_probes
-SavedActivations: layers, embedding and loss) times the micro-batches in flight; the fullest rank's total
+SavedActivations: layers, embedding and loss) times the micro-batches in flight (with full recomputation, + the
+one layer recomputed at a time in backward, measured in the same layout without it); the fullest rank's total
 against megaclm.model.flops.estimate_memory (reference_ops: what a CPU run executes) must agree within 10%.
 
 Validation 2: every Narayanan et al. 2021 run of megaclm.planner.published, planned on the a100-80gb profile
@@ -66,6 +67,11 @@ LAYOUTS = {
 }
 
 
+# Full recomputation keeps only each layer's input during the forward (what SavedActivations sees); backward then
+# recomputes one layer at a time, whose activations are those of the same layout without recomputation.
+RECOMPUTE_TWINS = {"dp2-recompute": "dp2-zero0", "pp2-recompute": "pp2-mb2"}
+
+
 def shape_args(args) -> argparse.Namespace:
     return argparse.Namespace(layers=args.layers, hidden=args.hidden, ffn=args.ffn, seq=args.seq)
 
@@ -114,7 +120,7 @@ def measure(rank: int, args, name: str) -> dict:
         run.step()
     finally:
         torch.optim.AdamW.step = adamw_step
-    embedding, head, _ = efficiency._parts(run.engine, run.pstate)
+    embedding, head, n_layers = efficiency._parts(run.engine, run.pstate)
     saved = SavedActivations(run.engine.module, embedding, head)
     with saved.installed():
         run.step()
@@ -130,7 +136,8 @@ def measure(rank: int, args, name: str) -> dict:
     act = sum(saved.calls[0].values())
     # The least disturbed step: the machine is shared, and other processes only ever add time.
     return {"layout": name, "rank": rank, "step_s": min(times), "median_s": statistics.median(times), "times": times,
-            "states_bytes": (max(at_step) if at_step else live_bytes()) - before, "activation_bytes": act * in_flight}
+            "states_bytes": (max(at_step) if at_step else live_bytes()) - before, "activation_bytes": act * in_flight,
+            "layer_activation_bytes": saved.calls[0]["layers"] / n_layers}
 
 
 def worker(rank: int, port: int, args, names, out) -> None:
@@ -204,12 +211,16 @@ def validation_1(args) -> dict:
     hw = load_profile(args.profile)
     work = cpu_workload(args)
     names = list(LAYOUTS) if not args.layouts else args.layouts.split(",")
-    measured = run_layouts(args, names)
+    twins = {name: RECOMPUTE_TWINS[name] for name in names if name in RECOMPUTE_TWINS}
+    measured = run_layouts(args, names + sorted(set(twins.values()) - set(names)))
     rows = []
     for name in names:
         layout = LAYOUTS[name][1]
         pred = predict(layout, work, hw)
         ranks = measured[name]
+        if name in twins:  # + the chunk recomputed in backward: one layer's activations, kept as without recompute
+            for rank, r in ranks.items():
+                r["activation_bytes"] += measured[twins[name]][rank]["layer_activation_bytes"]
         full = max(ranks.values(), key=lambda r: r["states_bytes"] + r["activation_bytes"])
         rows.append({"layout": name, "measured_s": ranks[0]["step_s"], "predicted_s": pred.step_s,
                      "bottleneck": pred.bottleneck, "measured_gib": (full["states_bytes"] + full["activation_bytes"])

@@ -72,7 +72,8 @@ def layouts(world: int, work: Workload, space: SearchSpace):
                     continue
                 dp = world // (tp * seq * pp)
                 per_rank = work.global_batch // dp if work.global_batch % dp == 0 else 0
-                mbs = space.micro_batch or [k for k in (1, 2, 4, 8, 16) if per_rank and per_rank % k == 0]
+                # A batch that does not divide is left to megaclm's own check (compute_derived) to refuse.
+                mbs = space.micro_batch or [k for k in (1, 2, 4, 8, 16) if per_rank and per_rank % k == 0] or [1]
                 eps = [1] if model.num_experts is None else (
                     space.ep or [k for k in divisors(model.num_experts) if (dp * seq) % k == 0])
                 sps = [False] if tp == 1 else space.sp
