@@ -260,25 +260,27 @@ def _dp_size(name: str) -> int:
     return 1 if name.startswith(("tp2", "ulysses", "ring", "pp2")) else 2
 
 
-def worker(rank: int, port: int, args, names, out) -> None:
+def worker(rank: int, port: int, args, names, out, measure_fn=None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads))
     torch.set_num_threads(args.threads)
     for name in names:
         try:
-            out.put((rank, name, measure(rank, args, name)))
+            out.put((rank, name, (measure_fn or measure)(rank, args, name)))
         except BaseException:  # to the parent, which would otherwise wait for it
             out.put((rank, name, traceback.format_exc()))
             return
 
 
-def run_layouts(args, names) -> dict:
+def run_layouts(args, names, measure_fn=None) -> dict:
+    """{layout: {rank: measure_fn(rank, args, layout)}} from 2 ranks spawned once (forkserver); `measure_fn`
+    (default `measure`) must be importable by the children (a module-level function)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("forkserver")
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, args, names, out)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, args, names, out, measure_fn)) for r in range(2)]
     for p in procs:
         p.start()
     results = defaultdict(dict)

@@ -25,19 +25,15 @@ rank among the distinct (tp, pp, dp) shapes (target: top 3), and its predicted M
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
-import socket
 import statistics
 import sys
 import time
-import traceback
 import warnings
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -140,40 +136,6 @@ def measure(rank: int, args, name: str) -> dict:
             "layer_activation_bytes": saved.calls[0]["layers"] / n_layers}
 
 
-def worker(rank: int, port: int, args, names, out) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads))
-    torch.set_num_threads(args.threads)
-    for name in names:
-        try:
-            out.put((rank, name, measure(rank, args, name)))
-        except BaseException:  # to the parent, which would otherwise wait for it
-            out.put((rank, name, traceback.format_exc()))
-            return
-
-
-def run_layouts(args, names) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("forkserver")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, args, names, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in range(2 * len(names)):
-        rank, name, result = out.get(timeout=args.timeout)
-        if isinstance(result, str):
-            for p in procs:
-                p.kill()
-            raise RuntimeError(f"{name}, rank {rank} failed:\n{result}")
-        results.setdefault(name, {})[rank] = result
-    for p in procs:
-        p.join()
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
 # Predictions
 
@@ -212,7 +174,9 @@ def validation_1(args) -> dict:
     work = cpu_workload(args)
     names = list(LAYOUTS) if not args.layouts else args.layouts.split(",")
     twins = {name: RECOMPUTE_TWINS[name] for name in names if name in RECOMPUTE_TWINS}
-    measured = run_layouts(args, names + sorted(set(twins.values()) - set(names)))
+    import efficiency
+
+    measured = efficiency.run_layouts(args, names + sorted(set(twins.values()) - set(names)), measure_fn=measure)
     rows = []
     for name in names:
         layout = LAYOUTS[name][1]

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaclm.config import parse_args  # noqa: E402
 from megaclm.config.arguments import flag_names, negation  # noqa: E402
 from megaclm.config.derived import pad_vocab_size  # noqa: E402
+from megaclm.config.kernels import KernelsConfig  # noqa: E402
 from megaclm.config.model import ModelConfig  # noqa: E402
 from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E402
 from megaclm.model.flops import count_parameters  # noqa: E402
@@ -231,7 +232,6 @@ def main(argv=None) -> int:
         print(f"{i:4d}  {p.layout.text():44s}{p.memory_gib:8.1f}{p.step_s:9.3f}{p.tokens_per_s_per_gpu:11,.0f}"
               f"{p.mfu:7.1%}  {bottleneck_text(p)}")
     best = result.ranked[0]
-    from megaclm.config.kernels import KernelsConfig
     flags = winner_flags(best.layout, model, args.model_preset, cfg.kernels, KernelsConfig(), args.seq_length,
                          args.global_batch_size, args.precision)
     meta = {"summary": summary, "gpus": args.gpus, "gpus_per_node": args.gpus_per_node, "profile": hw.to_dict(),

@@ -31,8 +31,9 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
 Every collective's bandwidth and latency are those of the link its group crosses: a group of `size` ranks at
 rank `stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp
 fastest, then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
-Not modelled: memory-bound elementwise kernels (in the achievable fractions), the interleaved schedule,
-load imbalance of MoE routing, stragglers.
+Not modelled: kernel launch and Python overheads (ZeRO-3's per-module hooks), GEMM efficiency by shape (one
+achievable fraction per class), the ring's explicit-score blocks (counted at the attention rate), the
+interleaved schedule, load imbalance of MoE routing, stragglers.
 """
 from __future__ import annotations
 
