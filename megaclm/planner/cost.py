@@ -28,7 +28,9 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
               backward, 2(D-1)/D G, prefetched under its compute: only what is longer than the compute shows.
   optimizer   Adam on the GPU streams ~36 bytes per local parameter through HBM; offloaded, CPU Adam
               (cpu_adam_gparams_per_s) plus fp32 gradients down and 16-bit parameters up over PCIe.
-Every collective's bandwidth and latency are those of the link its group crosses: a group of `size` ranks at
+All-gathers, reduce-scatters and all-to-alls move at the link's gather_gbps where the profile gives one (gloo's
+are slower than its all-reduce), the rest at its gbps. Every collective's bandwidth and latency are those of
+the link its group crosses: a group of `size` ranks at
 rank `stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp
 fastest, then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
 Not modelled: kernel launch and Python overheads (ZeRO-3's per-module hooks), GEMM efficiency by shape (one
@@ -193,18 +195,18 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
         if t > 1:
             calls = (10 if layout.sp else 4) * layers
             wire = (10 * (t - 1) / t if layout.sp else 4 * 2 * (t - 1) / t) * X * layers
-            parts["tensor comm"] = tp_link.seconds(wire, calls)
+            parts["tensor comm"] = tp_link.seconds(wire, calls, gather=layout.sp)
         if n > 1:
             if layout.ring:
                 wire = 4 * layers * g * d * b * s * e / t * (n - 1) / n
-                parts["sequence comm"] = seq_link.seconds(wire, 4 * layers)
+                parts["sequence comm"] = seq_link.seconds(wire, 4 * layers, gather=True)
             else:
                 wire = 2 * layers * (2 * a + 2 * g) * d * tokens * e / t * (n - 1) / n
-                parts["sequence comm"] = seq_link.seconds(wire, 8 * layers)
+                parts["sequence comm"] = seq_link.seconds(wire, 8 * layers, gather=True)
         if ep > 1 and m_cfg.num_experts is not None:
             moe_layers = sum(m_cfg.is_moe_layer(j) for j in range(layers)) if layers else 0
             wire = 4 * moe_layers * m_cfg.moe_router_topk * X * (ep - 1) / ep
-            parts["expert comm"] = ep_link.seconds(wire, 5 * moe_layers)
+            parts["expert comm"] = ep_link.seconds(wire, 5 * moe_layers, gather=True)
         if p > 1:
             parts["pipeline p2p"] = pp_link.seconds(2 * X / (t if layout.sp else 1), 2)
         return parts
@@ -227,8 +229,8 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
 
     def dp_seconds(all_reduce: bool = False, calls: int = 1) -> float:
         """One reduce-scatter (or all-reduce) of the stage's 16-bit gradients over their groups."""
-        return sum(dp_link.seconds(nbytes * (2 if all_reduce else 1) * (size - 1) / size, calls)
-                   for nbytes, size in groups if nbytes and size > 1)
+        return sum(dp_link.seconds(nbytes * (2 if all_reduce else 1) * (size - 1) / size, calls,
+                                   gather=not all_reduce) for nbytes, size in groups if nbytes and size > 1)
 
     z = layout.zero
     if z == 0:  # DeepSpeed all-reduces after the last backward (overlap_comm is off below ZeRO-3)

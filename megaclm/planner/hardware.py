@@ -8,6 +8,8 @@
      "cpu_adam_gparams_per_s": 0.25,                                  offloaded Adam: 1e9 parameters/s per GPU
      "links": {"intra_node": {"gbps": 360, "latency_us": 8},          NCCL bus bandwidth per GPU and per-call
                "inter_node": {"gbps": 45, "latency_us": 20}}}         latency, inside a node / across nodes
+                                                                      (+ optional "gather_gbps": all-gather,
+                                                                      reduce-scatter, all-to-all, if slower)
 
 `achievable.attention` is counted against the model FLOPs of attention at the full (not causally halved) s^2,
 as the MFU numerator counts them. Shipped profiles (profiles/*.json, each listing its published sources):
@@ -32,11 +34,13 @@ def shipped_profiles() -> list[str]:
 
 @dataclass(frozen=True)
 class Link:
-    gbps: float  # bus bandwidth per GPU, GB/s (NCCL's busbw: what a ring collective sustains)
+    gbps: float  # bus bandwidth per GPU, GB/s (NCCL's busbw: what a ring all-reduce sustains)
     latency_us: float  # fixed cost of one collective call
+    gather_gbps: float | None = None  # all-gather / reduce-scatter / all-to-all, when not `gbps` (gloo: slower)
 
-    def seconds(self, wire_bytes: float, calls: int) -> float:
-        return wire_bytes / (self.gbps * 1e9) + calls * self.latency_us * 1e-6
+    def seconds(self, wire_bytes: float, calls: int, gather: bool = False) -> float:
+        bw = self.gather_gbps if gather and self.gather_gbps else self.gbps
+        return wire_bytes / (bw * 1e9) + calls * self.latency_us * 1e-6
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class HardwareProfile:
         return {"name": self.name, "hbm_gib": self.hbm_gib, "peak_tflops": self.peak_tflops,
                 "achievable": self.achievable, "hbm_gbps": self.hbm_gbps, "pcie_gbps": self.pcie_gbps,
                 "cpu_adam_gparams_per_s": self.cpu_adam_gparams_per_s,
-                "links": {k: {"gbps": getattr(self, k).gbps, "latency_us": getattr(self, k).latency_us}
+                "links": {k: {"gbps": getattr(self, k).gbps, "latency_us": getattr(self, k).latency_us,
+                              **({"gather_gbps": getattr(self, k).gather_gbps} if getattr(self, k).gather_gbps else {})}
                           for k in LINKS}}
 
 
@@ -93,7 +98,9 @@ def profile_from_dict(tree: dict, where: str) -> HardwareProfile:
     if not isinstance(links, dict) or any(k not in links or not isinstance(links[k], dict) for k in LINKS):
         raise UserError(f"{where}: links needs intra_node and inter_node, each {{\"gbps\": ..., \"latency_us\": ...}}")
     made = {k: Link(_positive(links[k], "gbps", f"{where} links.{k}"),
-                    _positive(links[k], "latency_us", f"{where} links.{k}")) for k in LINKS}
+                    _positive(links[k], "latency_us", f"{where} links.{k}"),
+                    _positive(links[k], "gather_gbps", f"{where} links.{k}") if "gather_gbps" in links[k] else None)
+            for k in LINKS}
     return HardwareProfile(
         name=str(tree.get("name", where)), hbm_gib=_positive(tree, "hbm_gib", where), peak_tflops=peaks,
         achievable={op: float(ach[op]) for op in OP_CLASSES}, hbm_gbps=_positive(tree, "hbm_gbps", where),
