@@ -77,7 +77,9 @@ def shape_args(args) -> argparse.Namespace:
 
 
 def live_bytes() -> int:
-    """Bytes of every distinct tensor storage alive in Python right now."""
+    """Bytes of every distinct tensor storage alive in Python right now (unreachable cycles collected first: a
+    previous step's garbage is not memory the layout holds)."""
+    gc.collect()
     seen, total = set(), 0
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.reduce_op's deprecation
     for obj in gc.get_objects():
@@ -100,7 +102,6 @@ def measure(rank: int, args, name: str) -> dict:
 
     flags, layout = LAYOUTS[name]
     argv = efficiency.shape_argv(shape_args(args)) + flags + ["--global-batch-size", str(GLOBAL_BATCH)]
-    gc.collect()
     before = live_bytes()  # what earlier layouts left behind in this process (DeepSpeed's caches, groups)
     run = efficiency.build_run(argv)
     run.step()  # warm-up: DeepSpeed's lazily built buffers, the optimizer's moments
