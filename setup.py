@@ -89,6 +89,7 @@ if _cuda is not None:
 
 setup(
     packages=find_packages(include=["megaclm", "megaclm.*"]),
+    package_data={"megaclm.planner": ["profiles/*.json"]},  # tools/plan_layout.py --gpu h100-80gb etc.
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -160,9 +160,33 @@ def _parts(engine, pstate):
     return embedding, head, len(layers)
 
 
-def measure(rank: int, args, name: str) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
+@dataclasses.dataclass
+class Run:
+    """A trainer built as pretrain_gpt.py builds it, and `step()`: what Trainer.train does every iteration,
+    without logging, evaluation and saving."""
 
+    cfg: object
+    derived: object
+    engine: object
+    pstate: object
+    trainer: object
+    data: object
+    metrics: object
+    progress: object
+    vocab: int
+
+    def step(self):
+        self.trainer._set_lr()
+        loss, _ = self.trainer.train_step(self.cfg.data.seq_length)
+        self.data.advance()
+        self.progress.iteration += 1
+        self.trainer._should_stop()
+        return loss
+
+
+def build_run(argv: list[str], world_size: int = 2, lora_rank: int = 0) -> Run:
+    """pretrain_gpt.py's flags -> the distributed trainer on this rank (the process group is initialised here;
+    `lora_rank`: adapters on the random init, which pretrain_gpt.py refuses without a base checkpoint)."""
     from megaclm.config import compute_derived, parse_args
     from megaclm.config.deepspeed_json import deepspeed_config
     from megaclm.model.flops import flops_per_token
@@ -172,14 +196,10 @@ def measure(rank: int, args, name: str) -> dict:
     from megaclm.training.metrics import MetricsLogger
     from megaclm.training.schedules import build_schedule
 
-    argv = shape_argv(args) + LAYOUTS[name] + ["--global-batch-size", str(MICRO * _dp_size(name))]
-    lora = "--lora-rank" in argv  # LoRA needs a base checkpoint to train from: adapters on the random init here
-    if lora:
-        argv = argv[:argv.index("--lora-rank")] + argv[argv.index("--lora-rank") + 2:]
-    cfg, _, _ = parse_args(argv, world_size=2)
-    if lora:
-        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_rank=LORA_RANK))
-    derived = compute_derived(cfg, 2, vocab_size=VOCAB)  # NullTokenizer: VOCAB - 1 ids + eod
+    cfg, _, _ = parse_args(argv, world_size=world_size)
+    if lora_rank:
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_rank=lora_rank))
+    derived = compute_derived(cfg, world_size, vocab_size=VOCAB)  # NullTokenizer: VOCAB - 1 ids + eod
     ds_config = deepspeed_config(cfg, derived, cuda=False)
     pstate = init_distributed(cfg)
     vocab = derived.padded_vocab_size
@@ -193,15 +213,21 @@ def measure(rank: int, args, name: str) -> dict:
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, vocab, seq), peak_tflops=None,
                       checkpoint_meta={})
+    return Run(cfg, derived, engine, pstate, trainer, data, metrics, progress, vocab)
 
-    def step():  # what Trainer.train does every iteration, without logging, evaluation and saving
-        trainer._set_lr()
-        loss, _ = trainer.train_step(cfg.data.seq_length)
-        data.advance()
-        progress.iteration += 1
-        trainer._should_stop()
-        return loss
 
+def measure(rank: int, args, name: str) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megaclm.model.flops import flops_per_token
+
+    argv = shape_argv(args) + LAYOUTS[name] + ["--global-batch-size", str(MICRO * _dp_size(name))]
+    lora = "--lora-rank" in argv  # LoRA needs a base checkpoint to train from: adapters on the random init here
+    if lora:
+        argv = argv[:argv.index("--lora-rank")] + argv[argv.index("--lora-rank") + 2:]
+    run = build_run(argv, lora_rank=LORA_RANK if lora else 0)
+    cfg, derived, engine, pstate, vocab = run.cfg, run.derived, run.engine, run.pstate, run.vocab
+    step = run.step
     step()  # warm-up: DeepSpeed's lazily built buffers and groups
     embedding, head, n_layers = _parts(engine, pstate)
     saved = SavedActivations(engine.module, embedding, head)
@@ -214,7 +240,7 @@ def measure(rank: int, args, name: str) -> dict:
             loss = step()
         colls.active = syncs.active = False
     saved.close()
-    metrics.close()
+    run.metrics.close()
     first = saved.calls[0]
     params = [p for p in engine.module.parameters() if p.requires_grad]
     fpt = flops_per_token(cfg.model, vocab, cfg.data.seq_length)
@@ -234,25 +260,27 @@ def _dp_size(name: str) -> int:
     return 1 if name.startswith(("tp2", "ulysses", "ring", "pp2")) else 2
 
 
-def worker(rank: int, port: int, args, names, out) -> None:
+def worker(rank: int, port: int, args, names, out, measure_fn=None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads))
     torch.set_num_threads(args.threads)
     for name in names:
         try:
-            out.put((rank, name, measure(rank, args, name)))
+            out.put((rank, name, (measure_fn or measure)(rank, args, name)))
         except BaseException:  # to the parent, which would otherwise wait for it
             out.put((rank, name, traceback.format_exc()))
             return
 
 
-def run_layouts(args, names) -> dict:
+def run_layouts(args, names, measure_fn=None) -> dict:
+    """{layout: {rank: measure_fn(rank, args, layout)}} from 2 ranks spawned once (forkserver); `measure_fn`
+    (default `measure`) must be importable by the children (a module-level function)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("forkserver")
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, args, names, out)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, args, names, out, measure_fn)) for r in range(2)]
     for p in procs:
         p.start()
     results = defaultdict(dict)

@@ -8,6 +8,8 @@
 #                    JIT-built at the same time (every DeepSpeed run on the GPU needs it)
 #   tests            pytest tests/gpu: every kernel against its reference, fwd and bwd, fp32/bf16/fp16
 #   kernel-bench     bench/kernel_bench.py: GB/s against the HBM peak, fused vs eager vs torch.compile
+#   profile-hardware bench/profile_hardware.py: the GPU's matmul/attention FLOP/s and copy GB/s as a planner
+#                    profile (hardware_profile.json, for tools/plan_layout.py --gpu); H100/H200 datasheet peak
 #   throughput-CASE  bench/throughput.py, one stage per case: megaclm (fused and torch ops) vs HF eager,
 #                    HF + torch.compile and HF + DeepSpeed ZeRO-2
 # then one JSON (gpu_check.json) and one Markdown table (gpu_check.md) in the output folder, with
@@ -37,7 +39,7 @@ DRY=0
 STAGES=""
 CASES=""
 THROUGHPUT_ARGS=""
-declare -A STAGE_BUDGET=([install]=60 [build]=240 [tests]=150 [kernel-bench]=150)
+declare -A STAGE_BUDGET=([install]=60 [build]=240 [tests]=150 [kernel-bench]=150 [profile-hardware]=60)
 THROUGHPUT_BUDGET=150  # per case; the Llama case also searches the largest micro batch
 STAGE_BUDGET_FLAGS=()
 
@@ -68,7 +70,7 @@ done
 if [ -z "$CASES" ]; then
     if [ $DRY = 1 ]; then CASES=gpt2-tiny,llama-tiny; else CASES=gpt2-124m,gpt-1.3b,llama-1.2b; fi
 fi
-ALL_STAGES=(install build tests kernel-bench)
+ALL_STAGES=(install build tests kernel-bench profile-hardware)
 for c in ${CASES//,/ }; do
     ALL_STAGES+=("throughput-$c")
     STAGE_BUDGET[throughput-$c]=$THROUGHPUT_BUDGET
@@ -100,6 +102,7 @@ stage_output() {
         install) echo env.json ;;
         tests) echo tests_gpu.xml ;;
         kernel-bench) echo kernel_bench.json ;;
+        profile-hardware) echo hardware_profile.json ;;
         throughput-*) echo "throughput_${1#throughput-}.json" ;;
     esac
 }
@@ -170,6 +173,15 @@ stage_kernel_bench() {
     fi
 }
 
+stage_profile_hardware() {
+    cd "$ROOT" || return 1
+    if [ "$DRY" = 1 ]; then
+        "$PY" bench/profile_hardware.py --out "$OUTDIR/hardware_profile.json" --iters 2 --copy-mib 32 --link-mib 4
+    else  # the lent GPUs are H100/H200 (989.4 dense bf16 TFLOP/s); one GPU: links from the shipped profile
+        "$PY" bench/profile_hardware.py --out "$OUTDIR/hardware_profile.json" --peak-tflops 989.4 --base h100-80gb
+    fi
+}
+
 stage_throughput() {  # $1: the case
     cd "$ROOT" || return 1
     if [ "$DRY" = 1 ]; then
@@ -178,7 +190,7 @@ stage_throughput() {  # $1: the case
         "$PY" bench/throughput.py --cases "$1" --warmup 2 --iters 10 --json "$OUTDIR/throughput_$1.json" $THROUGHPUT_ARGS
     fi
 }
-export -f stage_install stage_build stage_tests stage_kernel_bench stage_throughput
+export -f stage_install stage_build stage_tests stage_kernel_bench stage_profile_hardware stage_throughput
 
 now_ms() { date +%s%3N; }
 START=$(now_ms)

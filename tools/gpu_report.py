@@ -145,6 +145,12 @@ def markdown(summary: dict) -> str:
                          f"{_f(r.get('fwd_peak'), '.0%')} | {r['total_ms']:.3f} | {_f(r.get('bwd_gbs'), '.0f')} | "
                          f"{_f(r.get('bwd_peak'), '.0%')} | {_f(r.get('tflops'), '.1f')} | "
                          f"{_f(ratio and ratio['fwd_bwd_speedup'], '.2f')} |")
+    hw = summary.get("hardware_profile")
+    if hw:
+        m, link = hw["measured"], hw["links"]["intra_node"]
+        lines += ["", f"Hardware profile {hw['name']} (bench/profile_hardware.py, for tools/plan_layout.py --gpu): "
+                  f"matmul {m['matmul_tflops']:.2f} TFLOP/s, attention {m['attention_tflops']:.2f} TFLOP/s, copy "
+                  f"{m['copy_gbps']:.0f} GB/s; link {link['gbps']} GB/s, {link['latency_us']} us per call"]
     rows = [r for t in summary["throughput"].values() for r in t.get("results", [])]
     if rows:
         lines += ["", "Throughput (bf16; megaclm/x and fused/x: megaclm's tokens/s over the row's)", "",
@@ -178,6 +184,7 @@ def report(args) -> int:
                "environment": _load_json(os.path.join(out, "env.json")),
                "tests": read_junit(os.path.join(out, "tests_gpu.xml")),
                "kernels": _load_json(os.path.join(out, "kernel_bench.json")),
+               "hardware_profile": _load_json(os.path.join(out, "hardware_profile.json")),
                "throughput": throughput, "targets": check_targets(throughput)}
     text = markdown(summary)
     _write(os.path.join(out, "gpu_check.json"), json.dumps(summary, indent=1))

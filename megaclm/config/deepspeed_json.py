@@ -28,6 +28,10 @@ from megaclm.utils.errors import UserError
 if TYPE_CHECKING:  # the package imports this module
     from megaclm.config import MegaclmConfig
 
+# Elements per ZeRO gradient-reduction bucket (DeepSpeed's default, stated): ZeRO-3 allocates one such buffer per
+# gradient dtype up front (1 GB in bf16), which megaclm.model.flops counts; ZeRO-1/2 fill theirs bucket by bucket.
+ZERO_REDUCE_BUCKET = 500_000_000
+
 
 def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
     t, o = cfg.training, cfg.optimizer
@@ -42,8 +46,8 @@ def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
             # ZeRO-3's reduce-scatter path averages gradients over seq x dp (deepspeed 0.19.8 applies its
             # sequence-parallel correction, sum over seq, only on the all-reduce path): take that one.
             zero["reduce_scatter"] = False
-    if t.zero_stage in (1, 2):
-        zero["reduce_bucket_size"] = 5e8
+    if t.zero_stage > 0:
+        zero["reduce_bucket_size"] = ZERO_REDUCE_BUCKET
     params: dict[str, Any] = {"lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps,
                               "weight_decay": o.weight_decay}
     if not cuda:

@@ -77,13 +77,16 @@ activation element, t = tensor-parallel size, masks take one byte:
   flash): each rank attends 2n+1 of them (the chunk pairs not wholly in the future) and keeps per block the
   fp32 scores and probabilities and its fp32 output with the online-softmax merge's copy, 8*a*b*c*(c + d).
   ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
-Not counted: communication buckets (ZeRO's reduce/prefetch buckets from the DeepSpeed config), the
+ZeRO-3 also allocates its gradient-reduction bucket up front, reduce_bucket_size (5e8) elements of the
+16-bit gradient dtype (953 MiB in bf16): counted as "reduce bucket".
+Not counted: the other communication buckets (ZeRO-1/2's, filled per bucket; ZeRO-3's prefetch), the
 CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from megaclm.config.deepspeed_json import ZERO_REDUCE_BUCKET
 from megaclm.config.model import ModelConfig
 from megaclm.utils.errors import UserError
 
@@ -544,6 +547,9 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
             # GPTModel's fused linear cross-entropy (tp=1) only the fp32 log-sum-exp; else fp32 logits.
             act += 2 * s * b * h * e / sp + (4 * s * b if t == 1 else 4 * s * b * vocab_size / t)
         gpu["activations"], cpu["activations"] = act, 0.0
+        gpu["reduce bucket"] = ZERO_REDUCE_BUCKET * (2 if setup.precision != "fp32" else 4) \
+            if setup.zero_stage == 3 else 0.0
+        cpu["reduce bucket"] = 0.0
         est = MemoryEstimate(stage=i, params=stage.params, largest_module=stage.largest_module, gpu=gpu, cpu=cpu)
         if best is None or est.gpu_total > best.gpu_total:
             best = est

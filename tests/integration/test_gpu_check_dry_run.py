@@ -16,7 +16,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
-DRY_STAGES = ["install", "build", "tests", "kernel-bench", "throughput-gpt2-tiny", "throughput-llama-tiny"]
+DRY_STAGES = ["install", "build", "tests", "kernel-bench", "profile-hardware", "throughput-gpt2-tiny",
+              "throughput-llama-tiny"]
 KERNELS = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "bias_gelu", "swiglu", "rope",
            "scaled_masked_softmax", "scaled_masked_softmax@long", "cross_entropy", "linear_cross_entropy"]
 
@@ -96,6 +97,18 @@ def test_kernel_bench_measured_every_kernel_against_compile(dry_run):
     assert "fused: skipped" in (tmp / "out" / "logs" / "kernel-bench.log").read_text()
 
 
+def test_hardware_profile_is_written_and_loads_in_the_planner(dry_run):
+    tmp, summary, stdout = dry_run
+    from megaclm.planner.hardware import load_profile
+
+    path = tmp / "out" / "hardware_profile.json"
+    profile = load_profile(str(path))  # what tools/plan_layout.py --gpu accepts
+    assert "fp32" in profile.peak_tflops and profile.intra_node.gbps > 0 and profile.intra_node.latency_us > 0
+    measured = summary["hardware_profile"]["measured"]
+    assert measured["matmul_tflops"] > 0 and measured["attention_tflops"] > 0 and measured["copy_gbps"] > 0
+    assert "Hardware profile cpu (bench/profile_hardware.py" in stdout
+
+
 def test_throughput_per_case_every_mode_with_ratios(dry_run):
     _, summary, _ = dry_run
     assert set(summary["throughput"]) == {"gpt2-tiny", "llama-tiny"}
@@ -154,7 +167,8 @@ def test_stages_after_the_overall_budget_are_skipped_with_a_line(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--stages", "install,nope"], "--stages: unknown stage 'nope'; choose from install build tests kernel-bench"),
+    (["--stages", "install,nope"], "--stages: unknown stage 'nope'; choose from install build tests kernel-bench "
+                                   "profile-hardware"),
     (["--budget", "8min"], "--budget 8min: give whole seconds"),
     (["--stage-budget", "kernels=10"], "--stage-budget kernels=10: unknown stage 'kernels'"),
     (["--stage-budget", "tests=ten"], "--stage-budget tests=ten: give NAME=SECONDS"),

@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS = {
     "config": 0, "logging": 0, "utils": 0,
     "parallel": 1, "ops": 1, "data": 1, "tokenizer": 1,
-    "model": 2,
+    "model": 2, "planner": 2,
     "checkpoint": 3,
     "training": 4,
 }

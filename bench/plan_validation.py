@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""The layout planner against measurements (validation 1) and against published runs (validation 2).
+
+    python bench/profile_hardware.py --out runs/cpu_profile.json      # the CPU profile, 1 thread per rank
+    python bench/plan_validation.py --profile runs/cpu_profile.json [--json F]
+    python bench/plan_validation.py --published                       # validation 2, on paper (no processes)
+
+Validation 1 (opt-in: timings on a shared CPU are noisy, so CI runs no timed part). A small Llama (4 layers,
+hidden 256, GQA 8/4 heads, SwiGLU, sequence 512, fp32) trains on 2 gloo ranks, spawned once (forkserver),
+in each LAYOUT through megaclm's own path (bench/efficiency.py's build_run: pretrain_gpt.py's flags,
+init_distributed, build_model, build_engine, the trainer's train_step): one warm-up step, then --steps timed
+steps (the fastest, rank 0: the machine is shared, and other processes only ever add time). The planner (megaclm.planner.cost.predict) predicts each step time with the measured
+profile; the two rankings must agree (Spearman >= 0.8). Memory: on every rank, the bytes of every live tensor
+storage when the inner optimizer's step runs (weights, gradients, fp32 copies and Adam moments: what the
+estimate calls model states) plus the activations autograd keeps for one micro-batch (bench/efficiency_probes
+SavedActivations: layers, embedding and loss) times the micro-batches in flight (with full recomputation, + the
+one layer recomputed at a time in backward, measured in the same layout without it); the fullest rank's total
+against megaclm.model.flops.estimate_memory (reference_ops: what a CPU run executes) must agree within 10%.
+
+Validation 2: every Narayanan et al. 2021 run of megaclm.planner.published, planned on the a100-80gb profile
+with the recipe the paper fixed (ZeRO-0, full recomputation, no sequence split or SP): the published layout's
+rank among the distinct (tp, pp, dp) shapes (target: top 3), and its predicted MFU against the published one
+(target: within 25%). Prints the README's table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from megaclm.planner.cost import Layout  # noqa: E402
+
+GLOBAL_BATCH = 8
+ZERO0 = ["--zero-stage", "0"]
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+PP2 = ["--pipeline-model-parallel-size", "2"] + ZERO0
+# name -> (pretrain_gpt.py flags on top of the shape's, the planner's Layout); all on 2 ranks. Chosen to spread
+# the predictions: recomputation (+1/3 compute), the bubble of 2 stages at 8, 4 and 2 micro-batches, TP/SP,
+# Ulysses and ZeRO traffic over gloo.
+LAYOUTS = {
+    "dp2-zero0": (ZERO0, Layout(dp=2, zero=0)),
+    "dp2-zero1": (["--zero-stage", "1"], Layout(dp=2, zero=1)),
+    "dp2-zero3": (["--zero-stage", "3", "--zero-param-persistence-threshold", "0"], Layout(dp=2, zero=3)),
+    "dp2-recompute": (ZERO0 + RECOMPUTE, Layout(dp=2, zero=0, recompute="full")),
+    "tp2": (["--tensor-model-parallel-size", "2"] + ZERO0, Layout(tp=2, zero=0)),
+    "tp2-sp": (["--tensor-model-parallel-size", "2", "--sequence-parallel"] + ZERO0, Layout(tp=2, sp=True, zero=0)),
+    "ulysses2": (["--ds-sequence-parallel-size", "2"] + ZERO0, Layout(seq=2, zero=0)),
+    "pp2-mb1": (PP2, Layout(pp=2, zero=0)),
+    "pp2-mb2": (PP2 + ["--micro-batch-size", "2"], Layout(pp=2, zero=0, micro_batch=2)),
+    "pp2-mb4": (PP2 + ["--micro-batch-size", "4"], Layout(pp=2, zero=0, micro_batch=4)),
+    "pp2-recompute": (PP2 + ["--micro-batch-size", "2"] + RECOMPUTE,
+                      Layout(pp=2, zero=0, micro_batch=2, recompute="full")),
+}
+
+
+# Full recomputation keeps only each layer's input during the forward (what SavedActivations sees); backward then
+# recomputes one layer at a time, whose activations are those of the same layout without recomputation.
+RECOMPUTE_TWINS = {"dp2-recompute": "dp2-zero0", "pp2-recompute": "pp2-mb2"}
+
+
+def shape_args(args) -> argparse.Namespace:
+    return argparse.Namespace(layers=args.layers, hidden=args.hidden, ffn=args.ffn, seq=args.seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation 1: one layout on one rank
+
+
+def live_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in Python right now (unreachable cycles collected first: a
+    previous step's garbage is not memory the layout holds)."""
+    gc.collect()
+    seen, total = set(), 0
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.reduce_op's deprecation
+    for obj in gc.get_objects():
+        try:
+            if not torch.is_tensor(obj):
+                continue
+            s = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - meta tensors, half-built objects
+            continue
+        if s.data_ptr() not in seen and s.nbytes() > 0:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def measure(rank: int, args, name: str) -> dict:
+    import efficiency
+
+    from efficiency_probes import SavedActivations
+
+    flags, layout = LAYOUTS[name]
+    argv = efficiency.shape_argv(shape_args(args)) + flags + ["--global-batch-size", str(GLOBAL_BATCH)]
+    before = live_bytes()  # what earlier layouts left behind in this process (DeepSpeed's caches, groups)
+    run = efficiency.build_run(argv)
+    run.step()  # warm-up: DeepSpeed's lazily built buffers, the optimizer's moments
+    at_step = []
+    adamw_step = torch.optim.AdamW.step
+
+    def sampled(self, *a, **kw):  # the inner torch optimizer (torch_adam on the CPU): fp32 grads exist here
+        at_step.append(live_bytes())
+        return adamw_step(self, *a, **kw)
+
+    torch.optim.AdamW.step = sampled
+    try:
+        run.step()
+    finally:
+        torch.optim.AdamW.step = adamw_step
+    embedding, head, n_layers = efficiency._parts(run.engine, run.pstate)
+    saved = SavedActivations(run.engine.module, embedding, head)
+    with saved.installed():
+        run.step()
+    saved.close()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        run.step()
+        times.append(time.perf_counter() - t0)
+    run.metrics.close()
+    acc = run.derived.grad_accum_steps
+    in_flight = min(run.pstate.pp_size - run.pstate.pp_rank, acc) if run.pstate.pp_size > 1 else 1
+    act = sum(saved.calls[0].values())
+    # The least disturbed step: the machine is shared, and other processes only ever add time.
+    return {"layout": name, "rank": rank, "step_s": min(times), "median_s": statistics.median(times), "times": times,
+            "states_bytes": (max(at_step) if at_step else live_bytes()) - before, "activation_bytes": act * in_flight,
+            "layer_activation_bytes": saved.calls[0]["layers"] / n_layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions
+
+
+def cpu_workload(args):
+    from megaclm.config.model import ModelConfig
+    from megaclm.config.presets import MODEL_PRESETS
+    from megaclm.planner.cost import Workload
+
+    llama = {k: v for k, v in MODEL_PRESETS["llama-7b"].items() if k not in ("norm_epsilon",)}
+    model = ModelConfig(**{**llama, "num_layers": args.layers, "hidden_size": args.hidden,
+                           "ffn_hidden_size": args.ffn, "num_attention_heads": 8, "num_query_groups": 4,
+                           "max_position_embeddings": args.seq, "untie_embeddings_and_output_weights": True})
+    return Workload(model=model, padded_vocab=1024, seq_length=args.seq, global_batch=GLOBAL_BATCH, gpus_per_node=2,
+                    precision="fp32", flash_attention=True, reference_ops=True)
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    n = len(xs)
+    return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
+
+
+def validation_1(args) -> dict:
+    from megaclm.planner.cost import memory_gib, predict
+    from megaclm.planner.hardware import load_profile
+
+    hw = load_profile(args.profile)
+    work = cpu_workload(args)
+    names = list(LAYOUTS) if not args.layouts else args.layouts.split(",")
+    twins = {name: RECOMPUTE_TWINS[name] for name in names if name in RECOMPUTE_TWINS}
+    import efficiency
+
+    measured = efficiency.run_layouts(args, names + sorted(set(twins.values()) - set(names)), measure_fn=measure)
+    rows = []
+    for name in names:
+        layout = LAYOUTS[name][1]
+        pred = predict(layout, work, hw)
+        ranks = measured[name]
+        if name in twins:  # + the chunk recomputed in backward: one layer's activations, kept as without recompute
+            for rank, r in ranks.items():
+                r["activation_bytes"] += measured[twins[name]][rank]["layer_activation_bytes"]
+        full = max(ranks.values(), key=lambda r: r["states_bytes"] + r["activation_bytes"])
+        rows.append({"layout": name, "measured_s": ranks[0]["step_s"], "predicted_s": pred.step_s,
+                     "bottleneck": pred.bottleneck, "measured_gib": (full["states_bytes"] + full["activation_bytes"])
+                     / 2 ** 30, "predicted_gib": memory_gib(layout, work),
+                     "measured_states_gib": full["states_bytes"] / 2 ** 30,
+                     "measured_activations_gib": full["activation_bytes"] / 2 ** 30})
+    rho = spearman([r["measured_s"] for r in rows], [r["predicted_s"] for r in rows])
+    print(f"{'layout':16s}{'measured s':>11}{'predicted s':>12}{'meas. MiB':>10}{'pred. MiB':>10}{'ratio':>7}  "
+          "bottleneck")
+    for r in sorted(rows, key=lambda r: r["measured_s"]):
+        r["memory_ratio"] = r["predicted_gib"] / r["measured_gib"]
+        print(f"{r['layout']:16s}{r['measured_s']:11.3f}{r['predicted_s']:12.3f}{r['measured_gib'] * 1024:10.1f}"
+              f"{r['predicted_gib'] * 1024:10.1f}{r['memory_ratio']:7.3f}  {r['bottleneck']}")
+    worst = max(abs(r["memory_ratio"] - 1) for r in rows)
+    print(f"Spearman rank correlation of step times: {rho:.3f} (target >= 0.8); memory: worst |predicted / measured "
+          f"- 1| = {worst:.3f} (target <= 0.10)")
+    return {"rows": rows, "spearman": rho, "worst_memory_error": worst, "profile": hw.to_dict()}
+
+
+def validation_2() -> dict:
+    from megaclm.config.derived import pad_vocab_size
+    from megaclm.config.kernels import KernelsConfig
+    from megaclm.planner.cost import Workload
+    from megaclm.planner.hardware import load_profile
+    from megaclm.planner.published import NARAYANAN_2021, SEQ, VOCAB
+    from megaclm.planner.search import SearchSpace, search, shape_rank
+
+    hw = load_profile("a100-80gb")
+    space = SearchSpace(zero=(0,), recompute=("full",), seq=(1,), sp=(False,))
+    rows = []
+    print("| run | GPUs | published tp x pp x dp | planner's best | published layout's rank | "
+          "published MFU | predicted MFU | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in NARAYANAN_2021:
+        work = Workload(model=run.model(), padded_vocab=VOCAB, seq_length=SEQ, global_batch=run.global_batch,
+                        gpus_per_node=8, flash_attention=False)
+        result = search(run.gpus, work, hw, space, KernelsConfig(),
+                        padded_vocab_for=lambda tp: pad_vocab_size(VOCAB, 128, tp))
+        mine = next(p for p in result.ranked if (p.layout.tp, p.layout.pp, p.layout.dp) == (run.tp, run.pp, run.dp))
+        best = result.ranked[0].layout
+        rank = shape_rank(result.ranked, run.tp, run.pp, run.dp)
+        err = mine.mfu / run.published_mfu - 1
+        rows.append({"run": run.name, "rank": rank, "published_mfu": run.published_mfu, "predicted_mfu": mine.mfu,
+                     "error": err, "best": [best.tp, best.pp, best.dp], "slower_than_best": mine.step_s /
+                     result.ranked[0].step_s - 1})
+        print(f"| {run.name} | {run.gpus} | {run.tp} x {run.pp} x {run.dp} | {best.tp} x {best.pp} x {best.dp} | "
+              f"{rank} | {run.published_mfu:.1%} | {mine.mfu:.1%} | {err:+.0%} |")
+    return {"rows": rows}
+
+
+def main(argv=None) -> int:
+    from megaclm.utils.errors import UserError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--published", action="store_true", help="Validation 2 only (on paper, seconds).")
+    parser.add_argument("--profile", help="Validation 1: the CPU profile from bench/profile_hardware.py.")
+    parser.add_argument("--layouts", default=None, help=f"Comma-separated subset of {', '.join(LAYOUTS)}.")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4, help="Timed steps per layout (the fastest counts).")
+    parser.add_argument("--threads", type=int, default=1, help="Threads per rank (as the profile was measured).")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--json", default=None, help="Also write every number here.")
+    args = parser.parse_args(argv)
+    if args.published:
+        result = validation_2()
+    else:
+        if not args.profile:
+            raise UserError("pass --profile PROFILE.json (bench/profile_hardware.py writes it) or --published")
+        unknown = set((args.layouts or "").split(",")) - set(LAYOUTS) - {""}
+        if unknown:
+            raise UserError(f"--layouts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LAYOUTS)}")
+        result = validation_1(args)
+    if args.json:
+        from megaclm.utils.fileio import atomic_write
+
+        with atomic_write(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    from megaclm.utils.errors import cli_main
+
+    cli_main(main)
