@@ -8,7 +8,7 @@ step, for each parallel layout, against their analytic minimum.
 
 Every layout runs on the same 2 gloo ranks, spawned once, through megaclm's own path: pretrain_gpt.py's
 flags parsed (--mock-data), init_distributed, build_model, build_engine (DeepSpeed), and the trainer's
-`train_step` (megaclm.training.loop) on the mock data: 2 micro-batches per optimizer step. One warm-up
+`train_step` (megaclm.training.step) on the mock data: 2 micro-batches per optimizer step. One warm-up
 step, then one measured step. The baseline "tp1" is plain data parallelism (ZeRO-0) on the 2 ranks: each
 rank keeps the activations of one GPU of a TP=1 run.
 
@@ -195,11 +195,11 @@ def measure(rank: int, args, name: str) -> dict:
                       checkpoint_meta={})
 
     def step():  # what Trainer.train does every iteration, without logging, evaluation and saving
-        trainer._set_lr()
-        loss, _ = trainer.train_step(cfg.data.seq_length)
+        trainer.train_step.set_lr(schedule, progress)
+        loss, _ = trainer.train_step(progress.consumed_samples, cfg.data.seq_length)
         data.advance()
         progress.iteration += 1
-        trainer._should_stop()
+        trainer.callbacks.should_stop(trainer)
         return loss
 
     step()  # warm-up: DeepSpeed's lazily built buffers and groups
@@ -316,7 +316,7 @@ def estimate_act_per_layer(name: str, sh: Shape, fields: dict) -> float:
 
 def analytic_collectives(name: str, sh: Shape, r: dict) -> tuple[int, int]:
     """(calls, bytes) one optimizer step needs on rank 0 (groups of one rank excluded), with the trainer's
-    all-reduce of its 3 stop flags (signal, time limit, checkpoint writer; megaclm.training.loop)."""
+    all-reduce of its 3 stop flags (signal, time limit, checkpoint writer; megaclm.training.callbacks StopConditions)."""
     calls, nbytes = _analytic_collectives(name, sh, r)
     return calls + 1, nbytes + 3 * 4
 
