@@ -243,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
+    callbacks = load_callbacks(cfg.training.callbacks)  # a bad --callbacks fails here, before any process group
     if args.validate_only:
         print(_summary(cfg, derived, model_vocab, ds_config, lora, reference_ops=args.estimate_for == "cpu"),
               flush=True)
         return 0
-    callbacks = load_callbacks(cfg.training.callbacks)  # a bad --callbacks fails here, before any process group
     try:
         return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, start, callbacks)
     finally:

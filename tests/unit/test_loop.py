@@ -389,3 +389,38 @@ def test_the_config_takes_callbacks_from_flags():
     from megaclm.config import parse_config
     cfg, _ = parse_config(["--train-iters", "1", "--callbacks", "a.b:c", "d:e=1,2"], sections=["training"])
     assert cfg.training.callbacks == ["a.b:c", "d:e=1,2"]
+
+
+class StopBelow:  # README's example of a user callback
+    def __init__(self, loss):
+        self.loss, self.low = loss, False
+
+    def post_step(self, trainer, result):
+        self.low = result.loss < self.loss
+
+    def should_stop(self, trainer):
+        return f"loss below {self.loss}" if self.low else None
+
+
+def test_a_user_callback_can_stop_the_run_which_saves_first(tmp_path, store):
+    falling = lambda first: 2.0 - 0.1 * first / GBS  # iteration k: 2.0 - 0.09 (k - 1) with the updates
+    t = make(tmp_path, script=falling, callbacks=[StopBelow(1.75)], train_iters=10)
+    assert t.train() == "loss below 1.75"
+    assert t.progress.iteration == 4 and list(store.saved) == [tag_for(4)]
+
+
+def test_pretrain_gpt_refuses_a_callback_it_cannot_import_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", "--validate-only", "--mock-data", "--num-layers", "2",
+                          "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+                          "--max-position-embeddings", "64", "--train-iters", "4", "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", "100", "--callbacks", "no_such_module_here:f"],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --callbacks 'no_such_module_here:f': cannot import no_such_module_here (No module named "
+                      "'no_such_module_here'); put its directory on PYTHONPATH"], out.stderr[-2000:]
