@@ -403,7 +403,9 @@ class StopBelow:  # README's example of a user callback
 
 
 def test_a_user_callback_can_stop_the_run_which_saves_first(tmp_path, store):
-    falling = lambda first: 2.0 - 0.1 * first / GBS  # iteration k: 2.0 - 0.09 (k - 1) with the updates
+    def falling(first):  # iteration k: 2.0 - 0.09 (k - 1), the updates' 0.01 each included
+        return 2.0 - 0.1 * first / GBS
+
     t = make(tmp_path, script=falling, callbacks=[StopBelow(1.75)], train_iters=10)
     assert t.train() == "loss below 1.75"
     assert t.progress.iteration == 4 and list(store.saved) == [tag_for(4)]
