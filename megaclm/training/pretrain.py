@@ -46,8 +46,8 @@ from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.callbacks import load_callbacks, stop_agreed
 from megaclm.training.checkpointer import load_engine
 from megaclm.training.loop import Trainer
-from megaclm.training.progress import Progress, TrainingDiverged
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
+from megaclm.training.progress import Progress, TrainingDiverged
 from megaclm.training.schedules import build_schedule
 from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
 from megaclm.training.summary import end_of_run
