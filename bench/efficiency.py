@@ -8,7 +8,7 @@ step, for each parallel layout, against their analytic minimum.
 
 Every layout runs on the same 2 gloo ranks, spawned once, through megaclm's own path: pretrain_gpt.py's
 flags parsed (--mock-data), init_distributed, build_model, build_engine (DeepSpeed), and the trainer's
-`train_step` (megaclm.training.loop) on the mock data: 2 micro-batches per optimizer step. One warm-up
+`train_step` (megaclm.training.step) on the mock data: 2 micro-batches per optimizer step. One warm-up
 step, then one measured step. The baseline "tp1" is plain data parallelism (ZeRO-0) on the 2 ranks: each
 rank keeps the activations of one GPU of a TP=1 run.
 
@@ -176,11 +176,11 @@ class Run:
     vocab: int
 
     def step(self):
-        self.trainer._set_lr()
-        loss, _ = self.trainer.train_step(self.cfg.data.seq_length)
+        self.trainer.train_step.set_lr(self.trainer.schedule, self.progress)
+        loss, _ = self.trainer.train_step(self.progress.consumed_samples, self.cfg.data.seq_length)
         self.data.advance()
         self.progress.iteration += 1
-        self.trainer._should_stop()
+        self.trainer.callbacks.should_stop(self.trainer)
         return loss
 
 
@@ -192,7 +192,8 @@ def build_run(argv: list[str], world_size: int = 2, lora_rank: int = 0) -> Run:
     from megaclm.model.flops import flops_per_token
     from megaclm.training.batch import build_batch_source
     from megaclm.training.engine import build_engine, build_model, init_distributed
-    from megaclm.training.loop import Progress, Trainer
+    from megaclm.training.loop import Trainer
+    from megaclm.training.progress import Progress
     from megaclm.training.metrics import MetricsLogger
     from megaclm.training.schedules import build_schedule
 
@@ -344,7 +345,7 @@ def estimate_act_per_layer(name: str, sh: Shape, fields: dict) -> float:
 
 def analytic_collectives(name: str, sh: Shape, r: dict) -> tuple[int, int]:
     """(calls, bytes) one optimizer step needs on rank 0 (groups of one rank excluded), with the trainer's
-    all-reduce of its 3 stop flags (signal, time limit, checkpoint writer; megaclm.training.loop)."""
+    all-reduce of its 3 stop flags (signal, time limit, checkpoint writer; megaclm.training.callbacks StopConditions)."""
     calls, nbytes = _analytic_collectives(name, sh, r)
     return calls + 1, nbytes + 3 * 4
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-import time
 from typing import Any, Callable
 
 import torch
@@ -135,18 +134,20 @@ class AsyncCheckpointWriter:
         return FAILED if self._error is not None else DONE
 
     def submit(self, tag: str, files: list[tuple[str, Any]], finalize: Callable[[dict[str, dict]], None],
-               pause_s: float = 0.0, save_dir: str | None = None):
-        """Write `files` in the background; `finalize(entries)` runs on every rank once all are written."""
+               after_write: Callable[[], None] | None = None, save_dir: str | None = None):
+        """Write `files` in the background, then run `after_write` in that thread; `finalize(entries)` runs on
+        every rank once all are written."""
         assert not self.pending, f"a save of {self.tag} is still pending; wait() for it first"
         self.tag, self._finalize, self._error, self.save_dir = tag, finalize, None, save_dir
-        self._thread = threading.Thread(target=self._write, args=(files, pause_s), name="megaclm-async-save",
+        self._thread = threading.Thread(target=self._write, args=(files, after_write), name="megaclm-async-save",
                                         daemon=True)
         self._thread.start()
 
-    def _write(self, files: list[tuple[str, Any]], pause_s: float) -> None:
+    def _write(self, files: list[tuple[str, Any]], after_write: Callable[[], None] | None) -> None:
         try:
             self._entries = write_files(files)
-            time.sleep(pause_s)  # test hook (MEGACLM_TEST_SAVE_PAUSE_S): hold the write open
+            if after_write is not None:
+                after_write()
         except BaseException as e:  # reported to every rank through status()
             self._error = e
 

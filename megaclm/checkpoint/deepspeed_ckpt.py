@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from typing import Any, Callable
 
 import torch
@@ -72,11 +71,14 @@ def _write_text(path: str, text: str) -> None:
 
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: ParallelState,
                     config_tree: dict, meta: dict, total_limit: int | None = None,
-                    writer: AsyncCheckpointWriter | None = None, on_complete: Callable[[], None] | None = None) -> str:
+                    writer: AsyncCheckpointWriter | None = None, on_complete: Callable[[], None] | None = None,
+                    files_written: Callable[[], None] | None = None) -> str:
     """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag.
 
     With `writer` the files are written in the background (megaclm.checkpoint.async_save) and
-    steps 3-5 happen when the writer finishes; `on_complete` runs on rank 0 after `latest` moved."""
+    steps 3-5 happen when the writer finishes; `on_complete` runs on rank 0 after `latest` moved;
+    `files_written` runs on every rank once its files are written, before the checkpoint is complete (with
+    `writer`: in its thread)."""
     tag = tag_for(iteration)
     ckpt = os.path.join(save_dir, tag)
     if _rank() == 0:
@@ -87,8 +89,6 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     client_state = {CLIENT_KEY: client_state}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
     rng_file = (os.path.join(ckpt, "megaclm", "rng", f"rank_{_rank():05d}.pt"), get_rng_state())
-    # Test hook: widen the window between the data files and `latest` so a test can kill the run mid-save.
-    pause = float(os.environ.get("MEGACLM_TEST_SAVE_PAUSE_S", "0"))
 
     def finalize(entries: dict[str, dict]) -> None:  # collective
         gathered = [None] * dist.get_world_size() if dist.is_initialized() and _rank() == 0 else None
@@ -108,7 +108,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
             if shard is not None:  # its tensors may be the live parameters / optimizer states
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
-        writer.submit(tag, files, finalize, pause_s=pause, save_dir=save_dir)
+        writer.submit(tag, files, finalize, after_write=files_written, save_dir=save_dir)
         return tag
     # A failed write (a full disk) is recorded, not raised, so that every rank reaches DeepSpeed's barriers and
     # agree_saved, which fails the save on all ranks in one line (megaclm.checkpoint.save_errors).
@@ -123,7 +123,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
             entries.update(write_files([rng_file] + [f for f in (shard, optim) if f is not None]))
         except OSError as e:
             error = describe(e)
-    time.sleep(pause)
+    if files_written is not None:
+        files_written()
     agree_saved(error, save_dir, tag)
     try:
         finalize(entries)  # gathers every rank's entries, then rank 0 writes config.json, the manifest, meta.json

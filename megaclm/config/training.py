@@ -77,6 +77,11 @@ class TrainingConfig:
                 "seconds writes every thread's stack to <save>/hang/rank<R>.txt and exits with status 75 (to be "
                 "requeued). Choose more than the slowest of these (the first step may compile; a synchronous save "
                 "of a large model to a shared file system takes minutes). 0 (or null): off."})
+    callbacks: list[str] = field(default_factory=list, metadata={
+        "help": "Training-loop callbacks of your own, run after the built-in ones: each 'pkg.module:factory' or "
+                "'pkg.module:factory=ARG' (factory() or factory('ARG') returns an object with any of the hooks "
+                "of megaclm/training/callbacks.py: pre_step, post_step, post_eval, post_checkpoint_saved, ...); "
+                "the module must be importable (PYTHONPATH).", "nargs": "*"})
     distributed_backend: str | None = field(default=None, metadata={
         "help": "torch.distributed backend; default nccl with CUDA, gloo without (nccl without CUDA falls back to "
                 "gloo with a warning).", "choices": ["nccl", "gloo"]})

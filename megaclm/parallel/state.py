@@ -255,10 +255,6 @@ class ParallelState:
         """seq x dp: the ranks holding the same weights; gradients are summed over seq, averaged over dp."""
         return self._group("seq_dp") if self.cp_size > 1 else self.dp_group
 
-    # The names megaclm/training/loop.py still reads; its rewrite (issue 26 item 1) uses cp_*: delete these then.
-    seq_size = property(lambda self: self.cp_size)
-    seq_dp_group = property(lambda self: self.cp_dp_group)
-
     # ---- DeepSpeed mpu protocol -------------------------------------------------------------------------------
     def get_tensor_model_parallel_rank(self) -> int:
         return self.tp_rank

@@ -70,7 +70,7 @@ def check_batch_change(cfg: Any, derived: Any, saved: int | None, iteration: int
 
 def samples_needed(training: Any, gbs: int, seq_length: int, iteration: int, consumed_samples: int,
                    consumed_tokens: int) -> int:
-    """Training samples a resumed run reads until its first limit (as Trainer._done counts them)."""
+    """Training samples a resumed run reads until its first limit (as Trainer.done counts them)."""
     t, steps = training, []
     if t.train_iters is not None:
         steps.append(t.train_iters - iteration)

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.deepspeed_ckpt import (load_checkpoint, resolve_lora_base, restore_rng, run_layout,
-                                              verify_checksums)
+from megaclm.checkpoint.deepspeed_ckpt import resolve_lora_base, verify_checksums
 from megaclm.checkpoint.layout import read_config, read_meta
 from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.manifest import Choice, choose_tag
@@ -44,8 +43,11 @@ from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.batch_change import check_batch_change, saved_global_batch
 from megaclm.training.engine import build_engine, build_model, init_distributed
-from megaclm.training.loop import Progress, Trainer, TrainingDiverged, stop_agreed
+from megaclm.training.callbacks import load_callbacks, stop_agreed
+from megaclm.training.checkpointer import load_engine
+from megaclm.training.loop import Trainer
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
+from megaclm.training.progress import Progress, TrainingDiverged
 from megaclm.training.schedules import build_schedule
 from megaclm.training.start import Start, hf_padded_vocab, import_pretrained, remove_import, resolve_start
 from megaclm.training.summary import end_of_run
@@ -236,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
+    callbacks = load_callbacks(cfg.training.callbacks)  # a bad --callbacks fails here, before any process group
     if args.validate_only:
         print(_summary(cfg, derived, model_vocab, ds_config, lora, reference_ops=args.estimate_for == "cpu"),
               flush=True)
         return 0
     try:
-        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, start)
+        return _run(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, start, callbacks)
     finally:
         # The run is over (finished, stopped or failed): a stop request has nothing left to stop. Once the
         # first rank has exited, srun --kill-on-bad-exit sends SIGTERM to the others, which must not turn
@@ -272,7 +275,7 @@ def set_thread_count() -> None:
 
 
 def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-         lora: tuple[dict, bool] | None, fingerprint: dict, start: Start) -> int:
+         lora: tuple[dict, bool] | None, fingerprint: dict, start: Start, callbacks: list) -> int:
     """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA; `start`: what the
     run loads (an HF --pretrained-checkpoint is imported here; the checksums are verified here, by all ranks)."""
     if cfg.training.fp16 and not torch.cuda.is_available():
@@ -308,7 +311,7 @@ def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: i
                                     "the checkpoint")
             start = start._replace(choice=verified)
         return _train(cfg, derived, ds_config, tokenizer, model_vocab, vocab_source, lora, fingerprint, pstate,
-                      start)
+                      start, callbacks)
     finally:
         if lock is not None:
             lock.release()
@@ -332,7 +335,9 @@ def _stopped_at_start_up(pstate: Any) -> bool:
 
 
 def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any, start: Start) -> int:
+           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any, start: Start, callbacks: list) -> int:
+    """Build the parts, load --load's checkpoint (the engine here; the client state and RNG states through the
+    trainer's Checkpointer.restore, the path a rollback takes too), train."""
     c = cfg.checkpoint
     if pstate.rank == 0:
         log.info(f"{layout_line(cfg, derived)}; "
@@ -342,7 +347,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
                  + (f", ep {pstate.ep_size}" if cfg.model.num_experts is not None else ""))
     model = build_model(cfg, model_vocab, pstate, ds_config)
     engine = build_engine(cfg, model, pstate, ds_config)
-    progress, state = Progress(), None
+    state = None
     lora_base, adapters = lora if lora is not None else (None, False)
     if lora_base is not None:  # the frozen base first; then the adapters, if --load is a LoRA checkpoint
         load_weights(engine, lora_base["dir"], lora_base["tag"], select=lambda key: not is_lora_key(key))
@@ -351,15 +356,12 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         if cfg.lora.quantized:  # QLoRA: each rank's shard of the loaded base, before any adapter is loaded
             quantize.apply_to(engine.module, cfg.lora.base_quantization, log.info if pstate.rank == 0 else None)
     if start.dir is not None and (lora_base is None or adapters):
-        state = load_checkpoint(engine, start.dir, start.choice.tag, finetune=start.weights_only,
-                                load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                layout=run_layout(pstate, cfg.training.zero_stage), adapters=adapters)
-        if state is not None:
-            progress = Progress(**state["progress"])
+        state = load_engine(engine, pstate, cfg.training.zero_stage, start.dir, start.choice.tag,
+                            finetune=start.weights_only, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
+                            adapters=adapters)
         remove_import(cfg, start, pstate.rank)
+    progress = Progress()
     data = build_batch_source(cfg, derived, tokenizer.eod, pstate, resumed=state)
-    if state is not None:
-        data.load_state_dict(state["data"])
     passes = data.passes_line(derived.train_iters * derived.global_batch_size)
     if passes is not None and pstate.rank == 0:
         log.info(passes)
@@ -368,7 +370,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     writer = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.cp_rank == 0
     metrics_file = cfg.logging.metrics_file or (os.path.join(c.save, "metrics.jsonl") if c.save else None)
     metrics = MetricsLogger(cfg.logging, writer=writer, metrics_file=metrics_file, total_iters=derived.train_iters,
-                            start_iter=progress.iteration, run_config=cfg.to_dict(),
+                            start_iter=0 if state is None else state["progress"]["iteration"], run_config=cfg.to_dict(),
                             default_wandb_dir=os.path.join(c.save, "wandb") if c.save else None)
     meta = {"tensor_model_parallel_size": pstate.tp_size, "pipeline_model_parallel_size": pstate.pp_size,
             "data_parallel_size": pstate.dp_size, "expert_model_parallel_size": pstate.ep_size,
@@ -381,14 +383,12 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.training.precision)
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),
-                      peak_tflops=peak, checkpoint_meta=meta)
-    if state is not None and trainer.guard is not None and state.get("spike"):
-        trainer.guard.load_state_dict(state["spike"])
+                      peak_tflops=peak, checkpoint_meta=meta, callbacks=callbacks)
+    trainer.checkpointer.restore(state)  # last: dataset building above may draw random numbers
     if state is not None and c.save is not None and os.path.realpath(c.save) == os.path.realpath(start.dir):
         # Resumed from --save itself: this iteration's checkpoint is there, complete. Saving it again (a run
         # stopped during its final evaluation, requeued) would first unmark the very checkpoint `latest` names.
-        trainer.last_saved = progress.iteration
-    restore_rng(state)  # last: dataset building above may draw random numbers
+        trainer.checkpointer.last_saved = progress.iteration
     if _stopped_at_start_up(pstate):
         metrics.close()
         return exitcodes.STOPPED
@@ -396,7 +396,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     try:
         reason = trainer.train()
         status = (f"stopped ({reason})" if reason != "finished" else
-                  "failed (its last steps, a streak of bad steps, were not saved)" if trainer.end_unsaved else reason)
+                  "failed (its last steps, a streak of bad steps, were not saved)" if trainer.checkpointer.end_unsaved else reason)
     except TrainingDiverged as e:
         log.error(str(e))
         return exitcodes.FAILED
@@ -407,9 +407,9 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
     finally:
         metrics.close()
         end_of_run(status, metrics, progress, started, time.time() - trainer.start_time, c.save)
-    if trainer.end_unsaved and reason == "finished":
+    if trainer.checkpointer.end_unsaved and reason == "finished":
         log.error(f"training ended at iteration {progress.iteration} in a streak of bad steps, which were not saved; "
-                  f"the last healthy checkpoint is {trainer.last_healthy()}")
+                  f"the last healthy checkpoint is {trainer.checkpointer.last_healthy()}")
         return exitcodes.FAILED
     if reason != "finished":  # saved and stopped early: a batch script requeues on this status
         if pstate.rank == 0:

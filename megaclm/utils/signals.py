@@ -4,7 +4,7 @@
     signals.stop_reason()     "SIGTERM", "the deepspeed launcher (pid 123) is gone", or None
 
 A signal is recorded, never fatal (SIGINT stays Ctrl-C). The run acts on it at its next safe point, agreed
-by all ranks with one all-reduce (megaclm.training.loop.stop_agreed):
+by all ranks with one all-reduce (megaclm.training.callbacks.stop_agreed):
   start-up    once the process group exists, and again before the first step: exit 76, no checkpoint
               written (nothing was trained since the loaded one)
   training    after the current step: save, exit 76

@@ -1,7 +1,7 @@
 """Per-token loss normalisation through the real training step (tests/distributed/test_loss_normalisation.py).
 
 One global batch of 8 samples whose loss masks keep very different shares of each sample's tokens runs
-through megaclm's Trainer.train_step on DeepSpeed engines built as pretrain_gpt.py builds them (flags ->
+through megaclm's Trainer.train_step (megaclm.training.step.TrainStep) on DeepSpeed engines built as pretrain_gpt.py builds them (flags ->
 config -> build_model -> build_engine), at micro-batch x accumulation x data-parallel layouts of the same
 global batch. Each returns the logged loss and the full gradients the optimizer step receives.
 """
@@ -84,7 +84,7 @@ def train_step(rank: int, world_size: int, micro_batch_size: int, zero_stage: in
     trainer = Trainer(cfg, derived, engine, pstate, GivenBatch(micro_batch_size, derived.grad_accum_steps, pstate),
                       schedule=None, metrics=None, progress=Progress(), flops_per_token=lambda seq: 0.0,
                       peak_tflops=None, checkpoint_meta={})
-    loss, _ = trainer.train_step(SEQ)
+    loss, _ = trainer.train_step(trainer.progress.consumed_samples, SEQ)
     return {"loss": loss, "grads": grads, "accum": derived.grad_accum_steps}
 
 

@@ -166,10 +166,10 @@ def test_efficiency_audit_is_within_its_budgets(efficiency_audit):
     # The SP-replicated gradients: one all-reduce per step, beside the vocab-parallel loss's 3 per micro-batch.
     tp_all_reduces = sum(c["calls"] for c in sp["collectives"] if c["kind"] == "all-reduce" and c["group"] == "tp")
     assert tp_all_reduces == 3 * 2 + 1, sp["collectives"]
-    # Host syncs are attributed to the line that makes them, e.g. the trainer's loss (megaclm/training/loop.py).
+    # Host syncs are attributed to the line that makes them, e.g. the trainer's loss (megaclm/training/step.py).
     lines = rows["tp1"]["sync_lines"]
     assert all(re.fullmatch(r"[\w/.-]+\.py:\d+", k) for k in lines), lines
-    assert any(k.startswith("megaclm/training/loop.py:") for k in lines), lines
+    assert any(k.startswith("megaclm/training/step.py:") for k in lines), lines
 
 
 def test_memory_estimate_predicts_the_measured_activations(efficiency_audit):

@@ -190,8 +190,8 @@ def test_nan_streak_saves_nothing_and_prunes_nothing(corpus, tmp_path):
     save = tmp_path / "ckpt"
     nan = [7, 8] + list(range(12, 21))  # 2 bad steps, then 9 in a row to the end (the limit is 10)
     launch = run(corpus, save, ["--zero-stage", "1", "--train-iters", "20", "--save-interval", "4",
-                                "--save-total-limit", "1", "--eval-interval", "1000"],
-                 env={"MEGACLM_TEST_NAN_ITERS": ",".join(map(str, nan))}, rc=exitcodes.FAILED)
+                                "--save-total-limit", "1", "--eval-interval", "1000",
+                                "--callbacks", "faults:nan_iters=" + ",".join(map(str, nan))], rc=exitcodes.FAILED)
     text = launch.text()
     first, healthy = save / tag_for(4), save / tag_for(9)
     assert (f"iteration 8: not saving during a streak of bad steps (NaN/inf loss or loss spike; 2 so far); saving at "

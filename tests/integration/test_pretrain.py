@@ -8,7 +8,7 @@ One launch per configuration, shared by every assertion about it (module fixture
   tp2/pp2/moe_ep2
           TP=2 / PP=2 / a MoE model (4 experts, top-2, dropless) at expert parallel 2 in bf16: an
           uninterrupted run; a run killed with SIGKILL while saving its second checkpoint
-          (MEGACLM_TEST_SAVE_PAUSE_S holds the save open); its resume from the previous
+          (the test callback faults:save_pause holds the save open); its resume from the previous
           checkpoint, whose losses must equal the uninterrupted run's bit for bit. The PP=2 runs
           also blend two datasets with a data-mixing schedule and warm the sequence length up.
 Every run's loss must fall; the fp32 weights rebuilt from each layout's checkpoint
@@ -91,6 +91,12 @@ def base_args(corpus: str, save: Path) -> list[str]:
             "--save", str(save), "--load", str(save)]
 
 
+def with_tests_on_path(env: dict) -> dict:
+    """`env` with tests/ first on PYTHONPATH: the runs import the fault-injection callbacks (tests/faults.py)."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    return dict(env, PYTHONPATH=path)
+
+
 class Launch:
     """`deepspeed --num_gpus 2 pretrain_gpt.py ...` in its own session (so it can be SIGKILLed whole)."""
 
@@ -99,7 +105,7 @@ class Launch:
         self.save, self.log, self.port = save, save.parent / f"{save.name}.{time.time_ns()}.log", free_port()
         cmd = [str(BIN / "deepspeed"), *launcher_args, "--num_gpus", "2", "--master_port", str(self.port),
                "pretrain_gpt.py", *base_args(corpus, save), *extra]
-        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+        full_env = dict(with_tests_on_path(os.environ), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
                         **(env or {}))
         self.fh = open(self.log, "w")
@@ -202,7 +208,7 @@ def valid_loss_from_checkpoint(save: Path) -> float:
 @pytest.fixture(scope="module")
 def zero0(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("zero0") / "ckpt"
-    return run(corpus, save, ["--zero-stage", "0", "--train-iters", "24"], env={"MEGACLM_TEST_NAN_ITERS": "3"})
+    return run(corpus, save, ["--zero-stage", "0", "--train-iters", "24", "--callbacks", "faults:nan_iters=3"])
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +303,7 @@ def test_finetune_starts_from_weights_only(zero3, finetuned):
 
 
 def kill_during_second_save(corpus: str, save: Path, extra: list[str]) -> Launch:
-    launch = Launch(corpus, save, extra, env={"MEGACLM_TEST_SAVE_PAUSE_S": "3"})
+    launch = Launch(corpus, save, [*extra, "--callbacks", "faults:save_pause=3"])
     launch.wait_for(lambda: (save / "iter_0000006").is_dir() and read_latest(str(save)) == "iter_0000003")
     time.sleep(0.5)  # inside the save's pause: DeepSpeed files of iter 6 written, `latest` not yet
     launch.kill(signal.SIGKILL)

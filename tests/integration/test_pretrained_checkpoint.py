@@ -27,7 +27,7 @@ from megaclm.checkpoint.hf.importer import import_hf, model_config_yaml
 from megaclm.checkpoint.layout import read_latest
 from megaclm.data.indexed_dataset import IndexedDatasetBuilder
 from megaclm.tokenizer import build_tokenizer
-from test_pretrain import REPO, free_port, train_losses
+from test_pretrain import REPO, free_port, train_losses, with_tests_on_path
 
 
 BIN = Path(sys.executable).parent
@@ -62,10 +62,10 @@ def command(root: Path, save: Path, pretrained: Path, *extra: str) -> list[str]:
             "--save", str(save), "--load", str(save), "--pretrained-checkpoint", str(pretrained), *extra]
 
 
-def launch(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def launch(argv: list[str], log: Path) -> subprocess.Popen:
     """The deepspeed launcher in its own session (so that kill -9 reaches every process)."""
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *argv]
-    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(with_tests_on_path(os.environ), OMP_NUM_THREADS="1"),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -91,9 +91,9 @@ def reference(setup):
 def killed(setup):
     """(save dir, the first launch's log, the relaunch's log, the first two checkpoints' digests at the kill)."""
     save, argv = setup / "run", command(setup, setup / "run", setup / "hf")
-    first = launch(argv, setup / "killed.log", env={"MEGACLM_TEST_SAVE_PAUSE_S": "3"})
+    first = launch([*argv, "--callbacks", "faults:save_pause=3"], setup / "killed.log")
     end = time.time() + 240
-    # iteration 6's save is being written (held open by the test hook); `latest` still names iteration 4
+    # iteration 6's save is being written (held open by faults:save_pause); `latest` still names iteration 4
     while not ((save / "iter_0000006").is_dir() and read_latest(str(save)) == "iter_0000004"):
         assert first.poll() is None and time.time() < end, (setup / "killed.log").read_text()[-4000:]
         time.sleep(0.1)

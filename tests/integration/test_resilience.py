@@ -1,13 +1,13 @@
 """Runs that survive, under the real `deepspeed --num_gpus 2` launcher (helpers from test_pretrain):
 
-  hang      rank 1 sleeps before iteration 4 (MEGACLM_TEST_SLEEP_AT_ITER): every rank's watchdog
+  hang      rank 1 sleeps before iteration 4 (--callbacks faults:sleep_at): every rank's watchdog
             (--hang-timeout-s) writes its stacks to <save>/hang/rank<R>.txt and the run exits 75;
             the steps before it logged every rank's step time and the slowest rank.
-  async     --async-save with every write held open 4 s (MEGACLM_TEST_SAVE_PAUSE_S, in the writer
+  async     --async-save with every write held open 4 s (faults:save_pause, in the writer
             thread): training runs past the save while `latest` stays on the previous tag; kill -9
             then, and the resume loads the previous checkpoint and replays the killed run's losses
             bit for bit; a later async save completes with meta.json and `latest`.
-  spike     the global batches of iterations 7 and 8 are poisoned (MEGACLM_TEST_POISON_SAMPLES: loss x 10):
+  spike     the global batches of iterations 7 and 8 are poisoned (faults:poison_samples: loss x 10):
             the guard skips both updates, then (--spike-rollback-after 2) rolls back to iteration 4,
             replays 5-6 bit for bit and passes over the two batches (logged with their samples);
             tools/inspect_batch.py decodes the samples of a step as the training data holds them.
@@ -40,16 +40,15 @@ from test_pretrain import (REPO, SP_MODEL, Launch, corpus, last_iteration_logged
 def test_hang_watchdog_dumps_every_rank_and_exits(corpus, tmp_path):
     save = tmp_path / "ckpt"
     launch = Launch(corpus, save, ["--zero-stage", "1", "--train-iters", "50", "--hang-timeout-s", "5",
-                                   "--eval-interval", "1000"],
-                    env={"MEGACLM_TEST_SLEEP_AT_ITER": "4", "MEGACLM_TEST_SLEEP_RANK": "1"})
+                                   "--eval-interval", "1000", "--callbacks", "faults:sleep_at=4@1"])
     rc = launch.wait(timeout=200)
     assert rc == 75, launch.text()[-3000:]
     stacks = {r: (save / f"hang/rank{r}.txt").read_text() for r in (0, 1)}
     for r, text in stacks.items():
         assert text.startswith(f"rank {r}: no training step finished for ") and "last finished iteration 3" in text
         assert "Current thread 0x" in text and "\nThread 0x" in text  # the watchdog's and the main thread's
-    assert "in _test_hang" in stacks[1]  # the sleeping rank is caught where it sleeps ...
-    assert "in _test_hang" not in stacks[0] and "in train_step" in stacks[0]  # ... its peer waits in a collective
+    assert "faults.py" in stacks[1] and "in pre_step" in stacks[1]  # the sleeping rank is caught where it sleeps ...
+    assert "faults.py" not in stacks[0] and "training/step.py" in stacks[0]  # ... its peer waits in a collective
     logged = [r for r in records(save) if "loss" in r]
     assert [r["iteration"] for r in logged] == [1, 2, 3]
     for r in logged:
@@ -60,7 +59,7 @@ def test_hang_watchdog_dumps_every_rank_and_exits(corpus, tmp_path):
 def test_async_save_survives_kill_9(corpus, tmp_path):
     save = tmp_path / "ckpt"
     extra = ["--zero-stage", "1", "--train-iters", "12", "--save-interval", "3", "--async-save"]
-    killed = Launch(corpus, save, extra, env={"MEGACLM_TEST_SAVE_PAUSE_S": "4"})
+    killed = Launch(corpus, save, [*extra, "--callbacks", "faults:save_pause=4"])
     # The save of iteration 6 is being written (its directory exists, `latest` is still iteration 3) while
     # training has gone on to iteration 8: the step loop did not wait for the write.
     killed.wait_for(lambda: last_iteration_logged(save) >= 8)
@@ -84,8 +83,8 @@ def test_spike_guard_skips_then_rolls_back_and_replays(corpus, tmp_path):
     save = tmp_path / "ckpt"
     launch = run(corpus, save, ["--zero-stage", "1", "--train-iters", "12", "--save-interval", "4",
                                 "--spike-zscore", "4", "--spike-window", "4", "--spike-action", "rollback",
-                                "--spike-rollback-after", "2"],
-                 env={"MEGACLM_TEST_POISON_SAMPLES": "96,112"})  # iterations 7 and 8 (global batch 16)
+                                "--spike-rollback-after", "2",
+                                "--callbacks", "faults:poison_samples=96,112"])  # iterations 7 and 8 (global batch 16)
     text = launch.text()
     assert "iteration 7: loss" in text and "update skipped (1 in a row; samples 96..111)" in text
     assert "iteration 8: loss" in text and "update skipped (2 in a row; samples 112..127)" in text
