@@ -181,7 +181,7 @@ def make(tmp_path, script=steady, callbacks=(), progress=None, log_interval=1, *
                         checkpoint=CheckpointConfig(save=str(tmp_path), save_interval=save_interval),
                         logging=LoggingConfig(log_interval=log_interval))
     derived = SimpleNamespace(grad_accum_steps=1, global_batch_size=GBS, train_iters=cfg.training.train_iters)
-    pstate = SimpleNamespace(pp_size=1, dp_size=1, seq_size=1, rank=0, world_size=1, is_first_stage=True,
+    pstate = SimpleNamespace(pp_size=1, dp_size=1, cp_size=1, rank=0, world_size=1, is_first_stage=True,
                              is_last_stage=True)
     schedule = SimpleNamespace(lr=lambda it, tokens: 1e-3, decoupled_lr=lambda it, tokens: 1e-3)
     return Trainer(cfg, derived, FakeEngine(script), pstate, FakeData(), schedule, FakeMetrics(),
