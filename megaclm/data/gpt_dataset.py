@@ -144,7 +144,7 @@ class GPTDataset:
             raise UserError(f"{where} has {tokens} tokens, fewer than one sample of --seq-length "
                             f"{spec.seq_length} + 1; lower --seq-length or give it more data")
         if num_samples is None:
-            num_samples = (tokens - 1) // spec.seq_length
+            num_samples = samples_per_epoch(tokens, spec.seq_length)
         self.description = {
             "class": "GPTDataset", "version": INDEX_VERSION,
             "dataset_path": os.path.abspath(indexed.prefix),

@@ -59,6 +59,7 @@ from megaclm.checkpoint.shards import load_full_state_dict
 from megaclm.config import MegaclmConfig, parse_args
 from megaclm.config.arguments import dump_yaml
 from megaclm.config.derived import pad_vocab_size
+from megaclm.logging.metrics_file import last_per_iteration, read_rows
 from megaclm.model.gpt import GPTModel
 from megaclm.tokenizer import build_tokenizer_from_config
 from megaclm.training.engine import free_port
@@ -317,9 +318,8 @@ class RunFailed(RuntimeError):
 
 # ---- comparing -------------------------------------------------------------------------------------------------
 def step_rows(save: str) -> dict[int, dict]:
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["iteration"]: r for r in rows if "loss" in r}
+    rows = read_rows(os.path.join(save, "metrics.jsonl"))
+    return {r["iteration"]: r for r in last_per_iteration(rows, "loss")}
 
 
 def family(key: str) -> str:
