@@ -6,7 +6,8 @@
 the list of every file with its size and checksum: megaclm.checkpoint.manifest). Everything else in the
 package imports these names from here, so the package reads top-down:
 
-    layout  <-  manifest  <-  shards  <-  weights  <-  deepspeed_ckpt        (offline: layout, manifest, shards)
+    layout  <-  manifest  <-  from_deepspeed  <-  shards  <-  weights  <-  deepspeed_ckpt
+                                                            (offline: layout, manifest, from_deepspeed, shards)
 """
 from __future__ import annotations
 
@@ -18,11 +19,34 @@ from megaclm.utils.errors import UserError
 
 LATEST = "latest"
 BEST = "best"
-META = os.path.join("megaclm", "meta.json")
-CONFIG = os.path.join("megaclm", "config.json")
-MANIFEST = os.path.join("megaclm", "manifest.json")
+OWN = "megaclm"  # megaclm's sub-folder of a tag; DeepSpeed's files sit beside it
+META = os.path.join(OWN, "meta.json")
+CONFIG = os.path.join(OWN, "config.json")
+MANIFEST = os.path.join(OWN, "manifest.json")
+# The layout-independent per-(tp, pp, ep) files: fp32 weights ("model", megaclm.checkpoint.shards) and full Adam
+# moments ("optim", megaclm.checkpoint.universal); written by a save only every --save-layout-independent-interval
+# saves, else made from DeepSpeed's files when needed (megaclm.checkpoint.from_deepspeed).
+MODEL, OPTIM = "model", "optim"
 CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which also holds DeepSpeed's keys)
 _TAG = re.compile(r"^iter_(\d{7,})$")
+
+
+def rng_file(rank: int) -> str:
+    """Rank `rank`'s RNG states, relative to the tag."""
+    return os.path.join(OWN, "rng", f"rank_{rank:05d}.pt")
+
+
+def shards_dir(kind: str) -> str:
+    """The folder of one kind of layout-independent files (MODEL or OPTIM), relative to the tag."""
+    return os.path.join(OWN, kind)
+
+
+def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:03d}" + (f"_ep{ep_rank:03d}" if ep_rank else "") + ".pt"
+
+
+def has_shards(ckpt_dir: str, tag: str, kind: str = MODEL) -> bool:
+    return os.path.isdir(os.path.join(ckpt_dir, tag, shards_dir(kind)))
 
 
 def tag_for(iteration: int) -> str:

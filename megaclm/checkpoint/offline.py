@@ -33,9 +33,8 @@ from typing import Any, Mapping
 import deepspeed
 import torch
 
-from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, tag_for
+from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, MODEL, OPTIM, shard_name, shards_dir, tag_for
 from megaclm.checkpoint.manifest import write_manifest
-from megaclm.checkpoint.shards import shard_name
 from megaclm.checkpoint.universal import MOMENTS
 from megaclm.config.model import ModelConfig
 from megaclm.config.parallel import ParallelConfig
@@ -141,7 +140,7 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
     os.remove(tmp)
     try:
         ckpt = os.path.join(tmp, tag)
-        os.makedirs(os.path.join(ckpt, "megaclm", "model"))
+        os.makedirs(os.path.join(ckpt, shards_dir(MODEL)))
         for r in range(tp):
             shard = shard_state_dict(full_sd, model_cfg, tp, r)
             if optimizer_state is not None:
@@ -197,15 +196,15 @@ def _save_optimizer_shards(ckpt: str, optimizer_state: Mapping[str, Any], model_
     """TP rank `tp_rank`'s moments, per pipeline stage, as megaclm/optim/ files (megaclm.checkpoint.universal)."""
     per_moment = {m: shard_state_dict(optimizer_state[m], model_cfg, tp, tp_rank) for m in MOMENTS}
     staged = {m: [v] if pp == 1 else _stages(v, model_cfg, pp) for m, v in per_moment.items()}
-    os.makedirs(os.path.join(ckpt, "megaclm", "optim"), exist_ok=True)
+    os.makedirs(os.path.join(ckpt, shards_dir(OPTIM)), exist_ok=True)
     for s in range(pp):
         payload = {m: staged[m][s] for m in MOMENTS}
         payload.update(step=optimizer_state["step"], tp_rank=tp_rank, tp_size=tp, pp_rank=s, pp_size=pp,
                        pipeline=pp > 1)
-        torch.save(payload, os.path.join(ckpt, "megaclm", "optim", shard_name(tp_rank, s)))
+        torch.save(payload, os.path.join(ckpt, shards_dir(OPTIM), shard_name(tp_rank, s)))
 
 
 def _save_shard(ckpt: str, tensors: dict, tp_rank: int, tp: int, pp_rank: int, pp: int) -> None:
     payload = {"tensors": {k: v.float().contiguous() for k, v in tensors.items()}, "tp_rank": tp_rank, "tp_size": tp,
                "pp_rank": pp_rank, "pp_size": pp, "pipeline": pp > 1}
-    torch.save(payload, os.path.join(ckpt, "megaclm", "model", shard_name(tp_rank, pp_rank)))
+    torch.save(payload, os.path.join(ckpt, shards_dir(MODEL), shard_name(tp_rank, pp_rank)))

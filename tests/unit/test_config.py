@@ -226,6 +226,9 @@ def test_subset_of_sections_for_tools(prefix):
     (["--spike-zscore", "3", "--pipeline-model-parallel-size", "2"], 2, r"needs parallel\.pipeline_model_parallel_size=1"),
     (["--hang-timeout-s=-1"], 2, r"training\.hang_timeout_s=-1\.0 must be >= 0 \(0 turns the watchdog off\)"),
     (["--async-save"], 2, r"async_save need checkpoint\.save"),
+    (["--save-layout-independent-interval", "2"], 2, r"save_layout_independent_interval/async_save need checkpoint"),
+    (["--save", "/tmp/x", "--save-layout-independent-interval", "0"], 2,
+     r"checkpoint\.save_layout_independent_interval=0 must be >= 1 \(1: every save\)"),
 ])
 def test_config_errors(base, extra, world, msg):
     with pytest.raises(UserError, match=msg):

@@ -139,11 +139,14 @@ class Store:
     """In-memory stand-in for megaclm.checkpoint.deepspeed_ckpt's save/load and `latest`."""
 
     def __init__(self):
-        self.saved, self.latest, self.loads = {}, None, []
+        self.saved, self.latest, self.loads, self.gathered = {}, None, [], []
 
-    def save_checkpoint(self, engine, save_dir, iteration, client, *, on_complete=None, files_written=None, **kw):
+    def save_checkpoint(self, engine, save_dir, iteration, client, *, on_complete=None, files_written=None,
+                        layout_independent=False, **kw):
         tag = tag_for(iteration)
         self.saved[tag] = (copy.deepcopy(client), engine.weight)
+        if layout_independent:
+            self.gathered.append(tag)
         if files_written is not None:
             files_written()
         self.latest = tag
@@ -176,9 +179,9 @@ def steady(first_sample):
 
 def make(tmp_path, script=steady, callbacks=(), progress=None, log_interval=1, **training):
     training = {"train_iters": 6, "eval_interval": 1000, "eval_iters": 1, "hang_timeout_s": 0, **training}
-    save_interval = training.pop("save_interval", None)
+    save = {k: training.pop(k, None) for k in ("save_interval", "save_layout_independent_interval")}
     cfg = MegaclmConfig(training=TrainingConfig(**training), data=DataConfig(seq_length=SEQ),
-                        checkpoint=CheckpointConfig(save=str(tmp_path), save_interval=save_interval),
+                        checkpoint=CheckpointConfig(save=str(tmp_path), **save),
                         logging=LoggingConfig(log_interval=log_interval))
     derived = SimpleNamespace(grad_accum_steps=1, global_batch_size=GBS, train_iters=cfg.training.train_iters)
     pstate = SimpleNamespace(pp_size=1, dp_size=1, cp_size=1, rank=0, world_size=1, is_first_stage=True,
@@ -275,6 +278,14 @@ def test_eval_and_save_cadence(tmp_path, store):
                           ("eval", 4, "valid", EVAL_LOSS), ("files", tag_for(6)), ("saved", 6, tag_for(6)),
                           ("eval", 6, "valid", EVAL_LOSS), ("eval", 6, "test", EVAL_LOSS)]
     assert list(store.saved) == [tag_for(3), tag_for(6)]  # the final save found iteration 6 saved
+    assert store.gathered == []  # by default a save writes DeepSpeed's files only
+
+
+def test_every_nth_save_writes_the_layout_independent_files(tmp_path, store):
+    t = make(tmp_path, train_iters=7, save_interval=1, save_layout_independent_interval=3)
+    t.train()
+    assert list(store.saved) == [tag_for(i) for i in range(1, 8)]
+    assert store.gathered == [tag_for(3), tag_for(6)]
 
 
 # ---- NaN/inf steps ---------------------------------------------------------------------------------------
