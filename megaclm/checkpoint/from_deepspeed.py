@@ -26,11 +26,9 @@ MoE checkpoints are not read here: their saves still gather (megaclm.checkpoint.
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -39,17 +37,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.layout import CONFIG, MANIFEST, META, MODEL, OPTIM, OWN, has_shards, shard_name, shards_dir
+from megaclm.checkpoint.layout import (CONFIG, DS_MODEL_STATES, DS_OPTIM_STATES, MANIFEST, META, MODEL, OPTIM, OWN,
+                                      ds_layer_states, has_shards, shard_name, shards_dir)
 from megaclm.checkpoint.manifest import file_entry, read_file, read_manifest
 from megaclm.config.model import ModelConfig
-from megaclm.model.sharding import expert_id, globalize_experts
+from megaclm.model.sharding import globalize_experts
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write
 
 PARAM_NAMES_KEY = "megaclm_params"  # beside CLIENT_KEY in DeepSpeed's client state (see the module docstring)
 MOMENTS = ("exp_avg", "exp_avg_sq")
-_MP_FILE = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
-_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 def optimizer_param_names(engine: Any) -> dict:
@@ -160,7 +157,7 @@ def _pipeline_module(ckpt: str, tp_rank: int, names: list[str]) -> dict[str, tor
     for name in names:
         head, rest = name.split(".", 1)
         layer, key = (0, rest.split(".", 1)[1]) if head == "tied_modules" else (int(head), rest)
-        layer_file = os.path.join(ckpt, f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
+        layer_file = os.path.join(ckpt, ds_layer_states(layer, tp_rank))
         out[name] = _load(layer_file)[key]
     return out
 
@@ -176,7 +173,8 @@ def _payload(entry: dict, config: ModelConfig, tensors: dict[str, dict[str, torc
 
 def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> tuple[str, dict, dict]:
     """(file name, model payload, optim payload) of model-parallel rank `mp_rank` of the tag folder `ckpt`."""
-    model_files = sorted(glob.glob(os.path.join(ckpt, f"*mp_rank_{mp_rank:02d}_model_states.pt")))
+    model_files = sorted(os.path.join(ckpt, name) for name in os.listdir(ckpt)
+                         if (m := DS_MODEL_STATES.match(name)) and int(m.group(1)) == mp_rank)
     if not model_files:
         raise UserError(f"{ckpt} has no DeepSpeed model-states file of model-parallel rank {mp_rank}; the checkpoint "
                         "is incomplete")
@@ -186,7 +184,7 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> tuple[str, dic
         raise UserError(f"{model_files[0]} does not record its parameters (written by an older megaclm, which saved "
                         "megaclm/model/ itself); resume it on its own layout, or restore its megaclm/ folder")
     optim = sorted((int(m.group(1)), os.path.join(ckpt, name)) for name in os.listdir(ckpt)
-                   if (m := _OPTIM_FILE.match(name)) and int(m.group(2)) == mp_rank)
+                   if (m := DS_OPTIM_STATES.match(name)) and int(m.group(2)) == mp_rank)
     if optim:
         files = [_load(path) for _, path in optim]
         shapes = states.get("param_shapes") or files[0].get("param_shapes")
@@ -203,7 +201,7 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> tuple[str, dic
 
 
 def _mp_ranks(ckpt: str) -> list[int]:
-    return sorted({int(m.group(1)) for name in os.listdir(ckpt) if (m := _MP_FILE.match(name))})
+    return sorted({int(m.group(1)) for name in os.listdir(ckpt) if (m := DS_MODEL_STATES.match(name))})
 
 
 def convert(ckpt_dir: str, tag: str, out_dir: str | None = None) -> str:

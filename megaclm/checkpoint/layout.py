@@ -49,6 +49,26 @@ def has_shards(ckpt_dir: str, tag: str, kind: str = MODEL) -> bool:
     return os.path.isdir(os.path.join(ckpt_dir, tag, shards_dir(kind)))
 
 
+# DeepSpeed's own file names in a tag (its engine's _get_ckpt_name / _get_zero_ckpt_name, PipelineModule's
+# ckpt_layer_path, the MoE expert files), which megaclm.checkpoint.offline writes and from_deepspeed reads.
+DS_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")  # ZeRO-3: per DP rank
+DS_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # (DP rank, MP rank)
+
+
+def ds_model_states(mp_rank: int) -> str:
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def ds_layer_states(layer: int, tp_rank: int) -> str:
+    """A pipeline layer's weights (`layer` = its index in the flat LayerSpec list)."""
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def ds_expert_states(moe_layer: int, expert: int, tp_rank: int) -> str:
+    """Routed expert `expert` (global id) of the `moe_layer`-th MoE layer."""
+    return f"layer_{moe_layer}_expert_{expert}_mp_rank_{tp_rank:02d}_model_states.pt"
+
+
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 

@@ -7,6 +7,7 @@ Each case builds megaclm's engine (megaclm.training.engine, as pretrain_gpt.py d
 tag's DeepSpeed files offline into another folder and compares.
 """
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -85,6 +86,22 @@ def _files(folder: str) -> dict:
     return {name: torch.load(os.path.join(folder, name), weights_only=False) for name in sorted(os.listdir(folder))}
 
 
+def _default_save(saved: str, case: str, dest) -> str:
+    """A copy of a case's checkpoint as a default save leaves it: DeepSpeed's files and megaclm's small ones."""
+    ckpt = str(dest)
+    shutil.copytree(os.path.join(saved, case), ckpt)
+    for kind in ("model", "optim"):
+        shutil.rmtree(os.path.join(ckpt, TAG, "megaclm", kind))
+    path = os.path.join(ckpt, TAG, "megaclm", "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(("megaclm/model/",
+                                                                                          "megaclm/optim/"))}
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    return ckpt
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_files_equal_the_gathered_ones(saved, case, tmp_path):
     from megaclm.checkpoint.from_deepspeed import convert
@@ -116,16 +133,12 @@ def test_in_place_conversion_extends_the_manifest(saved, tmp_path):
     from megaclm.checkpoint.from_deepspeed import ensure_shards
     from megaclm.checkpoint.manifest import check_checksums, read_manifest
 
-    ckpt = str(tmp_path / "ckpt")
-    shutil.copytree(os.path.join(saved, "zero2 dp2 fp32"), ckpt)
-    for kind in ("model", "optim"):  # what a default save writes: DeepSpeed's files and megaclm's small ones
-        shutil.rmtree(os.path.join(ckpt, TAG, "megaclm", kind))
-    entries = read_manifest(os.path.join(ckpt, TAG))
-    entries = {k: v for k, v in entries.items() if not k.startswith(("megaclm/model", "megaclm/optim"))}
+    ckpt = _default_save(saved, "zero2 dp2 fp32", tmp_path / "ckpt")
+    before = read_manifest(os.path.join(ckpt, TAG))
     assert ensure_shards(ckpt, TAG) == ckpt
     after = read_manifest(os.path.join(ckpt, TAG))
-    added = sorted(set(after) - set(entries))
-    assert added == ["megaclm/model/tp00_pp000.pt", "megaclm/optim/tp00_pp000.pt"]
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["megaclm/model/tp00_pp000.pt", "megaclm/optim/tp00_pp000.pt"]
     assert check_checksums(os.path.join(ckpt, TAG), list(after), after) is None
     assert not [n for n in os.listdir(os.path.join(ckpt, TAG, "megaclm")) if n.endswith(".tmp")]
 
@@ -142,3 +155,53 @@ def test_deepspeed_zero_to_fp32_reads_the_checkpoint(saved, case, tmp_path):
     assert set(theirs) == set(ours)
     for key, tensor in ours.items():
         assert torch.equal(theirs[key].float(), tensor), key
+
+
+def test_a_second_conversion_racing_the_first_keeps_its_files(saved, tmp_path):
+    from megaclm.checkpoint.from_deepspeed import convert
+    from megaclm.checkpoint.manifest import read_manifest
+
+    ckpt = _default_save(saved, "zero1 dp2 fp32", tmp_path / "ckpt")
+    convert(ckpt, TAG)
+    first = {kind: _files(os.path.join(ckpt, TAG, "megaclm", kind)) for kind in ("model", "optim")}
+    manifest = read_manifest(os.path.join(ckpt, TAG))
+    convert(ckpt, TAG)  # finds both folders there: its own copy is dropped, nothing changes
+    again = {kind: _files(os.path.join(ckpt, TAG, "megaclm", kind)) for kind in ("model", "optim")}
+    assert read_manifest(os.path.join(ckpt, TAG)) == manifest
+    for kind in first:
+        for name, payload in first[kind].items():
+            for field in ("tensors",) if kind == "model" else ("exp_avg", "exp_avg_sq"):
+                assert all(torch.equal(t, again[kind][name][field][k]) for k, t in payload[field].items())
+    assert sorted(os.listdir(os.path.join(ckpt, TAG, "megaclm"))) == ["config.json", "manifest.json", "meta.json",
+                                                                       "model", "optim", "rng"]
+
+
+def test_a_read_only_checkpoint_is_converted_into_a_temporary_copy(saved, tmp_path, monkeypatch):
+    from megaclm.checkpoint import from_deepspeed
+    from megaclm.checkpoint.shards import load_full_state_dict
+    from megaclm.utils.errors import UserError
+
+    ckpt = _default_save(saved, "zero2 dp2 bf16", tmp_path / "ckpt")
+    monkeypatch.setattr(from_deepspeed.os, "access", lambda path, mode: False)  # as a read-only mount answers
+    full = load_full_state_dict(ckpt, TAG)  # the offline readers: a temporary copy
+    assert not os.path.isdir(os.path.join(ckpt, TAG, "megaclm", "model"))
+    reference = load_full_state_dict(os.path.join(saved, "zero2 dp2 bf16"), TAG)
+    assert all(torch.equal(full.state_dict[k], t) for k, t in reference.state_dict.items())
+    with pytest.raises(UserError, match="must be converted to load into another layout, but .* is not writable; "
+                                        "make it writable, or convert it with tools/checkpoint/reshard.py"):
+        from_deepspeed.ensure_shards_collective(ckpt, TAG)  # a training run's load: ranks on other hosts read it
+
+
+def test_a_checkpoint_that_does_not_record_its_parameters_is_refused(saved, tmp_path):
+    from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, convert
+    from megaclm.utils.errors import UserError
+
+    ckpt = _default_save(saved, "zero1 dp2 fp32", tmp_path / "ckpt")
+    path = os.path.join(ckpt, TAG, "mp_rank_00_model_states.pt")
+    states = torch.load(path, weights_only=False)
+    del states[PARAM_NAMES_KEY]
+    torch.save(states, path)
+    with pytest.raises(UserError, match="does not record its parameters .* restore its megaclm/ folder"):
+        convert(ckpt, TAG)
+    assert not [n for n in os.listdir(os.path.join(ckpt, TAG, "megaclm")) if n.endswith(".tmp")]
+    assert not os.path.isdir(os.path.join(ckpt, TAG, "megaclm", "model"))

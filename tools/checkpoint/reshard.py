@@ -32,7 +32,8 @@ entry_point()  # before DeepSpeed is imported: it would guess the accelerator, a
 
 import torch  # noqa: E402
 
-from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_at_step  # noqa: E402
+from megaclm.checkpoint.layout import (CLIENT_KEY, CONFIG, ds_model_states, read_latest, read_meta,  # noqa: E402
+                                      tag_at_step)
 from megaclm.checkpoint.from_deepspeed import ensure_shards  # noqa: E402
 from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
@@ -54,7 +55,7 @@ KEPT_META = ("iteration", "consumed_samples", "consumed_tokens", "skipped_steps"
 
 def _client_state(ckpt_dir: str) -> dict | None:
     """megaclm's client state (progress, data sampler) from a DeepSpeed model-states file, if any."""
-    path = os.path.join(ckpt_dir, "mp_rank_00_model_states.pt")
+    path = os.path.join(ckpt_dir, ds_model_states(0))
     if not os.path.isfile(path):
         return None
     # mmap: the file may hold a large 16-bit module; only the small client state is read.
