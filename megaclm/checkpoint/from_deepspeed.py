@@ -53,16 +53,17 @@ def optimizer_param_names(engine: Any) -> dict:
     """This rank's PARAM_NAMES_KEY entry: its coordinates and [[(name, shape), ...] per optimizer group]."""
     pstate, opt = engine.module.pstate, engine.optimizer
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    # ZeRO-0 16-bit: DeepSpeed's FP16_(Unfused)Optimizer lists the model's parameters in fp16_groups; its
-    # param_groups hold the fp32 masters. ZeRO-1/2/3 record their own order (param_shapes); ZeRO-0 fp32 steps
-    # the parameters themselves.
-    groups = getattr(opt, "fp16_groups", None) if not engine.zero_optimization() else None
-    if not groups or not isinstance(groups[0], (list, tuple)):
-        groups = [g["params"] for g in getattr(opt, "param_groups", [])]
-    shape = lambda p: list(getattr(p, "ds_shape", p.shape))  # noqa: E731  (ZeRO-3 keeps the real shape there)
+    if engine.zero_optimization():
+        groups = []  # ZeRO-1/2/3 files name their parameters themselves (param_shapes)
+    else:
+        # 16-bit ZeRO-0: DeepSpeed's FP16_(Unfused)Optimizer lists the model's parameters in fp16_groups, its bf16
+        # optimizer (pipeline runs) in bf16_groups (their param_groups hold fp32 masters); a plain torch optimizer
+        # (fp32) steps them itself.
+        groups = (getattr(opt, "fp16_groups", None) or getattr(opt, "bf16_groups", None)
+                  or [g["params"] for g in opt.param_groups])
     return {"tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size, "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size,
             "ep_rank": pstate.ep_rank, "ep_size": pstate.ep_size,
-            "groups": [[(names[id(p)], shape(p)) for p in g if id(p) in names] for g in groups]}
+            "groups": [[(names[id(p)], list(p.shape)) for p in g if id(p) in names] for g in groups]}
 
 
 def _load(path: str) -> Any:
@@ -153,12 +154,15 @@ def _zero0(states: dict, groups: list[list], module: dict[str, torch.Tensor]) ->
 
 def _pipeline_module(ckpt: str, tp_rank: int, names: list[str]) -> dict[str, torch.Tensor]:
     """A pipeline stage's weights under its parameter names, from DeepSpeed's per-layer files."""
-    out = {}
+    wanted: dict[int, dict[str, str]] = {}  # layer -> {key in its file: parameter name}
     for name in names:
         head, rest = name.split(".", 1)
-        layer, key = (0, rest.split(".", 1)[1]) if head == "tied_modules" else (int(head), rest)
-        layer_file = os.path.join(ckpt, ds_layer_states(layer, tp_rank))
-        out[name] = _load(layer_file)[key]
+        layer, key = (0, rest.split(".", 1)[1]) if head == "tied_modules" else (int(head), rest)  # tied: the embedding
+        wanted.setdefault(layer, {})[key] = name
+    out = {}
+    for layer, keys in wanted.items():
+        tensors = _load(os.path.join(ckpt, ds_layer_states(layer, tp_rank)))
+        out.update({name: tensors[key] for key, name in keys.items()})
     return out
 
 
@@ -187,9 +191,8 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> tuple[str, dic
                    if (m := DS_OPTIM_STATES.match(name)) and int(m.group(2)) == mp_rank)
     if optim:
         files = [_load(path) for _, path in optim]
-        shapes = states.get("param_shapes") or files[0].get("param_shapes")
-        if shapes is None:  # ZeRO-3's model states sit in per-DP files; every one has the shapes
-            raise UserError(f"{model_files[0]} lacks DeepSpeed's param_shapes; it was not saved by a ZeRO engine")
+        # DeepSpeed records the shapes under ZeRO only; its bf16 optimizer at ZeRO-0 (pipeline runs): megaclm's record
+        shapes = states.get("param_shapes") or [dict(group) for group in entry["groups"]]
         reader = _zero3 if "fp32_flat_groups" in files[0]["optimizer_state_dict"] else _zero12
         weights, moments, step = reader(files, shapes)
     else:
