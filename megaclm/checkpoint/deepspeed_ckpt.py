@@ -94,9 +94,9 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         os.makedirs(os.path.join(ckpt, OWN), exist_ok=True)
         remove_quietly(os.path.join(ckpt, META), os.path.join(ckpt, MANIFEST))
     _barrier()
-    # Each model-parallel rank's file of DeepSpeed's holds its own copy of the client state: the names of the
-    # parameters its optimizer steps, group by group, let megaclm.checkpoint.from_deepspeed read the optimizer
-    # files that do not name them (ZeRO-0).
+    # Each model-parallel rank's file of DeepSpeed's holds its own copy of the client state: its tp/pp ranks and
+    # (ZeRO-0, whose optimizer files do not name them) the parameters its optimizer steps, group by group, are
+    # what megaclm.checkpoint.from_deepspeed needs to read DeepSpeed's files.
     client_state = {CLIENT_KEY: client_state, PARAM_NAMES_KEY: optimizer_param_names(engine)}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
     rng = (os.path.join(ckpt, rng_file(_rank())), get_rng_state())

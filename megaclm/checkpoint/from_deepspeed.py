@@ -26,6 +26,7 @@ MoE checkpoints are not read here: their saves still gather (megaclm.checkpoint.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -238,8 +239,7 @@ def convert(ckpt_dir: str, tag: str, out_dir: str | None = None) -> str:
         for mp in _mp_ranks(ckpt):
             name, model, optim = convert_rank(ckpt, mp, config)
             for kind, payload in ((MODEL, model), (OPTIM, optim)):
-                with atomic_write(os.path.join(work, kind, name), "wb") as f:
-                    torch.save(payload, f)
+                torch.save(payload, os.path.join(work, kind, name))  # the folders appear whole, by rename
         for kind in (OPTIM, MODEL):
             try:
                 os.rename(os.path.join(work, kind), os.path.join(target, shards_dir(kind)))
@@ -271,7 +271,7 @@ def _extend_manifest(ckpt: str) -> None:
         json.dump(manifest, f, indent=1)
 
 
-_temp_copies: dict[tuple[str, str], str] = {}
+_temp_copies: dict[tuple[str, str], str] = {}  # (checkpoint, tag) -> its converted copy, removed at exit
 
 
 def ensure_shards(ckpt_dir: str, tag: str) -> str:
@@ -284,7 +284,9 @@ def ensure_shards(ckpt_dir: str, tag: str) -> str:
         return convert(ckpt_dir, tag)
     key = (os.path.abspath(ckpt_dir), tag)
     if key not in _temp_copies:
-        _temp_copies[key] = convert(ckpt_dir, tag, tempfile.mkdtemp(prefix="megaclm-converted."))
+        out = tempfile.mkdtemp(prefix="megaclm-converted.")
+        atexit.register(shutil.rmtree, out, True)
+        _temp_copies[key] = convert(ckpt_dir, tag, out)
     return _temp_copies[key]
 
 
