@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.async_save import BUSY
+from megaclm.config.resilience import ResilienceConfig
+from megaclm.config.training import TrainingConfig
 from megaclm.logging import get_logger
 from megaclm.training.progress import TrainingDiverged
 from megaclm.training.spike import SpikeGuard
@@ -146,8 +148,8 @@ def stop_agreed(device: Any) -> str | None:
 class SpikeCallback(Callback):
     """The loss-spike guard's bookkeeping (megaclm.training.spike); the train step asks it before the update."""
 
-    def __init__(self, guard: SpikeGuard, training_cfg: Any, global_batch_size: int):
-        self.guard, self.t, self.gbs = guard, training_cfg, global_batch_size
+    def __init__(self, guard: SpikeGuard, resilience: ResilienceConfig, global_batch_size: int):
+        self.guard, self.r, self.gbs = guard, resilience, global_batch_size
 
     def post_step(self, trainer: Any, result: StepResult) -> str | None:
         g, p = self.guard, trainer.progress
@@ -159,7 +161,7 @@ class SpikeCallback(Callback):
         log.warning(f"iteration {p.iteration}: loss {result.loss:.4f} is {g.offending[-1]['z']:.1f} standard "
                     f"deviations above the last {g.window} (--spike-zscore {g.zscore:g}); update skipped "
                     f"({g.consecutive} in a row; samples {result.first_sample}..{last})")
-        if self.t.spike_action == "rollback" and g.consecutive >= self.t.spike_rollback_after:
+        if self.r.spike_action == "rollback" and g.consecutive >= self.r.spike_rollback_after:
             return ROLLBACK
         return None
 
@@ -216,8 +218,8 @@ class StopConditions(Callback):
     all-reduce per step, so every rank stops at the same iteration and `latest` moves once every rank's
     background write is done."""
 
-    def __init__(self, training_cfg: Any):
-        self.t = training_cfg
+    def __init__(self, training: TrainingConfig):
+        self.t = training
 
     def should_stop(self, trainer: Any) -> str | None:
         t, writer = self.t, trainer.checkpointer.writer

@@ -17,17 +17,21 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megaclm.config.training import TrainingConfig
 from megaclm.logging import get_logger
 from megaclm.model.gpt import MOE_STATS
+from megaclm.parallel.state import ParallelState
+from megaclm.training.batch import BatchSource
 from megaclm.training.callbacks import stop_agreed
 from megaclm.training.loss import normalise_loss_masks
+from megaclm.training.metrics import MetricsLogger
 from megaclm.training.spike import SpikeGuard
 
 log = get_logger("megaclm.train")
 
 
 class TrainStep:
-    def __init__(self, engine: Any, pstate: Any, data: Any, grad_accum_steps: int, *, moe: bool,
+    def __init__(self, engine: Any, pstate: ParallelState, data: Any, grad_accum_steps: int, *, moe: bool,
                  guard: SpikeGuard | None, device: Any):
         self.engine, self.pstate, self.data, self.accum = engine, pstate, data, grad_accum_steps
         self.pipeline = pstate.pp_size > 1
@@ -128,8 +132,9 @@ class TrainStep:
 class Evaluator:
     """The evaluation splits, every --eval-interval iterations and at the end."""
 
-    def __init__(self, step: TrainStep, data: Any, training_cfg: Any, seq_length: int, metrics: Any):
-        self.step, self.data, self.t, self.seq, self.metrics = step, data, training_cfg, seq_length, metrics
+    def __init__(self, step: TrainStep, data: BatchSource, training: TrainingConfig, seq_length: int,
+                 metrics: MetricsLogger):
+        self.step, self.data, self.t, self.seq, self.metrics = step, data, training, seq_length, metrics
         self.interrupted: str | None = None  # why the last evaluation stopped early (a stop request)
 
     def due(self, iteration: int) -> bool:

@@ -153,9 +153,9 @@ DOCS_RUN = ["--data-path", "{LLAMA2_DATA}", "--micro-batch-size", "1", "--train-
 # name -> (placeholder overrides, expected values in the resolved config after the refused flags are dropped)
 SCRIPT_EXPECTATIONS = {
     "mlm_gpt3_175b": ({}, {("parallel", "tensor_model_parallel_size"): 8,
-                           ("parallel", "pipeline_model_parallel_size"): 16, ("training", "fp16"): True}),
+                           ("parallel", "pipeline_model_parallel_size"): 16, ("precision", "fp16"): True}),
     "mlm_llama3_8b": ({}, {("model", "num_query_groups"): 8, ("model", "apply_layernorm_1p"): True,
-                           ("kernels", "attention_backend"): "sdpa", ("training", "zero_stage"): 1,
+                           ("kernels", "attention_backend"): "sdpa", ("zero", "zero_stage"): 1,
                            ("optimizer", "decoupled_lr"): 5e-4, ("scheduler", "lr_warmup_samples"): 3906252,
                            ("tokenizer", "tokenizer_type"): "HuggingFaceTokenizer"}),
     "mlm_llama2_docs": ({"CHECKPOINT": "LLAMA2_CKPT"},
@@ -166,9 +166,9 @@ SCRIPT_EXPECTATIONS = {
                         {("model", "position_embedding_type"): "rope", ("model", "hidden_size"): 64,
                          ("tokenizer", "tokenizer_type"): "Llama3Tokenizer"}),
     "mds_llama2": ({}, {("model", "position_embedding_type"): "rope", ("model", "num_query_groups"): 4,
-                        ("model", "normalization"): "RMSNorm", ("training", "zero_stage"): 0,
+                        ("model", "normalization"): "RMSNorm", ("zero", "zero_stage"): 0,
                         ("tokenizer", "tokenizer_type"): "SentencePieceTokenizer"}),
-    "mds_gpt_125m": ({}, {("model", "recompute_granularity"): "full", ("training", "zero_stage"): 1,
+    "mds_gpt_125m": ({}, {("model", "recompute_granularity"): "full", ("zero", "zero_stage"): 1,
                           ("tokenizer", "tokenizer_type"): "GPT2BPETokenizer", ("training", "train_tokens"): 300e9}),
     "mds_ulysses_1.3b_32k": ({}, {("kernels", "attention_backend"): "flash", ("parallel", "ds_sequence_parallel_size"): 4,
                                   ("parallel", "pipeline_model_parallel_size"): 1}),

@@ -47,7 +47,7 @@ def good(prefix: str) -> list[str]:
     (["--tensor-model-parallel-size", "3"], {"WORLD_SIZE": "3"},
      "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], {"WORLD_SIZE": "2"},
-     "needs training.zero_stage 0 or 1, got 3"),
+     "needs zero.zero_stage 0 or 1, got 3"),
     (["--seq-length", "128"], {}, "data.seq_length=128 is larger than model.max_position_embeddings=64"),
     (["--global-batch-size", "7"], {"WORLD_SIZE": "2"}, "global_batch_size=7 is not divisible"),
     (["--data-path", "/nowhere/x"], {}, "/nowhere/x.bin and /nowhere/x.idx not found"),
@@ -106,19 +106,24 @@ def test_validate_only_prints_config_and_derived(prefix):
                  "parameters: ", "# memory per GPU", "total"):
         assert line in out, out
     tree = _resolved(out)
-    assert tree["model"]["hidden_size"] == 64 and tree["training"]["bf16"] is True
+    assert tree["model"]["hidden_size"] == 64 and tree["precision"]["bf16"] is True
     ds = json.loads(out.split("# deepspeed config")[1])
     assert ds["train_batch_size"] == 8 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
 
 
-def test_yaml_numbers_with_an_exponent_are_floats(prefix, tmp_path):
-    """YAML 1.2 floats (PyYAML's YAML 1.1 reads `1e-3` as a string); a quoted value stays a string."""
+def test_yaml_numbers_with_an_exponent_are_floats_and_former_training_keys_load(prefix, tmp_path):
+    """YAML 1.2 floats (PyYAML's YAML 1.1 reads `1e-3` as a string); a quoted value stays a string. A file of
+    before the precision/zero sections (bf16, zero_stage under training:) loads, with one deprecation line."""
     path = tmp_path / "run.yaml"
     path.write_text("optimizer:\n  lr: 1e-3\n  min_lr: 3e-4\n  clip_grad: 6e+2\n"
-                    "model:\n  init_method_std: .5\nlogging:\n  wandb_project: \"1e-3\"\n")
+                    "model:\n  init_method_std: .5\nlogging:\n  wandb_project: \"1e-3\"\n"
+                    "training:\n  bf16: true\n  zero_stage: 2\n")
     r = cli(good(prefix) + ["--validate-only", "--config", str(path)])
     assert r.returncode == 0, r.stderr
     tree = _resolved(r.stdout)
+    assert tree["precision"]["bf16"] is True and tree["zero"]["zero_stage"] == 2 and "bf16" not in tree["training"]
+    moved = [line for line in r.stderr.splitlines() if "deprecated keys" in line]
+    assert len(moved) == 1 and "training.bf16 -> precision.bf16, training.zero_stage -> zero.zero_stage" in moved[0]
     assert (tree["optimizer"]["lr"], tree["optimizer"]["min_lr"], tree["optimizer"]["clip_grad"]) == (1e-3, 3e-4, 600.0)
     assert tree["model"]["init_method_std"] == 0.5 and tree["logging"]["wandb_project"] == "1e-3"
     path.write_text("optimizer:\n  lr: .inf\n")
@@ -196,7 +201,7 @@ def test_fp8_is_refused_without_an_fp8_gpu(prefix):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --fp8-format e4m3: there is no CUDA GPU; drop the --fp8-* flags and train in --bf16"]
     r = cli(good(prefix) + ["--fp8-format", "hybrid"])
-    assert r.returncode == 2 and "training.fp8_format='hybrid' needs --bf16" in r.stderr
+    assert r.returncode == 2 and "precision.fp8_format='hybrid' needs --bf16" in r.stderr
 
 
 def _write_dataset(prefix: str, lengths: tuple[int, ...], offset: int = 0) -> None:

@@ -7,6 +7,7 @@ keeps the client state and the weight, so save -> restore (resume, rollback) is 
 every part's state_dict/load_state_dict.
 """
 import copy
+import dataclasses
 import math
 import signal
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from megaclm.config import MegaclmConfig
 from megaclm.config.checkpoint import CheckpointConfig
 from megaclm.config.data import DataConfig
 from megaclm.config.logging import LoggingConfig
+from megaclm.config.resilience import ResilienceConfig
 from megaclm.config.training import TrainingConfig
 from megaclm.training.callbacks import ROLLBACK, load_callbacks
 from megaclm.training.loop import Trainer
@@ -174,12 +176,15 @@ def steady(first_sample):
     return 1.0 + 0.01 * ((first_sample // GBS) % 3)
 
 
-def make(tmp_path, script=steady, callbacks=(), progress=None, log_interval=1, **training):
-    training = {"train_iters": 6, "eval_interval": 1000, "eval_iters": 1, "hang_timeout_s": 0, **training}
-    save_interval = training.pop("save_interval", None)
-    cfg = MegaclmConfig(training=TrainingConfig(**training), data=DataConfig(seq_length=SEQ),
-                        checkpoint=CheckpointConfig(save=str(tmp_path), save_interval=save_interval),
-                        logging=LoggingConfig(log_interval=log_interval))
+def make(tmp_path, script=steady, callbacks=(), progress=None, **fields):
+    """`fields`: fields of the training, resilience, logging and checkpoint sections, by name."""
+    fields = {"train_iters": 6, "eval_interval": 1000, "eval_iters": 1, "hang_timeout_s": 0, "log_interval": 1,
+              "save": str(tmp_path), **fields}
+    sections = {name: cls(**{f.name: fields.pop(f.name) for f in dataclasses.fields(cls) if f.name in fields})
+                for name, cls in (("training", TrainingConfig), ("resilience", ResilienceConfig),
+                                  ("logging", LoggingConfig), ("checkpoint", CheckpointConfig))}
+    assert not fields, f"no section has the fields {sorted(fields)}"
+    cfg = MegaclmConfig(data=DataConfig(seq_length=SEQ), **sections)
     derived = SimpleNamespace(grad_accum_steps=1, global_batch_size=GBS, train_iters=cfg.training.train_iters)
     pstate = SimpleNamespace(pp_size=1, dp_size=1, cp_size=1, rank=0, world_size=1, is_first_stage=True,
                              is_last_stage=True)
