@@ -122,6 +122,13 @@ def _schedule(cfg: MegaclmConfig, derived: Derived | None) -> None:
                         f"the decay length {decay} {unit}")
 
 
+def _profile_ranks(cfg: MegaclmConfig, derived: Derived | None) -> None:
+    lg = cfg.logging
+    if lg.profile and derived is not None and max(lg.profile_ranks) >= derived.world_size:
+        raise UserError(f"logging.profile_ranks={lg.profile_ranks}: rank {max(lg.profile_ranks)} is not in a world "
+                        f"of {derived.world_size}; give ranks 0-{derived.world_size - 1} to --profile-ranks")
+
+
 def _checkpointing(cfg: MegaclmConfig) -> None:
     c = cfg.checkpoint
     if c.save_best and cfg.training.eval_iters == 0:
@@ -227,3 +234,5 @@ def validate(cfg: MegaclmConfig, derived: Derived | None, sections: set[str] | N
             check(cfg)
     if {"scheduler", "training"} <= have:
         _schedule(cfg, derived)
+    if "logging" in have:
+        _profile_ranks(cfg, derived)

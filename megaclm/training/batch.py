@@ -24,7 +24,7 @@ sequence length of a step.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from megaclm.parallel.context import shard_sequence
 from megaclm.parallel.device import rank_device
 from megaclm.parallel.state import ParallelState
 from megaclm.training.batch_change import samples_needed
+from megaclm.training.progress import Progress
 from megaclm.training.spike import extra_train_batches
 
 
@@ -71,7 +72,7 @@ class BatchSource:
         self.curriculum.load_state_dict(state["curriculum"], check_tokens=same_batch)
         self._train_iter = None
 
-    def seq_length_at(self, progress: Any) -> int:
+    def seq_length_at(self, progress: Progress) -> int:
         return self.curriculum.seqlen_at(progress.iteration)
 
     # ---- what the logs say about the data ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from megaclm.checkpoint.layout import read_latest, tag_for
 from megaclm.config import MegaclmConfig
 from megaclm.logging import get_logger
 from megaclm.parallel.state import ParallelState
+from megaclm.training.metrics import MetricsLogger
 from megaclm.training.progress import TrainingDiverged
 
 log = get_logger("megaclm.train")
@@ -154,7 +155,8 @@ class Checkpointer:
                 mark_best(c.save, tag, val_loss)
 
     # ---- rollback --------------------------------------------------------------------------------------------
-    def rollback(self, offending: list[dict], max_rollbacks: int, metrics: Any, global_batch_size: int) -> str:
+    def rollback(self, offending: list[dict], max_rollbacks: int, metrics: MetricsLogger,
+                 global_batch_size: int) -> str:
         """K spikes in a row (`offending`, the spike guard's): reload the last checkpoint and pass over the
         offending global batches from now on; returns the tag rolled back to."""
         p, data = self.parts["progress"], self.parts["data"]

@@ -219,7 +219,8 @@ def make_plan(argv: list[str], world_size: int, max_ranks: int, steps: int) -> P
     tree["scheduler"]["lr_warmup_iters"] = 0  # the first step updates at the run's peak lr
     tree["checkpoint"].update(save=None, load=None, pretrained_checkpoint=None, finetune=False, save_interval=None,
                               save_total_limit=None, ckpt_step=None, use_checkpoint_args=False, save_best=False)
-    tree["logging"].update(log_interval=1, metrics_file=None, tensorboard_dir=None, wandb_project=None)
+    tree["logging"].update(log_interval=1, metrics_file=None, tensorboard_dir=None, wandb_project=None, profile=False,
+                           use_pytorch_profiler=False)
     if "lora" in tree:
         tree["lora"]["lora_dropout"] = 0.0
     reference = json.loads(json.dumps(tree))

@@ -11,8 +11,8 @@
 
 The parts: TrainStep and Evaluator (megaclm.training.step), Checkpointer (megaclm.training.checkpointer:
 save cadence, best, the one restore path), StepLogger (below), and the callbacks
-(megaclm.training.callbacks: the loss-spike guard, the NaN/inf guard, the hang watchdog, the stop
-conditions, the user's --callbacks). A stop saves first and returns why (exit status 76); stop
+(megaclm.training.callbacks: the loss-spike guard, the NaN/inf guard, the hang watchdog, the step
+profiler, the stop conditions, the user's --callbacks). A stop saves first and returns why (exit status 76); stop
 requests and the clock are agreed on by all ranks with one all-reduce per iteration, so every rank
 stops at the same iteration; an evaluation checks for a stop request before each of its batches (one
 all-reduce each) and is abandoned on one. Every log line all-gathers the ranks' step times
@@ -34,8 +34,8 @@ from megaclm.model.gpt import MOE_STATS
 from megaclm.parallel.device import rank_device
 from megaclm.parallel.state import ParallelState
 from megaclm.training.batch import BatchSource
-from megaclm.training.callbacks import (ROLLBACK, Callbacks, NanGuard, SpikeCallback, StepResult, StopConditions,
-                                        WatchdogCallback)
+from megaclm.training.callbacks import (ROLLBACK, Callbacks, NanGuard, Profiler, SpikeCallback, StepResult,
+                                        StopConditions, WatchdogCallback)
 from megaclm.training.checkpointer import Checkpointer
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.progress import Progress
@@ -150,10 +150,12 @@ class Trainer:
                                     moe=cfg.model.num_experts is not None, guard=self.guard, device=self.device)
         self.evaluator = Evaluator(self.train_step, data, cfg.training, cfg.data.seq_length, metrics)
         self.nan_guard = NanGuard(r.max_consecutive_nan_steps)
+        profiler = Profiler.for_rank(cfg, pstate.rank)  # None without --profile: nothing runs per step
         self.callbacks = Callbacks(
             ([SpikeCallback(self.guard, r, derived.global_batch_size)] if self.guard is not None else [])
             + [self.nan_guard]
             + ([WatchdogCallback(r.hang_timeout_s, cfg.checkpoint.save, pstate.rank)] if r.hang_timeout_s else [])
+            + ([profiler] if profiler is not None else [])
             + [StopConditions(cfg.training), *callbacks])
         self.checkpointer = Checkpointer(cfg, engine, pstate, {"progress": progress, "data": data, "spike": self.guard},
                                          checkpoint_meta, bad_steps=self.bad_steps, device=self.device,

@@ -286,6 +286,9 @@ def _run(cfg: MegaclmConfig, derived: Derived, ds_config: dict, tokenizer: Any, 
     if cfg.precision.fp16 and not torch.cuda.is_available():
         raise UserError("precision.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
     check_fp8(cfg.precision.fp8_format)
+    if cfg.logging.profile and not cfg.logging.use_pytorch_profiler and not torch.cuda.is_available():
+        raise UserError("logging.profile without --use-pytorch-profiler marks the steps for Nsight Systems, which "
+                        "needs a GPU; add --use-pytorch-profiler for a torch.profiler trace")
     set_thread_count()
     pstate = init_distributed(cfg)
     # Rank 0 takes the --save lock before anything writes there; every rank follows its decision.

@@ -25,13 +25,15 @@ from megaclm.training.batch import BatchSource
 from megaclm.training.callbacks import stop_agreed
 from megaclm.training.loss import normalise_loss_masks
 from megaclm.training.metrics import MetricsLogger
+from megaclm.training.progress import Progress
+from megaclm.training.schedules import LRSchedule
 from megaclm.training.spike import SpikeGuard
 
 log = get_logger("megaclm.train")
 
 
 class TrainStep:
-    def __init__(self, engine: Any, pstate: ParallelState, data: Any, grad_accum_steps: int, *, moe: bool,
+    def __init__(self, engine: Any, pstate: ParallelState, data: BatchSource, grad_accum_steps: int, *, moe: bool,
                  guard: SpikeGuard | None, device: Any):
         self.engine, self.pstate, self.data, self.accum = engine, pstate, data, grad_accum_steps
         self.pipeline = pstate.pp_size > 1
@@ -42,7 +44,7 @@ class TrainStep:
         # by this (NaN: a non-finite step; 10: a spike). Reset after every step.
         self.loss_factor = 1.0
 
-    def set_lr(self, schedule: Any, progress: Any) -> float:
+    def set_lr(self, schedule: LRSchedule, progress: Progress) -> float:
         lr = schedule.lr(progress.iteration, progress.consumed_tokens)
         decoupled = schedule.decoupled_lr(progress.iteration, progress.consumed_tokens)
         for group in self.engine.optimizer.param_groups:

@@ -211,10 +211,11 @@ def _write_dataset(prefix: str, lengths: tuple[int, ...], offset: int = 0) -> No
     b.finalize()
 
 
-def test_resume_on_changed_data_is_refused(tmp_path):
-    """A checkpoint's data fingerprint: changed .bin/.idx files or --split are refused with the file or flag
-    named (exit 2, before any process group: --validate-only runs the same check); --override-data-fingerprint
-    accepts them."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run, shared: 2 iterations into --save, both profiled (Megatron-LM's --profile
+    --use-pytorch-profiler --profile-step-start 0 --profile-step-end 2): (data prefix, save dir, its flags, result)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
     prefix, save = str(tmp_path / "data/text_document"), str(tmp_path / "ckpt")
     os.makedirs(os.path.dirname(prefix))
     _write_dataset(prefix, (3000, 5000, 7000))
@@ -222,8 +223,32 @@ def test_resume_on_changed_data_is_refused(tmp_path):
             "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL, "--data-path", prefix,
             "--split", "98,2,0", "--eval-iters", "1", "--num-workers", "0", "--save", save, "--load", save]
-    first = cli(args + ["--train-iters", "2"])
+    first = cli(args + ["--train-iters", "2", "--profile", "--use-pytorch-profiler", "--profile-step-start", "0",
+                        "--profile-step-end", "2"])
     assert first.returncode == 0, first.stderr
+    return prefix, save, args, first
+
+
+def test_profile_writes_a_trace_of_the_steps_asked(trained):
+    """The trace of iterations 1 and 2 in <save>/profile, whole JSON, the model's matmuls inside the profiled steps,
+    and the costliest ops in the log."""
+    _, save, _, first = trained
+    assert [p.name for p in Path(save, "profile").iterdir()] == ["rank0.iter1-2.pt.trace.json"]
+    events = json.loads(Path(save, "profile/rank0.iter1-2.pt.trace.json").read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("iteration ") and e.get("ph") == "X"]
+    assert [e["name"] for e in steps] == ["iteration 1", "iteration 2"]
+    inside = [e for e in events if e.get("ph") == "X" and e.get("name") in ("aten::mm", "aten::addmm", "aten::bmm")
+              and steps[0]["ts"] <= e["ts"] <= steps[1]["ts"] + steps[1]["dur"]]
+    assert inside, sorted({e.get("name") for e in events})
+    log = first.stdout + first.stderr
+    assert "--profile: iterations 1-2 traced to" in log and "Self CPU time total" in log
+
+
+def test_resume_on_changed_data_is_refused(trained):
+    """A checkpoint's data fingerprint: changed .bin/.idx files or --split are refused with the file or flag
+    named (exit 2, before any process group: --validate-only runs the same check); --override-data-fingerprint
+    accepts them. (Changes the shared run's data: the last user of `trained`.)"""
+    prefix, save, args, _ = trained
     meta = json.loads(Path(save, "iter_0000002/megaclm/meta.json").read_text())
     assert meta["data_fingerprint"]["splits"]["train"]["files"][0]["path"] == prefix
     assert cli(args + ["--train-iters", "4", "--validate-only"]).returncode == 0  # unchanged data: accepted

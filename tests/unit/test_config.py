@@ -248,10 +248,25 @@ def test_subset_of_sections_for_tools(prefix):
     (["--spike-zscore", "3", "--pipeline-model-parallel-size", "2"], 2, r"needs parallel\.pipeline_model_parallel_size=1"),
     (["--hang-timeout-s=-1"], 2, r"resilience\.hang_timeout_s=-1\.0 must be >= 0 \(0 turns the watchdog off\)"),
     (["--async-save"], 2, r"async_save need checkpoint\.save"),
+    (["--profile", "--profile-ranks", "0", "2"], 2,
+     r"logging\.profile_ranks=\[0, 2\]: rank 2 is not in a world of 2; give ranks 0-1 to --profile-ranks"),
+    (["--profile", "--profile-step-start", "12", "--profile-step-end", "12"], 2, r"need 0 <= start < end"),
+    (["--use-pytorch-profiler"], 2, r"logging\.use_pytorch_profiler chooses how --profile profiles; add --profile"),
 ])
 def test_config_errors(base, extra, world, msg):
     with pytest.raises(UserError, match=msg):
         parse(base + extra, world_size=world)
+
+
+def test_megatron_profile_flags_are_native(base):
+    """Megatron-LM's --profile flags and defaults (steps after 10 up to 12, rank 0); megaclm's --profile-dir."""
+    lg = parse(base)[0].logging
+    assert (lg.profile, lg.use_pytorch_profiler, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
+            lg.profile_dir) == (False, False, 10, 12, [0], None)
+    lg = parse(base + ["--profile", "--use-pytorch-profiler", "--profile-step-start", "3", "--profile-step-end", "5",
+                       "--profile-ranks", "0", "1", "--profile-dir", "p"])[0].logging
+    assert (lg.profile, lg.use_pytorch_profiler, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
+            lg.profile_dir) == (True, True, 3, 5, [0, 1], "p")
 
 
 def test_hang_watchdog_is_on_by_default_and_0_turns_it_off(base):
