@@ -260,9 +260,10 @@ class Profiler(Callback):
         self.torch_profiler, self.rank, self.out_dir = logging_cfg.use_pytorch_profiler, rank, out_dir
         self.session: Any = None  # torch.profiler.profile, or emit_nvtx inside cudaProfilerStart/Stop
         self.step_range: Any = None  # the running step's `iteration N` range
+        self.done = False  # once: a rollback to before the range does not profile (and overwrite) it again
 
     @classmethod
-    def for_rank(cls, cfg: MegaclmConfig, rank: int) -> "Profiler | None":
+    def for_rank(cls, cfg: MegaclmConfig, rank: int) -> Profiler | None:
         """This rank's profiler, or None (no --profile, or not one of --profile-ranks). The traces go to
         --profile-dir, default <save>/profile (./profile without --save)."""
         lg = cfg.logging
@@ -277,7 +278,7 @@ class Profiler(Callback):
 
     def pre_step(self, trainer: Any) -> None:
         step = trainer.progress.iteration + 1
-        if self.session is None and step == self.first:
+        if self.session is None and step == self.first and not self.done:
             self._start()
         if self.session is not None:
             self.step_range = torch.profiler.record_function(f"iteration {step}")
@@ -311,7 +312,7 @@ class Profiler(Callback):
         log.info(f"rank {self.rank}: --profile: profiling iterations {self.first}-{self.last}")
 
     def _stop(self, last: int) -> None:
-        session, self.session = self.session, None
+        session, self.session, self.done = self.session, None, True
         session.__exit__(None, None, None)
         if not self.torch_profiler:
             torch.cuda.cudart().cudaProfilerStop()

@@ -24,8 +24,7 @@ from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.manifest import Choice, choose_tag
 from megaclm.checkpoint.save_errors import CheckpointSaveError
 from megaclm.checkpoint.weights import load_weights
-from megaclm.config import arguments, parse_args
-from megaclm.config import MegaclmConfig
+from megaclm.config import MegaclmConfig, arguments, parse_args
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
 from megaclm.config.derived import with_inputs
 from megaclm.config.derived import Derived

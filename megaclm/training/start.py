@@ -26,8 +26,7 @@ from megaclm.checkpoint.hf import files as hf_files
 from megaclm.checkpoint.hf.importer import import_hf
 from megaclm.checkpoint.layout import is_complete, iteration_of, read_config, read_meta, tag_for, tags_on_disk
 from megaclm.checkpoint.manifest import Choice
-from megaclm.config import shape_fields
-from megaclm.config import MegaclmConfig
+from megaclm.config import MegaclmConfig, shape_fields
 from megaclm.config.arguments import section_to_dict
 from megaclm.config.derived import pad_vocab_size
 from megaclm.logging import get_logger
