@@ -97,7 +97,7 @@ def _engine(pstate, zero_stage: int, precision: str = "fp32", lora: LoraConfig |
 
     model = _model(pstate, lora=lora)
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
-                          training=SimpleNamespace(zero_stage=zero_stage, precision=precision))
+                          zero=SimpleNamespace(zero_stage=zero_stage), precision=SimpleNamespace(name=precision))
     # Clipping at 0.5 binds (the norms are ~1): the norm must count every expert once, on every rank.
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2,
               "train_batch_size": B * 2 * pstate.dp_size, "steps_per_print": 10**9, "gradient_clipping": 0.5,

@@ -65,8 +65,8 @@ def test_winner_flags_parse_into_the_planned_layout(planned):
     par, t = cfg.parallel, cfg.training
     assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, derived.data_parallel_size,
             par.seq_split_size, par.sequence_parallel) == (best["tp"], best["pp"], best["dp"], best["seq"], best["sp"])
-    assert (t.zero_stage, t.micro_batch_size, t.global_batch_size, t.bf16) == (best["zero"], best["micro_batch"], 32,
-                                                                              True)
+    assert (cfg.zero.zero_stage, t.micro_batch_size, t.global_batch_size, cfg.precision.bf16) == (
+        best["zero"], best["micro_batch"], 32, True)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_kv_heads, cfg.model.swiglu) == (4, 256, 4, True)
     assert (cfg.model.recompute_granularity or "none") == best["recompute"]
 

@@ -103,7 +103,7 @@ def test_overlap_rules_per_zero_stage():
 
 def test_refusals_are_megaclms_own_messages():
     work = small_work()
-    assert "needs training.zero_stage 0 or 1" in refusal(Layout(pp=2, dp=4, zero=2), work, KernelsConfig())
+    assert "needs zero.zero_stage 0 or 1" in refusal(Layout(pp=2, dp=4, zero=2), work, KernelsConfig())
     assert "not divisible by parallel.ds_sequence_parallel_size" in refusal(
         Layout(tp=2, seq=4, dp=1, zero=0), work, KernelsConfig())  # 4 kv heads / tp 2 = 2 per rank
     assert refusal(Layout(tp=2, pp=2, dp=2, zero=1), work, KernelsConfig()) is None
