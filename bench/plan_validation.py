@@ -102,7 +102,10 @@ def measure(rank: int, args, name: str) -> dict:
     from efficiency_probes import SavedActivations
 
     flags, layout = LAYOUTS[name]
-    argv = efficiency.shape_argv(shape_args(args)) + flags + ["--global-batch-size", str(GLOBAL_BATCH)]
+    # 3 untimed steps (warm-up, the optimizer-step sample, the saved-activation count), then the timed ones: the
+    # mock dataset holds exactly that many batches.
+    argv = efficiency.shape_argv(shape_args(args)) + flags + ["--global-batch-size", str(GLOBAL_BATCH),
+                                                              "--train-iters", str(3 + args.steps)]
     before = live_bytes()  # what earlier layouts left behind in this process (DeepSpeed's caches, groups)
     run = efficiency.build_run(argv)
     run.step()  # warm-up: DeepSpeed's lazily built buffers, the optimizer's moments
@@ -260,6 +263,8 @@ def main(argv=None) -> int:
     else:
         if not args.profile:
             raise UserError("pass --profile PROFILE.json (bench/profile_hardware.py writes it) or --published")
+        if args.steps < 1:
+            raise UserError(f"--steps {args.steps}: time at least 1 step per layout")
         unknown = set((args.layouts or "").split(",")) - set(LAYOUTS) - {""}
         if unknown:
             raise UserError(f"--layouts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LAYOUTS)}")
