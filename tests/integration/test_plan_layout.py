@@ -153,3 +153,11 @@ def test_memory_prediction_matches_measured_training_ranks(tmp_path):
         assert r["predicted_gib"] / r["measured_gib"] == pytest.approx(1, abs=0.1), name
     # The layouts differ where the estimate says they do: TP + SP and recomputation keep less than plain DP.
     assert rows["tp2-sp"]["measured_gib"] < rows["dp2-recompute"]["measured_gib"] < rows["dp2-zero0"]["measured_gib"]
+
+
+def test_validation_refuses_no_timed_steps():
+    spec = importlib.util.spec_from_file_location("plan_validation", ROOT / "bench" / "plan_validation.py")
+    validation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validation)
+    with pytest.raises(UserError, match="--steps 0: time at least 1 step per layout"):
+        validation.main(["--profile", "cpu.json", "--steps", "0"])
