@@ -67,9 +67,9 @@ def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, split_tokens: bool) -> torc
         return dropout(x)
 
 
-def splits_tokens(pstate: ParallelState | None) -> bool:
+def splits_tokens(pstate: ParallelState) -> bool:
     """Whether ranks that hold the same weights also hold different tokens of a sample's residual stream."""
-    return pstate is not None and (pstate.sequence_parallel or pstate.cp_size > 1)
+    return pstate.sequence_parallel or pstate.cp_size > 1
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,10 @@ class LayerInputs:
     """`(position_ids, document_ids, dtype, training) -> (AttentionInputs, RingInputs | None)`: what every
     layer's attention needs, built once per forward (GPTModel) or per pipeline layer (it travels as ids)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, kernels: KernelsConfig):
+    def __init__(self, config: ModelConfig, pstate: ParallelState, kernels: KernelsConfig):
         self.config, self.pstate, self.kernels = config, pstate, kernels
-        self.kind = pstate.cp_kind if pstate else None
-        tp, tp_rank = (pstate.tp_size, pstate.tp_rank) if pstate else (1, 0)
+        self.kind = pstate.cp_kind
+        tp, tp_rank = pstate.tp_size, pstate.tp_rank
         # Under Ulysses a rank attends with heads [r nh/(tp n), (r+1) nh/(tp n)) of its TP rank's (ALiBi slopes).
         n, r = (pstate.ulysses_size, pstate.cp_rank) if self.kind == "ulysses" else (1, 0)
         self.masker = AttentionMasker(config, tp * n, tp_rank * n + r)
@@ -120,7 +120,7 @@ class LayerInputs:
 class Norm(nn.Module):
     """LayerNorm or RMSNorm; `forward(x, residual)` returns (norm(x + residual), x + residual)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops):
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops):
         super().__init__()
         self.rms, self.eps, self.ops = config.normalization == "RMSNorm", config.norm_epsilon, ops
         self.one_p = config.apply_layernorm_1p  # the scale is 1 + weight (weight initialised to 0)
@@ -142,7 +142,7 @@ class Norm(nn.Module):
 class Embedding(nn.Module):
     """(B, T) ids -> (B, S, H): word (+ learned position) embeddings, dropout; scattered along T under SP."""
 
-    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState | None):
+    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState):
         super().__init__()
         self.pstate = pstate
         _, _, self.sp = tp_info(pstate)
@@ -178,7 +178,7 @@ def _lora_blocks(lora: LoraConfig | None, name: str, blocks: tuple[str, ...]) ->
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None):
         super().__init__()
         tp, _, _ = tp_info(pstate)
@@ -209,7 +209,7 @@ class Attention(nn.Module):
             q, k = self.ops.rope(q, k, self.inv_freq.to(q.device), position_ids)
         dropout_p = self.dropout_p if self.training else 0.0
 
-        ulysses = self.pstate is not None and self.pstate.ulysses_size > 1
+        ulysses = self.pstate.ulysses_size > 1
 
         def local_attention(q, k, v):
             # Heads differ across TP (and Ulysses) ranks: so do their dropout masks.
@@ -241,7 +241,7 @@ MLP_BLOCKS = {True: ("gate", "up"), False: ("up",)}  # fc1's row blocks, by conf
 class MLP(nn.Module):
     """The dense MLP; `ffn` overrides config.ffn_size (an MoE layer's shared expert)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, lora: LoraConfig | None = None,
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, lora: LoraConfig | None = None,
                  ffn: int | None = None):
         super().__init__()
         self.ops, self.swiglu, ffn = ops, config.swiglu, ffn or config.ffn_size
@@ -278,7 +278,7 @@ class TransformerLayer(nn.Module):
     """Pre-norm block: h + drop(attn(norm(h))), then + drop(mlp(norm(.))).
     (B, S, H) -> ((B, S, H), router loss ()): the MoE router losses of this layer, 0 for a dense MLP."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None, index: int = 0):
         super().__init__()
         self.split_tokens = splits_tokens(pstate)
@@ -304,7 +304,7 @@ class TransformerLayer(nn.Module):
         return h + sp_dropout(self.dropout, y, self.split_tokens), router_loss
 
 
-def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState | None) -> torch.Tensor:
+def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState) -> torch.Tensor:
     """(B, S, H) final hidden -> (B, T, V/tp) logits of this rank's vocabulary shard."""
     return column_parallel_linear(h, weight, None, tp_group(pstate), tp_info(pstate)[2])
 
@@ -327,10 +327,10 @@ class GPTModel(nn.Module):
     With `lora` enabled only the adapters train (megaclm.model.lora.freeze_base).
     """
 
-    def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState | None = None,
+    def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState = ParallelState.single(),
                  kernels: KernelsConfig | None = None, lora: LoraConfig | None = None):
         super().__init__()
-        if pstate is not None and pstate.pp_size > 1:
+        if pstate.pp_size > 1:
             raise ValueError("GPTModel is one pipeline stage; build megaclm.model.pipe.GPTPipelineModule for pp > 1")
         self.config, self.pstate, self.vocab_size = config, pstate, padded_vocab_size
         self.kernels = kernels or KernelsConfig()
@@ -365,9 +365,9 @@ class GPTModel(nn.Module):
         if sp and T % tp:
             raise ValueError(f"sequence length {T} must be divisible by the tensor-parallel size {tp} "
                              "under sequence parallelism")
-        kind = self.pstate.cp_kind if self.pstate else None
+        kind = self.pstate.cp_kind
         if position_ids is None:
-            n, r = (self.pstate.cp_size, self.pstate.cp_rank) if kind else (1, 0)
+            n, r = self.pstate.cp_size, self.pstate.cp_rank
             position_ids = sequence_index(T * n, n, r, kind == "ring", input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
         inputs, ring = self.layer_inputs(position_ids, document_ids, h.dtype, self.training)  # shared by all layers

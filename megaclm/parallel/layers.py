@@ -40,20 +40,18 @@ from megaclm.parallel.state import ParallelState
 InitMethod = Callable[[torch.Tensor], None]
 
 
-def tp_info(pstate: ParallelState | None) -> tuple[int, int, bool]:
-    """(tp size, tp rank, sequence parallel) of `pstate`; (1, 0, False) without one."""
-    if pstate is None:
-        return 1, 0, False
+def tp_info(pstate: ParallelState) -> tuple[int, int, bool]:
+    """(tp size, tp rank, sequence parallel) of `pstate`."""
     return pstate.tp_size, pstate.tp_rank, pstate.sequence_parallel
 
 
-def tp_group(pstate: ParallelState | None):
+def tp_group(pstate: ParallelState):
     """The tensor-parallel process group, or None when there is nothing to communicate.
 
     Layers look it up at forward time, so a sharded model can be built (e.g. to convert a checkpoint)
     in a process that never created the groups.
     """
-    return None if pstate is None or pstate.tp_size == 1 else pstate.tp_group
+    return None if pstate.tp_size == 1 else pstate.tp_group
 
 
 def shard_blocks(full: torch.Tensor, dim: int, block_sizes: Sequence[int], tp_size: int, tp_rank: int) -> torch.Tensor:
@@ -78,7 +76,7 @@ def _mark(param: nn.Parameter, dim: int) -> None:
     param.partition_dim = dim
 
 
-def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | None) -> None:
+def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState) -> None:
     """Under SP, sum `param`'s gradient over the TP group (it saw only this rank's sequence chunk).
 
     Marks it `sequence_parallel`; a hook sums each micro-batch's gradient, unless the trainer set
@@ -138,7 +136,7 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
     [q, k, v] sizes, so each rank holds its own heads of each. `gather_output` returns (B, T, out).
     """
 
-    def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_, output_blocks: Sequence[int] | None = None,
                  gather_output: bool = False, lora: LoraConfig | None = None,
                  lora_blocks: Sequence[bool] | None = None):
@@ -231,7 +229,7 @@ class RowParallelLinear(_LoraMixin, nn.Module):
     reduce-scatter and the result is (B, T/tp, out). The bias is added once, after the reduction.
     """
 
-    def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_, lora: LoraConfig | None = None):
         super().__init__()
         self.pstate = pstate
@@ -274,7 +272,7 @@ class VocabParallelEmbedding(nn.Module):
     left to the caller (`reduce=False`) so it can reduce-scatter instead.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, pstate: ParallelState | None,
+    def __init__(self, num_embeddings: int, embedding_dim: int, pstate: ParallelState,
                  init_method: InitMethod = nn.init.xavier_normal_):
         super().__init__()
         self.pstate = pstate

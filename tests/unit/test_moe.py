@@ -73,7 +73,7 @@ def test_capacity_drops_exactly_the_expected_tokens():
 def _moe_layer(**overrides):
     config = ModelConfig(**{**MOE, **overrides})
     torch.manual_seed(3)
-    return config, MoE(config, None, build_ops(KernelsConfig()), shared=None)
+    return config, MoE(config, ParallelState.single(), build_ops(KernelsConfig()), shared=None)
 
 
 @pytest.mark.parametrize("k,pre_softmax,capacity", [(1, True, None), (2, False, None), (2, False, 0.5)])
@@ -377,7 +377,7 @@ def test_pipe_loss_adds_the_router_loss_to_every_token():
     logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
     mask = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
     router = torch.tensor([0.25, 2.0, 3.0])
-    loss_fn = GPTPipeLoss(config, None)
+    loss_fn = GPTPipeLoss(config, ParallelState.single())
     got = loss_fn((router, logits), (labels, mask))
     ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), reduction="none").view(2, 3)
     torch.testing.assert_close(got, ((ce + 0.25) * mask).sum())
