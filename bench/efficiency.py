@@ -150,11 +150,7 @@ def _parts(engine, pstate):
     module = engine.module
     layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
     embedding = next((m for m in module.modules() if isinstance(m, Embedding)), None)
-    head = getattr(module, "final_norm", None)
-    if head is None and pstate.pp_size > 1 and pstate.is_last_stage:
-        from megaclm.model.pipe import FinalNormPipe
-
-        head = next(m for m in module.modules() if isinstance(m, FinalNormPipe))
+    head = module.final_norm  # None on a pipeline stage other than the last
     if pstate.pp_size > 1 and not pstate.is_first_stage:
         embedding = None  # stage > 0 keeps the tied embedding only for the head
     return embedding, head, len(layers)

@@ -309,7 +309,95 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState) 
     return column_parallel_linear(h, weight, None, tp_group(pstate), tp_info(pstate)[2])
 
 
+def token_losses(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pstate: ParallelState, ops: Ops,
+                 kernels: KernelsConfig) -> torch.Tensor:
+    """The output layer and its cross-entropy: (B, S, H) final hidden -> (B, T) fp32 loss per token. GPTModel's
+    and the last pipeline stage's (megaclm.model.pipe) loss."""
+    if pstate.tp_size == 1:  # never materialise all (B, T, V) logits
+        return ops.linear_cross_entropy(h, weight, labels, kernels.cross_entropy_chunk_size)
+    return vocab_parallel_cross_entropy(output_logits(h, weight, pstate), labels, tp_group(pstate))
+
+
+def masked_loss_sum(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """sum(loss x loss_mask) of a micro-batch: with the mask scaled by megaclm.training.loss, the engines'
+    averaging over micro-batches and ranks turns the sum into the global batch's per-token loss. The plain
+    trainer's micro-batch loss and the pipeline's loss_fn."""
+    return (losses.float() * loss_mask).sum()
+
+
+def run_layers(layers, config: ModelConfig, h, position_ids, inputs: AttentionInputs, ring: RingInputs | None,
+               router_loss: torch.Tensor):
+    """(B, S, H) -> ((B, S, H), router_loss + the layers' router losses ()): consecutive transformer layers, the
+    whole model's or one pipeline stage's, with full recomputation as configured.
+    Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
+    uniform: chunks of k layers; block: the first k layers one by one, the others stored whole."""
+    if not (config.recompute_full and torch.is_grad_enabled()):
+        for layer in layers:
+            h, loss = layer(h, position_ids, inputs, ring)
+            router_loss = router_loss + loss
+        return h, router_loss
+    k = config.recompute_num_layers
+    chunks = ([layers[i:i + k] for i in range(0, len(layers), k)] if config.recompute_method == "uniform"
+              else [layers[i:i + 1] for i in range(len(layers))])
+    for n, chunk in enumerate(chunks):
+
+        def run(x, pos, chunk=chunk):  # the router loss is an output, so its gradient reaches the recompute
+            total = x.new_zeros((), dtype=torch.float32)
+            for layer in chunk:
+                x, loss = layer(x, pos, inputs, ring)
+                total = total + loss
+            return x, total
+
+        if config.recompute_method == "uniform" or n < k:
+            h, loss = recompute(run, h, position_ids)
+        else:
+            h, loss = run(h, position_ids)
+        router_loss = router_loss + loss
+    return h, router_loss
+
+
 MOE_STATS = ("router_loss", "moe_aux_loss", "moe_z_loss")  # GPTModel.moe_stats' keys
+
+
+def moe_stat_sums(layers) -> list[torch.Tensor]:
+    """[sum of the unweighted load-balancing losses, sum of the z-losses] of the MoE layers among `layers`
+    in their last forward."""
+    moe = [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
+    return [sum(m.stats[k] for m in moe) for k in MOE_STATS[1:]]
+
+
+class OutputLayer(ColumnParallelLinear):
+    """The untied output layer's weight (V/tp, H); token_losses applies it."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState):
+        super().__init__(config.hidden_size, vocab_size, pstate, bias=False,
+                         init_method=normal_init(config.init_method_std))
+        self.weight.embedding_or_output = True  # its own lr under --decoupled-lr
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One part of GPTModel, in model order: its attribute name, its class and the constructor arguments.
+    GPTModel builds the list whole; the pipeline (megaclm.model.pipe) builds each stage's slice of it."""
+
+    name: str  # "embedding", "layers.{i}", "final_norm", "output_layer"
+    cls: type
+    args: tuple
+
+    def build(self) -> nn.Module:
+        return self.cls(*self.args)
+
+
+def model_pieces(config: ModelConfig, vocab_size: int, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
+                 lora: LoraConfig | None) -> list[Piece]:
+    """embedding, layers.0 .. layers.{L-1}, final_norm[, output_layer (untied)]: GPTModel's parameters."""
+    pieces = [Piece("embedding", Embedding, (config, vocab_size, pstate))]
+    pieces += [Piece(f"layers.{i}", TransformerLayer, (config, pstate, ops, kernels, lora, i))
+               for i in range(config.num_layers)]
+    pieces.append(Piece("final_norm", Norm, (config, pstate, ops)))
+    if config.untie_embeddings_and_output_weights:
+        pieces.append(Piece("output_layer", OutputLayer, (config, vocab_size, pstate)))
+    return pieces
 
 
 class GPTModel(nn.Module):
@@ -337,17 +425,13 @@ class GPTModel(nn.Module):
         ops = build_ops(self.kernels)
         self.ops = ops
         self.layer_inputs = LayerInputs(config, pstate, self.kernels)
-        self.embedding = Embedding(config, padded_vocab_size, pstate)
         lora = lora if lora is not None and lora.enabled else None
-        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels, lora, index=i)
-                                    for i in range(config.num_layers))
+        built = {p.name: p.build() for p in model_pieces(config, padded_vocab_size, pstate, ops, self.kernels, lora)}
+        self.embedding = built["embedding"]
+        self.layers = nn.ModuleList(built[f"layers.{i}"] for i in range(config.num_layers))
         self.moe_stats: dict[str, torch.Tensor] = {}
-        self.final_norm = Norm(config, pstate, ops)
-        self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
-            self.output_layer = ColumnParallelLinear(config.hidden_size, padded_vocab_size, pstate, bias=False,
-                                                     init_method=normal_init(config.init_method_std))
-            self.output_layer.weight.embedding_or_output = True
+        self.final_norm = built["final_norm"]
+        self.output_layer = built.get("output_layer")
         # The output weight is used in this forward, not its owner's: ZeRO-3 must gather it for this module.
         deepspeed.zero.register_external_parameter(self, self.output_weight)
         if lora is not None:
@@ -371,51 +455,14 @@ class GPTModel(nn.Module):
             position_ids = sequence_index(T * n, n, r, kind == "ring", input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
         inputs, ring = self.layer_inputs(position_ids, document_ids, h.dtype, self.training)  # shared by all layers
-        h, router_loss = self._run_layers(h, position_ids, inputs, ring)
+        h, router_loss = run_layers(self.layers, self.config, h, position_ids, inputs, ring,
+                                    h.new_zeros((), dtype=torch.float32))
         if self.config.num_experts is not None:
-            self._record_moe_stats(router_loss)
+            n = self.config.num_moe_layers
+            self.moe_stats = {"router_loss": router_loss.detach(),
+                              **{k: s / n for k, s in zip(MOE_STATS[1:], moe_stat_sums(self.layers))}}
         h = self.final_norm(h)
-        if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
-            losses = self.ops.linear_cross_entropy(h, self.output_weight, labels,
-                                                   self.kernels.cross_entropy_chunk_size)
-        else:
-            logits = output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
-            if labels is None:
-                return logits
-            losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
+        if labels is None:
+            return output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
+        losses = token_losses(h, self.output_weight, labels, self.pstate, self.ops, self.kernels)
         return losses + router_loss if self.training and self.config.num_experts is not None else losses
-
-    def _record_moe_stats(self, router_loss: torch.Tensor) -> None:
-        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
-        self.moe_stats = {"router_loss": router_loss.detach(),
-                          **{k: sum(m.stats[k] for m in moe) / len(moe) for k in MOE_STATS[1:]}}
-
-    def _run_layers(self, h, position_ids, inputs, ring=None):
-        """-> (hidden (B, S, H), summed router loss ())."""
-        c = self.config
-        router_loss = h.new_zeros((), dtype=torch.float32)
-        if not (c.recompute_full and torch.is_grad_enabled()):
-            for layer in self.layers:
-                h, loss = layer(h, position_ids, inputs, ring)
-                router_loss = router_loss + loss
-            return h, router_loss
-        # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
-        # uniform: chunks of k layers; block: the first k layers one by one, the others stored whole.
-        k = c.recompute_num_layers
-        chunks = ([self.layers[i:i + k] for i in range(0, len(self.layers), k)] if c.recompute_method == "uniform"
-                  else [self.layers[i:i + 1] for i in range(len(self.layers))])
-        for n, chunk in enumerate(chunks):
-
-            def run(x, pos, chunk=chunk):  # the router loss is an output, so its gradient reaches the recompute
-                total = x.new_zeros((), dtype=torch.float32)
-                for layer in chunk:
-                    x, loss = layer(x, pos, inputs, ring)
-                    total = total + loss
-                return x, total
-
-            if c.recompute_method == "uniform" or n < k:
-                h, loss = recompute(run, h, position_ids)
-            else:
-                h, loss = run(h, position_ids)
-            router_loss = router_loss + loss
-        return h, router_loss
