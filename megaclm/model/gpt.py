@@ -309,15 +309,6 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState) 
     return column_parallel_linear(h, weight, None, tp_group(pstate), tp_info(pstate)[2])
 
 
-def token_losses(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pstate: ParallelState, ops: Ops,
-                 kernels: KernelsConfig) -> torch.Tensor:
-    """The output layer and its cross-entropy: (B, S, H) final hidden -> (B, T) fp32 loss per token. GPTModel's
-    and the last pipeline stage's (megaclm.model.pipe) loss."""
-    if pstate.tp_size == 1:  # never materialise all (B, T, V) logits
-        return ops.linear_cross_entropy(h, weight, labels, kernels.cross_entropy_chunk_size)
-    return vocab_parallel_cross_entropy(output_logits(h, weight, pstate), labels, tp_group(pstate))
-
-
 def masked_loss_sum(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """sum(loss x loss_mask) of a micro-batch: with the mask scaled by megaclm.training.loss, the engines'
     averaging over micro-batches and ranks turns the sum into the global batch's per-token loss. The plain
@@ -367,7 +358,7 @@ def moe_stat_sums(layers) -> list[torch.Tensor]:
 
 
 class OutputLayer(ColumnParallelLinear):
-    """The untied output layer's weight (V/tp, H); token_losses applies it."""
+    """The untied output layer's weight (V/tp, H), applied by output_logits or the fused linear cross-entropy."""
 
     def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState):
         super().__init__(config.hidden_size, vocab_size, pstate, bias=False,
@@ -462,7 +453,12 @@ class GPTModel(nn.Module):
             self.moe_stats = {"router_loss": router_loss.detach(),
                               **{k: s / n for k, s in zip(MOE_STATS[1:], moe_stat_sums(self.layers))}}
         h = self.final_norm(h)
-        if labels is None:
-            return output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
-        losses = token_losses(h, self.output_weight, labels, self.pstate, self.ops, self.kernels)
+        if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
+            losses = self.ops.linear_cross_entropy(h, self.output_weight, labels,
+                                                   self.kernels.cross_entropy_chunk_size)
+        else:
+            logits = output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
+            if labels is None:
+                return logits
+            losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
         return losses + router_loss if self.training and self.config.num_experts is not None else losses

@@ -4,7 +4,8 @@
 
 The specs build GPTModel's own classes from GPTModel's own constructor arguments (megaclm.model.gpt.model_pieces),
 and a stage runs its slice with GPTModel's own functions: the embedding, `run_layers` (recomputation included),
-the final norm, and on the last stage `token_losses` + `masked_loss_sum`, the plain trainer's micro-batch loss.
+the final norm and `output_logits`; `loss` is GPTModel's vocab-parallel cross-entropy (+ router losses) summed
+by `masked_loss_sum`, the plain trainer's micro-batch loss.
 With tied embeddings the embedding is a TiedLayerSpec ("embed") that appears again as the head, so the first
 and last stages each hold the table and DeepSpeed all-reduces its gradient between them; untied, the head is
 GPTModel's OutputLayer.
@@ -14,8 +15,9 @@ Batch format (what the trainer's data iterator yields per micro-batch):
      (labels (B, T) int64, loss_mask (B, T) float))
 Between stages the tuple (hidden (B, S, H), position_ids[, document_ids]) travels: a float ALiBi bias cannot
 (DeepSpeed would expect a gradient for it), so each stage builds its layers' attention inputs from the ids.
-The last stage hands the final hidden state to `loss_fn` (`GPTPipelineModule.loss`): sum(loss x loss_mask),
-the mask scaled by the trainer for a per-token loss over the global batch (megaclm.training.loss).
+The last stage returns logits (B, T, V/tp) to `loss_fn` (`GPTPipelineModule.loss`): sum(loss x loss_mask),
+the mask scaled by the trainer for a per-token loss over the global batch (megaclm.training.loss). GPTModel at
+tp 1 fuses the output layer into its loss instead (never all logits); a stage cannot (below, `forward`).
 
 Mixture of Experts: the router losses of every stage must reach the loss, so the tuple carries one more
 float tensor ahead of the hidden state, router (3,) fp32 = [router loss so far (coefficient-weighted,
@@ -56,9 +58,11 @@ from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig
 from megaclm.model.compiled import compile_blocks
 from megaclm.model.gpt import (MOE_STATS, Embedding, LayerInputs, Norm, TransformerLayer, masked_loss_sum,
-                               model_pieces, moe_stat_sums, run_layers, token_losses)
+                               model_pieces, moe_stat_sums, output_logits, run_layers)
 from megaclm.model.lora import freeze_base
 from megaclm.ops import build_ops
+from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaclm.parallel.layers import tp_group
 from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 
@@ -106,7 +110,7 @@ class GPTPipelineModule(PipelineModule):
         super().__init__(
             layers=layer_specs(config, padded_vocab_size, pstate, kernels, lora), topology=pstate.pipeline_topology,
             partition_method="parameters" if partition_method == "parameters" else "type:TransformerLayer")
-        self.config, self.pstate, self.kernels, self.ops = config, pstate, kernels, build_ops(kernels)
+        self.config, self.pstate = config, pstate
         self.loss_fn = self.loss
         self.layer_inputs = LayerInputs(config, pstate, kernels)
         self.moe_stats = {k: torch.zeros(()) for k in MOE_STATS} if config.num_experts is not None else None
@@ -145,7 +149,10 @@ class GPTPipelineModule(PipelineModule):
 
     def forward(self, inputs):
         """inputs (first stage: the batch's ids; later: what the previous stage returned) -> the tuple for the
-        next stage, or on the last stage the final hidden state (B, S, H) (MoE: (router, hidden))."""
+        next stage, or on the last stage the logits (B, T, V/tp) (MoE: (router, logits)). The output layer runs
+        here, not in `loss`: DeepSpeed's engine scales gradients (accumulation, 16-bit loss scale) where they
+        enter forward's outputs, so a weight used only after forward got unscaled gradients (found by
+        tools/check_layout.py at TP 2 x PP 2 bf16: grad norm 5-10% low)."""
         moe = self.config.num_experts is not None
         if self.embedding is not None:
             input_ids, position_ids, *document_ids = inputs
@@ -163,19 +170,21 @@ class GPTPipelineModule(PipelineModule):
                 router = torch.stack([loss, router[1] + aux, router[2] + z])
         if self.final_norm is not None:
             h = self.final_norm(h)
-            return (router, h) if moe else h
+        if self.stage_id == self.num_stages - 1:  # the head's stage (the norm may sit on the one before)
+            logits = output_logits(h, self.output_weight, self.pstate)  # (B, T, V/tp)
+            return (router, logits) if moe else logits
         if not moe:
             return h, position_ids, *document_ids
         sent = router.detach().requires_grad_()  # DeepSpeed's backward of it only sets its .grad
         return sent, _RouterGradient.apply(h, router, sent), position_ids, *document_ids
 
     def loss(self, outputs, labels_and_mask) -> torch.Tensor:
-        """The last stage's loss_fn: GPTModel's per-token loss (the router losses on every token, as in
-        GPTModel.forward), summed with the scaled mask as the plain trainer does. MoE: `moe_stats` keeps the
-        micro-batch's statistics (MOE_STATS, detached)."""
+        """The last stage's loss_fn on its (router, logits): GPTModel's per-token loss (its vocab-parallel
+        cross-entropy, the router losses on every token), summed with the scaled mask as the plain trainer does.
+        MoE: `moe_stats` keeps the micro-batch's statistics (MOE_STATS, detached)."""
         labels, loss_mask = labels_and_mask
-        router, h = outputs if isinstance(outputs, tuple) else (None, outputs)
-        losses = token_losses(h, self.output_weight, labels, self.pstate, self.ops, self.kernels)  # (B, T) fp32
+        router, logits = outputs if isinstance(outputs, tuple) else (None, outputs)
+        losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))  # (B, T) fp32
         if router is not None:
             losses = losses + router[0]  # 0 outside training (MoE.forward)
             n = self.config.num_moe_layers

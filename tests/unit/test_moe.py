@@ -374,17 +374,15 @@ def test_router_gradient_arrives_in_the_hidden_states_one_backward():
 
 
 def test_pipe_loss_adds_the_router_loss_to_every_token():
-    """The last stage's loss_fn on its (router, final hidden) output: GPTModel's head + cross-entropy, the
-    router loss on every token, summed with the mask; the router statistics kept for DeepSpeed."""
+    """The last stage's loss_fn on its (router, logits) output: GPTModel's cross-entropy, the router loss on
+    every token, summed with the mask; the router statistics kept for DeepSpeed."""
     config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 2})  # 2 MoE layers
-    hidden, weight = torch.randn(2, 3, 8), torch.randn(11, 8)
-    labels = torch.randint(0, 11, (2, 3))
+    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
     mask = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
     router = torch.tensor([0.25, 2.0, 3.0])
-    stage = types.SimpleNamespace(config=config, pstate=ParallelState.single(), ops=build_ops(KernelsConfig()),
-                                  kernels=KernelsConfig(), output_weight=weight, moe_stats=None)
-    got = GPTPipelineModule.loss(stage, (router, hidden), (labels, mask))
-    ce = torch.nn.functional.cross_entropy(hidden.view(-1, 8) @ weight.t(), labels.view(-1), reduction="none")
-    torch.testing.assert_close(got, ((ce.view(2, 3) + 0.25) * mask).sum())
+    stage = types.SimpleNamespace(config=config, pstate=ParallelState.single(), moe_stats=None)
+    got = GPTPipelineModule.loss(stage, (router, logits), (labels, mask))
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), reduction="none").view(2, 3)
+    torch.testing.assert_close(got, ((ce + 0.25) * mask).sum())
     assert {k: v.item() for k, v in stage.moe_stats.items()} == {
         "router_loss": 0.25 * 5.5, "moe_aux_loss": 1.0, "moe_z_loss": 1.5}
