@@ -12,7 +12,8 @@ position ids are the global ones, so RoPE is unchanged. Only the core attention 
       (B, T/n, nh, hd) to (B, T, nh/n, hd), megaclm's core attention, all-to-all back
   ring (--context-parallel-size)         megaclm.parallel.context.ring_attention over load-balanced chunks
 
-State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.model.sharding):
+State-dict keys (full, unsharded shapes; "tp: dim d" = split along d, as the parallel layers declare it on the
+parameter and megaclm.model.sharding reads it):
     embedding.word_embeddings.weight            (V, H)                  tp: dim 0
     embedding.position_embeddings.weight        (max_pos, H)            learned_absolute only
     layers.{i}.input_norm.weight / .bias        (H,)                    bias with LayerNorm only
