@@ -86,7 +86,7 @@ class RingInputs:
 
 class LayerInputs:
     """`(position_ids, document_ids, dtype, training) -> (AttentionInputs, RingInputs | None)`: what every
-    layer's attention needs, built once per forward (GPTModel) or per pipeline layer (it travels as ids)."""
+    layer's attention needs, built once per forward (GPTModel) or per pipeline stage (it travels as ids)."""
 
     def __init__(self, config: ModelConfig, pstate: ParallelState, kernels: KernelsConfig):
         self.config, self.pstate, self.kernels = config, pstate, kernels
