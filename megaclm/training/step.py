@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megaclm.config.training import TrainingConfig
 from megaclm.logging import get_logger
-from megaclm.model.gpt import MOE_STATS
+from megaclm.model.gpt import MOE_STATS, masked_loss_sum
 from megaclm.parallel.state import ParallelState
 from megaclm.training.batch import BatchSource
 from megaclm.training.callbacks import stop_agreed
@@ -56,7 +56,7 @@ class TrainStep:
         step's sum of these the per-token loss of the global batch (megaclm.training.loss)."""
         losses = self.engine(batch["tokens"], position_ids=batch["position_ids"],
                              document_ids=batch.get("document_ids"), labels=batch["labels"])  # (B, T) fp32
-        return (losses.float() * batch["loss_mask"]).sum()
+        return masked_loss_sum(losses, batch["loss_mask"])
 
     def normalised(self, micro: Iterator) -> tuple[list, torch.Tensor]:
         """The global batch's micro-batches, loss masks scaled for the per-token loss, and its loss-token count."""
