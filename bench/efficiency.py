@@ -143,21 +143,11 @@ def _group_names(pstate) -> dict:
     return names
 
 
-def _parts(engine, pstate):
-    """(embedding module or None, final norm or None, transformer layers on this rank)."""
-    from megaclm.model.gpt import Embedding, TransformerLayer
-
+def _parts(engine):
+    """(embedding module or None, final norm or None, transformer layers on this rank): GPTModel's and a
+    pipeline stage's alike (None where another stage holds the piece)."""
     module = engine.module
-    layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
-    embedding = next((m for m in module.modules() if isinstance(m, Embedding)), None)
-    head = getattr(module, "final_norm", None)
-    if head is None and pstate.pp_size > 1 and pstate.is_last_stage:
-        from megaclm.model.pipe import FinalNormPipe
-
-        head = next(m for m in module.modules() if isinstance(m, FinalNormPipe))
-    if pstate.pp_size > 1 and not pstate.is_first_stage:
-        embedding = None  # stage > 0 keeps the tied embedding only for the head
-    return embedding, head, len(layers)
+    return module.embedding, module.final_norm, len(module.layers)
 
 
 @dataclasses.dataclass
@@ -230,7 +220,7 @@ def measure(rank: int, args, name: str) -> dict:
     cfg, derived, engine, pstate, vocab = run.cfg, run.derived, run.engine, run.pstate, run.vocab
     step = run.step
     step()  # warm-up: DeepSpeed's lazily built buffers and groups
-    embedding, head, n_layers = _parts(engine, pstate)
+    embedding, head, n_layers = _parts(engine)
     saved = SavedActivations(engine.module, embedding, head)
     colls = CollectiveCounter(_group_names(pstate))
     syncs = HostSyncCounter()

@@ -9,15 +9,22 @@ What is measured, on the first CUDA device if there is one, else the CPU (dtype 
   attention  causal scaled_dot_product_attention forward and backward, counted as the MFU numerator counts it
              (4 * T^2 * heads * head_dim forward, x3 with backward: the full, not causally halved, s^2): FLOP/s
   memory     a large tensor copy (read + write): GB/s
+  ops        the fixed cost of one operation (op_overhead_us): one megaclm TransformerLayer (the Llama family:
+             RMSNorm, RoPE, GQA, SwiGLU; the reference ops on a CPU) at a size where its arithmetic is nothing
+             (hidden 64, 16 tokens), forward and backward, over the 3 x megaclm.planner.cost.OPS_PER_LAYER
+             operations the cost model counts per layer: Python, dispatcher and autograd per op on a CPU,
+             kernel launches on a GPU
   links      all-reduce and all-gather between 2 processes (forkserver) over gloo on the CPU, nccl on 2 GPUs:
              bus bandwidth of a large message (all-reduce: 2(n-1)/n x size / time, the profile's gbps; all-gather:
              (n-1)/n x output / time, its gather_gbps) and the latency of a call as training sees it: what a 4-byte
              all-reduce adds between matmuls (the ranks meet at every call; on a busy host that includes waiting
-             to be scheduled). Both links of the profile (inside / across nodes) get what
+             to be scheduled), at least what one of 20 back-to-back calls takes. Both links of the profile (inside / across nodes) get what
              was measured, unless there are fewer than 2 GPUs: then they stay the --base profile's.
-The peak is --peak-tflops (the datasheet's) when given, else the measured matmul rate; the achievable
-fractions are then measured rate / peak. Everything else (HBM size, PCIe, CPU Adam) comes from --base when
-given, else from the machine (memory size, the copy bandwidth). Writes the JSON atomically; prints it.
+Each rate is the median of --iters timed runs after warm-up (the load average is recorded beside it: on a shared
+host the others' work shows in every figure). The peak is --peak-tflops (the datasheet's) when given, else the
+measured matmul rate; the achievable fractions are then measured rate / peak. Everything else (HBM size, PCIe,
+CPU Adam) comes from --base when given, else from the machine (memory size, the copy bandwidth). Writes the JSON
+atomically; prints it.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -39,7 +47,8 @@ from megaclm.utils.fileio import atomic_write  # noqa: E402
 
 
 def timed(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
-    """The fastest of `iters` runs of fn(), in seconds: on a shared host other processes only ever add time."""
+    """The median of `iters` runs of fn() after `warmup`, in seconds: the step times the planner is checked
+    against are medians too (the fastest run would pick the moments the others' work left the host alone)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -51,7 +60,7 @@ def timed(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 def matmul_flops(device, dtype, tokens: int, hidden: int, iters: int) -> float:
@@ -79,6 +88,28 @@ def copy_gbps(device, nbytes: int, iters: int) -> float:
     return 2 * nbytes / timed(lambda: dst.copy_(src), device, iters) / 1e9
 
 
+def op_overhead_us(device, iters: int) -> float:
+    """Microseconds per operation of a megaclm TransformerLayer too small for its arithmetic to count."""
+    from megaclm.config.kernels import KernelsConfig
+    from megaclm.config.presets import model_preset
+    from megaclm.model.gpt import TransformerLayer
+    from megaclm.ops import build_ops
+    from megaclm.planner.cost import OPS_PER_LAYER
+
+    config = model_preset("llama-7b", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                          num_query_groups=2, max_position_embeddings=16)
+    kernels = KernelsConfig(op_backend="fused" if device.type == "cuda" else "torch")
+    layer = TransformerLayer(config, None, build_ops(kernels), kernels).to(device)
+    x = torch.randn(1, 16, 64, device=device, requires_grad=True)
+    positions = torch.arange(16, device=device)[None]
+
+    def step():
+        layer(x, positions)[0].sum().backward()
+
+    reps = 20  # layers per timed run: a run of ~1 ms of overhead, long beside the timer's resolution
+    return timed(lambda: [step() for _ in range(reps)], device, iters) / reps / (3 * OPS_PER_LAYER) * 1e6
+
+
 def _link_worker(rank: int, port: int, backend: str, nbytes: int, iters: int, threads: int, out) -> None:
     import torch.distributed as dist
 
@@ -103,10 +134,16 @@ def _link_worker(rank: int, port: int, backend: str, nbytes: int, iters: int, th
             a @ a
             dist.all_reduce(tiny)
 
+    def calls():
+        for _ in range(20):
+            dist.all_reduce(tiny)
+
     bare = timed(compute, device, iters)
+    # Back-to-back calls are the floor (medians of a noisy host can make the difference below it).
+    alone = timed(calls, device, iters)
     result = {"all_reduce_s": timed(lambda: dist.all_reduce(big), device, iters),
               "all_gather_s": timed(lambda: dist.all_gather_into_tensor(gathered, big), device, iters),
-              "latency_s": max(timed(compute_and_call, device, iters) - bare, 0.0) / 20}
+              "latency_s": max(timed(compute_and_call, device, iters) - bare, alone) / 20}
     dist.destroy_process_group()
     if rank == 0:
         out.put(result)
@@ -144,6 +181,7 @@ def measure(args) -> dict:
     mm = matmul_flops(device, dtype, tokens, h, args.iters)
     attn = attention_flops(device, dtype, seq, 8 if not gpu else 32, 64 if not gpu else 128, args.iters)
     mem = copy_gbps(device, (1 << 30) if gpu else args.copy_mib << 20, args.iters)
+    overhead = op_overhead_us(device, args.iters)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else mm
     base = load_profile(args.base).to_dict() if args.base else None
     links = None
@@ -167,8 +205,10 @@ def measure(args) -> dict:
         "hbm_gbps": round(mem, 3),
         "pcie_gbps": base["pcie_gbps"] if base else round(mem, 3),
         "cpu_adam_gparams_per_s": base["cpu_adam_gparams_per_s"] if base else 0.25,
+        "op_overhead_us": round(overhead, 2),
         "links": links or base["links"],
         "measured": {"matmul_tflops": mm / 1e12, "attention_tflops": attn / 1e12, "copy_gbps": mem,
+                     "op_overhead_us": overhead, "load_average": os.getloadavg(),
                      "shapes": {"matmul": [tokens, h, 4 * h], "attention_seq": seq}},
     }
     if gpu and base:  # the datasheet's other dtypes, scaled like the measured one
@@ -187,7 +227,7 @@ def main(argv=None) -> int:
                                                       "with one GPU, PCIe, CPU Adam).")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per process (default 1: as each of 2 ranks on 2 cores runs).")
-    parser.add_argument("--iters", type=int, default=5, help="Timed repetitions (the fastest counts).")
+    parser.add_argument("--iters", type=int, default=7, help="Timed repetitions (their median counts).")
     parser.add_argument("--hidden", type=int, default=256, help="CPU: GEMM hidden size.")
     parser.add_argument("--tokens", type=int, default=512, help="CPU: GEMM rows (tokens).")
     parser.add_argument("--seq", type=int, default=512, help="CPU: attention sequence length.")

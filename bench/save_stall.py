@@ -33,7 +33,9 @@ from megaclm.config import MegaclmConfig, compute_derived  # noqa: E402
 from megaclm.config.data import DataConfig  # noqa: E402
 from megaclm.config.deepspeed_json import deepspeed_config  # noqa: E402
 from megaclm.config.model import ModelConfig  # noqa: E402
+from megaclm.config.precision import PrecisionConfig  # noqa: E402
 from megaclm.config.training import TrainingConfig  # noqa: E402
+from megaclm.config.zero import ZeroConfig  # noqa: E402
 from megaclm.training.engine import build_engine, build_model, init_distributed  # noqa: E402
 
 
@@ -56,7 +58,8 @@ def main() -> None:
     cfg = MegaclmConfig(model=ModelConfig(num_layers=a.num_layers, hidden_size=a.hidden_size,
                                           num_attention_heads=heads, max_position_embeddings=128),
                         data=DataConfig(seq_length=128),
-                        training=TrainingConfig(micro_batch_size=1, train_iters=10, bf16=a.bf16, zero_stage=1))
+                        training=TrainingConfig(micro_batch_size=1, train_iters=10),
+                        precision=PrecisionConfig(bf16=a.bf16), zero=ZeroConfig(zero_stage=1))
     derived = compute_derived(cfg, 1, vocab_size=a.vocab_size)
     pstate = init_distributed(cfg)
     ds = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())

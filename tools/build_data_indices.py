@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     samples = train_valid_test_num_samples(derived.train_iters, gbs, cfg.training.eval_interval,
                                            cfg.training.eval_iters)
     start = time.perf_counter()
-    samples = (samples[0] + extra_train_batches(cfg.training) * gbs, *samples[1:])  # as build_batch_source
+    samples = (samples[0] + extra_train_batches(cfg.resilience) * gbs, *samples[1:])  # as build_batch_source
     datasets = build_train_valid_test(cfg.data, seed=cfg.training.seed, train_samples=samples[0],
                                       valid_samples=samples[1], test_samples=samples[2], eod_id=tokenizer.eod,
                                       global_batch_size=gbs)

@@ -54,6 +54,7 @@ from megaclm.data.readers import TEXT_MODE_HELP, TEXT_MODES, check_text_mode, ex
 from megaclm.model.gpt import GPTModel  # noqa: E402
 from megaclm.model.sharding import shard_state_dict  # noqa: E402
 from megaclm.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from megaclm.parallel.layers import tp_group  # noqa: E402
 from megaclm.parallel.state import ParallelState  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 from megaclm.utils.fileio import atomic_write  # noqa: E402
@@ -120,7 +121,7 @@ class MegaclmScorer:
         # Re-pad for this TP size (a checkpoint saved with another TP may have a different padding).
         padded = rows if rows % tp == 0 else pad_vocab_size(self.vocab, model_cfg.make_vocab_size_divisible_by, tp)
         full = pad_vocab(unpad_vocab(ckpt.state_dict, self.vocab), padded) if padded != rows else ckpt.state_dict
-        self.model = GPTModel(model_cfg, padded, self.pstate if tp > 1 else None, lora=lora)
+        self.model = GPTModel(model_cfg, padded, self.pstate, lora=lora)
         self.model.load_state_dict(shard_state_dict(full, model_cfg, tp, self.pstate.tp_rank))
         self.model.to(device).eval()
         self.padded, self.tp, self.device = padded, tp, device
@@ -130,8 +131,7 @@ class MegaclmScorer:
         per_rank = self.padded // self.tp
         ids = self.pstate.tp_rank * per_rank + torch.arange(per_rank, device=logits.device)
         logits = logits.float().masked_fill(ids >= self.vocab, float("-inf"))  # padding is not vocabulary
-        group = self.pstate.tp_group if self.tp > 1 else None
-        return vocab_parallel_cross_entropy(logits, targets.to(self.device), group)  # (B, S) fp32
+        return vocab_parallel_cross_entropy(logits, targets.to(self.device), tp_group(self.pstate))  # (B, S) fp32
 
 
 class HFScorer:

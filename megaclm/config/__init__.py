@@ -4,10 +4,10 @@
     cfg.model.hidden_size, cfg.training.global_batch_size, derived.grad_accum_steps
 
 Sections (YAML key -> class, one file each in this package): model, parallel, kernels, data,
-tokenizer, optimizer, scheduler, training, checkpoint, logging, lora. A YAML file has the same tree
-(`{section: {field: value}}`, see examples/llama_7b.yaml); flags override it; `--model-preset NAME`
-(or a top-level `model_preset:` key) starts the model section from a named shape
-(megaclm.config.presets). Precedence: field defaults < preset < YAML < flags.
+tokenizer, optimizer, scheduler, training, precision, zero, resilience, checkpoint, logging, lora.
+A YAML file has the same tree (`{section: {field: value}}`, see examples/llama_7b.yaml); flags
+override it; `--model-preset NAME` (or a top-level `model_preset:` key) starts the model section
+from a named shape (megaclm.config.presets). Precedence: field defaults < preset < YAML < flags.
 
 Each section validates itself in `__post_init__`; `validate.validate(cfg, derived)` does the
 cross-section checks (all before any heavy work); `derived.compute_derived` gives the values that
@@ -36,10 +36,13 @@ from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig
 from megaclm.config.optimizer import OptimizerConfig
 from megaclm.config.parallel import ParallelConfig
+from megaclm.config.precision import PrecisionConfig
 from megaclm.config.presets import MODEL_PRESETS
+from megaclm.config.resilience import ResilienceConfig
 from megaclm.config.scheduler import SchedulerConfig
 from megaclm.config.tokenizer import TokenizerConfig
 from megaclm.config.training import TrainingConfig
+from megaclm.config.zero import ZeroConfig
 from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
 
@@ -58,6 +61,9 @@ class MegaclmConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -68,7 +74,7 @@ class MegaclmConfig:
     @classmethod
     def from_dict(cls, tree: dict[str, dict[str, Any]]) -> "MegaclmConfig":
         """Rebuild from `to_dict()` output (e.g. the config stored in a checkpoint), type-checked."""
-        values = arguments.yaml_values(tree, SECTIONS, source="stored config")
+        values = arguments.yaml_values(tree, SECTIONS, source="stored config", note_moved=False)
         return cls(**arguments.build_sections(values, SECTIONS))
 
 

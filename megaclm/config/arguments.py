@@ -10,7 +10,8 @@ Every field of a section dataclass becomes one flag:
     list/dict       element-typed list (`nargs`), or a YAML/JSON literal for nested structures
     help            `metadata["help"]` (required: the field docstring)
     `metadata["cli"] = False` keeps a field YAML-only; `metadata["yaml_aliases"]`: former field names a YAML
-    file or a stored config may still use (`kernels.kernels` for `kernels.op_backend`).
+    file or a stored config may still use (`kernels.kernels` for `kernels.op_backend`); a class attribute
+    `former_section`: the section its fields were read from before (`training:` for `precision.bf16`).
 
 Sources merge as defaults < YAML (`--config run.yaml`, the same tree: `{section: {field: value}}`)
 < flags. Unknown YAML keys get a difflib "did you mean"; a value of the wrong type is reported with its
@@ -32,7 +33,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from megaclm.logging import get_logger
 from megaclm.utils.errors import UserError
+
+log = get_logger(__name__)
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one `error:` line via cli_main) instead of printing usage."""
@@ -338,8 +342,43 @@ def load_yaml(path: str) -> dict:
     return tree
 
 
-def yaml_values(tree: dict, sections: dict[str, type], source: str = "config") -> dict[str, dict[str, Any]]:
-    """Type-checked {section: {field: value}} from a YAML tree; unknown keys get a did-you-mean."""
+def move_former_keys(tree: dict, sections: dict[str, type], source: str, note: bool = True) -> dict:
+    """`tree` with the keys of a section's former home moved to it: a section class whose fields once lived in
+    another section says so in `former_section` (precision, zero and resilience were part of `training:`). Both
+    places given is refused; `note`: one deprecation line naming the new sections (not for a stored config,
+    which the user does not edit)."""
+    homes = {(cls.former_section, f.name): name for name, cls in sections.items()
+             if getattr(cls, "former_section", None) for f in dataclasses.fields(cls)}
+    out = {section: dict(body) if isinstance(body, dict) else body for section, body in tree.items()}
+    moved = []
+    for section, body in tree.items():
+        if not isinstance(body, dict):
+            continue
+        for key in body:
+            name = str(key).replace("-", "_")
+            home = homes.get((section, name))
+            if home is None:
+                continue
+            if out.get(home) is None:
+                out[home] = {}
+            if not isinstance(out[home], dict):
+                continue  # yaml_values names the malformed section
+            if any(str(k).replace("-", "_") == name for k in out[home]):
+                raise UserError(f"{source}: '{key}' is given under both '{section}:' and '{home}:'; keep the "
+                                f"'{home}:' one")
+            out[home][key] = out[section].pop(key)
+            moved.append(f"{section}.{key} -> {home}.{key}")
+    if moved and note and os.environ.get("RANK", "0") == "0":
+        log.warning(f"{source}: deprecated keys, read from their new sections: {', '.join(moved)}; move them "
+                    "there in the file")
+    return out
+
+
+def yaml_values(tree: dict, sections: dict[str, type], source: str = "config",
+                note_moved: bool = True) -> dict[str, dict[str, Any]]:
+    """Type-checked {section: {field: value}} from a YAML tree; unknown keys get a did-you-mean; keys in a
+    section's former home are moved to it (`move_former_keys`)."""
+    tree = move_former_keys(tree, sections, source, note_moved)
     out: dict[str, dict[str, Any]] = {}
     all_fields = {f.name: s for s, c in sections.items() for f in dataclasses.fields(c)}
     for section, body in tree.items():

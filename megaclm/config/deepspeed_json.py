@@ -34,19 +34,19 @@ ZERO_REDUCE_BUCKET = 500_000_000
 
 
 def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
-    t, o = cfg.training, cfg.optimizer
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.offload_optimizer:
+    z, p, o = cfg.zero, cfg.precision, cfg.optimizer
+    zero: dict[str, Any] = {"stage": z.zero_stage}
+    if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    if t.offload_param:
+    if z.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    if t.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = t.zero_param_persistence_threshold
+    if z.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = z.zero_param_persistence_threshold
         if derived.seq_split_size > 1:
             # ZeRO-3's reduce-scatter path averages gradients over seq x dp (deepspeed 0.19.8 applies its
             # sequence-parallel correction, sum over seq, only on the all-reduce path): take that one.
             zero["reduce_scatter"] = False
-    if t.zero_stage > 0:
+    if z.zero_stage > 0:
         zero["reduce_bucket_size"] = ZERO_REDUCE_BUCKET
     params: dict[str, Any] = {"lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps,
                               "weight_decay": o.weight_decay}
@@ -61,18 +61,18 @@ def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
         "zero_optimization": zero,
         # Skip a step with non-finite gradients under bf16 too (DeepSpeed's bf16 default does not check):
         # the NaN-loss skip and the loss-spike guard (megaclm.training.spike) rely on it.
-        "bf16": {"enabled": t.bf16, "check_grad_overflow": True},
-        "fp16": {"enabled": t.fp16},
+        "bf16": {"enabled": p.bf16, "check_grad_overflow": True},
+        "fp16": {"enabled": p.fp16},
         "steps_per_print": 2 ** 31 - 1,  # megaclm logs; keep DeepSpeed's own step lines quiet
         "wall_clock_breakdown": False,
     }
-    if t.fp16:
+    if p.fp16:
         ds["fp16"].update({
-            "loss_scale": 0 if t.loss_scale is None else t.loss_scale,  # 0 = dynamic
-            "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
-            "loss_scale_window": t.loss_scale_window,
-            "hysteresis": t.hysteresis,
-            "min_loss_scale": t.min_loss_scale,
+            "loss_scale": 0 if p.loss_scale is None else p.loss_scale,  # 0 = dynamic
+            "initial_scale_power": int(round(math.log2(p.initial_loss_scale))),
+            "loss_scale_window": p.loss_scale_window,
+            "hysteresis": p.hysteresis,
+            "min_loss_scale": p.min_loss_scale,
         })
     return ds
 

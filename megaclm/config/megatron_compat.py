@@ -184,11 +184,6 @@ TABLE: tuple[CompatFlag, ...] = (
     _ignored("--manual-gc-interval", "Python's automatic garbage collection stays on", nargs=1, source=(MLM,)),
     _ignored("--empty-unused-memory-level",
              "megaclm never empties the CUDA cache inside the step (it costs a device sync)", nargs=1, source=(MLM,)),
-    _ignored("--profile", "no profiler trace is written; profile with torch.profiler or nsys around the run",
-             source=(MLM,)),
-    _ignored("--profile-step-start", "no profiler trace is written (see --profile)", nargs=1, source=(MLM,)),
-    _ignored("--profile-step-end", "no profiler trace is written (see --profile)", nargs=1, source=(MLM,)),
-    _ignored("--use-pytorch-profiler", "no profiler trace is written (see --profile)", source=(MLM,)),
 )
 
 # Megatron's spellings of the values of native flags.

@@ -6,6 +6,7 @@ in each section's __post_init__; the model-vs-parallel shape checks in config.mo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -25,23 +26,23 @@ def _model_parallel(cfg: MegaclmConfig) -> None:
 
 
 def _pipeline_zero(cfg: MegaclmConfig) -> None:
-    pp, stage = cfg.parallel.pipeline_model_parallel_size, cfg.training.zero_stage
+    pp, stage = cfg.parallel.pipeline_model_parallel_size, cfg.zero.zero_stage
     if pp > 1 and stage >= 2:
-        raise UserError(f"parallel.pipeline_model_parallel_size={pp} needs training.zero_stage 0 or 1, got {stage}: "
+        raise UserError(f"parallel.pipeline_model_parallel_size={pp} needs zero.zero_stage 0 or 1, got {stage}: "
                         "DeepSpeed's pipeline engine cannot partition gradients or parameters; "
                         "pass --zero-stage 1 (or --pipeline-model-parallel-size 1 to use ZeRO-2/3)")
 
 
 def _moe_zero(cfg: MegaclmConfig) -> None:
-    if cfg.model.num_experts is not None and cfg.training.zero_stage == 3:
-        raise UserError(f"model.num_experts={cfg.model.num_experts} with training.zero_stage=3: DeepSpeed's engine "
+    if cfg.model.num_experts is not None and cfg.zero.zero_stage == 3:
+        raise UserError(f"model.num_experts={cfg.model.num_experts} with zero.zero_stage=3: DeepSpeed's engine "
                         "does not partition MoE layers' parameters under ZeRO-3; use --zero-stage 1 or 2 (expert "
                         "parallelism, --expert-model-parallel-size, already splits the experts' weights)")
 
 
 def _compile_zero3(cfg: MegaclmConfig) -> None:
-    if cfg.kernels.torch_compile and cfg.training.zero_stage == 3:
-        raise UserError("kernels.torch_compile with training.zero_stage=3: torch.compile of the transformer blocks "
+    if cfg.kernels.torch_compile and cfg.zero.zero_stage == 3:
+        raise UserError("kernels.torch_compile with zero.zero_stage=3: torch.compile of the transformer blocks "
                         "traces ZeRO-3's partitioned parameters as they are between its gather hooks (empty "
                         "shards: a shape error at the first step); use --zero-stage 1 or 2 with --torch-compile, or "
                         "drop --torch-compile")
@@ -121,6 +122,13 @@ def _schedule(cfg: MegaclmConfig, derived: Derived | None) -> None:
                         f"the decay length {decay} {unit}")
 
 
+def _profile_ranks(cfg: MegaclmConfig, derived: Derived | None) -> None:
+    lg = cfg.logging
+    if lg.profile and derived is not None and max(lg.profile_ranks) >= derived.world_size:
+        raise UserError(f"logging.profile_ranks={lg.profile_ranks}: rank {max(lg.profile_ranks)} is not in a world "
+                        f"of {derived.world_size}; give ranks 0-{derived.world_size - 1} to --profile-ranks")
+
+
 def _checkpointing(cfg: MegaclmConfig) -> None:
     c = cfg.checkpoint
     if c.save_best and cfg.training.eval_iters == 0:
@@ -169,41 +177,42 @@ def _lora(cfg: MegaclmConfig) -> None:
 
 def _base_quantization(cfg: MegaclmConfig) -> None:
     """QLoRA's quantized base: refuse what cannot work with it, one reason each."""
-    method, t = cfg.lora.base_quantization, cfg.training
+    method = cfg.lora.base_quantization
     if not cfg.lora.quantized:
         return
-    if t.zero_stage == 3:
-        raise UserError(f"lora.base_quantization={method} with training.zero_stage=3: ZeRO-3 partitions every "
+    if cfg.zero.zero_stage == 3:
+        raise UserError(f"lora.base_quantization={method} with zero.zero_stage=3: ZeRO-3 partitions every "
                         "parameter, and a quantized weight cannot be split and gathered as one; the base is frozen, "
                         "so ZeRO-3 saves nothing on it: use --zero-stage 1 or 2")
-    if t.fp8_format is not None:
-        raise UserError(f"lora.base_quantization={method} with training.fp8_format={t.fp8_format}: both replace "
-                        "the block linears' matmul; drop --fp8-format (the frozen base is already quantized)")
+    if cfg.precision.fp8_format is not None:
+        raise UserError(f"lora.base_quantization={method} with precision.fp8_format={cfg.precision.fp8_format}: both "
+                        "replace the block linears' matmul; drop --fp8-format (the frozen base is already quantized)")
     if cfg.kernels.torch_compile:
         raise UserError(f"lora.base_quantization={method} with kernels.torch_compile: compiling the blocks would "
                         "trace torchao's quantized weights through megaclm's dequantizing matmul, an untested "
                         "path; drop --torch-compile")
 
 
-# (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
 def _spike_guard(cfg: MegaclmConfig) -> None:
-    t = cfg.training
-    if t.spike_zscore is None:
+    r = cfg.resilience
+    if r.spike_zscore is None:
         return
     if cfg.parallel.pipeline_model_parallel_size > 1:
-        raise UserError("training.spike_zscore (the loss-spike guard) needs parallel.pipeline_model_parallel_size=1: "
-                        "DeepSpeed's pipeline engine runs the whole step at once, with no point between the loss "
-                        "and the update; drop --spike-zscore or use tensor/data parallelism")
-    if t.spike_action == "rollback" and cfg.checkpoint.save is None:
-        raise UserError("training.spike_action=rollback needs checkpoint.save (it rolls back to the last checkpoint); "
-                        "pass --save DIR --save-interval N")
+        raise UserError("resilience.spike_zscore (the loss-spike guard) needs "
+                        "parallel.pipeline_model_parallel_size=1: DeepSpeed's pipeline engine runs the whole step at "
+                        "once, with no point between the loss and the update; drop --spike-zscore or use "
+                        "tensor/data parallelism")
+    if r.spike_action == "rollback" and cfg.checkpoint.save is None:
+        raise UserError("resilience.spike_action=rollback needs checkpoint.save (it rolls back to the last "
+                        "checkpoint); pass --save DIR --save-interval N")
 
 
+# (check, sections it reads); a tool that parsed fewer sections skips the ones it lacks.
 CHECKS = [
     (_model_parallel, {"model", "parallel"}),
-    (_pipeline_zero, {"parallel", "training"}),
-    (_moe_zero, {"model", "training"}),
-    (_compile_zero3, {"kernels", "training"}),
+    (_pipeline_zero, {"parallel", "zero"}),
+    (_moe_zero, {"model", "zero"}),
+    (_compile_zero3, {"kernels", "zero"}),
     (_seq_length, {"data", "model"}),
     (_shared_fields, {"model", "tokenizer"}),
     (_tokenizer, {"tokenizer"}),
@@ -212,18 +221,18 @@ CHECKS = [
     (_epochs, {"training", "data"}),
     (_checkpointing, {"checkpoint", "training"}),
     (_lora, {"lora", "checkpoint", "model"}),
-    (_base_quantization, {"lora", "training", "kernels"}),
-    (_spike_guard, {"parallel", "training", "checkpoint"}),
+    (_base_quantization, {"lora", "zero", "precision", "kernels"}),
+    (_spike_guard, {"parallel", "resilience", "checkpoint"}),
 ]
 
 
 def validate(cfg: MegaclmConfig, derived: Derived | None, sections: set[str] | None = None) -> None:
     """Run every cross-section check whose sections are present; raise the first UserError."""
-    have = set(sections) if sections is not None else {"model", "parallel", "kernels", "data", "tokenizer", "optimizer",
-                                                          "scheduler", "training", "checkpoint", "logging",
-                                                          "lora"}
+    have = set(sections) if sections is not None else {f.name for f in dataclasses.fields(cfg)}
     for check, needs in CHECKS:
         if needs <= have:
             check(cfg)
     if {"scheduler", "training"} <= have:
         _schedule(cfg, derived)
+    if "logging" in have:
+        _profile_ranks(cfg, derived)

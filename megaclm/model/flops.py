@@ -64,7 +64,9 @@ activation element, t = tensor-parallel size, masks take one byte:
   For GPT with dropout, materialised scores and e=2 this is the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)).
   The first stage also keeps the embedding dropout mask (s*b*h), the last the final norm's input and
   output (2*s*b*h*e) and what the cross-entropy saves: the fp32 logits (4*s*b*V/t), or with tp=1
-  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b). Full recomputation
+  GPTModel's fused linear cross-entropy only the per-token log-sum-exp (4*s*b; the pipeline's loss always
+  materialises the logits), and in a pipeline the logits DeepSpeed's engine keeps in each of the last stage's
+  pipe buffers after their backward (max(2, in flight) x s*b*V/t*e). Full recomputation
   keeps only each chunk's input (s*b*h*e per `recompute_num_layers` layers, method uniform) or the
   inputs of the first `recompute_num_layers` layers of a stage with the others whole (method block),
   and recomputes one chunk at a time; selective recomputation drops the attention core's share.
@@ -544,8 +546,13 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
         if first and model.hidden_dropout > 0:
             act += in_flight * s * b * h / sp
         if last:  # final norm input and output-layer input, then what the cross-entropy keeps:
-            # GPTModel's fused linear cross-entropy (tp=1) only the fp32 log-sum-exp; else fp32 logits.
-            act += 2 * s * b * h * e / sp + (4 * s * b if t == 1 else 4 * s * b * vocab_size / t)
+            # GPTModel's fused linear cross-entropy (tp=1) only the fp32 log-sum-exp; the pipeline's loss
+            # (GPTPipeLoss, any tp) and tp > 1 the fp32 (log-)softmax of the materialised logits.
+            logits = s * b * vocab_size / t
+            act += 2 * s * b * h * e / sp + (4 * s * b if t == 1 and pp == 1 else 4 * logits)
+            if pp > 1:  # DeepSpeed's pipeline engine keeps the logits of each of the last stage's pipe buffers
+                # (TrainSchedule: max(2, in flight)) after their backward, until a later forward replaces them
+                act += max(2, in_flight) * logits * e
         gpu["activations"], cpu["activations"] = act, 0.0
         gpu["reduce bucket"] = ZERO_REDUCE_BUCKET * (2 if setup.precision != "fp32" else 4) \
             if setup.zero_stage == 3 else 0.0

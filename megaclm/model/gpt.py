@@ -12,7 +12,8 @@ position ids are the global ones, so RoPE is unchanged. Only the core attention 
       (B, T/n, nh, hd) to (B, T, nh/n, hd), megaclm's core attention, all-to-all back
   ring (--context-parallel-size)         megaclm.parallel.context.ring_attention over load-balanced chunks
 
-State-dict keys (full, unsharded shapes; "tp: dim d" = split along d by megaclm.model.sharding):
+State-dict keys (full, unsharded shapes; "tp: dim d" = split along d, as the parallel layers declare it on the
+parameter and megaclm.model.sharding reads it):
     embedding.word_embeddings.weight            (V, H)                  tp: dim 0
     embedding.position_embeddings.weight        (max_pos, H)            learned_absolute only
     layers.{i}.input_norm.weight / .bias        (H,)                    bias with LayerNorm only
@@ -67,9 +68,9 @@ def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, split_tokens: bool) -> torc
         return dropout(x)
 
 
-def splits_tokens(pstate: ParallelState | None) -> bool:
+def splits_tokens(pstate: ParallelState) -> bool:
     """Whether ranks that hold the same weights also hold different tokens of a sample's residual stream."""
-    return pstate is not None and (pstate.sequence_parallel or pstate.cp_size > 1)
+    return pstate.sequence_parallel or pstate.cp_size > 1
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,12 @@ class RingInputs:
 
 class LayerInputs:
     """`(position_ids, document_ids, dtype, training) -> (AttentionInputs, RingInputs | None)`: what every
-    layer's attention needs, built once per forward (GPTModel) or per pipeline layer (it travels as ids)."""
+    layer's attention needs, built once per forward (GPTModel) or per pipeline stage (it travels as ids)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, kernels: KernelsConfig):
+    def __init__(self, config: ModelConfig, pstate: ParallelState, kernels: KernelsConfig):
         self.config, self.pstate, self.kernels = config, pstate, kernels
-        self.kind = pstate.cp_kind if pstate else None
-        tp, tp_rank = (pstate.tp_size, pstate.tp_rank) if pstate else (1, 0)
+        self.kind = pstate.cp_kind
+        tp, tp_rank = pstate.tp_size, pstate.tp_rank
         # Under Ulysses a rank attends with heads [r nh/(tp n), (r+1) nh/(tp n)) of its TP rank's (ALiBi slopes).
         n, r = (pstate.ulysses_size, pstate.cp_rank) if self.kind == "ulysses" else (1, 0)
         self.masker = AttentionMasker(config, tp * n, tp_rank * n + r)
@@ -120,7 +121,7 @@ class LayerInputs:
 class Norm(nn.Module):
     """LayerNorm or RMSNorm; `forward(x, residual)` returns (norm(x + residual), x + residual)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops):
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops):
         super().__init__()
         self.rms, self.eps, self.ops = config.normalization == "RMSNorm", config.norm_epsilon, ops
         self.one_p = config.apply_layernorm_1p  # the scale is 1 + weight (weight initialised to 0)
@@ -142,7 +143,7 @@ class Norm(nn.Module):
 class Embedding(nn.Module):
     """(B, T) ids -> (B, S, H): word (+ learned position) embeddings, dropout; scattered along T under SP."""
 
-    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState | None):
+    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState):
         super().__init__()
         self.pstate = pstate
         _, _, self.sp = tp_info(pstate)
@@ -178,7 +179,7 @@ def _lora_blocks(lora: LoraConfig | None, name: str, blocks: tuple[str, ...]) ->
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None):
         super().__init__()
         tp, _, _ = tp_info(pstate)
@@ -209,7 +210,7 @@ class Attention(nn.Module):
             q, k = self.ops.rope(q, k, self.inv_freq.to(q.device), position_ids)
         dropout_p = self.dropout_p if self.training else 0.0
 
-        ulysses = self.pstate is not None and self.pstate.ulysses_size > 1
+        ulysses = self.pstate.ulysses_size > 1
 
         def local_attention(q, k, v):
             # Heads differ across TP (and Ulysses) ranks: so do their dropout masks.
@@ -241,7 +242,7 @@ MLP_BLOCKS = {True: ("gate", "up"), False: ("up",)}  # fc1's row blocks, by conf
 class MLP(nn.Module):
     """The dense MLP; `ffn` overrides config.ffn_size (an MoE layer's shared expert)."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, lora: LoraConfig | None = None,
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, lora: LoraConfig | None = None,
                  ffn: int | None = None):
         super().__init__()
         self.ops, self.swiglu, ffn = ops, config.swiglu, ffn or config.ffn_size
@@ -278,7 +279,7 @@ class TransformerLayer(nn.Module):
     """Pre-norm block: h + drop(attn(norm(h))), then + drop(mlp(norm(.))).
     (B, S, H) -> ((B, S, H), router loss ()): the MoE router losses of this layer, 0 for a dense MLP."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, kernels: KernelsConfig,
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
                  lora: LoraConfig | None = None, index: int = 0):
         super().__init__()
         self.split_tokens = splits_tokens(pstate)
@@ -304,12 +305,91 @@ class TransformerLayer(nn.Module):
         return h + sp_dropout(self.dropout, y, self.split_tokens), router_loss
 
 
-def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState | None) -> torch.Tensor:
+def output_logits(h: torch.Tensor, weight: torch.Tensor, pstate: ParallelState) -> torch.Tensor:
     """(B, S, H) final hidden -> (B, T, V/tp) logits of this rank's vocabulary shard."""
     return column_parallel_linear(h, weight, None, tp_group(pstate), tp_info(pstate)[2])
 
 
+def masked_loss_sum(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """sum(loss x loss_mask) of a micro-batch: with the mask scaled by megaclm.training.loss, the engines'
+    averaging over micro-batches and ranks turns the sum into the global batch's per-token loss. The plain
+    trainer's micro-batch loss and the pipeline's loss_fn."""
+    return (losses.float() * loss_mask).sum()
+
+
+def run_layers(layers, config: ModelConfig, h, position_ids, inputs: AttentionInputs, ring: RingInputs | None,
+               router_loss: torch.Tensor):
+    """(B, S, H) -> ((B, S, H), router_loss + the layers' router losses ()): consecutive transformer layers, the
+    whole model's or one pipeline stage's, with full recomputation as configured.
+    Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
+    uniform: chunks of k layers; block: the first k layers one by one, the others stored whole."""
+    if not (config.recompute_full and torch.is_grad_enabled()):
+        for layer in layers:
+            h, loss = layer(h, position_ids, inputs, ring)
+            router_loss = router_loss + loss
+        return h, router_loss
+    k = config.recompute_num_layers
+    chunks = ([layers[i:i + k] for i in range(0, len(layers), k)] if config.recompute_method == "uniform"
+              else [layers[i:i + 1] for i in range(len(layers))])
+    for n, chunk in enumerate(chunks):
+
+        def run(x, pos, chunk=chunk):  # the router loss is an output, so its gradient reaches the recompute
+            total = x.new_zeros((), dtype=torch.float32)
+            for layer in chunk:
+                x, loss = layer(x, pos, inputs, ring)
+                total = total + loss
+            return x, total
+
+        if config.recompute_method == "uniform" or n < k:
+            h, loss = recompute(run, h, position_ids)
+        else:
+            h, loss = run(h, position_ids)
+        router_loss = router_loss + loss
+    return h, router_loss
+
+
 MOE_STATS = ("router_loss", "moe_aux_loss", "moe_z_loss")  # GPTModel.moe_stats' keys
+
+
+def moe_stat_sums(layers) -> list[torch.Tensor]:
+    """[sum of the unweighted load-balancing losses, sum of the z-losses] of the MoE layers among `layers`
+    in their last forward."""
+    moe = [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
+    return [sum(m.stats[k] for m in moe) for k in MOE_STATS[1:]]
+
+
+class OutputLayer(ColumnParallelLinear):
+    """The untied output layer's weight (V/tp, H), applied by output_logits or the fused linear cross-entropy."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, pstate: ParallelState):
+        super().__init__(config.hidden_size, vocab_size, pstate, bias=False,
+                         init_method=normal_init(config.init_method_std))
+        self.weight.embedding_or_output = True  # its own lr under --decoupled-lr
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One part of GPTModel, in model order: its attribute name, its class and the constructor arguments.
+    GPTModel builds the list whole; the pipeline (megaclm.model.pipe) builds each stage's slice of it."""
+
+    name: str  # "embedding", "layers.{i}", "final_norm", "output_layer"
+    cls: type
+    args: tuple
+
+    def build(self) -> nn.Module:
+        return self.cls(*self.args)
+
+
+def model_pieces(config: ModelConfig, vocab_size: int, pstate: ParallelState, ops: Ops, kernels: KernelsConfig,
+                 lora: LoraConfig | None) -> list[Piece]:
+    """embedding, layers.0 .. layers.{L-1}, final_norm[, output_layer (untied)]: GPTModel's parameters."""
+    pieces = [Piece("embedding", Embedding, (config, vocab_size, pstate))]
+    pieces += [Piece(f"layers.{i}", TransformerLayer, (config, pstate, ops, kernels, lora, i))
+               for i in range(config.num_layers)]
+    pieces.append(Piece("final_norm", Norm, (config, pstate, ops)))
+    if config.untie_embeddings_and_output_weights:
+        pieces.append(Piece("output_layer", OutputLayer, (config, vocab_size, pstate)))
+    return pieces
 
 
 class GPTModel(nn.Module):
@@ -327,27 +407,23 @@ class GPTModel(nn.Module):
     With `lora` enabled only the adapters train (megaclm.model.lora.freeze_base).
     """
 
-    def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState | None = None,
+    def __init__(self, config: ModelConfig, padded_vocab_size: int, pstate: ParallelState = ParallelState.single(),
                  kernels: KernelsConfig | None = None, lora: LoraConfig | None = None):
         super().__init__()
-        if pstate is not None and pstate.pp_size > 1:
+        if pstate.pp_size > 1:
             raise ValueError("GPTModel is one pipeline stage; build megaclm.model.pipe.GPTPipelineModule for pp > 1")
         self.config, self.pstate, self.vocab_size = config, pstate, padded_vocab_size
         self.kernels = kernels or KernelsConfig()
         ops = build_ops(self.kernels)
         self.ops = ops
         self.layer_inputs = LayerInputs(config, pstate, self.kernels)
-        self.embedding = Embedding(config, padded_vocab_size, pstate)
         lora = lora if lora is not None and lora.enabled else None
-        self.layers = nn.ModuleList(TransformerLayer(config, pstate, ops, self.kernels, lora, index=i)
-                                    for i in range(config.num_layers))
+        built = {p.name: p.build() for p in model_pieces(config, padded_vocab_size, pstate, ops, self.kernels, lora)}
+        self.embedding = built["embedding"]
+        self.layers = nn.ModuleList(built[f"layers.{i}"] for i in range(config.num_layers))
         self.moe_stats: dict[str, torch.Tensor] = {}
-        self.final_norm = Norm(config, pstate, ops)
-        self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
-            self.output_layer = ColumnParallelLinear(config.hidden_size, padded_vocab_size, pstate, bias=False,
-                                                     init_method=normal_init(config.init_method_std))
-            self.output_layer.weight.embedding_or_output = True
+        self.final_norm = built["final_norm"]
+        self.output_layer = built.get("output_layer")
         # The output weight is used in this forward, not its owner's: ZeRO-3 must gather it for this module.
         deepspeed.zero.register_external_parameter(self, self.output_weight)
         if lora is not None:
@@ -365,15 +441,18 @@ class GPTModel(nn.Module):
         if sp and T % tp:
             raise ValueError(f"sequence length {T} must be divisible by the tensor-parallel size {tp} "
                              "under sequence parallelism")
-        kind = self.pstate.cp_kind if self.pstate else None
+        kind = self.pstate.cp_kind
         if position_ids is None:
-            n, r = (self.pstate.cp_size, self.pstate.cp_rank) if kind else (1, 0)
+            n, r = self.pstate.cp_size, self.pstate.cp_rank
             position_ids = sequence_index(T * n, n, r, kind == "ring", input_ids.device).expand(B, T)
         h = self.embedding(input_ids, position_ids)  # (B, S, H)
         inputs, ring = self.layer_inputs(position_ids, document_ids, h.dtype, self.training)  # shared by all layers
-        h, router_loss = self._run_layers(h, position_ids, inputs, ring)
+        h, router_loss = run_layers(self.layers, self.config, h, position_ids, inputs, ring,
+                                    h.new_zeros((), dtype=torch.float32))
         if self.config.num_experts is not None:
-            self._record_moe_stats(router_loss)
+            n = self.config.num_moe_layers
+            self.moe_stats = {"router_loss": router_loss.detach(),
+                              **{k: s / n for k, s in zip(MOE_STATS[1:], moe_stat_sums(self.layers))}}
         h = self.final_norm(h)
         if labels is not None and tp == 1:  # never materialise all (B, T, V) logits
             losses = self.ops.linear_cross_entropy(h, self.output_weight, labels,
@@ -384,38 +463,3 @@ class GPTModel(nn.Module):
                 return logits
             losses = vocab_parallel_cross_entropy(logits, labels, tp_group(self.pstate))
         return losses + router_loss if self.training and self.config.num_experts is not None else losses
-
-    def _record_moe_stats(self, router_loss: torch.Tensor) -> None:
-        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
-        self.moe_stats = {"router_loss": router_loss.detach(),
-                          **{k: sum(m.stats[k] for m in moe) / len(moe) for k in MOE_STATS[1:]}}
-
-    def _run_layers(self, h, position_ids, inputs, ring=None):
-        """-> (hidden (B, S, H), summed router loss ())."""
-        c = self.config
-        router_loss = h.new_zeros((), dtype=torch.float32)
-        if not (c.recompute_full and torch.is_grad_enabled()):
-            for layer in self.layers:
-                h, loss = layer(h, position_ids, inputs, ring)
-                router_loss = router_loss + loss
-            return h, router_loss
-        # Keep only each chunk's input; DeepSpeed's checkpoint replays the RNG tracker so dropout matches.
-        # uniform: chunks of k layers; block: the first k layers one by one, the others stored whole.
-        k = c.recompute_num_layers
-        chunks = ([self.layers[i:i + k] for i in range(0, len(self.layers), k)] if c.recompute_method == "uniform"
-                  else [self.layers[i:i + 1] for i in range(len(self.layers))])
-        for n, chunk in enumerate(chunks):
-
-            def run(x, pos, chunk=chunk):  # the router loss is an output, so its gradient reaches the recompute
-                total = x.new_zeros((), dtype=torch.float32)
-                for layer in chunk:
-                    x, loss = layer(x, pos, inputs, ring)
-                    total = total + loss
-                return x, total
-
-            if c.recompute_method == "uniform" or n < k:
-                h, loss = recompute(run, h, position_ids)
-            else:
-                h, loss = run(h, position_ids)
-            router_loss = router_loss + loss
-        return h, router_loss

@@ -196,15 +196,14 @@ class MoE(nn.Module):
     (LoRA adapts attention only), which DeepSpeed's engine must not see as MoE: its ZeRO optimizers refuse
     MoE layers without trainable expert parameters."""
 
-    def __init__(self, config: ModelConfig, pstate: ParallelState | None, ops: Ops, shared: nn.Module | None):
+    def __init__(self, config: ModelConfig, pstate: ParallelState, ops: Ops, shared: nn.Module | None):
         # nn.Module's, not the next class's in ExpertParallelMoE's order (DeepSpeedMoE.__init__ builds
         # DeepSpeed's gate and expert copies). What DeepSpeed's engine reads of an MoE layer is set here:
         # num_experts, ep_size, num_local_experts, expert_group_name.
         nn.Module.__init__(self)
         self.config, self.pstate = config, pstate
         self.num_experts = config.num_experts
-        self.ep_size = pstate.ep_size if pstate is not None else 1
-        ep_rank = pstate.ep_rank if pstate is not None else 0
+        self.ep_size, ep_rank = pstate.ep_size, pstate.ep_rank
         self.num_local_experts = config.num_experts // self.ep_size
         self.expert_group_name = expert_group_name(self.ep_size)
         router = torch.empty(config.num_experts, config.hidden_size)

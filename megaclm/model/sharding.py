@@ -3,39 +3,62 @@
 `shard_state_dict(full, config, tp, rank, ep, ep_rank)` gives what `GPTModel(config, V, pstate)` of
 tensor rank `rank` and expert-parallel rank `ep_rank` loads with `load_state_dict`;
 `unshard_state_dicts([shard_0, ..., shard_tp-1], config)` is its inverse over TP (the shards with global
-expert ids: `globalize_experts` of each EP rank's, merged). The rule for each key (see megaclm.model.gpt's
-docstring) is matched on the key's suffix, so the same functions work on the keys of one pipeline stage
-(megaclm.model.pipe). Replicated tensors (norms, row-parallel biases, position embeddings, MoE routers and
+expert ids: `globalize_experts` of each EP rank's, merged). Keys are GPTModel's (a pipeline stage's convert
+with megaclm.model.pipe.pipe_to_plain_key). The rule for each key is the one its parameter declares
+(megaclm.parallel.layers: `partition_dim`, `partition_blocks`), read off a GPTModel of `config` built once on
+the meta device. Replicated tensors (norms, row-parallel biases, position embeddings, MoE routers and
 routed experts) are copied; unshard takes rank 0's copy. An MoE layer's shared expert is split like the
 dense MLP. Routed experts are split by EP instead: EP rank r holds experts [r E/ep, (r+1) E/ep), numbered
 from 0 in its module (megaclm.model.moe).
 """
+import functools
 import re
 from typing import Mapping, Sequence
 
 import torch
 
+from megaclm.config.kernels import KernelsConfig
+from megaclm.config.lora import LoraConfig
 from megaclm.config.model import ModelConfig
+from megaclm.model.gpt import model_pieces
 from megaclm.model.moe import EXPERTS_PREFIX
+from megaclm.ops import build_ops
 from megaclm.parallel.layers import shard_blocks, unshard_blocks
+from megaclm.parallel.state import ParallelState
+
+_LAYER = re.compile(r"^layers\.\d+\.")
+
+
+@functools.lru_cache(maxsize=32)
+def declared_partitions(config: ModelConfig) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{GPTModel key, `layers.{i}.` dropped: (split dim, full block sizes)} of every tensor-parallel parameter,
+    as the layers declare them. Read off GPTModel's pieces (megaclm.model.gpt.model_pieces) built on the meta
+    device (no memory, no init): the embedding, the output layer and one transformer layer of each kind (dense,
+    MoE), with adapters on every linear so that LoRA keys are covered. The vocabulary size is any: its one
+    block is sized from the tensor."""
+    pieces = model_pieces(config, 128, ParallelState.single(), build_ops(KernelsConfig()), KernelsConfig(),
+                          LoraConfig(lora_rank=1))
+    kinds = {config.is_moe_layer(i): f"layers.{i}" for i in reversed(range(config.num_layers))}  # the first of each
+    rules: dict[str, tuple[int, tuple[int, ...]]] = {}
+    with torch.device("meta"):
+        for piece in pieces:
+            if piece.name.startswith("layers.") and piece.name not in kinds.values():
+                continue
+            for name, param in piece.build().named_parameters(prefix="" if piece.name.startswith("layers.")
+                                                               else piece.name):
+                if getattr(param, "tensor_model_parallel", False):
+                    rules[name] = (param.partition_dim, param.partition_blocks)
+    return rules
 
 
 def tp_partition(key: str, config: ModelConfig, shape: torch.Size) -> tuple[int, list[int]] | None:
-    """(split dim, blocks split separately) for a parameter key, or None if it is replicated."""
-    hd = config.head_dim
-    if key.endswith(("word_embeddings.weight", "output_layer.weight")):
-        return 0, [shape[0]]
-    # LoRA: B of a column-parallel linear is split like its weight's rows, A of a row-parallel one like its columns.
-    if key.endswith(("attention.qkv.weight", "attention.qkv.bias", "attention.qkv.lora_b")):
-        return 0, [config.num_attention_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
-    if key.endswith(("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc1.lora_b")):
-        return 0, [config.ffn_size] * (2 if config.swiglu else 1)
-    if key.endswith(("mlp.shared.fc1.weight", "mlp.shared.fc1.bias", "mlp.shared.fc1.lora_b")):  # MoE shared expert
-        return 0, [config.moe_shared_expert_intermediate_size] * (2 if config.swiglu else 1)
-    if key.endswith(("attention.proj.weight", "mlp.fc2.weight", "mlp.shared.fc2.weight", "attention.proj.lora_a",
-                     "mlp.fc2.lora_a", "mlp.shared.fc2.lora_a")):
-        return 1, [shape[1]]
-    return None
+    """(split dim, blocks split separately) for a GPTModel parameter key, or None if it is replicated. A single
+    block is the whole of `shape` along the dim (a shard's or the full tensor's)."""
+    rule = declared_partitions(config).get(_LAYER.sub("", key))
+    if rule is None:
+        return None
+    dim, blocks = rule
+    return dim, list(blocks) if len(blocks) > 1 else [shape[dim]]
 
 
 _EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)?$")

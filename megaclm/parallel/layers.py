@@ -3,7 +3,8 @@
 Weights are initialised whole and then sliced, so a model built from one seed has the same full
 weights for every tensor-parallel size (Megatron's CPU-initialisation path). Sharded parameters carry
 `tensor_model_parallel=True` and `partition_dim`, which DeepSpeed's gradient-norm code reads to count
-them once per shard and replicated ones once per group.
+them once per shard and replicated ones once per group, and `partition_blocks`, the full sizes of the blocks
+split separately along that dim: the one declaration of the layout, which megaclm.model.sharding reads.
 
 Sequence parallel (`pstate.sequence_parallel`): activations outside the column->row pairs are split
 along the sequence (dim 1), so ColumnParallelLinear all-gathers its input and RowParallelLinear
@@ -40,20 +41,18 @@ from megaclm.parallel.state import ParallelState
 InitMethod = Callable[[torch.Tensor], None]
 
 
-def tp_info(pstate: ParallelState | None) -> tuple[int, int, bool]:
-    """(tp size, tp rank, sequence parallel) of `pstate`; (1, 0, False) without one."""
-    if pstate is None:
-        return 1, 0, False
+def tp_info(pstate: ParallelState) -> tuple[int, int, bool]:
+    """(tp size, tp rank, sequence parallel) of `pstate`."""
     return pstate.tp_size, pstate.tp_rank, pstate.sequence_parallel
 
 
-def tp_group(pstate: ParallelState | None):
+def tp_group(pstate: ParallelState):
     """The tensor-parallel process group, or None when there is nothing to communicate.
 
     Layers look it up at forward time, so a sharded model can be built (e.g. to convert a checkpoint)
     in a process that never created the groups.
     """
-    return None if pstate is None or pstate.tp_size == 1 else pstate.tp_group
+    return None if pstate.tp_size == 1 else pstate.tp_group
 
 
 def shard_blocks(full: torch.Tensor, dim: int, block_sizes: Sequence[int], tp_size: int, tp_rank: int) -> torch.Tensor:
@@ -73,12 +72,17 @@ def unshard_blocks(shards: Sequence[torch.Tensor], dim: int, block_sizes: Sequen
     return torch.cat([torch.cat([r[i] for r in per_rank], dim=dim) for i in range(len(block_sizes))], dim=dim)
 
 
-def _mark(param: nn.Parameter, dim: int) -> None:
+def _mark(param: nn.Parameter, dim: int, blocks: Sequence[int]) -> None:
+    """Declare how `param` is split across the tensor-parallel ranks: along `dim`, each of `blocks` (their
+    full sizes along dim, summing to the full extent) split separately (shard_blocks). megaclm.model.sharding
+    reads this declaration to shard and unshard state dicts offline; DeepSpeed's gradient norm reads the first
+    two attributes."""
     param.tensor_model_parallel = True
     param.partition_dim = dim
+    param.partition_blocks = tuple(blocks)
 
 
-def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState | None) -> None:
+def sequence_parallel_grad_hook(param: nn.Parameter, pstate: ParallelState) -> None:
     """Under SP, sum `param`'s gradient over the TP group (it saw only this rank's sequence chunk).
 
     Marks it `sequence_parallel`; a hook sums each micro-batch's gradient, unless the trainer set
@@ -138,7 +142,7 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
     [q, k, v] sizes, so each rank holds its own heads of each. `gather_output` returns (B, T, out).
     """
 
-    def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_, output_blocks: Sequence[int] | None = None,
                  gather_output: bool = False, lora: LoraConfig | None = None,
                  lora_blocks: Sequence[bool] | None = None):
@@ -150,11 +154,11 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
             raise ValueError(f"output blocks {blocks} must sum to {out_features} and divide by tp={self.tp}")
         self.gather_output = gather_output
         self.weight = nn.Parameter(_init_shard((out_features, in_features), 0, blocks, init_method, self.tp, rank))
-        _mark(self.weight, 0)
+        _mark(self.weight, 0, blocks)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // self.tp))
-            _mark(self.bias, 0)
+            _mark(self.bias, 0, blocks)
         self.linear = F.linear  # the base matmul; megaclm.model.fp8 swaps in a float8 one
         self._init_lora(lora)
         if lora is not None:
@@ -163,7 +167,7 @@ class ColumnParallelLinear(_LoraMixin, nn.Module):
             self.lora_a = nn.Parameter(a)  # (r, in), replicated
             sequence_parallel_grad_hook(self.lora_a, pstate)  # under SP it sees this rank's tokens only
             self.lora_b = nn.Parameter(torch.zeros(out_features // self.tp, lora.lora_rank))  # (out/tp, r)
-            _mark(self.lora_b, 0)
+            _mark(self.lora_b, 0, blocks)
             if lora_blocks is not None:  # this rank's rows of each block, 1 where the block is adapted
                 self.lora_mask = torch.cat([torch.full((b // self.tp, 1), float(on))
                                             for b, on in zip(blocks, lora_blocks)])
@@ -231,7 +235,7 @@ class RowParallelLinear(_LoraMixin, nn.Module):
     reduce-scatter and the result is (B, T/tp, out). The bias is added once, after the reduction.
     """
 
-    def __init__(self, in_features: int, out_features: int, pstate: ParallelState | None, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = True,
                  init_method: InitMethod = nn.init.xavier_normal_, lora: LoraConfig | None = None):
         super().__init__()
         self.pstate = pstate
@@ -240,7 +244,7 @@ class RowParallelLinear(_LoraMixin, nn.Module):
             raise ValueError(f"in_features={in_features} is not divisible by tp={self.tp}")
         self.weight = nn.Parameter(_init_shard((out_features, in_features), 1, [in_features], init_method,
                                                self.tp, rank))
-        _mark(self.weight, 1)
+        _mark(self.weight, 1, [in_features])
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
@@ -250,7 +254,7 @@ class RowParallelLinear(_LoraMixin, nn.Module):
         if lora is not None:
             self.lora_a = nn.Parameter(_init_shard((lora.lora_rank, in_features), 1, [in_features], lora_a_init,
                                                    self.tp, rank))  # (r, in/tp)
-            _mark(self.lora_a, 1)
+            _mark(self.lora_a, 1, [in_features])
             self.lora_b = nn.Parameter(torch.zeros(out_features, lora.lora_rank))  # (out, r), replicated
             sequence_parallel_grad_hook(self.lora_b, pstate)
 
@@ -274,7 +278,7 @@ class VocabParallelEmbedding(nn.Module):
     left to the caller (`reduce=False`) so it can reduce-scatter instead.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, pstate: ParallelState | None,
+    def __init__(self, num_embeddings: int, embedding_dim: int, pstate: ParallelState,
                  init_method: InitMethod = nn.init.xavier_normal_):
         super().__init__()
         self.pstate = pstate
@@ -286,7 +290,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
         self.weight = nn.Parameter(_init_shard((num_embeddings, embedding_dim), 0, [num_embeddings], init_method,
                                                self.tp, rank))
-        _mark(self.weight, 0)
+        _mark(self.weight, 0, [num_embeddings])
 
     def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         if self.tp == 1:

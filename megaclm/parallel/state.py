@@ -107,6 +107,13 @@ class ParallelState:
         self.edp_group_ranks = self.cp_dp_group_ranks[self.ep_rank::ep]
         self._groups: dict[str, object] | None = None
 
+    @classmethod
+    def single(cls) -> "ParallelState":
+        """One rank, nothing split: what a model built outside a distributed job (tests, conversion tools) runs
+        with. Its collectives all short-circuit (a size-1 group is never looked up), so it needs no process
+        groups."""
+        return cls(world_size=1, rank=0)
+
     def __deepcopy__(self, memo):
         return self  # shared run-wide state (holds process groups), not part of a model's value
 

@@ -10,13 +10,21 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
               achievable.attention; the memory-bound kernels' bytes (norms, dropout-residual adds, the MLP
               activation, a materialised softmax: ELEMENTWISE_H, ...) over HBM bandwidth x achievable.memory.
               Recompute adds a forward: full x 4/3 all three, selective x 4/3 attention.
+  op overhead a fixed cost per operation (hw.op_overhead_us: a kernel launch on a GPU, an eager op's Python,
+              dispatcher and autograd time on a CPU): OPS_PER_LAYER per layer forward, twice that backward, once
+              more with full recomputation (selective: the attention core's ATTENTION_CORE_OPS), per micro-batch.
+              It is what makes fewer, larger micro-batches faster (Narayanan et al. 2021 section 3.4: arithmetic
+              intensity against the pipeline bubble).
   tensor      X = b*(s/n)*h*e. No SP: 4 all-reduces of X per layer (2 forward, 2 backward), 2(t-1)/t X each on
               the wire; SP: 10 all-gathers / reduce-scatters of X per layer ((t-1)/t X each: Megatron's count,
-              with backward's re-gathers), the counts bench/efficiency.py audits. On the critical path.
+              with backward's re-gathers), the counts bench/efficiency.py audits. Full recomputation runs the
+              forward's 2 (SP: 4) again in backward. On the critical path.
   sequence    Ulysses: 8 all-to-alls per layer (q, k, v, out; forward and backward) of (2a+2g)*d*b*(s/n)*e/t in
               all per direction, (n-1)/n of it on the wire. Ring: all-gather K and V forward, reduce-scatter their
-              gradients backward, each g*d*b*s*e/t, (n-1)/n on the wire. On the critical path.
-  expert      MoE layers: 4 all-to-alls (dispatch, combine; forward, backward) of k*X, (ep-1)/ep on the wire.
+              gradients backward, each g*d*b*s*e/t, (n-1)/n on the wire. Full recomputation repeats the forward's.
+              On the critical path.
+  expert      MoE layers: 4 all-to-alls (dispatch, combine; forward, backward) of k*X, (ep-1)/ep on the wire (full
+              recomputation: the forward's 2 again).
   pipeline    2 point-to-point transfers of X (/t with SP) per micro-batch between stages; the 1F1B schedule
               runs m + p - 1 micro-batch slots for m micro-batches: the bubble (p-1)/(m+p-1) of the step.
   data        G = 16-bit gradients of the stage's parameters (lp bytes each), over the seq x dp group D (experts
@@ -33,9 +41,10 @@ are slower than its all-reduce), the rest at its gbps. Every collective's bandwi
 the link its group crosses: a group of `size` ranks at
 rank `stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp
 fastest, then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
-Not modelled: kernel launch and Python overheads (ZeRO-3's per-module hooks), GEMM efficiency by shape (one
-achievable fraction per class), the ring's explicit-score blocks (counted at the attention rate), the
-interleaved schedule, load imbalance of MoE routing, stragglers.
+Not modelled: per-step Python overheads (DeepSpeed's engine step, ZeRO-3's per-module hooks and bookkeeping),
+GEMM efficiency by shape (one achievable fraction per class; smaller per-GPU GEMMs at higher TP are less
+efficient), the ring's explicit-score blocks (counted at the attention rate), the interleaved schedule (DeepSpeed's
+pipeline engine has none), load imbalance of MoE routing, stragglers.
 """
 from __future__ import annotations
 
@@ -149,6 +158,12 @@ ELEMENTWISE_H, ELEMENTWISE_F = 12, {False: 2, True: 3}
 SOFTMAX_PASSES = 2
 # ZeRO-3 gathers module by module: QKV, out-projection, fc1, fc2 and the two norms of a layer.
 ZERO3_MODULES_PER_LAYER = 6
+# Operations (kernels on a GPU) one layer's forward runs per micro-batch, as Megatron's fused GPT layer
+# launches them: norm, QKV GEMM, Q/K/V relayout, QK^T, scale-mask-softmax, attention dropout, AV, context
+# relayout, out-projection GEMM, its all-reduce, bias-dropout-add; norm, fc1 GEMM, bias-activation, fc2 GEMM,
+# its all-reduce, bias-dropout-add. Backward runs about twice as many (two GEMMs per GEMM, a gradient per
+# elementwise op); selective recomputation repeats the attention core's 5 (relayout to AV).
+OPS_PER_LAYER, ATTENTION_CORE_OPS = 17, 5
 
 
 def _layer_matmul_params(model: ModelConfig) -> float:
@@ -173,6 +188,8 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
     per_layer = _layer_matmul_params(m_cfg)
     fwd_factor = {"none": 1.0, "selective": 1.0, "full": 4 / 3}[layout.recompute]
     attn_factor = {"none": 1.0, "selective": 4 / 3, "full": 4 / 3}[layout.recompute]
+    fwd_passes = 2 if layout.recompute == "full" else 1  # full recomputation runs each forward (and its
+    # collectives) again in backward
 
     X = tokens * h * e
     tp_link = link_for(1, t, G, hw)
@@ -192,21 +209,26 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
         ew_s = 3 * layers * ew * tokens / (hw.hbm_gbps * 1e9 * hw.achievable["memory"])
         parts = {"matmul": mm_s, "attention": attn_s, "memory-bound": ew_s,
                  "recompute": (mm_s + ew_s) * (fwd_factor - 1) + attn_s * (attn_factor - 1)}
-        if t > 1:
-            calls = (10 if layout.sp else 4) * layers
-            wire = (10 * (t - 1) / t if layout.sp else 4 * 2 * (t - 1) / t) * X * layers
+        ops = OPS_PER_LAYER * layers * (2 + fwd_passes)
+        if layout.recompute == "selective":
+            ops += ATTENTION_CORE_OPS * layers
+        parts["op overhead"] = ops * hw.op_overhead_us * 1e-6
+        if t > 1:  # per layer, forward + backward: SP 4 + 6 calls of (t-1)/t X; else 2 + 2 all-reduces, 2(t-1)/t X
+            fwd, bwd = (4, 6) if layout.sp else (2, 2)
+            calls = (fwd * fwd_passes + bwd) * layers
+            wire = calls * (t - 1) / t * X * (1 if layout.sp else 2)
             parts["tensor comm"] = tp_link.seconds(wire, calls, gather=layout.sp)
         if n > 1:
-            if layout.ring:
-                wire = 4 * layers * g * d * b * s * e / t * (n - 1) / n
-                parts["sequence comm"] = seq_link.seconds(wire, 4 * layers, gather=True)
-            else:
-                wire = 2 * layers * (2 * a + 2 * g) * d * tokens * e / t * (n - 1) / n
-                parts["sequence comm"] = seq_link.seconds(wire, 8 * layers, gather=True)
-        if ep > 1 and m_cfg.num_experts is not None:
+            if layout.ring:  # K and V all-gathered in each forward, their gradients reduce-scattered
+                wire = 2 * (fwd_passes + 1) * layers * g * d * b * s * e / t * (n - 1) / n
+                parts["sequence comm"] = seq_link.seconds(wire, 2 * (fwd_passes + 1) * layers, gather=True)
+            else:  # 4 all-to-alls (q, k, v, out) in each forward, 4 in backward
+                wire = (fwd_passes + 1) * layers * (2 * a + 2 * g) * d * tokens * e / t * (n - 1) / n
+                parts["sequence comm"] = seq_link.seconds(wire, 4 * (fwd_passes + 1) * layers, gather=True)
+        if ep > 1 and m_cfg.num_experts is not None:  # dispatch and combine in each forward and in backward
             moe_layers = sum(m_cfg.is_moe_layer(j) for j in range(layers)) if layers else 0
-            wire = 4 * moe_layers * m_cfg.moe_router_topk * X * (ep - 1) / ep
-            parts["expert comm"] = ep_link.seconds(wire, 5 * moe_layers, gather=True)
+            wire = 2 * (fwd_passes + 1) * moe_layers * m_cfg.moe_router_topk * X * (ep - 1) / ep
+            parts["expert comm"] = ep_link.seconds(wire, (2 * fwd_passes + 3) * moe_layers, gather=True)
         if p > 1:
             parts["pipeline p2p"] = pp_link.seconds(2 * X / (t if layout.sp else 1), 2)
         return parts

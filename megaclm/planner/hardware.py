@@ -6,6 +6,9 @@
                                                                       (memory: of hbm_gbps, by memory-bound kernels)
      "hbm_gbps": 3350, "pcie_gbps": 50,                               GB/s (optimizer step; offload transfers)
      "cpu_adam_gparams_per_s": 0.25,                                  offloaded Adam: 1e9 parameters/s per GPU
+     "op_overhead_us": 5,                                             fixed cost of one operation on the critical
+                                                                      path: a kernel launch on a GPU, an eager op's
+                                                                      Python/dispatcher/autograd time on a CPU
      "links": {"intra_node": {"gbps": 360, "latency_us": 8},          NCCL bus bandwidth per GPU and per-call
                "inter_node": {"gbps": 45, "latency_us": 20}}}         latency, inside a node / across nodes
                                                                       (+ optional "gather_gbps": all-gather,
@@ -54,6 +57,7 @@ class HardwareProfile:
     cpu_adam_gparams_per_s: float
     intra_node: Link
     inter_node: Link
+    op_overhead_us: float = 0.0  # per operation (kernel launch; eager op on a CPU), see cost.OPS_PER_LAYER
 
     def peak_flops(self, precision: str) -> float:
         if precision not in self.peak_tflops:
@@ -64,7 +68,7 @@ class HardwareProfile:
     def to_dict(self) -> dict:
         return {"name": self.name, "hbm_gib": self.hbm_gib, "peak_tflops": self.peak_tflops,
                 "achievable": self.achievable, "hbm_gbps": self.hbm_gbps, "pcie_gbps": self.pcie_gbps,
-                "cpu_adam_gparams_per_s": self.cpu_adam_gparams_per_s,
+                "cpu_adam_gparams_per_s": self.cpu_adam_gparams_per_s, "op_overhead_us": self.op_overhead_us,
                 "links": {k: {"gbps": getattr(self, k).gbps, "latency_us": getattr(self, k).latency_us,
                               **({"gather_gbps": getattr(self, k).gather_gbps} if getattr(self, k).gather_gbps else {})}
                           for k in LINKS}}
@@ -74,6 +78,14 @@ def _positive(tree: dict, key: str, where: str) -> float:
     value = tree.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise UserError(f"{where}: {key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _non_negative(tree: dict, key: str, where: str) -> float:
+    """An optional field, 0 when absent (a profile written before it existed models no such cost)."""
+    value = tree.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UserError(f"{where}: {key} must be a number >= 0, got {value!r}")
     return float(value)
 
 
@@ -106,7 +118,7 @@ def profile_from_dict(tree: dict, where: str) -> HardwareProfile:
         achievable={op: float(ach[op]) for op in OP_CLASSES}, hbm_gbps=_positive(tree, "hbm_gbps", where),
         pcie_gbps=_positive({"pcie_gbps": tree.get("pcie_gbps", 25)}, "pcie_gbps", where),
         cpu_adam_gparams_per_s=_positive({"c": tree.get("cpu_adam_gparams_per_s", 0.25)}, "c", where),
-        **made)
+        op_overhead_us=_non_negative(tree, "op_overhead_us", where), **made)
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:

@@ -16,13 +16,15 @@ from megaclm.config import MegaclmConfig, compute_derived
 from megaclm.config.data import DataConfig
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.parallel import ParallelConfig
+from megaclm.config.precision import PrecisionConfig
 from megaclm.config.training import TrainingConfig
 from megaclm.config.validate import check_vocab, validate
+from megaclm.config.zero import ZeroConfig
 from megaclm.planner.cost import RECOMPUTE, Layout, Prediction, Workload, memory_gib, predict
 from megaclm.planner.hardware import HardwareProfile
 from megaclm.utils.errors import UserError
 
-SECTIONS = {"model", "parallel", "kernels", "training", "data"}
+SECTIONS = {"model", "parallel", "kernels", "training", "precision", "zero", "data"}
 
 
 def divisors(n: int) -> list[int]:
@@ -93,12 +95,12 @@ def run_config(layout: Layout, work: Workload, kernels: KernelsConfig) -> Megacl
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp, sequence_parallel=layout.sp,
         expert_model_parallel_size=layout.ep, ds_sequence_parallel_size=1 if layout.ring else layout.seq,
         context_parallel_size=layout.seq if layout.ring else 1)
-    training = TrainingConfig(
-        micro_batch_size=layout.micro_batch, global_batch_size=work.global_batch, train_iters=1,
-        zero_stage=layout.zero, offload_optimizer=layout.offload_optimizer, offload_param=layout.offload_param,
-        bf16=work.precision == "bf16", fp16=work.precision == "fp16")
+    training = TrainingConfig(micro_batch_size=layout.micro_batch, global_batch_size=work.global_batch, train_iters=1)
+    zero = ZeroConfig(zero_stage=layout.zero, offload_optimizer=layout.offload_optimizer,
+                      offload_param=layout.offload_param)
+    precision = PrecisionConfig(bf16=work.precision == "bf16", fp16=work.precision == "fp16")
     return MegaclmConfig(model=layout.model(work.model), parallel=parallel, kernels=kernels, training=training,
-                         data=DataConfig(seq_length=work.seq_length, mock_data=True))
+                         precision=precision, zero=zero, data=DataConfig(seq_length=work.seq_length, mock_data=True))
 
 
 def refusal(layout: Layout, work: Workload, kernels: KernelsConfig) -> str | None:

@@ -24,19 +24,23 @@ sequence length of a step.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from megaclm.config import MegaclmConfig
+from megaclm.config.derived import Derived
 from megaclm.data.builder import build_train_valid_test
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.epochs import TrainSplit, drawn_per_dataset, passes_line, train_split
 from megaclm.data.sampler import PretrainingSampler
 from megaclm.parallel.context import shard_sequence
 from megaclm.parallel.device import rank_device
+from megaclm.parallel.state import ParallelState
 from megaclm.training.batch_change import samples_needed
+from megaclm.training.progress import Progress
 from megaclm.training.spike import extra_train_batches
 
 
@@ -45,8 +49,8 @@ def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 class BatchSource:
-    def __init__(self, cfg: Any, derived: Any, datasets: tuple, curriculum: Curriculum, pstate: Any,
-                 split: TrainSplit | None = None):
+    def __init__(self, cfg: MegaclmConfig, derived: Derived, datasets: tuple, curriculum: Curriculum,
+                 pstate: ParallelState, split: TrainSplit | None = None):
         self.cfg, self.derived, self.pstate = cfg, derived, pstate
         self.split = split  # the training data's sizes and weights (None: --mock-data)
         self.train, self.valid, self.test = datasets
@@ -68,7 +72,7 @@ class BatchSource:
         self.curriculum.load_state_dict(state["curriculum"], check_tokens=same_batch)
         self._train_iter = None
 
-    def seq_length_at(self, progress: Any) -> int:
+    def seq_length_at(self, progress: Progress) -> int:
         return self.curriculum.seqlen_at(progress.iteration)
 
     # ---- what the logs say about the data ---------------------------------------------------------------------
@@ -163,14 +167,14 @@ class BatchSource:
             yield self._finish(_collate([dataset[i] for i in b]), seqlen)
 
 
-def build_batch_source(cfg: Any, derived: Any, eod_id: int | None, pstate: Any,
+def build_batch_source(cfg: MegaclmConfig, derived: Derived, eod_id: int | None, pstate: ParallelState,
                        resumed: dict | None = None) -> BatchSource:
     """Datasets sized for the run (Megatron's counts; evaluation reuses its first eval_iters batches).
     `resumed`: the checkpoint's state, when it was saved at another global batch (the samples it consumed
     are not train_iters x the new batch; megaclm.training.batch_change)."""
     gbs = derived.global_batch_size
     eval_samples = cfg.training.eval_iters * gbs
-    extra = extra_train_batches(cfg.training)  # room for the batches spike rollbacks skip
+    extra = extra_train_batches(cfg.resilience)  # room for the batches spike rollbacks skip
     train_samples = (derived.train_iters + extra) * gbs
     if resumed is not None and resumed["data"]["sampler"]["global_batch_size"] != gbs:
         p = resumed["progress"]

@@ -18,9 +18,11 @@ Also refused: a sequence-length warmup or data-mixing schedule (both are placed 
 """
 from __future__ import annotations
 
-from typing import Any
 
+from megaclm.config import MegaclmConfig
 from megaclm.config.derived import train_iters_for
+from megaclm.config.derived import Derived
+from megaclm.config.training import TrainingConfig
 from megaclm.utils.errors import UserError
 
 
@@ -34,7 +36,8 @@ def saved_global_batch(config_tree: dict | None, meta: dict) -> int | None:
     return None
 
 
-def check_batch_change(cfg: Any, derived: Any, saved: int | None, iteration: int, where: str) -> str | None:
+def check_batch_change(cfg: MegaclmConfig, derived: Derived, saved: int | None, iteration: int,
+                       where: str) -> str | None:
     """None if the global batch is unchanged (or unknown); the info line saying what continues; or UserError."""
     new = derived.global_batch_size
     if saved is None or saved == new:
@@ -68,7 +71,7 @@ def check_batch_change(cfg: Any, derived: Any, saved: int | None, iteration: int
             f"tokens carry over; the lr schedule counts {lr}")
 
 
-def samples_needed(training: Any, gbs: int, seq_length: int, iteration: int, consumed_samples: int,
+def samples_needed(training: TrainingConfig, gbs: int, seq_length: int, iteration: int, consumed_samples: int,
                    consumed_tokens: int) -> int:
     """Training samples a resumed run reads until its first limit (as Trainer.done counts them)."""
     t, steps = training, []

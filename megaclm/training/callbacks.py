@@ -18,8 +18,9 @@ guards built on them.
 What post_step and should_stop return must be the same on every rank (decide on all-reduced values, as
 the built-in ones do), or the ranks part ways. The built-in callbacks, in the order they run: the
 loss-spike guard (--spike-zscore), the NaN/inf guard (--max-consecutive-nan-steps), the hang watchdog
-(--hang-timeout-s), the stop conditions (a signal, --exit-duration-in-mins, --exit-interval); then the
-user's, `--callbacks pkg.module:factory[=ARG]`: `factory()` or `factory("ARG")` returns a Callback.
+(--hang-timeout-s), the step profiler (--profile, on the ranks --profile-ranks), the stop conditions (a
+signal, --exit-duration-in-mins, --exit-interval); then the user's, `--callbacks pkg.module:factory[=ARG]`:
+`factory()` or `factory("ARG")` returns a Callback.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.async_save import BUSY
+from megaclm.config import MegaclmConfig
+from megaclm.config.logging import LoggingConfig
+from megaclm.config.resilience import ResilienceConfig
+from megaclm.config.training import TrainingConfig
 from megaclm.logging import get_logger
 from megaclm.training.progress import TrainingDiverged
 from megaclm.training.spike import SpikeGuard
@@ -146,8 +151,8 @@ def stop_agreed(device: Any) -> str | None:
 class SpikeCallback(Callback):
     """The loss-spike guard's bookkeeping (megaclm.training.spike); the train step asks it before the update."""
 
-    def __init__(self, guard: SpikeGuard, training_cfg: Any, global_batch_size: int):
-        self.guard, self.t, self.gbs = guard, training_cfg, global_batch_size
+    def __init__(self, guard: SpikeGuard, resilience: ResilienceConfig, global_batch_size: int):
+        self.guard, self.r, self.gbs = guard, resilience, global_batch_size
 
     def post_step(self, trainer: Any, result: StepResult) -> str | None:
         g, p = self.guard, trainer.progress
@@ -159,7 +164,7 @@ class SpikeCallback(Callback):
         log.warning(f"iteration {p.iteration}: loss {result.loss:.4f} is {g.offending[-1]['z']:.1f} standard "
                     f"deviations above the last {g.window} (--spike-zscore {g.zscore:g}); update skipped "
                     f"({g.consecutive} in a row; samples {result.first_sample}..{last})")
-        if self.t.spike_action == "rollback" and g.consecutive >= self.t.spike_rollback_after:
+        if self.r.spike_action == "rollback" and g.consecutive >= self.r.spike_rollback_after:
             return ROLLBACK
         return None
 
@@ -216,8 +221,8 @@ class StopConditions(Callback):
     all-reduce per step, so every rank stops at the same iteration and `latest` moves once every rank's
     background write is done."""
 
-    def __init__(self, training_cfg: Any):
-        self.t = training_cfg
+    def __init__(self, training: TrainingConfig):
+        self.t = training
 
     def should_stop(self, trainer: Any) -> str | None:
         t, writer = self.t, trainer.checkpointer.writer
@@ -239,3 +244,84 @@ class StopConditions(Callback):
         if t.exit_interval and trainer.progress.iteration % t.exit_interval == 0:
             return f"--exit-interval {t.exit_interval}"
         return None
+
+
+class Profiler(Callback):
+    """--profile (Megatron-LM's flags): the steps after iteration --profile-step-start up to --profile-step-end,
+    on this rank. With --use-pytorch-profiler, torch.profiler (CPU, and CUDA when present) writes one trace,
+    `<dir>/rank<R>.iter<A>-<B>.pt.trace.json` (chrome://tracing, Perfetto, TensorBoard's profiler plugin), and
+    logs a table of the costliest ops; without it, the CUDA profiler range Nsight Systems captures with
+    `nsys profile --capture-range=cudaProfilerApi`, with NVTX ranges for the ops. Each profiled step is one
+    `iteration N` range. The range stops after its last step's post_step (evaluation and saves stay out of it),
+    or at train_end if the run stops inside it. Only the chosen ranks get this callback: off, it costs nothing."""
+
+    def __init__(self, logging_cfg: LoggingConfig, rank: int, out_dir: str):
+        self.first, self.last = logging_cfg.profile_step_start + 1, logging_cfg.profile_step_end
+        self.torch_profiler, self.rank, self.out_dir = logging_cfg.use_pytorch_profiler, rank, out_dir
+        self.session: Any = None  # torch.profiler.profile, or emit_nvtx inside cudaProfilerStart/Stop
+        self.step_range: Any = None  # the running step's `iteration N` range
+        self.done = False  # once: a rollback to before the range does not profile (and overwrite) it again
+
+    @classmethod
+    def for_rank(cls, cfg: MegaclmConfig, rank: int) -> Profiler | None:
+        """This rank's profiler, or None (no --profile, or not one of --profile-ranks). The traces go to
+        --profile-dir, default <save>/profile (./profile without --save)."""
+        lg = cfg.logging
+        if not lg.profile or rank not in lg.profile_ranks:
+            return None
+        return cls(lg, rank, lg.profile_dir or os.path.join(cfg.checkpoint.save or ".", "profile"))
+
+    def train_start(self, trainer: Any) -> None:
+        if trainer.progress.iteration >= self.first:
+            log.warning(f"rank {self.rank}: --profile: iterations {self.first}-{self.last} are before this run's "
+                        f"first step ({trainer.progress.iteration + 1}); nothing is profiled")
+
+    def pre_step(self, trainer: Any) -> None:
+        step = trainer.progress.iteration + 1
+        if self.session is None and step == self.first and not self.done:
+            self._start()
+        if self.session is not None:
+            self.step_range = torch.profiler.record_function(f"iteration {step}")
+            self.step_range.__enter__()
+
+    def post_step(self, trainer: Any, result: StepResult) -> None:
+        if self.step_range is not None:
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
+        if self.session is not None and trainer.progress.iteration >= self.last:
+            self._stop(trainer.progress.iteration)
+
+    def train_end(self, trainer: Any) -> None:
+        if self.step_range is not None:  # a step raised
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
+        if self.session is not None:  # stopped (or failed) inside the range: keep what was profiled
+            self._stop(trainer.progress.iteration)
+
+    def _start(self) -> None:
+        if self.torch_profiler:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.session = torch.profiler.profile(activities=activities, record_shapes=True)
+            self.session.__enter__()
+        else:
+            torch.cuda.cudart().cudaProfilerStart()
+            self.session = torch.autograd.profiler.emit_nvtx(record_shapes=True)
+            self.session.__enter__()
+        log.info(f"rank {self.rank}: --profile: profiling iterations {self.first}-{self.last}")
+
+    def _stop(self, last: int) -> None:
+        session, self.session, self.done = self.session, None, True
+        session.__exit__(None, None, None)
+        if not self.torch_profiler:
+            torch.cuda.cudart().cudaProfilerStop()
+            log.info(f"rank {self.rank}: --profile: the Nsight Systems range ended after iteration {last}")
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"rank{self.rank}.iter{self.first}-{last}.pt.trace.json")
+        session.export_chrome_trace(path + ".tmp")  # whole or not at all: a reader never sees half a trace
+        os.replace(path + ".tmp", path)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        log.info(f"rank {self.rank}: --profile: iterations {self.first}-{last} traced to {path}; the costliest "
+                 f"ops:\n{session.key_averages().table(sort_by=sort, row_limit=10)}")

@@ -25,20 +25,24 @@ import torch.distributed as dist
 from megaclm.checkpoint.async_save import AsyncCheckpointWriter
 from megaclm.checkpoint.deepspeed_ckpt import load_checkpoint, mark_best, restore_rng, run_layout, save_checkpoint
 from megaclm.checkpoint.layout import read_latest, tag_for
+from megaclm.config import MegaclmConfig
 from megaclm.logging import get_logger
+from megaclm.parallel.state import ParallelState
+from megaclm.training.metrics import MetricsLogger
 from megaclm.training.progress import TrainingDiverged
 
 log = get_logger("megaclm.train")
 
 
-def load_engine(engine: Any, pstate: Any, zero_stage: int, directory: str, tag: str, **options) -> dict | None:
+def load_engine(engine: Any, pstate: ParallelState, zero_stage: int, directory: str, tag: str,
+                **options) -> dict | None:
     """Collective: the engine's weights and optimizer from `directory/tag`; returns the client state with the RNG
     states read (megaclm.checkpoint.deepspeed_ckpt.load_checkpoint's options), for `Checkpointer.restore`."""
     return load_checkpoint(engine, directory, tag, layout=run_layout(pstate, zero_stage), **options)
 
 
 class Checkpointer:
-    def __init__(self, cfg: Any, engine: Any, pstate: Any, parts: dict[str, Any], meta: dict, *,
+    def __init__(self, cfg: MegaclmConfig, engine: Any, pstate: ParallelState, parts: dict[str, Any], meta: dict, *,
                  bad_steps: Callable[[], int], device: Any, files_written: Callable[[str], None] | None = None):
         """`parts`: key -> object with state_dict()/load_state_dict() (None: absent, saved as None), in the
         client state's key order; `bad_steps`: how many bad steps in a row the guards count now;
@@ -155,7 +159,8 @@ class Checkpointer:
                 mark_best(c.save, tag, val_loss)
 
     # ---- rollback --------------------------------------------------------------------------------------------
-    def rollback(self, offending: list[dict], max_rollbacks: int, metrics: Any, global_batch_size: int) -> str:
+    def rollback(self, offending: list[dict], max_rollbacks: int, metrics: MetricsLogger,
+                 global_batch_size: int) -> str:
         """K spikes in a row (`offending`, the spike guard's): reload the last checkpoint and pass over the
         offending global batches from now on; returns the tag rolled back to."""
         p, data = self.parts["progress"], self.parts["data"]
@@ -174,7 +179,7 @@ class Checkpointer:
             data.skip_batches([o["first_sample"] for o in offending])
             p.consumed_samples = data.consumed_samples
 
-        self.restore(load_engine(self.engine, self.pstate, self.cfg.training.zero_stage, self.c.save, tag),
+        self.restore(load_engine(self.engine, self.pstate, self.cfg.zero.zero_stage, self.c.save, tag),
                      before_rng=skip_offending)
         self.last_saved = None
         skipped = [{"iteration": o["iteration"], "samples": [o["first_sample"], o["first_sample"] + global_batch_size - 1],

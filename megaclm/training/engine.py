@@ -29,6 +29,7 @@ from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.utils import is_invalid_grad_norm
 
+from megaclm.config import MegaclmConfig
 from megaclm.logging import get_logger
 from megaclm.model.fp8 import convert_to_fp8
 from megaclm.model.gpt import GPTModel
@@ -57,7 +58,7 @@ def _single_process_env() -> None:
                           MASTER_PORT=str(free_port()))
 
 
-def init_distributed(cfg: Any) -> ParallelState:
+def init_distributed(cfg: MegaclmConfig) -> ParallelState:
     """torch.distributed from the launcher's environment (deepspeed, torchrun, srun + env://)."""
     _single_process_env()
     backend = cfg.training.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -75,11 +76,11 @@ def init_distributed(cfg: Any) -> ParallelState:
     return pstate
 
 
-def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_config: dict) -> torch.nn.Module:
+def build_model(cfg: MegaclmConfig, padded_vocab_size: int, pstate: ParallelState, ds_config: dict) -> torch.nn.Module:
     # ZeRO-3 partitions each parameter as soon as its module is built, so a model larger than one
     # device's memory never exists whole (every data-parallel replica builds the same init: same seed).
     # Partitioned over seq x dp (= dp without a sequence split): the group DeepSpeed's engine shards ZeRO over.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.training.zero_stage == 3, mpu=pstate,
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.zero.zero_stage == 3, mpu=pstate,
                              data_parallel_group=pstate.cp_dp_group):
         if pstate.pp_size > 1:
             model = GPTPipelineModule(cfg.model, padded_vocab_size, pstate, cfg.kernels,
@@ -90,10 +91,10 @@ def build_model(cfg: Any, padded_vocab_size: int, pstate: ParallelState, ds_conf
     if cfg.lora.enabled:
         plain = (lambda name: pipe_to_plain_key(name, cfg.model)) if pstate.pp_size > 1 else (lambda name: name)
         init_adapters(model, cfg.training.seed, pstate.tp_size, pstate.tp_rank, plain)
-    if cfg.training.fp8_format is not None:  # checked by check_fp8 at start-up
-        converted = convert_to_fp8(model, cfg.training.fp8_format, cfg.training.fp8_recipe)
+    if cfg.precision.fp8_format is not None:  # checked by check_fp8 at start-up
+        converted = convert_to_fp8(model, cfg.precision.fp8_format, cfg.precision.fp8_recipe)
         if pstate.rank == 0:
-            log.info(f"fp8 ({cfg.training.fp8_format}, {cfg.training.fp8_recipe}): {len(converted)} block linears")
+            log.info(f"fp8 ({cfg.precision.fp8_format}, {cfg.precision.fp8_recipe}): {len(converted)} block linears")
     return model
 
 
@@ -173,11 +174,11 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_config: dict) -> Any:
+def build_engine(cfg: MegaclmConfig, model: torch.nn.Module, pstate: ParallelState, ds_config: dict) -> Any:
     groups = param_groups(model, cfg.optimizer.weight_decay, decoupled_lr=cfg.optimizer.decoupled_lr is not None)
     optimizer = None
     ds_config = dict(ds_config)
-    if cfg.training.zero_stage == 0 and cfg.training.precision == "fp32":
+    if cfg.zero.zero_stage == 0 and cfg.precision.name == "fp32":
         params = ds_config.pop("optimizer")["params"]
         clip = ds_config["gradient_clipping"]
         ds_config["gradient_clipping"] = 0.0  # the optimizer clips, with the norm it reports (DeepSpeed's default is 1)
@@ -201,7 +202,7 @@ def build_engine(cfg: Any, model: torch.nn.Module, pstate: ParallelState, ds_con
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                config=ds_config, mpu=pstate)
-    defer_sequence_parallel_grads(engine, pstate, cfg.training.zero_stage)
+    defer_sequence_parallel_grads(engine, pstate, cfg.zero.zero_stage)
     if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
         forget_initial_step(engine.optimizer)
     if isinstance(engine.optimizer, FP16_UnfusedOptimizer):

@@ -59,6 +59,7 @@ from megaclm.checkpoint.shards import load_full_state_dict
 from megaclm.config import MegaclmConfig, parse_args
 from megaclm.config.arguments import dump_yaml
 from megaclm.config.derived import pad_vocab_size
+from megaclm.config.derived import Derived
 from megaclm.logging.metrics_file import last_per_iteration, read_rows
 from megaclm.model.gpt import GPTModel
 from megaclm.tokenizer import build_tokenizer_from_config
@@ -98,7 +99,7 @@ class Axes:
                 + (f", EP {self.ep}" if self.ep > 1 else "") + f" = {self.world} ranks")
 
 
-def run_axes(cfg: MegaclmConfig, derived: Any) -> Axes:
+def run_axes(cfg: MegaclmConfig, derived: Derived) -> Axes:
     p = cfg.parallel
     return Axes(tp=derived.tensor_model_parallel_size, pp=derived.pipeline_model_parallel_size,
                 dp=derived.data_parallel_size, seq=derived.seq_split_size, ring=p.context_parallel_size > 1,
@@ -218,16 +219,16 @@ def make_plan(argv: list[str], world_size: int, max_ranks: int, steps: int) -> P
     tree["scheduler"]["lr_warmup_iters"] = 0  # the first step updates at the run's peak lr
     tree["checkpoint"].update(save=None, load=None, pretrained_checkpoint=None, finetune=False, save_interval=None,
                               save_total_limit=None, ckpt_step=None, use_checkpoint_args=False, save_best=False)
-    tree["logging"].update(log_interval=1, metrics_file=None, tensorboard_dir=None, wandb_project=None)
+    tree["logging"].update(log_interval=1, metrics_file=None, tensorboard_dir=None, wandb_project=None, profile=False,
+                           use_pytorch_profiler=False)
     if "lora" in tree:
         tree["lora"]["lora_dropout"] = 0.0
     reference = json.loads(json.dumps(tree))
     reference["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                  sequence_parallel=False, ds_sequence_parallel_size=1, context_parallel_size=1,
                                  expert_model_parallel_size=1)
-    precision = cfg.training.precision
-    reference["training"].update(zero_stage=0 if precision == "fp32" else 1, offload_optimizer=False,
-                                 offload_param=False)
+    precision = cfg.precision.name
+    reference["zero"].update(zero_stage=0 if precision == "fp32" else 1, offload_optimizer=False, offload_param=False)
     reference["model"]["recompute_granularity"] = None
     reference["kernels"]["torch_compile"] = False
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, axes.tp)

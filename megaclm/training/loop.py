@@ -11,8 +11,8 @@
 
 The parts: TrainStep and Evaluator (megaclm.training.step), Checkpointer (megaclm.training.checkpointer:
 save cadence, best, the one restore path), StepLogger (below), and the callbacks
-(megaclm.training.callbacks: the loss-spike guard, the NaN/inf guard, the hang watchdog, the stop
-conditions, the user's --callbacks). A stop saves first and returns why (exit status 76); stop
+(megaclm.training.callbacks: the loss-spike guard, the NaN/inf guard, the hang watchdog, the step
+profiler, the stop conditions, the user's --callbacks). A stop saves first and returns why (exit status 76); stop
 requests and the clock are agreed on by all ranks with one all-reduce per iteration, so every rank
 stops at the same iteration; an evaluation checks for a stop request before each of its batches (one
 all-reduce each) and is abandoned on one. Every log line all-gathers the ranks' step times
@@ -27,12 +27,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from megaclm.config import MegaclmConfig
+from megaclm.config.derived import Derived
 from megaclm.logging import get_logger
 from megaclm.model.gpt import MOE_STATS
 from megaclm.parallel.device import rank_device
+from megaclm.parallel.state import ParallelState
 from megaclm.training.batch import BatchSource
-from megaclm.training.callbacks import (ROLLBACK, Callbacks, NanGuard, SpikeCallback, StepResult, StopConditions,
-                                        WatchdogCallback)
+from megaclm.training.callbacks import (ROLLBACK, Callbacks, NanGuard, Profiler, SpikeCallback, StepResult,
+                                        StopConditions, WatchdogCallback)
 from megaclm.training.checkpointer import Checkpointer
 from megaclm.training.metrics import MetricsLogger, memory_gb
 from megaclm.training.progress import Progress
@@ -61,8 +64,9 @@ class StepLogger:
     """Sums over the steps since the last log line; one line (and metrics record) every --log-interval
     iterations, at iteration 1 (the starting loss), before a rollback and at the end."""
 
-    def __init__(self, metrics: MetricsLogger, engine: Any, pstate: Any, data: BatchSource, progress: Progress, *,
-                 log_interval: int, flops_per_token: Callable[[int], float], peak_tflops: float | None, device: Any):
+    def __init__(self, metrics: MetricsLogger, engine: Any, pstate: ParallelState, data: BatchSource,
+                 progress: Progress, *, log_interval: int, flops_per_token: Callable[[int], float],
+                 peak_tflops: float | None, device: Any):
         self.metrics, self.engine, self.pstate, self.data, self.progress = metrics, engine, pstate, data, progress
         self.log_interval, self.flops_per_token, self.peak_tflops = log_interval, flops_per_token, peak_tflops
         self.device = device
@@ -130,26 +134,29 @@ class StepLogger:
 
 
 class Trainer:
-    def __init__(self, cfg: Any, derived: Any, engine: Any, pstate: Any, data: BatchSource, schedule: LRSchedule,
-                 metrics: MetricsLogger, progress: Progress, *, flops_per_token: Callable[[int], float],
-                 peak_tflops: float | None, checkpoint_meta: dict, callbacks: list | tuple = ()):
+    def __init__(self, cfg: MegaclmConfig, derived: Derived, engine: Any, pstate: ParallelState, data: BatchSource,
+                 schedule: LRSchedule, metrics: MetricsLogger, progress: Progress, *,
+                 flops_per_token: Callable[[int], float], peak_tflops: float | None, checkpoint_meta: dict,
+                 callbacks: list | tuple = ()):
         """`callbacks`: the user's (--callbacks), run after the built-in ones (megaclm.training.callbacks)."""
         self.cfg, self.derived, self.engine, self.pstate = cfg, derived, engine, pstate
         self.data, self.schedule, self.metrics, self.progress = data, schedule, metrics, progress
         # Collectives run on the training device (NCCL takes CUDA tensors only).
         self.device = rank_device()
         self.start_time = time.time()
-        t = cfg.training
-        self.guard = SpikeGuard(t.spike_zscore, t.spike_window) if t.spike_zscore is not None else None
+        r = cfg.resilience
+        self.guard = SpikeGuard(r.spike_zscore, r.spike_window) if r.spike_zscore is not None else None
         self.train_step = TrainStep(engine, pstate, data, derived.grad_accum_steps,
                                     moe=cfg.model.num_experts is not None, guard=self.guard, device=self.device)
-        self.evaluator = Evaluator(self.train_step, data, t, cfg.data.seq_length, metrics)
-        self.nan_guard = NanGuard(t.max_consecutive_nan_steps)
+        self.evaluator = Evaluator(self.train_step, data, cfg.training, cfg.data.seq_length, metrics)
+        self.nan_guard = NanGuard(r.max_consecutive_nan_steps)
+        profiler = Profiler.for_rank(cfg, pstate.rank)  # None without --profile: nothing runs per step
         self.callbacks = Callbacks(
-            ([SpikeCallback(self.guard, t, derived.global_batch_size)] if self.guard is not None else [])
+            ([SpikeCallback(self.guard, r, derived.global_batch_size)] if self.guard is not None else [])
             + [self.nan_guard]
-            + ([WatchdogCallback(t.hang_timeout_s, cfg.checkpoint.save, pstate.rank)] if t.hang_timeout_s else [])
-            + [StopConditions(t), *callbacks])
+            + ([WatchdogCallback(r.hang_timeout_s, cfg.checkpoint.save, pstate.rank)] if r.hang_timeout_s else [])
+            + ([profiler] if profiler is not None else [])
+            + [StopConditions(cfg.training), *callbacks])
         self.checkpointer = Checkpointer(cfg, engine, pstate, {"progress": progress, "data": data, "spike": self.guard},
                                          checkpoint_meta, bad_steps=self.bad_steps, device=self.device,
                                          files_written=self.callbacks.checkpoint_files_written)
@@ -238,7 +245,7 @@ class Trainer:
             self.callbacks.heartbeat(self)
 
     def rollback(self) -> None:
-        self.checkpointer.rollback(list(self.guard.offending), self.cfg.training.spike_max_rollbacks, self.metrics,
+        self.checkpointer.rollback(list(self.guard.offending), self.cfg.resilience.spike_max_rollbacks, self.metrics,
                                    self.derived.global_batch_size)
         self.nan_guard.consecutive = 0
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megaclm.parallel.state import ParallelState
 
 
 def _mask(micro: Any) -> torch.Tensor:
@@ -39,7 +40,8 @@ def _with_mask(micro: Any, mask: torch.Tensor) -> Any:
     return inputs, (labels, mask)
 
 
-def normalise_loss_masks(micro_batches: list, pstate: Any, accum: int, pipeline: bool) -> tuple[list, torch.Tensor]:
+def normalise_loss_masks(micro_batches: list, pstate: ParallelState, accum: int,
+                         pipeline: bool) -> tuple[list, torch.Tensor]:
     """The step's micro-batches with their loss masks scaled for a per-token loss over the global batch,
     and N, the global batch's loss-token count (a 0-dim tensor on the masks' device: no host sync).
     Collective over `pstate.cp_dp_group`."""

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from megaclm.config.logging import LoggingConfig
 from megaclm.logging import get_logger
 from megaclm.logging.metrics_file import drop_rows_after
 
@@ -75,7 +76,7 @@ def _fmt(x: Any, spec: str) -> str:
 class MetricsLogger:
     """Console + JSON lines + TensorBoard + W&B on the writer rank; a no-op elsewhere."""
 
-    def __init__(self, logging_cfg: Any, *, writer: bool, metrics_file: str | None, total_iters: int,
+    def __init__(self, logging_cfg: LoggingConfig, *, writer: bool, metrics_file: str | None, total_iters: int,
                  start_iter: int, run_config: dict, default_wandb_dir: str | None):
         self.writer, self.cfg = writer, logging_cfg
         self.metrics_file, self.tb, self.wandb, self.bar = None, None, None, None

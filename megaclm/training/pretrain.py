@@ -24,9 +24,10 @@ from megaclm.checkpoint.lock import SaveDirLock
 from megaclm.checkpoint.manifest import Choice, choose_tag
 from megaclm.checkpoint.save_errors import CheckpointSaveError
 from megaclm.checkpoint.weights import load_weights
-from megaclm.config import arguments, parse_args
-from megaclm.config.derived import with_inputs
+from megaclm.config import MegaclmConfig, arguments, parse_args
 from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
+from megaclm.config.derived import with_inputs
+from megaclm.config.derived import Derived
 from megaclm.config.validate import check_vocab, validate
 from megaclm.data.curriculum import Curriculum
 from megaclm.data.epochs import train_split
@@ -39,12 +40,13 @@ from megaclm.model.flops import (KERNELS_ASSUMED, MemorySetup, count_parameters,
 from megaclm.model.fp8 import check_fp8
 from megaclm.model.lora import is_lora_key
 from megaclm.parallel.device import rank_device
+from megaclm.parallel.state import ParallelState
 from megaclm.tokenizer import build_tokenizer_from_config, model_vocab_size
 from megaclm.training.batch import build_batch_source
 from megaclm.training.batch_change import check_batch_change, saved_global_batch
-from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.callbacks import load_callbacks, stop_agreed
 from megaclm.training.checkpointer import load_engine
+from megaclm.training.engine import build_engine, build_model, init_distributed
 from megaclm.training.loop import Trainer
 from megaclm.training.metrics import MetricsLogger, detect_peak_tflops
 from megaclm.training.progress import Progress, TrainingDiverged
@@ -61,7 +63,8 @@ DESCRIPTION = ("Pretrain a GPT-family model with DeepSpeed (ZeRO 0-3, tensor/seq
                "Launch with `deepspeed --num_gpus N pretrain_gpt.py ...`, torchrun, or srun.")
 
 
-def _model_vocab(cfg: Any, start: Start, tag: str | None, tokenizer_vocab: int, padded: int) -> tuple[int, str]:
+def _model_vocab(cfg: MegaclmConfig, start: Start, tag: str | None, tokenizer_vocab: int,
+                 padded: int) -> tuple[int, str]:
     """The embedding size to build: the loaded checkpoint `tag`'s (an HF --pretrained-checkpoint's, padded for the
     run), else the padded tokenizer's."""
     if start.hf is not None:
@@ -81,7 +84,7 @@ def _tokenizer_text(t: Any) -> str:
     return " ".join([f"--tokenizer-type {t.tokenizer_type}", *files])
 
 
-def _checks_on(cfg: Any, derived: Any, start: Start, tag: str | None, tokenizer: Any,
+def _checks_on(cfg: MegaclmConfig, derived: Derived, start: Start, tag: str | None, tokenizer: Any,
                fingerprint: dict) -> tuple[int, str, Any]:
     """Everything checked against the checkpoint `tag` of `start.dir` a run loads (None: none): (model vocabulary,
     where it comes from, resolve_lora_base's answer or None without LoRA). Run once in `main` and again if the tag
@@ -95,7 +98,7 @@ def _checks_on(cfg: Any, derived: Any, start: Start, tag: str | None, tokenizer:
     return model_vocab, vocab_source, lora
 
 
-def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
+def features(cfg: MegaclmConfig, lora: tuple[dict, bool] | None) -> list[str]:
     """One line per optional training feature and whether it is on (printed by --validate-only)."""
     l, k = cfg.lora, cfg.kernels
     lines = ["lora: off" if lora is None else
@@ -104,13 +107,14 @@ def features(cfg: Any, lora: tuple[dict, bool] | None) -> list[str]:
              + (f"; base quantized to {l.base_quantization}" if l.quantized else "")]
     lines.append(f"torch_compile: {'on (each transformer block)' if k.torch_compile else 'off'}; "
                  f"kernels: {k.op_backend}")
-    t = cfg.training
-    lines.append("fp8: off" if t.fp8_format is None else
-                 f"fp8: {t.fp8_format} format, {t.fp8_recipe} scaling (torchao.float8) on the transformer blocks' linears")
+    p = cfg.precision
+    lines.append("fp8: off" if p.fp8_format is None else
+                 f"fp8: {p.fp8_format} format, {p.fp8_recipe} scaling (torchao.float8) on the transformer blocks' "
+                 "linears")
     return lines
 
 
-def derive(cfg: Any, derived: Any, vocab_size: int) -> Any:
+def derive(cfg: MegaclmConfig, derived: Derived, vocab_size: int) -> Derived:
     """parse_args's `derived` (the layout, checked there) completed with the tokenizer's vocabulary; with
     --train-tokens the step count follows the sequence-length warmup, with --train-epochs the size of the training
     data (read from the .idx files: every run logs its epoch)."""
@@ -125,7 +129,7 @@ def derive(cfg: Any, derived: Any, vocab_size: int) -> Any:
     return derived
 
 
-def _check_data(cfg: Any, tag: str | None, fingerprint: dict) -> None:
+def _check_data(cfg: MegaclmConfig, tag: str | None, fingerprint: dict) -> None:
     """Refuse to resume (from `tag`; None: a fresh start or a weights-only load) on data that differs from the
     checkpoint's (unless --override-data-fingerprint)."""
     if tag is None:
@@ -137,7 +141,7 @@ def _check_data(cfg: Any, tag: str | None, fingerprint: dict) -> None:
     check_fingerprint(saved, fingerprint, f"--load {cfg.checkpoint.load}/{tag}")
 
 
-def _check_batch_change(cfg: Any, derived: Any, tag: str | None) -> None:
+def _check_batch_change(cfg: MegaclmConfig, derived: Derived, tag: str | None) -> None:
     """Resuming (from `tag`; None: a fresh start or a weights-only load) with another --global-batch-size: say what
     continues, or refuse (megaclm.training.batch_change)."""
     if tag is None:
@@ -151,7 +155,7 @@ def _check_batch_change(cfg: Any, derived: Any, tag: str | None) -> None:
         log.info(note)
 
 
-def layout_line(cfg: Any, derived: Any) -> str:
+def layout_line(cfg: MegaclmConfig, derived: Derived) -> str:
     """e.g. "world 8 = tp 2 x ulysses 2 x dp 2 x pp 1 (rank order: tp fastest, then ulysses, dp, pp); each rank
     holds 8192 of 32768 tokens per sample (contiguous)"."""
     p = cfg.parallel
@@ -168,16 +172,16 @@ def layout_line(cfg: Any, derived: Any) -> str:
     return line
 
 
-def _summary(cfg: Any, derived: Any, model_vocab: int, ds_config: dict, lora: tuple[dict, bool] | None = None,
-             reference_ops: bool = False) -> str:
+def _summary(cfg: MegaclmConfig, derived: Derived, model_vocab: int, ds_config: dict,
+             lora: tuple[dict, bool] | None = None, reference_ops: bool = False) -> str:
     params = count_parameters(cfg.model, model_vocab)
     setup = MemorySetup(seq_length=cfg.data.seq_length, micro_batch_size=derived.micro_batch_size,
                         tensor_parallel=derived.tensor_model_parallel_size,
                         pipeline_parallel=derived.pipeline_model_parallel_size,
-                        data_parallel=derived.data_parallel_size, zero_stage=cfg.training.zero_stage,
-                        precision=cfg.training.precision, sequence_parallel=cfg.parallel.sequence_parallel,
-                        grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.training.offload_optimizer,
-                        offload_param=cfg.training.offload_param,
+                        data_parallel=derived.data_parallel_size, zero_stage=cfg.zero.zero_stage,
+                        precision=cfg.precision.name, sequence_parallel=cfg.parallel.sequence_parallel,
+                        grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.zero.offload_optimizer,
+                        offload_param=cfg.zero.offload_param,
                         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), reference_ops=reference_ops,
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
                         base_quantization=cfg.lora.base_quantization,
@@ -274,13 +278,16 @@ def set_thread_count() -> None:
         torch.set_num_threads(int(threads))
 
 
-def _run(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
+def _run(cfg: MegaclmConfig, derived: Derived, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
          lora: tuple[dict, bool] | None, fingerprint: dict, start: Start, callbacks: list) -> int:
     """`lora`: resolve_lora_base's (base checkpoint, --load holds adapters), None without LoRA; `start`: what the
     run loads (an HF --pretrained-checkpoint is imported here; the checksums are verified here, by all ranks)."""
-    if cfg.training.fp16 and not torch.cuda.is_available():
-        raise UserError("training.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
-    check_fp8(cfg.training.fp8_format)
+    if cfg.precision.fp16 and not torch.cuda.is_available():
+        raise UserError("precision.fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use --bf16 on CPU")
+    check_fp8(cfg.precision.fp8_format)
+    if cfg.logging.profile and not cfg.logging.use_pytorch_profiler and not torch.cuda.is_available():
+        raise UserError("logging.profile without --use-pytorch-profiler marks the steps for Nsight Systems, which "
+                        "needs a GPU; add --use-pytorch-profiler for a torch.profiler trace")
     set_thread_count()
     pstate = init_distributed(cfg)
     # Rank 0 takes the --save lock before anything writes there; every rank follows its decision.
@@ -324,7 +331,7 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _stopped_at_start_up(pstate: Any) -> bool:
+def _stopped_at_start_up(pstate: ParallelState) -> bool:
     """A stop request (megaclm.utils.signals) before the first step: nothing trained since the loaded checkpoint,
     so nothing to save; agreed by all ranks."""
     reason = stop_agreed(rank_device())
@@ -334,8 +341,9 @@ def _stopped_at_start_up(pstate: Any) -> bool:
     return reason is not None
 
 
-def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
-           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: Any, start: Start, callbacks: list) -> int:
+def _train(cfg: MegaclmConfig, derived: Derived, ds_config: dict, tokenizer: Any, model_vocab: int, vocab_source: str,
+           lora: tuple[dict, bool] | None, fingerprint: dict, pstate: ParallelState, start: Start,
+           callbacks: list) -> int:
     """Build the parts, load --load's checkpoint (the engine here; the client state and RNG states through the
     trainer's Checkpointer.restore, the path a rollback takes too), train."""
     c = cfg.checkpoint
@@ -356,7 +364,7 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
         if cfg.lora.quantized:  # QLoRA: each rank's shard of the loaded base, before any adapter is loaded
             quantize.apply_to(engine.module, cfg.lora.base_quantization, log.info if pstate.rank == 0 else None)
     if start.dir is not None and (lora_base is None or adapters):
-        state = load_engine(engine, pstate, cfg.training.zero_stage, start.dir, start.choice.tag,
+        state = load_engine(engine, pstate, cfg.zero.zero_stage, start.dir, start.choice.tag,
                             finetune=start.weights_only, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
                             adapters=adapters)
         remove_import(cfg, start, pstate.rank)
@@ -376,11 +384,11 @@ def _train(cfg: Any, derived: Any, ds_config: dict, tokenizer: Any, model_vocab:
             "data_parallel_size": pstate.dp_size, "expert_model_parallel_size": pstate.ep_size,
             "world_size": pstate.world_size,
             "padded_vocab_size": model_vocab, "tokenizer_vocab_size": tokenizer.vocab_size,
-            "zero_stage": cfg.training.zero_stage, "precision": cfg.training.precision,
+            "zero_stage": cfg.zero.zero_stage, "precision": cfg.precision.name,
             "data_fingerprint": fingerprint}
     if lora_base is not None:
         meta["lora_base"] = lora_base
-    peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.training.precision)
+    peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.precision.name)
     trainer = Trainer(cfg, derived, engine, pstate, data, schedule, metrics, progress,
                       flops_per_token=lambda seq: flops_per_token(cfg.model, model_vocab, seq),
                       peak_tflops=peak, checkpoint_meta=meta, callbacks=callbacks)

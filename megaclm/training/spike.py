@@ -25,11 +25,11 @@ from typing import Any
 _MIN_STD = 1e-6
 
 
-def extra_train_batches(training_cfg: Any) -> int:
+def extra_train_batches(resilience: ResilienceConfig) -> int:
     """Global batches the training dataset holds beyond train_iters: room for the batches rollbacks skip."""
-    if training_cfg.spike_zscore is None or training_cfg.spike_action != "rollback":
+    if resilience.spike_zscore is None or resilience.spike_action != "rollback":
         return 0
-    return training_cfg.spike_rollback_after * training_cfg.spike_max_rollbacks
+    return resilience.spike_rollback_after * resilience.spike_max_rollbacks
 
 
 class SpikeGuard:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch.distributed as dist
 
@@ -26,7 +26,7 @@ from megaclm.checkpoint.hf import files as hf_files
 from megaclm.checkpoint.hf.importer import import_hf
 from megaclm.checkpoint.layout import is_complete, iteration_of, read_config, read_meta, tag_for, tags_on_disk
 from megaclm.checkpoint.manifest import Choice
-from megaclm.config import shape_fields
+from megaclm.config import MegaclmConfig, shape_fields
 from megaclm.config.arguments import section_to_dict
 from megaclm.config.derived import pad_vocab_size
 from megaclm.logging import get_logger
@@ -59,7 +59,7 @@ class Start(NamedTuple):
         return 0 if "client" not in meta and meta.get("hf_model_type") else meta.get("iteration", 0)
 
 
-def resolve_start(cfg: Any, choice: Choice, choose: Callable[[str, int | None], Choice]) -> Start:
+def resolve_start(cfg: MegaclmConfig, choice: Choice, choose: Callable[[str, int | None], Choice]) -> Start:
     """The run's Start (a --save it would overwrite refused: `check_save`); `choice` is --load's (choose_tag's),
     `choose` resolves another directory's. Rank 0 logs the decision."""
     c = cfg.checkpoint
@@ -93,7 +93,7 @@ def resolve_start(cfg: Any, choice: Choice, choose: Callable[[str, int | None], 
     return start
 
 
-def _check_shapes(cfg: Any, start: Start) -> None:
+def _check_shapes(cfg: MegaclmConfig, start: Start) -> None:
     """The run's model must have the --pretrained-checkpoint's parameter shapes."""
     if start.hf is not None:
         theirs = section_to_dict(config_from_hf(hf_files.read_config(start.hf)))
@@ -107,7 +107,7 @@ def _check_shapes(cfg: Any, start: Start) -> None:
                         "checkpoint's megaclm/config.json otherwise) or matching model flags")
 
 
-def hf_padded_vocab(cfg: Any, start: Start) -> int:
+def hf_padded_vocab(cfg: MegaclmConfig, start: Start) -> int:
     """The embedding rows an HF --pretrained-checkpoint is imported with (its vocabulary padded for the run)."""
     vocab = hf_files.read_config(start.hf).get("vocab_size")
     if not isinstance(vocab, int):
@@ -116,7 +116,7 @@ def hf_padded_vocab(cfg: Any, start: Start) -> int:
     return pad_vocab_size(vocab, cfg.tokenizer.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
 
 
-def check_save(cfg: Any, start: Start) -> None:
+def check_save(cfg: MegaclmConfig, start: Start) -> None:
     """Refuse a run whose saves would overwrite another run's checkpoints in --save (see the module docstring)."""
     c = cfg.checkpoint
     if c.save is None or c.overwrite_save:
@@ -135,7 +135,7 @@ def check_save(cfg: Any, start: Start) -> None:
                         f"{resume}, pass another --save, or pass --overwrite-save to reuse the directory")
 
 
-def import_pretrained(cfg: Any, start: Start, rank: int) -> UserError | None:
+def import_pretrained(cfg: MegaclmConfig, start: Start, rank: int) -> UserError | None:
     """Rank 0: remove a killed launch's leftover import and, for an HF --pretrained-checkpoint, import it for the
     run's layout; returns the UserError that stopped it (the caller shares the outcome with every rank)."""
     if rank != 0 or cfg.checkpoint.save is None:
@@ -152,7 +152,7 @@ def import_pretrained(cfg: Any, start: Start, rank: int) -> UserError | None:
     return None
 
 
-def remove_import(cfg: Any, start: Start, rank: int) -> None:
+def remove_import(cfg: MegaclmConfig, start: Start, rank: int) -> None:
     """Once every rank loaded the on-the-fly import: rank 0 removes it."""
     if start.hf is None:
         return

@@ -17,17 +17,23 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megaclm.config.training import TrainingConfig
 from megaclm.logging import get_logger
-from megaclm.model.gpt import MOE_STATS
+from megaclm.model.gpt import MOE_STATS, masked_loss_sum
+from megaclm.parallel.state import ParallelState
+from megaclm.training.batch import BatchSource
 from megaclm.training.callbacks import stop_agreed
 from megaclm.training.loss import normalise_loss_masks
+from megaclm.training.metrics import MetricsLogger
+from megaclm.training.progress import Progress
+from megaclm.training.schedules import LRSchedule
 from megaclm.training.spike import SpikeGuard
 
 log = get_logger("megaclm.train")
 
 
 class TrainStep:
-    def __init__(self, engine: Any, pstate: Any, data: Any, grad_accum_steps: int, *, moe: bool,
+    def __init__(self, engine: Any, pstate: ParallelState, data: BatchSource, grad_accum_steps: int, *, moe: bool,
                  guard: SpikeGuard | None, device: Any):
         self.engine, self.pstate, self.data, self.accum = engine, pstate, data, grad_accum_steps
         self.pipeline = pstate.pp_size > 1
@@ -38,7 +44,7 @@ class TrainStep:
         # by this (NaN: a non-finite step; 10: a spike). Reset after every step.
         self.loss_factor = 1.0
 
-    def set_lr(self, schedule: Any, progress: Any) -> float:
+    def set_lr(self, schedule: LRSchedule, progress: Progress) -> float:
         lr = schedule.lr(progress.iteration, progress.consumed_tokens)
         decoupled = schedule.decoupled_lr(progress.iteration, progress.consumed_tokens)
         for group in self.engine.optimizer.param_groups:
@@ -50,7 +56,7 @@ class TrainStep:
         step's sum of these the per-token loss of the global batch (megaclm.training.loss)."""
         losses = self.engine(batch["tokens"], position_ids=batch["position_ids"],
                              document_ids=batch.get("document_ids"), labels=batch["labels"])  # (B, T) fp32
-        return (losses.float() * batch["loss_mask"]).sum()
+        return masked_loss_sum(losses, batch["loss_mask"])
 
     def normalised(self, micro: Iterator) -> tuple[list, torch.Tensor]:
         """The global batch's micro-batches, loss masks scaled for the per-token loss, and its loss-token count."""
@@ -128,8 +134,9 @@ class TrainStep:
 class Evaluator:
     """The evaluation splits, every --eval-interval iterations and at the end."""
 
-    def __init__(self, step: TrainStep, data: Any, training_cfg: Any, seq_length: int, metrics: Any):
-        self.step, self.data, self.t, self.seq, self.metrics = step, data, training_cfg, seq_length, metrics
+    def __init__(self, step: TrainStep, data: BatchSource, training: TrainingConfig, seq_length: int,
+                 metrics: MetricsLogger):
+        self.step, self.data, self.t, self.seq, self.metrics = step, data, training, seq_length, metrics
         self.interrupted: str | None = None  # why the last evaluation stopped early (a stop request)
 
     def due(self, iteration: int) -> bool:

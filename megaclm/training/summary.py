@@ -28,6 +28,8 @@ from megaclm.checkpoint.layout import iteration_of, read_best
 from megaclm.logging import get_logger
 from megaclm.logging.metrics_file import last_per_iteration, read_rows
 from megaclm.logging.plots import plot_runs
+from megaclm.training.metrics import MetricsLogger
+from megaclm.training.progress import Progress
 from megaclm.utils.fileio import atomic_write
 
 log = get_logger("megaclm.train")
@@ -127,7 +129,7 @@ def write_run_report(status: str, rows: list[dict], metrics_file: str | None, sa
     return s
 
 
-def end_of_run(status: str, metrics: Any, progress: Any, started: tuple[int, int], wall_s: float,
+def end_of_run(status: str, metrics: MetricsLogger, progress: Progress, started: tuple[int, int], wall_s: float,
                save: str | None) -> None:
     """`write_run_report` on the rank that logs metrics (`metrics`, a MetricsLogger, closed by now), for a run
     that started at `started` (iteration, consumed tokens) and ended with `status`."""

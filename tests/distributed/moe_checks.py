@@ -58,7 +58,7 @@ def _global(tensors: dict, pstate: ParallelState) -> dict:
 def check_ep2_equals_ep1(world_size: int, rank: int, recompute: bool = False) -> dict:
     """`recompute`: the EP model recomputes every layer in backward (its all-to-alls run again)."""
     ids, labels, weights, _, _ = batch(seed=10 + rank)  # data parallel: every rank its own tokens
-    ref = _model(None)
+    ref = _model(ParallelState.single())
     ref_loss = (ref(ids, labels=labels) * weights).sum()
     ref_loss.backward()
     want = _summed(grads(ref))  # what data parallelism reduces to: the sum over both ranks' tokens
@@ -80,7 +80,7 @@ def check_ep2_equals_ep1(world_size: int, rank: int, recompute: bool = False) ->
 
 def check_tp2_sp(world_size: int, rank: int) -> dict:
     ids, labels, weights, _, _ = batch(seed=3)
-    ref = _model(None)
+    ref = _model(ParallelState.single())
     ref_loss = (ref(ids, labels=labels) * weights).sum()
     ref_loss.backward()
     pstate = _state(world_size, rank, tensor_parallel_size=world_size, sequence_parallel=True)
@@ -97,7 +97,7 @@ def _engine(pstate, zero_stage: int, precision: str = "fp32", lora: LoraConfig |
 
     model = _model(pstate, lora=lora)
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
-                          training=SimpleNamespace(zero_stage=zero_stage, precision=precision))
+                          zero=SimpleNamespace(zero_stage=zero_stage), precision=SimpleNamespace(name=precision))
     # Clipping at 0.5 binds (the norms are ~1): the norm must count every expert once, on every rank.
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2,
               "train_batch_size": B * 2 * pstate.dp_size, "steps_per_print": 10**9, "gradient_clipping": 0.5,
@@ -240,7 +240,7 @@ def check_tp2_ep2(world_size: int, rank: int) -> dict:
     """4 ranks, TP=2 with SP x EP=2 (dp 2): each dp rank its own batch; against the unsharded model."""
     pstate = _state(world_size, rank, tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2)
     ids, labels, weights, _, _ = batch(seed=10 + pstate.dp_rank)
-    ref = _model(None)
+    ref = _model(ParallelState.single())
     ref_loss = (ref(ids, labels=labels) * weights).sum()
     ref_loss.backward()
     want = grads(ref)

@@ -61,7 +61,7 @@ def batch(seed: int = 0, documents: bool = False):
 
 def reference(config: ModelConfig, seed: int = 1234, kernels: KernelsConfig | None = None) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(config, VOCAB, None, kernels)
+    return GPTModel(config, VOCAB, ParallelState.single(), kernels)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -134,7 +134,7 @@ def check_tp_lora(name: str, world_size: int, rank: int, sequence_parallel: bool
     config, lora = family_config(name), LoraConfig(lora_rank=4, lora_alpha=8.0)
     inputs = batch(seed=9)
     torch.manual_seed(1234)  # the same reference on every rank
-    ref = GPTModel(config, VOCAB, None, lora=lora)
+    ref = GPTModel(config, VOCAB, lora=lora)
     randomize_adapters(ref)
     ref_logits, ref_loss = forward_backward(ref, *inputs)
     ref_grads = grads(ref)

@@ -26,7 +26,7 @@ def _step(pstate, zero_stage: int, precision: str, defer: bool, pipeline: bool =
     config = family_config("gpt2", hidden_dropout=0.0, attention_dropout=0.0)
     model = GPTPipelineModule(config, VOCAB, pstate) if pipeline else GPTModel(config, VOCAB, pstate)
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
-                          training=SimpleNamespace(zero_stage=zero_stage, precision=precision))
+                          zero=SimpleNamespace(zero_stage=zero_stage), precision=SimpleNamespace(name=precision))
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2, "train_batch_size": B * 2,
               "steps_per_print": 10**9, "gradient_clipping": 0.05, "zero_optimization": {"stage": zero_stage},
               "bf16": {"enabled": precision == "bf16"},

@@ -78,6 +78,6 @@ def test_two_stage_pipeline_equals_plain_model(ranks, family):
     results = [result[("pipe", family)] for result in ranks]
     checks.assert_pipeline_matches(results, TOL)
     layers = [r["layers"] for r in sorted(results, key=lambda r: r["stage"])]
-    assert layers[0][0] == "EmbeddingPipe" and "FinalNormPipe" in layers[-1]
+    assert layers[0][0] == "Embedding" and "Norm" in layers[-1]
     if family == "llama":  # uniform partition: 2 transformer layers per stage
-        assert [ls.count("TransformerLayerPipe") for ls in layers] == [2, 2]
+        assert [ls.count("TransformerLayer") for ls in layers] == [2, 2]

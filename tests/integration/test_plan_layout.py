@@ -65,8 +65,8 @@ def test_winner_flags_parse_into_the_planned_layout(planned):
     par, t = cfg.parallel, cfg.training
     assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, derived.data_parallel_size,
             par.seq_split_size, par.sequence_parallel) == (best["tp"], best["pp"], best["dp"], best["seq"], best["sp"])
-    assert (t.zero_stage, t.micro_batch_size, t.global_batch_size, t.bf16) == (best["zero"], best["micro_batch"], 32,
-                                                                              True)
+    assert (cfg.zero.zero_stage, t.micro_batch_size, t.global_batch_size, cfg.precision.bf16) == (
+        best["zero"], best["micro_batch"], 32, True)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_kv_heads, cfg.model.swiglu) == (4, 256, 4, True)
     assert (cfg.model.recompute_granularity or "none") == best["recompute"]
 
@@ -153,3 +153,11 @@ def test_memory_prediction_matches_measured_training_ranks(tmp_path):
         assert r["predicted_gib"] / r["measured_gib"] == pytest.approx(1, abs=0.1), name
     # The layouts differ where the estimate says they do: TP + SP and recomputation keep less than plain DP.
     assert rows["tp2-sp"]["measured_gib"] < rows["dp2-recompute"]["measured_gib"] < rows["dp2-zero0"]["measured_gib"]
+
+
+def test_validation_refuses_no_timed_steps():
+    spec = importlib.util.spec_from_file_location("plan_validation", ROOT / "bench" / "plan_validation.py")
+    validation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validation)
+    with pytest.raises(UserError, match="--steps 0: time at least 1 step per layout"):
+        validation.main(["--profile", "cpu.json", "--steps", "0"])

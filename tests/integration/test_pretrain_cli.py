@@ -47,7 +47,7 @@ def good(prefix: str) -> list[str]:
     (["--tensor-model-parallel-size", "3"], {"WORLD_SIZE": "3"},
      "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], {"WORLD_SIZE": "2"},
-     "needs training.zero_stage 0 or 1, got 3"),
+     "needs zero.zero_stage 0 or 1, got 3"),
     (["--seq-length", "128"], {}, "data.seq_length=128 is larger than model.max_position_embeddings=64"),
     (["--global-batch-size", "7"], {"WORLD_SIZE": "2"}, "global_batch_size=7 is not divisible"),
     (["--data-path", "/nowhere/x"], {}, "/nowhere/x.bin and /nowhere/x.idx not found"),
@@ -106,19 +106,24 @@ def test_validate_only_prints_config_and_derived(prefix):
                  "parameters: ", "# memory per GPU", "total"):
         assert line in out, out
     tree = _resolved(out)
-    assert tree["model"]["hidden_size"] == 64 and tree["training"]["bf16"] is True
+    assert tree["model"]["hidden_size"] == 64 and tree["precision"]["bf16"] is True
     ds = json.loads(out.split("# deepspeed config")[1])
     assert ds["train_batch_size"] == 8 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
 
 
-def test_yaml_numbers_with_an_exponent_are_floats(prefix, tmp_path):
-    """YAML 1.2 floats (PyYAML's YAML 1.1 reads `1e-3` as a string); a quoted value stays a string."""
+def test_yaml_numbers_with_an_exponent_are_floats_and_former_training_keys_load(prefix, tmp_path):
+    """YAML 1.2 floats (PyYAML's YAML 1.1 reads `1e-3` as a string); a quoted value stays a string. A file of
+    before the precision/zero sections (bf16, zero_stage under training:) loads, with one deprecation line."""
     path = tmp_path / "run.yaml"
     path.write_text("optimizer:\n  lr: 1e-3\n  min_lr: 3e-4\n  clip_grad: 6e+2\n"
-                    "model:\n  init_method_std: .5\nlogging:\n  wandb_project: \"1e-3\"\n")
+                    "model:\n  init_method_std: .5\nlogging:\n  wandb_project: \"1e-3\"\n"
+                    "training:\n  bf16: true\n  zero_stage: 2\n")
     r = cli(good(prefix) + ["--validate-only", "--config", str(path)])
     assert r.returncode == 0, r.stderr
     tree = _resolved(r.stdout)
+    assert tree["precision"]["bf16"] is True and tree["zero"]["zero_stage"] == 2 and "bf16" not in tree["training"]
+    moved = [line for line in r.stderr.splitlines() if "deprecated keys" in line]
+    assert len(moved) == 1 and "training.bf16 -> precision.bf16, training.zero_stage -> zero.zero_stage" in moved[0]
     assert (tree["optimizer"]["lr"], tree["optimizer"]["min_lr"], tree["optimizer"]["clip_grad"]) == (1e-3, 3e-4, 600.0)
     assert tree["model"]["init_method_std"] == 0.5 and tree["logging"]["wandb_project"] == "1e-3"
     path.write_text("optimizer:\n  lr: .inf\n")
@@ -196,7 +201,7 @@ def test_fp8_is_refused_without_an_fp8_gpu(prefix):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --fp8-format e4m3: there is no CUDA GPU; drop the --fp8-* flags and train in --bf16"]
     r = cli(good(prefix) + ["--fp8-format", "hybrid"])
-    assert r.returncode == 2 and "training.fp8_format='hybrid' needs --bf16" in r.stderr
+    assert r.returncode == 2 and "precision.fp8_format='hybrid' needs --bf16" in r.stderr
 
 
 def _write_dataset(prefix: str, lengths: tuple[int, ...], offset: int = 0) -> None:
@@ -206,10 +211,11 @@ def _write_dataset(prefix: str, lengths: tuple[int, ...], offset: int = 0) -> No
     b.finalize()
 
 
-def test_resume_on_changed_data_is_refused(tmp_path):
-    """A checkpoint's data fingerprint: changed .bin/.idx files or --split are refused with the file or flag
-    named (exit 2, before any process group: --validate-only runs the same check); --override-data-fingerprint
-    accepts them."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run, shared: 2 iterations into --save, both profiled (Megatron-LM's --profile
+    --use-pytorch-profiler --profile-step-start 0 --profile-step-end 2): (data prefix, save dir, its flags, result)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
     prefix, save = str(tmp_path / "data/text_document"), str(tmp_path / "ckpt")
     os.makedirs(os.path.dirname(prefix))
     _write_dataset(prefix, (3000, 5000, 7000))
@@ -217,8 +223,32 @@ def test_resume_on_changed_data_is_refused(tmp_path):
             "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL, "--data-path", prefix,
             "--split", "98,2,0", "--eval-iters", "1", "--num-workers", "0", "--save", save, "--load", save]
-    first = cli(args + ["--train-iters", "2"])
+    first = cli(args + ["--train-iters", "2", "--profile", "--use-pytorch-profiler", "--profile-step-start", "0",
+                        "--profile-step-end", "2"])
     assert first.returncode == 0, first.stderr
+    return prefix, save, args, first
+
+
+def test_profile_writes_a_trace_of_the_steps_asked(trained):
+    """The trace of iterations 1 and 2 in <save>/profile, whole JSON, the model's matmuls inside the profiled steps,
+    and the costliest ops in the log."""
+    _, save, _, first = trained
+    assert [p.name for p in Path(save, "profile").iterdir()] == ["rank0.iter1-2.pt.trace.json"]
+    events = json.loads(Path(save, "profile/rank0.iter1-2.pt.trace.json").read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("iteration ") and e.get("ph") == "X"]
+    assert [e["name"] for e in steps] == ["iteration 1", "iteration 2"]
+    inside = [e for e in events if e.get("ph") == "X" and e.get("name") in ("aten::mm", "aten::addmm", "aten::bmm")
+              and steps[0]["ts"] <= e["ts"] <= steps[1]["ts"] + steps[1]["dur"]]
+    assert inside, sorted({e.get("name") for e in events})
+    log = first.stdout + first.stderr
+    assert "--profile: iterations 1-2 traced to" in log and "Self CPU time total" in log
+
+
+def test_resume_on_changed_data_is_refused(trained):
+    """A checkpoint's data fingerprint: changed .bin/.idx files or --split are refused with the file or flag
+    named (exit 2, before any process group: --validate-only runs the same check); --override-data-fingerprint
+    accepts them. (Changes the shared run's data: the last user of `trained`.)"""
+    prefix, save, args, _ = trained
     meta = json.loads(Path(save, "iter_0000002/megaclm/meta.json").read_text())
     assert meta["data_fingerprint"]["splits"]["train"]["files"][0]["path"] == prefix
     assert cli(args + ["--train-iters", "4", "--validate-only"]).returncode == 0  # unchanged data: accepted

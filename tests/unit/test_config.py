@@ -99,7 +99,7 @@ def test_megatron_flags_fill_every_section(base):
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_query_groups) == (4, 128, 2)
     assert cfg.model.add_bias_linear is False and cfg.model.swiglu and cfg.model.normalization == "RMSNorm"
     assert cfg.model.untie_embeddings_and_output_weights and cfg.model.position_embedding_type == "rope"
-    assert cfg.training.bf16 and cfg.training.zero_stage == 2 and cfg.training.deepspeed_config == "ds.json"
+    assert cfg.precision.bf16 and cfg.zero.zero_stage == 2 and cfg.training.deepspeed_config == "ds.json"
     assert cfg.optimizer.lr == 6e-4 and cfg.scheduler.lr_decay_style == "WSD"
     assert cfg.checkpoint.save == "/tmp/x" and cfg.logging.log_interval == 5
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.data.seq_length == 64
@@ -159,10 +159,10 @@ def test_yaml_unknown_keys_get_did_you_mean(tmp_path, base):
 
 def test_yaml_type_errors_name_the_path(tmp_path, base):
     cases = [({"model": {"hidden_size": "big"}}, r"model\.hidden_size expects an integer, got 'big'"),
-             ({"training": {"bf16": "yes"}}, r"training\.bf16 expects true or false"),
+             ({"precision": {"bf16": "yes"}}, r"precision\.bf16 expects true or false"),
              ({"optimizer": {"lr": [1]}}, r"optimizer\.lr expects a number"),
              ({"data": {"data_path": "x"}}, r"data\.data_path expects a list"),
-             ({"training": {"zero_stage": 5}}, r"training\.zero_stage=5 is not one of \[0, 1, 2, 3\]")]
+             ({"zero": {"zero_stage": 5}}, r"zero\.zero_stage=5 is not one of \[0, 1, 2, 3\]")]
     for tree, msg in cases:
         with pytest.raises(UserError, match=msg):
             parse(base + ["--config", write_yaml(tmp_path, tree)])
@@ -180,6 +180,28 @@ def test_kernels_op_backend_keeps_its_flag_and_former_yaml_key(tmp_path, base):
     assert cfg.kernels.op_backend == "fused" and cfg.to_dict()["kernels"]["op_backend"] == "fused"
     with pytest.raises(UserError, match="kernels.kernels='cuda' is not one of"):
         parse(base + ["--config", write_yaml(tmp_path, {"kernels": {"kernels": "cuda"}})])
+
+def test_yaml_and_stored_config_of_the_former_training_section_still_load(tmp_path, base, caplog):
+    """precision, zero and resilience were part of `training:`; files written then load, with one deprecation line
+    naming the new sections (none for a checkpoint's stored config, which the user does not edit)."""
+    old = {"training": {"micro_batch_size": 2, "bf16": True, "zero_stage": 2, "spike_zscore": 4.0, "hang-timeout-s": 0}}
+    new = {"training": {"micro_batch_size": 2}, "precision": {"bf16": True}, "zero": {"zero_stage": 2},
+           "resilience": {"spike_zscore": 4.0, "hang_timeout_s": 0}}
+    with caplog.at_level("WARNING", logger="megaclm.config.arguments"):
+        cfg, _ = parse(base + ["--config", write_yaml(tmp_path, old)])
+    assert cfg == parse(base + ["--config", write_yaml(tmp_path, new, "new.yaml")])[0]
+    assert (cfg.precision.bf16, cfg.zero.zero_stage, cfg.resilience.spike_zscore) == (True, 2, 4.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "training.bf16 -> precision.bf16" in lines[0] and "training.zero_stage -> " \
+        "zero.zero_stage" in lines[0] and "training.spike_zscore -> resilience.spike_zscore" in lines[0], lines
+    caplog.clear()
+    stored = {**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "bf16": True, "zero_stage": 2}}
+    del stored["precision"], stored["zero"]
+    assert MegaclmConfig.from_dict(stored) == cfg and not caplog.records
+    with pytest.raises(UserError, match="'bf16' is given under both 'training:' and 'precision:'; keep the "
+                                        "'precision:' one"):
+        parse(base + ["--config", write_yaml(tmp_path, {"training": {"bf16": True}, "precision": {"bf16": False}})])
+
 
 def test_config_round_trips_through_yaml(tmp_path, base):
     cfg, _ = parse(base + ["--bf16", "--swiglu", "--lr", "2e-4"])
@@ -207,9 +229,9 @@ def test_subset_of_sections_for_tools(prefix):
     (["--tensor-model-parallel-size", "4", "--num-attention-heads", "6", "--hidden-size", "96"], 4,
      r"model\.num_attention_heads=6 is not divisible by parallel\.tensor_model_parallel_size=4"),
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 4,
-     r"pipeline_model_parallel_size=2 needs training\.zero_stage 0 or 1, got 3"),
+     r"pipeline_model_parallel_size=2 needs zero\.zero_stage 0 or 1, got 3"),
     (["--seq-length", "128"], 2, r"data\.seq_length=128 is larger than model\.max_position_embeddings=64"),
-    (["--zero-stage", "3", "--torch-compile"], 2, r"kernels\.torch_compile with training\.zero_stage=3"),
+    (["--zero-stage", "3", "--torch-compile"], 2, r"kernels\.torch_compile with zero\.zero_stage=3"),
     (["--global-batch-size", "6"], 2,
      r"global_batch_size=6 is not divisible by training\.micro_batch_size=2 x data-parallel size 2"),
     (["--data-path"], 2, r"data\.data_path is empty"),
@@ -220,24 +242,39 @@ def test_subset_of_sections_for_tools(prefix):
     (["--lr-warmup-iters", "5", "--lr-decay-tokens", "1000"], 2, "mix iterations and tokens"),
     (["--vocab-file", "/nope.json"], 2, r"tokenizer\.vocab_file='/nope.json' does not exist"),
     (["--tensor-model-parallel-size", "2"], 3, r"world size 3 is not divisible by parallel.tensor_model_parallel_size=2"),
-    (["--spike-zscore", "0"], 2, r"training\.spike_zscore=0\.0 must be > 0"),
-    (["--spike-zscore", "3", "--spike-window", "1"], 2, r"training\.spike_window=1 must be >= 2"),
+    (["--spike-zscore", "0"], 2, r"resilience\.spike_zscore=0\.0 must be > 0"),
+    (["--spike-zscore", "3", "--spike-window", "1"], 2, r"resilience\.spike_window=1 must be >= 2"),
     (["--spike-zscore", "3", "--spike-action", "rollback"], 2, r"spike_action=rollback needs checkpoint\.save"),
     (["--spike-zscore", "3", "--pipeline-model-parallel-size", "2"], 2, r"needs parallel\.pipeline_model_parallel_size=1"),
-    (["--hang-timeout-s=-1"], 2, r"training\.hang_timeout_s=-1\.0 must be >= 0 \(0 turns the watchdog off\)"),
+    (["--hang-timeout-s=-1"], 2, r"resilience\.hang_timeout_s=-1\.0 must be >= 0 \(0 turns the watchdog off\)"),
     (["--async-save"], 2, r"async_save need checkpoint\.save"),
     (["--save-layout-independent-interval", "2"], 2, r"save_layout_independent_interval/async_save need checkpoint"),
     (["--save", "/tmp/x", "--save-layout-independent-interval", "0"], 2,
      r"checkpoint\.save_layout_independent_interval=0 must be >= 1 \(1: every save\)"),
+    (["--profile", "--profile-ranks", "0", "2"], 2,
+     r"logging\.profile_ranks=\[0, 2\]: rank 2 is not in a world of 2; give ranks 0-1 to --profile-ranks"),
+    (["--profile", "--profile-step-start", "12", "--profile-step-end", "12"], 2, r"need 0 <= start < end"),
+    (["--use-pytorch-profiler"], 2, r"logging\.use_pytorch_profiler chooses how --profile profiles; add --profile"),
 ])
 def test_config_errors(base, extra, world, msg):
     with pytest.raises(UserError, match=msg):
         parse(base + extra, world_size=world)
 
 
+def test_megatron_profile_flags_are_native(base):
+    """Megatron-LM's --profile flags and defaults (steps after 10 up to 12, rank 0); megaclm's --profile-dir."""
+    lg = parse(base)[0].logging
+    assert (lg.profile, lg.use_pytorch_profiler, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
+            lg.profile_dir) == (False, False, 10, 12, [0], None)
+    lg = parse(base + ["--profile", "--use-pytorch-profiler", "--profile-step-start", "3", "--profile-step-end", "5",
+                       "--profile-ranks", "0", "1", "--profile-dir", "p"])[0].logging
+    assert (lg.profile, lg.use_pytorch_profiler, lg.profile_step_start, lg.profile_step_end, lg.profile_ranks,
+            lg.profile_dir) == (True, True, 3, 5, [0, 1], "p")
+
+
 def test_hang_watchdog_is_on_by_default_and_0_turns_it_off(base):
-    assert parse(base)[0].training.hang_timeout_s == 1800.0
-    assert parse(base + ["--hang-timeout-s", "0"])[0].training.hang_timeout_s == 0.0
+    assert parse(base)[0].resilience.hang_timeout_s == 1800.0
+    assert parse(base + ["--hang-timeout-s", "0"])[0].resilience.hang_timeout_s == 0.0
 
 
 def test_every_float_field_refuses_inf_and_nan(base, tmp_path):

@@ -336,11 +336,24 @@ def test_pipeline_first_stage_holds_min_pp_gas_micro_batches():
     cfg = _gpt(hidden_dropout=0.0)
     s, b = 1024, 1
     per_layer = flops.layer_activation_bytes(cfg, MemorySetup(seq_length=s, micro_batch_size=b))
-    for gas, in_flight in ((1, 1), (2, 2), (16, 4)):
+    for gas, in_flight in ((2, 2), (16, 4)):
         est = estimate_memory(cfg, 50304, MemorySetup(seq_length=s, micro_batch_size=b, pipeline_parallel=4,
                                                       grad_accum_steps=gas))
         assert est.stage == 0
         assert est.gpu["activations"] == pytest.approx(in_flight * 6 * per_layer)
+
+
+def test_pipeline_last_stage_keeps_the_logits():
+    """With one micro-batch in flight everywhere the last stage is the fullest: the pipeline's loss (GPTPipeLoss)
+    materialises the logits even at tp=1 and keeps their fp32 log-softmax, and DeepSpeed's engine keeps the
+    logits of its 2 pipe buffers after their backward (measured: bench/plan_validation.py's pp2-recompute)."""
+    cfg = _gpt(hidden_dropout=0.0)
+    s, b, h, v = 1024, 1, cfg.hidden_size, 50304
+    per_layer = flops.layer_activation_bytes(cfg, MemorySetup(seq_length=s, micro_batch_size=b))
+    est = estimate_memory(cfg, v, MemorySetup(seq_length=s, micro_batch_size=b, pipeline_parallel=4))
+    assert est.stage == 3
+    head = 2 * s * b * h * 2 + 4 * s * b * v  # final norm in/out (fp16), the loss's fp32 log-softmax
+    assert est.gpu["activations"] == pytest.approx(6 * per_layer + head + 2 * s * b * v * 2)  # + 2 buffers' logits
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -73,10 +73,10 @@ def test_fp8_flags_are_native_and_round_trip():
     assert translated[:4] == argv[:4] and any("--fp8-amax-history-len" in n for n in notes)
     cfg, _ = parse_config(["--bf16", "--mock-data", "--train-iters", "1", "--tokenizer-type", "NullTokenizer",
                            "--vocab-size", "100", *argv[:4]])
-    assert (cfg.training.fp8_format, cfg.training.fp8_recipe) == ("hybrid", "rowwise")
+    assert (cfg.precision.fp8_format, cfg.precision.fp8_recipe) == ("hybrid", "rowwise")
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="needs --bf16"):
-        dataclasses.replace(cfg.training, bf16=False)
+        dataclasses.replace(cfg.precision, bf16=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refusal on machines without an FP8 GPU")

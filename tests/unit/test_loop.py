@@ -7,6 +7,7 @@ keeps the client state and the weight, so save -> restore (resume, rollback) is 
 every part's state_dict/load_state_dict.
 """
 import copy
+import dataclasses
 import math
 import signal
 from types import SimpleNamespace
@@ -20,8 +21,9 @@ from megaclm.config import MegaclmConfig
 from megaclm.config.checkpoint import CheckpointConfig
 from megaclm.config.data import DataConfig
 from megaclm.config.logging import LoggingConfig
+from megaclm.config.resilience import ResilienceConfig
 from megaclm.config.training import TrainingConfig
-from megaclm.training.callbacks import ROLLBACK, load_callbacks
+from megaclm.training.callbacks import ROLLBACK, Profiler, load_callbacks
 from megaclm.training.loop import Trainer
 from megaclm.training.progress import Progress, TrainingDiverged
 from megaclm.utils import signals
@@ -177,12 +179,15 @@ def steady(first_sample):
     return 1.0 + 0.01 * ((first_sample // GBS) % 3)
 
 
-def make(tmp_path, script=steady, callbacks=(), progress=None, log_interval=1, **training):
-    training = {"train_iters": 6, "eval_interval": 1000, "eval_iters": 1, "hang_timeout_s": 0, **training}
-    save = {k: training.pop(k, None) for k in ("save_interval", "save_layout_independent_interval")}
-    cfg = MegaclmConfig(training=TrainingConfig(**training), data=DataConfig(seq_length=SEQ),
-                        checkpoint=CheckpointConfig(save=str(tmp_path), **save),
-                        logging=LoggingConfig(log_interval=log_interval))
+def make(tmp_path, script=steady, callbacks=(), progress=None, **fields):
+    """`fields`: fields of the training, resilience, logging and checkpoint sections, by name."""
+    fields = {"train_iters": 6, "eval_interval": 1000, "eval_iters": 1, "hang_timeout_s": 0, "log_interval": 1,
+              "save": str(tmp_path), **fields}
+    sections = {name: cls(**{f.name: fields.pop(f.name) for f in dataclasses.fields(cls) if f.name in fields})
+                for name, cls in (("training", TrainingConfig), ("resilience", ResilienceConfig),
+                                  ("logging", LoggingConfig), ("checkpoint", CheckpointConfig))}
+    assert not fields, f"no section has the fields {sorted(fields)}"
+    cfg = MegaclmConfig(data=DataConfig(seq_length=SEQ), **sections)
     derived = SimpleNamespace(grad_accum_steps=1, global_batch_size=GBS, train_iters=cfg.training.train_iters)
     pstate = SimpleNamespace(pp_size=1, dp_size=1, cp_size=1, rank=0, world_size=1, is_first_stage=True,
                              is_last_stage=True)
@@ -437,3 +442,78 @@ def test_pretrain_gpt_refuses_a_callback_it_cannot_import_in_one_line():
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --callbacks 'no_such_module_here:f': cannot import no_such_module_here (No module named "
                       "'no_such_module_here'); put its directory on PYTHONPATH"], out.stderr[-2000:]
+
+
+# ---- profiler ----------------------------------------------------------------------------------------------
+
+
+def _step_ranges(trace_path) -> list[str]:
+    """The `iteration N` ranges of a chrome trace, in order (the file must be whole JSON)."""
+    import json
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    return [e["name"] for e in events if e.get("name", "").startswith("iteration ") and e.get("ph") == "X"]
+
+
+def test_the_profiler_traces_the_steps_asked_on_the_ranks_asked(tmp_path, store, caplog):
+    """--profile-step-start 2 --profile-step-end 4: iterations 3 and 4, one trace, the op table in the log."""
+    profile = dict(profile=True, use_pytorch_profiler=True, profile_step_start=2, profile_step_end=4,
+                   profile_dir=str(tmp_path / "prof"))
+    with caplog.at_level("INFO", logger="megaclm.train"):
+        make(tmp_path, train_iters=6, **profile).train()
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["rank0.iter3-4.pt.trace.json"]
+    assert _step_ranges(tmp_path / "prof/rank0.iter3-4.pt.trace.json") == ["iteration 3", "iteration 4"]
+    assert any("iterations 3-4 traced to" in r.getMessage() and "Self CPU" in r.getMessage() for r in caplog.records)
+    # Rank 0 is not among --profile-ranks: no profiler callback at all, no file.
+    other = make(tmp_path / "other", train_iters=6,
+                 **{**profile, "profile_ranks": [1], "profile_dir": str(tmp_path / "p1")})
+    assert not [c for c in other.callbacks.callbacks if isinstance(c, Profiler)]
+    other.train()
+    assert not (tmp_path / "p1").exists()
+
+
+def test_a_run_stopped_inside_the_profiled_steps_keeps_its_trace(tmp_path, store):
+    make(tmp_path, train_iters=10, exit_interval=3, profile=True, use_pytorch_profiler=True, profile_step_start=1,
+         profile_step_end=6, profile_dir=str(tmp_path / "prof")).train()
+    assert _step_ranges(tmp_path / "prof/rank0.iter2-3.pt.trace.json") == ["iteration 2", "iteration 3"]
+
+
+def test_the_nsight_range_opens_before_and_closes_after_the_steps_asked(tmp_path, store, monkeypatch):
+    """Without --use-pytorch-profiler: cudaProfilerStart before iteration 3, cudaProfilerStop after iteration 4."""
+    calls = []
+
+    class Nvtx:
+        def __init__(self, record_shapes):
+            calls.append("nvtx")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            calls.append("nvtx end")
+
+    class Step:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            calls.append(self.name)
+
+        def __exit__(self, *exc):
+            pass
+
+    cudart = SimpleNamespace(cudaProfilerStart=lambda: calls.append("start"),
+                             cudaProfilerStop=lambda: calls.append("stop"))
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.autograd.profiler, "emit_nvtx", Nvtx)
+    monkeypatch.setattr(torch.profiler, "record_function", Step)
+    make(tmp_path, train_iters=6, profile=True, profile_step_start=2, profile_step_end=4).train()
+    assert calls == ["start", "nvtx", "iteration 3", "iteration 4", "nvtx end", "stop"]
+
+
+def test_profiling_steps_before_the_resumed_iteration_is_said_and_does_nothing(tmp_path, store, caplog):
+    with caplog.at_level("WARNING", logger="megaclm.train"):
+        make(tmp_path, progress=Progress(iteration=5), train_iters=6, profile=True, use_pytorch_profiler=True,
+             profile_step_start=2, profile_step_end=4, profile_dir=str(tmp_path / "prof")).train()
+    assert not (tmp_path / "prof").exists()
+    assert any("iterations 3-4 are before this run's first step (6); nothing is profiled" in r.getMessage()
+               for r in caplog.records)

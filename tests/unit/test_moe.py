@@ -2,6 +2,7 @@
 capacity dropping), the layer against a per-token reference, the router loss in GPTModel's loss (also
 through full recomputation), config and layout errors, expert-parallel rank math."""
 import math
+import types
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from megaclm.config.model import ModelConfig, check_parallel_shapes
 from megaclm.config.parallel import ParallelConfig
 from megaclm.model.gpt import GPTModel
 from megaclm.model.moe import MoE, route
-from megaclm.model.pipe import GPTPipeLoss, _RouterGradient, stages_without_moe
+from megaclm.model.pipe import GPTPipelineModule, _RouterGradient, stages_without_moe
 from megaclm.ops import build_ops
 from megaclm.config.kernels import KernelsConfig
 from megaclm.parallel.state import ParallelState
@@ -73,7 +74,7 @@ def test_capacity_drops_exactly_the_expected_tokens():
 def _moe_layer(**overrides):
     config = ModelConfig(**{**MOE, **overrides})
     torch.manual_seed(3)
-    return config, MoE(config, None, build_ops(KernelsConfig()), shared=None)
+    return config, MoE(config, ParallelState.single(), build_ops(KernelsConfig()), shared=None)
 
 
 @pytest.mark.parametrize("k,pre_softmax,capacity", [(1, True, None), (2, False, None), (2, False, 0.5)])
@@ -373,13 +374,15 @@ def test_router_gradient_arrives_in_the_hidden_states_one_backward():
 
 
 def test_pipe_loss_adds_the_router_loss_to_every_token():
+    """The last stage's loss_fn on its (router, logits) output: GPTModel's cross-entropy, the router loss on
+    every token, summed with the mask; the router statistics kept for DeepSpeed."""
     config = ModelConfig(**{**MOE, "num_layers": 4, "moe_layer_freq": 2})  # 2 MoE layers
     logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
     mask = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
     router = torch.tensor([0.25, 2.0, 3.0])
-    loss_fn = GPTPipeLoss(config, None)
-    got = loss_fn((router, logits), (labels, mask))
+    stage = types.SimpleNamespace(config=config, pstate=ParallelState.single(), moe_stats=None)
+    got = GPTPipelineModule.loss(stage, (router, logits), (labels, mask))
     ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1), reduction="none").view(2, 3)
     torch.testing.assert_close(got, ((ce + 0.25) * mask).sum())
-    assert {k: v.item() for k, v in loss_fn.moe_stats.items()} == {
+    assert {k: v.item() for k, v in stage.moe_stats.items()} == {
         "router_loss": 0.25 * 5.5, "moe_aux_loss": 1.0, "moe_z_loss": 1.5}

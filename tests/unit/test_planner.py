@@ -11,7 +11,7 @@ from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig
 from megaclm.config.presets import model_preset
 from megaclm.model.flops import GiB, estimate_memory
-from megaclm.planner.cost import Layout, Workload, link_for, memory_setup, predict
+from megaclm.planner.cost import OPS_PER_LAYER, Layout, Workload, link_for, memory_setup, predict
 from megaclm.planner.hardware import load_profile, profile_from_dict, shipped_profiles
 from megaclm.planner.published import NARAYANAN_2021, SEQ, VOCAB
 from megaclm.planner.search import SearchSpace, refusal, search, shape_rank
@@ -32,7 +32,7 @@ def small_work(**kw) -> Workload:
 # Validation 2: the published layouts on paper (README "Choosing a layout")
 
 # Published layouts the planner ranks below 3rd, and how much slower than its best it predicts them (README).
-NEAR_MISSES = {"GPT 18.4B": 0.1, "GPT 39.1B": 0.1, "GPT-3 174.6B": 0.1}
+NEAR_MISSES = {"GPT 18.4B": 0.12, "GPT 39.1B": 0.12, "GPT-3 174.6B": 0.1}
 
 
 @pytest.mark.parametrize("run", NARAYANAN_2021, ids=lambda r: r.name)
@@ -86,6 +86,29 @@ def test_recompute_adds_a_forward():
     assert sel["recompute"] == pytest.approx(base["attention"] / 3)
 
 
+def test_full_recompute_repeats_the_forwards_collectives_and_ops():
+    """Megatron's full recomputation reruns each layer's forward in backward, its TP all-reduces and kernels too:
+    no SP, 2 + 2 all-reduces per layer become 3 x 2; each forward launches OPS_PER_LAYER, backward twice that."""
+    work = small_work()
+    base = predict(Layout(tp=2, dp=4, zero=0), work, A100).breakdown
+    full = predict(Layout(tp=2, dp=4, zero=0, recompute="full"), work, A100).breakdown
+    lat = A100.intra_node.latency_us * 1e-6
+    calls = 4 * SMALL.num_layers * work.global_batch // 4  # per layer and micro-batch; 4 micro-batches per rank
+    assert (full["tensor comm"] - 1.5 * calls * lat) == pytest.approx(1.5 * (base["tensor comm"] - calls * lat))
+    assert full["op overhead"] == pytest.approx(4 / 3 * base["op overhead"])
+    assert base["op overhead"] == pytest.approx(
+        3 * OPS_PER_LAYER * SMALL.num_layers * 4 * A100.op_overhead_us * 1e-6)
+
+
+def test_op_overhead_favours_fewer_larger_micro_batches():
+    """A fixed cost per kernel is paid per micro-batch: the same batch in fewer micro-batches pays it less often
+    (Narayanan et al. 2021 section 3.4's trade-off against the pipeline bubble)."""
+    work = small_work()
+    small, large = (predict(Layout(dp=2, zero=0, micro_batch=mb), work, A100).breakdown for mb in (1, 8))
+    assert small["op overhead"] == pytest.approx(8 * large["op overhead"]) and large["op overhead"] > 0
+    assert small["matmul"] == pytest.approx(large["matmul"])
+
+
 def test_overlap_rules_per_zero_stage():
     """Below ZeRO-3 the gradient reduction is exposed (DeepSpeed's overlap_comm default); ZeRO-3's is hidden
     under the compute when shorter."""
@@ -103,7 +126,7 @@ def test_overlap_rules_per_zero_stage():
 
 def test_refusals_are_megaclms_own_messages():
     work = small_work()
-    assert "needs training.zero_stage 0 or 1" in refusal(Layout(pp=2, dp=4, zero=2), work, KernelsConfig())
+    assert "needs zero.zero_stage 0 or 1" in refusal(Layout(pp=2, dp=4, zero=2), work, KernelsConfig())
     assert "not divisible by parallel.ds_sequence_parallel_size" in refusal(
         Layout(tp=2, seq=4, dp=1, zero=0), work, KernelsConfig())  # 4 kv heads / tp 2 = 2 per rank
     assert refusal(Layout(tp=2, pp=2, dp=2, zero=1), work, KernelsConfig()) is None
@@ -156,6 +179,7 @@ def test_shipped_profiles_load_and_cite_their_sources():
     (lambda t: t["achievable"].update(matmul=1.5), "achievable.matmul=1.5 must be a fraction"),
     (lambda t: t["links"]["inter_node"].update(gbps=0), "links.inter_node: gbps must be a number > 0"),
     (lambda t: t.update(peak_tflops={}), "peak_tflops must map a dtype"),
+    (lambda t: t.update(op_overhead_us=-1), "op_overhead_us must be a number >= 0, got -1"),
 ])
 def test_bad_profiles_are_one_clear_error(tmp_path, change, message):
     tree = json.loads(json.dumps(load_profile("h100-80gb").to_dict()))
@@ -164,6 +188,12 @@ def test_bad_profiles_are_one_clear_error(tmp_path, change, message):
     path.write_text(json.dumps(tree))
     with pytest.raises(UserError, match=message):
         load_profile(str(path))
+
+
+def test_profile_without_op_overhead_models_none(tmp_path):
+    tree = load_profile("a100-80gb").to_dict()
+    assert tree.pop("op_overhead_us") > 0
+    assert profile_from_dict(tree, "older profile").op_overhead_us == 0.0
 
 
 def test_unknown_or_unreadable_profile(tmp_path):

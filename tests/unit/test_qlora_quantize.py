@@ -194,9 +194,9 @@ def _args(*extra):
 @pytest.mark.parametrize("extra, message", [
     (["--lora-rank", "0", "--base-quantization", "nf4"],
      "lora.base_quantization=nf4: a quantized base cannot be trained, only adapters on it; pass --lora-rank R"),
-    (["--base-quantization", "nf4", "--zero-stage", "3"], "lora.base_quantization=nf4 with training.zero_stage=3"),
+    (["--base-quantization", "nf4", "--zero-stage", "3"], "lora.base_quantization=nf4 with zero.zero_stage=3"),
     (["--base-quantization", "int8", "--fp8-format", "e4m3", "--bf16"],
-     "lora.base_quantization=int8 with training.fp8_format"),
+     "lora.base_quantization=int8 with precision.fp8_format"),
     (["--base-quantization", "nf4", "--torch-compile"], "lora.base_quantization=nf4 with kernels.torch_compile"),
     (["--lora-target", "gate_proj"], "gate_proj names SwiGLU's gate, and this model's MLP has none"),
 ])
