@@ -41,13 +41,16 @@ def _config(tp: int, pp: int, zero: int, bf16: bool):
     from megaclm.config.data import DataConfig
     from megaclm.config.optimizer import OptimizerConfig
     from megaclm.config.parallel import ParallelConfig
+    from megaclm.config.precision import PrecisionConfig
     from megaclm.config.training import TrainingConfig
+    from megaclm.config.zero import ZeroConfig
 
     return MegaclmConfig(model=MODEL, data=DataConfig(seq_length=16),
                          parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                          optimizer=OptimizerConfig(lr=1e-2),
-                         training=TrainingConfig(micro_batch_size=2, global_batch_size=4 // (tp * pp), train_iters=4,
-                                                 zero_stage=zero, bf16=bf16, zero_param_persistence_threshold=0))
+                         training=TrainingConfig(micro_batch_size=2, global_batch_size=4 // (tp * pp), train_iters=4),
+                         precision=PrecisionConfig(bf16=bf16),
+                         zero=ZeroConfig(zero_stage=zero, zero_param_persistence_threshold=0))
 
 
 def worker(rank, world, root):
