@@ -9,8 +9,11 @@ bf16 with --bf16), a few optimizer steps so the Adam moments exist, then per rep
   async  the same with an AsyncCheckpointWriter: the stall is the time until save_checkpoint returns
          (DeepSpeed's state dicts + RNG + fp32 shard copied to CPU memory); the background write time
          until every file is fsynced is reported too (the loop would overlap it with training steps).
-Prints the median of each and the ratio sync stall / async stall. Checkpoint size is printed: the
-figures depend on the disk (here: whatever --dir is on) and on host-memory bandwidth.
+Prints each save's bytes written and stall, the median of each and the ratio sync stall / async stall.
+A save writes DeepSpeed's files and megaclm's small ones; --layout-independent also gathers and writes
+megaclm's fp32 shards and full Adam moments (what --save-layout-independent-interval does every Nth
+save, and what every save did before). The figures depend on the disk (here: whatever --dir is on)
+and on host-memory bandwidth.
 """
 import argparse
 import os
@@ -48,6 +51,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="Where to write (default: a temporary directory).")
+    p.add_argument("--layout-independent", action="store_true",
+                   help="Also write megaclm's layout-independent files at every save (gathered).")
     a = p.parse_args()
     heads = max(1, a.hidden_size // 64)
     cfg = MegaclmConfig(model=ModelConfig(num_layers=a.num_layers, hidden_size=a.hidden_size,
@@ -74,12 +79,13 @@ def main() -> None:
                 out = os.path.join(root, f"{mode}{r}")
                 start = time.perf_counter()
                 save_checkpoint(engine, out, 1, {"bench": True}, pstate=pstate, config_tree=cfg.to_dict(), meta={},
-                                writer=writer if mode == "async" else None)
+                                writer=writer if mode == "async" else None, layout_independent=a.layout_independent)
                 times[mode].append(time.perf_counter() - start)
                 if mode == "async":
                     writer.wait()
                     times["async_write"].append(time.perf_counter() - start)
                 size = dir_size(out)
+                print(f"save {r} {mode:5s}: {size / 1e6:8.1f} MB written, stall {times[mode][-1]:.3f} s", flush=True)
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(root, ignore_errors=True)

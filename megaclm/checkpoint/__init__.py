@@ -30,6 +30,10 @@ On-disk layout of `--save DIR` (every file written atomically; `latest` last):
                                      (megaclm.checkpoint.shards); with expert parallelism, EP rank r > 0
                                      adds its routed experts in tp{TP:02d}_pp{PP:03d}_ep{r:03d}.pt
         megaclm/optim/...            the same files for the full Adam moments (megaclm.checkpoint.universal)
+                                     model/ and optim/ are layout-independent: a save writes them only every
+                                     --save-layout-independent-interval saves (gathered; MoE runs: always);
+                                     otherwise they are made from DeepSpeed's files the first time something
+                                     needs them (megaclm.checkpoint.from_deepspeed), and added to the manifest
 
 Full fp32 weights of any TP/PP layout, with GPTModel's state-dict keys (megaclm.model.gpt):
     ckpt = megaclm.checkpoint.shards.load_full_state_dict("DIR")       # tag default: `latest`
@@ -41,7 +45,8 @@ state and every rank's RNG: the resumed run's losses are bit-identical to an uni
 (with the same OMP_NUM_THREADS). `--finetune` loads weights only; `--no-load-optim` skips the
 optimizer states (fp32 master weights are then rebuilt from the module weights).
 
-Without an engine: megaclm.checkpoint.hf converts to and from Hugging Face (pure from_hf/to_hf, HF
+Without an engine: megaclm.checkpoint.from_deepspeed makes model/ and optim/ from DeepSpeed's files,
+megaclm.checkpoint.hf converts to and from Hugging Face (pure from_hf/to_hf, HF
 directories), megaclm.checkpoint.offline writes a checkpoint for any TP x PP from a full state dict
 (tools/checkpoint/convert_hf.py import, reshard.py), and megaclm.checkpoint.weights is what
 `--finetune` uses: the fp32 shards of any saved layout into a run of any layout and ZeRO stage.

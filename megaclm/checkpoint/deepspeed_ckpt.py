@@ -6,12 +6,16 @@ Order of a save, so that a crash at any point leaves the previous checkpoint loa
        `megaclm/meta.json` + manifest of the same tag (a save of this tag that died)
     2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`), through
        megaclm's checkpoint engine: atomically, each file checksummed as it is written
-    3. each rank writes its RNG file; dp-rank 0 of each (tp, pp) its fp32 model shard and its full Adam
-       moments (megaclm.checkpoint.universal), atomically, checksummed
+    3. each rank writes its RNG file; with `layout_independent` (every --save-layout-independent-interval
+       saves) dp-rank 0 of each (tp, pp) also its fp32 model shard and its full Adam moments
+       (megaclm.checkpoint.universal), gathered over the data-parallel ranks; atomically, checksummed
     4. the ranks agree that every write succeeded (else the save fails on all of them in one line and its
        partial directory is removed: megaclm.checkpoint.save_errors); rank 0 gathers every rank's (file,
        size, checksum) and writes config.json, the manifest, meta.json, then `latest` (atomic renames)
     5. rank 0 prunes old tags (--save-total-limit), never `latest`'s nor `best`'s
+Without `layout_independent` a save writes DeepSpeed's files and megaclm's small ones only (about half the
+bytes, no gather); the layout-independent files are made from DeepSpeed's when something needs them
+(megaclm.checkpoint.from_deepspeed: a load into another layout, reshard.py, the offline readers).
 With `--async-save` steps 2-3 write CPU copies in a background thread and step 4's barrier is the
 ranks' agreement that every thread finished (megaclm.checkpoint.async_save).
 `latest` therefore only ever names a tag whose meta.json exists, and a tag without meta.json is
@@ -37,8 +41,10 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
-from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, is_complete, iteration_of,
-                                      read_best, read_config, read_latest, read_meta, tag_for, tags_on_disk)
+from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, optimizer_param_names
+from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, OWN, is_complete,
+                                      iteration_of, read_best, read_config, read_latest, read_meta, rng_file, tag_for,
+                                      tags_on_disk)
 from megaclm.checkpoint.manifest import (Choice, check_checksums, choose_tag, read_file, read_manifest,
                                          share_of, write_manifest)
 from megaclm.checkpoint.rng import get_rng_state, set_rng_state
@@ -72,8 +78,10 @@ def _write_text(path: str, text: str) -> None:
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: dict, *, pstate: ParallelState,
                     config_tree: dict, meta: dict, total_limit: int | None = None,
                     writer: AsyncCheckpointWriter | None = None, on_complete: Callable[[], None] | None = None,
-                    files_written: Callable[[], None] | None = None) -> str:
+                    files_written: Callable[[], None] | None = None, layout_independent: bool = False) -> str:
     """Save everything for `iteration` under `<save_dir>/iter_XXXXXXX`; returns the tag.
+
+    `layout_independent`: also gather and write megaclm's fp32 model shards and full Adam moments (step 3).
 
     With `writer` the files are written in the background (megaclm.checkpoint.async_save) and
     steps 3-5 happen when the writer finishes; `on_complete` runs on rank 0 after `latest` moved;
@@ -83,12 +91,18 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     ckpt = os.path.join(save_dir, tag)
     if _rank() == 0:
         remove_partial_tags(save_dir)
-        os.makedirs(os.path.join(ckpt, "megaclm"), exist_ok=True)
+        os.makedirs(os.path.join(ckpt, OWN), exist_ok=True)
         remove_quietly(os.path.join(ckpt, META), os.path.join(ckpt, MANIFEST))
     _barrier()
-    client_state = {CLIENT_KEY: client_state}
+    # Each model-parallel rank's file of DeepSpeed's holds its own copy of the client state: its tp/pp ranks and
+    # (ZeRO-0, whose optimizer files do not name them) the parameters its optimizer steps, group by group, are
+    # what megaclm.checkpoint.from_deepspeed needs to read DeepSpeed's files.
+    client_state = {CLIENT_KEY: client_state, PARAM_NAMES_KEY: optimizer_param_names(engine)}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
-    rng_file = (os.path.join(ckpt, "megaclm", "rng", f"rank_{_rank():05d}.pt"), get_rng_state())
+    rng = (os.path.join(ckpt, rng_file(_rank())), get_rng_state())
+    # MoE: DeepSpeed's expert files are not read by from_deepspeed yet, so every save gathers.
+    gather = layout_independent or engine.module.config.num_experts is not None
+    own = os.path.join(ckpt, OWN)
 
     def finalize(entries: dict[str, dict]) -> None:  # collective
         gathered = [None] * dist.get_world_size() if dist.is_initialized() and _rank() == 0 else None
@@ -102,9 +116,9 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
 
     if writer is not None:
         files = capture_deepspeed_files(engine, save_dir, tag, client_state, writer.staging,
-                                        exclude_frozen_parameters=adapters_only) + [rng_file]
-        shards = (model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only),
-                  optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate))
+                                        exclude_frozen_parameters=adapters_only) + [rng]
+        shards = ((model_shard_file(engine.module, own, pstate, trainable_only=adapters_only),
+                   optimizer_shard_file(engine, own, pstate)) if gather else ())
         for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
             if shard is not None:  # its tensors may be the live parameters / optimizer states
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
@@ -116,11 +130,11 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=adapters_only)
     error, entries = atomic.error, dict(atomic.entries)
-    shard = model_shard_file(engine.module, os.path.join(ckpt, "megaclm"), pstate, trainable_only=adapters_only)
-    optim = optimizer_shard_file(engine, os.path.join(ckpt, "megaclm"), pstate)
+    shards = ((model_shard_file(engine.module, own, pstate, trainable_only=adapters_only),
+               optimizer_shard_file(engine, own, pstate)) if gather else ())
     if error is None:
         try:
-            entries.update(write_files([rng_file] + [f for f in (shard, optim) if f is not None]))
+            entries.update(write_files([rng] + [f for f in shards if f is not None]))
         except OSError as e:
             error = describe(e)
     if files_written is not None:
@@ -350,10 +364,10 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None, *, finetune: bo
         raise UserError(f"--load {load_dir}/{tag} has no megaclm state; use --finetune to load its weights only")
     state = dict(state, rng=None)
     if load_rng:
-        rng_file = os.path.join(load_dir, tag, "megaclm", "rng", f"rank_{_rank():05d}.pt")
+        path = os.path.join(load_dir, tag, rng_file(_rank()))
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if state.get("world_size") == world and os.path.isfile(rng_file):
-            state["rng"] = read_file(rng_file, lambda: torch.load(rng_file, weights_only=False))
+        if state.get("world_size") == world and os.path.isfile(path):
+            state["rng"] = read_file(path, lambda: torch.load(path, weights_only=False))
         else:
             log.warning(f"RNG states not restored (saved with world size {state.get('world_size')}, now {world}); "
                         "the run continues but is not bit-identical to an uninterrupted one")

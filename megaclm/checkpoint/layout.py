@@ -6,7 +6,8 @@
 the list of every file with its size and checksum: megaclm.checkpoint.manifest). Everything else in the
 package imports these names from here, so the package reads top-down:
 
-    layout  <-  manifest  <-  shards  <-  weights  <-  deepspeed_ckpt        (offline: layout, manifest, shards)
+    layout  <-  manifest  <-  from_deepspeed  <-  shards  <-  weights  <-  deepspeed_ckpt
+                                                            (offline: layout, manifest, from_deepspeed, shards)
 """
 from __future__ import annotations
 
@@ -18,11 +19,54 @@ from megaclm.utils.errors import UserError
 
 LATEST = "latest"
 BEST = "best"
-META = os.path.join("megaclm", "meta.json")
-CONFIG = os.path.join("megaclm", "config.json")
-MANIFEST = os.path.join("megaclm", "manifest.json")
+OWN = "megaclm"  # megaclm's sub-folder of a tag; DeepSpeed's files sit beside it
+META = os.path.join(OWN, "meta.json")
+CONFIG = os.path.join(OWN, "config.json")
+MANIFEST = os.path.join(OWN, "manifest.json")
+# The layout-independent per-(tp, pp, ep) files: fp32 weights ("model", megaclm.checkpoint.shards) and full Adam
+# moments ("optim", megaclm.checkpoint.universal); written by a save only every --save-layout-independent-interval
+# saves, else made from DeepSpeed's files when needed (megaclm.checkpoint.from_deepspeed).
+MODEL, OPTIM = "model", "optim"
 CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which also holds DeepSpeed's keys)
 _TAG = re.compile(r"^iter_(\d{7,})$")
+
+
+def rng_file(rank: int) -> str:
+    """Rank `rank`'s RNG states, relative to the tag."""
+    return os.path.join(OWN, "rng", f"rank_{rank:05d}.pt")
+
+
+def shards_dir(kind: str) -> str:
+    """The folder of one kind of layout-independent files (MODEL or OPTIM), relative to the tag."""
+    return os.path.join(OWN, kind)
+
+
+def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:03d}" + (f"_ep{ep_rank:03d}" if ep_rank else "") + ".pt"
+
+
+def has_shards(ckpt_dir: str, tag: str, kind: str = MODEL) -> bool:
+    return os.path.isdir(os.path.join(ckpt_dir, tag, shards_dir(kind)))
+
+
+# DeepSpeed's own file names in a tag (its engine's _get_ckpt_name / _get_zero_ckpt_name, PipelineModule's
+# ckpt_layer_path, the MoE expert files), which megaclm.checkpoint.offline writes and from_deepspeed reads.
+DS_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")  # ZeRO-3: per DP rank
+DS_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # (DP rank, MP rank)
+
+
+def ds_model_states(mp_rank: int) -> str:
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def ds_layer_states(layer: int, tp_rank: int) -> str:
+    """A pipeline layer's weights (`layer` = its index in the flat LayerSpec list)."""
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def ds_expert_states(moe_layer: int, expert: int, tp_rank: int) -> str:
+    """Routed expert `expert` (global id) of the `moe_layer`-th MoE layer."""
+    return f"layer_{moe_layer}_expert_{expert}_mp_rank_{tp_rank:02d}_model_states.pt"
 
 
 def tag_for(iteration: int) -> str:

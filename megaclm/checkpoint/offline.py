@@ -33,9 +33,9 @@ from typing import Any, Mapping
 import deepspeed
 import torch
 
-from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, LATEST, META, tag_for
+from megaclm.checkpoint.layout import (CLIENT_KEY, CONFIG, LATEST, META, MODEL, OPTIM, ds_expert_states, ds_layer_states,
+                                      ds_model_states, shard_name, shards_dir, tag_for)
 from megaclm.checkpoint.manifest import write_manifest
-from megaclm.checkpoint.shards import shard_name
 from megaclm.checkpoint.universal import MOMENTS
 from megaclm.config.model import ModelConfig
 from megaclm.config.parallel import ParallelConfig
@@ -93,7 +93,7 @@ def _save_experts(ckpt: str, shard: Mapping[str, torch.Tensor], model_cfg: Model
     files: dict[str, dict[str, torch.Tensor]] = {}
     for key in [k for k in shard if expert_id(k) is not None]:
         layer = moe_layers.index(int(key.split(".")[1]))  # keys: layers.{i}.mlp.deepspeed_moe...
-        name = f"layer_{layer}_expert_{expert_id(key)}_mp_rank_{tp_rank:02d}_model_states.pt"
+        name = ds_expert_states(layer, expert_id(key), tp_rank)
         files.setdefault(name, {})[key] = states["module"].pop(key)
     for name, tensors in files.items():
         torch.save(tensors, os.path.join(ckpt, name))
@@ -141,7 +141,7 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
     os.remove(tmp)
     try:
         ckpt = os.path.join(tmp, tag)
-        os.makedirs(os.path.join(ckpt, "megaclm", "model"))
+        os.makedirs(os.path.join(ckpt, shards_dir(MODEL)))
         for r in range(tp):
             shard = shard_state_dict(full_sd, model_cfg, tp, r)
             if optimizer_state is not None:
@@ -150,7 +150,7 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
                 states = _deepspeed_states(dict(shard), tp, iteration, client_state)
                 if model_cfg.num_experts is not None:
                     _save_experts(ckpt, shard, model_cfg, r, states)
-                torch.save(states, os.path.join(ckpt, f"mp_rank_{r:02d}_model_states.pt"))
+                torch.save(states, os.path.join(ckpt, ds_model_states(r)))
                 _save_shard(ckpt, shard, r, tp, 0, 1)
                 continue
             layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -158,13 +158,13 @@ def write_checkpoint(out_dir: str, config_tree: dict, full_sd: Mapping[str, torc
                 index, local = _pipe_layer(plain_to_pipe_key(key, model_cfg))
                 layers.setdefault(index, {})[local] = value
             for index, tensors in layers.items():
-                torch.save(tensors, os.path.join(ckpt, f"layer_{index:02d}-model_{r:02d}-model_states.pt"))
+                torch.save(tensors, os.path.join(ckpt, ds_layer_states(index, r)))
             for s, stage in enumerate(_stages(shard, model_cfg, pp)):
                 _save_shard(ckpt, stage, r, tp, s, pp)
         if pp > 1:
             for m in range(tp * pp):
                 torch.save(_deepspeed_states(None, tp * pp, iteration, client_state),
-                           os.path.join(ckpt, f"mp_rank_{m:02d}_model_states.pt"))
+                           os.path.join(ckpt, ds_model_states(m)))
         sizes = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": 1,
                  "world_size": tp * pp, "padded_vocab_size": padded_vocab, "precision": "fp32"}
         with open(os.path.join(ckpt, CONFIG), "w") as f:
@@ -197,15 +197,15 @@ def _save_optimizer_shards(ckpt: str, optimizer_state: Mapping[str, Any], model_
     """TP rank `tp_rank`'s moments, per pipeline stage, as megaclm/optim/ files (megaclm.checkpoint.universal)."""
     per_moment = {m: shard_state_dict(optimizer_state[m], model_cfg, tp, tp_rank) for m in MOMENTS}
     staged = {m: [v] if pp == 1 else _stages(v, model_cfg, pp) for m, v in per_moment.items()}
-    os.makedirs(os.path.join(ckpt, "megaclm", "optim"), exist_ok=True)
+    os.makedirs(os.path.join(ckpt, shards_dir(OPTIM)), exist_ok=True)
     for s in range(pp):
         payload = {m: staged[m][s] for m in MOMENTS}
         payload.update(step=optimizer_state["step"], tp_rank=tp_rank, tp_size=tp, pp_rank=s, pp_size=pp,
                        pipeline=pp > 1)
-        torch.save(payload, os.path.join(ckpt, "megaclm", "optim", shard_name(tp_rank, s)))
+        torch.save(payload, os.path.join(ckpt, shards_dir(OPTIM), shard_name(tp_rank, s)))
 
 
 def _save_shard(ckpt: str, tensors: dict, tp_rank: int, tp: int, pp_rank: int, pp: int) -> None:
     payload = {"tensors": {k: v.float().contiguous() for k, v in tensors.items()}, "tp_rank": tp_rank, "tp_size": tp,
                "pp_rank": pp_rank, "pp_size": pp, "pipeline": pp > 1}
-    torch.save(payload, os.path.join(ckpt, "megaclm", "model", shard_name(tp_rank, pp_rank)))
+    torch.save(payload, os.path.join(ckpt, shards_dir(MODEL), shard_name(tp_rank, pp_rank)))

@@ -2,9 +2,10 @@
 
 DeepSpeed's own files hold 16-bit module weights and ZeRO-partitioned fp32 master weights whose
 layout depends on the ZeRO stage and data-parallel size. To make "the full fp32 model of any
-checkpoint" a single call, every save also writes, from data-parallel rank 0 of each model-parallel
-rank, its parameters as fp32 (the optimizer's master copy when there is one) under their module
-names:
+checkpoint" a single call, megaclm keeps, per model-parallel rank, its parameters as fp32 (the
+optimizer's master copy when there is one) under their module names: gathered from data-parallel
+rank 0 by a save with --save-layout-independent-interval (`model_shard_file`), else made from
+DeepSpeed's files the first time a reader needs them (megaclm.checkpoint.from_deepspeed):
 
     <tag>/megaclm/model/tp{TP:02d}_pp{PP:03d}.pt = {"tensors": {name: fp32 tensor},
         "tp_rank", "tp_size", "pp_rank", "pp_size", "pipeline": bool, "ep_rank", "ep_size"}
@@ -33,7 +34,8 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from megaclm.checkpoint.hf.files import DTYPES
-from megaclm.checkpoint.layout import read_latest, read_meta
+from megaclm.checkpoint.from_deepspeed import ensure_shards
+from megaclm.checkpoint.layout import CONFIG, MODEL, read_latest, read_meta, shard_name, shards_dir
 from megaclm.checkpoint.manifest import read_file
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
@@ -47,9 +49,6 @@ from megaclm.utils.errors import UserError
 def torch_load(path: str, mmap: bool = False) -> Any:
     """torch.load of a checkpoint file onto the CPU; a damaged file is a UserError naming it."""
     return read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=False, mmap=mmap))
-
-def shard_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
-    return f"tp{tp_rank:02d}_pp{pp_rank:03d}" + (f"_ep{ep_rank:03d}" if ep_rank else "") + ".pt"
 
 
 def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: torch.nn.Module,
@@ -82,7 +81,7 @@ def model_shard_file(module: torch.nn.Module, out_dir: str, pstate: ParallelStat
             continue
         full = safe_get_full_fp32_param(param)  # None without a mixed-precision/ZeRO optimizer
         tensors[name] = (param.detach() if full is None else full).float().cpu()
-    return shard_file(os.path.join(out_dir, "model"), {"tensors": tensors}, module, pstate)
+    return shard_file(os.path.join(out_dir, MODEL), {"tensors": tensors}, module, pstate)
 
 
 def shard_tensors(shard: dict, field: str, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -110,10 +109,11 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, kind: str = "
     if tag is None:
         raise UserError(f"{ckpt_dir!r} holds no `latest` checkpoint; pass a --save directory of pretrain_gpt.py")
     meta = read_meta(ckpt_dir, tag)
-    with open(os.path.join(ckpt_dir, tag, "megaclm", "config.json")) as f:
+    ckpt_dir = ensure_shards(ckpt_dir, tag)  # made from DeepSpeed's files if the save did not write them
+    with open(os.path.join(ckpt_dir, tag, CONFIG)) as f:
         tree = json.load(f)
     model_cfg = ModelConfig(**tree["model"])
-    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, "tp*_pp*.pt")))
+    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, shards_dir(kind), "tp*_pp*.pt")))
     shards = [torch_load(p) for p in files]
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     ep = meta.get("expert_model_parallel_size", 1)

@@ -1,9 +1,10 @@
 """Layout-independent optimizer state: resume a run on another TP/PP/DP layout or ZeRO stage with Adam intact.
 
 DeepSpeed's own optimizer files are partitioned by the saving run's ZeRO stage and data-parallel
-size and its TP ranks know nothing of megaclm's fused qkv layout. So every save also writes, from
-data-parallel rank 0 of each (tp, pp) rank, the full (unpartitioned) Adam moments of its parameters,
-keyed like megaclm's fp32 model shards (megaclm.checkpoint.shards):
+size and its TP ranks know nothing of megaclm's fused qkv layout. So megaclm keeps, per (tp, pp)
+rank, the full (unpartitioned) Adam moments of its parameters, keyed like megaclm's fp32 model
+shards (megaclm.checkpoint.shards): gathered by a save with --save-layout-independent-interval
+(`optimizer_shard_file`), else made from DeepSpeed's files when needed (megaclm.checkpoint.from_deepspeed):
 
     <tag>/megaclm/optim/tp{TP:02d}_pp{PP:03d}[_ep{EP:03d}].pt = {"exp_avg": {name: fp32},
         "exp_avg_sq": {name: fp32}, "step": Adam's step count, "tp_rank", "tp_size", "pp_rank", "pp_size",
@@ -39,7 +40,8 @@ import torch
 from deepspeed.pipe import PipelineModule
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
-from megaclm.checkpoint.layout import read_meta
+from megaclm.checkpoint.from_deepspeed import ensure_shards_collective
+from megaclm.checkpoint.layout import OPTIM, has_shards, read_meta, shards_dir
 from megaclm.checkpoint.shards import shard_file, torch_load
 from megaclm.checkpoint.weights import load_weights, shard_for
 from megaclm.model.pipe import pipe_to_plain_key
@@ -112,7 +114,7 @@ def optimizer_shard_file(engine: Any, out_dir: str, pstate: ParallelState) -> tu
             value = (safe_get_full_optimizer_state(param, key) if _partitioned(param)
                      else state[keys[id(param)]][key])
             moments[key][name] = value.detach().float().cpu()
-    return shard_file(os.path.join(out_dir, "optim"), moments, engine.module, pstate, step=adam_step(engine))
+    return shard_file(os.path.join(out_dir, OPTIM), moments, engine.module, pstate, step=adam_step(engine))
 
 
 def _set_moments(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
@@ -136,12 +138,12 @@ def _set_moments(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step:
 
 
 def saved_adam_step(ckpt_dir: str, tag: str) -> int:
-    folder = os.path.join(ckpt_dir, tag, "megaclm", "optim")
+    folder = os.path.join(ckpt_dir, tag, shards_dir(OPTIM))
     return max(torch_load(os.path.join(folder, f), mmap=True)["step"] for f in os.listdir(folder))
 
 
 def has_optimizer_shards(ckpt_dir: str, tag: str) -> bool:
-    return os.path.isdir(os.path.join(ckpt_dir, tag, "megaclm", "optim"))
+    return has_shards(ckpt_dir, tag, OPTIM)
 
 
 def load_resharded(engine: Any, ckpt_dir: str, tag: str, *, load_optim: bool = True) -> dict:
@@ -152,6 +154,7 @@ def load_resharded(engine: Any, ckpt_dir: str, tag: str, *, load_optim: bool = T
     if client is None:
         raise UserError(f"--load {ckpt_dir}/{tag} records no progress in meta.json (written by an older megaclm); "
                         "resume it on its own layout, or pass --finetune to load its weights only")
+    ensure_shards_collective(ckpt_dir, tag)  # made from DeepSpeed's files by rank 0 if the save did not write them
     if load_optim and not has_optimizer_shards(ckpt_dir, tag):
         raise UserError(f"--load {ckpt_dir}/{tag} has no layout-independent optimizer state (megaclm/optim/); "
                         "resume it on its own layout, or pass --no-load-optim to restart Adam's moments")

@@ -2,8 +2,8 @@
 
 DeepSpeed's own module-only load needs the checkpoint's layout to equal the run's, and under ZeRO-3 it
 reads ZeRO partition files that an HF import (megaclm.checkpoint.offline) or a resharded checkpoint
-does not have. megaclm's fp32 shards (<tag>/megaclm/model/, megaclm.checkpoint.shards) are in every
-checkpoint, so this reads those instead:
+does not have. megaclm's fp32 shards (<tag>/megaclm/model/, megaclm.checkpoint.shards) are read instead,
+made from DeepSpeed's files first where the save did not write them (megaclm.checkpoint.from_deepspeed):
 
     1. this rank's tensor-parallel shard: the saved shards of the same TP rank when the TP size is
        unchanged (never the whole model in memory), else the full model merged and split again; of the
@@ -22,7 +22,8 @@ import deepspeed
 import torch
 from deepspeed.pipe import PipelineModule
 
-from megaclm.checkpoint.layout import read_meta
+from megaclm.checkpoint.from_deepspeed import ensure_shards_collective
+from megaclm.checkpoint.layout import has_shards, read_meta, shard_name, shards_dir
 from megaclm.checkpoint.hf.common import pad_vocab, unpad_vocab, vocab_rows
 from megaclm.checkpoint.shards import load_full_state_dict, shard_tensors, torch_load
 from megaclm.config.model import ModelConfig
@@ -35,7 +36,8 @@ def _own_tp_shard(ckpt_dir: str, tag: str, tp_rank: int, config: ModelConfig, ki
                   field: str) -> dict[str, torch.Tensor]:
     """GPTModel keys of TP rank `tp_rank`, merged over the saved pipeline stages and expert-parallel ranks."""
     out: dict[str, torch.Tensor] = {}
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "megaclm", kind, f"tp{tp_rank:02d}_pp*.pt"))):
+    prefix = shard_name(tp_rank, 0).split("_pp")[0]
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, shards_dir(kind), f"{prefix}_pp*.pt"))):
         shard = torch_load(path, mmap=True)
         for key, tensor in shard_tensors(shard, field, config).items():
             out.setdefault(key, tensor)
@@ -51,8 +53,8 @@ def shard_for(module: Any, ckpt_dir: str, tag: str, kind: str = "model", field: 
     meta = read_meta(ckpt_dir, tag)
     # GPTModel knows its padded vocabulary; a pipeline stage was built with the checkpoint's (pretrain_gpt.py).
     padded_vocab = getattr(module, "vocab_size", None) or meta["padded_vocab_size"]
-    if not os.path.isdir(os.path.join(ckpt_dir, tag, "megaclm", kind)):
-        raise UserError(f"--load {ckpt_dir}/{tag} has no megaclm {kind} shards (megaclm/{kind}/); it was not "
+    if not has_shards(ckpt_dir, tag, kind):
+        raise UserError(f"--load {ckpt_dir}/{tag} has no megaclm {kind} shards ({shards_dir(kind)}/); it was not "
                         f"written by this megaclm, so its {'weights' if kind == 'model' else 'optimizer state'} "
                         "cannot be read into another layout")
     if meta["tensor_model_parallel_size"] == tp and meta["padded_vocab_size"] == padded_vocab:
@@ -69,7 +71,9 @@ def load_weights(engine: Any, ckpt_dir: str, tag: str, select: Callable[[str], b
     """Load checkpoint `tag`'s model weights into `engine.module` (GPTModel or GPTPipelineModule).
 
     `select(key)` restricts the load to the module's GPTModel keys it accepts (LoRA: the frozen base from
-    the base checkpoint, the adapters from a LoRA checkpoint); each of those must be in the checkpoint."""
+    the base checkpoint, the adapters from a LoRA checkpoint); each of those must be in the checkpoint.
+    Collective: a checkpoint saved without megaclm/model/ is converted first (megaclm.checkpoint.from_deepspeed)."""
+    ensure_shards_collective(ckpt_dir, tag)
     module = engine.module
     shard = shard_for(module, ckpt_dir, tag)
     # No-op unless ZeRO-3 partitioned the parameters; data-parallel rank 0's copy is kept (all are equal).

@@ -39,6 +39,11 @@ class CheckpointConfig:
         "help": "Keep only the newest N checkpoints (plus the best one with --save-best)."})
     save_best: bool = field(default=False, metadata={
         "help": "Also keep the checkpoint with the lowest validation loss (recorded in <save>/best)."})
+    save_layout_independent_interval: int | None = field(default=None, metadata={
+        "help": "Every Nth save also gathers and writes megaclm's layout-independent files (fp32 weights and full "
+                "Adam moments per TP/PP rank, <tag>/megaclm/model/ and optim/: about twice the bytes and a gather "
+                "over the data-parallel ranks). Without it a save writes DeepSpeed's files only, and those files "
+                "are made from them when needed (a --load into another layout, reshard.py, HF export)."})
     async_save: bool = field(default=False, metadata={
         "help": "Write checkpoints in a background thread from a CPU copy while training goes on; `latest` "
                 "moves once every rank's files are written and fsynced (costs one host-memory copy)."})
@@ -68,12 +73,16 @@ class CheckpointConfig:
             raise UserError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"checkpoint.save_total_limit={self.save_total_limit} must be >= 1")
+        if self.save_layout_independent_interval is not None and self.save_layout_independent_interval < 1:
+            raise UserError(f"checkpoint.save_layout_independent_interval={self.save_layout_independent_interval} "
+                            "must be >= 1 (1: every save)")
         if isinstance(self.ckpt_step, int) and self.ckpt_step < 0:
             raise UserError(f"checkpoint.ckpt_step={self.ckpt_step} must be >= 0")
         if (self.finetune or self.no_load_optim or self.ckpt_step is not None or self.exit_on_missing_checkpoint
                 or self.use_checkpoint_args) and self.load is None:
             raise UserError("checkpoint.finetune/no_load_optim/ckpt_step/exit_on_missing_checkpoint/"
                             "use_checkpoint_args need checkpoint.load; pass --load DIR")
-        if (self.save_interval or self.save_total_limit or self.save_best or self.async_save) and self.save is None:
-            raise UserError("checkpoint.save_interval/save_total_limit/save_best/async_save need checkpoint.save; "
-                            "pass --save DIR")
+        if (self.save_interval or self.save_total_limit or self.save_best or self.async_save
+                or self.save_layout_independent_interval) and self.save is None:
+            raise UserError("checkpoint.save_interval/save_total_limit/save_best/save_layout_independent_interval/"
+                            "async_save need checkpoint.save; pass --save DIR")

@@ -52,6 +52,7 @@ class Checkpointer:
         self.files_written = files_written
         self.writer = AsyncCheckpointWriter() if self.c.async_save else None
         self.last_saved: int | None = None  # the iteration saved last (nothing new to save there)
+        self.saves = 0  # saves by this process: every --save-layout-independent-interval-th gathers
         self.save_deferred = False  # a periodic save fell in a streak of bad steps: save at the next healthy one
         self.end_unsaved = False  # the final/stop save was skipped (the run ended in a streak of bad steps)
 
@@ -136,9 +137,12 @@ class Checkpointer:
         progress = client["progress"]
         tag = tag_for(it)
         written = None if self.files_written is None else (lambda: self.files_written(tag))
+        self.saves += 1
+        every = c.save_layout_independent_interval
         save_checkpoint(self.engine, c.save, it, client, pstate=self.pstate, config_tree=self.cfg.to_dict(),
                         meta={**self.meta, **progress, "client": client}, total_limit=c.save_total_limit,
-                        writer=self.writer, on_complete=on_complete, files_written=written)
+                        writer=self.writer, on_complete=on_complete, files_written=written,
+                        layout_independent=bool(every and self.saves % every == 0))
         self.last_saved = it
         return tag
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megaclm.checkpoint.from_deepspeed import ensure_shards
 from megaclm.training.layout_check import compare
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +58,7 @@ def _perturb_loss(save: Path, iteration: int, factor: float) -> None:
 
 def _perturb_weights(save: Path, needle: str, delta: float) -> None:
     tag = (save / "latest").read_text().strip()
+    ensure_shards(str(save), tag)  # megaclm's fp32 files, made from DeepSpeed's if the comparison has not yet
     for path in (save / tag / "megaclm/model").glob("*.pt"):
         shard = torch.load(path, weights_only=False)
         for key, tensor in shard["tensors"].items():

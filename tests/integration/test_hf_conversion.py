@@ -20,6 +20,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from megaclm.checkpoint.from_deepspeed import ensure_shards  # noqa: E402
 from megaclm.checkpoint.hf import FAMILIES  # noqa: E402
 from megaclm.checkpoint.hf.llama import MOE_FAMILIES  # noqa: E402
 from megaclm.utils.errors import UserError  # noqa: E402
@@ -329,6 +330,9 @@ def test_lora_checkpoint_holds_only_adapters_and_resumes_exactly(lora_run):
     first = lora_run["first"]
     meta = json.load(open(os.path.join(first, "iter_0000006", "megaclm", "meta.json")))
     assert meta["lora_base"] == {"dir": os.path.abspath(lora_run["base"]), "tag": "iter_0000000"}
+    # A save writes DeepSpeed's files; megaclm's layout-independent ones are made from them (adapters only).
+    assert not os.path.isdir(os.path.join(first, "iter_0000006", "megaclm", "model"))
+    ensure_shards(first, "iter_0000006")
     for rank in range(2):
         shard = torch.load(os.path.join(first, "iter_0000006", "megaclm", "model", f"tp{rank:02d}_pp000.pt"),
                            weights_only=False)["tensors"]

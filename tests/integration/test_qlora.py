@@ -18,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchao")
 
+from megaclm.checkpoint.from_deepspeed import ensure_shards  # noqa: E402
 from test_hf_conversion import ENV, ROOT, SEQ, TOL, WINDOWS, convert, hf_loss, launch, last_json, preprocess, tiny  # noqa: E402,E501
 
 TARGET = "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -70,6 +71,7 @@ def test_qlora_trains_adapters_on_an_nf4_base_at_tp2(qlora):
     before, after = (float(x.split()[0]) for x in line.split(": ")[-1].split(" -> "))
     assert after < before / 7  # fp32 -> ~0.52 byte per element
     q, kv = 64 // 2, 32 // 2  # this rank's rows of q and of k in qkv.lora_b: 4 heads x 16, 2 kv heads x 16, TP=2
+    ensure_shards(qlora["save"], "iter_0000010")  # megaclm's fp32 files, made from DeepSpeed's (adapters only)
     for rank in range(2):
         shard = torch.load(os.path.join(qlora["save"], "iter_0000010", "megaclm", "model", f"tp{rank:02d}_pp000.pt"),
                            weights_only=False)["tensors"]

@@ -214,7 +214,7 @@ def disk_full(request, corpus, tmp_path_factory):
         pytest.skip("mounting a tmpfs needs root (CI and the dev machines run tests as root)")
     save = tmp_path_factory.mktemp(f"full_{request.param}") / "ckpt"
     save.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(save)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(save)], check=True)
     try:
         extra = ["--zero-stage", "1", "--train-iters", "4", "--save-interval", "2", "--eval-interval", "1000"]
         launch = Launch(corpus, save, extra + (["--async-save"] if request.param == "async" else []))

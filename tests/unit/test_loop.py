@@ -141,11 +141,14 @@ class Store:
     """In-memory stand-in for megaclm.checkpoint.deepspeed_ckpt's save/load and `latest`."""
 
     def __init__(self):
-        self.saved, self.latest, self.loads = {}, None, []
+        self.saved, self.latest, self.loads, self.gathered = {}, None, [], []
 
-    def save_checkpoint(self, engine, save_dir, iteration, client, *, on_complete=None, files_written=None, **kw):
+    def save_checkpoint(self, engine, save_dir, iteration, client, *, on_complete=None, files_written=None,
+                        layout_independent=False, **kw):
         tag = tag_for(iteration)
         self.saved[tag] = (copy.deepcopy(client), engine.weight)
+        if layout_independent:
+            self.gathered.append(tag)
         if files_written is not None:
             files_written()
         self.latest = tag
@@ -280,6 +283,14 @@ def test_eval_and_save_cadence(tmp_path, store):
                           ("eval", 4, "valid", EVAL_LOSS), ("files", tag_for(6)), ("saved", 6, tag_for(6)),
                           ("eval", 6, "valid", EVAL_LOSS), ("eval", 6, "test", EVAL_LOSS)]
     assert list(store.saved) == [tag_for(3), tag_for(6)]  # the final save found iteration 6 saved
+    assert store.gathered == []  # by default a save writes DeepSpeed's files only
+
+
+def test_every_nth_save_writes_the_layout_independent_files(tmp_path, store):
+    t = make(tmp_path, train_iters=7, save_interval=1, save_layout_independent_interval=3)
+    t.train()
+    assert list(store.saved) == [tag_for(i) for i in range(1, 8)]
+    assert store.gathered == [tag_for(3), tag_for(6)]
 
 
 # ---- NaN/inf steps ---------------------------------------------------------------------------------------

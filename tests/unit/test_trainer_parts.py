@@ -174,8 +174,9 @@ def test_bad_omp_num_threads_is_one_clear_error(value, monkeypatch):
 
 
 def test_resume_into_another_layout_needs_layout_independent_state(tmp_path):
-    """A checkpoint of another layout is loaded from megaclm's own files; one without them (written by an
-    older megaclm) is refused before the engine is touched, with what to do instead."""
+    """A checkpoint of another layout is loaded from megaclm's own files (made from DeepSpeed's if it lacks
+    them); one without progress (written by an older megaclm), without DeepSpeed's files to convert, or
+    without optimizer state is refused before the engine is touched, with what to do instead."""
     d = tmp_path / tag_for(5) / "megaclm"
     d.mkdir(parents=True)
     meta = {"iteration": 5, "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
@@ -185,6 +186,9 @@ def test_resume_into_another_layout_needs_layout_independent_state(tmp_path):
     with pytest.raises(UserError, match="records no progress in meta.json .* pass --finetune"):
         load_checkpoint(None, str(tmp_path), tag_for(5), layout=(1, 2, 1, 1, 1))
     (d / "meta.json").write_text(json.dumps({**meta, "client": {"progress": {}}}))
+    with pytest.raises(UserError, match="neither megaclm's layout-independent files .* nor DeepSpeed's"):
+        load_checkpoint(None, str(tmp_path), tag_for(5), layout=(1, 2, 1, 1, 1))
+    (d / "model").mkdir()  # weights only (an HF import, or reshard.py of a checkpoint without moments)
     with pytest.raises(UserError, match="no layout-independent optimizer state .* --no-load-optim"):
         load_checkpoint(None, str(tmp_path), tag_for(5), layout=(1, 2, 1, 1, 1))
 

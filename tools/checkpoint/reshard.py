@@ -5,8 +5,9 @@
     deepspeed --num_gpus 2 pretrain_gpt.py ... --pipeline-model-parallel-size 2 --load runs/gpt-tp1pp2
 
 What is carried over:
-  - model weights: exactly, as fp32 (the optimizer's master copy that every checkpoint stores in
-    <tag>/megaclm/model/), merged across the old shards and split for the new layout. The vocabulary
+  - model weights: exactly, as fp32 (the optimizer's master copy, <tag>/megaclm/model/; made from
+    DeepSpeed's files first when the save did not write them: in place, or in a temporary copy when
+    --load is read-only), merged across the old shards and split for the new layout. The vocabulary
     padding is redone for the new TP size (padding rows hold no real token; real rows are unchanged);
   - the Adam moments (exp_avg, exp_avg_sq; <tag>/megaclm/optim/, megaclm.checkpoint.universal) and
     Adam's step count, merged and split the same way (padding rows: zero moments);
@@ -31,7 +32,9 @@ entry_point()  # before DeepSpeed is imported: it would guess the accelerator, a
 
 import torch  # noqa: E402
 
-from megaclm.checkpoint.layout import CLIENT_KEY, CONFIG, read_latest, read_meta, tag_at_step  # noqa: E402
+from megaclm.checkpoint.layout import (CLIENT_KEY, CONFIG, ds_model_states, read_latest, read_meta,  # noqa: E402
+                                      tag_at_step)
+from megaclm.checkpoint.from_deepspeed import ensure_shards  # noqa: E402
 from megaclm.checkpoint.hf import pad_vocab, unpad_vocab, vocab_rows  # noqa: E402
 from megaclm.checkpoint.offline import check_fresh_output, write_checkpoint  # noqa: E402
 from megaclm.checkpoint.shards import load_full_state_dict  # noqa: E402
@@ -52,7 +55,7 @@ KEPT_META = ("iteration", "consumed_samples", "consumed_tokens", "skipped_steps"
 
 def _client_state(ckpt_dir: str) -> dict | None:
     """megaclm's client state (progress, data sampler) from a DeepSpeed model-states file, if any."""
-    path = os.path.join(ckpt_dir, "mp_rank_00_model_states.pt")
+    path = os.path.join(ckpt_dir, ds_model_states(0))
     if not os.path.isfile(path):
         return None
     # mmap: the file may hold a large 16-bit module; only the small client state is read.
@@ -74,7 +77,9 @@ def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | str | None =
     check_fresh_output(out)
     tag = tag_at_step(load, ckpt_step)
     _check_layout(load, tag, tp, pp)
-    ckpt = load_full_state_dict(load, tag)
+    # DeepSpeed's files -> megaclm's layout-independent ones first, if the save did not write them
+    src = ensure_shards(load, tag or read_latest(load))
+    ckpt = load_full_state_dict(src, tag)
     meta, tree = ckpt.meta, ckpt.config
     rows = vocab_rows(ckpt.state_dict)
     vocab = max(meta.get("tokenizer_vocab_size", 0), meta.get("hf_vocab_size", 0)) or rows
@@ -85,10 +90,10 @@ def reshard(load: str, out: str, tp: int, pp: int, ckpt_step: int | str | None =
         client = {**client, "world_size": None}  # the RNG files of the old ranks are not carried over
     kept = {k: meta[k] for k in KEPT_META if k in meta}
     optim = None
-    if has_optimizer_shards(load, meta["tag"]):
-        optim = {m: pad_vocab(unpad_vocab(load_full_state_dict(load, meta["tag"], kind="optim", field=m).state_dict,
+    if has_optimizer_shards(src, meta["tag"]):
+        optim = {m: pad_vocab(unpad_vocab(load_full_state_dict(src, meta["tag"], kind="optim", field=m).state_dict,
                                           min(rows, padded)), padded) for m in MOMENTS}
-        optim["step"] = saved_adam_step(load, meta["tag"])
+        optim["step"] = saved_adam_step(src, meta["tag"])
     tag = write_checkpoint(out, tree, sd, tp=tp, pp=pp, meta=kept, client_state=client,
                            iteration=meta.get("iteration", 0), optimizer_state=optim)
     log.info(f"resharded {os.path.join(load, meta['tag'])} (tp {meta['tensor_model_parallel_size']} x pp "
