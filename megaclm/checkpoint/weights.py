@@ -48,8 +48,7 @@ def shard_for(module: Any, ckpt_dir: str, tag: str, kind: str = "model", field: 
     """This rank's tensor-parallel shard (GPTModel keys) of a checkpoint's per-parameter tensors: the
     weights (model/tensors), or an optimizer state (optim/exp_avg, megaclm.checkpoint.universal)."""
     pstate, config = module.pstate, module.config
-    tp, rank = (pstate.tp_size, pstate.tp_rank) if pstate is not None else (1, 0)
-    ep, ep_rank = (pstate.ep_size, pstate.ep_rank) if pstate is not None else (1, 0)
+    tp, rank, ep, ep_rank = pstate.tp_size, pstate.tp_rank, pstate.ep_size, pstate.ep_rank
     meta = read_meta(ckpt_dir, tag)
     # GPTModel knows its padded vocabulary; a pipeline stage was built with the checkpoint's (pretrain_gpt.py).
     padded_vocab = getattr(module, "vocab_size", None) or meta["padded_vocab_size"]
