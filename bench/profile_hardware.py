@@ -94,12 +94,13 @@ def op_overhead_us(device, iters: int) -> float:
     from megaclm.config.presets import model_preset
     from megaclm.model.gpt import TransformerLayer
     from megaclm.ops import build_ops
+    from megaclm.parallel.state import ParallelState
     from megaclm.planner.cost import OPS_PER_LAYER
 
     config = model_preset("llama-7b", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                           num_query_groups=2, max_position_embeddings=16)
     kernels = KernelsConfig(op_backend="fused" if device.type == "cuda" else "torch")
-    layer = TransformerLayer(config, None, build_ops(kernels), kernels).to(device)
+    layer = TransformerLayer(config, ParallelState.single(), build_ops(kernels), kernels).to(device)
     x = torch.randn(1, 16, 64, device=device, requires_grad=True)
     positions = torch.arange(16, device=device)[None]
 
