@@ -6,6 +6,7 @@ Each case builds megaclm's engine (megaclm.training.engine, as pretrain_gpt.py d
 (lr > 0: the moments and masters differ from the init), saves once with the gather, and the test converts the
 tag's DeepSpeed files offline into another folder and compares.
 """
+import dataclasses
 import itertools
 import json
 import os
@@ -34,9 +35,15 @@ FP16_OPTIMIZER = {"zero0 dp2 bf16", "zero0 tp2 bf16"}
 CASES = {f"zero{z} dp2 {'bf16' if b else 'fp32'}": (1, 1, z, b) for z in range(4) for b in (False, True)}
 CASES.update({"zero1 tp2 fp32": (2, 1, 1, False), "zero0 tp2 bf16": (2, 1, 0, True),
               "zero0 pp2 fp32": (1, 2, 0, False), "zero0 pp2 bf16": (1, 2, 0, True), "zero1 pp2 bf16": (1, 2, 1, True)})
+# MoE (4 routed experts in each layer, a gated shared expert): DeepSpeed writes the routed experts in files of their
+# own and, at ZeRO-1/2, partitions their optimizer states over the expert-data-parallel group. name: (ep, zero, bf16)
+MOE_MODEL = dataclasses.replace(MODEL, num_experts=4, moe_shared_expert_intermediate_size=32,
+                                moe_shared_expert_gate=True)
+MOE_CASES = {f"moe zero{z} ep{ep} {'bf16' if b else 'fp32'}": (ep, z, b)
+             for ep, z, b in ((1, 1, False), (2, 1, False), (2, 2, True), (2, 0, False), (2, 0, True), (1, 0, True))}
 
 
-def _config(tp: int, pp: int, zero: int, bf16: bool):
+def _config(tp: int, pp: int, zero: int, bf16: bool, ep: int = 1, model: "ModelConfig" = MODEL):
     from megaclm.config import MegaclmConfig
     from megaclm.config.data import DataConfig
     from megaclm.config.optimizer import OptimizerConfig
@@ -45,22 +52,26 @@ def _config(tp: int, pp: int, zero: int, bf16: bool):
     from megaclm.config.training import TrainingConfig
     from megaclm.config.zero import ZeroConfig
 
-    return MegaclmConfig(model=MODEL, data=DataConfig(seq_length=16),
-                         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+    return MegaclmConfig(model=model, data=DataConfig(seq_length=16),
+                         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep),
                          optimizer=OptimizerConfig(lr=1e-2),
                          training=TrainingConfig(micro_batch_size=2, global_batch_size=4 // (tp * pp), train_iters=4),
                          precision=PrecisionConfig(bf16=bf16),
                          zero=ZeroConfig(zero_stage=zero, zero_param_persistence_threshold=0))
 
 
-def worker(rank, world, root):
+def worker(rank, world, root, moe=False):
     from megaclm.checkpoint.deepspeed_ckpt import save_checkpoint
     from megaclm.config import compute_derived
     from megaclm.config.deepspeed_json import deepspeed_config
     from megaclm.training.engine import build_engine, build_model, init_distributed
 
-    for name, (tp, pp, zero, bf16) in CASES.items():
-        cfg = _config(tp, pp, zero, bf16)
+    configs = ({name: _config(1, 1, zero, bf16, ep, MOE_MODEL) for name, (ep, zero, bf16) in MOE_CASES.items()} if moe
+               else {name: _config(*case) for name, case in CASES.items()})
+    for name, cfg in configs.items():
+        tp, pp, zero = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                        cfg.zero.zero_stage)
         derived = compute_derived(cfg, world, vocab_size=VOCAB)
         pstate = init_distributed(cfg)
         ds = deepspeed_config(cfg, derived, cuda=False)
@@ -74,7 +85,8 @@ def worker(rank, world, root):
                 engine.backward(engine(ids, labels=ids).float().mean())
                 engine.step()
         meta = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": pstate.dp_size,
-                "zero_stage": zero, "padded_vocab_size": derived.padded_vocab_size}
+                "expert_model_parallel_size": cfg.parallel.expert_model_parallel_size, "zero_stage": zero,
+                "padded_vocab_size": derived.padded_vocab_size}
         save_checkpoint(engine, os.path.join(root, name), 2, {}, pstate=pstate, config_tree=cfg.to_dict(), meta=meta,
                         layout_independent=True)
     return True
@@ -84,6 +96,13 @@ def worker(rank, world, root):
 def saved(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("from_deepspeed"))
     run_ranks(2, worker, root, timeout=600)
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("from_deepspeed_moe"))
+    run_ranks(2, worker, root, True, timeout=600)
     return root
 
 
@@ -107,12 +126,8 @@ def _default_save(saved: str, case: str, dest) -> str:
     return ckpt
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_converted_files_equal_the_gathered_ones(saved, case, tmp_path):
-    from megaclm.checkpoint.from_deepspeed import convert
-
-    ckpt = os.path.join(saved, case)
-    out = convert(ckpt, TAG, str(tmp_path / "out"))
+def _assert_converted_equal_gathered(ckpt: str, out: str, fp16_optimizer: bool) -> None:
+    """`out`'s converted files == `ckpt`'s gathered ones, tensor for tensor (`fp16_optimizer`: see below)."""
     for kind, fields in (("model", ("tensors",)), ("optim", ("exp_avg", "exp_avg_sq"))):
         want, got = _files(os.path.join(ckpt, TAG, "megaclm", kind)), _files(os.path.join(out, TAG, "megaclm", kind))
         assert list(got) == list(want)
@@ -122,16 +137,37 @@ def test_converted_files_equal_the_gathered_ones(saved, case, tmp_path):
                 for key, tensor in want[name][field].items():
                     mine = got[name][field][key]
                     assert mine.dtype == torch.float32 and not mine.requires_grad
-                    if field == "tensors" and case in FP16_OPTIMIZER:
+                    if field == "tensors" and fp16_optimizer:
                         # The gathering save writes the bf16 module weights (DeepSpeed's FP16_Optimizer has no
                         # fp32 view of a parameter), the conversion the fp32 masters.
                         assert not torch.equal(mine, tensor) and torch.equal(mine.bfloat16().float(), tensor), key
                         continue
-                    assert torch.equal(mine, tensor), (case, name, field, key)
+                    assert torch.equal(mine, tensor), (name, field, key)
             if kind == "optim":
                 assert got[name]["step"] == want[name]["step"] == 2
             rest = {k: v for k, v in want[name].items() if k not in fields}
             assert {k: got[name][k] for k in rest} == rest
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_converted_files_equal_the_gathered_ones(saved, case, tmp_path):
+    from megaclm.checkpoint.from_deepspeed import convert
+
+    ckpt = os.path.join(saved, case)
+    _assert_converted_equal_gathered(ckpt, convert(ckpt, TAG, str(tmp_path / "out")), case in FP16_OPTIMIZER)
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_converted_moe_files_equal_the_gathered_ones(saved_moe, case, tmp_path):
+    """Routed experts by global id, EP rank r > 0's in their own files; the shared expert with the dense weights."""
+    from megaclm.checkpoint.from_deepspeed import convert
+
+    ckpt = os.path.join(saved_moe, case)
+    out = convert(ckpt, TAG, str(tmp_path / "out"))
+    ep = MOE_CASES[case][0]
+    assert sorted(os.listdir(os.path.join(out, TAG, "megaclm", "model"))) == (
+        ["tp00_pp000.pt", "tp00_pp000_ep001.pt"] if ep == 2 else ["tp00_pp000.pt"])
+    _assert_converted_equal_gathered(ckpt, out, "zero0" in case and "bf16" in case)
 
 
 def test_in_place_conversion_extends_the_manifest(saved, tmp_path):
