@@ -41,7 +41,7 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
-from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, optimizer_param_names
+from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, optimizer_param_names, remove_stale_conversions
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, OWN, is_complete,
                                       iteration_of, read_best, read_config, read_latest, read_meta, rng_file, tag_for,
                                       tags_on_disk)
@@ -100,8 +100,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     client_state = {CLIENT_KEY: client_state, PARAM_NAMES_KEY: optimizer_param_names(engine)}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
     rng = (os.path.join(ckpt, rng_file(_rank())), get_rng_state())
-    # MoE: DeepSpeed's expert files are not read by from_deepspeed yet, so every save gathers.
-    gather = layout_independent or engine.module.config.num_experts is not None
+    # Pipeline-parallel MoE: from_deepspeed does not read those DeepSpeed files, so every such save gathers.
+    gather = layout_independent or (engine.module.config.num_experts is not None and pstate.pp_size > 1)
     own = os.path.join(ckpt, OWN)
 
     def finalize(entries: dict[str, dict]) -> None:  # collective
@@ -170,7 +170,8 @@ def mark_best(save_dir: str, tag: str, val_loss: float) -> None:
 
 def remove_partial_tags(save_dir: str) -> list[str]:
     """Rank 0, at the start of a save: delete the tags whose save never finished (no meta.json), except the
-    one `latest` names (never expected; left for a person to look at). Only a save calls it: the run holds
+    one `latest` names (never expected; left for a person to look at), and the work folders of conversions that
+    were killed (megaclm.checkpoint.from_deepspeed.remove_stale_conversions). Only a save calls it: the run holds
     --save by then, and an asynchronous save in flight has been waited for."""
     latest = read_latest(save_dir)
     doomed = [t for t in tags_on_disk(save_dir) if not is_complete(save_dir, t) and t != latest]
@@ -178,6 +179,10 @@ def remove_partial_tags(save_dir: str) -> list[str]:
         shutil.rmtree(os.path.join(save_dir, t), ignore_errors=True)
     if doomed:
         log.info(f"removed {', '.join(doomed)} from {save_dir}: saves that did not finish (no {META})")
+    for t in tags_on_disk(save_dir):  # and what killed conversions of the complete ones left behind
+        if stale := remove_stale_conversions(os.path.join(save_dir, t, OWN)):
+            log.info(f"removed {', '.join(stale)} from {os.path.join(save_dir, t, OWN)}: conversions that did not "
+                     "finish")
     return doomed
 
 

@@ -22,7 +22,18 @@ What is read, per model-parallel rank MP (one (tp, pp) rank; `mp_rank_{MP:02d}`)
     the module's), DeepSpeed's FP16_Optimizer ("fp32_groups_flat": one flat master per group) or
     FP16_UnfusedOptimizer ("fp32_groups": one master per parameter); parameters in the recorded order.
 Pipeline runs' module weights (ZeRO-0 fp32) are in `layer_{L:02d}-model_{TP:02d}-model_states.pt`.
-MoE checkpoints are not read here: their saves still gather (megaclm.checkpoint.deepspeed_ckpt).
+MoE (DeepSpeed's engine._save_moe_checkpoint; one model-states file per MP rank, from data-parallel rank 0):
+  - the model-states file holds everything but the routed experts; its PARAM_NAMES_KEY and param_shapes name
+    the experts by EP rank 0's local ids (0..E/ep-1), which are every EP rank's names for its own experts;
+  - ZeRO-1/2: the experts are in groups of their own (DeepSpeed's `moe` groups), partitioned over the
+    expert-data-parallel ranks: file DP holds EP rank DP % ep's experts (local ids), part DP // ep of them;
+  - ZeRO-0: `layer_{L}_expert_{e}_mp_rank_{MP:02d}_model_states.pt`, the module weights of expert e (global id)
+    of the L-th MoE layer, and `expp_rank_{EP}_mp_rank_{MP:02d}_optim_states.pt` per EP rank: {"optimizer":
+    its optimizer's state dict}, parameters in the recorded order (its experts under local ids).
+Out come the files a gathering save writes: per EP rank r, `tp.._pp..[_ep{r:03d}].pt` (r > 0: its experts only,
+by global id). Pipeline-parallel MoE is not read here: its saves still gather (megaclm.checkpoint.deepspeed_ckpt).
+A conversion works in `<tag>/megaclm/.convert.<host>.<pid>.<pid start>.<random>.tmp`; one killed midway leaves
+it behind for `remove_stale_conversions`.
 """
 from __future__ import annotations
 
@@ -31,7 +42,9 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from typing import Any, NamedTuple
 
@@ -39,13 +52,14 @@ import torch
 import torch.distributed as dist
 
 from megaclm.checkpoint.layout import (CONFIG, DS_EXPERT_STATES, DS_MODEL_STATES, DS_OPTIM_STATES, MANIFEST, META,
-                                      MODEL, OPTIM, OWN, ds_expert_optim_states, ds_layer_states, has_shards,
-                                      shard_name, shards_dir)
+                                      MODEL, OPTIM, OWN, convert_tmp_name, convert_tmp_owner, ds_expert_optim_states,
+                                      ds_layer_states, has_shards, shard_name, shards_dir)
 from megaclm.checkpoint.manifest import file_entry, read_file, read_manifest
 from megaclm.config.model import ModelConfig
 from megaclm.model.sharding import expert_id, globalize_experts, localize_experts
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write
+from megaclm.utils.signals import process_start_time
 
 PARAM_NAMES_KEY = "megaclm_params"  # beside CLIENT_KEY in DeepSpeed's client state (see the module docstring)
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -290,7 +304,9 @@ def convert(ckpt_dir: str, tag: str, out_dir: str | None = None) -> str:
     if out_dir is not None:
         for rel in (CONFIG, META):
             shutil.copyfile(os.path.join(ckpt, rel), os.path.join(target, rel))
-    work = os.path.join(own, f".convert.{uuid.uuid4().hex}.tmp")
+    remove_stale_conversions(own)
+    work = os.path.join(own, convert_tmp_name(socket.gethostname(), os.getpid(),
+                                              process_start_time(os.getpid()) or 0, uuid.uuid4().hex))
     try:
         for kind in (MODEL, OPTIM):
             os.makedirs(os.path.join(work, kind))
@@ -310,6 +326,46 @@ def convert(ckpt_dir: str, tag: str, out_dir: str | None = None) -> str:
     if out_dir is None:
         _extend_manifest(ckpt)
     return ckpt_dir if out_dir is None else out_dir
+
+
+STALE_CONVERSION_S = 3600.0  # another host's work folder untouched that long: its converter is gone
+
+
+def remove_stale_conversions(own: str) -> list[str]:
+    """Remove the work folders that killed conversions left in a tag's megaclm/ folder `own`; returns their names.
+
+    A folder of this host is stale when its converter's pid no longer runs (or now is another process: another
+    start time); one of another host, whose processes cannot be seen from here, when nothing in it changed for
+    STALE_CONVERSION_S (and so is one whose maker's start time is unknown). A live converter's folder is left alone: its rename into place would fail otherwise."""
+    try:
+        names = os.listdir(own)
+    except FileNotFoundError:
+        return []
+    host, removed = socket.gethostname(), []
+    for name in names:
+        owner = convert_tmp_owner(name)
+        if owner is None:
+            continue
+        path = os.path.join(own, name)
+        if owner[0] == host and owner[2]:  # start time 0: unknown where it was made (no /proc), judged by age
+            stale = process_start_time(owner[1]) != owner[2]
+        else:
+            stale = time.time() - _last_change(path) > STALE_CONVERSION_S
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _last_change(folder: str) -> float:
+    """The newest modification time in `folder` (itself included); now if it is gone meanwhile."""
+    try:
+        times = [os.path.getmtime(folder)]
+        for root, dirs, files in os.walk(folder):
+            times += [os.path.getmtime(os.path.join(root, n)) for n in dirs + files]
+        return max(times)
+    except FileNotFoundError:
+        return time.time()
 
 
 def _extend_manifest(ckpt: str) -> None:

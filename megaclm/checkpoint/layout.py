@@ -31,6 +31,21 @@ CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which a
 _TAG = re.compile(r"^iter_(\d{7,})$")
 
 
+# A conversion's work folder in a tag's megaclm/ (megaclm.checkpoint.from_deepspeed): who made it (host, pid and the
+# pid's start time, to tell a dead converter's leftovers from a live one's), then a random part.
+_CONVERT_TMP = re.compile(r"^\.convert\.(?P<host>.+)\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]+\.tmp$")
+
+
+def convert_tmp_name(host: str, pid: int, pid_start: int, unique: str) -> str:
+    return f".convert.{host}.{pid}.{pid_start}.{unique}.tmp"
+
+
+def convert_tmp_owner(name: str) -> tuple[str, int, int] | None:
+    """(host, pid, pid start time) of a conversion's work folder name, None for any other name."""
+    m = _CONVERT_TMP.match(name)
+    return None if m is None else (m["host"], int(m["pid"]), int(m["start"]))
+
+
 def rng_file(rank: int) -> str:
     """Rank `rank`'s RNG states, relative to the tag."""
     return os.path.join(OWN, "rng", f"rank_{rank:05d}.pt")

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unittest.mock
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_que
                     add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0)
 VOCAB = 200
 TAG = "iter_0000002"
+DEFAULT_TAG = "iter_0000003"  # MoE cases: saved after TAG without the gather, nothing trained in between
 # bf16 at ZeRO-0 without a pipeline is DeepSpeed's FP16_Optimizer; with one (and at ZeRO-1) its BF16_Optimizer.
 FP16_OPTIMIZER = {"zero0 dp2 bf16", "zero0 tp2 bf16"}
 # name: (tp, pp, zero stage, bf16)
@@ -87,8 +89,9 @@ def worker(rank, world, root, moe=False):
         meta = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": pstate.dp_size,
                 "expert_model_parallel_size": cfg.parallel.expert_model_parallel_size, "zero_stage": zero,
                 "padded_vocab_size": derived.padded_vocab_size}
-        save_checkpoint(engine, os.path.join(root, name), 2, {}, pstate=pstate, config_tree=cfg.to_dict(), meta=meta,
-                        layout_independent=True)
+        for iteration in (2, 3) if moe else (2,):  # MoE: also a default save of the same state (DEFAULT_TAG)
+            save_checkpoint(engine, os.path.join(root, name), iteration, {}, pstate=pstate, config_tree=cfg.to_dict(),
+                            meta=meta, layout_independent=iteration == 2)
     return True
 
 
@@ -168,6 +171,51 @@ def test_converted_moe_files_equal_the_gathered_ones(saved_moe, case, tmp_path):
     assert sorted(os.listdir(os.path.join(out, TAG, "megaclm", "model"))) == (
         ["tp00_pp000.pt", "tp00_pp000_ep001.pt"] if ep == 2 else ["tp00_pp000.pt"])
     _assert_converted_equal_gathered(ckpt, out, "zero0" in case and "bf16" in case)
+
+
+def _work_folders(ckpt: str, tag: str) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(ckpt, tag, "megaclm")) if n.startswith(".convert."))
+
+
+def test_a_default_moe_save_writes_deepspeeds_files_only_and_converts_in_place(saved_moe, tmp_path):
+    """The save of an MoE run does not gather; its conversion in place equals the gathered files of the same state.
+    The work folders that killed conversions left behind go (at the next conversion, or the next save's
+    cleanup); a live converter's stays."""
+    import time
+
+    from megaclm.checkpoint.deepspeed_ckpt import remove_partial_tags
+    from megaclm.checkpoint.from_deepspeed import STALE_CONVERSION_S, ensure_shards
+    from megaclm.checkpoint.layout import convert_tmp_name
+    from megaclm.utils.signals import process_start_time
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(saved_moe, "moe zero1 ep2 fp32"), ckpt)
+    own = os.path.join(ckpt, DEFAULT_TAG, "megaclm")
+    assert sorted(os.listdir(own)) == ["config.json", "manifest.json", "meta.json", "rng"]
+    host, me = "this-host", (os.getpid(), process_start_time(os.getpid()))
+    work = {"dead": convert_tmp_name(host, me[0], me[1] + 1, "a1"),  # the pid now runs another process
+            "live": convert_tmp_name(host, *me, "b2"),
+            "away": convert_tmp_name("other-host", 1, 5, "c3"),  # another host's, busy a minute ago
+            "gone": convert_tmp_name("other-host", 2, 5, "d4")}  # and one untouched for longer than the limit
+    for tag in (TAG, DEFAULT_TAG):
+        for name in work.values():
+            os.makedirs(os.path.join(ckpt, tag, "megaclm", name, "model"))
+            old = time.time() - (STALE_CONVERSION_S + 60 if name == work["gone"] else 60)
+            for path in (os.path.join(ckpt, tag, "megaclm", name, "model"), os.path.join(ckpt, tag, "megaclm", name)):
+                os.utime(path, (old, old))
+    with unittest.mock.patch("socket.gethostname", return_value=host):
+        assert ensure_shards(ckpt, DEFAULT_TAG) == ckpt
+        assert _work_folders(ckpt, DEFAULT_TAG) == sorted([work["live"], work["away"]])
+        assert _work_folders(ckpt, TAG) == sorted(work.values())
+        assert remove_partial_tags(ckpt) == []  # the save-time cleanup, of every tag
+        assert _work_folders(ckpt, TAG) == sorted([work["live"], work["away"]])
+    for kind, fields in (("model", ("tensors",)), ("optim", ("exp_avg", "exp_avg_sq"))):
+        want, got = _files(os.path.join(ckpt, TAG, "megaclm", kind)), _files(os.path.join(own, kind))
+        assert list(got) == list(want) == ["tp00_pp000.pt", "tp00_pp000_ep001.pt"]
+        for name in want:
+            for field in fields:
+                assert sorted(got[name][field]) == sorted(want[name][field])
+                assert all(torch.equal(got[name][field][k], t) for k, t in want[name][field].items()), (name, field)
 
 
 def test_in_place_conversion_extends_the_manifest(saved, tmp_path):
