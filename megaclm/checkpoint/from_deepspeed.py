@@ -119,7 +119,7 @@ def _split_flat(flat: torch.Tensor, shapes: list[tuple[str, list[int]]]) -> dict
     return out
 
 
-def _zero12(files: list[dict], shapes: list[dict], experts: "_Experts") -> tuple[dict, dict, int]:
+def _zero12(files: list[dict], shapes: list[dict], experts: _Experts) -> tuple[dict, dict, int]:
     """ZeRO-1/2 or DeepSpeed's bf16 optimizer: (weights, moments, step) from the data-parallel ranks' files.
     Routed experts come back under their global ids: file DP holds expert-parallel rank DP % ep's, and the
     ranks holding the same experts (DP % ep equal) partition their groups in DP order (expert-data-parallel rank
@@ -336,7 +336,8 @@ def remove_stale_conversions(own: str) -> list[str]:
 
     A folder of this host is stale when its converter's pid no longer runs (or now is another process: another
     start time); one of another host, whose processes cannot be seen from here, when nothing in it changed for
-    STALE_CONVERSION_S (and so is one whose maker's start time is unknown). A live converter's folder is left alone: its rename into place would fail otherwise."""
+    STALE_CONVERSION_S (so is one whose maker's start time is unknown). A live converter's folder stays: it is
+    still writing into it."""
     try:
         names = os.listdir(own)
     except FileNotFoundError:

@@ -294,3 +294,20 @@ def test_a_checkpoint_that_does_not_record_its_parameters_is_refused(saved, tmp_
         convert(ckpt, TAG)
     assert not [n for n in os.listdir(os.path.join(ckpt, TAG, "megaclm")) if n.endswith(".tmp")]
     assert not os.path.isdir(os.path.join(ckpt, TAG, "megaclm", "model"))
+
+
+def test_a_pipeline_parallel_moe_checkpoint_is_refused(saved_moe, tmp_path):
+    """Its DeepSpeed files are not read (its saves gather instead): one clear error, nothing half-written."""
+    from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, convert
+    from megaclm.utils.errors import UserError
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(saved_moe, "moe zero1 ep1 fp32"), ckpt)
+    path = os.path.join(ckpt, DEFAULT_TAG, "mp_rank_00_model_states.pt")
+    states = torch.load(path, weights_only=False)
+    states[PARAM_NAMES_KEY]["pp_size"] = 2  # as a pipeline stage records it
+    torch.save(states, path)
+    with pytest.raises(UserError, match="a pipeline-parallel MoE checkpoint's DeepSpeed files cannot be converted"):
+        convert(ckpt, DEFAULT_TAG)
+    assert sorted(os.listdir(os.path.join(ckpt, DEFAULT_TAG, "megaclm"))) == ["config.json", "manifest.json",
+                                                                               "meta.json", "rng"]
