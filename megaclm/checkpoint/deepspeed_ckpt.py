@@ -100,8 +100,6 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     client_state = {CLIENT_KEY: client_state, PARAM_NAMES_KEY: optimizer_param_names(engine)}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
     rng = (os.path.join(ckpt, rng_file(_rank())), get_rng_state())
-    # Pipeline-parallel MoE: from_deepspeed does not read those DeepSpeed files, so every such save gathers.
-    gather = layout_independent or (engine.module.config.num_experts is not None and pstate.pp_size > 1)
     own = os.path.join(ckpt, OWN)
 
     def finalize(entries: dict[str, dict]) -> None:  # collective
@@ -118,7 +116,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         files = capture_deepspeed_files(engine, save_dir, tag, client_state, writer.staging,
                                         exclude_frozen_parameters=adapters_only) + [rng]
         shards = ((model_shard_file(engine.module, own, pstate, trainable_only=adapters_only),
-                   optimizer_shard_file(engine, own, pstate)) if gather else ())
+                   optimizer_shard_file(engine, own, pstate)) if layout_independent else ())
         for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
             if shard is not None:  # its tensors may be the live parameters / optimizer states
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
@@ -131,7 +129,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
                                exclude_frozen_parameters=adapters_only)
     error, entries = atomic.error, dict(atomic.entries)
     shards = ((model_shard_file(engine.module, own, pstate, trainable_only=adapters_only),
-               optimizer_shard_file(engine, own, pstate)) if gather else ())
+               optimizer_shard_file(engine, own, pstate)) if layout_independent else ())
     if error is None:
         try:
             entries.update(write_files([rng] + [f for f in shards if f is not None]))

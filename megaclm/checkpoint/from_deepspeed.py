@@ -30,8 +30,10 @@ MoE (DeepSpeed's engine._save_moe_checkpoint; one model-states file per MP rank,
   - ZeRO-0: `layer_{L}_expert_{e}_mp_rank_{MP:02d}_model_states.pt`, the module weights of expert e (global id)
     of the L-th MoE layer, and `expp_rank_{EP}_mp_rank_{MP:02d}_optim_states.pt` per EP rank: {"optimizer":
     its optimizer's state dict}, parameters in the recorded order (its experts under local ids).
+  - pipeline stages: the same files per stage (MP rank), under the stage's parameter names; the model-states
+    file's module holds the stage's weights (DeepSpeed writes no per-layer files for an MoE pipeline).
 Out come the files a gathering save writes: per EP rank r, `tp.._pp..[_ep{r:03d}].pt` (r > 0: its experts only,
-by global id). Pipeline-parallel MoE is not read here: its saves still gather (megaclm.checkpoint.deepspeed_ckpt).
+by global id).
 A conversion works in `<tag>/megaclm/.convert.<host>.<pid>.<pid start>.<random>.tmp`; one killed midway leaves
 it behind for `remove_stale_conversions`.
 """
@@ -253,10 +255,6 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> list[tuple[str
     if entry is None:
         raise UserError(f"{model_files[0]} does not record its parameters (written by an older megaclm, which saved "
                         "megaclm/model/ itself); resume it on its own layout, or restore its megaclm/ folder")
-    if config.num_experts is not None and entry["pp_size"] > 1:
-        raise UserError(f"{ckpt}: a pipeline-parallel MoE checkpoint's DeepSpeed files cannot be converted to "
-                        "megaclm's layout-independent files (its saves write megaclm/model/ themselves); restore its "
-                        "megaclm/ folder")
     experts = _Experts(config.num_experts, entry["ep_size"])
     optim = sorted((int(m.group(1)), os.path.join(ckpt, name)) for name in os.listdir(ckpt)
                    if (m := DS_OPTIM_STATES.match(name)) and int(m.group(2)) == mp_rank)

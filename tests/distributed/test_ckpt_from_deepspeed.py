@@ -38,11 +38,13 @@ CASES = {f"zero{z} dp2 {'bf16' if b else 'fp32'}": (1, 1, z, b) for z in range(4
 CASES.update({"zero1 tp2 fp32": (2, 1, 1, False), "zero0 tp2 bf16": (2, 1, 0, True),
               "zero0 pp2 fp32": (1, 2, 0, False), "zero0 pp2 bf16": (1, 2, 0, True), "zero1 pp2 bf16": (1, 2, 1, True)})
 # MoE (4 routed experts in each layer, a gated shared expert): DeepSpeed writes the routed experts in files of their
-# own and, at ZeRO-1/2, partitions their optimizer states over the expert-data-parallel group. name: (ep, zero, bf16)
+# own and, at ZeRO-1/2, partitions their optimizer states over the expert-data-parallel group.
+# name: (pp, ep, zero, bf16)
 MOE_MODEL = dataclasses.replace(MODEL, num_experts=4, moe_shared_expert_intermediate_size=32,
                                 moe_shared_expert_gate=True)
-MOE_CASES = {f"moe zero{z} ep{ep} {'bf16' if b else 'fp32'}": (ep, z, b)
-             for ep, z, b in ((1, 1, False), (2, 1, False), (2, 2, True), (2, 0, False), (2, 0, True), (1, 0, True))}
+MOE_CASES = {f"moe zero{z} {f'pp{pp}' if pp > 1 else f'ep{ep}'} {'bf16' if b else 'fp32'}": (pp, ep, z, b)
+             for pp, ep, z, b in ((1, 1, 1, False), (1, 2, 1, False), (1, 2, 2, True), (1, 2, 0, False), (1, 2, 0, True),
+                                  (1, 1, 0, True), (2, 1, 0, False), (2, 1, 1, True))}
 
 
 def _config(tp: int, pp: int, zero: int, bf16: bool, ep: int = 1, model: "ModelConfig" = MODEL):
@@ -69,7 +71,8 @@ def worker(rank, world, root, moe=False):
     from megaclm.config.deepspeed_json import deepspeed_config
     from megaclm.training.engine import build_engine, build_model, init_distributed
 
-    configs = ({name: _config(1, 1, zero, bf16, ep, MOE_MODEL) for name, (ep, zero, bf16) in MOE_CASES.items()} if moe
+    configs = ({name: _config(1, pp, zero, bf16, ep, MOE_MODEL) for name, (pp, ep, zero, bf16) in MOE_CASES.items()}
+               if moe
                else {name: _config(*case) for name, case in CASES.items()})
     for name, cfg in configs.items():
         tp, pp, zero = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
@@ -167,10 +170,10 @@ def test_converted_moe_files_equal_the_gathered_ones(saved_moe, case, tmp_path):
 
     ckpt = os.path.join(saved_moe, case)
     out = convert(ckpt, TAG, str(tmp_path / "out"))
-    ep = MOE_CASES[case][0]
+    pp, ep, zero, bf16 = MOE_CASES[case]
     assert sorted(os.listdir(os.path.join(out, TAG, "megaclm", "model"))) == (
-        ["tp00_pp000.pt", "tp00_pp000_ep001.pt"] if ep == 2 else ["tp00_pp000.pt"])
-    _assert_converted_equal_gathered(ckpt, out, "zero0" in case and "bf16" in case)
+        ["tp00_pp000.pt", "tp00_pp000_ep001.pt"] if ep == 2 else [f"tp00_pp{s:03d}.pt" for s in range(pp)])
+    _assert_converted_equal_gathered(ckpt, out, zero == 0 and bf16 and pp == 1)
 
 
 def _work_folders(ckpt: str, tag: str) -> list[str]:
@@ -295,19 +298,3 @@ def test_a_checkpoint_that_does_not_record_its_parameters_is_refused(saved, tmp_
     assert not [n for n in os.listdir(os.path.join(ckpt, TAG, "megaclm")) if n.endswith(".tmp")]
     assert not os.path.isdir(os.path.join(ckpt, TAG, "megaclm", "model"))
 
-
-def test_a_pipeline_parallel_moe_checkpoint_is_refused(saved_moe, tmp_path):
-    """Its DeepSpeed files are not read (its saves gather instead): one clear error, nothing half-written."""
-    from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, convert
-    from megaclm.utils.errors import UserError
-
-    ckpt = str(tmp_path / "ckpt")
-    shutil.copytree(os.path.join(saved_moe, "moe zero1 ep1 fp32"), ckpt)
-    path = os.path.join(ckpt, DEFAULT_TAG, "mp_rank_00_model_states.pt")
-    states = torch.load(path, weights_only=False)
-    states[PARAM_NAMES_KEY]["pp_size"] = 2  # as a pipeline stage records it
-    torch.save(states, path)
-    with pytest.raises(UserError, match="a pipeline-parallel MoE checkpoint's DeepSpeed files cannot be converted"):
-        convert(ckpt, DEFAULT_TAG)
-    assert sorted(os.listdir(os.path.join(ckpt, DEFAULT_TAG, "megaclm"))) == ["config.json", "manifest.json",
-                                                                               "meta.json", "rng"]
