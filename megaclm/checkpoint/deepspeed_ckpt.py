@@ -2,8 +2,9 @@
 
 Collective: every rank calls `save_checkpoint` / `load_checkpoint` (layout: megaclm.checkpoint).
 Order of a save, so that a crash at any point leaves the previous checkpoint loadable:
-    1. rank 0 removes the directories of saves that never finished (no meta.json), and a stale
-       `megaclm/meta.json` + manifest of the same tag (a save of this tag that died)
+    1. rank 0 removes the directories of saves that never finished (no meta.json), a stale
+       `megaclm/meta.json` + manifest of the same tag (a save of this tag that died), and the work folders
+       that killed conversions left in complete tags (megaclm.checkpoint.from_deepspeed)
     2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`), through
        megaclm's checkpoint engine: atomically, each file checksummed as it is written
     3. each rank writes its RNG file; with `layout_independent` (every --save-layout-independent-interval
