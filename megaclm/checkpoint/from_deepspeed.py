@@ -266,7 +266,8 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> list[tuple[str
             weights, moments, step = _zero3(files, shapes)
         else:
             weights, moments, step = _zero12(files, shapes, experts)
-    elif config.num_experts is not None:
+    elif os.path.isfile(os.path.join(ckpt, ds_expert_optim_states(0, mp_rank))):
+        # DeepSpeed MoE layers (not those of a LoRA run: its experts are frozen, plain modules to DeepSpeed)
         weights, moments, step = _moe_zero0(ckpt, mp_rank, states, entry["groups"], experts)
     else:
         module = states["module"] or _pipeline_module(ckpt, entry["tp_rank"],

@@ -38,18 +38,22 @@ CASES = {f"zero{z} dp2 {'bf16' if b else 'fp32'}": (1, 1, z, b) for z in range(4
 CASES.update({"zero1 tp2 fp32": (2, 1, 1, False), "zero0 tp2 bf16": (2, 1, 0, True),
               "zero0 pp2 fp32": (1, 2, 0, False), "zero0 pp2 bf16": (1, 2, 0, True), "zero1 pp2 bf16": (1, 2, 1, True)})
 # MoE (4 routed experts in each layer, a gated shared expert): DeepSpeed writes the routed experts in files of their
-# own and, at ZeRO-1/2, partitions their optimizer states over the expert-data-parallel group.
-# name: (pp, ep, zero, bf16)
+# own and, at ZeRO-1/2, partitions their optimizer states over the expert-data-parallel group. LoRA (attention
+# adapters; the frozen experts are no DeepSpeed MoE layers): the adapters only. name: (pp, ep, zero, bf16, lora)
 MOE_MODEL = dataclasses.replace(MODEL, num_experts=4, moe_shared_expert_intermediate_size=32,
                                 moe_shared_expert_gate=True)
-MOE_CASES = {f"moe zero{z} {f'pp{pp}' if pp > 1 else f'ep{ep}'} {'bf16' if b else 'fp32'}": (pp, ep, z, b)
-             for pp, ep, z, b in ((1, 1, 1, False), (1, 2, 1, False), (1, 2, 2, True), (1, 2, 0, False), (1, 2, 0, True),
-                                  (1, 1, 0, True), (2, 1, 0, False), (2, 1, 1, True))}
+MOE_CASES = {f"moe{' lora' if lora else ''} zero{z} {f'pp{pp}' if pp > 1 else f'ep{ep}'} {'bf16' if b else 'fp32'}":
+             (pp, ep, z, b, lora)
+             for pp, ep, z, b, lora in ((1, 1, 1, False, False), (1, 2, 1, False, False), (1, 2, 2, True, False),
+                                        (1, 2, 0, False, False), (1, 2, 0, True, False), (1, 1, 0, True, False),
+                                        (2, 1, 0, False, False), (2, 1, 1, True, False), (1, 1, 0, False, True),
+                                        (1, 2, 1, False, True))}
 
 
-def _config(tp: int, pp: int, zero: int, bf16: bool, ep: int = 1, model: "ModelConfig" = MODEL):
+def _config(tp: int, pp: int, zero: int, bf16: bool, ep: int = 1, model: "ModelConfig" = MODEL, lora: bool = False):
     from megaclm.config import MegaclmConfig
     from megaclm.config.data import DataConfig
+    from megaclm.config.lora import LoraConfig
     from megaclm.config.optimizer import OptimizerConfig
     from megaclm.config.parallel import ParallelConfig
     from megaclm.config.precision import PrecisionConfig
@@ -62,6 +66,7 @@ def _config(tp: int, pp: int, zero: int, bf16: bool, ep: int = 1, model: "ModelC
                          optimizer=OptimizerConfig(lr=1e-2),
                          training=TrainingConfig(micro_batch_size=2, global_batch_size=4 // (tp * pp), train_iters=4),
                          precision=PrecisionConfig(bf16=bf16),
+                         lora=LoraConfig(lora_rank=4, lora_target="qkv,proj") if lora else LoraConfig(),
                          zero=ZeroConfig(zero_stage=zero, zero_param_persistence_threshold=0))
 
 
@@ -71,8 +76,8 @@ def worker(rank, world, root, moe=False):
     from megaclm.config.deepspeed_json import deepspeed_config
     from megaclm.training.engine import build_engine, build_model, init_distributed
 
-    configs = ({name: _config(1, pp, zero, bf16, ep, MOE_MODEL) for name, (pp, ep, zero, bf16) in MOE_CASES.items()}
-               if moe
+    configs = ({name: _config(1, pp, zero, bf16, ep, MOE_MODEL, lora)
+                for name, (pp, ep, zero, bf16, lora) in MOE_CASES.items()} if moe
                else {name: _config(*case) for name, case in CASES.items()})
     for name, cfg in configs.items():
         tp, pp, zero = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
@@ -92,6 +97,8 @@ def worker(rank, world, root, moe=False):
         meta = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": pstate.dp_size,
                 "expert_model_parallel_size": cfg.parallel.expert_model_parallel_size, "zero_stage": zero,
                 "padded_vocab_size": derived.padded_vocab_size}
+        if cfg.lora.enabled:  # a LoRA save writes the adapters only (the base is another checkpoint)
+            meta["lora_base"] = {"dir": "unused", "tag": TAG}
         for iteration in (2, 3) if moe else (2,):  # MoE: also a default save of the same state (DEFAULT_TAG)
             save_checkpoint(engine, os.path.join(root, name), iteration, {}, pstate=pstate, config_tree=cfg.to_dict(),
                             meta=meta, layout_independent=iteration == 2)
@@ -136,10 +143,10 @@ def _assert_converted_equal_gathered(ckpt: str, out: str, fp16_optimizer: bool) 
     """`out`'s converted files == `ckpt`'s gathered ones, tensor for tensor (`fp16_optimizer`: see below)."""
     for kind, fields in (("model", ("tensors",)), ("optim", ("exp_avg", "exp_avg_sq"))):
         want, got = _files(os.path.join(ckpt, TAG, "megaclm", kind)), _files(os.path.join(out, TAG, "megaclm", kind))
-        assert list(got) == list(want)
-        for name in want:
+        assert list(got) == list(want) and all(any(want[name][field] for name in want) for field in fields)
+        for name in want:  # (a LoRA run's EP rank > 0 files are empty: its experts are frozen, in the base)
             for field in fields:
-                assert sorted(got[name][field]) == sorted(want[name][field]) and want[name][field], (name, field)
+                assert sorted(got[name][field]) == sorted(want[name][field]), (name, field)
                 for key, tensor in want[name][field].items():
                     mine = got[name][field][key]
                     assert mine.dtype == torch.float32 and not mine.requires_grad
@@ -170,7 +177,7 @@ def test_converted_moe_files_equal_the_gathered_ones(saved_moe, case, tmp_path):
 
     ckpt = os.path.join(saved_moe, case)
     out = convert(ckpt, TAG, str(tmp_path / "out"))
-    pp, ep, zero, bf16 = MOE_CASES[case]
+    pp, ep, zero, bf16, _ = MOE_CASES[case]
     assert sorted(os.listdir(os.path.join(out, TAG, "megaclm", "model"))) == (
         ["tp00_pp000.pt", "tp00_pp000_ep001.pt"] if ep == 2 else [f"tp00_pp{s:03d}.pt" for s in range(pp)])
     _assert_converted_equal_gathered(ckpt, out, zero == 0 and bf16 and pp == 1)
