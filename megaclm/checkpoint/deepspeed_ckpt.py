@@ -2,8 +2,9 @@
 
 Collective: every rank calls `save_checkpoint` / `load_checkpoint` (layout: megaclm.checkpoint).
 Order of a save, so that a crash at any point leaves the previous checkpoint loadable:
-    1. rank 0 removes the directories of saves that never finished (no meta.json), and a stale
-       `megaclm/meta.json` + manifest of the same tag (a save of this tag that died)
+    1. rank 0 removes the directories of saves that never finished (no meta.json), a stale
+       `megaclm/meta.json` + manifest of the same tag (a save of this tag that died), and the work folders
+       that killed conversions left in complete tags (megaclm.checkpoint.from_deepspeed)
     2. DeepSpeed writes model/optimizer files under <save>/<tag> (save_latest=False: no `latest`), through
        megaclm's checkpoint engine: atomically, each file checksummed as it is written
     3. each rank writes its RNG file; with `layout_independent` (every --save-layout-independent-interval
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from megaclm.checkpoint.async_save import AsyncCheckpointWriter, capture_deepspeed_files, cpu_copy, write_files
-from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, optimizer_param_names
+from megaclm.checkpoint.from_deepspeed import PARAM_NAMES_KEY, optimizer_param_names, remove_stale_conversions
 from megaclm.checkpoint.layout import (BEST, CLIENT_KEY, CONFIG, LATEST, MANIFEST, META, OWN, is_complete,
                                       iteration_of, read_best, read_config, read_latest, read_meta, rng_file, tag_for,
                                       tags_on_disk)
@@ -100,8 +101,6 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
     client_state = {CLIENT_KEY: client_state, PARAM_NAMES_KEY: optimizer_param_names(engine)}
     adapters_only = "lora_base" in meta  # LoRA: the adapters, not the frozen base the checkpoint refers to
     rng = (os.path.join(ckpt, rng_file(_rank())), get_rng_state())
-    # MoE: DeepSpeed's expert files are not read by from_deepspeed yet, so every save gathers.
-    gather = layout_independent or engine.module.config.num_experts is not None
     own = os.path.join(ckpt, OWN)
 
     def finalize(entries: dict[str, dict]) -> None:  # collective
@@ -118,7 +117,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
         files = capture_deepspeed_files(engine, save_dir, tag, client_state, writer.staging,
                                         exclude_frozen_parameters=adapters_only) + [rng]
         shards = ((model_shard_file(engine.module, own, pstate, trainable_only=adapters_only),
-                   optimizer_shard_file(engine, own, pstate)) if gather else ())
+                   optimizer_shard_file(engine, own, pstate)) if layout_independent else ())
         for shard, key in zip(shards, ("model_shard", "optimizer_shard")):
             if shard is not None:  # its tensors may be the live parameters / optimizer states
                 files.append((shard[0], cpu_copy(shard[1], writer.staging, key)))
@@ -131,7 +130,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, client_state: di
                                exclude_frozen_parameters=adapters_only)
     error, entries = atomic.error, dict(atomic.entries)
     shards = ((model_shard_file(engine.module, own, pstate, trainable_only=adapters_only),
-               optimizer_shard_file(engine, own, pstate)) if gather else ())
+               optimizer_shard_file(engine, own, pstate)) if layout_independent else ())
     if error is None:
         try:
             entries.update(write_files([rng] + [f for f in shards if f is not None]))
@@ -170,7 +169,8 @@ def mark_best(save_dir: str, tag: str, val_loss: float) -> None:
 
 def remove_partial_tags(save_dir: str) -> list[str]:
     """Rank 0, at the start of a save: delete the tags whose save never finished (no meta.json), except the
-    one `latest` names (never expected; left for a person to look at). Only a save calls it: the run holds
+    one `latest` names (never expected; left for a person to look at), and the work folders of conversions that
+    were killed (megaclm.checkpoint.from_deepspeed.remove_stale_conversions). Only a save calls it: the run holds
     --save by then, and an asynchronous save in flight has been waited for."""
     latest = read_latest(save_dir)
     doomed = [t for t in tags_on_disk(save_dir) if not is_complete(save_dir, t) and t != latest]
@@ -178,6 +178,10 @@ def remove_partial_tags(save_dir: str) -> list[str]:
         shutil.rmtree(os.path.join(save_dir, t), ignore_errors=True)
     if doomed:
         log.info(f"removed {', '.join(doomed)} from {save_dir}: saves that did not finish (no {META})")
+    for t in tags_on_disk(save_dir):  # and what killed conversions of the complete ones left behind
+        if stale := remove_stale_conversions(os.path.join(save_dir, t, OWN)):
+            log.info(f"removed {', '.join(stale)} from {os.path.join(save_dir, t, OWN)}: conversions that did not "
+                     "finish")
     return doomed
 
 

@@ -22,7 +22,20 @@ What is read, per model-parallel rank MP (one (tp, pp) rank; `mp_rank_{MP:02d}`)
     the module's), DeepSpeed's FP16_Optimizer ("fp32_groups_flat": one flat master per group) or
     FP16_UnfusedOptimizer ("fp32_groups": one master per parameter); parameters in the recorded order.
 Pipeline runs' module weights (ZeRO-0 fp32) are in `layer_{L:02d}-model_{TP:02d}-model_states.pt`.
-MoE checkpoints are not read here: their saves still gather (megaclm.checkpoint.deepspeed_ckpt).
+MoE (DeepSpeed's engine._save_moe_checkpoint; one model-states file per MP rank, from data-parallel rank 0):
+  - the model-states file holds everything but the routed experts; its PARAM_NAMES_KEY and param_shapes name
+    the experts by EP rank 0's local ids (0..E/ep-1), which are every EP rank's names for its own experts;
+  - ZeRO-1/2: the experts are in groups of their own (DeepSpeed's `moe` groups), partitioned over the
+    expert-data-parallel ranks: file DP holds EP rank DP % ep's experts (local ids), part DP // ep of them;
+  - ZeRO-0: `layer_{L}_expert_{e}_mp_rank_{MP:02d}_model_states.pt`, the module weights of expert e (global id)
+    of the L-th MoE layer, and `expp_rank_{EP}_mp_rank_{MP:02d}_optim_states.pt` per EP rank: {"optimizer":
+    its optimizer's state dict}, parameters in the recorded order (its experts under local ids).
+  - pipeline stages: the same files per stage (MP rank), under the stage's parameter names; the model-states
+    file's module holds the stage's weights (DeepSpeed writes no per-layer files for an MoE pipeline).
+Out come the files a gathering save writes: per EP rank r, `tp.._pp..[_ep{r:03d}].pt` (r > 0: its experts only,
+by global id).
+A conversion works in `<tag>/megaclm/.convert.<host>.<pid>.<pid start>.<random>.tmp`; one killed midway leaves
+it behind for `remove_stale_conversions`.
 """
 from __future__ import annotations
 
@@ -31,20 +44,24 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from megaclm.checkpoint.layout import (CONFIG, DS_MODEL_STATES, DS_OPTIM_STATES, MANIFEST, META, MODEL, OPTIM, OWN,
+from megaclm.checkpoint.layout import (CONFIG, DS_EXPERT_STATES, DS_MODEL_STATES, DS_OPTIM_STATES, MANIFEST, META,
+                                      MODEL, OPTIM, OWN, convert_tmp_name, convert_tmp_owner, ds_expert_optim_states,
                                       ds_layer_states, has_shards, shard_name, shards_dir)
 from megaclm.checkpoint.manifest import file_entry, read_file, read_manifest
 from megaclm.config.model import ModelConfig
-from megaclm.model.sharding import globalize_experts
+from megaclm.model.sharding import expert_id, globalize_experts, localize_experts
 from megaclm.utils.errors import UserError
 from megaclm.utils.fileio import atomic_write
+from megaclm.utils.signals import process_start_time
 
 PARAM_NAMES_KEY = "megaclm_params"  # beside CLIENT_KEY in DeepSpeed's client state (see the module docstring)
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -71,6 +88,29 @@ def _load(path: str) -> Any:
     return read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
 
 
+class _Experts(NamedTuple):
+    """Routed experts' ids: DeepSpeed's files of expert-parallel rank r name its experts 0..E/ep-1 (the module's
+    local ids), megaclm's layout-independent files by global id (megaclm.model.sharding)."""
+    num_experts: int | None
+    ep_size: int
+
+    def globalize(self, local: dict, ep_rank: int) -> dict:
+        return globalize_experts(local, self.num_experts, self.ep_size, ep_rank)
+
+    def localize(self, full: dict, ep_rank: int) -> dict:
+        return localize_experts(full, self.num_experts, self.ep_size, ep_rank)
+
+    def every_rank(self, local: dict) -> dict:
+        """Keys of one rank's dict (local ids) -> those of all ranks (global ids; the other keys once)."""
+        return {k: v for r in range(self.ep_size) for k, v in self.globalize(local, r).items()}
+
+    def of_rank(self, full: dict, ep_rank: int) -> dict:
+        """What rank `ep_rank`'s layout-independent file holds (megaclm.checkpoint.shards.shard_file): rank 0
+        everything but the other ranks' experts, rank r > 0 its experts only; global ids."""
+        mine = self.globalize(self.localize(full, ep_rank), ep_rank)
+        return {k: v for k, v in mine.items() if ep_rank == 0 or expert_id(k) is not None}
+
+
 def _split_flat(flat: torch.Tensor, shapes: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
     """A flat buffer holding `shapes`' parameters one after another (no padding between them)."""
     out, offset = {}, 0
@@ -81,14 +121,18 @@ def _split_flat(flat: torch.Tensor, shapes: list[tuple[str, list[int]]]) -> dict
     return out
 
 
-def _zero12(files: list[dict], shapes: list[dict]) -> tuple[dict, dict, int]:
-    """ZeRO-1/2 or DeepSpeed's bf16 optimizer: (weights, moments, step) from the data-parallel ranks' files."""
+def _zero12(files: list[dict], shapes: list[dict], experts: _Experts) -> tuple[dict, dict, int]:
+    """ZeRO-1/2 or DeepSpeed's bf16 optimizer: (weights, moments, step) from the data-parallel ranks' files.
+    Routed experts come back under their global ids: file DP holds expert-parallel rank DP % ep's, and the
+    ranks holding the same experts (DP % ep equal) partition their groups in DP order (expert-data-parallel rank
+    DP // ep, megaclm.parallel.state)."""
     parts: dict[str, list[list[torch.Tensor]]] = {}  # name -> [fp32, exp_avg, exp_avg_sq] parts, DP order
     step = 0
-    for f in files:
+    for dp, f in enumerate(files):
         opt = f["optimizer_state_dict"]
         state = opt["base_optimizer_state"]["state"]
-        for g, mapping in enumerate(opt["param_slice_mappings"]):
+        for g, local in enumerate(opt["param_slice_mappings"]):
+            mapping = experts.globalize(local, dp % experts.ep_size)
             flats = [opt["single_partition_of_fp32_groups"][g]] + [state[g][m] for m in MOMENTS]
             step = max(step, int(float(state[g]["step"])))
             for name, frag in mapping.items():
@@ -97,7 +141,7 @@ def _zero12(files: list[dict], shapes: list[dict]) -> tuple[dict, dict, int]:
                     got[i].append(flat.narrow(0, frag.start, frag.numel))
     out: list[dict] = [{}, {}, {}]
     for group in shapes:
-        for name, shape in group.items():
+        for name, shape in experts.every_rank(group).items():
             for i in range(3):
                 out[i][name] = torch.cat(parts[name][i]).view(shape).clone()
     return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2]}, step
@@ -167,17 +211,40 @@ def _pipeline_module(ckpt: str, tp_rank: int, names: list[str]) -> dict[str, tor
     return out
 
 
-def _payload(entry: dict, config: ModelConfig, tensors: dict[str, dict[str, torch.Tensor]], **extra) -> dict:
-    """The per-(tp, pp) file megaclm.checkpoint.shards.shard_file writes (EP 1: every expert is local)."""
+def _moe_zero0(ckpt: str, mp_rank: int, states: dict, groups: list[list],
+               experts: _Experts) -> tuple[dict, dict, int]:
+    """MoE without ZeRO: expert-parallel rank r's optimizer is in a file of its own (`ds_expert_optim_states`), the
+    routed experts' weights in one file per (MoE layer, expert) under global ids, the rest in the model-states
+    file. The ranks' replicated parameters are equal; rank 0's are kept, as a gathering save does."""
+    routed = {}
+    for name in sorted(os.listdir(ckpt)):
+        if (m := DS_EXPERT_STATES.match(name)) and int(m.group(1)) == mp_rank:
+            routed.update(_load(os.path.join(ckpt, name)))
+    weights: dict = {}
+    moments: dict = {m: {} for m in MOMENTS}
+    step = 0
+    for r in range(experts.ep_size):
+        opt = _load(os.path.join(ckpt, ds_expert_optim_states(r, mp_rank)))["optimizer"]
+        w, mo, st = _zero0({"optimizer": opt}, groups, {**states["module"], **experts.localize(routed, r)})
+        for out, got in ((weights, w), *((moments[m], mo[m]) for m in MOMENTS)):
+            for k, v in experts.globalize(got, r).items():
+                out.setdefault(k, v)
+        step = max(step, st)
+    return weights, moments, step
+
+
+def _payload(entry: dict, ep_rank: int, tensors: dict[str, dict[str, torch.Tensor]], **extra) -> dict:
+    """The per-(tp, pp, ep) file megaclm.checkpoint.shards.shard_file writes."""
     payload = dict(extra, tp_rank=entry["tp_rank"], tp_size=entry["tp_size"], pp_rank=entry["pp_rank"],
-                   pp_size=entry["pp_size"], pipeline=entry["pp_size"] > 1, ep_rank=0, ep_size=1)
+                   pp_size=entry["pp_size"], pipeline=entry["pp_size"] > 1, ep_rank=ep_rank, ep_size=entry["ep_size"])
     for field, values in tensors.items():  # detached: DeepSpeed saves some masters as Parameters
-        payload[field] = globalize_experts({k: v.detach() for k, v in values.items()}, config.num_experts, 1, 0)
+        payload[field] = {k: v.detach() for k, v in values.items()}
     return payload
 
 
-def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> tuple[str, dict, dict]:
-    """(file name, model payload, optim payload) of model-parallel rank `mp_rank` of the tag folder `ckpt`."""
+def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> list[tuple[str, dict, dict]]:
+    """[(file name, model payload, optim payload)] of model-parallel rank `mp_rank` of the tag folder `ckpt`: one
+    per expert-parallel rank (one without experts)."""
     model_files = sorted(os.path.join(ckpt, name) for name in os.listdir(ckpt)
                          if (m := DS_MODEL_STATES.match(name)) and int(m.group(1)) == mp_rank)
     if not model_files:
@@ -188,20 +255,28 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> tuple[str, dic
     if entry is None:
         raise UserError(f"{model_files[0]} does not record its parameters (written by an older megaclm, which saved "
                         "megaclm/model/ itself); resume it on its own layout, or restore its megaclm/ folder")
+    experts = _Experts(config.num_experts, entry["ep_size"])
     optim = sorted((int(m.group(1)), os.path.join(ckpt, name)) for name in os.listdir(ckpt)
                    if (m := DS_OPTIM_STATES.match(name)) and int(m.group(2)) == mp_rank)
     if optim:
         files = [_load(path) for _, path in optim]
         # DeepSpeed records the shapes under ZeRO only; its bf16 optimizer at ZeRO-0 (pipeline runs): megaclm's record
         shapes = states.get("param_shapes") or [dict(group) for group in entry["groups"]]
-        reader = _zero3 if "fp32_flat_groups" in files[0]["optimizer_state_dict"] else _zero12
-        weights, moments, step = reader(files, shapes)
+        if "fp32_flat_groups" in files[0]["optimizer_state_dict"]:  # ZeRO-3 (never MoE: refused by the config)
+            weights, moments, step = _zero3(files, shapes)
+        else:
+            weights, moments, step = _zero12(files, shapes, experts)
+    elif os.path.isfile(os.path.join(ckpt, ds_expert_optim_states(0, mp_rank))):
+        # DeepSpeed MoE layers (not those of a LoRA run: its experts are frozen, plain modules to DeepSpeed)
+        weights, moments, step = _moe_zero0(ckpt, mp_rank, states, entry["groups"], experts)
     else:
         module = states["module"] or _pipeline_module(ckpt, entry["tp_rank"],
                                                       [n for g in entry["groups"] for n, _ in g])
         weights, moments, step = _zero0(states, entry["groups"], module)
-    name = shard_name(entry["tp_rank"], entry["pp_rank"])
-    return name, _payload(entry, config, {"tensors": weights}), _payload(entry, config, moments, step=step)
+    return [(shard_name(entry["tp_rank"], entry["pp_rank"], r),
+             _payload(entry, r, {"tensors": experts.of_rank(weights, r)}),
+             _payload(entry, r, {m: experts.of_rank(moments[m], r) for m in MOMENTS}, step=step))
+            for r in range(experts.ep_size)]
 
 
 def _mp_ranks(ckpt: str) -> list[int]:
@@ -222,24 +297,22 @@ def convert(ckpt_dir: str, tag: str, out_dir: str | None = None) -> str:
                         "DeepSpeed's model-states files to make them from; it is incomplete or not a megaclm checkpoint")
     with open(os.path.join(ckpt, CONFIG)) as f:
         config = ModelConfig(**json.load(f)["model"])
-    if config.num_experts is not None:
-        raise UserError(f"{ckpt}: an MoE checkpoint's DeepSpeed files cannot be converted to megaclm's "
-                        "layout-independent files (its saves write megaclm/model/ themselves); restore its megaclm/ "
-                        "folder")
     target = ckpt if out_dir is None else os.path.join(out_dir, tag)
     own = os.path.join(target, OWN)
     os.makedirs(own, exist_ok=True)
     if out_dir is not None:
         for rel in (CONFIG, META):
             shutil.copyfile(os.path.join(ckpt, rel), os.path.join(target, rel))
-    work = os.path.join(own, f".convert.{uuid.uuid4().hex}.tmp")
+    remove_stale_conversions(own)
+    work = os.path.join(own, convert_tmp_name(socket.gethostname(), os.getpid(),
+                                              process_start_time(os.getpid()) or 0, uuid.uuid4().hex))
     try:
         for kind in (MODEL, OPTIM):
             os.makedirs(os.path.join(work, kind))
         for mp in _mp_ranks(ckpt):
-            name, model, optim = convert_rank(ckpt, mp, config)
-            for kind, payload in ((MODEL, model), (OPTIM, optim)):
-                torch.save(payload, os.path.join(work, kind, name))  # the folders appear whole, by rename
+            for name, model, optim in convert_rank(ckpt, mp, config):
+                for kind, payload in ((MODEL, model), (OPTIM, optim)):
+                    torch.save(payload, os.path.join(work, kind, name))  # the folders appear whole, by rename
         for kind in (OPTIM, MODEL):
             try:
                 os.rename(os.path.join(work, kind), os.path.join(target, shards_dir(kind)))
@@ -252,6 +325,47 @@ def convert(ckpt_dir: str, tag: str, out_dir: str | None = None) -> str:
     if out_dir is None:
         _extend_manifest(ckpt)
     return ckpt_dir if out_dir is None else out_dir
+
+
+STALE_CONVERSION_S = 3600.0  # another host's work folder untouched that long: its converter is gone
+
+
+def remove_stale_conversions(own: str) -> list[str]:
+    """Remove the work folders that killed conversions left in a tag's megaclm/ folder `own`; returns their names.
+
+    A folder of this host is stale when its converter's pid no longer runs (or now is another process: another
+    start time); one of another host, whose processes cannot be seen from here, when nothing in it changed for
+    STALE_CONVERSION_S (so is one whose maker's start time is unknown). A live converter's folder stays: it is
+    still writing into it."""
+    try:
+        names = os.listdir(own)
+    except FileNotFoundError:
+        return []
+    host, removed = socket.gethostname(), []
+    for name in names:
+        owner = convert_tmp_owner(name)
+        if owner is None:
+            continue
+        path = os.path.join(own, name)
+        if owner[0] == host and owner[2]:  # start time 0: unknown where it was made (no /proc), judged by age
+            stale = process_start_time(owner[1]) != owner[2]
+        else:
+            stale = time.time() - _last_change(path) > STALE_CONVERSION_S
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _last_change(folder: str) -> float:
+    """The newest modification time in `folder` (itself included); now if it is gone meanwhile."""
+    try:
+        times = [os.path.getmtime(folder)]
+        for root, dirs, files in os.walk(folder):
+            times += [os.path.getmtime(os.path.join(root, n)) for n in dirs + files]
+        return max(times)
+    except FileNotFoundError:
+        return time.time()
 
 
 def _extend_manifest(ckpt: str) -> None:

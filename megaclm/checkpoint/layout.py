@@ -31,6 +31,21 @@ CLIENT_KEY = "megaclm"  # our namespace inside DeepSpeed's client_state (which a
 _TAG = re.compile(r"^iter_(\d{7,})$")
 
 
+# A conversion's work folder in a tag's megaclm/ (megaclm.checkpoint.from_deepspeed): who made it (host, pid and the
+# pid's start time, to tell a dead converter's leftovers from a live one's), then a random part.
+_CONVERT_TMP = re.compile(r"^\.convert\.(?P<host>.+)\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]+\.tmp$")
+
+
+def convert_tmp_name(host: str, pid: int, pid_start: int, unique: str) -> str:
+    return f".convert.{host}.{pid}.{pid_start}.{unique}.tmp"
+
+
+def convert_tmp_owner(name: str) -> tuple[str, int, int] | None:
+    """(host, pid, pid start time) of a conversion's work folder name, None for any other name."""
+    m = _CONVERT_TMP.match(name)
+    return None if m is None else (m["host"], int(m["pid"]), int(m["start"]))
+
+
 def rng_file(rank: int) -> str:
     """Rank `rank`'s RNG states, relative to the tag."""
     return os.path.join(OWN, "rng", f"rank_{rank:05d}.pt")
@@ -53,6 +68,7 @@ def has_shards(ckpt_dir: str, tag: str, kind: str = MODEL) -> bool:
 # ckpt_layer_path, the MoE expert files), which megaclm.checkpoint.offline writes and from_deepspeed reads.
 DS_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")  # ZeRO-3: per DP rank
 DS_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # (DP rank, MP rank)
+DS_EXPERT_STATES = re.compile(r"^layer_\d+_expert_\d+_mp_rank_(\d+)_model_states\.pt$")  # MoE: (MP rank)
 
 
 def ds_model_states(mp_rank: int) -> str:
@@ -67,6 +83,11 @@ def ds_layer_states(layer: int, tp_rank: int) -> str:
 def ds_expert_states(moe_layer: int, expert: int, tp_rank: int) -> str:
     """Routed expert `expert` (global id) of the `moe_layer`-th MoE layer."""
     return f"layer_{moe_layer}_expert_{expert}_mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def ds_expert_optim_states(ep_rank: int, mp_rank: int) -> str:
+    """MoE without ZeRO: the optimizer's state dict of expert-parallel rank `ep_rank` (its experts and the rest)."""
+    return f"expp_rank_{ep_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
 
 def tag_for(iteration: int) -> str:

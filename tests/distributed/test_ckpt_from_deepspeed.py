@@ -6,12 +6,14 @@ Each case builds megaclm's engine (megaclm.training.engine, as pretrain_gpt.py d
 (lr > 0: the moments and masters differ from the init), saves once with the gather, and the test converts the
 tag's DeepSpeed files offline into another folder and compares.
 """
+import dataclasses
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import unittest.mock
 
 import pytest
 import torch
@@ -28,39 +30,58 @@ MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_que
                     add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0)
 VOCAB = 200
 TAG = "iter_0000002"
+DEFAULT_TAG = "iter_0000003"  # MoE cases: saved after TAG without the gather, nothing trained in between
 # bf16 at ZeRO-0 without a pipeline is DeepSpeed's FP16_Optimizer; with one (and at ZeRO-1) its BF16_Optimizer.
 FP16_OPTIMIZER = {"zero0 dp2 bf16", "zero0 tp2 bf16"}
 # name: (tp, pp, zero stage, bf16)
 CASES = {f"zero{z} dp2 {'bf16' if b else 'fp32'}": (1, 1, z, b) for z in range(4) for b in (False, True)}
 CASES.update({"zero1 tp2 fp32": (2, 1, 1, False), "zero0 tp2 bf16": (2, 1, 0, True),
               "zero0 pp2 fp32": (1, 2, 0, False), "zero0 pp2 bf16": (1, 2, 0, True), "zero1 pp2 bf16": (1, 2, 1, True)})
+# MoE (4 routed experts in each layer, a gated shared expert): DeepSpeed writes the routed experts in files of their
+# own and, at ZeRO-1/2, partitions their optimizer states over the expert-data-parallel group. LoRA (attention
+# adapters; the frozen experts are no DeepSpeed MoE layers): the adapters only. name: (pp, ep, zero, bf16, lora)
+MOE_MODEL = dataclasses.replace(MODEL, num_experts=4, moe_shared_expert_intermediate_size=32,
+                                moe_shared_expert_gate=True)
+MOE_CASES = {f"moe{' lora' if lora else ''} zero{z} {f'pp{pp}' if pp > 1 else f'ep{ep}'} {'bf16' if b else 'fp32'}":
+             (pp, ep, z, b, lora)
+             for pp, ep, z, b, lora in ((1, 1, 1, False, False), (1, 2, 1, False, False), (1, 2, 2, True, False),
+                                        (1, 2, 0, False, False), (1, 2, 0, True, False), (1, 1, 0, True, False),
+                                        (2, 1, 0, False, False), (2, 1, 1, True, False), (1, 1, 0, False, True),
+                                        (1, 2, 1, False, True))}
 
 
-def _config(tp: int, pp: int, zero: int, bf16: bool):
+def _config(tp: int, pp: int, zero: int, bf16: bool, ep: int = 1, model: "ModelConfig" = MODEL, lora: bool = False):
     from megaclm.config import MegaclmConfig
     from megaclm.config.data import DataConfig
+    from megaclm.config.lora import LoraConfig
     from megaclm.config.optimizer import OptimizerConfig
     from megaclm.config.parallel import ParallelConfig
     from megaclm.config.precision import PrecisionConfig
     from megaclm.config.training import TrainingConfig
     from megaclm.config.zero import ZeroConfig
 
-    return MegaclmConfig(model=MODEL, data=DataConfig(seq_length=16),
-                         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+    return MegaclmConfig(model=model, data=DataConfig(seq_length=16),
+                         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep),
                          optimizer=OptimizerConfig(lr=1e-2),
                          training=TrainingConfig(micro_batch_size=2, global_batch_size=4 // (tp * pp), train_iters=4),
                          precision=PrecisionConfig(bf16=bf16),
+                         lora=LoraConfig(lora_rank=4, lora_target="qkv,proj") if lora else LoraConfig(),
                          zero=ZeroConfig(zero_stage=zero, zero_param_persistence_threshold=0))
 
 
-def worker(rank, world, root):
+def worker(rank, world, root, moe=False):
     from megaclm.checkpoint.deepspeed_ckpt import save_checkpoint
     from megaclm.config import compute_derived
     from megaclm.config.deepspeed_json import deepspeed_config
     from megaclm.training.engine import build_engine, build_model, init_distributed
 
-    for name, (tp, pp, zero, bf16) in CASES.items():
-        cfg = _config(tp, pp, zero, bf16)
+    configs = ({name: _config(1, pp, zero, bf16, ep, MOE_MODEL, lora)
+                for name, (pp, ep, zero, bf16, lora) in MOE_CASES.items()} if moe
+               else {name: _config(*case) for name, case in CASES.items()})
+    for name, cfg in configs.items():
+        tp, pp, zero = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                        cfg.zero.zero_stage)
         derived = compute_derived(cfg, world, vocab_size=VOCAB)
         pstate = init_distributed(cfg)
         ds = deepspeed_config(cfg, derived, cuda=False)
@@ -74,9 +95,13 @@ def worker(rank, world, root):
                 engine.backward(engine(ids, labels=ids).float().mean())
                 engine.step()
         meta = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": pstate.dp_size,
-                "zero_stage": zero, "padded_vocab_size": derived.padded_vocab_size}
-        save_checkpoint(engine, os.path.join(root, name), 2, {}, pstate=pstate, config_tree=cfg.to_dict(), meta=meta,
-                        layout_independent=True)
+                "expert_model_parallel_size": cfg.parallel.expert_model_parallel_size, "zero_stage": zero,
+                "padded_vocab_size": derived.padded_vocab_size}
+        if cfg.lora.enabled:  # a LoRA save writes the adapters only (the base is another checkpoint)
+            meta["lora_base"] = {"dir": "unused", "tag": TAG}
+        for iteration in (2, 3) if moe else (2,):  # MoE: also a default save of the same state (DEFAULT_TAG)
+            save_checkpoint(engine, os.path.join(root, name), iteration, {}, pstate=pstate, config_tree=cfg.to_dict(),
+                            meta=meta, layout_independent=iteration == 2)
     return True
 
 
@@ -84,6 +109,13 @@ def worker(rank, world, root):
 def saved(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("from_deepspeed"))
     run_ranks(2, worker, root, timeout=600)
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("from_deepspeed_moe"))
+    run_ranks(2, worker, root, True, timeout=600)
     return root
 
 
@@ -107,31 +139,93 @@ def _default_save(saved: str, case: str, dest) -> str:
     return ckpt
 
 
+def _assert_converted_equal_gathered(ckpt: str, out: str, fp16_optimizer: bool) -> None:
+    """`out`'s converted files == `ckpt`'s gathered ones, tensor for tensor (`fp16_optimizer`: see below)."""
+    for kind, fields in (("model", ("tensors",)), ("optim", ("exp_avg", "exp_avg_sq"))):
+        want, got = _files(os.path.join(ckpt, TAG, "megaclm", kind)), _files(os.path.join(out, TAG, "megaclm", kind))
+        assert list(got) == list(want) and all(any(want[name][field] for name in want) for field in fields)
+        for name in want:  # (a LoRA run's EP rank > 0 files are empty: its experts are frozen, in the base)
+            for field in fields:
+                assert sorted(got[name][field]) == sorted(want[name][field]), (name, field)
+                for key, tensor in want[name][field].items():
+                    mine = got[name][field][key]
+                    assert mine.dtype == torch.float32 and not mine.requires_grad
+                    if field == "tensors" and fp16_optimizer:
+                        # The gathering save writes the bf16 module weights (DeepSpeed's FP16_Optimizer has no
+                        # fp32 view of a parameter), the conversion the fp32 masters.
+                        assert not torch.equal(mine, tensor) and torch.equal(mine.bfloat16().float(), tensor), key
+                        continue
+                    assert torch.equal(mine, tensor), (name, field, key)
+            if kind == "optim":
+                assert got[name]["step"] == want[name]["step"] == 2
+            rest = {k: v for k, v in want[name].items() if k not in fields}
+            assert {k: got[name][k] for k in rest} == rest
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_files_equal_the_gathered_ones(saved, case, tmp_path):
     from megaclm.checkpoint.from_deepspeed import convert
 
     ckpt = os.path.join(saved, case)
+    _assert_converted_equal_gathered(ckpt, convert(ckpt, TAG, str(tmp_path / "out")), case in FP16_OPTIMIZER)
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_converted_moe_files_equal_the_gathered_ones(saved_moe, case, tmp_path):
+    """Routed experts by global id, EP rank r > 0's in their own files; the shared expert with the dense weights."""
+    from megaclm.checkpoint.from_deepspeed import convert
+
+    ckpt = os.path.join(saved_moe, case)
     out = convert(ckpt, TAG, str(tmp_path / "out"))
+    pp, ep, zero, bf16, _ = MOE_CASES[case]
+    assert sorted(os.listdir(os.path.join(out, TAG, "megaclm", "model"))) == (
+        ["tp00_pp000.pt", "tp00_pp000_ep001.pt"] if ep == 2 else [f"tp00_pp{s:03d}.pt" for s in range(pp)])
+    _assert_converted_equal_gathered(ckpt, out, zero == 0 and bf16 and pp == 1)
+
+
+def _work_folders(ckpt: str, tag: str) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(ckpt, tag, "megaclm")) if n.startswith(".convert."))
+
+
+def test_a_default_moe_save_writes_deepspeeds_files_only_and_converts_in_place(saved_moe, tmp_path):
+    """The save of an MoE run does not gather; its conversion in place equals the gathered files of the same state.
+    The work folders that killed conversions left behind go (at the next conversion, or the next save's
+    cleanup); a live converter's stays."""
+    import time
+
+    from megaclm.checkpoint.deepspeed_ckpt import remove_partial_tags
+    from megaclm.checkpoint.from_deepspeed import STALE_CONVERSION_S, ensure_shards
+    from megaclm.checkpoint.layout import convert_tmp_name
+    from megaclm.utils.signals import process_start_time
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(saved_moe, "moe zero1 ep2 fp32"), ckpt)
+    own = os.path.join(ckpt, DEFAULT_TAG, "megaclm")
+    assert sorted(os.listdir(own)) == ["config.json", "manifest.json", "meta.json", "rng"]
+    host, me = "this-host", (os.getpid(), process_start_time(os.getpid()))
+    work = {"dead": convert_tmp_name(host, me[0], me[1] + 1, "a1"),  # the pid now runs another process
+            "live": convert_tmp_name(host, *me, "b2"),
+            "away": convert_tmp_name("other-host", 1, 5, "c3"),  # another host's, busy a minute ago
+            "gone": convert_tmp_name("other-host", 2, 5, "d4")}  # and one untouched for longer than the limit
+    for tag in (TAG, DEFAULT_TAG):
+        for name in work.values():
+            os.makedirs(os.path.join(ckpt, tag, "megaclm", name, "model"))
+            old = time.time() - (STALE_CONVERSION_S + 60 if name == work["gone"] else 60)
+            for path in (os.path.join(ckpt, tag, "megaclm", name, "model"), os.path.join(ckpt, tag, "megaclm", name)):
+                os.utime(path, (old, old))
+    with unittest.mock.patch("socket.gethostname", return_value=host):
+        assert ensure_shards(ckpt, DEFAULT_TAG) == ckpt
+        assert _work_folders(ckpt, DEFAULT_TAG) == sorted([work["live"], work["away"]])
+        assert _work_folders(ckpt, TAG) == sorted(work.values())
+        assert remove_partial_tags(ckpt) == []  # the save-time cleanup, of every tag
+        assert _work_folders(ckpt, TAG) == sorted([work["live"], work["away"]])
     for kind, fields in (("model", ("tensors",)), ("optim", ("exp_avg", "exp_avg_sq"))):
-        want, got = _files(os.path.join(ckpt, TAG, "megaclm", kind)), _files(os.path.join(out, TAG, "megaclm", kind))
-        assert list(got) == list(want)
+        want, got = _files(os.path.join(ckpt, TAG, "megaclm", kind)), _files(os.path.join(own, kind))
+        assert list(got) == list(want) == ["tp00_pp000.pt", "tp00_pp000_ep001.pt"]
         for name in want:
             for field in fields:
-                assert sorted(got[name][field]) == sorted(want[name][field]) and want[name][field], (name, field)
-                for key, tensor in want[name][field].items():
-                    mine = got[name][field][key]
-                    assert mine.dtype == torch.float32 and not mine.requires_grad
-                    if field == "tensors" and case in FP16_OPTIMIZER:
-                        # The gathering save writes the bf16 module weights (DeepSpeed's FP16_Optimizer has no
-                        # fp32 view of a parameter), the conversion the fp32 masters.
-                        assert not torch.equal(mine, tensor) and torch.equal(mine.bfloat16().float(), tensor), key
-                        continue
-                    assert torch.equal(mine, tensor), (case, name, field, key)
-            if kind == "optim":
-                assert got[name]["step"] == want[name]["step"] == 2
-            rest = {k: v for k, v in want[name].items() if k not in fields}
-            assert {k: got[name][k] for k in rest} == rest
+                assert sorted(got[name][field]) == sorted(want[name][field])
+                assert all(torch.equal(got[name][field][k], t) for k, t in want[name][field].items()), (name, field)
 
 
 def test_in_place_conversion_extends_the_manifest(saved, tmp_path):
@@ -210,3 +304,4 @@ def test_a_checkpoint_that_does_not_record_its_parameters_is_refused(saved, tmp_
         convert(ckpt, TAG)
     assert not [n for n in os.listdir(os.path.join(ckpt, TAG, "megaclm")) if n.endswith(".tmp")]
     assert not os.path.isdir(os.path.join(ckpt, TAG, "megaclm", "model"))
+

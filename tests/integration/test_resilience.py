@@ -163,17 +163,19 @@ def test_moe_checkpoint_splits_experts_by_ep_rank_and_reshards(corpus, tmp_path)
     # DeepSpeed's MoE layout: one file per (MoE layer, global expert), written by the rank holding it.
     assert sorted(p.name for p in ckpt.glob("layer_*_expert_*")) == sorted(
         f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4))
-    # megaclm's fp32 shards: EP rank 0's file has everything it holds, EP rank 1's only its experts 2 and 3.
-    ep0, ep1 = (torch.load(ckpt / "megaclm/model" / name, weights_only=False)["tensors"]
-                for name in ("tp00_pp000.pt", "tp00_pp000_ep001.pt"))
-    ids = [sorted({int(k.split("deepspeed_experts.")[1].split(".")[0]) for k in t if "deepspeed_experts" in k})
-           for t in (ep0, ep1)]
-    assert ids == [[0, 1], [2, 3]] and all("deepspeed_experts" in k for k in ep1)
+    assert not (ckpt / "megaclm/model").exists()  # a save writes DeepSpeed's files only
     assert json.loads((ckpt / "megaclm/meta.json").read_text())["expert_model_parallel_size"] == 2
     r = subprocess.run([sys.executable, "tools/checkpoint/reshard.py", "--load", str(ref), "--ckpt-step", "4",
                         "--out", str(tmp_path / "tp2_ckpt"), "--tensor-model-parallel-size", "2"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "with the Adam moments and step" in r.stderr, r.stderr
+    # megaclm's fp32 shards, made from DeepSpeed's files in place by reshard.py: EP rank 0's file has everything it
+    # holds, EP rank 1's only its experts 2 and 3.
+    ep0, ep1 = (torch.load(ckpt / "megaclm/model" / name, weights_only=False)["tensors"]
+                for name in ("tp00_pp000.pt", "tp00_pp000_ep001.pt"))
+    ids = [sorted({int(k.split("deepspeed_experts.")[1].split(".")[0]) for k in t if "deepspeed_experts" in k})
+           for t in (ep0, ep1)]
+    assert ids == [[0, 1], [2, 3]] and all("deepspeed_experts" in k for k in ep1)
     tp2 = run(corpus, tmp_path / "tp2", MOE + ["--tensor-model-parallel-size", "2", "--zero-stage", "1", "--load",
                                                str(tmp_path / "tp2_ckpt"), "--exit-interval", "6"])
     back = run(corpus, tmp_path / "back", MOE + ["--expert-model-parallel-size", "2", "--zero-stage", "1", "--load",
