@@ -121,7 +121,7 @@ def measure(rank: int, args, name: str) -> dict:
         run.step()
     finally:
         torch.optim.AdamW.step = adamw_step
-    embedding, head, n_layers = efficiency._parts(run.engine, run.pstate)
+    embedding, head, n_layers = efficiency._parts(run.engine)
     saved = SavedActivations(run.engine.module, embedding, head)
     with saved.installed():
         run.step()
