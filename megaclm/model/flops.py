@@ -547,7 +547,7 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
             act += in_flight * s * b * h / sp
         if last:  # final norm input and output-layer input, then what the cross-entropy keeps:
             # GPTModel's fused linear cross-entropy (tp=1) only the fp32 log-sum-exp; the pipeline's loss
-            # (GPTPipeLoss, any tp) and tp > 1 the fp32 (log-)softmax of the materialised logits.
+            # (GPTPipelineModule.loss, any tp) and tp > 1 the fp32 (log-)softmax of the materialised logits.
             logits = s * b * vocab_size / t
             act += 2 * s * b * h * e / sp + (4 * s * b if t == 1 and pp == 1 else 4 * logits)
             if pp > 1:  # DeepSpeed's pipeline engine keeps the logits of each of the last stage's pipe buffers

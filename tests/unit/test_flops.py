@@ -344,7 +344,7 @@ def test_pipeline_first_stage_holds_min_pp_gas_micro_batches():
 
 
 def test_pipeline_last_stage_keeps_the_logits():
-    """With one micro-batch in flight everywhere the last stage is the fullest: the pipeline's loss (GPTPipeLoss)
+    """With one micro-batch in flight everywhere the last stage is the fullest: the pipeline's loss (GPTPipelineModule.loss)
     materialises the logits even at tp=1 and keeps their fp32 log-softmax, and DeepSpeed's engine keeps the
     logits of its 2 pipe buffers after their backward (measured: bench/plan_validation.py's pp2-recompute)."""
     cfg = _gpt(hidden_dropout=0.0)
