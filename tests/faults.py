@@ -7,6 +7,8 @@
                                   deterministic spike, tied to the data (a replay after a rollback that skipped it
                                   never sees it again)
     faults:sleep_at=4@1           rank 1 sleeps for an hour before iteration 4: a hang for the watchdog
+    faults:step_pause=0.25        every rank waits 0.25 s before each step: steps slow enough for a test that
+                                  polls metrics.jsonl to act between two given iterations
     faults:save_pause=3           every save holds 3 s once this rank's files are written, before the checkpoint is
                                   complete and `latest` moves (with --async-save in the writer thread): a window
                                   for kill -9 mid-save
@@ -47,6 +49,14 @@ class SleepAt:
             time.sleep(3600)
 
 
+class StepPause:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def pre_step(self, trainer) -> None:
+        time.sleep(self.seconds)
+
+
 class SavePause:
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -67,6 +77,10 @@ def sleep_at(arg: str) -> SleepAt:
     """ITERATION@RANK (rank 0 without @RANK)."""
     iteration, _, rank = arg.partition("@")
     return SleepAt(int(iteration), int(rank or 0))
+
+
+def step_pause(arg: str) -> StepPause:
+    return StepPause(float(arg))
 
 
 def save_pause(arg: str) -> SavePause:

@@ -34,13 +34,14 @@ from test_pretrain import REPO, base_args, corpus, records, remove_shm_buffers  
 
 
 ITERS = 24
+SAVE_INTERVAL = 4
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def flags(corpus: str) -> list[str]:
     """The launcher tests' tiny model, without --save/--load (the sbatch script passes SAVE as both)."""
     args = base_args(corpus, Path("unused"))
-    return args[:args.index("--save")] + ["--train-iters", str(ITERS), "--save-interval", "4",
+    return args[:args.index("--save")] + ["--train-iters", str(ITERS), "--save-interval", str(SAVE_INTERVAL),
                                           "--eval-interval", "1000", "--hang-timeout-s", "10"]
 
 
@@ -55,7 +56,7 @@ class Job:
     """One submission of slurm/submit.sh in test mode; all its runs append to one output file."""
 
     def __init__(self, cluster: LocalSlurm, save: Path, corpus: str, mode: str, nodes: int, ranks_per_node: int,
-                 **env: str):
+                 extra_flags: tuple[str, ...] = (), **env: str):
         self.cluster, self.save = cluster, save
         self.out = save.parent / f"{save.name}.out"
         job_env = dict(cluster.env, MODE=mode, NODES=str(nodes), GPUS_PER_NODE=str(ranks_per_node), CPU_ONLY="1",
@@ -63,7 +64,7 @@ class Job:
                        SBATCH_TIMELIMIT="15", SBATCH_JOB_NAME=f"megaclm-{mode}",
                        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                            str(REPO / ".cache/torch_extensions")), **env)
-        r = subprocess.run(["bash", "slurm/submit.sh", *flags(corpus)], cwd=REPO, env=job_env, capture_output=True,
+        r = subprocess.run(["bash", "slurm/submit.sh", *flags(corpus), *extra_flags], cwd=REPO, env=job_env, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         self.id = int(re.search(r"Submitted batch job (\d+)", r.stdout).group(1))
@@ -154,12 +155,18 @@ def two_nodes(requirements, tmp_path_factory):
 
 def preempt_then_stall(cluster: LocalSlurm, corpus: str, save: Path, mode: str) -> tuple[Job, dict, list[int]]:
     """SIGUSR1 in the first run, a SIGSTOPped rank in the second, the third runs to the end."""
-    job = Job(cluster, save, corpus, mode, nodes=2, ranks_per_node=1, MASTER_ADDR="127.0.0.1")
+    # Steps paced at >= 0.25 s (tests/faults.py step_pause), so that the 0.2 s polling below stops rank 1 between
+    # two checkpoints: unpaced, a CPU step of this model takes a few ms, and run 2 could reach its next checkpoint
+    # before the SIGSTOP lands (then run 3 resumes where run 2 stopped and no lost step is replayed).
+    job = Job(cluster, save, corpus, mode, nodes=2, ranks_per_node=1, MASTER_ADDR="127.0.0.1",
+              extra_flags=("--callbacks", "faults:step_pause=0.25"), PYTHONPATH=str(REPO / "tests"))
     job.wait_until_logged(3)
     cluster.signal_batch_shell(job.id, "USR1")
     job.wait_requeued(1)
     first_run = job.losses_logged()
-    job.wait_until_logged(first_run + 5)  # past a checkpoint (--save-interval 4)
+    # one iteration past run 2's first checkpoint (--save-interval 4; a save ends before the next step's row), three
+    # steps before its second
+    job.wait_until_logged((first_run // SAVE_INTERVAL + 1) * SAVE_INTERVAL + 1)
     job.rank_process(1).send_signal(signal.SIGSTOP)
     job.wait_requeued(2)
     second_run = job.losses_logged()
