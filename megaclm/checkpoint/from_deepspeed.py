@@ -56,7 +56,7 @@ import torch.distributed as dist
 from megaclm.checkpoint.layout import (CONFIG, DS_EXPERT_STATES, DS_MODEL_STATES, DS_OPTIM_STATES, MANIFEST, META,
                                       MODEL, OPTIM, OWN, convert_tmp_name, convert_tmp_owner, ds_expert_optim_states,
                                       ds_layer_states, has_shards, shard_name, shards_dir)
-from megaclm.checkpoint.manifest import file_entry, read_file, read_manifest
+from megaclm.checkpoint.manifest import file_entry, read_manifest, torch_load
 from megaclm.config.model import ModelConfig
 from megaclm.model.sharding import expert_id, globalize_experts, localize_experts
 from megaclm.utils.errors import UserError
@@ -82,10 +82,6 @@ def optimizer_param_names(engine: Any) -> dict:
     return {"tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size, "pp_rank": pstate.pp_rank, "pp_size": pstate.pp_size,
             "ep_rank": pstate.ep_rank, "ep_size": pstate.ep_size,
             "groups": [[(names[id(p)], list(p.shape)) for p in g if id(p) in names] for g in groups]}
-
-
-def _load(path: str) -> Any:
-    return read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
 
 
 class _Experts(NamedTuple):
@@ -206,7 +202,7 @@ def _pipeline_module(ckpt: str, tp_rank: int, names: list[str]) -> dict[str, tor
         wanted.setdefault(layer, {})[key] = name
     out = {}
     for layer, keys in wanted.items():
-        tensors = _load(os.path.join(ckpt, ds_layer_states(layer, tp_rank)))
+        tensors = torch_load(os.path.join(ckpt, ds_layer_states(layer, tp_rank)))
         out.update({name: tensors[key] for key, name in keys.items()})
     return out
 
@@ -219,12 +215,12 @@ def _moe_zero0(ckpt: str, mp_rank: int, states: dict, groups: list[list],
     routed = {}
     for name in sorted(os.listdir(ckpt)):
         if (m := DS_EXPERT_STATES.match(name)) and int(m.group(1)) == mp_rank:
-            routed.update(_load(os.path.join(ckpt, name)))
+            routed.update(torch_load(os.path.join(ckpt, name)))
     weights: dict = {}
     moments: dict = {m: {} for m in MOMENTS}
     step = 0
     for r in range(experts.ep_size):
-        opt = _load(os.path.join(ckpt, ds_expert_optim_states(r, mp_rank)))["optimizer"]
+        opt = torch_load(os.path.join(ckpt, ds_expert_optim_states(r, mp_rank)))["optimizer"]
         w, mo, st = _zero0({"optimizer": opt}, groups, {**states["module"], **experts.localize(routed, r)})
         for out, got in ((weights, w), *((moments[m], mo[m]) for m in MOMENTS)):
             for k, v in experts.globalize(got, r).items():
@@ -250,7 +246,7 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> list[tuple[str
     if not model_files:
         raise UserError(f"{ckpt} has no DeepSpeed model-states file of model-parallel rank {mp_rank}; the checkpoint "
                         "is incomplete")
-    states = _load(model_files[0])
+    states = torch_load(model_files[0])
     entry = states.get(PARAM_NAMES_KEY)
     if entry is None:
         raise UserError(f"{model_files[0]} does not record its parameters (written by an older megaclm, which saved "
@@ -259,7 +255,7 @@ def convert_rank(ckpt: str, mp_rank: int, config: ModelConfig) -> list[tuple[str
     optim = sorted((int(m.group(1)), os.path.join(ckpt, name)) for name in os.listdir(ckpt)
                    if (m := DS_OPTIM_STATES.match(name)) and int(m.group(2)) == mp_rank)
     if optim:
-        files = [_load(path) for _, path in optim]
+        files = [torch_load(path) for _, path in optim]
         # DeepSpeed records the shapes under ZeRO only; its bf16 optimizer at ZeRO-0 (pipeline runs): megaclm's record
         shapes = states.get("param_shapes") or [dict(group) for group in entry["groups"]]
         if "fp32_flat_groups" in files[0]["optimizer_state_dict"]:  # ZeRO-3 (never MoE: refused by the config)

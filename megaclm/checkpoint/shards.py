@@ -36,7 +36,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from megaclm.checkpoint.hf.files import DTYPES
 from megaclm.checkpoint.from_deepspeed import ensure_shards
 from megaclm.checkpoint.layout import CONFIG, MODEL, read_latest, read_meta, shard_name, shards_dir
-from megaclm.checkpoint.manifest import read_file
+from megaclm.checkpoint.manifest import torch_load
 from megaclm.config.model import ModelConfig
 from megaclm.model.pipe import pipe_to_plain_key
 from megaclm.model.quantize import fake_quantize
@@ -44,11 +44,6 @@ from megaclm.model.sharding import expert_id, globalize_experts, split_stacked_e
 from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 
-
-
-def torch_load(path: str, mmap: bool = False) -> Any:
-    """torch.load of a checkpoint file onto the CPU; a damaged file is a UserError naming it."""
-    return read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=False, mmap=mmap))
 
 
 def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: torch.nn.Module,
