@@ -14,12 +14,18 @@ What is measured, on the first CUDA device if there is one, else the CPU (dtype 
              (hidden 64, 16 tokens), forward and backward, over the 3 x megaclm.planner.cost.OPS_PER_LAYER
              operations the cost model counts per layer: Python, dispatcher and autograd per op on a CPU,
              kernel launches on a GPU
-  links      all-reduce and all-gather between 2 processes (forkserver) over gloo on the CPU, nccl on 2 GPUs:
-             bus bandwidth of a large message (all-reduce: 2(n-1)/n x size / time, the profile's gbps; all-gather:
-             (n-1)/n x output / time, its gather_gbps) and the latency of a call as training sees it: what a 4-byte
-             all-reduce adds between matmuls (the ranks meet at every call; on a busy host that includes waiting
-             to be scheduled), at least what one of 20 back-to-back calls takes. Both links of the profile (inside / across nodes) get what
-             was measured, unless there are fewer than 2 GPUs: then they stay the --base profile's.
+  zero-3     what ZeRO-3 adds to that layer's forward and backward (zero3_layer_us): DeepSpeed's module hooks
+             and parameter bookkeeping, 8 such layers under a 1-rank ZeRO-3 engine against ZeRO-0, per layer
+  links      all-reduce and all-gather between 2 processes (forkserver) over gloo on the CPU, nccl on 2 GPUs,
+             as training sees a call: what k calls add to a stream of matmuls (the ranks meet at every call; on a
+             busy host that includes waiting to be scheduled), at least what k back-to-back calls take. Per
+             message size from 4 KiB to --link-mib in x4 steps: the link's `sizes` curves (seconds per call by
+             wire bytes, made non-decreasing), which the planner reads instead of bandwidth + latency; the
+             largest message gives the bus bandwidth (gbps, gather_gbps), a 4-byte all-reduce the latency.
+             Both links of the profile (inside / across nodes) get what was measured, unless there are fewer
+             than 2 GPUs: then they stay the --base profile's.
+  overlap    the largest all-reduce issued asynchronously over as much matmul work as it takes alone: the
+             fraction of it hidden, (compute + comm - both) / min(compute, comm), clipped to [0, 1]
 Each rate is the median of --iters timed runs after warm-up (the load average is recorded beside it: on a shared
 host the others' work shows in every figure). The peak is --peak-tflops (the datasheet's) when given, else the
 measured matmul rate; the achievable fractions are then measured rate / peak. Everything else (HBM size, PCIe,
@@ -90,25 +96,32 @@ def copy_gbps(device, nbytes: int, iters: int) -> float:
 
 def op_overhead_us(device, iters: int) -> float:
     """Microseconds per operation of a megaclm TransformerLayer too small for its arithmetic to count."""
-    from megaclm.config.kernels import KernelsConfig
-    from megaclm.config.presets import model_preset
-    from megaclm.model.gpt import TransformerLayer
-    from megaclm.ops import build_ops
-    from megaclm.parallel.state import ParallelState
     from megaclm.planner.cost import OPS_PER_LAYER
 
-    config = model_preset("llama-7b", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                          num_query_groups=2, max_position_embeddings=16)
-    kernels = KernelsConfig(op_backend="fused" if device.type == "cuda" else "torch")
-    layer = TransformerLayer(config, ParallelState.single(), build_ops(kernels), kernels).to(device)
+    layer = _tiny_layers(device, 1)
     x = torch.randn(1, 16, 64, device=device, requires_grad=True)
     positions = torch.arange(16, device=device)[None]
 
     def step():
-        layer(x, positions)[0].sum().backward()
+        layer(x, positions).sum().backward()
 
     reps = 20  # layers per timed run: a run of ~1 ms of overhead, long beside the timer's resolution
     return timed(lambda: [step() for _ in range(reps)], device, iters) / reps / (3 * OPS_PER_LAYER) * 1e6
+
+
+def _between_matmuls(device, iters: int):
+    """(timer, calls): timer(fn, k) is the seconds k calls of fn() add to a stream of ~0.5 ms matmuls (a
+    collective as training sees it: the ranks meet at every call; on a busy host that includes waiting to be
+    scheduled), at least what k back-to-back calls take (the floor: medians of a noisy host can come out below)."""
+    n = 256 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device)
+
+    def timer(fn, k: int) -> float:
+        bare = timed(lambda: [a @ a for _ in range(k)], device, iters)
+        mixed = timed(lambda: [(a @ a, fn()) for _ in range(k)], device, iters)
+        return max(mixed - bare, timed(lambda: [fn() for _ in range(k)], device, iters)) / k
+
+    return timer, a
 
 
 def _link_worker(rank: int, port: int, backend: str, nbytes: int, iters: int, threads: int, out) -> None:
@@ -119,39 +132,38 @@ def _link_worker(rank: int, port: int, backend: str, nbytes: int, iters: int, th
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's note on all_gather_into_tensor's name
     dist.init_process_group(backend, rank=rank, world_size=2)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    big = torch.ones(nbytes // 4, device=device)
-    gathered = torch.empty(2 * big.numel(), device=device)
+    per_call, a = _between_matmuls(device, iters)
+    curves = {"all_reduce": [], "gather": []}
+    size = 4096
+    while size <= nbytes:  # x4 steps from 4 KiB; for 2 ranks a call's wire bytes are its message's
+        x = torch.ones(size // 4, device=device)
+        gathered = torch.empty(2 * x.numel(), device=device)
+        k = max(1, min(20, (4 << 20) // size))
+        curves["all_reduce"].append([size, per_call(lambda: dist.all_reduce(x), k)])
+        curves["gather"].append([size, per_call(lambda: dist.all_gather_into_tensor(gathered, x), k)])
+        size *= 4
     tiny = torch.ones(1, device=device)
-    # A call's latency as training sees it: what one small all-reduce adds to a stream of ~1 ms matmuls (each
-    # rank waits for the other to arrive; on a busy host that includes being scheduled).
-    a = torch.randn(256 if device.type == "cpu" else 4096, 256 if device.type == "cpu" else 4096, device=device)
+    latency = per_call(lambda: dist.all_reduce(tiny), 20)
+    # Overlap: the largest all-reduce issued asynchronously over as much compute as it takes alone.
+    comm = curves["all_reduce"][-1][1]
+    reps = max(1, round(comm / timed(lambda: a @ a, device, iters)))
 
-    def compute():
-        for _ in range(20):
+    def both():
+        work = dist.all_reduce(x, async_op=True)
+        for _ in range(reps):
             a @ a
+        work.wait()
 
-    def compute_and_call():
-        for _ in range(20):
-            a @ a
-            dist.all_reduce(tiny)
-
-    def calls():
-        for _ in range(20):
-            dist.all_reduce(tiny)
-
-    bare = timed(compute, device, iters)
-    # Back-to-back calls are the floor (medians of a noisy host can make the difference below it).
-    alone = timed(calls, device, iters)
-    result = {"all_reduce_s": timed(lambda: dist.all_reduce(big), device, iters),
-              "all_gather_s": timed(lambda: dist.all_gather_into_tensor(gathered, big), device, iters),
-              "latency_s": max(timed(compute_and_call, device, iters) - bare, alone) / 20}
+    compute = timed(lambda: [a @ a for _ in range(reps)], device, iters)
+    overlap = (compute + comm - timed(both, device, iters)) / min(compute, comm)
     dist.destroy_process_group()
     if rank == 0:
-        out.put(result)
+        out.put({"curves": curves, "latency_s": latency, "overlap": min(1.0, max(0.0, overlap))})
 
 
-def link(backend: str, nbytes: int, iters: int, threads: int) -> dict:
-    """Bus bandwidth (GB/s) and per-call latency (us) between 2 processes."""
+def link(backend: str, nbytes: int, iters: int, threads: int) -> tuple[dict, float]:
+    """A link between 2 processes (bus bandwidth in GB/s and per-call latency in us of the large and the empty
+    message, and the measured curves by size) and the fraction of a collective that runs under compute."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -165,12 +177,94 @@ def link(backend: str, nbytes: int, iters: int, threads: int) -> dict:
     result = out.get(timeout=600)
     for p in procs:
         p.join()
-    n = 2
-    ar = 2 * (n - 1) / n * nbytes / result["all_reduce_s"] / 1e9
-    ag = (n - 1) / n * n * nbytes / result["all_gather_s"] / 1e9
+    curves = {}
+    for kind, points in result["curves"].items():  # a larger message is never cheaper: noise made monotone
+        floor, curves[kind] = 0.0, []
+        for size, secs in points:
+            floor = max(floor, secs)
+            curves[kind].append([size, floor])
     # gloo's all-gather is far slower than its all-reduce on the CPU: the profile keeps both (gbps, gather_gbps).
-    return {"gbps": round(ar, 3), "gather_gbps": round(ag, 3), "latency_us": round(result["latency_s"] * 1e6, 2),
-            "all_reduce_busbw_gbps": round(ar, 3), "all_gather_busbw_gbps": round(ag, 3)}
+    (ar_bytes, ar_s), (ag_bytes, ag_s) = curves["all_reduce"][-1], curves["gather"][-1]
+    return {"gbps": round(ar_bytes / ar_s / 1e9, 3), "gather_gbps": round(ag_bytes / ag_s / 1e9, 3),
+            "latency_us": round(result["latency_s"] * 1e6, 2), "sizes": curves}, round(result["overlap"], 3)
+
+
+def zero3_layer_us(device, iters: int) -> float:
+    """Microseconds ZeRO-3 adds to one megaclm TransformerLayer's forward and backward (DeepSpeed's module hooks,
+    its parameter bookkeeping, gathers within 1 rank), at a size where the arithmetic is nothing. In its own
+    process: DeepSpeed needs a process group."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_zero3_worker, args=(device.type, iters, torch.get_num_threads(), out))
+    proc.start()
+    result = out.get(timeout=600)
+    proc.join()
+    if isinstance(result, str):
+        raise RuntimeError(f"measuring ZeRO-3's per-layer cost failed:\n{result}")
+    return result
+
+
+def _zero3_worker(device_type: str, iters: int, threads: int, out) -> None:
+    import logging
+    import traceback
+
+    try:
+        import deepspeed
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(threads)
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        deepspeed.init_distributed("nccl" if device_type == "cuda" else "gloo")
+        device = torch.device(device_type)
+        layers = 8
+        x, positions = torch.randn(1, 16, 64, device=device), torch.arange(16, device=device)[None]
+        seconds = {}
+        for stage in (0, 3):
+            stack = _tiny_layers(device, layers)
+            config = {"train_micro_batch_size_per_gpu": 1,
+                      "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+            engine, *_ = deepspeed.initialize(model=stack, model_parameters=stack.parameters(), config=config)
+
+            def step():
+                engine.backward(engine(x, positions).sum())
+
+            seconds[stage] = timed(step, device, iters)
+            engine.destroy()
+        out.put(max(0.0, seconds[3] - seconds[0]) / layers * 1e6)
+    except Exception:  # noqa: BLE001 - reported to the parent with its traceback
+        out.put(traceback.format_exc())
+
+
+def _tiny_layers(device, layers: int) -> torch.nn.Module:
+    """`layers` megaclm TransformerLayers (the Llama family) of hidden 64: all overhead, no arithmetic."""
+    from megaclm.config.kernels import KernelsConfig
+    from megaclm.config.presets import model_preset
+    from megaclm.model.gpt import TransformerLayer
+    from megaclm.ops import build_ops
+    from megaclm.parallel.state import ParallelState
+
+    config = model_preset("llama-7b", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                          num_query_groups=2, max_position_embeddings=16)
+    kernels = KernelsConfig(op_backend="fused" if device.type == "cuda" else "torch")
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(TransformerLayer(config, ParallelState.single(), build_ops(kernels),
+                                                               kernels) for _ in range(layers))
+
+        def forward(self, x, positions):
+            for layer in self.layers:
+                x = layer(x, positions)[0]
+            return x
+
+    return Stack().to(device)
 
 
 def measure(args) -> dict:
@@ -183,12 +277,13 @@ def measure(args) -> dict:
     attn = attention_flops(device, dtype, seq, 8 if not gpu else 32, 64 if not gpu else 128, args.iters)
     mem = copy_gbps(device, (1 << 30) if gpu else args.copy_mib << 20, args.iters)
     overhead = op_overhead_us(device, args.iters)
+    zero3 = zero3_layer_us(device, args.iters)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else mm
     base = load_profile(args.base).to_dict() if args.base else None
-    links = None
+    links, overlap = None, (base or {}).get("overlap", 1.0)
     if not gpu or torch.cuda.device_count() >= 2:
-        measured = link("nccl" if gpu else "gloo", (256 << 20) if gpu else args.link_mib << 20, args.iters,
-                        args.threads)
+        measured, overlap = link("nccl" if gpu else "gloo", (256 << 20) if gpu else args.link_mib << 20, args.iters,
+                                 args.threads)
         links = {"intra_node": measured, "inter_node": dict(measured)}
     elif base is None:
         raise UserError("one GPU: the links cannot be measured; pass --base PROFILE (e.g. h100-80gb) to take them "
@@ -207,9 +302,11 @@ def measure(args) -> dict:
         "pcie_gbps": base["pcie_gbps"] if base else round(mem, 3),
         "cpu_adam_gparams_per_s": base["cpu_adam_gparams_per_s"] if base else 0.25,
         "op_overhead_us": round(overhead, 2),
+        "overlap": overlap,
+        "zero3_layer_us": round(zero3, 1),
         "links": links or base["links"],
         "measured": {"matmul_tflops": mm / 1e12, "attention_tflops": attn / 1e12, "copy_gbps": mem,
-                     "op_overhead_us": overhead, "load_average": os.getloadavg(),
+                     "op_overhead_us": overhead, "zero3_layer_us": zero3, "load_average": os.getloadavg(),
                      "shapes": {"matmul": [tokens, h, 4 * h], "attention_seq": seq}},
     }
     if gpu and base:  # the datasheet's other dtypes, scaled like the measured one

@@ -150,7 +150,9 @@ def markdown(summary: dict) -> str:
         m, link = hw["measured"], hw["links"]["intra_node"]
         lines += ["", f"Hardware profile {hw['name']} (bench/profile_hardware.py, for tools/plan_layout.py --gpu): "
                   f"matmul {m['matmul_tflops']:.2f} TFLOP/s, attention {m['attention_tflops']:.2f} TFLOP/s, copy "
-                  f"{m['copy_gbps']:.0f} GB/s; link {link['gbps']} GB/s, {link['latency_us']} us per call"]
+                  f"{m['copy_gbps']:.0f} GB/s, {hw.get('op_overhead_us', 0)} us per operation, ZeRO-3 "
+                  f"{hw.get('zero3_layer_us', 0)} us per layer; link {link['gbps']} GB/s, {link['latency_us']} us per "
+                  f"call, overlap {hw.get('overlap', 1.0)}"]
     rows = [r for t in summary["throughput"].values() for r in t.get("results", [])]
     if rows:
         lines += ["", "Throughput (bf16; megaclm/x and fused/x: megaclm's tokens/s over the row's)", "",

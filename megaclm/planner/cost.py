@@ -18,7 +18,9 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
   tensor      X = b*(s/n)*h*e. No SP: 4 all-reduces of X per layer (2 forward, 2 backward), 2(t-1)/t X each on
               the wire; SP: 10 all-gathers / reduce-scatters of X per layer ((t-1)/t X each: Megatron's count,
               with backward's re-gathers), the counts bench/efficiency.py audits. Full recomputation runs the
-              forward's 2 (SP: 4) again in backward. On the critical path.
+              forward's 2 (SP: 4) again in backward. The vocabulary-parallel ends add one call of X on the first
+              stage (the embedding) and one (SP: two) on the last (the head's input), and the cross-entropy's 3
+              all-reduces of b*s/n fp32 values. On the critical path.
   sequence    Ulysses: 8 all-to-alls per layer (q, k, v, out; forward and backward) of (2a+2g)*d*b*(s/n)*e/t in
               all per direction, (n-1)/n of it on the wire. Ring: all-gather K and V forward, reduce-scatter their
               gradients backward, each g*d*b*s*e/t, (n-1)/n on the wire. Full recomputation repeats the forward's.
@@ -33,15 +35,19 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
               backward; ZeRO-1 reduce-scatters (D-1)/D G and all-gathers the updated parameters (D-1)/D G;
               ZeRO-2 reduce-scatters in every micro-batch's backward, m (D-1)/D G, + the all-gather. ZeRO-3
               reduce-scatters every micro-batch under its backward and all-gathers the parameters forward and
-              backward, 2(D-1)/D G, prefetched under its compute: only what is longer than the compute shows.
+              backward, 2(D-1)/D G, prefetched under its compute: what shows is the part longer than the compute
+              plus, of the rest, the fraction the hardware cannot overlap (1 - hw.overlap: NCCL runs beside the
+              GPU's kernels, gloo on a CPU takes the cores the compute needs). Its module hooks and bookkeeping
+              cost hw.zero3_layer_us per layer and micro-batch (measured; 0 in the shipped GPU profiles).
   optimizer   Adam on the GPU streams ~36 bytes per local parameter through HBM; offloaded, CPU Adam
               (cpu_adam_gparams_per_s) plus fp32 gradients down and 16-bit parameters up over PCIe.
 All-gathers, reduce-scatters and all-to-alls move at the link's gather_gbps where the profile gives one (gloo's
-are slower than its all-reduce), the rest at its gbps. Every collective's bandwidth and latency are those of
+are slower than its all-reduce), the rest at its gbps; a profile with measured curves (link.sizes) times each
+call by its size on them instead (gloo's mid-size messages are slower than bandwidth + latency say). Every collective's bandwidth and latency are those of
 the link its group crosses: a group of `size` ranks at
 rank `stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp
 fastest, then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
-Not modelled: per-step Python overheads (DeepSpeed's engine step, ZeRO-3's per-module hooks and bookkeeping),
+Not modelled: per-step Python overheads (DeepSpeed's engine step and ZeRO-1/2 bookkeeping),
 GEMM efficiency by shape (one achievable fraction per class; smaller per-GPU GEMMs at higher TP are less
 efficient), the ring's explicit-score blocks (counted at the attention rate), the interleaved schedule (DeepSpeed's
 pipeline engine has none), load imbalance of MoE routing, stragglers.
@@ -172,6 +178,11 @@ def _layer_matmul_params(model: ModelConfig) -> float:
     return (count.non_embedding - count.final_norm - count.inactive) / model.num_layers
 
 
+def exposed(comm_s: float, compute_s: float, overlap: float) -> float:
+    """What of a collective shows when the fraction `overlap` of it can run under `compute_s` of compute."""
+    return comm_s - overlap * min(comm_s, compute_s)
+
+
 def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float | None = None) -> Prediction:
     """Step time and throughput of `layout` (memory: pass it when already computed)."""
     m_cfg = work.model
@@ -215,9 +226,13 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
         parts["op overhead"] = ops * hw.op_overhead_us * 1e-6
         if t > 1:  # per layer, forward + backward: SP 4 + 6 calls of (t-1)/t X; else 2 + 2 all-reduces, 2(t-1)/t X
             fwd, bwd = (4, 6) if layout.sp else (2, 2)
-            calls = (fwd * fwd_passes + bwd) * layers
+            # + the vocabulary-parallel ends: the embedding's output reduced forward on the first stage, the head's
+            # input gradient reduced backward on the last (SP: reduce-scatters, and the head's all-gather forward)
+            calls = (fwd * fwd_passes + bwd) * layers + (i == 0) + (i == p - 1) * (2 if layout.sp else 1)
             wire = calls * (t - 1) / t * X * (1 if layout.sp else 2)
             parts["tensor comm"] = tp_link.seconds(wire, calls, gather=layout.sp)
+            if i == p - 1:  # the cross-entropy's 3 all-reduces (max, sum of exponentials, target logit; fp32)
+                parts["tensor comm"] += tp_link.seconds(3 * 2 * (t - 1) / t * tokens * 4, 3)
         if n > 1:
             if layout.ring:  # K and V all-gathered in each forward, their gradients reduce-scattered
                 wire = 2 * (fwd_passes + 1) * layers * g * d * b * s * e / t * (n - 1) / n
@@ -261,10 +276,11 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
         breakdown["data comm"] = 2 * dp_seconds()
     elif z == 2:  # a reduce-scatter in every micro-batch's backward (not overlapped), the all-gather
         breakdown["data comm"] = (m + 1) * dp_seconds()
-    else:  # overlap_comm and prefetching: only what is longer than the compute beside it shows
-        breakdown["data comm"] = m * max(0.0, dp_seconds() - backward_s)
+    else:  # overlap_comm and prefetching: what the hardware cannot run under the compute beside it shows
+        breakdown["data comm"] = m * exposed(dp_seconds(), backward_s, hw.overlap)
         modules = ZERO3_MODULES_PER_LAYER * stages[slowest].layers + 2  # each gathered on its own, twice
-        breakdown["zero-3 gathers"] = m * max(0.0, 2 * dp_seconds(calls=modules) - compute_s)
+        breakdown["zero-3 gathers"] = m * exposed(2 * dp_seconds(calls=modules), compute_s, hw.overlap)
+        breakdown["zero-3 hooks"] = m * stages[slowest].layers * hw.zero3_layer_us * 1e-6
 
     local = st.params / (D if z >= 1 else 1)  # parameters whose Adam update this GPU runs
     if layout.offload_optimizer:

@@ -105,6 +105,9 @@ def test_hardware_profile_is_written_and_loads_in_the_planner(dry_run):
     profile = load_profile(str(path))  # what tools/plan_layout.py --gpu accepts
     assert "fp32" in profile.peak_tflops and profile.intra_node.gbps > 0 and profile.intra_node.latency_us > 0
     assert profile.op_overhead_us > 0  # one megaclm layer's operations, timed at a size where they cost only overhead
+    assert profile.zero3_layer_us > 0 and 0 <= profile.overlap <= 1  # DeepSpeed's hooks; gloo beside a matmul
+    curve = profile.intra_node.sizes["all_reduce"]
+    assert len(curve) >= 2 and all(a[1] <= b[1] for a, b in zip(curve, curve[1:]))  # made non-decreasing
     measured = summary["hardware_profile"]["measured"]
     assert measured["matmul_tflops"] > 0 and measured["attention_tflops"] > 0 and measured["copy_gbps"] > 0
     assert "Hardware profile cpu (bench/profile_hardware.py" in stdout

@@ -92,9 +92,13 @@ def test_full_recompute_repeats_the_forwards_collectives_and_ops():
     work = small_work()
     base = predict(Layout(tp=2, dp=4, zero=0), work, A100).breakdown
     full = predict(Layout(tp=2, dp=4, zero=0, recompute="full"), work, A100).breakdown
-    lat = A100.intra_node.latency_us * 1e-6
-    calls = 4 * SMALL.num_layers * work.global_batch // 4  # per layer and micro-batch; 4 micro-batches per rank
-    assert (full["tensor comm"] - 1.5 * calls * lat) == pytest.approx(1.5 * (base["tensor comm"] - calls * lat))
+    X = 512 * SMALL.hidden_size * 2  # one micro-batch's activation, bf16
+    per_call = A100.intra_node.seconds(2 * (2 - 1) / 2 * X, 1)  # an all-reduce of X over tp 2
+    m = work.global_batch // 4  # micro-batches per rank (dp 4, micro batch 1)
+    layers_calls = 4 * SMALL.num_layers * m
+    ends = 2 * m * per_call + m * A100.intra_node.seconds(3 * 512 * 4, 3)  # embedding, head; the cross-entropy's
+    assert base["tensor comm"] == pytest.approx(layers_calls * per_call + ends)
+    assert full["tensor comm"] == pytest.approx(1.5 * layers_calls * per_call + ends)  # the 2 forward ones again
     assert full["op overhead"] == pytest.approx(4 / 3 * base["op overhead"])
     assert base["op overhead"] == pytest.approx(
         3 * OPS_PER_LAYER * SMALL.num_layers * 4 * A100.op_overhead_us * 1e-6)
@@ -118,6 +122,39 @@ def test_overlap_rules_per_zero_stage():
     # ZeRO-1's reduce-scatter + all-gather move the all-reduce's bytes in one more call.
     assert zero0 > 0 and zero1 == pytest.approx(zero0 + A100.intra_node.latency_us * 1e-6) and zero3 == 0.0
     assert predict(Layout(dp=8, zero=3), work, slow).breakdown["zero-3 gathers"] > 0  # longer than the compute
+
+
+def test_zero3_shows_what_the_hardware_cannot_overlap_and_its_hooks():
+    """A CPU's gloo shares the cores with the compute (overlap 0): ZeRO-3's reduce-scatter and gathers then all
+    show, each micro-batch; its module hooks cost zero3_layer_us per layer and micro-batch."""
+    work = small_work(gpus_per_node=8)  # dp 8, micro batch 1: 2 micro-batches per rank
+    layout = Layout(dp=8, zero=3)
+    hidden = predict(layout, work, A100).breakdown
+    cpu_like = dataclasses.replace(A100, overlap=0.0, zero3_layer_us=500.0)
+    shown = predict(layout, work, cpu_like).breakdown
+    assert hidden["data comm"] == 0.0 and hidden["zero-3 hooks"] == 0.0
+    assert shown["data comm"] > 0 and shown["zero-3 gathers"] > 2 * shown["data comm"]  # more calls, same bytes
+    # On the A100 the gathers' latencies outlast this tiny model's compute; the compute's length hides under it.
+    assert shown["zero-3 gathers"] - hidden["zero-3 gathers"] == pytest.approx(
+        hidden["matmul"] + hidden["attention"] + hidden["memory-bound"] + hidden["recompute"], rel=1e-6)
+    assert shown["zero-3 hooks"] == pytest.approx(2 * SMALL.num_layers * 500e-6)
+    half = predict(layout, work, dataclasses.replace(cpu_like, overlap=0.5)).breakdown
+    assert half["data comm"] == pytest.approx(shown["data comm"] / 2)  # all shorter than the compute: half hidden
+
+
+def test_measured_size_curves_time_each_call_by_its_size():
+    """gloo's mid-size messages cost more than bandwidth + empty-call latency: a profile's measured curve is read
+    per call (interpolated, flat below its first point, its last segment extended above its last)."""
+    link = dataclasses.replace(A100.intra_node, sizes={"all_reduce": ((1e3, 1e-3), (1e6, 2e-3), (2e6, 4e-3)),
+                                                       "gather": ((1e3, 5e-3), (1e6, 6e-3))})
+    assert link.seconds(3 * 10, 3) == pytest.approx(3e-3)  # 10 bytes per call: the first point's time
+    assert link.seconds(2 * 0.5005e6, 2) == pytest.approx(2 * 1.5e-3)  # halfway between the first two points
+    assert link.seconds(3e6, 1) == pytest.approx(6e-3)  # beyond the last: its segment's 1 ms per MB
+    assert link.seconds(1e6, 1, gather=True) == pytest.approx(6e-3)
+    tree = json.loads(json.dumps(dataclasses.replace(A100, intra_node=link).to_dict()))
+    assert profile_from_dict(tree, "round trip").intra_node.sizes == link.sizes
+    no_curve = dataclasses.replace(A100.intra_node, sizes={"gather": ((1e3, 5e-3), (1e6, 6e-3))})
+    assert no_curve.seconds(1e6, 2) == pytest.approx(A100.intra_node.seconds(1e6, 2))  # all-reduce: gbps + latency
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +217,13 @@ def test_shipped_profiles_load_and_cite_their_sources():
     (lambda t: t["links"]["inter_node"].update(gbps=0), "links.inter_node: gbps must be a number > 0"),
     (lambda t: t.update(peak_tflops={}), "peak_tflops must map a dtype"),
     (lambda t: t.update(op_overhead_us=-1), "op_overhead_us must be a number >= 0, got -1"),
+    (lambda t: t.update(overlap=1.5), "overlap=1.5 must be a fraction in \\[0, 1\\]"),
+    (lambda t: t.update(zero3_layer_us="x"), "zero3_layer_us must be a number >= 0"),
+    (lambda t: t["links"]["intra_node"].update(sizes={"all_reduce": [[1, 2e-3], [2, 1e-3]]}),
+     "links.intra_node: sizes.all_reduce must be >= 2 .* seconds non-decreasing"),
+    (lambda t: t["links"]["intra_node"].update(sizes={"all_reduce": [[2, 1e-3], [1, 2e-3]]}), "bytes increasing"),
+    (lambda t: t["links"]["intra_node"].update(sizes={"p2p": [[1, 1e-3], [2, 2e-3]]}),
+     "sizes must map all_reduce / gather"),
 ])
 def test_bad_profiles_are_one_clear_error(tmp_path, change, message):
     tree = json.loads(json.dumps(load_profile("h100-80gb").to_dict()))
@@ -190,10 +234,12 @@ def test_bad_profiles_are_one_clear_error(tmp_path, change, message):
         load_profile(str(path))
 
 
-def test_profile_without_op_overhead_models_none(tmp_path):
+def test_profile_without_the_newer_fields_models_none(tmp_path):
     tree = load_profile("a100-80gb").to_dict()
     assert tree.pop("op_overhead_us") > 0
-    assert profile_from_dict(tree, "older profile").op_overhead_us == 0.0
+    del tree["overlap"], tree["zero3_layer_us"]
+    older = profile_from_dict(tree, "older profile")
+    assert older.op_overhead_us == 0.0 and older.overlap == 1.0 and older.zero3_layer_us == 0.0
 
 
 def test_unknown_or_unreadable_profile(tmp_path):
