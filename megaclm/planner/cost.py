@@ -43,10 +43,10 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
               (cpu_adam_gparams_per_s) plus fp32 gradients down and 16-bit parameters up over PCIe.
 All-gathers, reduce-scatters and all-to-alls move at the link's gather_gbps where the profile gives one (gloo's
 are slower than its all-reduce), the rest at its gbps; a profile with measured curves (link.sizes) times each
-call by its size on them instead (gloo's mid-size messages are slower than bandwidth + latency say). Every collective's bandwidth and latency are those of
-the link its group crosses: a group of `size` ranks at
-rank `stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp
-fastest, then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
+call by its size on them instead (gloo's mid-size messages are slower than bandwidth + latency say). Every
+collective's bandwidth and latency are those of the link its group crosses: a group of `size` ranks at rank
+`stride` stays in a node when stride x size <= GPUs per node (megaclm.parallel.state's rank order: tp fastest,
+then the sequence split, then dp, then pp; expert groups are blocks of ep consecutive seq x dp ranks).
 Not modelled: per-step Python overheads (DeepSpeed's engine step and ZeRO-1/2 bookkeeping),
 GEMM efficiency by shape (one achievable fraction per class; smaller per-GPU GEMMs at higher TP are less
 efficient), the ring's explicit-score blocks (counted at the attention rate), the interleaved schedule (DeepSpeed's

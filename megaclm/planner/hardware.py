@@ -11,7 +11,8 @@
                                                                       Python/dispatcher/autograd time on a CPU
      "overlap": 1.0,                                                  optional: the fraction of a collective that
                                                                       can run under compute (1: NCCL on its own
-                                                                      stream; ~0 on a CPU, whose cores do both)
+                                                                      stream; gloo on a 2-core host, whose cores
+                                                                      do both, measured 0.3-0.4)
      "zero3_layer_us": 0,                                             optional: ZeRO-3's per-layer bookkeeping
                                                                       (DeepSpeed's module hooks), forward+backward
      "links": {"intra_node": {"gbps": 360, "latency_us": 8},          NCCL bus bandwidth per GPU and per-call
