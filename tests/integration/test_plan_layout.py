@@ -161,3 +161,30 @@ def test_validation_refuses_no_timed_steps():
     spec.loader.exec_module(validation)
     with pytest.raises(UserError, match="--steps 0: time at least 1 step per layout"):
         validation.main(["--profile", "cpu.json", "--steps", "0"])
+
+
+def test_profile_keeps_its_other_figures_when_zero3_cannot_be_measured(tmp_path, monkeypatch, capsys):
+    """bench/profile_hardware.py on a GPU session: a failed ZeRO-3 measurement costs that figure (0, with the
+    error recorded and printed), not the matmul, attention and link figures measured around it."""
+    spec = importlib.util.spec_from_file_location("profile_hardware", ROOT / "bench" / "profile_hardware.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def fails(device, iters):
+        raise RuntimeError("measuring ZeRO-3's per-layer cost failed:\nTraceback ...\nValueError: no engine")
+
+    curve = [[4096, 1e-3], [16384, 2e-3]]
+    link = {"gbps": 1.0, "gather_gbps": 0.5, "latency_us": 300.0, "sizes": {"all_reduce": curve, "gather": curve}}
+    monkeypatch.setattr(module, "zero3_layer_us", fails)
+    monkeypatch.setattr(module, "link", lambda *a: (dict(link), 0.25))
+    out = tmp_path / "cpu.json"
+    assert module.main(["--out", str(out), "--iters", "1", "--hidden", "64", "--tokens", "64", "--seq", "64",
+                        "--copy-mib", "1"]) == 0
+    assert "ZeRO-3's per-layer cost not measured, the profile counts none (ValueError: no engine)" in \
+        capsys.readouterr().err
+    from megaclm.planner.hardware import load_profile
+
+    profile = load_profile(str(out))
+    assert profile.zero3_layer_us == 0.0 and profile.overlap == 0.25 and profile.op_overhead_us > 0
+    assert profile.intra_node.sizes["gather"] == ((4096.0, 1e-3), (16384.0, 2e-3))
+    assert json.loads(out.read_text())["measured"]["zero3_error"] == "ValueError: no engine"
