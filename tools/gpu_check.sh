@@ -8,8 +8,9 @@
 #                    JIT-built at the same time (every DeepSpeed run on the GPU needs it)
 #   tests            pytest tests/gpu: every kernel against its reference, fwd and bwd, fp32/bf16/fp16
 #   kernel-bench     bench/kernel_bench.py: GB/s against the HBM peak, fused vs eager vs torch.compile
-#   profile-hardware bench/profile_hardware.py: the GPU's matmul/attention FLOP/s and copy GB/s as a planner
-#                    profile (hardware_profile.json, for tools/plan_layout.py --gpu); H100/H200 datasheet peak
+#   profile-hardware bench/profile_hardware.py: the GPU's matmul/attention FLOP/s, copy GB/s, cost per kernel and
+#                    ZeRO-3's per-layer host cost as a planner profile (hardware_profile.json, for
+#                    tools/plan_layout.py --gpu); H100/H200 datasheet peak
 #   throughput-CASE  bench/throughput.py, one stage per case: megaclm (fused and torch ops) vs HF eager,
 #                    HF + torch.compile and HF + DeepSpeed ZeRO-2
 # then one JSON (gpu_check.json) and one Markdown table (gpu_check.md) in the output folder, with
