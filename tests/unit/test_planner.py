@@ -6,14 +6,13 @@ import json
 import pytest
 
 from megaclm.config import parse_args
-from megaclm.config.derived import pad_vocab_size
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig
 from megaclm.config.presets import model_preset
 from megaclm.model.flops import GiB, estimate_memory
 from megaclm.planner.cost import OPS_PER_LAYER, Layout, Workload, link_for, memory_setup, predict
 from megaclm.planner.hardware import load_profile, profile_from_dict, shipped_profiles
-from megaclm.planner.published import NARAYANAN_2021, SEQ, VOCAB
+from megaclm.planner.published import PUBLISHED, hidden_comm_mfu, plan_published
 from megaclm.planner.search import SearchSpace, refusal, search, shape_rank
 from megaclm.utils.errors import UserError
 
@@ -33,21 +32,33 @@ def small_work(**kw) -> Workload:
 
 # Published layouts the planner ranks below 3rd, and how much slower than its best it predicts them (README).
 NEAR_MISSES = {"GPT 18.4B": 0.12, "GPT 39.1B": 0.12, "GPT-3 174.6B": 0.1}
+NARAYANAN, MEGATRON_H100 = PUBLISHED
 
 
-@pytest.mark.parametrize("run", NARAYANAN_2021, ids=lambda r: r.name)
+@pytest.mark.parametrize("run", NARAYANAN.runs, ids=lambda r: r.name)
 def test_published_layout_ranks_near_the_top_with_its_mfu(run):
-    work = Workload(model=run.model(), padded_vocab=VOCAB, seq_length=SEQ, global_batch=run.global_batch,
-                    gpus_per_node=8, flash_attention=False)
-    result = search(run.gpus, work, A100, SearchSpace(zero=(0,), recompute=("full",), seq=(1,), sp=(False,)),
-                    KernelsConfig(), padded_vocab_for=lambda tp: pad_vocab_size(VOCAB, 128, tp))
-    published = next(p for p in result.ranked if (p.layout.tp, p.layout.pp, p.layout.dp) == (run.tp, run.pp, run.dp))
+    result, published, rank = plan_published(NARAYANAN, run)
     assert published.mfu == pytest.approx(run.published_mfu, rel=0.25)
-    rank = shape_rank(result.ranked, run.tp, run.pp, run.dp)
     if run.name in NEAR_MISSES:
         assert rank > 3 and published.step_s <= (1 + NEAR_MISSES[run.name]) * result.ranked[0].step_s
     else:
         assert rank <= 3
+
+
+# Megatron-LM's H100 runs that megaclm is predicted to run more than 25% below: their TP and data-parallel
+# traffic is 41% and 48% of megaclm's predicted step, which Megatron hides (README).
+BELOW_MEGATRON = {"GPT 16B", "GPT 32B"}
+
+
+@pytest.mark.parametrize("run", MEGATRON_H100.runs, ids=lambda r: r.name)
+def test_megatron_h100_layout_in_the_top_3_and_its_mfu_bracketed(run):
+    """Megatron overlaps its TP and DP traffic with compute; megaclm does not. The published MFU lies between the
+    planner's prediction for megaclm (that traffic exposed) and the same step with it hidden."""
+    _, published, rank = plan_published(MEGATRON_H100, run)
+    assert rank <= 3
+    assert published.mfu < run.published_mfu < hidden_comm_mfu(published)
+    error = published.mfu / run.published_mfu - 1
+    assert -0.35 < error < -0.25 if run.name in BELOW_MEGATRON else abs(error) <= 0.25
 
 
 # ---------------------------------------------------------------------------------------------
