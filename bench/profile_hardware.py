@@ -111,9 +111,10 @@ def op_overhead_us(device, iters: int) -> float:
 
 
 def _between_matmuls(device, iters: int):
-    """(timer, calls): timer(fn, k) is the seconds k calls of fn() add to a stream of ~0.5 ms matmuls (a
+    """(timer, a): timer(fn, k) is the seconds k calls of fn() add to a stream of ~0.5 ms matmuls (a
     collective as training sees it: the ranks meet at every call; on a busy host that includes waiting to be
-    scheduled), at least what k back-to-back calls take (the floor: medians of a noisy host can come out below)."""
+    scheduled), at least what k back-to-back calls take (the floor: medians of a noisy host can come out below);
+    a is the matmul's operand."""
     n = 256 if device.type == "cpu" else 4096
     a = torch.randn(n, n, device=device)
 
@@ -175,9 +176,7 @@ def link(backend: str, nbytes: int, iters: int, threads: int) -> tuple[dict, flo
     procs = [ctx.Process(target=_link_worker, args=(r, port, backend, nbytes, iters, threads, out)) for r in range(2)]
     for p in procs:
         p.start()
-    result = out.get(timeout=600)
-    for p in procs:
-        p.join()
+    result = _wait_for(out, procs, "measuring the links")
     curves = {}
     for kind, points in result["curves"].items():  # a larger message is never cheaper: noise made monotone
         floor, curves[kind] = 0.0, []
@@ -200,16 +199,30 @@ def zero3_layer_us(device, iters: int) -> float:
     out = ctx.Queue()
     proc = ctx.Process(target=_zero3_worker, args=(device.type, iters, torch.get_num_threads(), out))
     proc.start()
-    result = None
-    while result is None:  # a worker that dies without reporting (a crash in C++) ends the wait too
-        try:
-            result = out.get(timeout=1)
-        except queue.Empty:
-            if not proc.is_alive() and out.empty():
-                result = f"the worker exited with code {proc.exitcode} before reporting"
-    proc.join()
+    result = _wait_for(out, [proc], "measuring ZeRO-3's per-layer cost")
     if isinstance(result, str):
         raise RuntimeError(f"measuring ZeRO-3's per-layer cost failed:\n{result}")
+    return result
+
+
+def _wait_for(out, procs: list, what: str, timeout: float = 600.0):
+    """The one result the worker processes put on `out`, then joins them. A worker that dies without reporting (a
+    crash in C++, or its peer waiting forever in a collective) or a run past `timeout` seconds is a RuntimeError
+    naming `what`, with every worker stopped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = out.get(timeout=1)
+            break
+        except queue.Empty:
+            dead = [p for p in procs if not p.is_alive() and p.exitcode != 0]
+            if dead or time.monotonic() > deadline or all(not p.is_alive() for p in procs) and out.empty():
+                for p in procs:
+                    p.kill()
+                why = f"a worker exited with code {dead[0].exitcode}" if dead else "no worker reported"
+                raise RuntimeError(f"{what} failed: {why} (after {timeout - deadline + time.monotonic():.0f} s)")
+    for p in procs:
+        p.join()
     return result
 
 

@@ -163,12 +163,17 @@ def test_validation_refuses_no_timed_steps():
         validation.main(["--profile", "cpu.json", "--steps", "0"])
 
 
-def test_profile_keeps_its_other_figures_when_zero3_cannot_be_measured(tmp_path, monkeypatch, capsys):
-    """bench/profile_hardware.py on a GPU session: a failed ZeRO-3 measurement costs that figure (0, with the
-    error recorded and printed), not the matmul, attention and link figures measured around it."""
+def profile_hardware_module():
     spec = importlib.util.spec_from_file_location("profile_hardware", ROOT / "bench" / "profile_hardware.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_keeps_its_other_figures_when_zero3_cannot_be_measured(tmp_path, monkeypatch, capsys):
+    """bench/profile_hardware.py on a GPU session: a failed ZeRO-3 measurement costs that figure (0, with the
+    error recorded and printed), not the matmul, attention and link figures measured around it."""
+    module = profile_hardware_module()
 
     def fails(device, iters):
         raise RuntimeError("measuring ZeRO-3's per-layer cost failed:\nTraceback ...\nValueError: no engine")
@@ -188,3 +193,17 @@ def test_profile_keeps_its_other_figures_when_zero3_cannot_be_measured(tmp_path,
     assert profile.zero3_layer_us == 0.0 and profile.overlap == 0.25 and profile.op_overhead_us > 0
     assert profile.intra_node.sizes["gather"] == ((4096.0, 1e-3), (16384.0, 2e-3))
     assert json.loads(out.read_text())["measured"]["zero3_error"] == "ValueError: no engine"
+
+
+def test_profile_worker_that_dies_without_reporting_ends_the_wait():
+    """A measuring process that crashes (here: exits with code 3 before putting anything) is a RuntimeError naming
+    the measurement and the exit code within a second or two, not a 600 s wait."""
+    import multiprocessing as mp
+
+    module = profile_hardware_module()
+    ctx = mp.get_context("forkserver")
+    out = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(3,))
+    proc.start()
+    with pytest.raises(RuntimeError, match="measuring the links failed: a worker exited with code 3"):
+        module._wait_for(out, [proc], "measuring the links", timeout=30)
