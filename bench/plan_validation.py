@@ -220,8 +220,9 @@ def validation_2() -> dict:
         rows = []
         bound = published_set.overlaps_comm
         print(f"\n{published_set.title} (profile {published_set.profile})\n")
+        extra = " with TP and DP traffic hidden |" if bound else ""
         print("| run | GPUs | published tp x pp x dp | planner's best | published layout's rank | its step vs the "
-              "best's | published MFU | predicted MFU | error |" + (" with TP and DP traffic hidden |" if bound else ""))
+              "best's | published MFU | predicted MFU | error |" + extra)
         print("|---|---|---|---|---|---|---|---|---|" + ("---|" if bound else ""))
         for run in published_set.runs:
             result, mine, rank = plan_published(published_set, run)

@@ -72,12 +72,12 @@ class HashingFile:
         return {"size": self.size, "checksum": self._hash.hexdigest()}
 
 
-
 def torch_load(path: str, mmap: bool = False) -> Any:
     """torch.load of a checkpoint file onto the CPU; a damaged file is a UserError naming it (read_file)."""
     import torch  # here, not at the top: the manifest's other readers need no torch
 
     return read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=False, mmap=mmap))
+
 
 def bytes_entry(data: bytes) -> dict:
     return {"size": len(data), "checksum": xxhash.xxh3_64_hexdigest(data)}

@@ -45,7 +45,6 @@ from megaclm.parallel.state import ParallelState
 from megaclm.utils.errors import UserError
 
 
-
 def shard_file(folder: str, fields: dict[str, dict[str, torch.Tensor]], module: torch.nn.Module,
                pstate: ParallelState, **extra: Any) -> tuple[str, dict] | None:
     """(path, payload) of this rank's per-(tp, pp, ep) file in `folder`, or None where another rank writes it.

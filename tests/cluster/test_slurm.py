@@ -64,8 +64,8 @@ class Job:
                        SBATCH_TIMELIMIT="15", SBATCH_JOB_NAME=f"megaclm-{mode}",
                        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                            str(REPO / ".cache/torch_extensions")), **env)
-        r = subprocess.run(["bash", "slurm/submit.sh", *flags(corpus), *extra_flags], cwd=REPO, env=job_env, capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(["bash", "slurm/submit.sh", *flags(corpus), *extra_flags], cwd=REPO, env=job_env,
+                           capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         self.id = int(re.search(r"Submitted batch job (\d+)", r.stdout).group(1))
 
