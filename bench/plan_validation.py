@@ -48,10 +48,12 @@ RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform",
 PP2 = ["--pipeline-model-parallel-size", "2"] + ZERO0
 # name -> (pretrain_gpt.py flags on top of the shape's, the planner's Layout); all on 2 ranks. Chosen to spread
 # the predictions: recomputation (+1/3 compute), the bubble of 2 stages at 8, 4 and 2 micro-batches, TP/SP,
-# Ulysses and ZeRO traffic over gloo.
+# Ulysses and ZeRO traffic over gloo (ZeRO-2's reduce-scatter in each of 4 backwards, and overlapped).
 LAYOUTS = {
     "dp2-zero0": (ZERO0, Layout(dp=2, zero=0)),
     "dp2-zero1": (["--zero-stage", "1"], Layout(dp=2, zero=1)),
+    "dp2-zero2": (["--zero-stage", "2"], Layout(dp=2, zero=2)),
+    "dp2-zero2-overlap": (["--zero-stage", "2", "--overlap-grad-reduce"], Layout(dp=2, zero=2, overlap_grad=True)),
     "dp2-zero3": (["--zero-stage", "3", "--zero-param-persistence-threshold", "0"], Layout(dp=2, zero=3)),
     "dp2-recompute": (ZERO0 + RECOMPUTE, Layout(dp=2, zero=0, recompute="full")),
     "tp2": (["--tensor-model-parallel-size", "2"] + ZERO0, Layout(tp=2, zero=0)),
@@ -199,11 +201,11 @@ def validation_1(args) -> dict:
                      "measured_states_gib": full["states_bytes"] / 2 ** 30,
                      "measured_activations_gib": full["activation_bytes"] / 2 ** 30})
     rho = spearman([r["measured_s"] for r in rows], [r["predicted_s"] for r in rows])
-    print(f"{'layout':16s}{'measured s':>11}{'predicted s':>12}{'meas. MiB':>10}{'pred. MiB':>10}{'ratio':>7}  "
+    print(f"{'layout':18s}{'measured s':>11}{'predicted s':>12}{'meas. MiB':>10}{'pred. MiB':>10}{'ratio':>7}  "
           "bottleneck")
     for r in sorted(rows, key=lambda r: r["measured_s"]):
         r["memory_ratio"] = r["predicted_gib"] / r["measured_gib"]
-        print(f"{r['layout']:16s}{r['measured_s']:11.3f}{r['predicted_s']:12.3f}{r['measured_gib'] * 1024:10.1f}"
+        print(f"{r['layout']:18s}{r['measured_s']:11.3f}{r['predicted_s']:12.3f}{r['measured_gib'] * 1024:10.1f}"
               f"{r['predicted_gib'] * 1024:10.1f}{r['memory_ratio']:7.3f}  {r['bottleneck']}")
     worst = max(abs(r["memory_ratio"] - 1) for r in rows)
     print(f"Spearman rank correlation of step times: {rho:.3f} (target >= 0.8); memory: worst |predicted / measured "

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16", action="store_true", help="float16 training with fp32 master weights.")
     g.add_argument("--offload-optimizer", action="store_true", help="ZeRO 1-3: optimizer states on the CPU.")
     g.add_argument("--offload-param", action="store_true", help="ZeRO-3: parameters on the CPU.")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="A second reduce bucket (DeepSpeed overlap_comm double-buffers it); takes effect at "
+                        "ZeRO-1/2 without a pipeline.")
 
 
 def data_parallel_size(args, tp: int, pp: int, split: int = 1) -> int:
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         sequence_parallel=par.sequence_parallel and tp > 1, grad_accum_steps=grad_accum_steps(args, dp),
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
+        overlap_grad_reduce=args.overlap_grad_reduce and args.zero_stage in (1, 2) and pp == 1,
         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), seq_split=split,
         reference_ops=args.estimate_for == "cpu",
         ring=par.context_parallel_size > 1, expert_parallel=par.expert_model_parallel_size,

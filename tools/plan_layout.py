@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="Training precision.")
     g.add_argument("--top", type=int, default=5, help="Layouts to print (default 5).")
     g.add_argument("--memory-margin", type=float, default=0.1,
-                   help="Fraction of GPU memory kept free beyond the estimate (CUDA context, buckets, "
+                   help="Fraction of GPU memory kept free beyond the estimate (CUDA context, ZeRO-3 prefetch, "
                         "fragmentation; default 0.1).")
     g.add_argument("--out", default="runs/plan", help="Where winner.args, launch.sh and plan.json go.")
     g.add_argument("--check", action="store_true", help="Run tools/check_layout.py on the winner.")
@@ -113,6 +113,7 @@ def winner_flags(layout: Layout, model: ModelConfig, preset: str | None, kernels
         flags += ["--expert-model-parallel-size", str(layout.ep)]
     flags += ["--zero-stage", str(layout.zero)]
     flags += ["--offload-optimizer"] * layout.offload_optimizer + ["--offload-param"] * layout.offload_param
+    flags += ["--overlap-grad-reduce"] * layout.overlap_grad
     flags += ["--micro-batch-size", str(layout.micro_batch), "--global-batch-size", str(global_batch),
               "--seq-length", str(seq)]
     if precision != "fp32":

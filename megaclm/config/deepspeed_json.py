@@ -6,7 +6,8 @@ Generated (`deepspeed_config(cfg, derived, cuda=...)`):
                  "params" (at the optimizer level DeepSpeed ignores it and JIT-builds FusedAdam); on GPU
                  DeepSpeed's FusedAdam. The trainer passes weight-decay parameter groups.
     precision    bf16 / fp16 (dynamic loss scaling unless --loss-scale), else fp32
-    zero         stage, CPU offload, stage-3 persistence threshold
+    zero         stage, CPU offload, stage-3 persistence threshold, overlap_comm (--overlap-grad-reduce at
+                 ZeRO-1/2 without pipeline parallelism: `overlaps_grad_reduce`)
     clipping     gradient_clipping
 No "scheduler": megaclm sets the lr itself each step from (iteration, tokens) - see
 megaclm.training.schedules.
@@ -33,6 +34,13 @@ if TYPE_CHECKING:  # the package imports this module
 ZERO_REDUCE_BUCKET = 500_000_000
 
 
+def overlaps_grad_reduce(cfg: MegaclmConfig) -> bool:
+    """Whether --overlap-grad-reduce takes effect: at ZeRO-1/2 without a pipeline (DeepSpeed's pipeline engine
+    turns overlap_comm off; ZeRO-3 has it on whatever the flag says)."""
+    return cfg.zero.overlap_grad_reduce and cfg.zero.zero_stage in (1, 2) \
+        and cfg.parallel.pipeline_model_parallel_size == 1
+
+
 def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
     z, p, o = cfg.zero, cfg.precision, cfg.optimizer
     zero: dict[str, Any] = {"stage": z.zero_stage}
@@ -48,6 +56,8 @@ def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:
             zero["reduce_scatter"] = False
     if z.zero_stage > 0:
         zero["reduce_bucket_size"] = ZERO_REDUCE_BUCKET
+    if overlaps_grad_reduce(cfg):
+        zero["overlap_comm"] = True
     params: dict[str, Any] = {"lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps,
                               "weight_decay": o.weight_decay}
     if not cuda:

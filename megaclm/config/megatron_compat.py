@@ -122,11 +122,9 @@ TABLE: tuple[CompatFlag, ...] = (
            source=(MDS,)),
     _ignored("--no-async-tensor-model-parallel-allreduce",
              "megaclm's tensor-parallel all-reduces are issued in order by autograd; there is nothing to turn off"),
-    _ignored("--overlap-grad-reduce", "megaclm's DeepSpeed config overlaps the gradient reduction with the "
-             "backward at ZeRO-3 only (overlap_comm); ZeRO-0/1 reduce after the last micro-batch, ZeRO-2 in each "
-             "backward, waiting for it", source=(MLM,)),
     _ignored("--overlap-param-gather", "DeepSpeed ZeRO-3 prefetches the parameters itself; at ZeRO-1/2 the updated "
-             "parameters are all-gathered after the optimizer step", source=(MLM,)),
+             "parameters are all-gathered after the optimizer step, waited for (megaclm's --overlap-grad-reduce, "
+             "also Megatron's flag, overlaps the gradients' reduction)", source=(MLM,)),
     _ignored("--grad-reduce-in-bf16",
              "gradients are reduced in DeepSpeed's communication dtype (the training precision)", source=(MLM,)),
     _ignored("--cp-comm-type", "megaclm's ring attention (--context-parallel-size) all-gathers the keys/values once "

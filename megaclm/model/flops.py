@@ -79,10 +79,13 @@ activation element, t = tensor-parallel size, masks take one byte:
   flash): each rank attends 2n+1 of them (the chunk pairs not wholly in the future) and keeps per block the
   fp32 scores and probabilities and its fp32 output with the online-softmax merge's copy, 8*a*b*c*(c + d).
   ZeRO shards over n x dp (DeepSpeed's sequence-data-parallel group).
-ZeRO-3 also allocates its gradient-reduction bucket up front, reduce_bucket_size (5e8) elements of the
-16-bit gradient dtype (953 MiB in bf16): counted as "reduce bucket".
-Not counted: the other communication buckets (ZeRO-1/2's, filled per bucket; ZeRO-3's prefetch), the
-CUDA context (~0.5 GiB), kernels' workspaces and allocator fragmentation - keep 10-20% headroom.
+ZeRO also allocates its gradient-reduction bucket whole, reduce_bucket_size (5e8) elements of the 16-bit
+gradient dtype (953 MiB in bf16): ZeRO-3 up front, ZeRO-1/2 at the first backward (contiguous_gradients), two
+of them with overlap_comm (--overlap-grad-reduce, double-buffered): counted as "reduce bucket". On a CPU
+(reference_ops) ZeRO-1/2's are left out: untouched pages of a large host allocation are not resident, and only
+the stage's gradients pass through them.
+Not counted: ZeRO-3's prefetch buffers, the CUDA context (~0.5 GiB), kernels' workspaces and allocator
+fragmentation - keep 10-20% headroom.
 """
 from __future__ import annotations
 
@@ -304,6 +307,7 @@ class MemorySetup:
     seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
     ring: bool = False  # the split is ring attention (context parallel), else DeepSpeed-Ulysses
     expert_parallel: int = 1  # MoE: dp or seq-split ranks splitting the routed experts (--expert-model-parallel-size)
+    overlap_grad_reduce: bool = False  # ZeRO-1/2's overlap_comm in effect (a second reduce bucket)
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
@@ -336,10 +340,10 @@ class MemorySetup:
         return 4 if self.precision == "fp32" else 2
 
 
-# Rows of the memory table, in order. Everything but "activations" is what DeepSpeed calls model states.
+# Rows of the memory table, in order. All but the last two are what DeepSpeed calls model states.
 MODEL_STATE_ROWS = ("weights", "gradients", "fp32 gradients", "fp32 master weights", "Adam moments",
                     "gathered layer")
-ROWS = MODEL_STATE_ROWS + ("activations",)
+ROWS = MODEL_STATE_ROWS + ("activations", "reduce bucket")
 
 
 @dataclass(frozen=True)
@@ -503,6 +507,15 @@ def stage_parameters(model: ModelConfig, vocab_size: int, tensor_parallel: int =
     return stages
 
 
+def reduce_buckets(setup: MemorySetup) -> int:
+    """ZeRO's whole gradient-reduction buckets on the device (see the module docstring)."""
+    if setup.zero_stage == 3:
+        return 1
+    if setup.zero_stage == 0 or setup.reference_ops:
+        return 0
+    return 2 if setup.overlap_grad_reduce else 1
+
+
 def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> MemoryEstimate:
     """Per-GPU memory of training `model` (padded vocabulary `vocab_size`) as `setup` says.
 
@@ -554,8 +567,7 @@ def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> 
                 # (TrainSchedule: max(2, in flight)) after their backward, until a later forward replaces them
                 act += max(2, in_flight) * logits * e
         gpu["activations"], cpu["activations"] = act, 0.0
-        gpu["reduce bucket"] = ZERO_REDUCE_BUCKET * (2 if setup.precision != "fp32" else 4) \
-            if setup.zero_stage == 3 else 0.0
+        gpu["reduce bucket"] = reduce_buckets(setup) * ZERO_REDUCE_BUCKET * (2 if setup.precision != "fp32" else 4)
         cpu["reduce bucket"] = 0.0
         est = MemoryEstimate(stage=i, params=stage.params, largest_module=stage.largest_module, gpu=gpu, cpu=cpu)
         if best is None or est.gpu_total > best.gpu_total:

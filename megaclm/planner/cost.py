@@ -30,15 +30,17 @@ the n ranks splitting a sequence; Ls layers on the stage, t = tp, e = bytes per 
   pipeline    2 point-to-point transfers of X (/t with SP) per micro-batch between stages; the 1F1B schedule
               runs m + p - 1 micro-batch slots for m micro-batches: the bubble (p-1)/(m+p-1) of the step.
   data        G = 16-bit gradients of the stage's parameters (lp bytes each), over the seq x dp group D (experts
-              over D/ep). megaclm's DeepSpeed config leaves overlap_comm at DeepSpeed's default, on for ZeRO-3
-              only, so below ZeRO-3 the reduction is exposed: ZeRO-0 all-reduces 2(D-1)/D G after the last
-              backward; ZeRO-1 reduce-scatters (D-1)/D G and all-gathers the updated parameters (D-1)/D G;
-              ZeRO-2 reduce-scatters in every micro-batch's backward, m (D-1)/D G, + the all-gather. ZeRO-3
-              reduce-scatters every micro-batch under its backward and all-gathers the parameters forward and
-              backward, 2(D-1)/D G, prefetched under its compute: what shows is the part longer than the compute
-              plus, of the rest, the fraction the hardware cannot overlap (1 - hw.overlap: NCCL runs beside the
-              GPU's kernels, gloo on a CPU takes the cores the compute needs). Its module hooks and bookkeeping
-              cost hw.zero3_layer_us per layer and micro-batch (measured; 0 in the shipped GPU profiles).
+              over D/ep). ZeRO-0 all-reduces 2(D-1)/D G after the last backward; ZeRO-1 reduce-scatters
+              (D-1)/D G after it and all-gathers the updated parameters (D-1)/D G; ZeRO-2 reduce-scatters in
+              every micro-batch's backward, m (D-1)/D G, + the all-gather. With --overlap-grad-reduce (layout
+              overlap_grad; DeepSpeed's overlap_comm, ZeRO-1/2 without a pipeline) each reduce-scatter runs
+              bucket by bucket under its backward: what shows is the part longer than that backward plus, of
+              the rest, the fraction the hardware cannot overlap (1 - hw.overlap: NCCL runs beside the GPU's
+              kernels, gloo on a CPU takes the cores the compute needs); the all-gather still waits. ZeRO-3
+              (overlap_comm always on) reduce-scatters every micro-batch under its backward and all-gathers the
+              parameters forward and backward, 2(D-1)/D G, prefetched under its compute, exposed the same
+              way. Its module hooks and bookkeeping cost hw.zero3_layer_us per layer and micro-batch
+              (measured; 0 in the shipped GPU profiles).
   optimizer   Adam on the GPU streams ~36 bytes per local parameter through HBM; offloaded, CPU Adam
               (cpu_adam_gparams_per_s) plus fp32 gradients down and 16-bit parameters up over PCIe.
 All-gathers, reduce-scatters and all-to-alls move at the link's gather_gbps where the profile gives one (gloo's
@@ -79,6 +81,7 @@ class Layout:
     zero: int = 1
     offload_optimizer: bool = False
     offload_param: bool = False
+    overlap_grad: bool = False  # --overlap-grad-reduce (ZeRO-1/2 without a pipeline: DeepSpeed overlap_comm)
     recompute: str = "none"
     micro_batch: int = 1
 
@@ -93,6 +96,7 @@ class Layout:
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
         z = f"zero{self.zero}" + ("+offload" if self.offload_optimizer else "") + ("+param" if self.offload_param else "")
+        z += "+overlap" if self.overlap_grad else ""
         return " ".join(parts + [z, f"rc-{self.recompute}", f"mb{self.micro_batch}"])
 
     def model(self, model: ModelConfig) -> ModelConfig:
@@ -136,8 +140,8 @@ def memory_setup(layout: Layout, work: Workload) -> MemorySetup:
         pipeline_parallel=layout.pp, data_parallel=layout.dp, zero_stage=layout.zero, precision=work.precision,
         sequence_parallel=layout.sp, grad_accum_steps=accumulation(layout, work),
         offload_optimizer=layout.offload_optimizer, offload_param=layout.offload_param,
-        flash_attention=work.flash_attention, reference_ops=work.reference_ops, seq_split=layout.seq,
-        ring=layout.ring, expert_parallel=layout.ep)
+        overlap_grad_reduce=layout.overlap_grad, flash_attention=work.flash_attention,
+        reference_ops=work.reference_ops, seq_split=layout.seq, ring=layout.ring, expert_parallel=layout.ep)
 
 
 def accumulation(layout: Layout, work: Workload) -> int:
@@ -270,12 +274,15 @@ def predict(layout: Layout, work: Workload, hw: HardwareProfile, memory: float |
                                    gather=not all_reduce) for nbytes, size in groups if nbytes and size > 1)
 
     z = layout.zero
-    if z == 0:  # DeepSpeed all-reduces after the last backward (overlap_comm is off below ZeRO-3)
+    # ZeRO-1/2 with overlap_comm: what of a backward's reduce-scatter the compute beside it cannot hide
+    reduce_s = exposed(dp_seconds(), backward_s, hw.overlap) if layout.overlap_grad else dp_seconds()
+    if z == 0:  # DeepSpeed's engine all-reduces after the last backward (no overlap_comm without ZeRO)
         breakdown["data comm"] = dp_seconds(all_reduce=True)
-    elif z == 1:  # reduce-scatter at the accumulation boundary, all-gather of the updated parameters
-        breakdown["data comm"] = 2 * dp_seconds()
-    elif z == 2:  # a reduce-scatter in every micro-batch's backward (not overlapped), the all-gather
-        breakdown["data comm"] = (m + 1) * dp_seconds()
+    elif z == 1:  # reduce-scatter at the accumulation boundary (or under its backward), all-gather of the
+        # updated parameters after the optimizer step
+        breakdown["data comm"] = reduce_s + dp_seconds()
+    elif z == 2:  # a reduce-scatter in every micro-batch's backward, the all-gather
+        breakdown["data comm"] = m * reduce_s + dp_seconds()
     else:  # overlap_comm and prefetching: what the hardware cannot run under the compute beside it shows
         breakdown["data comm"] = m * exposed(dp_seconds(), backward_s, hw.overlap)
         modules = ZERO3_MODULES_PER_LAYER * stages[slowest].layers + 2  # each gathered on its own, twice

@@ -45,6 +45,7 @@ class SearchSpace:
     recompute: tuple[str, ...] = RECOMPUTE
     micro_batch: tuple[int, ...] | None = None  # default: powers of two up to 16 dividing the per-rank batch
     sp: tuple[bool, ...] = (True, False)  # with tp > 1
+    overlap_grad: tuple[bool, ...] = (False, True)  # --overlap-grad-reduce, where it takes effect
 
     def __post_init__(self):
         bad = [r for r in self.recompute if r not in RECOMPUTE]
@@ -84,9 +85,12 @@ def layouts(world: int, work: Workload, space: SearchSpace):
                         offloads.append((True, False))
                         if zero == 3:
                             offloads.append((True, True))
-                    for opt, param in offloads:
+                    # overlap_comm: ZeRO-1/2 with a gradient reduction to hide, outside DeepSpeed's pipeline
+                    overlaps = space.overlap_grad if zero in (1, 2) and pp == 1 and dp * seq > 1 else (False,)
+                    for (opt, param), overlap in itertools.product(offloads, overlaps):
                         yield Layout(tp=tp, pp=pp, dp=dp, seq=seq, ring=ring, ep=ep, sp=sp, zero=zero,
-                                     offload_optimizer=opt, offload_param=param, recompute=rc, micro_batch=mb)
+                                     offload_optimizer=opt, offload_param=param, overlap_grad=overlap,
+                                     recompute=rc, micro_batch=mb)
 
 
 def run_config(layout: Layout, work: Workload, kernels: KernelsConfig) -> MegaclmConfig:
@@ -97,7 +101,7 @@ def run_config(layout: Layout, work: Workload, kernels: KernelsConfig) -> Megacl
         context_parallel_size=layout.seq if layout.ring else 1)
     training = TrainingConfig(micro_batch_size=layout.micro_batch, global_batch_size=work.global_batch, train_iters=1)
     zero = ZeroConfig(zero_stage=layout.zero, offload_optimizer=layout.offload_optimizer,
-                      offload_param=layout.offload_param)
+                      offload_param=layout.offload_param, overlap_grad_reduce=layout.overlap_grad)
     precision = PrecisionConfig(bf16=work.precision == "bf16", fp16=work.precision == "fp16")
     return MegaclmConfig(model=layout.model(work.model), parallel=parallel, kernels=kernels, training=training,
                          precision=precision, zero=zero, data=DataConfig(seq_length=work.seq_length, mock_data=True))

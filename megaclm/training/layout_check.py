@@ -20,7 +20,7 @@ What it does, in order:
 4. Writes one random initial checkpoint (tp 1, the vocabulary padded for the layout's tp) and trains from it
    (--finetune) twice with pretrain_gpt.py's `main`, one process per rank (forked from a server that
    imported megaclm once; env:// on 127.0.0.1, gloo on CPU): the layout, and the reference on one rank (tp = pp = 1, no sequence split or experts split, ZeRO-0
-   in fp32 / ZeRO-1 in 16-bit, no recomputation, no --torch-compile, no offload). The same weights, global
+   in fp32 / ZeRO-1 in 16-bit, no recomputation, no --torch-compile, no offload or overlap). The same weights, global
    batch, data order and per-token loss (megaclm.training.loss) make their numbers comparable.
 5. Compares per step the loss, grad norm and lr (metrics.jsonl of both), and after the last step the full
    fp32 weights of both final checkpoints (megaclm.checkpoint.shards.load_full_state_dict) per parameter
@@ -228,7 +228,8 @@ def make_plan(argv: list[str], world_size: int, max_ranks: int, steps: int) -> P
                                  sequence_parallel=False, ds_sequence_parallel_size=1, context_parallel_size=1,
                                  expert_model_parallel_size=1)
     precision = cfg.precision.name
-    reference["zero"].update(zero_stage=0 if precision == "fp32" else 1, offload_optimizer=False, offload_param=False)
+    reference["zero"].update(zero_stage=0 if precision == "fp32" else 1, offload_optimizer=False, offload_param=False,
+                             overlap_grad_reduce=False)
     reference["model"]["recompute_granularity"] = None
     reference["kernels"]["torch_compile"] = False
     tokenizer = build_tokenizer_from_config(cfg.tokenizer, axes.tp)

@@ -25,7 +25,7 @@ from megaclm.checkpoint.manifest import Choice, choose_tag
 from megaclm.checkpoint.save_errors import CheckpointSaveError
 from megaclm.checkpoint.weights import load_weights
 from megaclm.config import MegaclmConfig, arguments, parse_args
-from megaclm.config.deepspeed_json import deepspeed_config, load_user_config
+from megaclm.config.deepspeed_json import deepspeed_config, load_user_config, overlaps_grad_reduce
 from megaclm.config.derived import with_inputs
 from megaclm.config.derived import Derived
 from megaclm.config.validate import check_vocab, validate
@@ -111,7 +111,24 @@ def features(cfg: MegaclmConfig, lora: tuple[dict, bool] | None) -> list[str]:
     lines.append("fp8: off" if p.fp8_format is None else
                  f"fp8: {p.fp8_format} format, {p.fp8_recipe} scaling (torchao.float8) on the transformer blocks' "
                  "linears")
+    lines.append(f"gradient reduction: {grad_reduction(cfg)}")
     return lines
+
+
+def grad_reduction(cfg: MegaclmConfig) -> str:
+    """When the data-parallel gradient reduction runs, and whether it overlaps the backward."""
+    z = cfg.zero
+    if z.zero_stage == 3:
+        return "reduce-scatter during each micro-batch's backward, overlapped (ZeRO-3's overlap_comm)"
+    if overlaps_grad_reduce(cfg):
+        when = "each micro-batch's backward" if z.zero_stage == 2 else "the last micro-batch's backward"
+        return f"bucket by bucket during {when}, overlapped (--overlap-grad-reduce: DeepSpeed overlap_comm)"
+    waited = {0: "all-reduce after the last micro-batch's backward", 1: "after the last micro-batch's backward",
+              2: "during each micro-batch's backward"}[z.zero_stage] + ", waited for"
+    if z.overlap_grad_reduce:
+        return (f"{waited}: --overlap-grad-reduce has no effect with pipeline parallelism (DeepSpeed's pipeline "
+                "engine turns overlap_comm off)")
+    return waited + ("" if z.zero_stage == 0 else " (--overlap-grad-reduce overlaps it)")
 
 
 def derive(cfg: MegaclmConfig, derived: Derived, vocab_size: int) -> Derived:
@@ -181,7 +198,7 @@ def _summary(cfg: MegaclmConfig, derived: Derived, model_vocab: int, ds_config: 
                         data_parallel=derived.data_parallel_size, zero_stage=cfg.zero.zero_stage,
                         precision=cfg.precision.name, sequence_parallel=cfg.parallel.sequence_parallel,
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.zero.offload_optimizer,
-                        offload_param=cfg.zero.offload_param,
+                        offload_param=cfg.zero.offload_param, overlap_grad_reduce=overlaps_grad_reduce(cfg),
                         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), reference_ops=reference_ops,
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
                         base_quantization=cfg.lora.base_quantization,
@@ -240,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     model_vocab, vocab_source, lora = _checks_on(cfg, derived, start, start.choice.tag, tokenizer, fingerprint)
     check_token_ids(cfg.data, tokenizer.vocab_size, model_vocab, _tokenizer_text(cfg.tokenizer), vocab_source)
     ds_config = deepspeed_config(cfg, derived, cuda=torch.cuda.is_available())
+    if cfg.zero.overlap_grad_reduce and not overlaps_grad_reduce(cfg) and os.environ.get("RANK", "0") == "0":
+        log.info(f"gradient reduction: {grad_reduction(cfg)}")
     if cfg.training.deepspeed_config:
         ds_config = load_user_config(cfg.training.deepspeed_config, ds_config)
     callbacks = load_callbacks(cfg.training.callbacks)  # a bad --callbacks fails here, before any process group

@@ -1,7 +1,9 @@
 """Workers for test_sp_grads.py: the SP-replicated gradients summed once per optimizer step (one coalesced
 all-reduce, megaclm.training.engine.defer_sequence_parallel_grads) against the per-micro-batch hooks, through
 megaclm's build_engine on TP=2 + SP, 2 micro-batches per step, clipping that binds; the plain engine at ZeRO 0/1/2
-and the pipeline engine (one stage) in bf16, whose BF16_Optimizer accumulates in fp32 buffers."""
+and the pipeline engine (one stage) in bf16, whose BF16_Optimizer accumulates in fp32 buffers; ZeRO-1 with
+overlap_comm (--overlap-grad-reduce), which reduces in the last micro-batch's backward and so keeps the hooks,
+against ZeRO-1 without it."""
 from types import SimpleNamespace
 
 import deepspeed
@@ -17,7 +19,8 @@ from parallel_checks import VOCAB, family_config
 B, T = 2, 16
 
 
-def _step(pstate, zero_stage: int, precision: str, defer: bool, pipeline: bool = False) -> dict:
+def _step(pstate, zero_stage: int, precision: str, defer: bool, pipeline: bool = False,
+          overlap: bool = False) -> dict:
     import megaclm.training.engine as engine_module
 
     model_parallel_seed(1, pstate.tp_rank, 0)
@@ -28,7 +31,8 @@ def _step(pstate, zero_stage: int, precision: str, defer: bool, pipeline: bool =
     cfg = SimpleNamespace(optimizer=SimpleNamespace(weight_decay=0.01, decoupled_lr=None),
                           zero=SimpleNamespace(zero_stage=zero_stage), precision=SimpleNamespace(name=precision))
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 2, "train_batch_size": B * 2,
-              "steps_per_print": 10**9, "gradient_clipping": 0.05, "zero_optimization": {"stage": zero_stage},
+              "steps_per_print": 10**9, "gradient_clipping": 0.05,
+              "zero_optimization": {"stage": zero_stage, "overlap_comm": overlap},
               "bf16": {"enabled": precision == "bf16"},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
                                                         "weight_decay": 0.01, "torch_adam": True}},
@@ -81,4 +85,9 @@ def sp_grad_checks(rank: int, world_size: int) -> dict:
             "norm": (per_micro["norm"], per_step["norm"]), "deferred": per_step["deferred"],
             "all_reduces": (per_micro["all_reduces"], per_step["all_reduces"]),
             "params": max((per_micro["params"][k] - v).abs().max().item() for k, v in per_step["params"].items())}
+    deferred = _step(pstate, 1, "fp32", defer=True)
+    overlapped = _step(pstate, 1, "fp32", defer=True, overlap=True)
+    out["overlap_comm"] = {
+        "norm": (deferred["norm"], overlapped["norm"]), "deferred": overlapped["deferred"],
+        "params": max((deferred["params"][k] - v).abs().max().item() for k, v in overlapped["params"].items())}
     return out

@@ -1,7 +1,8 @@
 """2 gloo ranks, TP=2 + sequence parallel through build_engine: the SP-replicated gradients (norm weights and
 biases, row-parallel biases) summed once per optimizer step in one all-reduce give the same clipped step as the
 per-parameter, per-micro-batch hooks, on the plain engine (ZeRO 0/1, fp32 and bf16) and on the pipeline engine
-in bf16 (BF16_Optimizer's fp32 buffers); ZeRO-2 (gradients partitioned during backward) keeps the hooks."""
+in bf16 (BF16_Optimizer's fp32 buffers); ZeRO-2 (gradients partitioned during backward) and ZeRO-1 with
+overlap_comm (--overlap-grad-reduce: reduced during the last backward) keep the hooks."""
 import os
 
 import pytest
@@ -41,3 +42,13 @@ def test_zero2_keeps_the_per_micro_batch_hooks(ranks):
         r = result[(2, "fp32", False)]
         assert r["deferred"] == 0
         assert r["norm"][0] == r["norm"][1] and r["params"] == 0.0
+
+
+def test_zero1_overlap_comm_keeps_the_hooks_and_matches_zero1(ranks):
+    """--overlap-grad-reduce at ZeRO-1: DeepSpeed reduces the gradients in the last micro-batch's backward hooks,
+    before a once-per-step sum could run, so the SP gradients keep their per-micro-batch hooks; the step equals
+    ZeRO-1's without overlap (deferred sum)."""
+    for result in ranks:
+        r = result["overlap_comm"]
+        assert r["deferred"] == 0
+        assert r["norm"][1] == pytest.approx(r["norm"][0], rel=1e-6) and r["params"] < 1e-6, r

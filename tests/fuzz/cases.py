@@ -30,6 +30,7 @@ def sample(rng: random.Random) -> tuple[dict, list[str]]:
     a["ep"] = 2 if a["moe"] and a["dp"] * seq >= 2 and rng.random() < 0.6 else 1  # EP ranks: dp or sequence ranks
     a["zero"] = rng.choice([0, 1, 2, 3] if free or a["pp"] == 1 else [0, 1])
     a["offload"] = a["zero"] >= 1 and rng.random() < 0.2
+    a["overlap"] = (free or a["zero"] in (1, 2)) and rng.random() < 0.3  # --overlap-grad-reduce (PP: no effect)
     a["recompute"] = rng.choice(["none", "selective", "full-uniform", "full-block"])
     a["lora"] = rng.random() < 0.2
     if a["lora"]:  # an MoE model's MLPs are experts, which take no adapters
@@ -66,6 +67,7 @@ def argv(a: dict) -> list[str]:
             "ring": ["--context-parallel-size", "2"]}[a["split"]]
     if a["offload"]:
         out += ["--offload-optimizer"] + (["--offload-param"] if a["zero"] == 3 else [])
+    out += ["--overlap-grad-reduce"] if a["overlap"] else []
     if a["recompute"] != "none":
         granularity, _, method = a["recompute"].partition("-")
         out += ["--recompute-granularity", granularity] + (["--recompute-method", method] if method else [])

@@ -38,7 +38,7 @@ def test_sampler_covers_every_axis_value_within_the_rank_limit():
     assert seen["positions"] == {"rope", "alibi", "learned_absolute"}
     assert seen["moe_split"] == {(split, ep, capacity) for split in ("ulysses", "ring") for ep in (1, 2)
                                  for capacity in (False, True)}
-    for axis in ("sp", "offload", "lora", "untied", "window", "documents", "eod_mask_loss", "bf16", "moe",
+    for axis in ("sp", "offload", "overlap", "lora", "untied", "window", "documents", "eod_mask_loss", "bf16", "moe",
                  "compile", "seqlen_warmup", "shared_expert", "router_losses"):
         assert seen[axis] == {False, True}, axis
 

@@ -96,11 +96,13 @@ def test_a_layout_the_trainer_refuses_is_refused_with_its_message():
 
 @pytest.mark.parametrize("script, flags, layout", [
     ("pretrain_gpt2_125m.sh", [], "TP 1 x PP 1 x DP 2 = 2 ranks"),
-    ("pretrain_gpt_1.3b.sh", ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    ("pretrain_gpt_1.3b.sh", ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--overlap-grad-reduce"],
      "TP 2 x PP 1 x DP 2 = 4 ranks"),
+    ("pretrain_gpt2_125m.sh", ["--zero-stage", "2", "--overlap-grad-reduce"], "TP 1 x PP 1 x DP 2 = 2 ranks"),
 ])
 def test_every_example_script_passes(script, flags, layout):
-    """The other pretraining scripts, as their users launch them (8 GPUs, shrunk to 4 CPU ranks)."""
+    """The other pretraining scripts, as their users launch them (8 GPUs, shrunk to 4 CPU ranks); ZeRO-1 and
+    ZeRO-2 with --overlap-grad-reduce (DeepSpeed's overlap_comm) among them."""
     launcher = f"{sys.executable} tools/check_layout.py --check-max-ranks 4 --world-size 8"
     r = subprocess.run(["bash", f"examples/{script}", *flags], cwd=REPO, env=dict(check_env(), LAUNCHER=launcher),
                        capture_output=True, text=True, timeout=900)

@@ -156,6 +156,7 @@ SCRIPT_EXPECTATIONS = {
                            ("parallel", "pipeline_model_parallel_size"): 16, ("precision", "fp16"): True}),
     "mlm_llama3_8b": ({}, {("model", "num_query_groups"): 8, ("model", "apply_layernorm_1p"): True,
                            ("kernels", "attention_backend"): "sdpa", ("zero", "zero_stage"): 1,
+                           ("zero", "overlap_grad_reduce"): True,
                            ("optimizer", "decoupled_lr"): 5e-4, ("scheduler", "lr_warmup_samples"): 3906252,
                            ("tokenizer", "tokenizer_type"): "HuggingFaceTokenizer", ("logging", "profile"): True,
                            ("logging", "profile_step_start"): 4, ("logging", "profile_step_end"): 6}),

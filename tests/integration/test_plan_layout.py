@@ -69,6 +69,21 @@ def test_winner_flags_parse_into_the_planned_layout(planned):
         best["zero"], best["micro_batch"], 32, True)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_kv_heads, cfg.model.swiglu) == (4, 256, 4, True)
     assert (cfg.model.recompute_granularity or "none") == best["recompute"]
+    assert cfg.zero.overlap_grad_reduce == best["overlap_grad"]
+
+
+def test_overlap_grad_reduce_reaches_the_winner_flags():
+    from megaclm.config.kernels import KernelsConfig
+    from megaclm.config.model import ModelConfig
+    from megaclm.planner.cost import Layout
+
+    model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
+    for overlap in (True, False):
+        flags = _tool().winner_flags(Layout(dp=4, zero=2, overlap_grad=overlap), model, None, KernelsConfig(),
+                                     KernelsConfig(), 128, 8, "bf16")
+        cfg, _, _ = parse_args(flags + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
+                                        "--train-iters", "1"], world_size=4)
+        assert (cfg.zero.zero_stage, cfg.zero.overlap_grad_reduce) == (2, overlap)
 
 
 def test_launch_script_runs_pretrain_gpt_with_the_winner(planned, tmp_path):

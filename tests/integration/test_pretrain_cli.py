@@ -60,6 +60,7 @@ def good(prefix: str) -> list[str]:
      "data.seq_length=62 is not divisible by 4"),
     (["--ds-sequence-parallel-size", "2", "--curriculum-seqlen-start", "8", "--curriculum-seqlen-steps", "4",
       "--curriculum-seqlen-multiple", "9"], {"WORLD_SIZE": "2"}, "must be multiples of 2"),
+    (["--zero-stage", "0", "--overlap-grad-reduce"], {}, "zero.overlap_grad_reduce needs ZeRO stage 1 or 2"),
     (["--lr", "inf"], {}, "argument --lr: optimizer.lr=inf is not a finite number"),
     (["--adam-eps", "nan"], {}, "argument --adam-eps: optimizer.adam_eps=nan is not a finite number"),
 ])
@@ -192,6 +193,27 @@ def test_validate_only_says_which_features_are_on(prefix):
     assert "fp8: hybrid format, rowwise scaling (torchao.float8)" in features
     off = cli(good(prefix) + ["--validate-only"])
     assert "torch_compile: off" in off.stdout and "fp8: off" in off.stdout
+
+
+@pytest.mark.parametrize("extra, overlap_comm, says", [
+    (["--overlap-grad-reduce"], True,
+     "bucket by bucket during the last micro-batch's backward, overlapped (--overlap-grad-reduce: DeepSpeed "
+     "overlap_comm)"),
+    (["--overlap-grad-reduce", "--zero-stage", "2"], True, "during each micro-batch's backward, overlapped"),
+    ([], None, "after the last micro-batch's backward, waited for (--overlap-grad-reduce overlaps it)"),
+    (["--overlap-grad-reduce", "--pipeline-model-parallel-size", "2"], None,
+     "--overlap-grad-reduce has no effect with pipeline parallelism"),
+])
+def test_validate_only_says_when_gradients_are_reduced(prefix, extra, overlap_comm, says):
+    """--overlap-grad-reduce (Megatron's flag) turns DeepSpeed's overlap_comm on at ZeRO-1/2, where it can run;
+    its second reduce bucket shows in the memory table."""
+    r = cli(good(prefix) + ["--validate-only", "--world-size", "2", "--bf16", *extra])
+    assert r.returncode == 0, r.stderr
+    assert "gradient reduction: " in r.stdout and says in r.stdout.split("gradient reduction: ")[1].split("\n")[0]
+    ds = json.loads(r.stdout.split("# deepspeed config")[1])
+    assert ds["zero_optimization"].get("overlap_comm") is overlap_comm
+    bucket = re.search(r"^reduce bucket\s+([\d.]+)\s", r.stdout, re.M)  # GPU GiB: 5e8 bf16 elements each
+    assert bucket and float(bucket.group(1)) == pytest.approx(0.93 * (2 if overlap_comm else 1), abs=0.01), r.stdout
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without FP8")

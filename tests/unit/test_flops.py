@@ -442,6 +442,21 @@ def test_tool_prints_the_estimate(tool, capsys):
     assert _table(capsys.readouterr().out) == rows
 
 
+def test_tool_counts_zero_reduce_buckets(tool, capsys):
+    """DeepSpeed's 5e8-element reduce bucket (bf16: 953 MiB): one at ZeRO-1/2 and 3, two with
+    --overlap-grad-reduce (double-buffered), which a pipeline turns off; none at ZeRO-0 or on a CPU."""
+    base = ["--model", "gpt2-125m", "--num-gpus", "8", "--seq-length", "1024", "--bf16"]
+    buckets = {}
+    for extra in ([], ["--overlap-grad-reduce"], ["--overlap-grad-reduce", "--pp", "2"], ["--zero-stage", "0"],
+                  ["--zero-stage", "2", "--overlap-grad-reduce"], ["--zero-stage", "3"],
+                  ["--overlap-grad-reduce", "--estimate-for", "cpu"]):
+        assert tool.main(base + extra) == 0
+        buckets[" ".join(extra)] = _table(capsys.readouterr().out)["reduce bucket"] * GiB / (500_000_000 * 2)
+    assert buckets == pytest.approx({"": 1, "--overlap-grad-reduce": 2, "--overlap-grad-reduce --pp 2": 1,
+                                     "--zero-stage 0": 0, "--zero-stage 2 --overlap-grad-reduce": 2,
+                                     "--zero-stage 3": 1, "--overlap-grad-reduce --estimate-for cpu": 0}, abs=0.01)
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--model-preset", "gpt2-125m", "--tp", "5"], "num_attention_heads=12 is not divisible"),
     (["--model-preset", "gpt2-125m", "--pp", "2", "--zero-stage", "2"], "ZeRO 0 and 1 only"),

@@ -45,20 +45,25 @@ def test_published_layout_ranks_near_the_top_with_its_mfu(run):
         assert rank <= 3
 
 
-# Megatron-LM's H100 runs that megaclm is predicted to run more than 25% below: their TP and data-parallel
-# traffic is 41% and 48% of megaclm's predicted step, which Megatron hides (README).
-BELOW_MEGATRON = {"GPT 16B", "GPT 32B"}
+# Megatron-LM's H100 runs whose published layout the planner ranks 4th: GPT 70B's tp8 pp2 dp48 is predicted
+# 0.04% slower than the 3rd shape and 0.4% slower than the 2nd; megaclm's best there, pp1 with the gradient
+# reduction overlapped (DeepSpeed turns overlap_comm off in a pipeline), 14% faster (README).
+H100_NEAR_MISSES = {"GPT 70B": 0.16}
 
 
 @pytest.mark.parametrize("run", MEGATRON_H100.runs, ids=lambda r: r.name)
-def test_megatron_h100_layout_in_the_top_3_and_its_mfu_bracketed(run):
-    """Megatron overlaps its TP and DP traffic with compute; megaclm does not. The published MFU lies between the
-    planner's prediction for megaclm (that traffic exposed) and the same step with it hidden."""
-    _, published, rank = plan_published(MEGATRON_H100, run)
-    assert rank <= 3
-    assert published.mfu < run.published_mfu < hidden_comm_mfu(published)
-    error = published.mfu / run.published_mfu - 1
-    assert -0.35 < error < -0.25 if run.name in BELOW_MEGATRON else abs(error) <= 0.25
+def test_megatron_h100_layout_near_the_top_with_its_mfu(run):
+    """Megatron hides its TP traffic (--tp-comm-overlap) and, in pipelines too, its DP traffic; megaclm overlaps
+    the DP gradient reduction outside pipelines only (--overlap-grad-reduce). Within 25% all the same, and the
+    published MFU stays below the same step with TP and DP traffic hidden."""
+    result, published, rank = plan_published(MEGATRON_H100, run)
+    if run.name in H100_NEAR_MISSES:
+        assert rank == 4 and published.step_s <= (1 + H100_NEAR_MISSES[run.name]) * result.ranked[0].step_s
+    else:
+        assert rank <= 3
+    assert published.mfu == pytest.approx(run.published_mfu, rel=0.25)
+    assert run.published_mfu < hidden_comm_mfu(published)
+    assert published.layout.overlap_grad == (run.pp == 1)  # Megatron's recipe overlaps; DeepSpeed's pipeline not
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,13 +131,35 @@ def test_op_overhead_favours_fewer_larger_micro_batches():
 
 def test_overlap_rules_per_zero_stage():
     """Below ZeRO-3 the gradient reduction is exposed (DeepSpeed's overlap_comm default); ZeRO-3's is hidden
-    under the compute when shorter."""
+    under the compute when shorter; --overlap-grad-reduce hides ZeRO-1/2's reduce-scatter the same way, not the
+    all-gather of the updated parameters."""
     slow = dataclasses.replace(A100, intra_node=dataclasses.replace(A100.intra_node, gbps=0.001))
-    work = small_work(gpus_per_node=8)
+    work = small_work(gpus_per_node=8)  # dp 8, micro batch 1: 2 micro-batches per rank
     zero0, zero1, zero3 = (predict(Layout(dp=8, zero=z), work, A100).breakdown["data comm"] for z in (0, 1, 3))
     # ZeRO-1's reduce-scatter + all-gather move the all-reduce's bytes in one more call.
     assert zero0 > 0 and zero1 == pytest.approx(zero0 + A100.intra_node.latency_us * 1e-6) and zero3 == 0.0
     assert predict(Layout(dp=8, zero=3), work, slow).breakdown["zero-3 gathers"] > 0  # longer than the compute
+    zero2 = predict(Layout(dp=8, zero=2), work, A100).breakdown["data comm"]
+    assert zero2 == pytest.approx(3 / 2 * zero1)  # a reduce-scatter in each of 2 backwards, one all-gather
+    for z in (1, 2):
+        hidden = predict(Layout(dp=8, zero=z, overlap_grad=True), work, A100).breakdown["data comm"]
+        assert hidden == pytest.approx(zero1 / 2)  # the all-gather alone
+        cpu_like = dataclasses.replace(A100, overlap=0.25)
+        exposed = predict(Layout(dp=8, zero=z, overlap_grad=True), work, cpu_like).breakdown["data comm"]
+        assert exposed == pytest.approx(zero1 / 2 + (z if z == 1 else 2) * 0.75 * zero1 / 2)
+
+
+def test_overlap_grad_is_searched_where_deepspeed_runs_it_and_costs_a_bucket():
+    """--overlap-grad-reduce takes effect at ZeRO-1/2 without a pipeline, so only there is it a choice; it
+    double-buffers the 5e8-element reduce bucket (953 MiB in bf16)."""
+    work = small_work(global_batch=8)
+    result = search(8, work, A100, SearchSpace(), KernelsConfig())
+    overlapped = [p.layout for p in result.ranked if p.layout.overlap_grad]
+    assert overlapped and all(x.zero in (1, 2) and x.pp == 1 and x.dp * x.seq > 1 for x in overlapped)
+    plain = next(p for p in result.ranked if p.layout.zero == 1 and not p.layout.overlap_grad and p.layout.pp == 1)
+    twin = predict(dataclasses.replace(plain.layout, overlap_grad=True), work, A100)
+    assert twin.memory_gib - plain.memory_gib == pytest.approx(500_000_000 * 2 / GiB)
+    assert twin.step_s < plain.step_s
 
 
 def test_zero3_shows_what_the_hardware_cannot_overlap_and_its_hooks():
