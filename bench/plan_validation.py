@@ -20,9 +20,10 @@ against megaclm.model.flops.estimate_memory (reference_ops: what a CPU run execu
 
 Validation 2: every run of megaclm.planner.published, planned with its publication's recipe and GPU profile
 (Narayanan et al. 2021 on a100-80gb: ZeRO-0, full recomputation, no sequence split or SP; the Megatron-LM README's
-H100 table on h100-80gb: ZeRO-1, SP, recomputation searched): the published layout's rank among the distinct
-(tp, pp, dp) shapes (target: top 3), and its predicted MFU against the published one (target: within 25%; for
-the H100 table also the MFU with TP and DP traffic hidden, as Megatron overlaps them). Prints the README's tables.
+H100 table on h100-80gb: ZeRO-1, SP, --overlap-grad-reduce, recomputation searched): the published layout's rank
+among the distinct (tp, pp, dp) shapes (target: top 3), and its predicted MFU against the published one (target:
+within 25%; for the H100 table also the MFU with all TP and DP traffic hidden, an upper bound: Megatron hides more
+of it than megaclm). Prints the README's tables.
 """
 from __future__ import annotations
 
