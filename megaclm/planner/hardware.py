@@ -1,7 +1,7 @@
 """Hardware profiles: what one GPU and its links can do, as JSON.
 
     {"name": "h100-80gb", "hbm_gib": 80,
-     "peak_tflops": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},   dense peak per dtype
+     "peak_tflops": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},    dense peak per dtype (fp32: no TF32)
      "achievable": {"matmul": 0.7, "attention": 0.4, "memory": 0.8},  fraction of the peak reached per op class
                                                                       (memory: of hbm_gbps, by memory-bound kernels)
      "hbm_gbps": 3350, "pcie_gbps": 50,                               GB/s (optimizer step; offload transfers)
