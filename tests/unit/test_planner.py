@@ -249,6 +249,16 @@ def test_shipped_profiles_load_and_cite_their_sources():
     assert load_profile("h200-141gb").hbm_gib == 141 and load_profile("h100-80gb").peak_tflops["bf16"] == 989.4
 
 
+def test_fp32_plans_use_the_fp32_rate_because_megaclm_leaves_tf32_off():
+    """An fp32 run's matmuls run at the datasheets' FP32 rate, not TF32's 8x: megaclm never enables TF32
+    (PyTorch's default, float32 matmul precision 'highest', survives importing the trainer)."""
+    import torch
+    import megaclm.training.pretrain  # noqa: F401  (whatever it imports must leave the precision alone)
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert {n: load_profile(n).peak_tflops["fp32"] for n in shipped_profiles()} == {
+        "a100-80gb": 19.5, "h100-80gb": 66.9, "h200-141gb": 66.9}
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda t: t.pop("links"), "missing links"),
     (lambda t: t["achievable"].update(matmul=1.5), "achievable.matmul=1.5 must be a fraction"),
