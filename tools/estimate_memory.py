@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         sequence_parallel=par.sequence_parallel and tp > 1, grad_accum_steps=grad_accum_steps(args, dp),
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
-        overlap_grad_reduce=args.overlap_grad_reduce and args.zero_stage in (1, 2) and pp == 1,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), seq_split=split,
         reference_ops=args.estimate_for == "cpu",
         ring=par.context_parallel_size > 1, expert_parallel=par.expert_model_parallel_size,

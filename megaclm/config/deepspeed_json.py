@@ -34,11 +34,16 @@ if TYPE_CHECKING:  # the package imports this module
 ZERO_REDUCE_BUCKET = 500_000_000
 
 
+def overlap_comm_runs(zero_stage: int, pipeline_parallel: int) -> bool:
+    """Where --overlap-grad-reduce takes effect: ZeRO-1/2 without a pipeline (DeepSpeed's pipeline engine turns
+    overlap_comm off; ZeRO-3 has it on whatever the flag says)."""
+    return zero_stage in (1, 2) and pipeline_parallel == 1
+
+
 def overlaps_grad_reduce(cfg: MegaclmConfig) -> bool:
-    """Whether --overlap-grad-reduce takes effect: at ZeRO-1/2 without a pipeline (DeepSpeed's pipeline engine
-    turns overlap_comm off; ZeRO-3 has it on whatever the flag says)."""
-    return cfg.zero.overlap_grad_reduce and cfg.zero.zero_stage in (1, 2) \
-        and cfg.parallel.pipeline_model_parallel_size == 1
+    """Whether this run's --overlap-grad-reduce takes effect (`overlap_comm_runs`)."""
+    return cfg.zero.overlap_grad_reduce and overlap_comm_runs(cfg.zero.zero_stage,
+                                                              cfg.parallel.pipeline_model_parallel_size)
 
 
 def deepspeed_config(cfg: MegaclmConfig, derived: Derived, cuda: bool) -> dict:

@@ -91,7 +91,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from megaclm.config.deepspeed_json import ZERO_REDUCE_BUCKET
+from megaclm.config.deepspeed_json import ZERO_REDUCE_BUCKET, overlap_comm_runs
 from megaclm.config.model import ModelConfig
 from megaclm.utils.errors import UserError
 
@@ -307,7 +307,7 @@ class MemorySetup:
     seq_split: int = 1  # ranks sharing one sample's sequence (--ds-sequence-parallel-size / --context-parallel-size)
     ring: bool = False  # the split is ring attention (context parallel), else DeepSpeed-Ulysses
     expert_parallel: int = 1  # MoE: dp or seq-split ranks splitting the routed experts (--expert-model-parallel-size)
-    overlap_grad_reduce: bool = False  # ZeRO-1/2's overlap_comm in effect (a second reduce bucket)
+    overlap_grad_reduce: bool = False  # --overlap-grad-reduce: a second reduce bucket where overlap_comm runs
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "tensor_parallel", "pipeline_parallel",
@@ -513,7 +513,7 @@ def reduce_buckets(setup: MemorySetup) -> int:
         return 1
     if setup.zero_stage == 0 or setup.reference_ops:
         return 0
-    return 2 if setup.overlap_grad_reduce else 1
+    return 2 if setup.overlap_grad_reduce and overlap_comm_runs(setup.zero_stage, setup.pipeline_parallel) else 1
 
 
 def estimate_memory(model: ModelConfig, vocab_size: int, setup: MemorySetup) -> MemoryEstimate:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from megaclm.config import MegaclmConfig, compute_derived
 from megaclm.config.data import DataConfig
+from megaclm.config.deepspeed_json import overlap_comm_runs
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.parallel import ParallelConfig
 from megaclm.config.precision import PrecisionConfig
@@ -86,7 +87,7 @@ def layouts(world: int, work: Workload, space: SearchSpace):
                         if zero == 3:
                             offloads.append((True, True))
                     # overlap_comm: ZeRO-1/2 with a gradient reduction to hide, outside DeepSpeed's pipeline
-                    overlaps = space.overlap_grad if zero in (1, 2) and pp == 1 and dp * seq > 1 else (False,)
+                    overlaps = space.overlap_grad if overlap_comm_runs(zero, pp) and dp * seq > 1 else (False,)
                     for (opt, param), overlap in itertools.product(offloads, overlaps):
                         yield Layout(tp=tp, pp=pp, dp=dp, seq=seq, ring=ring, ep=ep, sp=sp, zero=zero,
                                      offload_optimizer=opt, offload_param=param, overlap_grad=overlap,

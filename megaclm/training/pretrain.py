@@ -198,7 +198,7 @@ def _summary(cfg: MegaclmConfig, derived: Derived, model_vocab: int, ds_config: 
                         data_parallel=derived.data_parallel_size, zero_stage=cfg.zero.zero_stage,
                         precision=cfg.precision.name, sequence_parallel=cfg.parallel.sequence_parallel,
                         grad_accum_steps=derived.grad_accum_steps, offload_optimizer=cfg.zero.offload_optimizer,
-                        offload_param=cfg.zero.offload_param, overlap_grad_reduce=overlaps_grad_reduce(cfg),
+                        offload_param=cfg.zero.offload_param, overlap_grad_reduce=cfg.zero.overlap_grad_reduce,
                         flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"), reference_ops=reference_ops,
                         lora_rank=cfg.lora.lora_rank, lora_targets=cfg.lora.target_names,
                         base_quantization=cfg.lora.base_quantization,
