@@ -24,6 +24,11 @@ H100 table on h100-80gb: ZeRO-1, SP, --overlap-grad-reduce, recomputation search
 among the distinct (tp, pp, dp) shapes (target: top 3), and its predicted MFU against the published one (target:
 within 25%; for the H100 table also the MFU with all TP and DP traffic hidden, an upper bound: Megatron hides more
 of it than megaclm). Prints the README's tables.
+
+With --published it also checks BigScience's measured sweep (megaclm.planner.published.BIGSCIENCE_SWEEP: 20 layouts
+of a 181B GPT on 384 A100s under DeepSpeed's pipeline engine, 3 of them out of memory): the planner's tokens/s per
+GPU against the measured ones (Spearman), as shipped and with op_overhead_us fitted for the sweep's blocking
+launches, and the estimate's fit within plan_layout.py's default margin against what ran.
 """
 from __future__ import annotations
 
@@ -161,22 +166,10 @@ def cpu_workload(args):
                     precision="fp32", flash_attention=True, reference_ops=True)
 
 
-def spearman(xs: list[float], ys: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for pos, i in enumerate(order):
-            r[i] = float(pos)
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    n = len(xs)
-    return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
-
-
 def validation_1(args) -> dict:
     from megaclm.planner.cost import memory_gib, predict
     from megaclm.planner.hardware import load_profile
+    from megaclm.planner.published import spearman
 
     hw = load_profile(args.profile)
     work = cpu_workload(args)
@@ -241,6 +234,49 @@ def validation_2() -> dict:
     return {"sets": out}
 
 
+def validation_sweep() -> dict:
+    """BigScience's measured layout sweep (megaclm.planner.published.BIGSCIENCE_SWEEP) against the planner: with
+    the profile as shipped (asynchronous launches), and with op_overhead_us fitted for the sweep's blocking ones."""
+    import dataclasses
+
+    from megaclm.planner.published import (BIGSCIENCE_MODEL, BIGSCIENCE_SWEEP, fit_op_overhead, jean_zay_a100,
+                                           plan_sweep_run, sweep_spearman)
+    from megaclm.planner.search import MEMORY_MARGIN
+
+    hw = jean_zay_a100()
+    blocking = dataclasses.replace(hw, op_overhead_us=fit_op_overhead(hw))
+    gpus = BIGSCIENCE_SWEEP[0].tp * BIGSCIENCE_SWEEP[0].pp * BIGSCIENCE_SWEEP[0].dp
+    budget = hw.hbm_gib * (1 - MEMORY_MARGIN)  # what plan_layout.py keeps by default
+    rows = []
+    for run in BIGSCIENCE_SWEEP:
+        shipped, fitted = plan_sweep_run(run, hw), plan_sweep_run(run, blocking)
+        measured = run.global_batch * BIGSCIENCE_MODEL["seq"] / run.seconds / gpus if run.seconds else None
+        rows.append({"layout": shipped.layout.text(), "global_batch": run.global_batch, "measured_s": run.seconds,
+                     "measured_tokens_per_s_per_gpu": measured,
+                     "predicted_tokens_per_s_per_gpu": shipped.tokens_per_s_per_gpu,
+                     "blocking_tokens_per_s_per_gpu": fitted.tokens_per_s_per_gpu,
+                     "predicted_gib": shipped.memory_gib, "fits": shipped.memory_gib <= budget})
+    result = {"rows": rows, "spearman": sweep_spearman(hw), "op_overhead_us": blocking.op_overhead_us,
+              "blocking_spearman": sweep_spearman(blocking), "budget_gib": budget, "profile": hw.to_dict()}
+    print(f"\nBigScience's sweep, 181B on {gpus} A100 80GB (profile {hw.name}; blocking launches: op_overhead_us "
+          f"{blocking.op_overhead_us:.0f}, fitted)\n")
+    print("| layout | global batch | measured s | measured tok/s/GPU | predicted tok/s/GPU | predicted / measured | "
+          "with blocking launches | predicted GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -(r["measured_tokens_per_s_per_gpu"] or 0)):
+        fit = "fits" if r["fits"] else f"over {budget:.0f}"
+        if r["measured_s"]:
+            m = r["measured_tokens_per_s_per_gpu"]
+            print(f"| {r['layout']} | {r['global_batch']} | {r['measured_s']:.2f} | {m:.1f} | "
+                  f"{r['predicted_tokens_per_s_per_gpu']:.1f} | {r['predicted_tokens_per_s_per_gpu'] / m:.2f} | "
+                  f"{r['blocking_tokens_per_s_per_gpu'] / m:.2f} | {r['predicted_gib']:.1f} ({fit}) |")
+        else:
+            print(f"| {r['layout']} | {r['global_batch']} | out of memory | | | | | {r['predicted_gib']:.1f} ({fit}) |")
+    print(f"\nSpearman rank correlation of tokens/s per GPU over the {sum(1 for r in rows if r['measured_s'])} that "
+          f"ran: {result['spearman']:.3f} as shipped, {result['blocking_spearman']:.3f} with blocking launches")
+    return result
+
+
 def main(argv=None) -> int:
     from megaclm.utils.errors import UserError
 
@@ -258,7 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="Also write every number here.")
     args = parser.parse_args(argv)
     if args.published:
-        result = validation_2()
+        result = {**validation_2(), "bigscience_sweep": validation_sweep()}
     else:
         if not args.profile:
             raise UserError("pass --profile PROFILE.json (bench/profile_hardware.py writes it) or --published")

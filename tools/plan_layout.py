@@ -31,7 +31,7 @@ from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E40
 from megaclm.model.flops import count_parameters  # noqa: E402
 from megaclm.planner.cost import RECOMPUTE, Layout, Prediction, Workload  # noqa: E402
 from megaclm.planner.hardware import load_profile  # noqa: E402
-from megaclm.planner.search import SearchSpace, search  # noqa: E402
+from megaclm.planner.search import MEMORY_MARGIN, SearchSpace, search  # noqa: E402
 from megaclm.utils import exitcodes  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 from megaclm.utils.fileio import atomic_write  # noqa: E402
@@ -60,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Tokenizer vocabulary before padding. Default: the preset's, else GPT-2's 50257.")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="Training precision.")
     g.add_argument("--top", type=int, default=5, help="Layouts to print (default 5).")
-    g.add_argument("--memory-margin", type=float, default=0.1,
+    g.add_argument("--memory-margin", type=float, default=MEMORY_MARGIN,
                    help="Fraction of GPU memory kept free beyond the estimate (CUDA context, ZeRO-3 prefetch, "
-                        "fragmentation; default 0.1).")
+                        f"fragmentation; default {MEMORY_MARGIN}).")
     g.add_argument("--out", default="runs/plan", help="Where winner.args, launch.sh and plan.json go.")
     g.add_argument("--check", action="store_true", help="Run tools/check_layout.py on the winner.")
     g.add_argument("--check-max-ranks", type=int, default=None, help="Passed to tools/check_layout.py.")

@@ -14,17 +14,26 @@ sequence 4,096, with the distributed optimizer (megaclm's ZeRO-1) and Megatron's
 (--overlap-grad-reduce, --overlap-param-gather, --tp-comm-overlap, which needs sequence parallelism); the
 teraFLOP/s per GPU are model FLOPs (MFU = them over 989.4). Recomputation is not stated: the planner chooses.
 megaclm runs --overlap-grad-reduce too (DeepSpeed's overlap_comm), where DeepSpeed can: without a pipeline.
+
+BigScience's layout sweep before BLOOM (github.com/bigscience-workshop/bigscience,
+train/tr11-176B-ml/chronicles-prequel.md, "GBS Variations", 2022-02-25): one 181B GPT (72 layers, hidden 14,336,
+64 heads, vocabulary 250,680, sequence 2,048) on 48 nodes of 8 A100 80GB, with Megatron-DeepSpeed (DeepSpeed's
+pipeline engine and ZeRO-1, as megaclm), fp16, full recomputation, no flash attention; seconds per iteration as
+measured (the 2nd iteration of each run), and three layouts that ran out of memory. Jean Zay's nodes have
+4 Omni-Path links (4 x 100 Gb/s per node, tr11-176B-ml/README.md), a quarter of a DGX A100's InfiniBand.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from megaclm.config.derived import pad_vocab_size
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig
 from megaclm.config.presets import model_preset
-from megaclm.planner.cost import Prediction, Workload
-from megaclm.planner.hardware import load_profile
+from megaclm.planner.cost import Layout, Prediction, Workload, memory_gib, predict
+from megaclm.planner.hardware import HardwareProfile, Link, load_profile
 from megaclm.planner.search import SearchResult, SearchSpace, search, shape_rank
 
 
@@ -130,3 +139,85 @@ def plan_published(published_set: PublishedSet, run: PublishedRun) -> tuple[Sear
                     padded_vocab_for=lambda tp: pad_vocab_size(run.vocab, 128, tp))
     mine = next(p for p in result.ranked if (p.layout.tp, p.layout.pp, p.layout.dp) == (run.tp, run.pp, run.dp))
     return result, mine, shape_rank(result.ranked, run.tp, run.pp, run.dp)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One measured layout of a sweep: ZeRO-1, full recomputation, as the sweep ran."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    global_batch: int
+    seconds: float | None  # per iteration as measured; None: out of memory
+
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, dp=self.dp, zero=1, recompute="full", micro_batch=self.micro_batch)
+
+
+# tp, pp, dp, micro batch, global batch, s/iteration. Left out: the three rows at global batch 1,568, layouts also
+# timed at 2,048 (tp8 pp6 dp8 mb4 took 113.01 s for 1,568 samples and 114.11 s for 2,048); tp4 pp12 dp8 mb2 was timed
+# twice (110.48 and 113.54 s), the first is kept.
+BIGSCIENCE_SWEEP = (
+    SweepRun(8, 6, 8, 4, 2048, 114.11), SweepRun(8, 6, 8, 6, 2016, 123.57), SweepRun(8, 12, 4, 4, 2048, 117.07),
+    SweepRun(8, 12, 4, 2, 2048, 128.82), SweepRun(8, 8, 6, 4, 2016, 113.16), SweepRun(8, 4, 12, 2, 2016, 125.52),
+    SweepRun(8, 4, 12, 4, 2016, 114.81), SweepRun(8, 2, 24, 1, 2016, 145.45), SweepRun(8, 2, 24, 2, 2016, 136.13),
+    SweepRun(4, 12, 8, 4, 2048, 111.89), SweepRun(4, 12, 8, 2, 2048, 110.48), SweepRun(4, 6, 16, 4, 2048, 117.11),
+    SweepRun(4, 6, 16, 2, 2048, 111.71), SweepRun(2, 12, 16, 2, 2048, 112.50), SweepRun(2, 24, 8, 1, 2048, 119.53),
+    SweepRun(2, 24, 8, 2, 2048, 122.75), SweepRun(4, 24, 4, 1, 2048, 130.60),
+    SweepRun(8, 1, 48, 1, 2016, None), SweepRun(2, 6, 32, 2, 2048, None), SweepRun(2, 6, 32, 1, 2048, None),
+)
+BIGSCIENCE_MODEL = dict(layers=72, hidden=14336, heads=64, vocab=250680, seq=2048)
+
+
+def jean_zay_a100() -> HardwareProfile:
+    """a100-80gb with Jean Zay's inter-node fabric: 4 x 100 Gb/s Omni-Path per 8 GPUs = 6.25 GB/s per GPU, of
+    which NCCL's bus bandwidth is taken as the same ~80% as on InfiniBand (the a100 profile's 22 of 25)."""
+    return dataclasses.replace(load_profile("a100-80gb"), name="a100-80gb, Jean Zay", inter_node=Link(5.0, 25.0))
+
+
+def plan_sweep_run(run: SweepRun, hw: HardwareProfile) -> Prediction:
+    """The planner's prediction for one layout of BigScience's sweep (memory: megaclm's estimate)."""
+    m = BIGSCIENCE_MODEL
+    model = model_preset("gpt2-1.3b", num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
+                         max_position_embeddings=m["seq"])
+    work = Workload(model=model, padded_vocab=pad_vocab_size(m["vocab"], 128, run.tp), seq_length=m["seq"],
+                    global_batch=run.global_batch, gpus_per_node=8, precision="fp16", flash_attention=False)
+    layout = run.layout()
+    return predict(layout, work, hw, memory=memory_gib(layout, work))
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: measured and predicted times)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    n = len(xs)
+    return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
+
+
+def sweep_spearman(hw: HardwareProfile) -> float:
+    """Rank agreement of the predicted and measured tokens/s per GPU over the sweep's layouts that ran."""
+    ran = [r for r in BIGSCIENCE_SWEEP if r.seconds]
+    return spearman([r.global_batch / r.seconds for r in ran],
+                    [plan_sweep_run(r, hw).tokens_per_s_per_gpu for r in ran])
+
+
+def fit_op_overhead(hw: HardwareProfile) -> float:
+    """The op_overhead_us (0-1000 us, 5 us steps) whose predicted step times fit the sweep's best (least squares
+    of log(predicted / measured)). The sweep ran with CUDA_LAUNCH_BLOCKING=1 (BigScience's training script
+    needed it against hangs): every launch waits for its kernel, so the host's whole time per operation is on the
+    critical path, not the ~5 us the shipped profiles count. One constant fitted on the data it is checked on."""
+    ran = [r for r in BIGSCIENCE_SWEEP if r.seconds]
+
+    def misfit(us: float) -> float:
+        fitted = dataclasses.replace(hw, op_overhead_us=us)
+        return sum(math.log(plan_sweep_run(r, fitted).step_s / r.seconds) ** 2 for r in ran)
+
+    return float(min(range(0, 1001, 5), key=misfit))

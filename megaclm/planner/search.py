@@ -28,6 +28,9 @@ from megaclm.utils.errors import UserError
 SECTIONS = {"model", "parallel", "kernels", "training", "precision", "zero", "data"}
 
 
+MEMORY_MARGIN = 0.1  # of the GPU's memory kept free by default (the CUDA context, ZeRO-3 prefetch, fragmentation)
+
+
 def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -130,7 +133,7 @@ class SearchResult:
 
 
 def search(world: int, work: Workload, hw: HardwareProfile, space: SearchSpace, kernels: KernelsConfig,
-           margin: float = 0.1, padded_vocab_for=None) -> SearchResult:
+           margin: float = MEMORY_MARGIN, padded_vocab_for=None) -> SearchResult:
     """Rank every accepted layout of `world` GPUs that fits `hw` with `margin` of its memory kept free.
 
     `padded_vocab_for(tp)` gives the padded vocabulary at a tensor-parallel size (it grows with tp)."""

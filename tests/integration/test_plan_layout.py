@@ -170,6 +170,21 @@ def test_memory_prediction_matches_measured_training_ranks(tmp_path):
     assert rows["tp2-sp"]["measured_gib"] < rows["dp2-recompute"]["measured_gib"] < rows["dp2-zero0"]["measured_gib"]
 
 
+def test_published_validation_from_the_command_line(tmp_path):
+    """Validation 2 and BigScience's sweep as `bench/plan_validation.py --published` prints and writes them."""
+    out = tmp_path / "v2.json"
+    proc = subprocess.run([sys.executable, "bench/plan_validation.py", "--published", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [len(rows) for rows in result["sets"].values()] == [11, 9]
+    sweep = result["bigscience_sweep"]
+    assert len(sweep["rows"]) == 20 and sum(r["measured_s"] is None for r in sweep["rows"]) == 3
+    assert sweep["blocking_spearman"] >= 0.6 > sweep["spearman"]
+    assert f"{sweep['blocking_spearman']:.3f} with blocking launches" in proc.stdout
+    assert "| tp4 pp12 dp8 zero1 rc-full mb2 | 2048 | 110.48 | 98.9 |" in proc.stdout
+
+
 def test_validation_refuses_no_timed_steps():
     spec = importlib.util.spec_from_file_location("plan_validation", ROOT / "bench" / "plan_validation.py")
     validation = importlib.util.module_from_spec(spec)
