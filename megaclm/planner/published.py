@@ -20,7 +20,8 @@ train/tr11-176B-ml/chronicles-prequel.md, "GBS Variations", 2022-02-25): one 181
 64 heads, vocabulary 250,680, sequence 2,048) on 48 nodes of 8 A100 80GB, with Megatron-DeepSpeed (DeepSpeed's
 pipeline engine and ZeRO-1, as megaclm), fp16, full recomputation, no flash attention; seconds per iteration as
 measured (the 2nd iteration of each run), and three layouts that ran out of memory. Jean Zay's nodes have
-4 Omni-Path links (4 x 100 Gb/s per node, tr11-176B-ml/README.md), a quarter of a DGX A100's InfiniBand.
+4 Omni-Path links per node (tr11-176B-ml/README.md; Omni-Path 100 runs 100 Gb/s per link), a quarter of a DGX
+A100's 8 x 200 Gb/s InfiniBand.
 """
 from __future__ import annotations
 
