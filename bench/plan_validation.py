@@ -281,7 +281,8 @@ def main(argv=None) -> int:
     from megaclm.utils.errors import UserError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--published", action="store_true", help="Validation 2 and BigScience's measured sweep only (on paper, seconds).")
+    parser.add_argument("--published", action="store_true",
+                        help="Validation 2 and BigScience's measured sweep only (on paper, seconds).")
     parser.add_argument("--profile", help="Validation 1: the CPU profile from bench/profile_hardware.py.")
     parser.add_argument("--layouts", default=None, help=f"Comma-separated subset of {', '.join(LAYOUTS)}.")
     parser.add_argument("--layers", type=int, default=4)
