@@ -212,9 +212,10 @@ def sweep_spearman(hw: HardwareProfile) -> float:
 
 def fit_op_overhead(hw: HardwareProfile) -> float:
     """The op_overhead_us (0-1000 us, 5 us steps) whose predicted step times fit the sweep's best (least squares
-    of log(predicted / measured)). The sweep ran with CUDA_LAUNCH_BLOCKING=1 (BigScience's training script
-    needed it against hangs): every launch waits for its kernel, so the host's whole time per operation is on the
-    critical path, not the ~5 us the shipped profiles count. One constant fitted on the data it is checked on."""
+    of log(predicted / measured)). The sweep almost certainly ran with CUDA_LAUNCH_BLOCKING=1 (the same page
+    found 320 GPUs always hung without it; BLOOM's training script kept it): every launch waits for its kernel, so
+    the host's whole time per operation is on the critical path, not the ~5 us the shipped profiles count. One
+    constant fitted on the data it is checked on."""
     ran = [r for r in BIGSCIENCE_SWEEP if r.seconds]
 
     def misfit(us: float) -> float:

@@ -68,7 +68,7 @@ def test_megatron_h100_layout_near_the_top_with_its_mfu(run):
 
 
 # BigScience's measured sweep (README "Choosing a layout"): 17 layouts of a 181B GPT on 384 A100s that ran, 3 that
-# ran out of memory, under DeepSpeed's pipeline engine and ZeRO-1 with CUDA_LAUNCH_BLOCKING=1.
+# ran out of memory, under DeepSpeed's pipeline engine and ZeRO-1, almost certainly with CUDA_LAUNCH_BLOCKING=1.
 
 
 def test_bigscience_sweep_fits_what_ran_and_refuses_what_ran_out_of_memory():
