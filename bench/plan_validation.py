@@ -239,26 +239,24 @@ def validation_sweep() -> dict:
     the profile as shipped (asynchronous launches), and with op_overhead_us fitted for the sweep's blocking ones."""
     import dataclasses
 
-    from megaclm.planner.published import (BIGSCIENCE_MODEL, BIGSCIENCE_SWEEP, fit_op_overhead, jean_zay_a100,
-                                           plan_sweep_run, sweep_spearman)
-    from megaclm.planner.search import MEMORY_MARGIN
+    from megaclm.planner.published import (BIGSCIENCE_SWEEP, fit_op_overhead, jean_zay_a100, plan_sweep_run,
+                                           sweep_spearman)
+    from megaclm.planner.search import memory_budget_gib
 
     hw = jean_zay_a100()
     blocking = dataclasses.replace(hw, op_overhead_us=fit_op_overhead(hw))
-    gpus = BIGSCIENCE_SWEEP[0].tp * BIGSCIENCE_SWEEP[0].pp * BIGSCIENCE_SWEEP[0].dp
-    budget = hw.hbm_gib * (1 - MEMORY_MARGIN)  # what plan_layout.py keeps by default
+    budget = memory_budget_gib(hw)  # what plan_layout.py keeps by default
     rows = []
     for run in BIGSCIENCE_SWEEP:
         shipped, fitted = plan_sweep_run(run, hw), plan_sweep_run(run, blocking)
-        measured = run.global_batch * BIGSCIENCE_MODEL["seq"] / run.seconds / gpus if run.seconds else None
         rows.append({"layout": shipped.layout.text(), "global_batch": run.global_batch, "measured_s": run.seconds,
-                     "measured_tokens_per_s_per_gpu": measured,
+                     "measured_tokens_per_s_per_gpu": run.tokens_per_s_per_gpu,
                      "predicted_tokens_per_s_per_gpu": shipped.tokens_per_s_per_gpu,
                      "blocking_tokens_per_s_per_gpu": fitted.tokens_per_s_per_gpu,
                      "predicted_gib": shipped.memory_gib, "fits": shipped.memory_gib <= budget})
     result = {"rows": rows, "spearman": sweep_spearman(hw), "op_overhead_us": blocking.op_overhead_us,
               "blocking_spearman": sweep_spearman(blocking), "budget_gib": budget, "profile": hw.to_dict()}
-    print(f"\nBigScience's sweep, 181B on {gpus} A100 80GB (profile {hw.name}; blocking launches: op_overhead_us "
+    print(f"\nBigScience's sweep, 181B on {BIGSCIENCE_SWEEP[0].world} A100 80GB (profile {hw.name}; blocking launches: op_overhead_us "
           f"{blocking.op_overhead_us:.0f}, fitted)\n")
     print("| layout | global batch | measured s | measured tok/s/GPU | predicted tok/s/GPU | predicted / measured | "
           "with blocking launches | predicted GiB |")

@@ -31,7 +31,7 @@ from megaclm.config.presets import MODEL_PRESETS, PRESET_VOCAB_SIZE  # noqa: E40
 from megaclm.model.flops import count_parameters  # noqa: E402
 from megaclm.planner.cost import RECOMPUTE, Layout, Prediction, Workload  # noqa: E402
 from megaclm.planner.hardware import load_profile  # noqa: E402
-from megaclm.planner.search import MEMORY_MARGIN, SearchSpace, search  # noqa: E402
+from megaclm.planner.search import MEMORY_MARGIN, SearchSpace, memory_budget_gib, search  # noqa: E402
 from megaclm.utils import exitcodes  # noqa: E402
 from megaclm.utils.errors import UserError, cli_main  # noqa: E402
 from megaclm.utils.fileio import atomic_write  # noqa: E402
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                     global_batch=args.global_batch_size, gpus_per_node=args.gpus_per_node, precision=args.precision,
                     flash_attention=cfg.kernels.attention_backend in ("sdpa", "flash"))
     result = search(args.gpus, work, hw, space, cfg.kernels, margin=args.memory_margin, padded_vocab_for=padded)
-    budget = hw.hbm_gib * (1 - args.memory_margin)
+    budget = memory_budget_gib(hw, args.memory_margin)
     refused = sum(result.refused.values())
     if not result.ranked:
         if result.too_big:

@@ -33,7 +33,7 @@ from megaclm.config.derived import pad_vocab_size
 from megaclm.config.kernels import KernelsConfig
 from megaclm.config.model import ModelConfig
 from megaclm.config.presets import model_preset
-from megaclm.planner.cost import Layout, Prediction, Workload, memory_gib, predict
+from megaclm.planner.cost import Layout, Prediction, Workload, predict
 from megaclm.planner.hardware import HardwareProfile, Link, load_profile
 from megaclm.planner.search import SearchResult, SearchSpace, search, shape_rank
 
@@ -142,6 +142,9 @@ def plan_published(published_set: PublishedSet, run: PublishedRun) -> tuple[Sear
     return result, mine, shape_rank(result.ranked, run.tp, run.pp, run.dp)
 
 
+BIGSCIENCE_MODEL = dict(layers=72, hidden=14336, heads=64, vocab=250680, seq=2048)
+
+
 @dataclass(frozen=True)
 class SweepRun:
     """One measured layout of a sweep: ZeRO-1, full recomputation, as the sweep ran."""
@@ -152,6 +155,15 @@ class SweepRun:
     micro_batch: int
     global_batch: int
     seconds: float | None  # per iteration as measured; None: out of memory
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float | None:
+        """As measured (None: out of memory)."""
+        return self.global_batch * BIGSCIENCE_MODEL["seq"] / self.seconds / self.world if self.seconds else None
 
     def layout(self) -> Layout:
         return Layout(tp=self.tp, pp=self.pp, dp=self.dp, zero=1, recompute="full", micro_batch=self.micro_batch)
@@ -169,7 +181,6 @@ BIGSCIENCE_SWEEP = (
     SweepRun(2, 24, 8, 2, 2048, 122.75), SweepRun(4, 24, 4, 1, 2048, 130.60),
     SweepRun(8, 1, 48, 1, 2016, None), SweepRun(2, 6, 32, 2, 2048, None), SweepRun(2, 6, 32, 1, 2048, None),
 )
-BIGSCIENCE_MODEL = dict(layers=72, hidden=14336, heads=64, vocab=250680, seq=2048)
 
 
 def jean_zay_a100() -> HardwareProfile:
@@ -185,8 +196,7 @@ def plan_sweep_run(run: SweepRun, hw: HardwareProfile) -> Prediction:
                          max_position_embeddings=m["seq"])
     work = Workload(model=model, padded_vocab=pad_vocab_size(m["vocab"], 128, run.tp), seq_length=m["seq"],
                     global_batch=run.global_batch, gpus_per_node=8, precision="fp16", flash_attention=False)
-    layout = run.layout()
-    return predict(layout, work, hw, memory=memory_gib(layout, work))
+    return predict(run.layout(), work, hw)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -206,8 +216,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def sweep_spearman(hw: HardwareProfile) -> float:
     """Rank agreement of the predicted and measured tokens/s per GPU over the sweep's layouts that ran."""
     ran = [r for r in BIGSCIENCE_SWEEP if r.seconds]
-    return spearman([r.global_batch / r.seconds for r in ran],
-                    [plan_sweep_run(r, hw).tokens_per_s_per_gpu for r in ran])
+    return spearman([r.tokens_per_s_per_gpu for r in ran], [plan_sweep_run(r, hw).tokens_per_s_per_gpu for r in ran])
 
 
 def fit_op_overhead(hw: HardwareProfile) -> float:

@@ -31,6 +31,11 @@ SECTIONS = {"model", "parallel", "kernels", "training", "precision", "zero", "da
 MEMORY_MARGIN = 0.1  # of the GPU's memory kept free by default (the CUDA context, ZeRO-3 prefetch, fragmentation)
 
 
+def memory_budget_gib(hw: HardwareProfile, margin: float = MEMORY_MARGIN) -> float:
+    """What a layout's estimate may reach on `hw` with `margin` of its memory kept free."""
+    return hw.hbm_gib * (1 - margin)
+
+
 def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -140,7 +145,7 @@ def search(world: int, work: Workload, hw: HardwareProfile, space: SearchSpace, 
     if not 0 <= margin < 1:
         raise UserError(f"--memory-margin {margin}: give a fraction in [0, 1), e.g. 0.1")
     result = SearchResult()
-    budget = hw.hbm_gib * (1 - margin)
+    budget = memory_budget_gib(hw, margin)
     for layout in layouts(world, work, space):
         result.considered += 1
         w = work if padded_vocab_for is None else dataclasses.replace(work, padded_vocab=padded_vocab_for(layout.tp))
